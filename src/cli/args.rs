@@ -1,0 +1,112 @@
+//! The command line. `--help` on each command is the quick reference; docs/ has the manual.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Service files live in the config dir as NAME.yaml, e.g. /etc/stasis/services/redis.yaml:
+    command: [\"/usr/bin/redis-server\", \"--port\", \"6390\", \"--save\", \"\", \"--appendonly\", \"no\"]
+    user: redis
+    kill_port: 7390
+
+Typical use:
+    stasis start redis          restore the latest checkpoint, or cold-launch
+    telnet 127.0.0.1 7390       checkpoint and stop (same as `stasis stop redis`)
+    stasis status redis --json  state, pid, where it started from, latest checkpoint
+
+Exit codes: 0 ok, 2 usage, 3 bad config, 4 already running, 5 checkpoint failed,
+6 start failed, 7 host not ready (root, CRIU, port), 8 not running, 9 store damaged or full.
+See docs/exit-codes.md.";
+
+#[derive(Debug, Parser)]
+#[command(name = "stasis", version, about = "Keep a Linux service's memory across restarts and reboots, with CRIU checkpoints.", after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub dirs: DirArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct DirArgs {
+    /// Directory of service files (NAME.yaml).
+    #[arg(long, global = true, env = "STASIS_CONFIG_DIR", default_value = crate::paths::DEFAULT_CONFIG_DIR, value_name = "DIR")]
+    pub config_dir: PathBuf,
+    /// Where checkpoints, logs and status live (root-only).
+    #[arg(long, global = true, env = "STASIS_STATE_DIR", default_value = crate::paths::DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Where locks and control sockets live.
+    #[arg(long, global = true, env = "STASIS_RUN_DIR", default_value = crate::paths::DEFAULT_RUN_DIR, value_name = "DIR")]
+    pub run_dir: PathBuf,
+    /// Directory of CRIU option files named by a service's `criu.config` [default: /etc/stasis/criu-configs,
+    /// then /usr/share/stasis/criu-configs, then the source checkout's criu-configs/].
+    #[arg(long, global = true, env = "STASIS_CRIU_CONFIG_DIR", value_name = "DIR")]
+    pub criu_config_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a service: restore its latest checkpoint, or cold-launch it when there is none.
+    ///
+    /// Returns once the service runs. A checkpoint that fails to restore is quarantined and the
+    /// service is cold-launched; `status` tells why.
+    Start {
+        name: String,
+        /// Run the supervisor in the foreground (for systemd or debugging) instead of in the background.
+        #[arg(long)]
+        foreground: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a service and stop it, through its kill port (as `telnet 127.0.0.1 PORT` would).
+    ///
+    /// Prints the supervisor's lines as they come; exits 0 once the checkpoint is durable and the
+    /// service is gone. If the dump fails the service keeps running (exit 5).
+    Stop {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a checkpoint and leave the service running.
+    Checkpoint {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a service's state; without NAME, every service in the config dir.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the services in the config dir with their state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a service's checkpoints, oldest first, and its quarantined ones.
+    Checkpoints {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a service's log: its stdout/stderr and what the supervisor did.
+    Logs {
+        name: String,
+        /// Only the last N lines.
+        #[arg(short = 'n', long, value_name = "N")]
+        lines: Option<usize>,
+        /// Keep printing new lines as they arrive.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Check service files without starting anything: all in the config dir, or the NAMEs/paths given.
+    Validate {
+        targets: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a supervisor (used by `start`).
+    #[command(name = "__supervise", hide = true)]
+    Supervise { name: String },
+}

@@ -1,0 +1,87 @@
+//! `stasis checkpoints NAME`: the service's checkpoints, oldest first, and the quarantined ones.
+
+use super::output::print_json;
+use crate::config::load_service;
+use crate::error::Error;
+use crate::exit_codes;
+use crate::paths::Dirs;
+use crate::store::CheckpointStore;
+use crate::time_fmt::human_bytes;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Row {
+    id: String,
+    path: String,
+    valid: bool,
+    latest: bool,
+    created_at: Option<String>,
+    kind: Option<crate::store::DumpKind>,
+    size_bytes: Option<u64>,
+    problem: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Quarantined {
+    id: String,
+    path: String,
+    reason: Option<String>,
+}
+
+pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
+    let service = load_service(dirs, name)?;
+    let store = CheckpointStore::new(&service.name, &dirs.service(&service.name));
+    let latest = store.latest()?.map(|c| c.id);
+    let rows: Vec<Row> = store
+        .list()?
+        .into_iter()
+        .map(|c| Row {
+            latest: latest.as_deref() == Some(c.id.as_str()),
+            path: c.dir.display().to_string(),
+            valid: c.manifest.is_ok(),
+            created_at: c.manifest.as_ref().ok().map(|m| m.created_at.clone()),
+            kind: c.manifest.as_ref().ok().map(|m| m.kind),
+            size_bytes: c.manifest.as_ref().ok().map(|m| m.size_bytes),
+            problem: c.manifest.as_ref().err().cloned(),
+            id: c.id,
+        })
+        .collect();
+    let quarantined: Vec<Quarantined> = std::fs::read_dir(store.quarantine_dir())
+        .map(|rd| {
+            let mut q: Vec<Quarantined> = rd
+                .filter_map(Result::ok)
+                .map(|e| Quarantined {
+                    id: e.file_name().to_string_lossy().to_string(),
+                    path: e.path().display().to_string(),
+                    reason: std::fs::read_to_string(e.path().join("quarantine-reason.txt")).ok().map(|s| s.trim().to_string()),
+                })
+                .collect();
+            q.sort_by(|a, b| a.id.cmp(&b.id));
+            q
+        })
+        .unwrap_or_default();
+    if json {
+        print_json(&serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }));
+        return Ok(exit_codes::OK);
+    }
+    if rows.is_empty() {
+        println!("{} has no checkpoints (in {})", service.name, store.dir().display());
+    }
+    for r in &rows {
+        let mark = if r.latest { "*" } else { " " };
+        match &r.problem {
+            None => println!(
+                "{mark} {}  {}  {:>10}  {:?}",
+                r.id,
+                r.created_at.as_deref().unwrap_or("-"),
+                human_bytes(r.size_bytes.unwrap_or(0)),
+                r.kind.expect("valid rows have a kind")
+            ),
+            Some(p) => println!("! {}  damaged: {p}", r.id),
+        }
+    }
+    for q in &quarantined {
+        println!("quarantined {}: {}", q.id, q.reason.as_deref().unwrap_or("no reason recorded"));
+    }
+    Ok(exit_codes::OK)
+}

@@ -1,0 +1,118 @@
+//! `stasis start`: runs a supervisor in the background (or the foreground) and returns once the
+//! service runs, saying whether it was restored or cold-launched, and why.
+
+use super::output::print_json;
+use crate::config::load_service;
+use crate::criu::Criu;
+use crate::error::Error;
+use crate::exit_codes;
+use crate::paths::Dirs;
+use crate::store::durable::create_dir_with_mode;
+use crate::supervisor::{self, lock, ready::{Notifier, StartReport, READY_FD_ENV}, status::StartedFrom};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+/// The fd the background supervisor finds its readiness pipe on.
+const CHILD_READY_FD: i32 = 3;
+
+pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32, Error> {
+    super::require_root()?;
+    let service = load_service(dirs, name)?;
+    Criu::get()?;
+    let paths = dirs.service(&service.name);
+    if let Some(pid) = lock::holder(&paths.lock) {
+        return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
+    }
+    if foreground {
+        return Ok(supervisor::run(dirs.clone(), service, Notifier::from_env()));
+    }
+    create_dir_with_mode(&paths.root, 0o700)?;
+    let log_path = paths.supervisor_log();
+    let open_log = || {
+        std::fs::OpenOptions::new().append(true).create(true).open(&log_path).map_err(|e| Error::io("open", &log_path, e))
+    };
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("create", "a pipe", std::io::Error::from(e)))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--config-dir")
+        .arg(&dirs.config_dir)
+        .arg("--state-dir")
+        .arg(&dirs.state_dir)
+        .arg("--run-dir")
+        .arg(&dirs.run_dir)
+        .arg("--criu-config-dir")
+        .arg(&dirs.criu_config_dir)
+        .arg("__supervise")
+        .arg(&service.name)
+        .env(READY_FD_ENV, CHILD_READY_FD.to_string())
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?);
+    let raw = ready_w.as_raw_fd();
+    // SAFETY: setsid and dup2 are async-signal-safe; this runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session: the supervisor must outlive this terminal and this command.
+            libc::setsid();
+            if libc::dup2(raw, CHILD_READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
+    drop(ready_w);
+    let mut text = String::new();
+    let _ = std::fs::File::from(ready_r).read_to_string(&mut text);
+    let report: StartReport = serde_json::from_str(text.trim()).map_err(|_| {
+        Error::StartFailed(format!("the supervisor of {} exited before reporting; see {}", service.name, log_path.display()))
+    })?;
+    if !report.ok {
+        let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
+        if json {
+            print_json(&report);
+        } else {
+            eprintln!("stasis: error: {msg}");
+        }
+        return Ok(report.exit_code.unwrap_or(exit_codes::START_FAILED));
+    }
+    if json {
+        print_json(&report);
+        return Ok(exit_codes::OK);
+    }
+    let pid = report.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+    match report.started_from {
+        Some(StartedFrom::Checkpoint) => {
+            println!("{} started (pid {pid}): restored from checkpoint {}", service.name, report.checkpoint.as_deref().unwrap_or("?"))
+        }
+        _ => println!("{} started (pid {pid}): cold start", service.name),
+    }
+    if let Some(why) = &report.fallback_reason {
+        eprintln!("stasis: warning: {why}");
+    }
+    Ok(exit_codes::OK)
+}
+
+/// The hidden `__supervise` command that `start` runs in the background.
+pub fn supervise(dirs: &Dirs, name: &str) -> Result<i32, Error> {
+    let mut notifier = Notifier::from_env();
+    match load_service(dirs, name) {
+        Ok(service) => Ok(supervisor::run(dirs.clone(), service, notifier)),
+        Err(e) => {
+            let e = Error::from(e);
+            notifier.send(&StartReport {
+                ok: false,
+                pid: None,
+                started_from: None,
+                checkpoint: None,
+                fallback_reason: None,
+                error: Some(e.to_string()),
+                exit_code: Some(e.exit_code()),
+            });
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `stasis status` and `stasis list`: the supervisor's last record, checked against whether a
+//! supervisor actually holds the lock, plus the latest good checkpoint from the store.
+
+use super::output::print_json;
+use crate::config::{discover, load_service, service_name_from_path};
+use crate::error::Error;
+use crate::exit_codes;
+use crate::paths::Dirs;
+use crate::process::tree;
+use crate::store::CheckpointStore;
+use crate::supervisor::lock;
+use crate::supervisor::status::{ServiceState, StartedFrom, StatusRecord};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub name: String,
+    pub state: ServiceState,
+    /// Host PID of the service's main process.
+    pub pid: Option<i32>,
+    pub started_from: Option<StartedFrom>,
+    /// The latest good checkpoint.
+    pub checkpoint: Option<String>,
+    pub fallback_reason: Option<String>,
+    pub restored_checkpoint: Option<String>,
+    pub init_pid: Option<i32>,
+    pub supervisor_pid: Option<String>,
+    pub kill_port: Option<u16>,
+    pub since: Option<String>,
+    pub message: Option<String>,
+    /// Set when the service file itself is invalid.
+    pub config_error: Option<String>,
+}
+
+pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Option<String>) -> StatusView {
+    let paths = dirs.service(name);
+    let record = StatusRecord::read(&paths);
+    let supervisor = lock::holder(&paths.lock);
+    let (mut state, mut message) = match &record {
+        Some(r) => (r.state, r.message.clone()),
+        None => (ServiceState::Stopped, None),
+    };
+    if supervisor.is_none() && state == ServiceState::Running {
+        state = ServiceState::Failed;
+        message = Some("the supervisor exited unexpectedly (see supervisor.log in the service's state dir)".into());
+    }
+    let running = state == ServiceState::Running;
+    let init_pid = record.as_ref().and_then(|r| r.init_pid).filter(|_| running);
+    let checkpoint = CheckpointStore::new(name, &paths).latest().ok().flatten().map(|c| c.id);
+    StatusView {
+        name: name.to_string(),
+        state,
+        pid: init_pid.map(|p| tree::main_pid(p).unwrap_or(p)),
+        started_from: record.as_ref().and_then(|r| r.started_from),
+        checkpoint,
+        fallback_reason: record.as_ref().and_then(|r| r.fallback_reason.clone()),
+        restored_checkpoint: record.as_ref().and_then(|r| r.restored_checkpoint.clone()),
+        init_pid,
+        supervisor_pid: supervisor,
+        kill_port,
+        since: record.as_ref().map(|r| r.since.clone()),
+        message,
+        config_error,
+    }
+}
+
+pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
+    if let Some(name) = name {
+        let service = load_service(dirs, name)?;
+        let v = view(dirs, &service.name, Some(service.kill_port), None);
+        if json {
+            print_json(&v);
+        } else {
+            print_one(&v);
+        }
+        return Ok(exit_codes::OK);
+    }
+    let mut views = Vec::new();
+    for path in discover(dirs)? {
+        let Ok(name) = service_name_from_path(&path) else { continue };
+        let v = match load_service(dirs, &path.display().to_string()) {
+            Ok(s) => view(dirs, &name, Some(s.kill_port), None),
+            Err(e) => view(dirs, &name, None, Some(e.to_string())),
+        };
+        views.push(v);
+    }
+    if json {
+        print_json(&views);
+        return Ok(exit_codes::OK);
+    }
+    if views.is_empty() {
+        println!("no services in {} (add NAME.yaml files there)", dirs.config_dir.display());
+        return Ok(exit_codes::OK);
+    }
+    println!("{:<20} {:<8} {:>8} {:<11} {:<26} {}", "NAME", "STATE", "PID", "FROM", "CHECKPOINT", "KILL PORT");
+    for v in &views {
+        println!(
+            "{:<20} {:<8} {:>8} {:<11} {:<26} {}",
+            v.name,
+            state_word(v.state),
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            v.started_from.map(from_word).unwrap_or("-"),
+            v.checkpoint.as_deref().unwrap_or("-"),
+            v.kill_port.map(|p| p.to_string()).unwrap_or_else(|| "invalid config".into()),
+        );
+    }
+    Ok(exit_codes::OK)
+}
+
+fn state_word(s: ServiceState) -> &'static str {
+    match s {
+        ServiceState::Running => "running",
+        ServiceState::Stopped => "stopped",
+        ServiceState::Failed => "failed",
+    }
+}
+
+fn from_word(s: StartedFrom) -> &'static str {
+    match s {
+        StartedFrom::Checkpoint => "checkpoint",
+        StartedFrom::Cold => "cold",
+    }
+}
+
+fn print_one(v: &StatusView) {
+    match (v.state, v.pid) {
+        (ServiceState::Running, Some(pid)) => println!("{}: running (pid {pid})", v.name),
+        (s, _) => println!("{}: {}", v.name, state_word(s)),
+    }
+    if let Some(from) = v.started_from {
+        match (from, &v.restored_checkpoint) {
+            (StartedFrom::Checkpoint, Some(id)) => println!("  started from: checkpoint {id}"),
+            _ => println!("  started from: {}", from_word(from)),
+        }
+    }
+    if let Some(why) = &v.fallback_reason {
+        println!("  fell back to a cold start: {why}");
+    }
+    println!("  latest checkpoint: {}", v.checkpoint.as_deref().unwrap_or("none"));
+    if let Some(p) = v.kill_port {
+        println!("  kill port: 127.0.0.1:{p}");
+    }
+    if let Some(m) = &v.message {
+        println!("  last event: {m}{}", v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());
+    }
+}

@@ -1,0 +1,76 @@
+//! `stasis stop`: connects to the kill port, exactly as an init script or telnet would, relays
+//! what the supervisor says, and waits until the supervisor is gone.
+
+use super::output::print_json;
+use crate::config::load_service;
+use crate::error::Error;
+use crate::exit_codes;
+use crate::paths::Dirs;
+use crate::supervisor::{lock, protocol};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// How long to wait for the supervisor to exit after it reported the checkpoint.
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+
+pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
+    let service = load_service(dirs, name)?;
+    let paths = dirs.service(&service.name);
+    if lock::holder(&paths.lock).is_none() {
+        if json {
+            print_json(&serde_json::json!({ "name": service.name, "stopped": false, "message": "already stopped" }));
+        } else {
+            println!("{} is already stopped", service.name);
+        }
+        return Ok(exit_codes::OK);
+    }
+    let stream = TcpStream::connect(("127.0.0.1", service.kill_port)).map_err(|e| {
+        Error::CheckpointFailed(format!(
+            "failed to connect to the kill port 127.0.0.1:{} of {}: {e}; its supervisor may be starting or stuck (see `stasis logs {}`)",
+            service.kill_port, service.name, service.name
+        ))
+    })?;
+    let (final_line, lines) = relay(stream, json)?;
+    match protocol::parse_final(&final_line) {
+        Some(Ok(text)) => {
+            let deadline = Instant::now() + EXIT_WAIT;
+            while lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "name": service.name, "stopped": true,
+                    "checkpoint": protocol::checkpoint_id(&text), "lines": lines,
+                }));
+            }
+            Ok(exit_codes::OK)
+        }
+        Some(Err(e)) => {
+            if json {
+                print_json(&serde_json::json!({ "name": service.name, "stopped": false, "error": e, "lines": lines }));
+                return Ok(exit_codes::CHECKPOINT_FAILED);
+            }
+            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {e}", service.name)))
+        }
+        None => Err(Error::CheckpointFailed(format!(
+            "the supervisor of {} closed the connection without a result; see `stasis logs {}`",
+            service.name, service.name
+        ))),
+    }
+}
+
+/// Prints each line as it arrives (unless json) and returns the last one plus all of them.
+pub fn relay<R: std::io::Read>(stream: R, json: bool) -> Result<(String, Vec<String>), Error> {
+    let mut last = String::new();
+    let mut all = Vec::new();
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}")))?;
+        if !json {
+            println!("{line}");
+        }
+        last = line.clone();
+        all.push(line);
+    }
+    Ok((last, all))
+}

@@ -1,0 +1,12 @@
+//! Service definitions: one YAML file per service, parsed strictly and validated into a
+//! [`Service`] that the supervisor can run without further checks.
+
+mod error;
+mod key_lines;
+mod load;
+mod schema;
+mod validate;
+
+pub use error::{ConfigError, Problem};
+pub use load::{discover, load_service, service_name_from_path};
+pub use validate::{Service, ServiceUser};

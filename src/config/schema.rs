@@ -1,0 +1,41 @@
+//! The on-disk shape of a service file. Unknown keys are errors at every level.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Every key a service file may have, for the unknown-key check that reports all of them at once.
+pub const TOP_LEVEL_KEYS: &[&str] =
+    &["command", "user", "group", "kill_port", "working_dir", "environment", "criu", "stop_timeout_secs"];
+pub const CRIU_KEYS: &[&str] = &["config", "options"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    /// argv of the service; the first element is looked up in the service's PATH.
+    pub command: Vec<String>,
+    /// The user the service runs as (never root by accident: it is required).
+    pub user: String,
+    /// Defaults to the user's primary group.
+    pub group: Option<String>,
+    /// Loopback TCP port whose connections checkpoint the service and stop it.
+    pub kill_port: u16,
+    /// Defaults to `/`, as systemd does.
+    pub working_dir: Option<String>,
+    /// Added to (and overriding) the clean default environment.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(default)]
+    pub criu: CriuSection,
+    /// Grace period between SIGTERM and SIGKILL when a service is stopped without a checkpoint.
+    pub stop_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CriuSection {
+    /// Name of an option file `<criu-config-dir>/<name>.conf`; default `default`.
+    pub config: Option<String>,
+    /// Extra CRIU command-line options, appended after the option file.
+    #[serde(default)]
+    pub options: Vec<String>,
+}

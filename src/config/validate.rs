@@ -1,0 +1,213 @@
+//! Semantic checks of a parsed service file (users, groups, paths, ports, CRIU options),
+//! producing the [`Service`] the rest of stasis runs. Every problem is collected, not just the first.
+
+use super::error::{ConfigError, Problem};
+use super::key_lines::line_of;
+use super::schema::ServiceFile;
+use crate::paths::Dirs;
+use nix::unistd::{Group, User};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// systemd's default PATH for services.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Options stasis sets itself; letting a service file override them would break the store or the supervisor.
+const RESERVED_CRIU_OPTIONS: &[&str] = &[
+    "-D", "--images-dir", "-t", "--tree", "-o", "--log-file", "-W", "--work-dir", "--pidfile", "-d",
+    "--restore-detached", "-R", "--leave-running", "--leave-stopped", "--action-script", "--config",
+    "--inherit-fd", "-s", "--leave-stopped", "--restore-sibling",
+];
+
+#[derive(Debug, Clone)]
+pub struct ServiceUser {
+    pub name: String,
+    pub uid: u32,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+}
+
+/// A validated service, ready to run.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub file: PathBuf,
+    pub command: Vec<String>,
+    pub user: ServiceUser,
+    pub gid: u32,
+    pub supplementary_gids: Vec<u32>,
+    pub kill_port: u16,
+    pub working_dir: PathBuf,
+    /// The complete environment of the service, in order.
+    pub environment: Vec<(String, String)>,
+    pub criu_config: PathBuf,
+    pub criu_options: Vec<String>,
+    pub stop_timeout: Duration,
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        let path: Vec<&str> = key.split('.').map(|k| k.split('[').next().unwrap_or(k)).collect();
+        self.problems.push(Problem { line: line_of(self.text, &path), key: key.to_string(), message: message.into() });
+    }
+}
+
+pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceFile) -> Result<Service, ConfigError> {
+    let mut c = Checker { text, problems: Vec::new() };
+
+    let user = match User::from_name(&file.user) {
+        Ok(Some(u)) => Some(u),
+        Ok(None) => {
+            c.fail(
+                "user",
+                format!(
+                    "user \"{0}\" does not exist; create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {0}` or name an existing user",
+                    file.user
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            c.fail("user", format!("failed to look up user \"{}\": {e}", file.user));
+            None
+        }
+    };
+    let gid = match (&file.group, &user) {
+        (Some(g), _) => match Group::from_name(g) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            _ => {
+                c.fail("group", format!("group \"{g}\" does not exist; create it with `groupadd --system {g}` or remove the key to use the user's primary group"));
+                None
+            }
+        },
+        (None, Some(u)) => Some(u.gid.as_raw()),
+        (None, None) => None,
+    };
+    let supplementary_gids = match (&user, gid) {
+        (Some(u), Some(g)) => CString::new(u.name.clone())
+            .ok()
+            .and_then(|n| nix::unistd::getgrouplist(&n, nix::unistd::Gid::from_raw(g)).ok())
+            .map(|v| v.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|| vec![g]),
+        _ => Vec::new(),
+    };
+
+    if file.kill_port == 0 {
+        c.fail("kill_port", "must be a TCP port between 1 and 65535");
+    }
+
+    let working_dir = PathBuf::from(file.working_dir.as_deref().unwrap_or("/"));
+    if !working_dir.is_absolute() {
+        c.fail("working_dir", format!("must be an absolute path, not \"{}\"", working_dir.display()));
+    } else if !working_dir.is_dir() {
+        c.fail("working_dir", format!("{} is not a directory; create it or change the key", working_dir.display()));
+    }
+
+    let environment = build_environment(&mut c, user.as_ref(), &file);
+    check_command(&mut c, &file.command, &environment, &working_dir);
+
+    let profile = file.criu.config.clone().unwrap_or_else(|| "default".to_string());
+    let criu_config = dirs.criu_config_dir.join(format!("{profile}.conf"));
+    if profile.is_empty() || !profile.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+        c.fail("criu.config", format!("\"{profile}\" is not a config name (letters, digits, '-', '_'): it names a file in {}", dirs.criu_config_dir.display()));
+    } else if !criu_config.is_file() {
+        c.fail("criu.config", format!("{} does not exist; pick one of {} or pass --criu-config-dir", criu_config.display(), available_profiles(&dirs.criu_config_dir)));
+    }
+    for (i, opt) in file.criu.options.iter().enumerate() {
+        let flag = opt.split('=').next().unwrap_or(opt);
+        if !opt.starts_with('-') {
+            c.fail(&format!("criu.options[{i}]"), format!("\"{opt}\" is not an option; write each option as it would appear on criu's command line, e.g. \"--tcp-close\""));
+        } else if RESERVED_CRIU_OPTIONS.contains(&flag) {
+            c.fail(&format!("criu.options[{i}]"), format!("{flag} is set by stasis itself and cannot be overridden"));
+        }
+    }
+    let stop_timeout = match file.stop_timeout_secs {
+        None => DEFAULT_STOP_TIMEOUT,
+        Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
+        Some(s) => {
+            c.fail("stop_timeout_secs", format!("{s} is out of range; use 1 to 3600 seconds"));
+            DEFAULT_STOP_TIMEOUT
+        }
+    };
+
+    match (c.problems.is_empty(), user, gid) {
+        (true, Some(u), Some(gid)) => Ok(Service {
+            name: name.to_string(),
+            file: path.to_path_buf(),
+            command: file.command,
+            user: ServiceUser { name: u.name, uid: u.uid.as_raw(), home: u.dir, shell: u.shell },
+            gid,
+            supplementary_gids,
+            kill_port: file.kill_port,
+            working_dir,
+            environment,
+            criu_config,
+            criu_options: file.criu.options,
+            stop_timeout,
+        }),
+        _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
+    }
+}
+
+/// A clean environment, as systemd gives services: PATH, HOME, USER, LOGNAME, SHELL, then the file's.
+fn build_environment(c: &mut Checker, user: Option<&User>, file: &ServiceFile) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
+    if let Some(u) = user {
+        env.push(("HOME".into(), u.dir.display().to_string()));
+        env.push(("USER".into(), u.name.clone()));
+        env.push(("LOGNAME".into(), u.name.clone()));
+        env.push(("SHELL".into(), u.shell.display().to_string()));
+    }
+    for (k, v) in &file.environment {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            c.fail(&format!("environment.{k}"), "variable names must be non-empty without '=' and values without NUL bytes");
+            continue;
+        }
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    env
+}
+
+fn check_command(c: &mut Checker, command: &[String], env: &[(String, String)], cwd: &Path) {
+    let Some(program) = command.first() else {
+        c.fail("command", "must list at least the program to run, e.g. [\"/usr/bin/redis-server\", \"--port\", \"6390\"]");
+        return;
+    };
+    if program.is_empty() {
+        c.fail("command[0]", "the program name is empty");
+        return;
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        c.fail("command", "arguments must not contain NUL bytes");
+    }
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(DEFAULT_PATH);
+    if program.contains('/') {
+        let p = if Path::new(program).is_absolute() { PathBuf::from(program) } else { cwd.join(program) };
+        if !p.is_file() {
+            c.fail("command[0]", format!("{} does not exist or is not a file", p.display()));
+        }
+    } else if which::which_in(program, Some(path_var), cwd).is_err() {
+        c.fail("command[0]", format!("\"{program}\" was not found in the service's PATH ({path_var}); install it or give an absolute path"));
+    }
+}
+
+fn available_profiles(dir: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".conf")).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() { format!("the files in {} (none found)", dir.display()) } else { names.join(", ") }
+}

@@ -1,0 +1,136 @@
+//! Command lines for `criu dump` and `criu restore`. Options that stasis depends on are set
+//! here; everything tunable lives in the service's `criu-configs/*.conf` and `criu.options`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Verbose logs cost little next to a dump and are what makes a failure diagnosable.
+const LOG_LEVEL: &str = "-v4";
+
+#[derive(Debug, Clone)]
+pub struct DumpArgs {
+    /// Host PID of the service's namespace init: the root of the dumped tree.
+    pub pid: i32,
+    pub images_dir: PathBuf,
+    /// Holds `dump.log`.
+    pub work_dir: PathBuf,
+    pub config_file: PathBuf,
+    pub options: Vec<String>,
+    pub leave_running: bool,
+    /// Run by CRIU after the images are written and before the tree is killed.
+    pub action_script: Option<String>,
+}
+
+pub const DUMP_LOG: &str = "dump.log";
+pub const RESTORE_LOG: &str = "restore.log";
+pub const RESTORE_PIDFILE: &str = "restore.pid";
+/// The fd number the new stdout pipe has in criu's process during restore.
+pub const INHERITED_PIPE_FD: i32 = 3;
+
+impl DumpArgs {
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "dump".into(),
+            "--tree".into(),
+            self.pid.to_string().into(),
+            "--images-dir".into(),
+            self.images_dir.clone().into(),
+            "--work-dir".into(),
+            self.work_dir.clone().into(),
+            "--log-file".into(),
+            DUMP_LOG.into(),
+            LOG_LEVEL.into(),
+            "--config".into(),
+            self.config_file.clone().into(),
+        ];
+        if self.leave_running {
+            a.push("--leave-running".into());
+        }
+        if let Some(s) = &self.action_script {
+            a.push("--action-script".into());
+            a.push(s.into());
+        }
+        a.extend(self.options.iter().map(OsString::from));
+        a
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreArgs {
+    pub images_dir: PathBuf,
+    /// Holds `restore.log` and the pidfile.
+    pub work_dir: PathBuf,
+    pub config_file: PathBuf,
+    pub options: Vec<String>,
+    /// The inode of the pipe the dumped service wrote its stdout/stderr to.
+    pub stdout_pipe_inode: Option<u64>,
+}
+
+impl RestoreArgs {
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "restore".into(),
+            "--images-dir".into(),
+            self.images_dir.clone().into(),
+            "--work-dir".into(),
+            self.work_dir.clone().into(),
+            "--log-file".into(),
+            RESTORE_LOG.into(),
+            LOG_LEVEL.into(),
+            "--config".into(),
+            self.config_file.clone().into(),
+            // Detached, so the restored root is re-parented to the supervisor (a child subreaper).
+            "--restore-detached".into(),
+            "--pidfile".into(),
+            RESTORE_PIDFILE.into(),
+        ];
+        if let Some(inode) = self.stdout_pipe_inode {
+            a.push("--inherit-fd".into());
+            a.push(format!("fd[{INHERITED_PIPE_FD}]:pipe:[{inode}]").into());
+        }
+        a.extend(self.options.iter().map(OsString::from));
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn dump_argv_has_tree_config_and_options_last() {
+        let a = DumpArgs {
+            pid: 42,
+            images_dir: "/c/images".into(),
+            work_dir: "/c".into(),
+            config_file: "/etc/stasis/criu-configs/default.conf".into(),
+            options: vec!["--tcp-close".into()],
+            leave_running: true,
+            action_script: Some("/usr/bin/stasis".into()),
+        };
+        let v = strings(a.argv());
+        assert_eq!(&v[..3], ["dump", "--tree", "42"]);
+        assert!(v.contains(&"--leave-running".to_string()));
+        assert_eq!(v.last().unwrap(), "--tcp-close");
+        let i = v.iter().position(|s| s == "--action-script").unwrap();
+        assert_eq!(v[i + 1], "/usr/bin/stasis");
+    }
+
+    #[test]
+    fn restore_argv_reattaches_the_stdout_pipe() {
+        let a = RestoreArgs {
+            images_dir: "/c/images".into(),
+            work_dir: "/c".into(),
+            config_file: "/d.conf".into(),
+            options: vec![],
+            stdout_pipe_inode: Some(12345),
+        };
+        let v = strings(a.argv());
+        assert!(v.contains(&"--restore-detached".to_string()));
+        assert!(v.contains(&"fd[3]:pipe:[12345]".to_string()));
+    }
+}

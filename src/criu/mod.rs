@@ -1,0 +1,15 @@
+//! The CRIU adapter: finds and version-checks the `criu` binary once, builds argv for dump and
+//! restore from `criu-configs/*.conf`, runs it, and turns failures into errors that quote the
+//! Error lines of CRIU's log together with the log's path.
+
+pub mod action_hook;
+mod argv;
+mod binary;
+mod error;
+mod log_errors;
+mod run;
+
+pub use argv::{DumpArgs, RestoreArgs};
+pub use binary::Criu;
+pub use error::CriuError;
+pub use run::RestoreOutcome;

@@ -1,0 +1,52 @@
+//! The top-level error of a command: wraps each module's error and maps it to an exit code.
+
+use crate::exit_codes;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Launch(#[from] crate::process::LaunchError),
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
+    #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
+    AlreadyRunning { service: String, pid: String },
+    #[error("{service} is not running; start it with `stasis start {service}`")]
+    NotRunning { service: String },
+    #[error("stasis must run as root (CRIU needs it); try `sudo stasis ...`")]
+    NotRoot,
+    #[error("failed to {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    CheckpointFailed(String),
+    #[error("{0}")]
+    StartFailed(String),
+}
+
+impl Error {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { action, path: path.into(), source }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit_codes::CONFIG,
+            Error::Criu(e) => e.exit_code(),
+            Error::Store(e) => e.exit_code(),
+            Error::Launch(_) => exit_codes::START_FAILED,
+            Error::Supervisor(e) => e.exit_code(),
+            Error::AlreadyRunning { .. } => exit_codes::ALREADY_RUNNING,
+            Error::NotRunning { .. } => exit_codes::NOT_RUNNING,
+            Error::NotRoot => exit_codes::ENVIRONMENT,
+            Error::Io { .. } => exit_codes::INTERNAL,
+            Error::CheckpointFailed(_) => exit_codes::CHECKPOINT_FAILED,
+            Error::StartFailed(_) => exit_codes::START_FAILED,
+        }
+    }
+}

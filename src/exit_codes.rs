@@ -1,0 +1,23 @@
+//! The exit codes of every `stasis` command, one per kind of failure. Documented in
+//! `docs/exit-codes.md`; scripts rely on them, so never renumber.
+
+/// The command did what was asked (including `stop` of a service that is already stopped).
+pub const OK: i32 = 0;
+/// An unexpected internal failure (a bug, or an I/O error nobody anticipated).
+pub const INTERNAL: i32 = 1;
+/// The command line was malformed (clap's own code).
+pub const USAGE: i32 = 2;
+/// A service file is missing or invalid: YAML syntax, unknown key, bad value, missing user.
+pub const CONFIG: i32 = 3;
+/// `start` of a service that is already running.
+pub const ALREADY_RUNNING: i32 = 4;
+/// A checkpoint could not be taken; the service keeps running and earlier checkpoints are intact.
+pub const CHECKPOINT_FAILED: i32 = 5;
+/// The service could not be started (neither restored nor cold-launched), or it died at once.
+pub const START_FAILED: i32 = 6;
+/// The host is not ready: not root, CRIU missing or too old, kill port in use, unwritable directories.
+pub const ENVIRONMENT: i32 = 7;
+/// The command needs a running service and the service is not running.
+pub const NOT_RUNNING: i32 = 8;
+/// The checkpoint store is damaged or out of space in a way the command could not work around.
+pub const STORE: i32 = 9;

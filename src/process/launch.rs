@@ -1,0 +1,93 @@
+//! Cold launch: clone the namespace init straight into new PID and IPC namespaces, so the
+//! supervisor is its parent exactly as it is after a restore, and CRIU can later restore the
+//! tree with its own PIDs whatever else the host runs.
+
+use super::ns_init::{self, READY_FD};
+use super::LaunchError;
+use nix::sched::CloneFlags;
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub init_binary: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub working_dir: PathBuf,
+    pub command: Vec<String>,
+    pub environment: Vec<(String, String)>,
+}
+
+const STACK_SIZE: usize = 256 * 1024;
+
+/// Starts the service; returns the host PID of its namespace init once the service command has
+/// been executed (or the reason it could not be).
+pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, LaunchError> {
+    let nul = |what| LaunchError::Nul { what };
+    let path = CString::new(spec.init_binary.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init path"))?;
+    let mut argv = vec![path.clone(), CString::new(ns_init::ARGV_MARKER).expect("no NUL")];
+    for a in ns_init::encode_args(spec) {
+        argv.push(CString::new(a).map_err(|_| nul("the command"))?);
+    }
+    let envp: Vec<CString> = spec
+        .environment
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|_| nul("the environment"))?;
+    let argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
+
+    let devnull = std::fs::File::open("/dev/null").map_err(LaunchError::DevNull)?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(LaunchError::Pipe)?;
+    let fds = [devnull.as_raw_fd(), stdout.as_raw_fd(), stdout.as_raw_fd(), ready_w.as_raw_fd()];
+
+    let mut stack = vec![0u8; STACK_SIZE];
+    let child = Box::new(|| -> isize {
+        // Only async-signal-safe calls between clone and exec: the parent may have other threads.
+        // SAFETY: plain syscalls on fds and pointers that stay valid in the (copied) child.
+        unsafe {
+            for (target, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, target as i32) < 0 {
+                    libc::_exit(126);
+                }
+            }
+            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+            let msg = b"error failed to execute the namespace init\n";
+            libc::write(READY_FD, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    });
+    // SAFETY: the callback only makes async-signal-safe calls (see above).
+    let pid = unsafe {
+        nix::sched::clone(child, &mut stack, CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC, Some(libc::SIGCHLD))
+    }
+    .map_err(LaunchError::Clone)?;
+    drop(ready_w);
+    let report = read_report(ready_r);
+    match report.strip_prefix("ok") {
+        Some(_) => Ok(pid),
+        None => {
+            let reason = report.strip_prefix("error ").unwrap_or(&report).trim().to_string();
+            let reason = if reason.is_empty() { "the namespace init exited before starting it".to_string() } else { reason };
+            reap_quietly(pid);
+            Err(LaunchError::ExecService { program: spec.command.first().cloned().unwrap_or_default(), reason })
+        }
+    }
+}
+
+fn read_report(fd: OwnedFd) -> String {
+    let mut s = String::new();
+    let _ = std::fs::File::from(fd).read_to_string(&mut s);
+    s
+}
+
+/// The init exits on its own once its command failed; collect it so no zombie stays.
+fn reap_quietly(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+}

@@ -1,0 +1,164 @@
+//! The init of a service's PID namespace: `stasis __ns-init ...`, run as root from the
+//! content-addressed copy. It starts the command as the service user, reaps orphans, forwards
+//! TERM/INT/HUP/QUIT/USR1/USR2 to every process of the namespace, and keeps the namespace alive
+//! until its last process is gone, so daemons that fork into the background keep working.
+//! It is part of every checkpoint, so it stays small and starts no runtime.
+
+use super::launch::LaunchSpec;
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub const ARGV_MARKER: &str = "__ns-init";
+/// Where the supervisor listens for "ok" / "error ..." about the start of the command.
+pub const READY_FD: i32 = 3;
+const FORWARDED: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+
+struct Args {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    workdir: CString,
+    command: Vec<CString>,
+}
+
+/// The arguments after the marker, as `cold_launch` passes them.
+pub fn encode_args(spec: &LaunchSpec) -> Vec<Vec<u8>> {
+    let groups = spec.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut v: Vec<Vec<u8>> = vec![
+        spec.uid.to_string().into_bytes(),
+        spec.gid.to_string().into_bytes(),
+        groups.into_bytes(),
+        spec.working_dir.as_os_str().as_bytes().to_vec(),
+    ];
+    v.extend(spec.command.iter().map(|a| a.clone().into_bytes()));
+    v
+}
+
+fn decode_args(args: &[OsString]) -> Option<Args> {
+    let s = |i: usize| args.get(i).and_then(|a| a.to_str());
+    let groups = s(2)?;
+    Some(Args {
+        uid: s(0)?.parse().ok()?,
+        gid: s(1)?.parse().ok()?,
+        groups: if groups.is_empty() { Vec::new() } else { groups.split(',').map(|g| g.parse().ok()).collect::<Option<_>>()? },
+        workdir: CString::new(args.get(3)?.as_bytes()).ok()?,
+        command: args.get(4..)?.iter().map(|a| CString::new(a.as_bytes()).ok()).collect::<Option<Vec<_>>>()?,
+    })
+    .filter(|a| !a.command.is_empty())
+}
+
+extern "C" fn on_signal(_: libc::c_int) {}
+
+pub fn main(raw: &[OsString]) -> ! {
+    let Some(args) = decode_args(raw) else {
+        eprintln!("stasis-init: bad arguments; this is started by the stasis supervisor, not by hand");
+        std::process::exit(2);
+    };
+    let _ = nix::unistd::setsid();
+    let mut waited = SigSet::empty();
+    waited.add(Signal::SIGCHLD);
+    // PID 1 drops signals that have no handler; a no-op handler plus a blocked mask lets
+    // sigwait() receive them instead.
+    let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in FORWARDED.iter().chain([Signal::SIGCHLD].iter()) {
+        waited.add(*sig);
+        // SAFETY: the handler does nothing.
+        let _ = unsafe { sigaction(*sig, &handler) };
+    }
+    let _ = waited.thread_block();
+
+    let (err_r, err_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => report_and_exit(&format!("error failed to create a pipe: {e}\n"), 1),
+    };
+    // SAFETY: single-threaded process.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => exec_service(&args, err_w),
+        Ok(ForkResult::Parent { .. }) => {
+            drop(err_w);
+            let mut msg = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut msg);
+            let line = if msg.is_empty() { "ok\n".to_string() } else { format!("error {msg}\n") };
+            write_ready(&line);
+            reap_until_empty(&waited)
+        }
+        Err(e) => report_and_exit(&format!("error failed to fork: {e}\n"), 1),
+    }
+}
+
+fn write_ready(line: &str) {
+    // SAFETY: READY_FD is the pipe the supervisor handed us; closing it keeps it out of checkpoints.
+    unsafe {
+        libc::write(READY_FD, line.as_ptr().cast(), line.len());
+        libc::close(READY_FD);
+    }
+}
+
+fn report_and_exit(line: &str, code: i32) -> ! {
+    write_ready(line);
+    std::process::exit(code)
+}
+
+fn exec_service(args: &Args, err_w: OwnedFd) -> ! {
+    let fail = |what: String| -> ! {
+        let _ = nix::unistd::write(&err_w, what.as_bytes());
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: restoring default dispositions in the single-threaded child before exec.
+    unsafe {
+        libc::close(READY_FD);
+        for sig in FORWARDED.iter().chain([Signal::SIGCHLD, Signal::SIGPIPE].iter()) {
+            let _ = sigaction(*sig, &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()));
+        }
+    }
+    let _ = SigSet::empty().thread_set_mask();
+    let groups: Vec<nix::unistd::Gid> = args.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    if let Err(e) = nix::unistd::setgroups(&groups) {
+        fail(format!("failed to set supplementary groups {:?}: {e}", args.groups));
+    }
+    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(args.gid)) {
+        fail(format!("failed to set gid {}: {e}", args.gid));
+    }
+    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(args.uid)) {
+        fail(format!("failed to set uid {}: {e}", args.uid));
+    }
+    if let Err(e) = nix::unistd::chdir(args.workdir.as_c_str()) {
+        fail(format!("failed to enter working directory {}: {e}", args.workdir.to_string_lossy()));
+    }
+    let program = args.command[0].clone();
+    let e = nix::unistd::execvp(&program, &args.command).unwrap_err();
+    let _ = err_w.as_raw_fd();
+    fail(format!("failed to execute {}: {e}", program.to_string_lossy()))
+}
+
+/// Reaps every child (the command and any orphan) and forwards signals, until no process is
+/// left in the namespace; then exits with the status of the last process reaped.
+fn reap_until_empty(waited: &SigSet) -> ! {
+    let mut last_code = 0;
+    loop {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => last_code = code,
+                Ok(WaitStatus::Signaled(_, sig, _)) => last_code = 128 + sig as i32,
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::ECHILD) => std::process::exit(last_code),
+                Err(_) => break,
+            }
+        }
+        match waited.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            // -1 from a namespace's init: every process of the namespace but the init itself.
+            Ok(sig) => {
+                let _ = kill(Pid::from_raw(-1), sig);
+            }
+        }
+    }
+}

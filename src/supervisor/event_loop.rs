@@ -1,0 +1,243 @@
+//! The supervisor's event loop: turns connections, signals, dump completions and the service's
+//! exit into [`Event`]s, runs them through the state machine and carries out its actions.
+
+use super::checkpoint::take_checkpoint;
+use super::context::Context;
+use super::log_pump::LogWriter;
+use super::protocol::{self, CheckpointReport};
+use super::state::{next, Action, Event, State};
+use crate::store::DumpKind;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+type Outcome = Result<CheckpointReport, String>;
+
+struct Request {
+    kind: DumpKind,
+    reply: oneshot::Sender<Outcome>,
+}
+
+pub struct LoopEnd {
+    pub state: State,
+    /// What ended the service, in words.
+    pub message: String,
+}
+
+/// How often the loop looks for the service's exit even without SIGCHLD (which can race with
+/// the restored root becoming our child).
+const POLL: Duration = Duration::from_secs(1);
+/// How long to wait for a dumped service to disappear and its output to drain.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub async fn run_loop(
+    ctx: Arc<Context>,
+    init_pid: Pid,
+    kill_port: TcpListener,
+    control: UnixListener,
+    log: LogWriter,
+    pump: tokio::task::JoinHandle<()>,
+    on_change: impl Fn(State, Option<&str>),
+) -> std::io::Result<LoopEnd> {
+    let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
+    // Every connection holds a clone; the loop's end waits until final lines are written.
+    let connections = Arc::new(());
+    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
+    tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
+    let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
+    let mut sigchld = signal(SignalKind::child())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(POLL);
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+
+    let mut state = State::Running;
+    let mut exit_message: Option<String> = None;
+    let mut waiters: Vec<oneshot::Sender<Outcome>> = Vec::new();
+    let mut last_outcome: Option<Outcome> = None;
+
+    loop {
+        let mut request = None;
+        let event = tokio::select! {
+            Some(req) = req_rx.recv() => {
+                let kind = req.kind;
+                request = Some(req);
+                Event::DumpRequested(kind)
+            }
+            Some(outcome) = dump_rx.recv() => {
+                let ok = outcome.is_ok();
+                last_outcome = Some(outcome);
+                if ok { Event::DumpSucceeded } else { Event::DumpFailed }
+            }
+            _ = sigchld.recv() => match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue },
+            _ = tick.tick() => match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue },
+            _ = sigterm.recv() => Event::Terminate,
+            _ = sigint.recv() => Event::Terminate,
+            _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                grace = None;
+                Event::GraceExpired
+            }
+        };
+        let (new_state, actions) = next(state, event);
+        let mut finish = false;
+        for action in actions {
+            match action {
+                Action::StartDump(kind) => {
+                    if let Some(req) = request.take() {
+                        waiters.push(req.reply);
+                    }
+                    log.note(match kind {
+                        DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
+                        DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
+                    });
+                    let (ctx, tx) = (ctx.clone(), dump_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind);
+                        let _ = tx.blocking_send(outcome);
+                    });
+                }
+                Action::RejectRequest => {
+                    if let Some(req) = request.take() {
+                        let why = match state {
+                            State::Checkpointing { .. } => format!("a checkpoint of {} is already in progress; try again when it finishes", ctx.service.name),
+                            _ => format!("{} is shutting down", ctx.service.name),
+                        };
+                        let _ = req.reply.send(Err(why));
+                    }
+                }
+                Action::ReplyToDumpWaiters => {
+                    let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+                    match &outcome {
+                        Ok(r) => log.note(&format!("checkpoint {} saved ({} bytes) in {}", r.id, r.size_bytes, r.dir.display())),
+                        Err(e) => log.note(&format!("checkpoint failed: {e}")),
+                    }
+                    for w in waiters.drain(..) {
+                        let _ = w.send(outcome.clone());
+                    }
+                }
+                Action::TerminateService => {
+                    log.note(&format!("stopping without a checkpoint: SIGTERM, SIGKILL after {} s", ctx.service.stop_timeout.as_secs()));
+                    let _ = kill(init_pid, Signal::SIGTERM);
+                    grace = Some(Box::pin(tokio::time::sleep(ctx.service.stop_timeout)));
+                }
+                Action::KillService => {
+                    log.note("grace period over: SIGKILL");
+                    let _ = kill(init_pid, Signal::SIGKILL);
+                }
+                Action::Finish => finish = true,
+            }
+        }
+        if new_state != state {
+            let msg = match new_state {
+                State::Stopped if matches!(state, State::Checkpointing { .. }) => {
+                    last_outcome.as_ref().and_then(|o| o.as_ref().ok()).map(|r| format!("stopped after checkpoint {}", r.id))
+                }
+                State::Failed | State::Stopped => exit_message.clone(),
+                _ => None,
+            };
+            on_change(new_state, msg.as_deref());
+        }
+        state = new_state;
+        if finish {
+            break;
+        }
+    }
+
+    // The service may still be on its way out (CRIU kills it after the hook) and its last
+    // output in the pipe: wait for both, so nothing is lost and no zombie stays.
+    let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
+    while exit_message.is_none() && tokio::time::Instant::now() < deadline {
+        if reap(init_pid, &mut exit_message).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if exit_message.is_none() {
+        let _ = kill(init_pid, Signal::SIGKILL);
+        let _ = waitpid(init_pid, None);
+    }
+    if tokio::time::timeout(FINISH_TIMEOUT, pump).await.is_err() {
+        log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
+    }
+    let message = match state {
+        State::Stopped => last_outcome
+            .and_then(|o| o.ok())
+            .map(|r| format!("stopped after checkpoint {}", r.id))
+            .or(exit_message)
+            .unwrap_or_else(|| "stopped".into()),
+        _ => exit_message.unwrap_or_else(|| "exited".into()),
+    };
+    while Arc::strong_count(&connections) > 3 && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log.note(&format!("supervisor exiting: {message}"));
+    Ok(LoopEnd { state, message })
+}
+
+/// Collects the service's init if it has exited.
+fn reap(init_pid: Pid, exit_message: &mut Option<String>) -> Option<Event> {
+    if exit_message.is_some() {
+        return None;
+    }
+    let msg = match waitpid(init_pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => format!("the service exited with status {code}"),
+        Ok(WaitStatus::Signaled(_, sig, _)) => format!("the service was killed by {sig}"),
+        Ok(_) => return None,
+        Err(nix::errno::Errno::ECHILD) => "the service exited".to_string(),
+        Err(_) => return None,
+    };
+    *exit_message = Some(msg);
+    Some(Event::ServiceExited)
+}
+
+async fn accept_kill_port(listener: TcpListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
+            tokio::spawn(async move {
+                serve(stream, DumpKind::Stop, tx, name).await;
+                drop(token);
+            });
+        }
+    }
+}
+
+async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
+        tokio::spawn(async move {
+            let _token = token;
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(rd).read_line(&mut line)).await;
+            if !matches!(read, Ok(Ok(_))) || line.trim() != protocol::CHECKPOINT_COMMAND {
+                let _ = wr.write_all(format!("ERROR unknown command {:?}; the only command is {}\n", line.trim(), protocol::CHECKPOINT_COMMAND).as_bytes()).await;
+                return;
+            }
+            serve(wr, DumpKind::KeepRunning, tx, name).await;
+        });
+    }
+}
+
+/// One request: the announcement at once, then the outcome.
+async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx: mpsc::Sender<Request>, name: String) {
+    let first = match kind {
+        DumpKind::Stop => protocol::announce_stop(&name),
+        DumpKind::KeepRunning => protocol::announce_checkpoint(&name),
+    };
+    let _ = out.write_all(first.as_bytes()).await;
+    let _ = out.flush().await;
+    let (reply, rx) = oneshot::channel();
+    let outcome = match tx.send(Request { kind, reply }).await {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+        Err(_) => Err("the supervisor is exiting".into()),
+    };
+    let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
+    let _ = out.shutdown().await;
+}

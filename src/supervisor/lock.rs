@@ -1,0 +1,51 @@
+//! One supervisor per service: an flock on `<run-dir>/NAME.lock`, held for the supervisor's
+//! life and released by the kernel when it dies (no stale pid files). The file holds the
+//! supervisor's pid for humans and `status`.
+
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::Path;
+
+pub struct ServiceLock {
+    _lock: Flock<File>,
+}
+
+pub enum Acquired {
+    Yes(ServiceLock),
+    HeldBy(String),
+}
+
+pub fn acquire(path: &Path) -> std::io::Result<Acquired> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            writeln!(*lock, "{}", std::process::id())?;
+            Ok(Acquired::Yes(ServiceLock { _lock: lock }))
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => Ok(Acquired::HeldBy(read_pid(&mut file))),
+        Err((_, e)) => Err(std::io::Error::from(e)),
+    }
+}
+
+/// The pid of the supervisor holding the lock, or None when no supervisor runs.
+pub fn holder(path: &Path) -> Option<String> {
+    let file = File::open(path).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => None,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => Some(read_pid(&mut file)),
+        Err(_) => None,
+    }
+}
+
+fn read_pid(file: &mut File) -> String {
+    let mut s = String::new();
+    let _ = file.read_to_string(&mut s);
+    let s = s.trim().to_string();
+    if s.is_empty() { "unknown".into() } else { s }
+}

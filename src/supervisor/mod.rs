@@ -1,0 +1,20 @@
+//! The supervisor of one service: holds the service's lock, starts it (restore or cold launch),
+//! is the child subreaper and parent of its tree, pumps its output to the log, and runs the
+//! state machine that turns kill-port connections, `checkpoint` requests, signals and the
+//! service's exit into dumps and shutdowns.
+
+mod checkpoint;
+mod context;
+mod error;
+mod event_loop;
+pub mod lock;
+mod log_pump;
+pub mod protocol;
+pub mod ready;
+mod run;
+mod startup;
+pub mod state;
+pub mod status;
+
+pub use error::SupervisorError;
+pub use run::run;

@@ -1,0 +1,67 @@
+//! The text protocol of the kill port and the control socket. A connection gets a first line
+//! at once, then exactly one final line that starts with `OK` or `ERROR`.
+
+use crate::time_fmt::human_bytes;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Sent on the control socket to ask for a checkpoint that leaves the service running.
+pub const CHECKPOINT_COMMAND: &str = "checkpoint";
+
+#[derive(Debug, Clone)]
+pub struct CheckpointReport {
+    pub id: String,
+    pub size_bytes: u64,
+    pub duration: Duration,
+    pub dir: PathBuf,
+}
+
+pub fn announce_stop(service: &str) -> String {
+    format!("Saving checkpoint of {service} and shutting down...\n")
+}
+
+pub fn announce_checkpoint(service: &str) -> String {
+    format!("Saving checkpoint of {service} (it keeps running)...\n")
+}
+
+pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
+    match outcome {
+        Ok(r) => format!(
+            "OK checkpoint {} saved ({}, {:.2} s) in {}\n",
+            r.id,
+            human_bytes(r.size_bytes),
+            r.duration.as_secs_f64(),
+            r.dir.display()
+        ),
+        Err(e) => format!("ERROR {}\n", e.replace('\n', " | ")),
+    }
+}
+
+/// Parses a final line: Ok(text after OK) or Err(text after ERROR).
+pub fn parse_final(line: &str) -> Option<Result<String, String>> {
+    if let Some(rest) = line.strip_prefix("OK") {
+        return Some(Ok(rest.trim().to_string()));
+    }
+    line.strip_prefix("ERROR").map(|rest| Err(rest.trim().to_string()))
+}
+
+/// The checkpoint id in an OK line.
+pub fn checkpoint_id(ok_text: &str) -> Option<&str> {
+    ok_text.strip_prefix("checkpoint ")?.split_whitespace().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_lines_round_trip() {
+        let r = CheckpointReport { id: "20261125T015053.123Z".into(), size_bytes: 5_000_000, duration: Duration::from_millis(61), dir: "/x".into() };
+        let line = final_line(&Ok(r));
+        assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");
+        let ok = parse_final(line.trim()).unwrap().unwrap();
+        assert_eq!(checkpoint_id(&ok), Some("20261125T015053.123Z"));
+        let err = final_line(&Err("failed to dump\n  details".into()));
+        assert_eq!(parse_final(err.trim()), Some(Err("failed to dump |   details".into())));
+    }
+}

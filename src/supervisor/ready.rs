@@ -1,0 +1,40 @@
+//! How a background supervisor tells `stasis start` that the service is up (or why not): one
+//! JSON line on an inherited pipe, then EOF.
+
+use crate::supervisor::status::StartedFrom;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+pub const READY_FD_ENV: &str = "STASIS_READY_FD";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StartReport {
+    pub ok: bool,
+    pub pid: Option<i32>,
+    pub started_from: Option<StartedFrom>,
+    pub checkpoint: Option<String>,
+    pub fallback_reason: Option<String>,
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+/// The readiness pipe given by `stasis start`, if any.
+pub struct Notifier(Option<std::fs::File>);
+
+impl Notifier {
+    pub fn from_env() -> Notifier {
+        let fd = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
+        std::env::remove_var(READY_FD_ENV);
+        // SAFETY: `stasis start` put this fd in place for us and nothing else owns it.
+        Notifier(fd.filter(|fd| *fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    pub fn send(&mut self, report: &StartReport) {
+        if let Some(mut f) = self.0.take() {
+            let mut line = serde_json::to_vec(report).expect("report serializes");
+            line.push(b'\n');
+            let _ = f.write_all(&line);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The supervisor's state machine, pure: (state, event) -> (state, actions). The event loop
+//! feeds it events and carries out the actions; nothing here does I/O.
+
+use crate::store::DumpKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Checkpointing {
+        kind: DumpKind,
+        /// The service exited while the dump ran (CRIU kills it at the end of a stopping dump).
+        service_gone: bool,
+        /// A terminate signal arrived during the dump; honour it once the dump is done.
+        terminate_after: bool,
+    },
+    /// Stopping without a checkpoint: SIGTERM sent, SIGKILL after the grace period.
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The kill port (Stop) or `stasis checkpoint` (KeepRunning).
+    DumpRequested(DumpKind),
+    DumpSucceeded,
+    DumpFailed,
+    ServiceExited,
+    /// SIGTERM or SIGINT to the supervisor.
+    Terminate,
+    GraceExpired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    StartDump(DumpKind),
+    /// Answer the new request: busy, or the service is going away.
+    RejectRequest,
+    /// Send the dump's outcome to everyone waiting for it.
+    ReplyToDumpWaiters,
+    TerminateService,
+    KillService,
+    /// Wait until the service is gone and its output drained, record the state, exit.
+    Finish,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Stopped | State::Failed)
+    }
+}
+
+pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
+    use Action::*;
+    use Event::*;
+    use State::*;
+    match (state, event) {
+        (Running, DumpRequested(kind)) => {
+            (Checkpointing { kind, service_gone: false, terminate_after: false }, vec![StartDump(kind)])
+        }
+        (Running, ServiceExited) => (Failed, vec![Finish]),
+        (Running, Terminate) => (Stopping, vec![TerminateService]),
+        (Running, DumpSucceeded | DumpFailed | GraceExpired) => (Running, vec![]),
+
+        (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
+        (Checkpointing { kind, terminate_after, .. }, ServiceExited) => {
+            (Checkpointing { kind, service_gone: true, terminate_after }, vec![])
+        }
+        (Checkpointing { kind, service_gone, .. }, Terminate) => {
+            (Checkpointing { kind, service_gone, terminate_after: true }, vec![])
+        }
+        (Checkpointing { kind: DumpKind::Stop, .. }, DumpSucceeded) => (Stopped, vec![ReplyToDumpWaiters, Finish]),
+        (Checkpointing { service_gone, terminate_after, .. }, DumpSucceeded | DumpFailed) => {
+            if service_gone {
+                (Failed, vec![ReplyToDumpWaiters, Finish])
+            } else if terminate_after {
+                (Stopping, vec![ReplyToDumpWaiters, TerminateService])
+            } else {
+                (Running, vec![ReplyToDumpWaiters])
+            }
+        }
+        (Checkpointing { .. }, GraceExpired) => (state, vec![]),
+
+        (Stopping, ServiceExited) => (Stopped, vec![Finish]),
+        (Stopping, GraceExpired) => (Stopping, vec![KillService]),
+        (Stopping, DumpRequested(_)) => (Stopping, vec![RejectRequest]),
+        (Stopping, _) => (Stopping, vec![]),
+
+        (Stopped | Failed, DumpRequested(_)) => (state, vec![RejectRequest]),
+        (Stopped | Failed, _) => (state, vec![]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Action::*;
+    use Event::*;
+
+    fn run(events: &[Event]) -> (State, Vec<Action>) {
+        let mut s = State::Running;
+        let mut all = Vec::new();
+        for e in events {
+            let (n, a) = next(s, *e);
+            s = n;
+            all.extend(a);
+        }
+        (s, all)
+    }
+
+    #[test]
+    fn kill_port_dump_stops_the_service() {
+        let (s, a) = run(&[DumpRequested(DumpKind::Stop), ServiceExited, DumpSucceeded]);
+        assert_eq!(s, State::Stopped);
+        assert_eq!(a, vec![StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]);
+    }
+
+    #[test]
+    fn failed_dump_keeps_the_service_running() {
+        let (s, a) = run(&[DumpRequested(DumpKind::Stop), DumpFailed]);
+        assert_eq!(s, State::Running);
+        assert_eq!(a, vec![StartDump(DumpKind::Stop), ReplyToDumpWaiters]);
+    }
+
+    #[test]
+    fn a_second_request_during_a_dump_is_rejected() {
+        let (_, a) = run(&[DumpRequested(DumpKind::KeepRunning), DumpRequested(DumpKind::Stop)]);
+        assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), RejectRequest]);
+    }
+
+    #[test]
+    fn terminate_during_a_dump_waits_for_it() {
+        let (s, a) = run(&[DumpRequested(DumpKind::KeepRunning), Terminate, DumpSucceeded]);
+        assert_eq!(s, State::Stopping);
+        assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), ReplyToDumpWaiters, TerminateService]);
+    }
+
+    #[test]
+    fn a_service_that_exits_by_itself_has_failed() {
+        assert_eq!(run(&[ServiceExited]).0, State::Failed);
+        assert_eq!(run(&[DumpRequested(DumpKind::KeepRunning), ServiceExited, DumpFailed]).0, State::Failed);
+    }
+
+    #[test]
+    fn stopping_escalates_to_kill_after_the_grace_period() {
+        let (s, a) = run(&[Terminate, GraceExpired, ServiceExited]);
+        assert_eq!(s, State::Stopped);
+        assert_eq!(a, vec![TerminateService, KillService, Finish]);
+    }
+}

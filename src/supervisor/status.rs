@@ -1,0 +1,51 @@
+//! `status.json`: what the supervisor last knew about its service, written atomically at every
+//! change. It outlives the supervisor, so `status` can say why a service stopped or failed.
+
+use crate::paths::ServicePaths;
+use crate::store::durable::write_atomic;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    Running,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartedFrom {
+    Checkpoint,
+    Cold,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub name: String,
+    pub state: ServiceState,
+    /// Host PID of the namespace init while running.
+    pub init_pid: Option<i32>,
+    pub supervisor_pid: Option<u32>,
+    pub started_from: Option<StartedFrom>,
+    /// The checkpoint the current (or last) run was restored from.
+    pub restored_checkpoint: Option<String>,
+    /// Why the last start cold-launched although a checkpoint existed.
+    pub fallback_reason: Option<String>,
+    /// RFC 3339 time of the last state change.
+    pub since: String,
+    /// What happened last, in words (exit status, checkpoint taken, start failure).
+    pub message: Option<String>,
+}
+
+impl StatusRecord {
+    pub fn write(&self, paths: &ServicePaths) -> Result<(), crate::store::StoreError> {
+        let bytes = serde_json::to_vec_pretty(self).expect("status serializes");
+        write_atomic(&paths.status_file(), &bytes)
+    }
+
+    pub fn read(paths: &ServicePaths) -> Option<StatusRecord> {
+        let bytes = std::fs::read(paths.status_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
