@@ -8,14 +8,17 @@ use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::durable::create_dir_with_mode;
-use crate::supervisor::{self, lock, ready::{Notifier, StartReport, READY_FD_ENV}, status::StartedFrom};
+use crate::supervisor::{self, lock, ready::{Notifier, StartReport, READY_FD_ENV}, status::{ServiceState, StartedFrom, StatusRecord}};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The fd the background supervisor finds its readiness pipe on.
 const CHILD_READY_FD: i32 = 3;
+/// How long `start` waits for a supervisor that is finishing a stop.
+const FINISHING_WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32, Error> {
     super::require_root()?;
@@ -23,7 +26,16 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
     Criu::get()?;
     let paths = dirs.service(&service.name);
     if let Some(pid) = lock::holder(&paths.lock) {
-        return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
+        // A supervisor that already recorded the service as stopped is only finishing up
+        // (draining output): a stop followed at once by a start waits for it instead of failing.
+        let finishing = StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
+        let deadline = Instant::now() + FINISHING_WAIT;
+        while finishing && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if lock::holder(&paths.lock).is_some() {
+            return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
+        }
     }
     if foreground {
         return Ok(supervisor::run(dirs.clone(), service, Notifier::from_env()));

@@ -1,0 +1,182 @@
+//! Shared harness for the integration tests: each test gets private config/state/run dirs and
+//! drives the real `stasis` binary, with the real CRIU that `scripts/setup` installs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stasis");
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// Generous: the machine is noisy. Used only to give up waiting, never to judge speed.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Fails the test (never skips) when the host cannot run real checkpoints.
+pub fn require_host() {
+    assert!(nix::unistd::geteuid().is_root(), "integration tests need root (CRIU does); run scripts/test as root");
+    let criu = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin"), "/")
+        .expect("CRIU is missing: run scripts/setup (scripts/test does) to build and install it");
+    let out = Command::new(&criu).arg("--version").output().expect("run criu --version");
+    assert!(out.status.success(), "criu --version failed");
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    started: std::cell::RefCell<Vec<String>>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        require_host();
+        let dir = tempfile::Builder::new().prefix("stasis-test-").tempdir().expect("tempdir");
+        // The service user must reach files the tests put here (working dirs, scripts).
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+        Env { dir, started: Default::default() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("state")
+    }
+
+    pub fn service_dir(&self, name: &str) -> PathBuf {
+        self.state_dir().join("services").join(name)
+    }
+
+    pub fn write_service(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.path().join("conf").join(format!("{name}.yaml"));
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("STASIS_CONFIG_DIR", self.path().join("conf"))
+            .env("STASIS_STATE_DIR", self.state_dir())
+            .env("STASIS_RUN_DIR", self.path().join("run"))
+            .env("STASIS_CRIU_CONFIG_DIR", Path::new(REPO).join("criu-configs"))
+            .args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().expect("run stasis");
+        eprintln!(
+            "$ stasis {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        out
+    }
+
+    /// Runs stasis and asserts the exit code; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.expect_code(args, 0)
+    }
+
+    pub fn expect_code(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(code), "stasis {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    pub fn start(&self, name: &str) -> serde_json::Value {
+        self.started.borrow_mut().push(name.to_string());
+        let out = self.ok(&["start", name, "--json"]);
+        serde_json::from_str(&out).expect("start --json prints JSON")
+    }
+
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", name, "--json"])).expect("status --json prints JSON")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.service_dir(name).join("service.log")).unwrap_or_default()
+    }
+
+    pub fn checkpoint_dirs(&self, name: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.service_dir(name).join("checkpoints"))
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Env {
+    /// Leaves no service behind, whatever the test did: SIGKILL each supervisor's service tree.
+    fn drop(&mut self) {
+        for name in self.started.borrow().iter() {
+            let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+            if let Some(pid) = v["init_pid"].as_i64() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            if let Some(pid) = v["supervisor_pid"].as_i64() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Waits until `f` returns Some, or panics after WAIT with `what`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.0 request; returns the body.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(s, "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+pub fn http_json(port: u16) -> Option<serde_json::Value> {
+    serde_json::from_str(&http(port, "GET", "/", "")?).ok()
+}
+
+/// Connects to a kill port the way `telnet` would; returns every line the supervisor sent.
+pub fn kill_port(port: u16) -> Vec<String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the kill port");
+    BufReader::new(s).lines().map(|l| l.expect("read kill port")).collect()
+}
+
+/// Real uid of a process.
+pub fn uid_of(pid: i64) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process exists");
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
+}
+
+pub fn uid_of_user(name: &str) -> u32 {
+    nix::unistd::User::from_name(name).unwrap().expect("user exists").uid.as_raw()
+}
+
+/// The notes example service with its own ports.
+pub fn notes_yaml(kill_port: u16, http_port: u16, extra: &str) -> String {
+    format!(
+        "command: [\"/usr/bin/python3\", \"{REPO}/examples/notes/notes.py\"]\nuser: stasis-example\nkill_port: {kill_port}\nenvironment:\n  NOTES_PORT: \"{http_port}\"\n  HEARTBEAT_SECS: \"0.05\"\n{extra}"
+    )
+}
+
+/// Heartbeat numbers in the log, in order.
+pub fn heartbeats(log: &str) -> Vec<u64> {
+    log.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
+}
