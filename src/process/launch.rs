@@ -14,6 +14,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub init_binary: PathBuf,
+    /// The init's own working directory, private to the service: CRIU's parasite creates a
+    /// `proc.crtools` directory in the dumped root's cwd, so two services must never share one.
+    pub init_dir: PathBuf,
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
@@ -29,6 +32,7 @@ const STACK_SIZE: usize = 256 * 1024;
 pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, LaunchError> {
     let nul = |what| LaunchError::Nul { what };
     let path = CString::new(spec.init_binary.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init path"))?;
+    let init_dir = CString::new(spec.init_dir.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init's directory"))?;
     let mut argv = vec![path.clone(), CString::new(ns_init::ARGV_MARKER).expect("no NUL")];
     for a in ns_init::encode_args(spec) {
         argv.push(CString::new(a).map_err(|_| nul("the command"))?);
@@ -55,6 +59,11 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
                 if libc::dup2(*fd, target as i32) < 0 {
                     libc::_exit(126);
                 }
+            }
+            if libc::chdir(init_dir.as_ptr()) < 0 {
+                let msg = b"error failed to enter the service's state directory\n";
+                libc::write(READY_FD, msg.as_ptr().cast(), msg.len());
+                libc::_exit(126);
             }
             libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
             let msg = b"error failed to execute the namespace init\n";

@@ -11,6 +11,10 @@ use crate::store::{DumpKind, Manifest};
 use std::time::{Instant, SystemTime};
 
 pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
+    dump(ctx, init_pid, kind).map_err(|e| format!("{e}; the service keeps running and earlier checkpoints are untouched"))
+}
+
+fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
     let started = Instant::now();
     let pending = ctx.store.begin().map_err(|e| e.to_string())?;
     let draft = Manifest {
@@ -80,6 +84,5 @@ fn describe_failed_dump(ctx: &Context, pending: &crate::store::PendingCheckpoint
             ));
         }
     }
-    text.push_str("; the service keeps running and earlier checkpoints are untouched");
     text
 }

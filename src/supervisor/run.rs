@@ -45,6 +45,8 @@ pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier) -> i32 {
 
 fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i32, Error> {
     let criu = Criu::get()?;
+    // Don't keep the caller's working directory busy for the service's lifetime.
+    let _ = std::env::set_current_dir("/");
     let paths = dirs.service(&service.name);
     let _lock = match lock::acquire(&paths.lock).map_err(|source| SupervisorError::Lock { path: paths.lock.clone(), source })? {
         Acquired::Yes(l) => l,

@@ -79,6 +79,7 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
     let s = &ctx.service;
     let spec = LaunchSpec {
         init_binary: ctx.init_binary.clone(),
+        init_dir: ctx.paths.root.clone(),
         uid: s.user.uid,
         gid: s.gid,
         groups: s.supplementary_gids.clone(),
