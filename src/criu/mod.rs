@@ -7,9 +7,10 @@ mod argv;
 mod binary;
 mod error;
 mod log_errors;
+pub mod network_lock;
 mod run;
 
-pub use argv::{DumpArgs, RestoreArgs};
+pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
 pub use binary::Criu;
 pub use error::CriuError;
 pub use run::RestoreOutcome;

@@ -38,6 +38,8 @@ pub fn start_service(ctx: &Context) -> Result<Started, Error> {
             Err(why) => {
                 let reason = format!("restore of checkpoint {} failed: {why}", newest.id);
                 let moved = ctx.store.quarantine(&newest.id, &reason)?;
+                // It will never be restored, so nothing will remove its network lock otherwise.
+                crate::criu::network_lock::release(&moved.join(crate::criu::DUMP_LOG));
                 fallback_reason = Some(format!("{reason}; quarantined it in {}", moved.display()));
             }
         }

@@ -112,8 +112,15 @@ impl Env {
 }
 
 impl Drop for Env {
-    /// Leaves no service behind, whatever the test did: SIGKILL each supervisor's service tree.
+    /// Leaves no service behind, whatever the test did: SIGKILL each supervisor's service tree,
+    /// and drop the nftables network locks of checkpoints that will never be restored.
     fn drop(&mut self) {
+        if let Ok(out) = Command::new("grep").arg("-rhoa").arg("CRIU run id = [0-9a-f-]*").arg(self.state_dir()).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let id: String = line.trim_start_matches("CRIU run id = ").chars().take(21).collect();
+                let _ = Command::new("nft").args(["delete", "table", "inet", &format!("CRIU-{id}")]).stderr(std::process::Stdio::null()).status();
+            }
+        }
         for name in self.started.borrow().iter() {
             let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();

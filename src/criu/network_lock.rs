@@ -1,0 +1,41 @@
+//! CRIU's nftables network lock. A dump that stops the service leaves a table
+//! `inet CRIU-<run id>` that holds the service's TCP connections until the restore of that same
+//! checkpoint removes it. A checkpoint that will never be restored (quarantined) must release
+//! its table, or the tables pile up for good.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// CRIU builds the name in a 32-byte buffer: "inet CRIU-" plus the first 21 characters of the id.
+const RUN_ID_CHARS: usize = 21;
+
+/// The nftables table a dump left, from the dump's log (`CRIU run id = ...`).
+pub fn table_of_dump(dump_log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dump_log).ok()?;
+    let id = text.lines().find_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))?;
+    Some(format!("CRIU-{}", id.chars().take(RUN_ID_CHARS).collect::<String>()))
+}
+
+/// Deletes the dump's table if it still exists; best effort (no nft, no table: nothing to do).
+pub fn release(dump_log: &Path) {
+    if let Some(table) = table_of_dump(dump_log) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_name_matches_criu() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("dump.log");
+        std::fs::write(&log, "(00.000010) CRIU run id = 678ec589-7bdb-4e19-bd2f-0123456789ab\n").unwrap();
+        assert_eq!(table_of_dump(&log).unwrap(), "CRIU-678ec589-7bdb-4e19-bd");
+    }
+}
