@@ -30,7 +30,7 @@ struct Quarantined {
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let service = load_service(dirs, name)?;
-    let store = CheckpointStore::new(&service.name, &dirs.service(&service.name));
+    let store = CheckpointStore::new(&dirs.service(&service.name));
     let latest = store.latest()?.map(|c| c.id);
     let rows: Vec<Row> = store
         .list()?
@@ -53,7 +53,9 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                 .map(|e| Quarantined {
                     id: e.file_name().to_string_lossy().to_string(),
                     path: e.path().display().to_string(),
-                    reason: std::fs::read_to_string(e.path().join("quarantine-reason.txt")).ok().map(|s| s.trim().to_string()),
+                    reason: std::fs::read_to_string(e.path().join("quarantine-reason.txt"))
+                        .ok()
+                        .map(|s| s.trim().to_string()),
                 })
                 .collect();
             q.sort_by(|a, b| a.id.cmp(&b.id));
@@ -61,11 +63,17 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         })
         .unwrap_or_default();
     if json {
-        print_json(&serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }));
+        print_json(
+            &serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }),
+        );
         return Ok(exit_codes::OK);
     }
     if rows.is_empty() {
-        println!("{} has no checkpoints (in {})", service.name, store.dir().display());
+        println!(
+            "{} has no checkpoints (in {})",
+            service.name,
+            store.dir().display()
+        );
     }
     for r in &rows {
         let mark = if r.latest { "*" } else { " " };
@@ -81,7 +89,11 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         }
     }
     for q in &quarantined {
-        println!("quarantined {}: {}", q.id, q.reason.as_deref().unwrap_or("no reason recorded"));
+        println!(
+            "quarantined {}: {}",
+            q.id,
+            q.reason.as_deref().unwrap_or("no reason recorded")
+        );
     }
     Ok(exit_codes::OK)
 }

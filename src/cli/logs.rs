@@ -13,13 +13,18 @@ pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Resul
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => {
-            eprintln!("{} has no log yet ({} does not exist); it is created at the first start", service.name, path.display());
+            eprintln!(
+                "{} has no log yet ({} does not exist); it is created at the first start",
+                service.name,
+                path.display()
+            );
             return Ok(exit_codes::OK);
         }
         Err(e) => return Err(Error::io("open", &path, e)),
     };
     let mut text = Vec::new();
-    file.read_to_end(&mut text).map_err(|e| Error::io("read", &path, e))?;
+    file.read_to_end(&mut text)
+        .map_err(|e| Error::io("read", &path, e))?;
     let start = match lines {
         Some(n) => tail_offset(&text, n),
         None => 0,
@@ -55,7 +60,13 @@ fn tail_offset(text: &[u8], n: usize) -> usize {
         return text.len();
     }
     let body = text.strip_suffix(b"\n").unwrap_or(text);
-    body.iter().enumerate().rev().filter(|(_, b)| **b == b'\n').nth(n - 1).map(|(i, _)| i + 1).unwrap_or(0)
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map(|(i, _)| i + 1)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

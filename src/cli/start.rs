@@ -8,7 +8,11 @@ use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::durable::create_dir_with_mode;
-use crate::supervisor::{self, lock, ready::{Notifier, StartReport, READY_FD_ENV}, status::{ServiceState, StartedFrom, StatusRecord}};
+use crate::supervisor::{
+    self, lock,
+    ready::{Notifier, StartReport, READY_FD_ENV},
+    status::{ServiceState, StartedFrom, StatusRecord},
+};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -28,13 +32,17 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
     if let Some(pid) = lock::holder(&paths.lock) {
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
-        let finishing = StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
+        let finishing =
+            StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
         let deadline = Instant::now() + FINISHING_WAIT;
         while finishing && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if lock::holder(&paths.lock).is_some() {
-            return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
+            return Err(Error::AlreadyRunning {
+                service: service.name.clone(),
+                pid,
+            });
         }
     }
     if foreground {
@@ -43,7 +51,11 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
     let open_log = || {
-        std::fs::OpenOptions::new().append(true).create(true).open(&log_path).map_err(|e| Error::io("open", &log_path, e))
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log_path)
+            .map_err(|e| Error::io("open", &log_path, e))
     };
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("create", "a pipe", std::io::Error::from(e)))?;
@@ -75,15 +87,23 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
+    cmd.spawn()
+        .map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
     drop(ready_w);
     let mut text = String::new();
     let _ = std::fs::File::from(ready_r).read_to_string(&mut text);
     let report: StartReport = serde_json::from_str(text.trim()).map_err(|_| {
-        Error::StartFailed(format!("the supervisor of {} exited before reporting; see {}", service.name, log_path.display()))
+        Error::StartFailed(format!(
+            "the supervisor of {} exited before reporting; see {}",
+            service.name,
+            log_path.display()
+        ))
     })?;
     if !report.ok {
-        let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
+        let msg = report
+            .error
+            .clone()
+            .unwrap_or_else(|| "unknown error".into());
         if json {
             print_json(&report);
         } else {
@@ -95,10 +115,17 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         print_json(&report);
         return Ok(exit_codes::OK);
     }
-    let pid = report.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+    let pid = report
+        .pid
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "?".into());
     match report.started_from {
         Some(StartedFrom::Checkpoint) => {
-            println!("{} started (pid {pid}): restored from checkpoint {}", service.name, report.checkpoint.as_deref().unwrap_or("?"))
+            println!(
+                "{} started (pid {pid}): restored from checkpoint {}",
+                service.name,
+                report.checkpoint.as_deref().unwrap_or("?")
+            )
         }
         _ => println!("{} started (pid {pid}): cold start", service.name),
     }

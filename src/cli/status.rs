@@ -32,7 +32,12 @@ pub struct StatusView {
     pub config_error: Option<String>,
 }
 
-pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Option<String>) -> StatusView {
+pub fn view(
+    dirs: &Dirs,
+    name: &str,
+    kill_port: Option<u16>,
+    config_error: Option<String>,
+) -> StatusView {
     let paths = dirs.service(name);
     let record = StatusRecord::read(&paths);
     let supervisor = lock::holder(&paths.lock);
@@ -42,11 +47,18 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
     };
     if supervisor.is_none() && state == ServiceState::Running {
         state = ServiceState::Failed;
-        message = Some("the supervisor exited unexpectedly (see supervisor.log in the service's state dir)".into());
+        message = Some(
+            "the supervisor exited unexpectedly (see supervisor.log in the service's state dir)"
+                .into(),
+        );
     }
     let running = state == ServiceState::Running;
     let init_pid = record.as_ref().and_then(|r| r.init_pid).filter(|_| running);
-    let checkpoint = CheckpointStore::new(name, &paths).latest().ok().flatten().map(|c| c.id);
+    let checkpoint = CheckpointStore::new(&paths)
+        .latest()
+        .ok()
+        .flatten()
+        .map(|c| c.id);
     StatusView {
         name: name.to_string(),
         state,
@@ -77,7 +89,9 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
     }
     let mut views = Vec::new();
     for path in discover(dirs)? {
-        let Ok(name) = service_name_from_path(&path) else { continue };
+        let Ok(name) = service_name_from_path(&path) else {
+            continue;
+        };
         let v = match load_service(dirs, &path.display().to_string()) {
             Ok(s) => view(dirs, &name, Some(s.kill_port), None),
             Err(e) => view(dirs, &name, None, Some(e.to_string())),
@@ -89,10 +103,16 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
         return Ok(exit_codes::OK);
     }
     if views.is_empty() {
-        println!("no services in {} (add NAME.yaml files there)", dirs.config_dir.display());
+        println!(
+            "no services in {} (add NAME.yaml files there)",
+            dirs.config_dir.display()
+        );
         return Ok(exit_codes::OK);
     }
-    println!("{:<20} {:<8} {:>8} {:<11} {:<26} {}", "NAME", "STATE", "PID", "FROM", "CHECKPOINT", "KILL PORT");
+    println!(
+        "{:<20} {:<8} {:>8} {:<11} {:<26} KILL PORT",
+        "NAME", "STATE", "PID", "FROM", "CHECKPOINT"
+    );
     for v in &views {
         println!(
             "{:<20} {:<8} {:>8} {:<11} {:<26} {}",
@@ -101,7 +121,9 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             v.started_from.map(from_word).unwrap_or("-"),
             v.checkpoint.as_deref().unwrap_or("-"),
-            v.kill_port.map(|p| p.to_string()).unwrap_or_else(|| "invalid config".into()),
+            v.kill_port
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "invalid config".into()),
         );
     }
     Ok(exit_codes::OK)
@@ -136,11 +158,20 @@ fn print_one(v: &StatusView) {
     if let Some(why) = &v.fallback_reason {
         println!("  fell back to a cold start: {why}");
     }
-    println!("  latest checkpoint: {}", v.checkpoint.as_deref().unwrap_or("none"));
+    println!(
+        "  latest checkpoint: {}",
+        v.checkpoint.as_deref().unwrap_or("none")
+    );
     if let Some(p) = v.kill_port {
         println!("  kill port: 127.0.0.1:{p}");
     }
     if let Some(m) = &v.message {
-        println!("  last event: {m}{}", v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());
+        println!(
+            "  last event: {m}{}",
+            v.since
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
+        );
     }
 }

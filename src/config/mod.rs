@@ -9,4 +9,4 @@ mod validate;
 
 pub use error::{ConfigError, Problem};
 pub use load::{discover, load_service, service_name_from_path};
-pub use validate::{Service, ServiceUser};
+pub use validate::Service;

@@ -10,9 +10,15 @@ pub fn main() -> i32 {
     if std::env::var("CRTOOLS_SCRIPT_ACTION").as_deref() != Ok("post-dump") {
         return 0;
     }
-    let Some(dir) = std::env::var_os(PENDING_ENV) else { return 0 };
-    let Some(pending) = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir)) else {
-        eprintln!("stasis: {} is not a pending checkpoint directory", std::path::Path::new(&dir).display());
+    let Some(dir) = std::env::var_os(PENDING_ENV) else {
+        return 0;
+    };
+    let Some(pending) = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir))
+    else {
+        eprintln!(
+            "stasis: {} is not a pending checkpoint directory",
+            std::path::Path::new(&dir).display()
+        );
         return 1;
     };
     match pending.finalize() {

@@ -13,4 +13,3 @@ mod run;
 pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
 pub use binary::Criu;
 pub use error::CriuError;
-pub use run::RestoreOutcome;

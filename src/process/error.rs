@@ -8,12 +8,13 @@ pub enum LaunchError {
     DevNull(std::io::Error),
     #[error("failed to create the service's namespaces (clone with CLONE_NEWPID|CLONE_NEWIPC): {0}; stasis needs root on a kernel with PID and IPC namespaces")]
     Clone(nix::Error),
-    #[error("failed to execute the namespace init {path}: {reason}")]
-    ExecInit { path: PathBuf, reason: String },
     #[error("failed to start the service command {program}: {reason}")]
     ExecService { program: String, reason: String },
     #[error("failed to install the namespace init at {path}: {source}")]
-    InstallInit { path: PathBuf, source: std::io::Error },
+    InstallInit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to pass {what} to the namespace init: it contains a NUL byte")]
     Nul { what: &'static str },
 }

@@ -1,7 +1,5 @@
 //! Reading the service's process tree from /proc.
 
-use procfs::process::Process;
-
 /// The inode of the pipe that is fd 1 of `pid`, if fd 1 is a pipe.
 pub fn stdout_pipe_inode(pid: i32) -> Option<u64> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?;
@@ -15,19 +13,15 @@ pub fn main_pid(init_pid: i32) -> Option<i32> {
     let all = procfs::process::all_processes().ok()?;
     all.filter_map(Result::ok)
         .filter(|p| p.stat().is_ok_and(|s| s.ppid == init_pid))
-        .filter_map(|p| {
-            let inner = p.status().ok().and_then(|s| s.nspid).and_then(|v| v.last().copied()).unwrap_or(p.pid);
-            Some((inner, p.pid))
+        .map(|p| {
+            let inner = p
+                .status()
+                .ok()
+                .and_then(|s| s.nspid)
+                .and_then(|v| v.last().copied())
+                .unwrap_or(p.pid);
+            (inner, p.pid)
         })
         .min()
         .map(|(_, host)| host)
-}
-
-/// Real uid of a process.
-pub fn uid_of(pid: i32) -> Option<u32> {
-    Process::new(pid).ok()?.status().ok().map(|s| s.ruid)
-}
-
-pub fn is_alive(pid: i32) -> bool {
-    Process::new(pid).ok().and_then(|p| p.stat().ok()).is_some_and(|s| s.state != 'Z' && s.state != 'X')
 }

@@ -2,12 +2,11 @@
 
 use crate::config::Service;
 use crate::criu::Criu;
-use crate::paths::{Dirs, ServicePaths};
+use crate::paths::ServicePaths;
 use crate::store::CheckpointStore;
 use std::path::PathBuf;
 
 pub struct Context {
-    pub dirs: Dirs,
     pub service: Service,
     pub paths: ServicePaths,
     pub store: CheckpointStore,

@@ -26,8 +26,6 @@ struct Request {
 
 pub struct LoopEnd {
     pub state: State,
-    /// What ended the service, in words.
-    pub message: String,
 }
 
 /// How often the loop looks for the service's exit even without SIGCHLD (which can race with
@@ -48,8 +46,18 @@ pub async fn run_loop(
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
     // Every connection holds a clone; the loop's end waits until final lines are written.
     let connections = Arc::new(());
-    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
-    tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
+    tokio::spawn(accept_kill_port(
+        kill_port,
+        req_tx.clone(),
+        ctx.service.name.clone(),
+        connections.clone(),
+    ));
+    tokio::spawn(accept_control(
+        control,
+        req_tx,
+        ctx.service.name.clone(),
+        connections.clone(),
+    ));
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -93,8 +101,12 @@ pub async fn run_loop(
                         waiters.push(req.reply);
                     }
                     log.note(match kind {
-                        DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
-                        DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
+                        DumpKind::Stop => {
+                            "checkpoint requested through the kill port: dumping, then stopping"
+                        }
+                        DumpKind::KeepRunning => {
+                            "checkpoint requested: dumping, the service keeps running"
+                        }
                     });
                     let (ctx, tx) = (ctx.clone(), dump_tx.clone());
                     tokio::task::spawn_blocking(move || {
@@ -112,9 +124,16 @@ pub async fn run_loop(
                     }
                 }
                 Action::ReplyToDumpWaiters => {
-                    let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+                    let outcome = last_outcome
+                        .clone()
+                        .unwrap_or_else(|| Err("no outcome".into()));
                     match &outcome {
-                        Ok(r) => log.note(&format!("checkpoint {} saved ({} bytes) in {}", r.id, r.size_bytes, r.dir.display())),
+                        Ok(r) => log.note(&format!(
+                            "checkpoint {} saved ({} bytes) in {}",
+                            r.id,
+                            r.size_bytes,
+                            r.dir.display()
+                        )),
                         Err(e) => log.note(&format!("checkpoint failed: {e}")),
                     }
                     for w in waiters.drain(..) {
@@ -122,7 +141,10 @@ pub async fn run_loop(
                     }
                 }
                 Action::TerminateService => {
-                    log.note(&format!("stopping without a checkpoint: SIGTERM, SIGKILL after {} s", ctx.service.stop_timeout.as_secs()));
+                    log.note(&format!(
+                        "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
+                        ctx.service.stop_timeout.as_secs()
+                    ));
                     let _ = kill(init_pid, Signal::SIGTERM);
                     grace = Some(Box::pin(tokio::time::sleep(ctx.service.stop_timeout)));
                 }
@@ -135,9 +157,10 @@ pub async fn run_loop(
         }
         if new_state != state {
             let msg = match new_state {
-                State::Stopped if matches!(state, State::Checkpointing { .. }) => {
-                    last_outcome.as_ref().and_then(|o| o.as_ref().ok()).map(|r| format!("stopped after checkpoint {}", r.id))
-                }
+                State::Stopped if matches!(state, State::Checkpointing { .. }) => last_outcome
+                    .as_ref()
+                    .and_then(|o| o.as_ref().ok())
+                    .map(|r| format!("stopped after checkpoint {}", r.id)),
                 State::Failed | State::Stopped => exit_message.clone(),
                 _ => None,
             };
@@ -162,9 +185,11 @@ pub async fn run_loop(
         let _ = waitpid(init_pid, None);
     }
     if tokio::time::timeout(FINISH_TIMEOUT, pump).await.is_err() {
-        log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
+        log.note(
+            "the service's output did not reach EOF in time; some of its last lines may be missing",
+        );
     }
-    let message = match state {
+    let message: String = match state {
         State::Stopped => last_outcome
             .and_then(|o| o.ok())
             .map(|r| format!("stopped after checkpoint {}", r.id))
@@ -172,11 +197,13 @@ pub async fn run_loop(
             .unwrap_or_else(|| "stopped".into()),
         _ => exit_message.unwrap_or_else(|| "exited".into()),
     };
-    while Arc::strong_count(&connections) > 3 && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT {
+    while Arc::strong_count(&connections) > 3
+        && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     log.note(&format!("supervisor exiting: {message}"));
-    Ok(LoopEnd { state, message })
+    Ok(LoopEnd { state })
 }
 
 /// Collects the service's init if it has exited.
@@ -195,7 +222,12 @@ fn reap(init_pid: Pid, exit_message: &mut Option<String>) -> Option<Event> {
     Some(Event::ServiceExited)
 }
 
-async fn accept_kill_port(listener: TcpListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+async fn accept_kill_port(
+    listener: TcpListener,
+    tx: mpsc::Sender<Request>,
+    name: String,
+    token: Arc<()>,
+) {
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
@@ -207,17 +239,37 @@ async fn accept_kill_port(listener: TcpListener, tx: mpsc::Sender<Request>, name
     }
 }
 
-async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+async fn accept_control(
+    listener: UnixListener,
+    tx: mpsc::Sender<Request>,
+    name: String,
+    token: Arc<()>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
         tokio::spawn(async move {
             let _token = token;
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
-            let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(rd).read_line(&mut line)).await;
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                BufReader::new(rd).read_line(&mut line),
+            )
+            .await;
             if !matches!(read, Ok(Ok(_))) || line.trim() != protocol::CHECKPOINT_COMMAND {
-                let _ = wr.write_all(format!("ERROR unknown command {:?}; the only command is {}\n", line.trim(), protocol::CHECKPOINT_COMMAND).as_bytes()).await;
+                let _ = wr
+                    .write_all(
+                        format!(
+                            "ERROR unknown command {:?}; the only command is {}\n",
+                            line.trim(),
+                            protocol::CHECKPOINT_COMMAND
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
                 return;
             }
             serve(wr, DumpKind::KeepRunning, tx, name).await;
@@ -226,7 +278,12 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
 }
 
 /// One request: the announcement at once, then the outcome.
-async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx: mpsc::Sender<Request>, name: String) {
+async fn serve<W: tokio::io::AsyncWrite + Unpin>(
+    mut out: W,
+    kind: DumpKind,
+    tx: mpsc::Sender<Request>,
+    name: String,
+) {
     let first = match kind {
         DumpKind::Stop => protocol::announce_stop(&name),
         DumpKind::KeepRunning => protocol::announce_checkpoint(&name),
@@ -235,9 +292,13 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx:
     let _ = out.flush().await;
     let (reply, rx) = oneshot::channel();
     let outcome = match tx.send(Request { kind, reply }).await {
-        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| Err("the supervisor is exiting".into())),
         Err(_) => Err("the supervisor is exiting".into()),
     };
-    let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
+    let _ = out
+        .write_all(protocol::final_line(&outcome).as_bytes())
+        .await;
     let _ = out.shutdown().await;
 }

@@ -42,12 +42,16 @@ pub fn parse_final(line: &str) -> Option<Result<String, String>> {
     if let Some(rest) = line.strip_prefix("OK") {
         return Some(Ok(rest.trim().to_string()));
     }
-    line.strip_prefix("ERROR").map(|rest| Err(rest.trim().to_string()))
+    line.strip_prefix("ERROR")
+        .map(|rest| Err(rest.trim().to_string()))
 }
 
 /// The checkpoint id in an OK line.
 pub fn checkpoint_id(ok_text: &str) -> Option<&str> {
-    ok_text.strip_prefix("checkpoint ")?.split_whitespace().next()
+    ok_text
+        .strip_prefix("checkpoint ")?
+        .split_whitespace()
+        .next()
 }
 
 #[cfg(test)]
@@ -56,12 +60,23 @@ mod tests {
 
     #[test]
     fn final_lines_round_trip() {
-        let r = CheckpointReport { id: "20261125T015053.123Z".into(), size_bytes: 5_000_000, duration: Duration::from_millis(61), dir: "/x".into() };
+        let r = CheckpointReport {
+            id: "20261125T015053.123Z".into(),
+            size_bytes: 5_000_000,
+            duration: Duration::from_millis(61),
+            dir: "/x".into(),
+        };
         let line = final_line(&Ok(r));
-        assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");
+        assert!(
+            line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"),
+            "{line}"
+        );
         let ok = parse_final(line.trim()).unwrap().unwrap();
         assert_eq!(checkpoint_id(&ok), Some("20261125T015053.123Z"));
         let err = final_line(&Err("failed to dump\n  details".into()));
-        assert_eq!(parse_final(err.trim()), Some(Err("failed to dump |   details".into())));
+        assert_eq!(
+            parse_final(err.trim()),
+            Some(Err("failed to dump |   details".into()))
+        );
     }
 }
