@@ -22,11 +22,7 @@ pub enum Error {
     #[error("stasis must run as root (CRIU needs it); try `sudo stasis ...`")]
     NotRoot,
     #[error("failed to {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     CheckpointFailed(String),
     #[error("{0}")]
@@ -35,11 +31,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+        Error::Io { action, path: path.into(), source }
     }
 
     pub fn exit_code(&self) -> i32 {

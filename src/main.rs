@@ -16,10 +16,7 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The namespace init must stay tiny and must not start a runtime: it becomes part of
     // every checkpoint image.
-    if args
-        .get(1)
-        .is_some_and(|a| a == process::ns_init::ARGV_MARKER)
-    {
+    if args.get(1).is_some_and(|a| a == process::ns_init::ARGV_MARKER) {
         process::ns_init::main(&args[2..]);
     }
     if criu::action_hook::invoked_as_hook(&args) {

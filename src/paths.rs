@@ -18,19 +18,9 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    pub fn new(
-        config_dir: PathBuf,
-        state_dir: PathBuf,
-        run_dir: PathBuf,
-        criu_config_dir: Option<PathBuf>,
-    ) -> Self {
+    pub fn new(config_dir: PathBuf, state_dir: PathBuf, run_dir: PathBuf, criu_config_dir: Option<PathBuf>) -> Self {
         let criu_config_dir = criu_config_dir.unwrap_or_else(default_criu_config_dir);
-        Dirs {
-            config_dir,
-            state_dir,
-            run_dir,
-            criu_config_dir,
-        }
+        Dirs { config_dir, state_dir, run_dir, criu_config_dir }
     }
 
     pub fn service_file(&self, name: &str) -> PathBuf {

@@ -20,15 +20,7 @@ fn parts(t: SystemTime) -> (i64, u32, u32, u64, u64, u64, u32) {
     let secs = since.as_secs();
     let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    (
-        y,
-        mo,
-        d,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis(),
-    )
+    (y, mo, d, rem / 3600, rem % 3600 / 60, rem % 60, since.subsec_millis())
 }
 
 /// `20261125T015053.123Z`: sorts lexically in time order, safe in file names.
@@ -69,10 +61,7 @@ mod tests {
         assert_eq!(compact_utc(t), "20261125T015053.123Z");
         assert_eq!(rfc3339_utc(t), "2026-11-25T01:50:53Z");
         assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
-        );
+        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
     }
 
     #[test]

@@ -15,44 +15,27 @@ fn notes_state_survives_kill_port_and_restore() {
     assert_eq!(started["started_from"], "cold");
     let before = wait_for("notes to answer", || http_json(http_port));
     let example_uid = uid_of_user("stasis-example");
-    assert_eq!(
-        before["uid"], example_uid,
-        "the service runs as its service user"
-    );
+    assert_eq!(before["uid"], example_uid, "the service runs as its service user");
     let st = env.status("notes");
     assert_eq!(st["state"], "running");
     assert_eq!(st["started_from"], "cold");
     assert_eq!(st["checkpoint"], serde_json::Value::Null);
-    assert_eq!(
-        uid_of(st["pid"].as_i64().unwrap()),
-        example_uid,
-        "status pid is the service's main process"
-    );
+    assert_eq!(uid_of(st["pid"].as_i64().unwrap()), example_uid, "status pid is the service's main process");
 
     for i in 0..20 {
         http(http_port, "POST", "/notes", &format!("note {i}")).expect("post a note");
     }
     let cold_started_at = before["cold_started_at"].clone();
-    wait_for("10 heartbeats in the log", || {
-        (heartbeats(&env.log("notes")).len() >= 10).then_some(())
-    });
+    wait_for("10 heartbeats in the log", || (heartbeats(&env.log("notes")).len() >= 10).then_some(()));
 
     // The kill port: the first line arrives at once, the last says OK.
     let lines = kill_port(kill);
-    assert!(
-        lines[0].starts_with("Saving checkpoint of notes"),
-        "{lines:?}"
-    );
+    assert!(lines[0].starts_with("Saving checkpoint of notes"), "{lines:?}");
     let last = lines.last().unwrap();
     assert!(last.starts_with("OK checkpoint "), "{lines:?}");
     let id = last.split_whitespace().nth(2).unwrap().to_string();
-    wait_for("the supervisor to exit", || {
-        (env.status("notes")["state"] == "stopped").then_some(())
-    });
-    assert!(
-        http_json(http_port).is_none(),
-        "the service is gone after the kill port"
-    );
+    wait_for("the supervisor to exit", || (env.status("notes")["state"] == "stopped").then_some(()));
+    assert!(http_json(http_port).is_none(), "the service is gone after the kill port");
     let st = env.status("notes");
     assert_eq!(st["checkpoint"], id.as_str());
     assert_eq!(st["pid"], serde_json::Value::Null);
@@ -61,30 +44,17 @@ fn notes_state_survives_kill_port_and_restore() {
     let dir = env.service_dir("notes").join("checkpoints").join(&id);
     assert!(dir.join("manifest.json").is_file());
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(env.service_dir("notes").join("checkpoints"))
-        .unwrap()
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(env.service_dir("notes").join("checkpoints")).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "checkpoints are root-only");
 
     let restarted = env.start("notes");
     assert_eq!(restarted["started_from"], "checkpoint");
     assert_eq!(restarted["checkpoint"], id.as_str());
     let after = wait_for("restored notes to answer", || http_json(http_port));
-    assert_eq!(
-        after["notes"].as_array().unwrap().len(),
-        20,
-        "every note survived"
-    );
+    assert_eq!(after["notes"].as_array().unwrap().len(), 20, "every note survived");
     assert_eq!(after["notes"][19], "note 19");
-    assert_eq!(
-        after["cold_started_at"], cold_started_at,
-        "same process state, not a new cold start"
-    );
-    assert_eq!(
-        after["uid"], example_uid,
-        "restored service still runs as its service user"
-    );
+    assert_eq!(after["cold_started_at"], cold_started_at, "same process state, not a new cold start");
+    assert_eq!(after["uid"], example_uid, "restored service still runs as its service user");
     let st = env.status("notes");
     assert_eq!(st["state"], "running");
     assert_eq!(st["started_from"], "checkpoint");
@@ -92,34 +62,16 @@ fn notes_state_survives_kill_port_and_restore() {
 
     // Second cycle through `stasis stop`, then check the output log across both cycles.
     let so_far = heartbeats(&env.log("notes")).len();
-    wait_for("10 more heartbeats", || {
-        (heartbeats(&env.log("notes")).len() >= so_far + 10).then_some(())
-    });
+    wait_for("10 more heartbeats", || (heartbeats(&env.log("notes")).len() >= so_far + 10).then_some(()));
     let out = env.ok(&["stop", "notes"]);
-    assert!(
-        out.lines().next().unwrap().starts_with("Saving checkpoint"),
-        "{out}"
-    );
-    assert!(
-        out.lines().last().unwrap().starts_with("OK checkpoint"),
-        "{out}"
-    );
+    assert!(out.lines().next().unwrap().starts_with("Saving checkpoint"), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("OK checkpoint"), "{out}");
     let beats = heartbeats(&env.log("notes"));
-    assert!(
-        beats.len() >= 20,
-        "heartbeats reached the log: {}",
-        beats.len()
-    );
+    assert!(beats.len() >= 20, "heartbeats reached the log: {}", beats.len());
     let expected: Vec<u64> = (1..=beats.len() as u64).collect();
-    assert_eq!(
-        beats, expected,
-        "no output line lost or doubled across checkpoints and restores"
-    );
+    assert_eq!(beats, expected, "no output line lost or doubled across checkpoints and restores");
     let log = env.log("notes");
-    assert!(
-        log.contains("restored from checkpoint"),
-        "the log tells the story"
-    );
+    assert!(log.contains("restored from checkpoint"), "the log tells the story");
 }
 
 #[test]
@@ -137,15 +89,11 @@ fn checkpoint_keeps_the_service_running() {
     let st = env.status("keep");
     assert_eq!(st["state"], "running");
     assert_eq!(st["checkpoint"], id.as_str());
-    assert!(
-        http_json(http_port).is_some(),
-        "still answering after the checkpoint"
-    );
+    assert!(http_json(http_port).is_some(), "still answering after the checkpoint");
     http(http_port, "POST", "/notes", "after").unwrap();
 
     // `checkpoints` lists it, with the manifest's facts.
-    let list: serde_json::Value =
-        serde_json::from_str(&env.ok(&["checkpoints", "keep", "--json"])).unwrap();
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "keep", "--json"])).unwrap();
     assert_eq!(list["checkpoints"][0]["id"], id.as_str());
     assert_eq!(list["checkpoints"][0]["latest"], true);
     assert_eq!(list["checkpoints"][0]["kind"], "keep-running");
@@ -154,11 +102,7 @@ fn checkpoint_keeps_the_service_running() {
     env.ok(&["stop", "keep"]);
     env.start("keep");
     let after = wait_for("restored", || http_json(http_port));
-    assert_eq!(
-        after["notes"],
-        serde_json::json!(["kept", "after"]),
-        "the stop checkpoint is the newer one"
-    );
+    assert_eq!(after["notes"], serde_json::json!(["kept", "after"]), "the stop checkpoint is the newer one");
     env.ok(&["stop", "keep"]);
 }
 
@@ -171,16 +115,9 @@ fn start_and_stop_refuse_politely() {
     assert!(out.contains("already stopped"), "{out}");
     env.start("twice");
     let second = env.run(&["start", "twice"]);
-    assert_eq!(
-        second.status.code(),
-        Some(4),
-        "second start is refused with exit 4"
-    );
+    assert_eq!(second.status.code(), Some(4), "second start is refused with exit 4");
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        err.contains("twice is already running") && err.contains("stasis stop twice"),
-        "{err}"
-    );
+    assert!(err.contains("twice is already running") && err.contains("stasis stop twice"), "{err}");
     let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
     assert_eq!(listed[0]["name"], "twice");
     assert_eq!(listed[0]["state"], "running");
@@ -188,17 +125,16 @@ fn start_and_stop_refuse_politely() {
     let out = env.ok(&["stop", "twice"]);
     assert!(out.contains("already stopped"), "{out}");
     let err = env.run(&["checkpoint", "twice"]);
-    assert_eq!(
-        err.status.code(),
-        Some(8),
-        "checkpoint of a stopped service: exit 8"
-    );
+    assert_eq!(err.status.code(), Some(8), "checkpoint of a stopped service: exit 8");
 }
 
 #[test]
 fn a_service_that_exits_by_itself_is_failed() {
     let env = Env::new();
-    env.write_service("oneshot", "command: [\"/bin/sh\", \"-c\", \"echo bye; exit 3\"]\nuser: stasis-example\nkill_port: 7814\n");
+    env.write_service(
+        "oneshot",
+        "command: [\"/bin/sh\", \"-c\", \"echo bye; exit 3\"]\nuser: stasis-example\nkill_port: 7814\n",
+    );
     env.start("oneshot");
     let st = wait_for("state failed", || {
         let st = env.status("oneshot");

@@ -7,15 +7,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn load_keys(port: u16, n: usize) {
@@ -28,22 +21,14 @@ fn load_keys(port: u16, n: usize) {
     let mut stdin = child.stdin.take().unwrap();
     for i in 0..n {
         let (k, v) = (format!("key:{i}"), format!("value-{i}"));
-        write!(
-            stdin,
-            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
-            k.len(),
-            v.len()
-        )
-        .unwrap();
+        write!(stdin, "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len()).unwrap();
     }
     drop(stdin);
     assert!(child.wait_with_output().unwrap().status.success());
 }
 
 fn wait_ping(port: u16) {
-    wait_for("redis to answer PING", || {
-        redis_cli(port, &["PING"]).filter(|r| r == "PONG")
-    });
+    wait_for("redis to answer PING", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
 }
 
 fn cycle(env: &Env, name: &str, port: u16, keys: usize) {
@@ -53,37 +38,19 @@ fn cycle(env: &Env, name: &str, port: u16, keys: usize) {
     load_keys(port, keys);
     assert_eq!(redis_cli(port, &["DBSIZE"]).unwrap(), keys.to_string());
     let pid = env.status(name)["pid"].as_i64().unwrap();
-    assert_eq!(
-        uid_of(pid),
-        uid_of_user("redis"),
-        "redis runs as user redis"
-    );
+    assert_eq!(uid_of(pid), uid_of_user("redis"), "redis runs as user redis");
 
     let out = env.ok(&["stop", name]);
-    assert!(
-        out.lines().last().unwrap().starts_with("OK checkpoint"),
-        "{out}"
-    );
-    assert!(
-        redis_cli(port, &["PING"]).is_none(),
-        "redis is gone after stop"
-    );
+    assert!(out.lines().last().unwrap().starts_with("OK checkpoint"), "{out}");
+    assert!(redis_cli(port, &["PING"]).is_none(), "redis is gone after stop");
 
     let again = env.start(name);
     assert_eq!(again["started_from"], "checkpoint");
     wait_ping(port);
-    assert_eq!(
-        redis_cli(port, &["DBSIZE"]).unwrap(),
-        keys.to_string(),
-        "every key survived"
-    );
+    assert_eq!(redis_cli(port, &["DBSIZE"]).unwrap(), keys.to_string(), "every key survived");
     assert_eq!(redis_cli(port, &["GET", "key:1234"]).unwrap(), "value-1234");
     let pid = env.status(name)["pid"].as_i64().unwrap();
-    assert_eq!(
-        uid_of(pid),
-        uid_of_user("redis"),
-        "restored redis runs as user redis"
-    );
+    assert_eq!(uid_of(pid), uid_of_user("redis"), "restored redis runs as user redis");
     env.ok(&["stop", name]);
 }
 
@@ -104,12 +71,7 @@ fn daemonizing_redis_works_the_same_way() {
     let port = 6822;
     let dir = env.path().join("redis-d");
     std::fs::create_dir(&dir).unwrap();
-    nix::unistd::chown(
-        &dir,
-        Some(nix::unistd::Uid::from_raw(uid_of_user("redis"))),
-        None,
-    )
-    .unwrap();
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("redis"))), None).unwrap();
     env.write_service(
         "redisd",
         &format!(

@@ -40,12 +40,7 @@ pub struct DirArgs {
     pub run_dir: PathBuf,
     /// Directory of CRIU option files named by a service's `criu.config` [default: /etc/stasis/criu-configs,
     /// then /usr/share/stasis/criu-configs, then the source checkout's criu-configs/].
-    #[arg(
-        long,
-        global = true,
-        env = "STASIS_CRIU_CONFIG_DIR",
-        value_name = "DIR"
-    )]
+    #[arg(long, global = true, env = "STASIS_CRIU_CONFIG_DIR", value_name = "DIR")]
     pub criu_config_dir: Option<PathBuf>,
 }
 

@@ -15,12 +15,10 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let service = load_service(dirs, name)?;
     let paths = dirs.service(&service.name);
     if lock::holder(&paths.lock).is_none() {
-        return Err(Error::NotRunning {
-            service: service.name.clone(),
-        });
+        return Err(Error::NotRunning { service: service.name.clone() });
     }
-    let mut stream = UnixStream::connect(&paths.control_socket)
-        .map_err(|e| Error::io("connect to", &paths.control_socket, e))?;
+    let mut stream =
+        UnixStream::connect(&paths.control_socket).map_err(|e| Error::io("connect to", &paths.control_socket, e))?;
     stream
         .write_all(format!("{}\n", protocol::CHECKPOINT_COMMAND).as_bytes())
         .map_err(|e| Error::io("write to", &paths.control_socket, e))?;
@@ -36,19 +34,11 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         }
         Some(Err(e)) => {
             if json {
-                print_json(
-                    &serde_json::json!({ "name": service.name, "ok": false, "error": e, "lines": lines }),
-                );
+                print_json(&serde_json::json!({ "name": service.name, "ok": false, "error": e, "lines": lines }));
                 return Ok(exit_codes::CHECKPOINT_FAILED);
             }
-            Err(Error::CheckpointFailed(format!(
-                "failed to checkpoint {}: {e}",
-                service.name
-            )))
+            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {e}", service.name)))
         }
-        None => Err(Error::CheckpointFailed(format!(
-            "the supervisor of {} gave no result",
-            service.name
-        ))),
+        None => Err(Error::CheckpointFailed(format!("the supervisor of {} gave no result", service.name))),
     }
 }

@@ -63,17 +63,11 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         })
         .unwrap_or_default();
     if json {
-        print_json(
-            &serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }),
-        );
+        print_json(&serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }));
         return Ok(exit_codes::OK);
     }
     if rows.is_empty() {
-        println!(
-            "{} has no checkpoints (in {})",
-            service.name,
-            store.dir().display()
-        );
+        println!("{} has no checkpoints (in {})", service.name, store.dir().display());
     }
     for r in &rows {
         let mark = if r.latest { "*" } else { " " };
@@ -89,11 +83,7 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         }
     }
     for q in &quarantined {
-        println!(
-            "quarantined {}: {}",
-            q.id,
-            q.reason.as_deref().unwrap_or("no reason recorded")
-        );
+        println!("quarantined {}: {}", q.id, q.reason.as_deref().unwrap_or("no reason recorded"));
     }
     Ok(exit_codes::OK)
 }

@@ -23,8 +23,7 @@ pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Resul
         Err(e) => return Err(Error::io("open", &path, e)),
     };
     let mut text = Vec::new();
-    file.read_to_end(&mut text)
-        .map_err(|e| Error::io("read", &path, e))?;
+    file.read_to_end(&mut text).map_err(|e| Error::io("read", &path, e))?;
     let start = match lines {
         Some(n) => tail_offset(&text, n),
         None => 0,
@@ -60,13 +59,7 @@ fn tail_offset(text: &[u8], n: usize) -> usize {
         return text.len();
     }
     let body = text.strip_suffix(b"\n").unwrap_or(text);
-    body.iter()
-        .enumerate()
-        .rev()
-        .filter(|(_, b)| **b == b'\n')
-        .nth(n - 1)
-        .map(|(i, _)| i + 1)
-        .unwrap_or(0)
+    body.iter().enumerate().rev().filter(|(_, b)| **b == b'\n').nth(n - 1).map(|(i, _)| i + 1).unwrap_or(0)
 }
 
 #[cfg(test)]

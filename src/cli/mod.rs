@@ -20,40 +20,25 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit_codes::USAGE
-            } else {
-                exit_codes::OK
-            };
+            let code = if e.use_stderr() { exit_codes::USAGE } else { exit_codes::OK };
             let _ = e.print();
             return code;
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let d = cli.dirs;
     let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir);
     let result = match cli.command {
-        Command::Start {
-            name,
-            foreground,
-            json,
-        } => start::run(&dirs, &name, foreground, json),
+        Command::Start { name, foreground, json } => start::run(&dirs, &name, foreground, json),
         Command::Stop { name, json } => stop::run(&dirs, &name, json),
         Command::Checkpoint { name, json } => checkpoint::run(&dirs, &name, json),
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
         Command::List { json } => status::run(&dirs, None, json),
         Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
-        Command::Logs {
-            name,
-            lines,
-            follow,
-        } => logs::run(&dirs, &name, lines, follow),
+        Command::Logs { name, lines, follow } => logs::run(&dirs, &name, lines, follow),
         Command::Validate { targets, json } => validate::run(&dirs, &targets, json),
         Command::Supervise { name } => start::supervise(&dirs, &name),
     };

@@ -32,17 +32,13 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
     if let Some(pid) = lock::holder(&paths.lock) {
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
-        let finishing =
-            StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
+        let finishing = StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
         let deadline = Instant::now() + FINISHING_WAIT;
         while finishing && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if lock::holder(&paths.lock).is_some() {
-            return Err(Error::AlreadyRunning {
-                service: service.name.clone(),
-                pid,
-            });
+            return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
         }
     }
     if foreground {
@@ -87,8 +83,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
             Ok(())
         });
     }
-    cmd.spawn()
-        .map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
+    cmd.spawn().map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
     drop(ready_w);
     let mut text = String::new();
     let _ = std::fs::File::from(ready_r).read_to_string(&mut text);
@@ -100,10 +95,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         ))
     })?;
     if !report.ok {
-        let msg = report
-            .error
-            .clone()
-            .unwrap_or_else(|| "unknown error".into());
+        let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
         if json {
             print_json(&report);
         } else {
@@ -115,10 +107,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         print_json(&report);
         return Ok(exit_codes::OK);
     }
-    let pid = report
-        .pid
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "?".into());
+    let pid = report.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
     match report.started_from {
         Some(StartedFrom::Checkpoint) => {
             println!(

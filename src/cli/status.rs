@@ -32,12 +32,7 @@ pub struct StatusView {
     pub config_error: Option<String>,
 }
 
-pub fn view(
-    dirs: &Dirs,
-    name: &str,
-    kill_port: Option<u16>,
-    config_error: Option<String>,
-) -> StatusView {
+pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Option<String>) -> StatusView {
     let paths = dirs.service(name);
     let record = StatusRecord::read(&paths);
     let supervisor = lock::holder(&paths.lock);
@@ -47,18 +42,11 @@ pub fn view(
     };
     if supervisor.is_none() && state == ServiceState::Running {
         state = ServiceState::Failed;
-        message = Some(
-            "the supervisor exited unexpectedly (see supervisor.log in the service's state dir)"
-                .into(),
-        );
+        message = Some("the supervisor exited unexpectedly (see supervisor.log in the service's state dir)".into());
     }
     let running = state == ServiceState::Running;
     let init_pid = record.as_ref().and_then(|r| r.init_pid).filter(|_| running);
-    let checkpoint = CheckpointStore::new(&paths)
-        .latest()
-        .ok()
-        .flatten()
-        .map(|c| c.id);
+    let checkpoint = CheckpointStore::new(&paths).latest().ok().flatten().map(|c| c.id);
     StatusView {
         name: name.to_string(),
         state,
@@ -103,16 +91,10 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
         return Ok(exit_codes::OK);
     }
     if views.is_empty() {
-        println!(
-            "no services in {} (add NAME.yaml files there)",
-            dirs.config_dir.display()
-        );
+        println!("no services in {} (add NAME.yaml files there)", dirs.config_dir.display());
         return Ok(exit_codes::OK);
     }
-    println!(
-        "{:<20} {:<8} {:>8} {:<11} {:<26} KILL PORT",
-        "NAME", "STATE", "PID", "FROM", "CHECKPOINT"
-    );
+    println!("{:<20} {:<8} {:>8} {:<11} {:<26} KILL PORT", "NAME", "STATE", "PID", "FROM", "CHECKPOINT");
     for v in &views {
         println!(
             "{:<20} {:<8} {:>8} {:<11} {:<26} {}",
@@ -121,9 +103,7 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             v.started_from.map(from_word).unwrap_or("-"),
             v.checkpoint.as_deref().unwrap_or("-"),
-            v.kill_port
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "invalid config".into()),
+            v.kill_port.map(|p| p.to_string()).unwrap_or_else(|| "invalid config".into()),
         );
     }
     Ok(exit_codes::OK)
@@ -158,20 +138,11 @@ fn print_one(v: &StatusView) {
     if let Some(why) = &v.fallback_reason {
         println!("  fell back to a cold start: {why}");
     }
-    println!(
-        "  latest checkpoint: {}",
-        v.checkpoint.as_deref().unwrap_or("none")
-    );
+    println!("  latest checkpoint: {}", v.checkpoint.as_deref().unwrap_or("none"));
     if let Some(p) = v.kill_port {
         println!("  kill port: 127.0.0.1:{p}");
     }
     if let Some(m) = &v.message {
-        println!(
-            "  last event: {m}{}",
-            v.since
-                .as_deref()
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default()
-        );
+        println!("  last event: {m}{}", v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());
     }
 }

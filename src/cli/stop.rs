@@ -19,9 +19,7 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let paths = dirs.service(&service.name);
     if lock::holder(&paths.lock).is_none() {
         if json {
-            print_json(
-                &serde_json::json!({ "name": service.name, "stopped": false, "message": "already stopped" }),
-            );
+            print_json(&serde_json::json!({ "name": service.name, "stopped": false, "message": "already stopped" }));
         } else {
             println!("{} is already stopped", service.name);
         }
@@ -50,15 +48,10 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         }
         Some(Err(e)) => {
             if json {
-                print_json(
-                    &serde_json::json!({ "name": service.name, "stopped": false, "error": e, "lines": lines }),
-                );
+                print_json(&serde_json::json!({ "name": service.name, "stopped": false, "error": e, "lines": lines }));
                 return Ok(exit_codes::CHECKPOINT_FAILED);
             }
-            Err(Error::CheckpointFailed(format!(
-                "failed to checkpoint {}: {e}",
-                service.name
-            )))
+            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {e}", service.name)))
         }
         None => Err(Error::CheckpointFailed(format!(
             "the supervisor of {} closed the connection without a result; see `stasis logs {}`",
@@ -72,9 +65,7 @@ pub fn relay<R: std::io::Read>(stream: R, json: bool) -> Result<(String, Vec<Str
     let mut last = String::new();
     let mut all = Vec::new();
     for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| {
-            Error::CheckpointFailed(format!("failed to read from the supervisor: {e}"))
-        })?;
+        let line = line.map_err(|e| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}")))?;
         if !json {
             println!("{line}");
         }

@@ -18,18 +18,12 @@ struct FileResult {
 
 pub fn run(dirs: &Dirs, targets: &[String], json: bool) -> Result<i32, Error> {
     let targets: Vec<String> = if targets.is_empty() {
-        discover(dirs)?
-            .into_iter()
-            .map(|p| p.display().to_string())
-            .collect()
+        discover(dirs)?.into_iter().map(|p| p.display().to_string()).collect()
     } else {
         targets.to_vec()
     };
     if targets.is_empty() {
-        eprintln!(
-            "stasis: no service files in {} (nothing to validate)",
-            dirs.config_dir.display()
-        );
+        eprintln!("stasis: no service files in {} (nothing to validate)", dirs.config_dir.display());
     }
     let mut results = Vec::new();
     let mut ports: BTreeMap<u16, String> = BTreeMap::new();
@@ -53,14 +47,8 @@ pub fn run(dirs: &Dirs, targets: &[String], json: bool) -> Result<i32, Error> {
             },
             Err(e) => problems_of(e),
         };
-        problems
-            .iter_mut()
-            .for_each(|p| p.message = p.message.replace('\n', " "));
-        results.push(FileResult {
-            ok: problems.is_empty(),
-            file,
-            problems,
-        });
+        problems.iter_mut().for_each(|p| p.message = p.message.replace('\n', " "));
+        results.push(FileResult { ok: problems.is_empty(), file, problems });
     }
     let ok = results.iter().all(|r| r.ok);
     if json {
@@ -77,11 +65,7 @@ pub fn run(dirs: &Dirs, targets: &[String], json: bool) -> Result<i32, Error> {
             }
         }
     }
-    Ok(if ok {
-        exit_codes::OK
-    } else {
-        exit_codes::CONFIG
-    })
+    Ok(if ok { exit_codes::OK } else { exit_codes::CONFIG })
 }
 
 fn problems_of(e: ConfigError) -> Vec<Problem> {

@@ -17,20 +17,11 @@ pub enum ConfigError {
     #[error("failed to find service {name}: {path} does not exist (create it, or pass --config-dir / set STASIS_CONFIG_DIR)")]
     NotFound { name: String, path: PathBuf },
     #[error("failed to read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("failed to list service files in {dir}: {source}")]
-    ListDir {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    ListDir { dir: PathBuf, source: std::io::Error },
     #[error("{}", render_invalid(path, problems))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { path: PathBuf, problems: Vec<Problem> },
     #[error("failed to use {path}: service file names must be NAME.yaml with NAME made of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")]
     BadFileName { path: PathBuf },
 }
@@ -39,11 +30,7 @@ impl ConfigError {
     pub fn problems(&self) -> Vec<Problem> {
         match self {
             ConfigError::Invalid { problems, .. } => problems.clone(),
-            other => vec![Problem {
-                line: None,
-                key: String::new(),
-                message: other.to_string(),
-            }],
+            other => vec![Problem { line: None, key: String::new(), message: other.to_string() }],
         }
     }
 }

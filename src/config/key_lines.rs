@@ -18,12 +18,7 @@ pub fn line_of(text: &str, path: &[&str]) -> Option<usize> {
             if indent < min_indent && i > from {
                 break;
             }
-            let key_part = body
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches(|c| c == '"' || c == '\'');
+            let key_part = body.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
             if indent >= min_indent && key_part == *key && body.contains(':') {
                 hit = Some((i, indent));
                 break;

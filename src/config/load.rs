@@ -21,15 +21,9 @@ pub fn load_service(dirs: &Dirs, target: &str) -> Result<Service, ConfigError> {
     let name = service_name_from_path(&path)?;
     let text = std::fs::read_to_string(&path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            ConfigError::NotFound {
-                name: name.clone(),
-                path: path.clone(),
-            }
+            ConfigError::NotFound { name: name.clone(), path: path.clone() }
         } else {
-            ConfigError::Read {
-                path: path.clone(),
-                source,
-            }
+            ConfigError::Read { path: path.clone(), source }
         }
     })?;
     let file = parse(&path, &text)?;
@@ -41,12 +35,7 @@ pub fn discover(dirs: &Dirs) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = match std::fs::read_dir(&dirs.config_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(ConfigError::ListDir {
-                dir: dirs.config_dir.clone(),
-                source,
-            })
-        }
+        Err(source) => return Err(ConfigError::ListDir { dir: dirs.config_dir.clone(), source }),
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -58,20 +47,13 @@ pub fn discover(dirs: &Dirs) -> Result<Vec<PathBuf>, ConfigError> {
 }
 
 pub fn service_name_from_path(path: &Path) -> Result<String, ConfigError> {
-    let bad = || ConfigError::BadFileName {
-        path: path.to_path_buf(),
-    };
+    let bad = || ConfigError::BadFileName { path: path.to_path_buf() };
     if path.extension().is_none_or(|x| x != "yaml") {
         return Err(bad());
     }
     let stem = path.file_stem().and_then(|s| s.to_str()).ok_or_else(bad)?;
-    let valid = stem
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && stem
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    let valid = stem.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && stem.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
     if !valid {
         return Err(bad());
     }
@@ -79,10 +61,7 @@ pub fn service_name_from_path(path: &Path) -> Result<String, ConfigError> {
 }
 
 fn parse(path: &Path, text: &str) -> Result<ServiceFile, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        problems,
-    };
+    let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
     let doc: Value = serde_yaml::from_str(text).map_err(|e| {
         invalid(vec![Problem {
             line: e.location().map(|l| l.line()),
@@ -98,14 +77,8 @@ fn parse(path: &Path, text: &str) -> Result<ServiceFile, ConfigError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.inner();
-        let key_path: Vec<&str> = key
-            .split('.')
-            .map(|k| k.split('[').next().unwrap_or(k))
-            .collect();
-        let line = inner
-            .location()
-            .map(|l| l.line())
-            .or_else(|| line_of(text, &key_path));
+        let key_path: Vec<&str> = key.split('.').map(|k| k.split('[').next().unwrap_or(k)).collect();
+        let line = inner.location().map(|l| l.line()).or_else(|| line_of(text, &key_path));
         invalid(vec![Problem {
             line,
             key: if key == "." { String::new() } else { key },
@@ -118,16 +91,11 @@ fn parse(path: &Path, text: &str) -> Result<ServiceFile, ConfigError> {
 fn key_problems(text: &str, doc: &Value) -> Vec<Problem> {
     let Value::Mapping(map) = doc else {
         let message = if doc.is_null() {
-            "the file is empty; a service needs at least `command`, `user` and `kill_port`"
-                .to_string()
+            "the file is empty; a service needs at least `command`, `user` and `kill_port`".to_string()
         } else {
             "the top level must be a mapping of keys (command, user, kill_port, ...)".to_string()
         };
-        return vec![Problem {
-            line: None,
-            key: String::new(),
-            message,
-        }];
+        return vec![Problem { line: None, key: String::new(), message }];
     };
     let mut problems = Vec::new();
     unknown_keys(text, map, &[], TOP_LEVEL_KEYS, &mut problems);
@@ -146,48 +114,29 @@ fn key_problems(text: &str, doc: &Value) -> Vec<Problem> {
     problems
 }
 
-fn unknown_keys(
-    text: &str,
-    map: &serde_yaml::Mapping,
-    parent: &[&str],
-    known: &[&str],
-    out: &mut Vec<Problem>,
-) {
+fn unknown_keys(text: &str, map: &serde_yaml::Mapping, parent: &[&str], known: &[&str], out: &mut Vec<Problem>) {
     for key in map.keys() {
         let name = match key {
             Value::String(s) => s.clone(),
-            other => serde_yaml::to_string(other)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
+            other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
         };
         if known.contains(&name.as_str()) {
             continue;
         }
         let mut path: Vec<&str> = parent.to_vec();
         path.push(&name);
-        let suggestion = closest(&name, known)
-            .map(|k| format!("; did you mean `{k}`?"))
-            .unwrap_or_default();
+        let suggestion = closest(&name, known).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
         out.push(Problem {
             line: line_of(text, &path),
             key: path.join("."),
-            message: format!(
-                "unknown key{suggestion} (known keys here: {})",
-                known.join(", ")
-            ),
+            message: format!("unknown key{suggestion} (known keys here: {})", known.join(", ")),
         });
     }
 }
 
 /// A known key within edit distance 2, to catch typos such as `kill-port` or `usr`.
 fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(name, k), *k))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, k)| k)
+    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|(d, _)| *d <= 2).min().map(|(_, k)| k)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -196,11 +145,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -231,11 +176,7 @@ mod tests {
         let p = problems("command: [a]\nuser: u\nkill-port: 1\ncriu:\n  confg: x\n");
         assert_eq!(p[0].key, "kill-port");
         assert_eq!(p[0].line, Some(3));
-        assert!(
-            p[0].message.contains("did you mean `kill_port`"),
-            "{}",
-            p[0].message
-        );
+        assert!(p[0].message.contains("did you mean `kill_port`"), "{}", p[0].message);
         assert_eq!(p[1].key, "criu.confg");
         assert_eq!(p[1].line, Some(5));
         assert_eq!(p[2].key, "kill_port");
@@ -245,11 +186,7 @@ mod tests {
     #[test]
     fn reports_syntax_errors_with_line() {
         let p = problems("command: [a\nuser: u\n");
-        assert!(
-            p[0].message.starts_with("not valid YAML"),
-            "{}",
-            p[0].message
-        );
+        assert!(p[0].message.starts_with("not valid YAML"), "{}", p[0].message);
         assert!(p[0].line.is_some());
     }
 
@@ -262,10 +199,7 @@ mod tests {
 
     #[test]
     fn names_come_from_file_names() {
-        assert_eq!(
-            service_name_from_path(Path::new("/e/redis.yaml")).unwrap(),
-            "redis"
-        );
+        assert_eq!(service_name_from_path(Path::new("/e/redis.yaml")).unwrap(), "redis");
         assert!(service_name_from_path(Path::new("/e/Redis.yaml")).is_err());
         assert!(service_name_from_path(Path::new("/e/redis.yml")).is_err());
     }

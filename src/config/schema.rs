@@ -4,16 +4,8 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// Every key a service file may have, for the unknown-key check that reports all of them at once.
-pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "command",
-    "user",
-    "group",
-    "kill_port",
-    "working_dir",
-    "environment",
-    "criu",
-    "stop_timeout_secs",
-];
+pub const TOP_LEVEL_KEYS: &[&str] =
+    &["command", "user", "group", "kill_port", "working_dir", "environment", "criu", "stop_timeout_secs"];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
 #[derive(Debug, Deserialize)]

@@ -63,29 +63,13 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn fail(&mut self, key: &str, message: impl Into<String>) {
-        let path: Vec<&str> = key
-            .split('.')
-            .map(|k| k.split('[').next().unwrap_or(k))
-            .collect();
-        self.problems.push(Problem {
-            line: line_of(self.text, &path),
-            key: key.to_string(),
-            message: message.into(),
-        });
+        let path: Vec<&str> = key.split('.').map(|k| k.split('[').next().unwrap_or(k)).collect();
+        self.problems.push(Problem { line: line_of(self.text, &path), key: key.to_string(), message: message.into() });
     }
 }
 
-pub fn validate(
-    dirs: &Dirs,
-    name: &str,
-    path: &Path,
-    text: &str,
-    file: ServiceFile,
-) -> Result<Service, ConfigError> {
-    let mut c = Checker {
-        text,
-        problems: Vec::new(),
-    };
+pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceFile) -> Result<Service, ConfigError> {
+    let mut c = Checker { text, problems: Vec::new() };
 
     let user = match User::from_name(&file.user) {
         Ok(Some(u)) => Some(u),
@@ -100,10 +84,7 @@ pub fn validate(
             None
         }
         Err(e) => {
-            c.fail(
-                "user",
-                format!("failed to look up user \"{}\": {e}", file.user),
-            );
+            c.fail("user", format!("failed to look up user \"{}\": {e}", file.user));
             None
         }
     };
@@ -133,38 +114,24 @@ pub fn validate(
 
     let working_dir = PathBuf::from(file.working_dir.as_deref().unwrap_or("/"));
     if !working_dir.is_absolute() {
-        c.fail(
-            "working_dir",
-            format!(
-                "must be an absolute path, not \"{}\"",
-                working_dir.display()
-            ),
-        );
+        c.fail("working_dir", format!("must be an absolute path, not \"{}\"", working_dir.display()));
     } else if !working_dir.is_dir() {
-        c.fail(
-            "working_dir",
-            format!(
-                "{} is not a directory; create it or change the key",
-                working_dir.display()
-            ),
-        );
+        c.fail("working_dir", format!("{} is not a directory; create it or change the key", working_dir.display()));
     }
 
     let environment = build_environment(&mut c, user.as_ref(), &file);
     check_command(&mut c, &file.command, &environment, &working_dir);
 
-    let profile = file
-        .criu
-        .config
-        .clone()
-        .unwrap_or_else(|| "default".to_string());
+    let profile = file.criu.config.clone().unwrap_or_else(|| "default".to_string());
     let criu_config = dirs.criu_config_dir.join(format!("{profile}.conf"));
-    if profile.is_empty()
-        || !profile
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-    {
-        c.fail("criu.config", format!("\"{profile}\" is not a config name (letters, digits, '-', '_'): it names a file in {}", dirs.criu_config_dir.display()));
+    if profile.is_empty() || !profile.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+        c.fail(
+            "criu.config",
+            format!(
+                "\"{profile}\" is not a config name (letters, digits, '-', '_'): it names a file in {}",
+                dirs.criu_config_dir.display()
+            ),
+        );
     } else if !criu_config.is_file() {
         c.fail(
             "criu.config",
@@ -180,20 +147,14 @@ pub fn validate(
         if !opt.starts_with('-') {
             c.fail(&format!("criu.options[{i}]"), format!("\"{opt}\" is not an option; write each option as it would appear on criu's command line, e.g. \"--tcp-close\""));
         } else if RESERVED_CRIU_OPTIONS.contains(&flag) {
-            c.fail(
-                &format!("criu.options[{i}]"),
-                format!("{flag} is set by stasis itself and cannot be overridden"),
-            );
+            c.fail(&format!("criu.options[{i}]"), format!("{flag} is set by stasis itself and cannot be overridden"));
         }
     }
     let stop_timeout = match file.stop_timeout_secs {
         None => DEFAULT_STOP_TIMEOUT,
         Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
         Some(s) => {
-            c.fail(
-                "stop_timeout_secs",
-                format!("{s} is out of range; use 1 to 3600 seconds"),
-            );
+            c.fail("stop_timeout_secs", format!("{s} is out of range; use 1 to 3600 seconds"));
             DEFAULT_STOP_TIMEOUT
         }
     };
@@ -213,19 +174,12 @@ pub fn validate(
             criu_options: file.criu.options,
             stop_timeout,
         }),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems: c.problems,
-        }),
+        _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }
 }
 
 /// A clean environment, as systemd gives services: PATH, HOME, USER, LOGNAME, SHELL, then the file's.
-fn build_environment(
-    c: &mut Checker,
-    user: Option<&User>,
-    file: &ServiceFile,
-) -> Vec<(String, String)> {
+fn build_environment(c: &mut Checker, user: Option<&User>, file: &ServiceFile) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
     if let Some(u) = user {
         env.push(("HOME".into(), u.dir.display().to_string()));
@@ -251,7 +205,10 @@ fn build_environment(
 
 fn check_command(c: &mut Checker, command: &[String], env: &[(String, String)], cwd: &Path) {
     let Some(program) = command.first() else {
-        c.fail("command", "must list at least the program to run, e.g. [\"/usr/bin/redis-server\", \"--port\", \"6390\"]");
+        c.fail(
+            "command",
+            "must list at least the program to run, e.g. [\"/usr/bin/redis-server\", \"--port\", \"6390\"]",
+        );
         return;
     };
     if program.is_empty() {
@@ -261,25 +218,19 @@ fn check_command(c: &mut Checker, command: &[String], env: &[(String, String)], 
     if command.iter().any(|a| a.contains('\0')) {
         c.fail("command", "arguments must not contain NUL bytes");
     }
-    let path_var = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or(DEFAULT_PATH);
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(DEFAULT_PATH);
     if program.contains('/') {
-        let p = if Path::new(program).is_absolute() {
-            PathBuf::from(program)
-        } else {
-            cwd.join(program)
-        };
+        let p = if Path::new(program).is_absolute() { PathBuf::from(program) } else { cwd.join(program) };
         if !p.is_file() {
-            c.fail(
-                "command[0]",
-                format!("{} does not exist or is not a file", p.display()),
-            );
+            c.fail("command[0]", format!("{} does not exist or is not a file", p.display()));
         }
     } else if which::which_in(program, Some(path_var), cwd).is_err() {
-        c.fail("command[0]", format!("\"{program}\" was not found in the service's PATH ({path_var}); install it or give an absolute path"));
+        c.fail(
+            "command[0]",
+            format!(
+                "\"{program}\" was not found in the service's PATH ({path_var}); install it or give an absolute path"
+            ),
+        );
     }
 }
 
@@ -287,12 +238,7 @@ fn available_profiles(dir: &Path) -> String {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(Result::ok)
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".conf"))
-                        .map(str::to_string)
-                })
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".conf")).map(str::to_string))
                 .collect()
         })
         .unwrap_or_default();

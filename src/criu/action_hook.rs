@@ -13,12 +13,8 @@ pub fn main() -> i32 {
     let Some(dir) = std::env::var_os(PENDING_ENV) else {
         return 0;
     };
-    let Some(pending) = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir))
-    else {
-        eprintln!(
-            "stasis: {} is not a pending checkpoint directory",
-            std::path::Path::new(&dir).display()
-        );
+    let Some(pending) = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir)) else {
+        eprintln!("stasis: {} is not a pending checkpoint directory", std::path::Path::new(&dir).display());
         return 1;
     };
     match pending.finalize() {

@@ -40,38 +40,23 @@ impl Criu {
         let out = Command::new(&path)
             .arg("--version")
             .output()
-            .map_err(|source| CriuError::Spawn {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| CriuError::Spawn { path: path.clone(), source })?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let version = parse_version(&text).ok_or_else(|| CriuError::Version {
-            path: path.clone(),
-            output: text.clone(),
-        })?;
+        let version =
+            parse_version(&text).ok_or_else(|| CriuError::Version { path: path.clone(), output: text.clone() })?;
         if !at_least(&version, MIN_VERSION) {
-            return Err(CriuError::TooOld {
-                path,
-                found: version,
-                min: MIN_VERSION,
-            });
+            return Err(CriuError::TooOld { path, found: version, min: MIN_VERSION });
         }
         Ok(Criu { path, version })
     }
 }
 
 fn parse_version(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(|v| v.trim().to_string())
+    text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string())
 }
 
 fn at_least(version: &str, min: &str) -> bool {
-    let nums = |s: &str| {
-        s.split('.')
-            .map(|p| p.parse::<u32>().unwrap_or(0))
-            .collect::<Vec<_>>()
-    };
+    let nums = |s: &str| s.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
     nums(version) >= nums(min)
 }
 

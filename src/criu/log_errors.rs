@@ -20,21 +20,12 @@ fn pick(text: &str) -> Vec<String> {
     let mut keep = vec![false; lines.len()];
     for (i, l) in lines.iter().enumerate() {
         if l.contains("Error (") && !HARMLESS.iter().any(|h| l.contains(h)) {
-            for k in keep
-                .iter_mut()
-                .take(i + 1)
-                .skip(i.saturating_sub(CONTEXT_BEFORE))
-            {
+            for k in keep.iter_mut().take(i + 1).skip(i.saturating_sub(CONTEXT_BEFORE)) {
                 *k = true;
             }
         }
     }
-    let picked: Vec<String> = lines
-        .iter()
-        .zip(keep)
-        .filter(|(_, k)| *k)
-        .map(|(l, _)| l.to_string())
-        .collect();
+    let picked: Vec<String> = lines.iter().zip(keep).filter(|(_, k)| *k).map(|(l, _)| l.to_string()).collect();
     // The last errors are the ones that ended the run.
     picked[picked.len().saturating_sub(MAX_LINES)..].to_vec()
 }
@@ -48,12 +39,7 @@ mod tests {
         let log = "(0.1) a\n(0.2) Error (criu/util.c:1): Can't setup RLIMIT_NOFILE for self\n(0.3) b\n(0.4) c\n(0.5) d\n(0.6) e\n(0.7) Error (criu/sk.c:9): External socket is used\n(0.8) f\n";
         assert_eq!(
             pick(log),
-            vec![
-                "(0.4) c",
-                "(0.5) d",
-                "(0.6) e",
-                "(0.7) Error (criu/sk.c:9): External socket is used"
-            ]
+            vec!["(0.4) c", "(0.5) d", "(0.6) e", "(0.7) Error (criu/sk.c:9): External socket is used"]
         );
     }
 }

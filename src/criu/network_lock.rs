@@ -12,14 +12,8 @@ const RUN_ID_CHARS: usize = 21;
 /// The nftables table a dump left, from the dump's log (`CRIU run id = ...`).
 pub fn table_of_dump(dump_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dump_log).ok()?;
-    let id = text.lines().find_map(|l| {
-        l.split_once("CRIU run id = ")
-            .map(|(_, id)| id.trim().to_string())
-    })?;
-    Some(format!(
-        "CRIU-{}",
-        id.chars().take(RUN_ID_CHARS).collect::<String>()
-    ))
+    let id = text.lines().find_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))?;
+    Some(format!("CRIU-{}", id.chars().take(RUN_ID_CHARS).collect::<String>()))
 }
 
 /// Deletes the dump's table if it still exists; best effort (no nft, no table: nothing to do).
@@ -41,11 +35,7 @@ mod tests {
     fn table_name_matches_criu() {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("dump.log");
-        std::fs::write(
-            &log,
-            "(00.000010) CRIU run id = 678ec589-7bdb-4e19-bd2f-0123456789ab\n",
-        )
-        .unwrap();
+        std::fs::write(&log, "(00.000010) CRIU run id = 678ec589-7bdb-4e19-bd2f-0123456789ab\n").unwrap();
         assert_eq!(table_of_dump(&log).unwrap(), "CRIU-678ec589-7bdb-4e19-bd");
     }
 }

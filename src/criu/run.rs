@@ -1,8 +1,6 @@
 //! Running criu. Its own stdout/stderr are captured and only shown when its log says nothing.
 
-use super::argv::{
-    DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE,
-};
+use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE};
 use super::log_errors::error_lines;
 use super::{Criu, CriuError};
 use std::ffi::OsString;
@@ -58,10 +56,7 @@ impl Criu {
                 action: "restore the checkpoint",
                 status: "exit 0".into(),
                 log,
-                errors: vec![format!(
-                    "criu left no usable pidfile at {}",
-                    pidfile.display()
-                )],
+                errors: vec![format!("criu left no usable pidfile at {}", pidfile.display())],
             }),
         }
     }
@@ -78,31 +73,15 @@ impl Criu {
     }
 
     fn finish(&self, mut cmd: Command, action: &'static str, log: &Path) -> Result<(), CriuError> {
-        let out = cmd.output().map_err(|source| CriuError::Spawn {
-            path: self.path.clone(),
-            source,
-        })?;
+        let out = cmd.output().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
         if out.status.success() {
             return Ok(());
         }
         let mut errors = error_lines(log);
         if errors.is_empty() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            errors = stderr
-                .lines()
-                .rev()
-                .take(8)
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            errors = stderr.lines().rev().take(8).map(str::to_string).collect::<Vec<_>>().into_iter().rev().collect();
         }
-        Err(CriuError::Failed {
-            action,
-            status: out.status.to_string(),
-            log: log.to_path_buf(),
-            errors,
-        })
+        Err(CriuError::Failed { action, status: out.status.to_string(), log: log.to_path_buf(), errors })
     }
 }

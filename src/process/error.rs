@@ -11,10 +11,7 @@ pub enum LaunchError {
     #[error("failed to start the service command {program}: {reason}")]
     ExecService { program: String, reason: String },
     #[error("failed to install the namespace init at {path}: {source}")]
-    InstallInit {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    InstallInit { path: PathBuf, source: std::io::Error },
     #[error("failed to pass {what} to the namespace init: it contains a NUL byte")]
     Nul { what: &'static str },
 }

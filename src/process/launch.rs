@@ -31,14 +31,10 @@ const STACK_SIZE: usize = 256 * 1024;
 /// been executed (or the reason it could not be).
 pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, LaunchError> {
     let nul = |what| LaunchError::Nul { what };
-    let path = CString::new(spec.init_binary.as_os_str().as_encoded_bytes())
-        .map_err(|_| nul("the init path"))?;
-    let init_dir = CString::new(spec.init_dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| nul("the init's directory"))?;
-    let mut argv = vec![
-        path.clone(),
-        CString::new(ns_init::ARGV_MARKER).expect("no NUL"),
-    ];
+    let path = CString::new(spec.init_binary.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init path"))?;
+    let init_dir =
+        CString::new(spec.init_dir.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init's directory"))?;
+    let mut argv = vec![path.clone(), CString::new(ns_init::ARGV_MARKER).expect("no NUL")];
     for a in ns_init::encode_args(spec) {
         argv.push(CString::new(a).map_err(|_| nul("the command"))?);
     }
@@ -48,26 +44,12 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
         .map(|(k, v)| CString::new(format!("{k}={v}")))
         .collect::<Result<_, _>>()
         .map_err(|_| nul("the environment"))?;
-    let argv_ptrs: Vec<*const libc::c_char> = argv
-        .iter()
-        .map(|s| s.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp_ptrs: Vec<*const libc::c_char> = envp
-        .iter()
-        .map(|s| s.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+    let argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
 
     let devnull = std::fs::File::open("/dev/null").map_err(LaunchError::DevNull)?;
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(LaunchError::Pipe)?;
-    let fds = [
-        devnull.as_raw_fd(),
-        stdout.as_raw_fd(),
-        stdout.as_raw_fd(),
-        ready_w.as_raw_fd(),
-    ];
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(LaunchError::Pipe)?;
+    let fds = [devnull.as_raw_fd(), stdout.as_raw_fd(), stdout.as_raw_fd(), ready_w.as_raw_fd()];
 
     let mut stack = vec![0u8; STACK_SIZE];
     let child = Box::new(|| -> isize {
@@ -92,12 +74,7 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
     });
     // SAFETY: the callback only makes async-signal-safe calls (see above).
     let pid = unsafe {
-        nix::sched::clone(
-            child,
-            &mut stack,
-            CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC,
-            Some(libc::SIGCHLD),
-        )
+        nix::sched::clone(child, &mut stack, CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC, Some(libc::SIGCHLD))
     }
     .map_err(LaunchError::Clone)?;
     drop(ready_w);
@@ -105,21 +82,11 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
     match report.strip_prefix("ok") {
         Some(_) => Ok(pid),
         None => {
-            let reason = report
-                .strip_prefix("error ")
-                .unwrap_or(&report)
-                .trim()
-                .to_string();
-            let reason = if reason.is_empty() {
-                "the namespace init exited before starting it".to_string()
-            } else {
-                reason
-            };
+            let reason = report.strip_prefix("error ").unwrap_or(&report).trim().to_string();
+            let reason =
+                if reason.is_empty() { "the namespace init exited before starting it".to_string() } else { reason };
             reap_quietly(pid);
-            Err(LaunchError::ExecService {
-                program: spec.command.first().cloned().unwrap_or_default(),
-                reason,
-            })
+            Err(LaunchError::ExecService { program: spec.command.first().cloned().unwrap_or_default(), reason })
         }
     }
 }

@@ -15,14 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 pub const ARGV_MARKER: &str = "__ns-init";
 /// Where the supervisor listens for "ok" / "error ..." about the start of the command.
 pub const READY_FD: i32 = 3;
-const FORWARDED: [Signal; 6] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
+const FORWARDED: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
 struct Args {
     uid: u32,
@@ -34,12 +28,7 @@ struct Args {
 
 /// The arguments after the marker, as `cold_launch` passes them.
 pub fn encode_args(spec: &LaunchSpec) -> Vec<Vec<u8>> {
-    let groups = spec
-        .groups
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let groups = spec.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let mut v: Vec<Vec<u8>> = vec![
         spec.uid.to_string().into_bytes(),
         spec.gid.to_string().into_bytes(),
@@ -59,17 +48,10 @@ fn decode_args(args: &[OsString]) -> Option<Args> {
         groups: if groups.is_empty() {
             Vec::new()
         } else {
-            groups
-                .split(',')
-                .map(|g| g.parse().ok())
-                .collect::<Option<_>>()?
+            groups.split(',').map(|g| g.parse().ok()).collect::<Option<_>>()?
         },
         workdir: CString::new(args.get(3)?.as_bytes()).ok()?,
-        command: args
-            .get(4..)?
-            .iter()
-            .map(|a| CString::new(a.as_bytes()).ok())
-            .collect::<Option<Vec<_>>>()?,
+        command: args.get(4..)?.iter().map(|a| CString::new(a.as_bytes()).ok()).collect::<Option<Vec<_>>>()?,
     })
     .filter(|a| !a.command.is_empty())
 }
@@ -78,9 +60,7 @@ extern "C" fn on_signal(_: libc::c_int) {}
 
 pub fn main(raw: &[OsString]) -> ! {
     let Some(args) = decode_args(raw) else {
-        eprintln!(
-            "stasis-init: bad arguments; this is started by the stasis supervisor, not by hand"
-        );
+        eprintln!("stasis-init: bad arguments; this is started by the stasis supervisor, not by hand");
         std::process::exit(2);
     };
     let _ = nix::unistd::setsid();
@@ -88,11 +68,7 @@ pub fn main(raw: &[OsString]) -> ! {
     waited.add(Signal::SIGCHLD);
     // PID 1 drops signals that have no handler; a no-op handler plus a blocked mask lets
     // sigwait() receive them instead.
-    let handler = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
     for sig in FORWARDED.iter().chain([Signal::SIGCHLD].iter()) {
         waited.add(*sig);
         // SAFETY: the handler does nothing.
@@ -111,11 +87,7 @@ pub fn main(raw: &[OsString]) -> ! {
             drop(err_w);
             let mut msg = String::new();
             let _ = std::io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut msg);
-            let line = if msg.is_empty() {
-                "ok\n".to_string()
-            } else {
-                format!("error {msg}\n")
-            };
+            let line = if msg.is_empty() { "ok\n".to_string() } else { format!("error {msg}\n") };
             write_ready(&line);
             reap_until_empty(&waited)
         }
@@ -145,27 +117,14 @@ fn exec_service(args: &Args, err_w: OwnedFd) -> ! {
     // SAFETY: restoring default dispositions in the single-threaded child before exec.
     unsafe {
         libc::close(READY_FD);
-        for sig in FORWARDED
-            .iter()
-            .chain([Signal::SIGCHLD, Signal::SIGPIPE].iter())
-        {
-            let _ = sigaction(
-                *sig,
-                &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
-            );
+        for sig in FORWARDED.iter().chain([Signal::SIGCHLD, Signal::SIGPIPE].iter()) {
+            let _ = sigaction(*sig, &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()));
         }
     }
     let _ = SigSet::empty().thread_set_mask();
-    let groups: Vec<nix::unistd::Gid> = args
-        .groups
-        .iter()
-        .map(|g| nix::unistd::Gid::from_raw(*g))
-        .collect();
+    let groups: Vec<nix::unistd::Gid> = args.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
     if let Err(e) = nix::unistd::setgroups(&groups) {
-        fail(format!(
-            "failed to set supplementary groups {:?}: {e}",
-            args.groups
-        ));
+        fail(format!("failed to set supplementary groups {:?}: {e}", args.groups));
     }
     if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(args.gid)) {
         fail(format!("failed to set gid {}: {e}", args.gid));
@@ -174,18 +133,12 @@ fn exec_service(args: &Args, err_w: OwnedFd) -> ! {
         fail(format!("failed to set uid {}: {e}", args.uid));
     }
     if let Err(e) = nix::unistd::chdir(args.workdir.as_c_str()) {
-        fail(format!(
-            "failed to enter working directory {}: {e}",
-            args.workdir.to_string_lossy()
-        ));
+        fail(format!("failed to enter working directory {}: {e}", args.workdir.to_string_lossy()));
     }
     let program = args.command[0].clone();
     let e = nix::unistd::execvp(&program, &args.command).unwrap_err();
     let _ = err_w.as_raw_fd();
-    fail(format!(
-        "failed to execute {}: {e}",
-        program.to_string_lossy()
-    ))
+    fail(format!("failed to execute {}: {e}", program.to_string_lossy()))
 }
 
 /// Reaps every child (the command and any orphan) and forwards signals, until no process is

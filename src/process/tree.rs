@@ -14,12 +14,7 @@ pub fn main_pid(init_pid: i32) -> Option<i32> {
     all.filter_map(Result::ok)
         .filter(|p| p.stat().is_ok_and(|s| s.ppid == init_pid))
         .map(|p| {
-            let inner = p
-                .status()
-                .ok()
-                .and_then(|s| s.nspid)
-                .and_then(|v| v.last().copied())
-                .unwrap_or(p.pid);
+            let inner = p.status().ok().and_then(|s| s.nspid).and_then(|v| v.last().copied()).unwrap_or(p.pid);
             (inner, p.pid)
         })
         .min()

@@ -47,10 +47,7 @@ impl PendingCheckpoint {
     pub fn from_dir(dir: &Path) -> Option<Self> {
         let name = dir.file_name()?.to_str()?;
         let id = name.strip_prefix(INCOMPLETE_PREFIX)?.to_string();
-        Some(PendingCheckpoint {
-            id,
-            dir: dir.to_path_buf(),
-        })
+        Some(PendingCheckpoint { id, dir: dir.to_path_buf() })
     }
 
     pub fn images_dir(&self) -> PathBuf {
@@ -71,10 +68,7 @@ impl PendingCheckpoint {
     pub fn finalize(&self) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_manifest(&draft_path)?;
-        fs::remove_file(&draft_path).map_err(|source| StoreError::Write {
-            path: draft_path.clone(),
-            source,
-        })?;
+        fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
         let files = fsync_tree(&self.dir)?;
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         manifest.size_bytes = files + bytes.len() as u64;
@@ -87,22 +81,14 @@ impl PendingCheckpoint {
             source,
         })?;
         fsync_dir(final_dir.parent().expect("checkpoint dir has a parent"))?;
-        Ok(Checkpoint {
-            id: self.id.clone(),
-            dir: final_dir,
-            manifest,
-        })
+        Ok(Checkpoint { id: self.id.clone(), dir: final_dir, manifest })
     }
 
     /// Whether a finalize already happened (in CRIU's action hook) for this pending checkpoint.
     pub fn finalized(&self) -> Option<Checkpoint> {
         let dir = self.final_dir();
         let manifest = read_manifest(&dir.join(MANIFEST_FILE)).ok()?;
-        Some(Checkpoint {
-            id: self.id.clone(),
-            dir,
-            manifest,
-        })
+        Some(Checkpoint { id: self.id.clone(), dir, manifest })
     }
 
     /// Removes a dump that failed. Never touches complete checkpoints.
@@ -121,10 +107,7 @@ pub struct ListedCheckpoint {
 
 impl CheckpointStore {
     pub fn new(paths: &ServicePaths) -> Self {
-        CheckpointStore {
-            dir: paths.checkpoints(),
-            quarantine_dir: paths.quarantine(),
-        }
+        CheckpointStore { dir: paths.checkpoints(), quarantine_dir: paths.quarantine() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -140,11 +123,7 @@ impl CheckpointStore {
         create_dir_with_mode(&self.dir, 0o700)?;
         let base = crate::time_fmt::compact_utc(SystemTime::now());
         for n in 0..100 {
-            let id = if n == 0 {
-                base.clone()
-            } else {
-                format!("{base}-{n}")
-            };
+            let id = if n == 0 { base.clone() } else { format!("{base}-{n}") };
             if self.dir.join(&id).exists() {
                 continue;
             }
@@ -161,10 +140,7 @@ impl CheckpointStore {
         }
         Err(StoreError::Create {
             path: self.dir.join(base),
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "too many checkpoints in one millisecond",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "too many checkpoints in one millisecond"),
         })
     }
 
@@ -173,12 +149,7 @@ impl CheckpointStore {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(StoreError::Read {
-                    path: self.dir.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(StoreError::Read { path: self.dir.clone(), source }),
         };
         let mut out: Vec<ListedCheckpoint> = entries
             .filter_map(Result::ok)
@@ -199,13 +170,11 @@ impl CheckpointStore {
 
     /// The newest complete checkpoint with a readable manifest.
     pub fn latest(&self) -> Result<Option<Checkpoint>, StoreError> {
-        Ok(self.list()?.into_iter().rev().find_map(|c| {
-            c.manifest.ok().map(|manifest| Checkpoint {
-                id: c.id,
-                dir: c.dir,
-                manifest,
-            })
-        }))
+        Ok(self
+            .list()?
+            .into_iter()
+            .rev()
+            .find_map(|c| c.manifest.ok().map(|manifest| Checkpoint { id: c.id, dir: c.dir, manifest })))
     }
 
     /// Moves a checkpoint that failed to restore out of the way, keeping it (and CRIU's log) for
@@ -219,16 +188,9 @@ impl CheckpointStore {
             to = self.quarantine_dir.join(format!("{id}-{n}"));
             n += 1;
         }
-        fs::rename(&from, &to).map_err(|source| StoreError::Rename {
-            from: from.clone(),
-            to: to.clone(),
-            source,
-        })?;
+        fs::rename(&from, &to).map_err(|source| StoreError::Rename { from: from.clone(), to: to.clone(), source })?;
         fsync_dir(&self.dir)?;
-        write_atomic(
-            &to.join(QUARANTINE_REASON_FILE),
-            format!("{reason}\n").as_bytes(),
-        )?;
+        write_atomic(&to.join(QUARANTINE_REASON_FILE), format!("{reason}\n").as_bytes())?;
         Ok(to)
     }
 
@@ -237,10 +199,7 @@ impl CheckpointStore {
     pub fn remove_incomplete(&self) {
         if let Ok(entries) = fs::read_dir(&self.dir) {
             for e in entries.filter_map(Result::ok) {
-                if e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(INCOMPLETE_PREFIX))
-                {
+                if e.file_name().to_str().is_some_and(|n| n.starts_with(INCOMPLETE_PREFIX)) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -249,14 +208,9 @@ impl CheckpointStore {
 }
 
 fn read_manifest(path: &Path) -> Result<Manifest, StoreError> {
-    let bytes = fs::read(path).map_err(|source| StoreError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    let bytes = fs::read(path).map_err(|source| StoreError::Read { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| StoreError::BadManifest { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -265,11 +219,7 @@ mod tests {
     use crate::store::DumpKind;
 
     fn store(root: &Path) -> CheckpointStore {
-        let paths = ServicePaths {
-            root: root.to_path_buf(),
-            lock: root.join("l"),
-            control_socket: root.join("s"),
-        };
+        let paths = ServicePaths { root: root.to_path_buf(), lock: root.join("l"), control_socket: root.join("s") };
         CheckpointStore::new(&paths)
     }
 
@@ -323,10 +273,7 @@ mod tests {
         let c = p.finalize().unwrap();
         let to = s.quarantine(&c.id, "restore failed").unwrap();
         assert!(s.latest().unwrap().is_none());
-        assert_eq!(
-            fs::read_to_string(to.join(QUARANTINE_REASON_FILE)).unwrap(),
-            "restore failed\n"
-        );
+        assert_eq!(fs::read_to_string(to.join(QUARANTINE_REASON_FILE)).unwrap(), "restore failed\n");
     }
 
     #[test]

@@ -8,21 +8,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| StoreError::Sync {
-            path: dir.to_path_buf(),
-            source,
-        })
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|source| StoreError::Sync { path: dir.to_path_buf(), source })
 }
 
 /// Atomically replaces `path` with `bytes` (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -30,18 +22,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|source| StoreError::Write {
-                path: tmp.clone(),
-                source,
-            })?;
-        f.write_all(bytes).map_err(|source| StoreError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        f.sync_all().map_err(|source| StoreError::Sync {
-            path: tmp.clone(),
-            source,
-        })?;
+            .map_err(|source| StoreError::Write { path: tmp.clone(), source })?;
+        f.write_all(bytes).map_err(|source| StoreError::Write { path: tmp.clone(), source })?;
+        f.sync_all().map_err(|source| StoreError::Sync { path: tmp.clone(), source })?;
         fs::rename(&tmp, path).map_err(|source| StoreError::Rename {
             from: tmp.clone(),
             to: path.to_path_buf(),
@@ -58,31 +41,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// fsyncs every regular file and directory under `dir` and returns the total size of the files.
 pub fn fsync_tree(dir: &Path) -> Result<u64, StoreError> {
     let mut total = 0;
-    let entries = fs::read_dir(dir).map_err(|source| StoreError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let entries = fs::read_dir(dir).map_err(|source| StoreError::Read { path: dir.to_path_buf(), source })?;
     for entry in entries {
-        let entry = entry.map_err(|source| StoreError::Read {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| StoreError::Read { path: dir.to_path_buf(), source })?;
         let path = entry.path();
-        let ft = entry.file_type().map_err(|source| StoreError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let ft = entry.file_type().map_err(|source| StoreError::Read { path: path.clone(), source })?;
         if ft.is_dir() {
             total += fsync_tree(&path)?;
         } else if ft.is_file() {
-            let f = File::open(&path).map_err(|source| StoreError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            f.sync_all().map_err(|source| StoreError::Sync {
-                path: path.clone(),
-                source,
-            })?;
+            let f = File::open(&path).map_err(|source| StoreError::Read { path: path.clone(), source })?;
+            f.sync_all().map_err(|source| StoreError::Sync { path: path.clone(), source })?;
             total += f.metadata().map(|m| m.len()).unwrap_or(0);
         }
     }
@@ -98,10 +66,7 @@ pub fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<(), StoreError> {
         .mode(mode)
         .create(dir)
         .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(mode)))
-        .map_err(|source| StoreError::Create {
-            path: dir.to_path_buf(),
-            source,
-        })
+        .map_err(|source| StoreError::Create { path: dir.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -4,36 +4,17 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("failed to create {path}: {source}{}", space_hint(source))]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Create { path: PathBuf, source: std::io::Error },
     #[error("failed to write {path}: {source}{}", space_hint(source))]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "failed to make {path} durable (fsync): {source}{}",
-        space_hint(source)
-    )]
-    Sync {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("failed to make {path} durable (fsync): {source}{}", space_hint(source))]
+    Sync { path: PathBuf, source: std::io::Error },
     #[error("failed to read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("failed to parse manifest {path}: {reason}; the checkpoint is damaged (move it aside, or delete it)")]
     BadManifest { path: PathBuf, reason: String },
     #[error("failed to move {from} to {to}: {source}")]
-    Rename {
-        from: PathBuf,
-        to: PathBuf,
-        source: std::io::Error,
-    },
+    Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
 }
 
 fn space_hint(e: &std::io::Error) -> &'static str {

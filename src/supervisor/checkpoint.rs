@@ -10,13 +10,11 @@ use crate::process::tree;
 use crate::store::{DumpKind, Manifest};
 use std::time::{Instant, SystemTime};
 
-pub fn take_checkpoint(
-    ctx: &Context,
-    init_pid: i32,
-    kind: DumpKind,
-) -> Result<CheckpointReport, String> {
+pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
+    // The first line is the summary; CRIU's error lines, if any, follow it.
     dump(ctx, init_pid, kind).map_err(|e| {
-        format!("{e}; the service keeps running and earlier checkpoints are untouched")
+        let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
+        format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     })
 }
 
@@ -31,8 +29,7 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
         created_at: crate::time_fmt::rfc3339_utc(SystemTime::now()),
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),
         criu_version: ctx.criu.version.clone(),
-        init_binary: std::fs::read_link(format!("/proc/{init_pid}/exe"))
-            .unwrap_or_else(|_| ctx.init_binary.clone()),
+        init_binary: std::fs::read_link(format!("/proc/{init_pid}/exe")).unwrap_or_else(|_| ctx.init_binary.clone()),
         stdout_pipe_inode: tree::stdout_pipe_inode(init_pid),
         size_bytes: 0,
     };
@@ -50,17 +47,13 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
         leave_running: !stopping,
         action_script: stopping.then(|| action_hook::script_for(&ctx.exe)),
     };
-    let env: Vec<(&str, String)> = if stopping {
-        vec![(action_hook::PENDING_ENV, pending.dir.display().to_string())]
-    } else {
-        Vec::new()
-    };
+    let env: Vec<(&str, String)> =
+        if stopping { vec![(action_hook::PENDING_ENV, pending.dir.display().to_string())] } else { Vec::new() };
     let dumped = ctx.criu.dump(&args, &env);
 
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
-            "CRIU reported success but the checkpoint was not finalized by the post-dump hook"
-                .to_string()
+            "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
         }),
         Ok(()) => pending.finalize().map_err(|e| e.to_string()),
         // The hook finalized it and something after that failed: the checkpoint itself is complete.
@@ -81,44 +74,27 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
     }
 }
 
-fn describe_failed_dump(
-    ctx: &Context,
-    pending: &crate::store::PendingCheckpoint,
-    e: CriuError,
-) -> String {
+fn describe_failed_dump(ctx: &Context, pending: &crate::store::PendingCheckpoint, e: CriuError) -> String {
     // Keep CRIU's log: the pending directory is about to be removed.
     let kept = ctx.paths.failed_dump_log();
     let e = match e {
-        CriuError::Failed {
-            action,
-            status,
-            log,
-            errors,
-        } => {
-            let log = if std::fs::rename(&log, &kept).is_ok() {
-                kept
-            } else {
-                log
-            };
-            CriuError::Failed {
-                action,
-                status,
-                log,
-                errors,
-            }
+        CriuError::Failed { action, status, log, errors } => {
+            let log = if std::fs::rename(&log, &kept).is_ok() { kept } else { log };
+            CriuError::Failed { action, status, log, errors }
         }
         other => other,
     };
     let mut text = e.one_line();
     if let CriuError::Failed { errors, .. } = &e {
-        if errors
-            .iter()
-            .any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"))
-        {
+        if errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota")) {
             text.push_str(&format!(
                 "; the disk holding {} is full: free space or move --state-dir to a larger filesystem",
                 pending.dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
             ));
+        }
+        for line in errors {
+            text.push('\n');
+            text.push_str(line);
         }
     }
     text

@@ -3,21 +3,11 @@ use crate::exit_codes;
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("failed to listen on kill port 127.0.0.1:{port} (key `kill_port` in {file}): {source}; another process uses it (find it with `ss -ltnp 'sport = :{port}'`) or pick another port")]
-    KillPortInUse {
-        port: u16,
-        file: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    KillPortInUse { port: u16, file: std::path::PathBuf, source: std::io::Error },
     #[error("failed to listen on control socket {path}: {source}")]
-    ControlSocket {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    ControlSocket { path: std::path::PathBuf, source: std::io::Error },
     #[error("failed to take the lock {path}: {source}")]
-    Lock {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Lock { path: std::path::PathBuf, source: std::io::Error },
     #[error("failed to become a child subreaper: {0}")]
     Subreaper(nix::Error),
     #[error("failed to start the event loop: {0}")]

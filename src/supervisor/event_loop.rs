@@ -46,18 +46,8 @@ pub async fn run_loop(
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
     // Every connection holds a clone; the loop's end waits until final lines are written.
     let connections = Arc::new(());
-    tokio::spawn(accept_kill_port(
-        kill_port,
-        req_tx.clone(),
-        ctx.service.name.clone(),
-        connections.clone(),
-    ));
-    tokio::spawn(accept_control(
-        control,
-        req_tx,
-        ctx.service.name.clone(),
-        connections.clone(),
-    ));
+    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
+    tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -101,12 +91,8 @@ pub async fn run_loop(
                         waiters.push(req.reply);
                     }
                     log.note(match kind {
-                        DumpKind::Stop => {
-                            "checkpoint requested through the kill port: dumping, then stopping"
-                        }
-                        DumpKind::KeepRunning => {
-                            "checkpoint requested: dumping, the service keeps running"
-                        }
+                        DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
+                        DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
                     });
                     let (ctx, tx) = (ctx.clone(), dump_tx.clone());
                     tokio::task::spawn_blocking(move || {
@@ -117,16 +103,17 @@ pub async fn run_loop(
                 Action::RejectRequest => {
                     if let Some(req) = request.take() {
                         let why = match state {
-                            State::Checkpointing { .. } => format!("a checkpoint of {} is already in progress; try again when it finishes", ctx.service.name),
+                            State::Checkpointing { .. } => format!(
+                                "a checkpoint of {} is already in progress; try again when it finishes",
+                                ctx.service.name
+                            ),
                             _ => format!("{} is shutting down", ctx.service.name),
                         };
                         let _ = req.reply.send(Err(why));
                     }
                 }
                 Action::ReplyToDumpWaiters => {
-                    let outcome = last_outcome
-                        .clone()
-                        .unwrap_or_else(|| Err("no outcome".into()));
+                    let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     match &outcome {
                         Ok(r) => log.note(&format!(
                             "checkpoint {} saved ({} bytes) in {}",
@@ -185,9 +172,7 @@ pub async fn run_loop(
         let _ = waitpid(init_pid, None);
     }
     if tokio::time::timeout(FINISH_TIMEOUT, pump).await.is_err() {
-        log.note(
-            "the service's output did not reach EOF in time; some of its last lines may be missing",
-        );
+        log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
     }
     let message: String = match state {
         State::Stopped => last_outcome
@@ -197,9 +182,7 @@ pub async fn run_loop(
             .unwrap_or_else(|| "stopped".into()),
         _ => exit_message.unwrap_or_else(|| "exited".into()),
     };
-    while Arc::strong_count(&connections) > 3
-        && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT
-    {
+    while Arc::strong_count(&connections) > 3 && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     log.note(&format!("supervisor exiting: {message}"));
@@ -222,12 +205,7 @@ fn reap(init_pid: Pid, exit_message: &mut Option<String>) -> Option<Event> {
     Some(Event::ServiceExited)
 }
 
-async fn accept_kill_port(
-    listener: TcpListener,
-    tx: mpsc::Sender<Request>,
-    name: String,
-    token: Arc<()>,
-) {
+async fn accept_kill_port(listener: TcpListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
@@ -239,12 +217,7 @@ async fn accept_kill_port(
     }
 }
 
-async fn accept_control(
-    listener: UnixListener,
-    tx: mpsc::Sender<Request>,
-    name: String,
-    token: Arc<()>,
-) {
+async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -254,11 +227,7 @@ async fn accept_control(
             let _token = token;
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
-            let read = tokio::time::timeout(
-                Duration::from_secs(10),
-                BufReader::new(rd).read_line(&mut line),
-            )
-            .await;
+            let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(rd).read_line(&mut line)).await;
             if !matches!(read, Ok(Ok(_))) || line.trim() != protocol::CHECKPOINT_COMMAND {
                 let _ = wr
                     .write_all(
@@ -278,12 +247,7 @@ async fn accept_control(
 }
 
 /// One request: the announcement at once, then the outcome.
-async fn serve<W: tokio::io::AsyncWrite + Unpin>(
-    mut out: W,
-    kind: DumpKind,
-    tx: mpsc::Sender<Request>,
-    name: String,
-) {
+async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx: mpsc::Sender<Request>, name: String) {
     let first = match kind {
         DumpKind::Stop => protocol::announce_stop(&name),
         DumpKind::KeepRunning => protocol::announce_checkpoint(&name),
@@ -292,13 +256,9 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(
     let _ = out.flush().await;
     let (reply, rx) = oneshot::channel();
     let outcome = match tx.send(Request { kind, reply }).await {
-        Ok(()) => rx
-            .await
-            .unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
         Err(_) => Err("the supervisor is exiting".into()),
     };
-    let _ = out
-        .write_all(protocol::final_line(&outcome).as_bytes())
-        .await;
+    let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
     let _ = out.shutdown().await;
 }

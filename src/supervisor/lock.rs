@@ -20,12 +20,7 @@ pub fn acquire(path: &Path) -> std::io::Result<Acquired> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             lock.set_len(0)?;
@@ -33,9 +28,7 @@ pub fn acquire(path: &Path) -> std::io::Result<Acquired> {
             writeln!(*lock, "{}", std::process::id())?;
             Ok(Acquired::Yes(ServiceLock { _lock: lock }))
         }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            Ok(Acquired::HeldBy(read_pid(&mut file)))
-        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => Ok(Acquired::HeldBy(read_pid(&mut file))),
         Err((_, e)) => Err(std::io::Error::from(e)),
     }
 }

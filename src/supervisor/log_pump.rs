@@ -15,20 +15,13 @@ pub struct LogWriter(Arc<Mutex<File>>);
 
 impl LogWriter {
     pub fn open(path: &Path) -> std::io::Result<LogWriter> {
-        let f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(path)?;
+        let f = OpenOptions::new().append(true).create(true).mode(0o640).open(path)?;
         Ok(LogWriter(Arc::new(Mutex::new(f))))
     }
 
     /// A line from stasis itself, marked so it cannot be mistaken for the service's output.
     pub fn note(&self, msg: &str) {
-        let line = format!(
-            "[stasis {}] {msg}\n",
-            crate::time_fmt::rfc3339_utc(std::time::SystemTime::now())
-        );
+        let line = format!("[stasis {}] {msg}\n", crate::time_fmt::rfc3339_utc(std::time::SystemTime::now()));
         self.write(line.as_bytes());
         tracing::info!("{msg}");
     }

@@ -33,7 +33,14 @@ pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
             r.duration.as_secs_f64(),
             r.dir.display()
         ),
-        Err(e) => format!("ERROR {}\n", e.replace('\n', " | ")),
+        // CRIU's error lines go first, indented; the last line is always the verdict.
+        Err(e) => {
+            let mut lines = e.lines();
+            let summary = lines.next().unwrap_or_default();
+            let mut out: String = lines.map(|l| format!("  {l}\n")).collect();
+            out.push_str(&format!("ERROR {summary}\n"));
+            out
+        }
     }
 }
 
@@ -42,16 +49,12 @@ pub fn parse_final(line: &str) -> Option<Result<String, String>> {
     if let Some(rest) = line.strip_prefix("OK") {
         return Some(Ok(rest.trim().to_string()));
     }
-    line.strip_prefix("ERROR")
-        .map(|rest| Err(rest.trim().to_string()))
+    line.strip_prefix("ERROR").map(|rest| Err(rest.trim().to_string()))
 }
 
 /// The checkpoint id in an OK line.
 pub fn checkpoint_id(ok_text: &str) -> Option<&str> {
-    ok_text
-        .strip_prefix("checkpoint ")?
-        .split_whitespace()
-        .next()
+    ok_text.strip_prefix("checkpoint ")?.split_whitespace().next()
 }
 
 #[cfg(test)]
@@ -67,16 +70,11 @@ mod tests {
             dir: "/x".into(),
         };
         let line = final_line(&Ok(r));
-        assert!(
-            line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"),
-            "{line}"
-        );
+        assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");
         let ok = parse_final(line.trim()).unwrap().unwrap();
         assert_eq!(checkpoint_id(&ok), Some("20261125T015053.123Z"));
-        let err = final_line(&Err("failed to dump\n  details".into()));
-        assert_eq!(
-            parse_final(err.trim()),
-            Some(Err("failed to dump |   details".into()))
-        );
+        let err = final_line(&Err("failed to dump\n(0.1) Error (x.c:1): why".into()));
+        assert_eq!(err, "  (0.1) Error (x.c:1): why\nERROR failed to dump\n");
+        assert_eq!(parse_final(err.lines().last().unwrap()), Some(Err("failed to dump".into())));
     }
 }

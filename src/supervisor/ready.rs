@@ -24,15 +24,10 @@ pub struct Notifier(Option<std::fs::File>);
 
 impl Notifier {
     pub fn from_env() -> Notifier {
-        let fd = std::env::var(READY_FD_ENV)
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok());
+        let fd = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
         std::env::remove_var(READY_FD_ENV);
         // SAFETY: `stasis start` put this fd in place for us and nothing else owns it.
-        Notifier(
-            fd.filter(|fd| *fd > 2)
-                .map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })),
-        )
+        Notifier(fd.filter(|fd| *fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
 
     pub fn send(&mut self, report: &StartReport) {

@@ -48,75 +48,41 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
     let paths = dirs.service(&service.name);
-    let _lock = match lock::acquire(&paths.lock).map_err(|source| SupervisorError::Lock {
-        path: paths.lock.clone(),
-        source,
-    })? {
+    let _lock = match lock::acquire(&paths.lock)
+        .map_err(|source| SupervisorError::Lock { path: paths.lock.clone(), source })?
+    {
         Acquired::Yes(l) => l,
-        Acquired::HeldBy(pid) => {
-            return Err(Error::AlreadyRunning {
-                service: service.name.clone(),
-                pid,
-            })
-        }
+        Acquired::HeldBy(pid) => return Err(Error::AlreadyRunning { service: service.name.clone(), pid }),
     };
     create_dir_with_mode(&paths.root, 0o700)?;
-    let kill_port =
-        std::net::TcpListener::bind(("127.0.0.1", service.kill_port)).map_err(|source| {
-            SupervisorError::KillPortInUse {
-                port: service.kill_port,
-                file: service.file.clone(),
-                source,
-            }
-        })?;
+    let kill_port = std::net::TcpListener::bind(("127.0.0.1", service.kill_port)).map_err(|source| {
+        SupervisorError::KillPortInUse { port: service.kill_port, file: service.file.clone(), source }
+    })?;
     let _ = std::fs::remove_file(&paths.control_socket);
-    let control =
-        std::os::unix::net::UnixListener::bind(&paths.control_socket).map_err(|source| {
-            SupervisorError::ControlSocket {
-                path: paths.control_socket.clone(),
-                source,
-            }
-        })?;
-    let _ = std::fs::set_permissions(
-        &paths.control_socket,
-        std::fs::Permissions::from_mode(0o600),
-    );
+    let control = std::os::unix::net::UnixListener::bind(&paths.control_socket)
+        .map_err(|source| SupervisorError::ControlSocket { path: paths.control_socket.clone(), source })?;
+    let _ = std::fs::set_permissions(&paths.control_socket, std::fs::Permissions::from_mode(0o600));
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
     let init_binary = init_binary::install(&dirs.init_binaries())?;
-    let log = LogWriter::open(&paths.service_log())
-        .map_err(|e| Error::io("open", paths.service_log(), e))?;
+    let log = LogWriter::open(&paths.service_log()).map_err(|e| Error::io("open", paths.service_log(), e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let store = CheckpointStore::new(&paths);
-    let ctx = Arc::new(Context {
-        service,
-        paths,
-        store,
-        criu,
-        init_binary,
-        exe,
-    });
+    let ctx = Arc::new(Context { service, paths, store, criu, init_binary, exe });
     let name = ctx.service.name.clone();
 
-    let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| {
-        StatusRecord {
-            name: name.clone(),
-            state,
-            init_pid: started
-                .map(|s| s.init_pid.as_raw())
-                .filter(|_| state == ServiceState::Running),
-            supervisor_pid: Some(std::process::id()),
-            started_from: started.map(|s| s.started_from),
-            restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
-            fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
-            since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
-            message,
-        }
+    let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {
+        name: name.clone(),
+        state,
+        init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state == ServiceState::Running),
+        supervisor_pid: Some(std::process::id()),
+        started_from: started.map(|s| s.started_from),
+        restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
+        fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
+        since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
+        message,
     };
 
-    let super::startup::Started {
-        info: started,
-        output,
-    } = match start_service(&ctx) {
+    let super::startup::Started { info: started, output } = match start_service(&ctx) {
         Ok(s) => s,
         Err(e) => {
             log.note(&format!("failed to start: {e}"));
@@ -130,10 +96,9 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
     };
     let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
     match (&started.started_from, &started.fallback_reason) {
-        (StartedFrom::Checkpoint, _) => log.note(&format!(
-            "restored from checkpoint {}",
-            started.checkpoint.as_deref().unwrap_or("?")
-        )),
+        (StartedFrom::Checkpoint, _) => {
+            log.note(&format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?")))
+        }
         (StartedFrom::Cold, Some(why)) => log.note(&format!("cold start because {why}")),
         (StartedFrom::Cold, None) => log.note("cold start (no checkpoint)"),
     }
@@ -148,23 +113,16 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
         exit_code: None,
     });
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(SupervisorError::Runtime)?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
     let init_pid = started.init_pid;
     let end = runtime.block_on(async {
         let kill_port = {
-            kill_port
-                .set_nonblocking(true)
-                .map_err(|e| Error::io("configure", "the kill port", e))?;
-            tokio::net::TcpListener::from_std(kill_port)
-                .map_err(|e| Error::io("configure", "the kill port", e))?
+            kill_port.set_nonblocking(true).map_err(|e| Error::io("configure", "the kill port", e))?;
+            tokio::net::TcpListener::from_std(kill_port).map_err(|e| Error::io("configure", "the kill port", e))?
         };
         let control = {
-            control
-                .set_nonblocking(true)
-                .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?;
+            control.set_nonblocking(true).map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?;
             tokio::net::UnixListener::from_std(control)
                 .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?
         };
@@ -178,18 +136,10 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
             };
             let _ = record(s, Some(&started), message.map(str::to_string)).write(&paths);
         };
-        run_loop(
-            ctx.clone(),
-            init_pid,
-            kill_port,
-            control,
-            log.clone(),
-            pump,
-            on_change,
-        )
-        .await
-        .map_err(SupervisorError::Runtime)
-        .map_err(Error::from)
+        run_loop(ctx.clone(), init_pid, kill_port, control, log.clone(), pump, on_change)
+            .await
+            .map_err(SupervisorError::Runtime)
+            .map_err(Error::from)
     })?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
     Ok(match end.state {

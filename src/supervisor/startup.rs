@@ -29,19 +29,17 @@ pub fn start_service(ctx: &Context) -> Result<Started, Error> {
         let attempt = match newest.manifest {
             Err(e) => Err(format!("its manifest is unreadable ({e})")),
             Ok(manifest) => {
-                let cp = crate::store::Checkpoint {
-                    id: newest.id.clone(),
-                    dir: newest.dir.clone(),
-                    manifest,
-                };
+                let cp = crate::store::Checkpoint { id: newest.id.clone(), dir: newest.dir.clone(), manifest };
                 restore(ctx, &cp)
             }
         };
         match attempt {
             Ok(started) => return Ok(started),
             Err(why) => {
-                let reason = format!("restore of checkpoint {} failed: {why}", newest.id);
-                let moved = ctx.store.quarantine(&newest.id, &reason)?;
+                // One line for status; the quarantine keeps CRIU's error lines too.
+                let (summary, details) = why.split_once('\n').unwrap_or((&why, ""));
+                let reason = format!("restore of checkpoint {} failed: {summary}", newest.id);
+                let moved = ctx.store.quarantine(&newest.id, &format!("{reason}\n{details}"))?;
                 // It will never be restored, so nothing will remove its network lock otherwise.
                 crate::criu::network_lock::release(&moved.join(crate::criu::DUMP_LOG));
                 fallback_reason = Some(format!("{reason}; quarantined it in {}", moved.display()));
@@ -54,13 +52,10 @@ pub fn start_service(ctx: &Context) -> Result<Started, Error> {
 fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, String> {
     let init = &cp.manifest.init_binary;
     if !init.is_file() {
-        return Err(format!(
-            "the namespace init it was taken with, {}, is missing",
-            init.display()
-        ));
+        return Err(format!("the namespace init it was taken with, {}, is missing", init.display()));
     }
-    let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("failed to create a pipe: {e}"))?;
+    let (output, stdout_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("failed to create a pipe: {e}"))?;
     let args = RestoreArgs {
         images_dir: cp.images_dir(),
         work_dir: cp.dir.clone(),
@@ -68,17 +63,14 @@ fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, Stri
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
     };
-    let outcome = ctx
-        .criu
-        .restore(&args, Some(stdout_w.as_fd()))
-        .map_err(|e| e.one_line())?;
+    let outcome = ctx.criu.restore(&args, Some(stdout_w.as_fd())).map_err(|e| match &e {
+        crate::criu::CriuError::Failed { errors, .. } => format!("{}\n{}", e.one_line(), errors.join("\n")),
+        _ => e.one_line(),
+    })?;
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
     // The restored root must be our child (we are its subreaper), or we could not supervise it.
-    let parent = procfs::process::Process::new(outcome.pid)
-        .ok()
-        .and_then(|p| p.stat().ok())
-        .map(|s| s.ppid);
+    let parent = procfs::process::Process::new(outcome.pid).ok().and_then(|p| p.stat().ok()).map(|s| s.ppid);
     if parent != Some(std::process::id() as i32) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         return Err(format!(
@@ -98,8 +90,8 @@ fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, Stri
 }
 
 fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error> {
-    let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(crate::process::LaunchError::Pipe)?;
+    let (output, stdout_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(crate::process::LaunchError::Pipe)?;
     let s = &ctx.service;
     let spec = LaunchSpec {
         init_binary: ctx.init_binary.clone(),
@@ -114,12 +106,7 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
     let init_pid = cold_launch(&spec, stdout_w.as_fd())?;
     drop(stdout_w);
     Ok(Started {
-        info: StartInfo {
-            init_pid,
-            started_from: StartedFrom::Cold,
-            checkpoint: None,
-            fallback_reason,
-        },
+        info: StartInfo { init_pid, started_from: StartedFrom::Cold, checkpoint: None, fallback_reason },
         output,
     })
 }

@@ -49,62 +49,22 @@ pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
     use Event::*;
     use State::*;
     match (state, event) {
-        (Running, DumpRequested(kind)) => (
-            Checkpointing {
-                kind,
-                service_gone: false,
-                terminate_after: false,
-            },
-            vec![StartDump(kind)],
-        ),
+        (Running, DumpRequested(kind)) => {
+            (Checkpointing { kind, service_gone: false, terminate_after: false }, vec![StartDump(kind)])
+        }
         (Running, ServiceExited) => (Failed, vec![Finish]),
         (Running, Terminate) => (Stopping, vec![TerminateService]),
         (Running, DumpSucceeded | DumpFailed | GraceExpired) => (Running, vec![]),
 
         (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
-        (
-            Checkpointing {
-                kind,
-                terminate_after,
-                ..
-            },
-            ServiceExited,
-        ) => (
-            Checkpointing {
-                kind,
-                service_gone: true,
-                terminate_after,
-            },
-            vec![],
-        ),
-        (
-            Checkpointing {
-                kind, service_gone, ..
-            },
-            Terminate,
-        ) => (
-            Checkpointing {
-                kind,
-                service_gone,
-                terminate_after: true,
-            },
-            vec![],
-        ),
-        (
-            Checkpointing {
-                kind: DumpKind::Stop,
-                ..
-            },
-            DumpSucceeded,
-        ) => (Stopped, vec![ReplyToDumpWaiters, Finish]),
-        (
-            Checkpointing {
-                service_gone,
-                terminate_after,
-                ..
-            },
-            DumpSucceeded | DumpFailed,
-        ) => {
+        (Checkpointing { kind, terminate_after, .. }, ServiceExited) => {
+            (Checkpointing { kind, service_gone: true, terminate_after }, vec![])
+        }
+        (Checkpointing { kind, service_gone, .. }, Terminate) => {
+            (Checkpointing { kind, service_gone, terminate_after: true }, vec![])
+        }
+        (Checkpointing { kind: DumpKind::Stop, .. }, DumpSucceeded) => (Stopped, vec![ReplyToDumpWaiters, Finish]),
+        (Checkpointing { service_gone, terminate_after, .. }, DumpSucceeded | DumpFailed) => {
             if service_gone {
                 (Failed, vec![ReplyToDumpWaiters, Finish])
             } else if terminate_after {
@@ -146,10 +106,7 @@ mod tests {
     fn kill_port_dump_stops_the_service() {
         let (s, a) = run(&[DumpRequested(DumpKind::Stop), ServiceExited, DumpSucceeded]);
         assert_eq!(s, State::Stopped);
-        assert_eq!(
-            a,
-            vec![StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]
-        );
+        assert_eq!(a, vec![StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]);
     }
 
     #[test]
@@ -161,43 +118,21 @@ mod tests {
 
     #[test]
     fn a_second_request_during_a_dump_is_rejected() {
-        let (_, a) = run(&[
-            DumpRequested(DumpKind::KeepRunning),
-            DumpRequested(DumpKind::Stop),
-        ]);
+        let (_, a) = run(&[DumpRequested(DumpKind::KeepRunning), DumpRequested(DumpKind::Stop)]);
         assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), RejectRequest]);
     }
 
     #[test]
     fn terminate_during_a_dump_waits_for_it() {
-        let (s, a) = run(&[
-            DumpRequested(DumpKind::KeepRunning),
-            Terminate,
-            DumpSucceeded,
-        ]);
+        let (s, a) = run(&[DumpRequested(DumpKind::KeepRunning), Terminate, DumpSucceeded]);
         assert_eq!(s, State::Stopping);
-        assert_eq!(
-            a,
-            vec![
-                StartDump(DumpKind::KeepRunning),
-                ReplyToDumpWaiters,
-                TerminateService
-            ]
-        );
+        assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), ReplyToDumpWaiters, TerminateService]);
     }
 
     #[test]
     fn a_service_that_exits_by_itself_has_failed() {
         assert_eq!(run(&[ServiceExited]).0, State::Failed);
-        assert_eq!(
-            run(&[
-                DumpRequested(DumpKind::KeepRunning),
-                ServiceExited,
-                DumpFailed
-            ])
-            .0,
-            State::Failed
-        );
+        assert_eq!(run(&[DumpRequested(DumpKind::KeepRunning), ServiceExited, DumpFailed]).0, State::Failed);
     }
 
     #[test]

@@ -15,20 +15,10 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Fails the test (never skips) when the host cannot run real checkpoints.
 pub fn require_host() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "integration tests need root (CRIU does); run scripts/test as root"
-    );
-    let criu = which::which_in(
-        "criu",
-        Some("/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin"),
-        "/",
-    )
-    .expect("CRIU is missing: run scripts/setup (scripts/test does) to build and install it");
-    let out = Command::new(&criu)
-        .arg("--version")
-        .output()
-        .expect("run criu --version");
+    assert!(nix::unistd::geteuid().is_root(), "integration tests need root (CRIU does); run scripts/test as root");
+    let criu = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin"), "/")
+        .expect("CRIU is missing: run scripts/setup (scripts/test does) to build and install it");
+    let out = Command::new(&criu).arg("--version").output().expect("run criu --version");
     assert!(out.status.success(), "criu --version failed");
 }
 
@@ -40,21 +30,11 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         require_host();
-        let dir = tempfile::Builder::new()
-            .prefix("stasis-test-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("stasis-test-").tempdir().expect("tempdir");
         // The service user must reach files the tests put here (working dirs, scripts).
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::create_dir_all(dir.path().join("conf")).unwrap();
-        Env {
-            dir,
-            started: Default::default(),
-        }
+        Env { dir, started: Default::default() }
     }
 
     pub fn path(&self) -> &Path {
@@ -80,10 +60,7 @@ impl Env {
         c.env("STASIS_CONFIG_DIR", self.path().join("conf"))
             .env("STASIS_STATE_DIR", self.state_dir())
             .env("STASIS_RUN_DIR", self.path().join("run"))
-            .env(
-                "STASIS_CRIU_CONFIG_DIR",
-                Path::new(REPO).join("criu-configs"),
-            )
+            .env("STASIS_CRIU_CONFIG_DIR", Path::new(REPO).join("criu-configs"))
             .args(args);
         c
     }
@@ -107,12 +84,7 @@ impl Env {
 
     pub fn expect_code(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "stasis {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_eq!(out.status.code(), Some(code), "stasis {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
@@ -123,8 +95,7 @@ impl Env {
     }
 
     pub fn status(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["status", name, "--json"]))
-            .expect("status --json prints JSON")
+        serde_json::from_str(&self.ok(&["status", name, "--json"])).expect("status --json prints JSON")
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -144,18 +115,11 @@ impl Drop for Env {
     /// Leaves no service behind, whatever the test did: SIGKILL each supervisor's service tree,
     /// and drop the nftables network locks of checkpoints that will never be restored.
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("grep")
-            .arg("-rhoa")
-            .arg("CRIU run id = [0-9a-f-]*")
-            .arg(self.state_dir())
-            .output()
+        if let Ok(out) =
+            Command::new("grep").arg("-rhoa").arg("CRIU run id = [0-9a-f-]*").arg(self.state_dir()).output()
         {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let id: String = line
-                    .trim_start_matches("CRIU run id = ")
-                    .chars()
-                    .take(21)
-                    .collect();
+                let id: String = line.trim_start_matches("CRIU run id = ").chars().take(21).collect();
                 let _ = Command::new("nft")
                     .args(["delete", "table", "inet", &format!("CRIU-{id}")])
                     .stderr(std::process::Stdio::null())
@@ -163,20 +127,15 @@ impl Drop for Env {
             }
         }
         for name in self.started.borrow().iter() {
-            let status = std::fs::read_to_string(self.service_dir(name).join("status.json"))
-                .unwrap_or_default();
+            let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
             if let Some(pid) = v["init_pid"].as_i64() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
             if let Some(pid) = v["supervisor_pid"].as_i64() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
@@ -198,12 +157,7 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
+    write!(s, "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
@@ -216,10 +170,7 @@ pub fn http_json(port: u16) -> Option<serde_json::Value> {
 /// Connects to a kill port the way `telnet` would; returns every line the supervisor sent.
 pub fn kill_port(port: u16) -> Vec<String> {
     let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the kill port");
-    BufReader::new(s)
-        .lines()
-        .map(|l| l.expect("read kill port"))
-        .collect()
+    BufReader::new(s).lines().map(|l| l.expect("read kill port")).collect()
 }
 
 /// Real uid of a process.
@@ -235,11 +186,7 @@ pub fn uid_of(pid: i64) -> u32 {
 }
 
 pub fn uid_of_user(name: &str) -> u32 {
-    nix::unistd::User::from_name(name)
-        .unwrap()
-        .expect("user exists")
-        .uid
-        .as_raw()
+    nix::unistd::User::from_name(name).unwrap().expect("user exists").uid.as_raw()
 }
 
 /// The notes example service with its own ports.
@@ -251,8 +198,5 @@ pub fn notes_yaml(kill_port: u16, http_port: u16, extra: &str) -> String {
 
 /// Heartbeat numbers in the log, in order.
 pub fn heartbeats(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.strip_prefix("heartbeat "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
+    log.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
