@@ -131,15 +131,7 @@ pub fn supervise(dirs: &Dirs, name: &str) -> Result<i32, Error> {
         Ok(service) => Ok(supervisor::run(dirs.clone(), service, notifier)),
         Err(e) => {
             let e = Error::from(e);
-            notifier.send(&StartReport {
-                ok: false,
-                pid: None,
-                started_from: None,
-                checkpoint: None,
-                fallback_reason: None,
-                error: Some(e.to_string()),
-                exit_code: Some(e.exit_code()),
-            });
+            notifier.send(&StartReport::failure(&e));
             Err(e)
         }
     }

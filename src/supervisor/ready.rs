@@ -19,6 +19,20 @@ pub struct StartReport {
     pub exit_code: Option<i32>,
 }
 
+impl StartReport {
+    pub fn failure(e: &crate::error::Error) -> StartReport {
+        StartReport {
+            ok: false,
+            pid: None,
+            started_from: None,
+            checkpoint: None,
+            fallback_reason: None,
+            error: Some(e.to_string()),
+            exit_code: Some(e.exit_code()),
+        }
+    }
+}
+
 /// The readiness pipe given by `stasis start`, if any.
 pub struct Notifier(Option<std::fs::File>);
 

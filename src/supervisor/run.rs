@@ -28,15 +28,7 @@ pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier) -> i32 {
     match supervise(dirs, service, &mut notifier) {
         Ok(code) => code,
         Err(e) => {
-            notifier.send(&StartReport {
-                ok: false,
-                pid: None,
-                started_from: None,
-                checkpoint: None,
-                fallback_reason: None,
-                error: Some(e.to_string()),
-                exit_code: Some(e.exit_code()),
-            });
+            notifier.send(&StartReport::failure(&e));
             eprintln!("stasis: {name}: {e}");
             e.exit_code()
         }
