@@ -143,3 +143,28 @@ fn a_service_that_exits_by_itself_is_failed() {
     assert!(st["message"].as_str().unwrap().contains("status 3"), "{st}");
     assert!(env.log("oneshot").contains("bye"));
 }
+
+#[test]
+fn two_kill_port_connections_share_one_checkpoint() {
+    let env = Env::new();
+    let (kill, http_port) = (7815, 8815);
+    env.write_service("pair", &notes_yaml(kill, http_port, ""));
+    env.start("pair");
+    wait_for("service", || http_json(http_port));
+    let connect = move || {
+        use std::io::BufRead;
+        std::net::TcpStream::connect(("127.0.0.1", kill))
+            .map(|s| std::io::BufReader::new(s).lines().map_while(Result::ok).collect::<Vec<_>>())
+            .unwrap_or_else(|_| vec![String::from("refused")])
+    };
+    let a = std::thread::spawn(connect);
+    let b = std::thread::spawn(connect);
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let (la, lb) = (a.last().unwrap(), b.last().unwrap());
+    // Either both joined the same dump, or the second connected after the supervisor was gone.
+    assert!(la.starts_with("OK checkpoint ") || lb.starts_with("OK checkpoint "), "{a:?} {b:?}");
+    if la.starts_with("OK") && lb.starts_with("OK") {
+        assert_eq!(la, lb, "one checkpoint for both");
+    }
+    assert_eq!(env.checkpoint_dirs("pair").len(), 1);
+}

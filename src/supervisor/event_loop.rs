@@ -100,6 +100,11 @@ pub async fn run_loop(
                         let _ = tx.blocking_send(outcome);
                     });
                 }
+                Action::JoinDump => {
+                    if let Some(req) = request.take() {
+                        waiters.push(req.reply);
+                    }
+                }
                 Action::RejectRequest => {
                     if let Some(req) = request.take() {
                         let why = match state {

@@ -36,6 +36,8 @@ pub enum Action {
     StartDump(DumpKind),
     /// Answer the new request: busy, or the service is going away.
     RejectRequest,
+    /// The new request asks for what is already under way: it gets the same outcome.
+    JoinDump,
     /// Send the dump's outcome to everyone waiting for it.
     ReplyToDumpWaiters,
     TerminateService,
@@ -56,6 +58,7 @@ pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
         (Running, Terminate) => (Stopping, vec![TerminateService]),
         (Running, DumpSucceeded | DumpFailed | GraceExpired) => (Running, vec![]),
 
+        (Checkpointing { kind, .. }, DumpRequested(asked)) if kind == asked => (state, vec![JoinDump]),
         (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
         (Checkpointing { kind, terminate_after, .. }, ServiceExited) => {
             (Checkpointing { kind, service_gone: true, terminate_after }, vec![])
@@ -120,6 +123,13 @@ mod tests {
     fn a_second_request_during_a_dump_is_rejected() {
         let (_, a) = run(&[DumpRequested(DumpKind::KeepRunning), DumpRequested(DumpKind::Stop)]);
         assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), RejectRequest]);
+    }
+
+    #[test]
+    fn a_second_stop_during_a_stop_waits_for_the_same_checkpoint() {
+        let (s, a) = run(&[DumpRequested(DumpKind::Stop), DumpRequested(DumpKind::Stop), DumpSucceeded]);
+        assert_eq!(s, State::Stopped);
+        assert_eq!(a, vec![StartDump(DumpKind::Stop), JoinDump, ReplyToDumpWaiters, Finish]);
     }
 
     #[test]
