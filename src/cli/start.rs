@@ -42,7 +42,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         }
     }
     if foreground {
-        return Ok(supervisor::run(dirs.clone(), service, Notifier::from_env()));
+        return Ok(supervisor::run(dirs.clone(), service, Notifier::from_env(), true));
     }
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
@@ -128,7 +128,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
 pub fn supervise(dirs: &Dirs, name: &str) -> Result<i32, Error> {
     let mut notifier = Notifier::from_env();
     match load_service(dirs, name) {
-        Ok(service) => Ok(supervisor::run(dirs.clone(), service, notifier)),
+        Ok(service) => Ok(supervisor::run(dirs.clone(), service, notifier, false)),
         Err(e) => {
             let e = Error::from(e);
             notifier.send(&StartReport::failure(&e));

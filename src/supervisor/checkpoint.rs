@@ -19,6 +19,7 @@ pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<C
 }
 
 fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
+    let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
     let pending = ctx.store.begin().map_err(|e| e.to_string())?;
     let draft = Manifest {

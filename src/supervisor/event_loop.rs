@@ -94,6 +94,7 @@ pub async fn run_loop(
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
                     });
+                    super::systemd::status("saving a checkpoint");
                     let (ctx, tx) = (ctx.clone(), dump_tx.clone());
                     tokio::task::spawn_blocking(move || {
                         let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind);
@@ -120,6 +121,10 @@ pub async fn run_loop(
                 Action::ReplyToDumpWaiters => {
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     match &outcome {
+                        Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
+                        Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or(""))),
+                    }
+                    match &outcome {
                         Ok(r) => log.note(&format!(
                             "checkpoint {} saved ({} bytes) in {}",
                             r.id,
@@ -133,6 +138,7 @@ pub async fn run_loop(
                     }
                 }
                 Action::TerminateService => {
+                    super::systemd::stopping("stopping without a checkpoint");
                     log.note(&format!(
                         "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
                         ctx.service.stop_timeout.as_secs()
@@ -191,6 +197,7 @@ pub async fn run_loop(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     log.note(&format!("supervisor exiting: {message}"));
+    super::systemd::stopping(&message);
     Ok(LoopEnd { state })
 }
 

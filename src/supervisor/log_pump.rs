@@ -11,23 +11,29 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
 
 #[derive(Clone)]
-pub struct LogWriter(Arc<Mutex<File>>);
+pub struct LogWriter {
+    file: Arc<Mutex<File>>,
+    /// Also print notes on stderr (the journal, under systemd).
+    mirror: bool,
+}
 
 impl LogWriter {
-    pub fn open(path: &Path) -> std::io::Result<LogWriter> {
+    pub fn open(path: &Path, mirror: bool) -> std::io::Result<LogWriter> {
         let f = OpenOptions::new().append(true).create(true).mode(0o640).open(path)?;
-        Ok(LogWriter(Arc::new(Mutex::new(f))))
+        Ok(LogWriter { file: Arc::new(Mutex::new(f)), mirror })
     }
 
     /// A line from stasis itself, marked so it cannot be mistaken for the service's output.
     pub fn note(&self, msg: &str) {
         let line = format!("[stasis {}] {msg}\n", crate::time_fmt::rfc3339_utc(std::time::SystemTime::now()));
         self.write(line.as_bytes());
-        tracing::info!("{msg}");
+        if self.mirror {
+            eprintln!("{msg}");
+        }
     }
 
     fn write(&self, bytes: &[u8]) {
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f.write_all(bytes) {
             tracing::warn!("failed to write to the service log: {e}");
         }

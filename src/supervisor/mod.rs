@@ -15,6 +15,7 @@ mod run;
 mod startup;
 pub mod state;
 pub mod status;
+mod systemd;
 
 pub use error::SupervisorError;
 pub use run::run;

@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
-pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier) -> i32 {
+/// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
+pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier, foreground: bool) -> i32 {
     let name = service.name.clone();
-    match supervise(dirs, service, &mut notifier) {
+    match supervise(dirs, service, &mut notifier, foreground) {
         Ok(code) => code,
         Err(e) => {
             notifier.send(&StartReport::failure(&e));
@@ -35,7 +36,7 @@ pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier) -> i32 {
     }
 }
 
-fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i32, Error> {
+fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: bool) -> Result<i32, Error> {
     let criu = Criu::get()?;
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
@@ -56,7 +57,7 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
     let _ = std::fs::set_permissions(&paths.control_socket, std::fs::Permissions::from_mode(0o600));
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
     let init_binary = init_binary::install(&dirs.init_binaries())?;
-    let log = LogWriter::open(&paths.service_log()).map_err(|e| Error::io("open", paths.service_log(), e))?;
+    let log = LogWriter::open(&paths.service_log(), foreground).map_err(|e| Error::io("open", paths.service_log(), e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let store = CheckpointStore::new(&paths);
     let ctx = Arc::new(Context { service, paths, store, criu, init_binary, exe });
@@ -87,13 +88,15 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier) -> Result<i3
         }
     };
     let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    match (&started.started_from, &started.fallback_reason) {
+    let how = match (&started.started_from, &started.fallback_reason) {
         (StartedFrom::Checkpoint, _) => {
-            log.note(&format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?")))
+            format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
         }
-        (StartedFrom::Cold, Some(why)) => log.note(&format!("cold start because {why}")),
-        (StartedFrom::Cold, None) => log.note("cold start (no checkpoint)"),
-    }
+        (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
+        (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
+    };
+    log.note(&how);
+    super::systemd::ready(&format!("{how}; pid {pid}"));
     record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
     notifier.send(&StartReport {
         ok: true,

@@ -23,6 +23,7 @@ pub struct StartInfo {
 }
 
 pub fn start_service(ctx: &Context) -> Result<Started, Error> {
+    let _keep_systemd_waiting = super::systemd::extend_while_busy();
     ctx.store.remove_incomplete();
     let mut fallback_reason = None;
     if let Some(newest) = ctx.store.list()?.pop() {
