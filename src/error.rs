@@ -27,6 +27,9 @@ pub enum Error {
     CheckpointFailed(String),
     #[error("{0}")]
     StartFailed(String),
+    /// A request that cannot be carried out as given (the message says what to change).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Error {
@@ -47,6 +50,7 @@ impl Error {
             Error::Io { .. } => exit_codes::INTERNAL,
             Error::CheckpointFailed(_) => exit_codes::CHECKPOINT_FAILED,
             Error::StartFailed(_) => exit_codes::START_FAILED,
+            Error::Refused(_) => exit_codes::CONFIG,
         }
     }
 }

@@ -47,13 +47,16 @@ fn default_criu_config_dir() -> PathBuf {
             return PathBuf::from(dir);
         }
     }
-    // A binary run from a source checkout (target/{debug,release}/stasis) uses the checkout's.
     if let Ok(exe) = std::env::current_exe() {
-        if let Some(repo) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            let dir = repo.join("criu-configs");
-            if dir.is_dir() {
-                return dir;
-            }
+        // An installed binary (PREFIX/bin/stasis) uses PREFIX/share/stasis/criu-configs; one run
+        // from a source checkout (target/{debug,release}/stasis) uses the checkout's.
+        let prefix = exe.parent().and_then(Path::parent);
+        let candidates = [
+            prefix.map(|p| p.join("share/stasis/criu-configs")),
+            prefix.and_then(Path::parent).map(|p| p.join("criu-configs")),
+        ];
+        if let Some(dir) = candidates.into_iter().flatten().find(|d| d.is_dir()) {
+            return dir;
         }
     }
     PathBuf::from(CRIU_CONFIG_DIRS[0])

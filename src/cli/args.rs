@@ -44,6 +44,38 @@ pub struct DirArgs {
     pub criu_config_dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    pub name: String,
+    /// The service user.
+    #[arg(long)]
+    pub user: String,
+    /// Create the user as a system user without a login shell (useradd --system) if it does not exist.
+    #[arg(long)]
+    pub create_user: bool,
+    /// The service's group [default: the user's primary group].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Loopback TCP port whose connections checkpoint and stop the service.
+    #[arg(long, value_name = "PORT")]
+    pub kill_port: u16,
+    /// Working directory [default: STATE_DIR/work/NAME, created and owned by the user].
+    #[arg(long, value_name = "DIR")]
+    pub working_dir: Option<PathBuf>,
+    /// Environment variable for the service (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub environment: Vec<String>,
+    /// CRIU option file to use (a NAME.conf in the CRIU config dir).
+    #[arg(long, value_name = "NAME")]
+    pub criu_config: Option<String>,
+    /// Replace an existing service file.
+    #[arg(long)]
+    pub force: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a service: restore its latest checkpoint, or cold-launch it when there is none.
@@ -105,6 +137,28 @@ pub enum Command {
         targets: Vec<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Set up a new service: write NAME.yaml (validated), create its user and directories.
+    ///
+    /// Example: stasis add redis --user redis --kill-port 7390 -- /usr/bin/redis-server --port 6390 --save ''
+    Add(AddArgs),
+    /// Remove a service's file (it must be stopped). Its checkpoints are kept unless --purge.
+    Remove {
+        name: String,
+        /// Also delete its checkpoints, logs and working directory under the state dir.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Print an LSB init script for hosts without systemd: `start` runs `stasis start`, `stop` is the kill port.
+    ///
+    /// Install it with: stasis init-script NAME > /etc/init.d/stasis-NAME && chmod 755 /etc/init.d/stasis-NAME
+    InitScript { name: String },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (stasis.1 and one per command) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
     /// Run a supervisor (used by `start`).
     #[command(name = "__supervise", hide = true)]

@@ -1,7 +1,9 @@
 //! The `stasis` command line: parses arguments and dispatches to one module per command.
 
+mod add;
 mod args;
 mod checkpoint;
+mod generate;
 mod checkpoints;
 mod logs;
 mod output;
@@ -13,7 +15,8 @@ mod validate;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
-use args::{Cli, Command};
+pub use args::Cli;
+use args::Command;
 use clap::Parser;
 
 pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
@@ -40,6 +43,11 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
         Command::Logs { name, lines, follow } => logs::run(&dirs, &name, lines, follow),
         Command::Validate { targets, json } => validate::run(&dirs, &targets, json),
+        Command::Add(a) => add::add(&dirs, a),
+        Command::Remove { name, purge } => add::remove(&dirs, &name, purge),
+        Command::InitScript { name } => generate::init_script(&dirs, &name),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { dir } => generate::man_pages(&dir),
         Command::Supervise { name } => start::supervise(&dirs, &name),
     };
     match result {

@@ -4,9 +4,10 @@
 mod error;
 mod key_lines;
 mod load;
-mod schema;
+pub mod schema;
 mod validate;
 
 pub use error::{ConfigError, Problem};
 pub use load::{discover, load_service, service_name_from_path};
+pub use schema::{CriuSection, ServiceFile};
 pub use validate::Service;

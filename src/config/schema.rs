@@ -1,6 +1,6 @@
 //! The on-disk shape of a service file. Unknown keys are errors at every level.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Every key a service file may have, for the unknown-key check that reports all of them at once.
@@ -8,7 +8,7 @@ pub const TOP_LEVEL_KEYS: &[&str] =
     &["command", "user", "group", "kill_port", "working_dir", "environment", "criu", "stop_timeout_secs"];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     /// argv of the service; the first element is looked up in the service's PATH.
@@ -16,26 +16,36 @@ pub struct ServiceFile {
     /// The user the service runs as (never root by accident: it is required).
     pub user: String,
     /// Defaults to the user's primary group.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Loopback TCP port whose connections checkpoint the service and stop it.
     pub kill_port: u16,
     /// Defaults to `/`, as systemd does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// Added to (and overriding) the clean default environment.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub environment: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "CriuSection::is_default")]
     pub criu: CriuSection,
     /// Grace period between SIGTERM and SIGKILL when a service is stopped without a checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CriuSection {
     /// Name of an option file `<criu-config-dir>/<name>.conf`; default `default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
     /// Extra CRIU command-line options, appended after the option file.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<String>,
+}
+
+impl CriuSection {
+    fn is_default(&self) -> bool {
+        self.config.is_none() && self.options.is_empty()
+    }
 }

@@ -58,13 +58,17 @@ pub fn fsync_tree(dir: &Path) -> Result<u64, StoreError> {
     Ok(total)
 }
 
-/// Creates `dir` (and parents) with the given mode; an existing directory gets the mode too.
+/// Creates `dir` with the given mode (an existing one gets the mode too). Missing parents are
+/// created with the usual 0755, so that only the leaf is restricted.
 pub fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    parent
+        .map_or(Ok(()), |p| fs::DirBuilder::new().recursive(true).mode(0o755).create(p))
+        .and_then(|_| match fs::DirBuilder::new().mode(mode).create(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+            other => other,
+        })
         .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(mode)))
         .map_err(|source| StoreError::Create { path: dir.to_path_buf(), source })
 }
