@@ -24,9 +24,7 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
     }
     let mut environment = BTreeMap::new();
     for kv in &a.environment {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::Refused(format!("--env {kv:?} must be KEY=VALUE")))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| Error::Refused(format!("--env {kv:?} must be KEY=VALUE")))?;
         environment.insert(k.to_string(), v.to_string());
     }
     if a.create_user && nix::unistd::User::from_name(&a.user).ok().flatten().is_none() {

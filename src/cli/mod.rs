@@ -3,8 +3,8 @@
 mod add;
 mod args;
 mod checkpoint;
-mod generate;
 mod checkpoints;
+mod generate;
 mod logs;
 mod output;
 mod start;

@@ -122,7 +122,9 @@ pub async fn run_loop(
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     match &outcome {
                         Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
-                        Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or(""))),
+                        Err(e) => {
+                            super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or("")))
+                        }
                     }
                     match &outcome {
                         Ok(r) => log.note(&format!(

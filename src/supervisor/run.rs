@@ -57,7 +57,8 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
     let _ = std::fs::set_permissions(&paths.control_socket, std::fs::Permissions::from_mode(0o600));
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
     let init_binary = init_binary::install(&dirs.init_binaries())?;
-    let log = LogWriter::open(&paths.service_log(), foreground).map_err(|e| Error::io("open", paths.service_log(), e))?;
+    let log =
+        LogWriter::open(&paths.service_log(), foreground).map_err(|e| Error::io("open", paths.service_log(), e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let store = CheckpointStore::new(&paths);
     let ctx = Arc::new(Context { service, paths, store, criu, init_binary, exe });

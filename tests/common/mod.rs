@@ -56,7 +56,12 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        self.cmd_with(Path::new(BIN), args)
+    }
+
+    /// The same, with another stasis binary.
+    pub fn cmd_with(&self, bin: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin);
         c.env("STASIS_CONFIG_DIR", self.path().join("conf"))
             .env("STASIS_STATE_DIR", self.state_dir())
             .env("STASIS_RUN_DIR", self.path().join("run"))
