@@ -80,7 +80,9 @@ fn describe_failed_dump(ctx: &Context, pending: &crate::store::PendingCheckpoint
     let kept = ctx.paths.failed_dump_log();
     let e = match e {
         CriuError::Failed { action, status, log, errors } => {
-            let log = if std::fs::rename(&log, &kept).is_ok() { kept } else { log };
+            // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
+            let moved = std::fs::rename(&log, &kept).is_ok() || std::fs::copy(&log, &kept).is_ok();
+            let log = if moved { kept } else { log };
             CriuError::Failed { action, status, log, errors }
         }
         other => other,
