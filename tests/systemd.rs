@@ -201,3 +201,30 @@ fn a_failing_dump_fails_the_stop_visibly_and_still_stops_the_service() {
     c.ok(&["umount", checkpoints]);
     c.ok(&["systemctl", "reset-failed", "stasis@redis"]);
 }
+
+/// A dump that takes longer than the unit's stop timeout is not killed half-way: the supervisor
+/// keeps extending the timeout (EXTEND_TIMEOUT_USEC) while it dumps.
+#[test]
+fn a_long_dump_outlives_a_short_stop_timeout() {
+    let c = Container::new("extend");
+    c.add_redis();
+    // About 1 GiB of values: the dump (and its fsync) takes seconds on this machine.
+    for i in 0..2 {
+        let out =
+            c.redis(&["EVAL", &format!("redis.call('SET','big{i}',string.rep('x{i}',128*1024*1024)) return 1"), "0"]);
+        assert_eq!(out.as_deref(), Some("1"));
+    }
+    let dropin = "/etc/systemd/system/stasis@redis.service.d";
+    c.ok(&["mkdir", "-p", dropin]);
+    c.ok(&["sh", "-c", &format!("printf '[Service]\\nTimeoutStopSec=1\\n' > {dropin}/short-timeout.conf")]);
+    c.ok(&["systemctl", "daemon-reload"]);
+    assert!(c.ok(&["systemctl", "show", "-p", "TimeoutStopUSec", "--value", "stasis@redis"]).contains("1s"));
+    c.ok(&["systemctl", "stop", "stasis@redis"]);
+    assert_eq!(c.unit_state("stasis@redis.service"), "inactive", "{}", c.journal("stasis@redis", false));
+    let journal = c.journal("stasis@redis", false);
+    assert!(journal.contains("OK checkpoint"), "{journal}");
+    assert!(!journal.contains("timed out"), "{journal}");
+    c.ok(&["systemctl", "start", "stasis@redis"]);
+    c.wait_active("stasis@redis.service");
+    assert_eq!(c.redis(&["STRLEN", "big1"]).as_deref(), Some("268435456"), "the big values came back");
+}
