@@ -200,6 +200,16 @@ fn a_failing_dump_fails_the_stop_visibly_and_still_stops_the_service() {
     assert!(c.exec(&["test", "-s", "/var/lib/stasis/services/redis/last-failed-dump.log"]).status.success());
     c.ok(&["umount", checkpoints]);
     c.ok(&["systemctl", "reset-failed", "stasis@redis"]);
+
+    // The same failure during a reboot does not block it: the machine goes down and comes back.
+    c.ok(&["systemctl", "start", "stasis@redis"]);
+    c.wait_active("stasis@redis.service");
+    c.ok(&["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", checkpoints]);
+    assert!(nspawn("reboot", &[&c.0]).status.success(), "the reboot completes despite the failed checkpoint");
+    let before = c.journal("stasis@redis", true);
+    assert!(before.contains("ERROR") && before.contains("stopping without a checkpoint"), "{before}");
+    c.wait_active("stasis@redis.service");
+    assert!(c.status_text("stasis@redis").contains("cold start"), "no checkpoint was taken, so a cold start");
 }
 
 /// A dump that takes longer than the unit's stop timeout is not killed half-way: the supervisor
