@@ -17,6 +17,8 @@ pub enum Error {
     Supervisor(#[from] crate::supervisor::SupervisorError),
     #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
     AlreadyRunning { service: String, pid: String },
+    #[error("an earlier run of {service} is still running without a supervisor (its supervisor died; namespace init pid {pid}); starting another copy could corrupt its state: stop it with `kill -TERM {pid}` (then -KILL if it stays), then start {service} again")]
+    Orphaned { service: String, pid: i32 },
     #[error("{service} is not running; start it with `stasis start {service}`")]
     NotRunning { service: String },
     #[error("stasis must run as root (CRIU needs it); try `sudo stasis ...`")]
@@ -44,7 +46,7 @@ impl Error {
             Error::Store(e) => e.exit_code(),
             Error::Launch(_) => exit_codes::START_FAILED,
             Error::Supervisor(e) => e.exit_code(),
-            Error::AlreadyRunning { .. } => exit_codes::ALREADY_RUNNING,
+            Error::AlreadyRunning { .. } | Error::Orphaned { .. } => exit_codes::ALREADY_RUNNING,
             Error::NotRunning { .. } => exit_codes::NOT_RUNNING,
             Error::NotRoot => exit_codes::ENVIRONMENT,
             Error::Io { .. } => exit_codes::INTERNAL,

@@ -168,3 +168,28 @@ fn two_kill_port_connections_share_one_checkpoint() {
     }
     assert_eq!(env.checkpoint_dirs("pair").len(), 1);
 }
+
+#[test]
+fn a_tree_orphaned_by_a_dead_supervisor_is_not_started_twice() {
+    let env = Env::new();
+    let (kill, http_port) = (7816, 8816);
+    env.write_service("orphan", &notes_yaml(kill, http_port, ""));
+    env.start("orphan");
+    wait_for("service", || http_json(http_port));
+    let st = env.status("orphan");
+    let supervisor: i32 = st["supervisor_pid"].as_str().unwrap().parse().unwrap();
+    let init = st["init_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("status to see the dead supervisor", || (env.status("orphan")["state"] == "failed").then_some(()));
+    assert!(http_json(http_port).is_some(), "the orphaned service still runs");
+
+    let out = env.run(&["start", "orphan"]);
+    assert_eq!(out.status.code(), Some(4), "refused like any running service");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("still running without a supervisor") && err.contains(&init.to_string()), "{err}");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("the orphan to be gone", || http_json(http_port).is_none().then_some(()));
+    assert_eq!(env.start("orphan")["started_from"], "cold");
+    env.ok(&["stop", "orphan"]);
+}

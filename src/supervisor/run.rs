@@ -22,6 +22,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+/// The namespace init of a previous run whose supervisor died, if it still runs. It is
+/// recognised by its working directory, which is always this service's state directory.
+fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
+    let pid = StatusRecord::read(paths).filter(|r| r.state == ServiceState::Running)?.init_pid?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_init = cmdline.split(|b| *b == 0).nth(1) == Some(crate::process::ns_init::ARGV_MARKER.as_bytes());
+    (is_init && cwd == paths.root).then_some(pid)
+}
+
 /// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
 pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier, foreground: bool) -> i32 {
@@ -48,6 +58,9 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
         Acquired::HeldBy(pid) => return Err(Error::AlreadyRunning { service: service.name.clone(), pid }),
     };
     create_dir_with_mode(&paths.root, 0o700)?;
+    if let Some(pid) = orphaned_tree(&paths) {
+        return Err(Error::Orphaned { service: service.name.clone(), pid });
+    }
     let kill_port = std::net::TcpListener::bind(("127.0.0.1", service.kill_port)).map_err(|source| {
         SupervisorError::KillPortInUse { port: service.kill_port, file: service.file.clone(), source }
     })?;
