@@ -21,7 +21,7 @@ pub enum Error {
     Orphaned { service: String, pid: i32 },
     #[error("{service} is not running; start it with `stasis start {service}`")]
     NotRunning { service: String },
-    #[error("stasis must run as root (CRIU needs it); try `sudo stasis ...`")]
+    #[error("stasis must run as root (CRIU and the root-only state directory need it); try `sudo stasis ...`")]
     NotRoot,
     #[error("failed to {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },

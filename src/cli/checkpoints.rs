@@ -29,6 +29,8 @@ struct Quarantined {
 }
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
+    // The state directory is root-only: without root every service would look stopped.
+    super::require_root()?;
     let service = load_service(dirs, name)?;
     let store = CheckpointStore::new(&dirs.service(&service.name));
     let latest = store.latest()?.map(|c| c.id);

@@ -8,6 +8,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Result<i32, Error> {
+    // The state directory is root-only: without root every service would look stopped.
+    super::require_root()?;
     let service = load_service(dirs, name)?;
     let path = dirs.service(&service.name).service_log();
     let mut file = match std::fs::File::open(&path) {

@@ -65,6 +65,8 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
 }
 
 pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
+    // The state directory is root-only: without root every service would look stopped.
+    super::require_root()?;
     if let Some(name) = name {
         let service = load_service(dirs, name)?;
         let v = view(dirs, &service.name, Some(service.kill_port), None);
