@@ -186,3 +186,26 @@ fn a_failed_dump_keeps_the_service_and_the_previous_checkpoint() {
     assert_eq!(restored["notes"], serde_json::json!(["first", "second"]));
     env.ok(&["stop", "full"]);
 }
+
+#[test]
+fn a_command_that_cannot_start_leaves_the_service_failed_with_the_reason() {
+    let env = Env::new();
+    let secret = env.path().join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    env.write_service(
+        "denied",
+        &format!(
+            "command: [\"/bin/sleep\", \"100\"]\nuser: stasis-example\nkill_port: 7908\nworking_dir: {}\n",
+            secret.display()
+        ),
+    );
+    let out = env.run(&["start", "denied"]);
+    assert_eq!(out.status.code(), Some(6), "start failed: exit 6");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed to enter working directory") && err.contains("Permission denied"), "{err}");
+    let st = env.status("denied");
+    assert_eq!(st["state"], "failed");
+    assert!(st["message"].as_str().unwrap().contains("working directory"), "{st}");
+}
