@@ -167,3 +167,35 @@ fn install_lays_out_binary_unit_configs_man_pages_and_completions() {
     let man = std::fs::read_to_string(dest.join("usr/local/share/man/man1/stasis-start.1")).unwrap();
     assert!(man.contains("foreground"), "man pages come from the CLI definitions");
 }
+
+#[test]
+fn a_debian_package_has_the_same_layout_under_usr() {
+    let env = Env::new();
+    let out = Command::new("bash")
+        .arg(format!("{REPO}/scripts/package-deb"))
+        .args(["--binary", BIN, "--compress", "none", "--out"])
+        .arg(env.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let info = Command::new("dpkg-deb").args(["-f", &deb, "Package", "Depends"]).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("Package: stasis") && info.contains("nftables"), "{info}");
+    let listing = Command::new("dpkg-deb").args(["-c", &deb]).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for f in [
+        "./usr/bin/stasis",
+        "./usr/lib/systemd/system/stasis@.service",
+        "./usr/share/stasis/criu-configs/default.conf",
+        "./usr/share/man/man1/stasis.1",
+    ] {
+        assert!(listing.contains(f), "{f} in the package:\n{listing}");
+    }
+    let unit = Command::new("sh")
+        .arg("-c")
+        .arg(format!("dpkg-deb --fsys-tarfile {deb} | tar -xO ./usr/lib/systemd/system/stasis@.service"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unit.stdout).contains("ExecStart=/usr/bin/stasis start %i --foreground"));
+}
