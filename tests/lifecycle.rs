@@ -193,3 +193,41 @@ fn a_tree_orphaned_by_a_dead_supervisor_is_not_started_twice() {
     assert_eq!(env.start("orphan")["started_from"], "cold");
     env.ok(&["stop", "orphan"]);
 }
+
+/// A caller with stray open file descriptors (a shell script's `exec 9<file`) must not leak them
+/// into the service, where they would end up in every checkpoint.
+#[test]
+fn stray_descriptors_of_the_caller_do_not_reach_the_service() {
+    let env = Env::new();
+    let (kill, http_port) = (7817, 8817);
+    env.write_service("stray", &notes_yaml(kill, http_port, ""));
+    let stray = std::fs::File::open("/etc/passwd").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stray);
+    let mut cmd = env.cmd(&["start", "stray"]);
+    // SAFETY: dup2 in the child before exec; the new fd 9 has no close-on-exec flag.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if nix::libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert!(cmd.status().unwrap().success());
+    let _cleanup = StopOnDrop(&env, "stray");
+    wait_for("service", || http_json(http_port));
+    let pid = env.status("stray")["pid"].as_i64().unwrap();
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(!fds.contains(&"9".to_string()), "fd 9 leaked into the service: {fds:?}");
+    env.ok(&["stop", "stray"]);
+}
+
+struct StopOnDrop<'a>(&'a Env, &'a str);
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cmd(&["stop", self.1]).output();
+    }
+}

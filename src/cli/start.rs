@@ -80,6 +80,8 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
             if libc::dup2(raw, CHILD_READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The supervisor starts clean, whatever the caller's shell had open.
+            libc::syscall(libc::SYS_close_range, (CHILD_READY_FD + 1) as u32, u32::MAX, 0u32);
             Ok(())
         });
     }

@@ -61,6 +61,9 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
                     libc::_exit(126);
                 }
             }
+            // Anything else the supervisor inherited (a shell's stray fd) would end up in every
+            // checkpoint, and CRIU refuses files it cannot resolve.
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
             if libc::chdir(init_dir.as_ptr()) < 0 {
                 let msg = b"error failed to enter the service's state directory\n";
                 libc::write(READY_FD, msg.as_ptr().cast(), msg.len());
