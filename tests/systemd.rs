@@ -176,6 +176,17 @@ fn redis_survives_a_reboot_through_checkpoint_and_restore() {
     c.ok(&["systemctl", "start", "stasis@redis"]);
     c.wait_active("stasis@redis.service");
     assert_eq!(c.redis(&["DBSIZE"]).as_deref(), Some("10000"));
+
+    // poweroff, then a cold boot of the same disk: the same story.
+    c.ok(&["redis-cli", "-p", "6390", "SET", "written-before-poweroff", "yes"]);
+    let off = nspawn("shutdown", &[&c.0, "poweroff"]);
+    assert!(off.status.success(), "systemctl poweroff completes");
+    assert!(nspawn("boot", &[&c.0]).status.success(), "boot again");
+    c.wait_active("stasis@redis.service");
+    assert!(c.status_text("stasis@redis").contains("restored from checkpoint"));
+    wait_for("redis after the power cycle", || c.redis(&["PING"]).filter(|p| p == "PONG"));
+    assert_eq!(c.redis(&["GET", "written-before-poweroff"]).as_deref(), Some("yes"));
+    assert_eq!(c.redis(&["DBSIZE"]).as_deref(), Some("10001"));
 }
 
 #[test]
