@@ -39,7 +39,8 @@ pub struct DirArgs {
     #[arg(long, global = true, env = "STASIS_RUN_DIR", default_value = crate::paths::DEFAULT_RUN_DIR, value_name = "DIR")]
     pub run_dir: PathBuf,
     /// Directory of CRIU option files named by a service's `criu.config` [default: /etc/stasis/criu-configs,
-    /// then /usr/share/stasis/criu-configs, then the source checkout's criu-configs/].
+    /// then /usr/share/stasis/criu-configs, then PREFIX/share/stasis/criu-configs beside the binary,
+    /// then the source checkout's criu-configs/].
     #[arg(long, global = true, env = "STASIS_CRIU_CONFIG_DIR", value_name = "DIR")]
     pub criu_config_dir: Option<PathBuf>,
 }
