@@ -47,6 +47,7 @@ pub struct DirArgs {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
+    /// The new service's name (letters a-z, digits, '-', '_', '.').
     pub name: String,
     /// The service user.
     #[arg(long)]
@@ -84,10 +85,12 @@ pub enum Command {
     /// Returns once the service runs. A checkpoint that fails to restore is quarantined and the
     /// service is cold-launched; `status` tells why.
     Start {
+        /// The service: NAME.yaml in the config dir.
         name: String,
         /// Run the supervisor in the foreground (for systemd or debugging) instead of in the background.
         #[arg(long)]
         foreground: bool,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -96,35 +99,51 @@ pub enum Command {
     /// Prints the supervisor's lines as they come; exits 0 once the checkpoint is durable and the
     /// service is gone. If the dump fails the service keeps running (exit 5).
     Stop {
+        /// The service: NAME.yaml in the config dir.
         name: String,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Take a checkpoint and leave the service running.
     Checkpoint {
+        /// The service: NAME.yaml in the config dir.
         name: String,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Show a service's state; without NAME, every service in the config dir.
+    ///
+    /// --json fields: name; state (running, stopped, or failed: the service exited by itself, could
+    /// not start, or its supervisor died); pid (host PID of the service's main process); started_from
+    /// (checkpoint or cold); checkpoint (the latest good checkpoint, or null); fallback_reason (why the
+    /// last start cold-launched although a checkpoint existed); also restored_checkpoint, init_pid,
+    /// supervisor_pid, kill_port, since, message.
     Status {
+        /// The service: NAME.yaml in the config dir.
         name: Option<String>,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// List the services in the config dir with their state.
     List {
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// List a service's checkpoints, oldest first, and its quarantined ones.
     Checkpoints {
+        /// The service: NAME.yaml in the config dir.
         name: String,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Print a service's log: its stdout/stderr and what the supervisor did.
     Logs {
+        /// The service: NAME.yaml in the config dir.
         name: String,
         /// Only the last N lines.
         #[arg(short = 'n', long, value_name = "N")]
@@ -135,7 +154,9 @@ pub enum Command {
     },
     /// Check service files without starting anything: all in the config dir, or the NAMEs/paths given.
     Validate {
+        /// Service names or paths to service files [default: every NAME.yaml in the config dir].
         targets: Vec<String>,
+        /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +166,7 @@ pub enum Command {
     Add(AddArgs),
     /// Remove a service's file (it must be stopped). Its checkpoints are kept unless --purge.
     Remove {
+        /// The service: NAME.yaml in the config dir.
         name: String,
         /// Also delete its checkpoints, logs and working directory under the state dir.
         #[arg(long)]
