@@ -29,6 +29,9 @@ pub enum Error {
     CheckpointFailed(String),
     #[error("{0}")]
     StartFailed(String),
+    /// The checkpoint to restore cannot be proven right, and the settings say not to cold-start.
+    #[error("{0}")]
+    RestoreRefused(String),
     /// A request that cannot be carried out as given (the message says what to change).
     #[error("{0}")]
     Refused(String),
@@ -52,6 +55,7 @@ impl Error {
             Error::Io { .. } => exit_codes::INTERNAL,
             Error::CheckpointFailed(_) => exit_codes::CHECKPOINT_FAILED,
             Error::StartFailed(_) => exit_codes::START_FAILED,
+            Error::RestoreRefused(_) => exit_codes::RESTORE_REFUSED,
             Error::Refused(_) => exit_codes::CONFIG,
         }
     }

@@ -21,3 +21,6 @@ pub const ENVIRONMENT: i32 = 7;
 pub const NOT_RUNNING: i32 = 8;
 /// The checkpoint store is damaged or out of space in a way the command could not work around.
 pub const STORE: i32 = 9;
+/// `start` would not restore the checkpoint it had to (`--from ID`, or `on_incompatible: fail`)
+/// and did not cold-start either; the checkpoint is kept.
+pub const RESTORE_REFUSED: i32 = 10;

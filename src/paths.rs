@@ -39,6 +39,18 @@ impl Dirs {
     pub fn init_binaries(&self) -> PathBuf {
         self.state_dir.join("bin")
     }
+
+    /// Content hashes of executables, keyed by their (dev, inode, size, mtime, ctime).
+    pub fn hash_cache(&self) -> PathBuf {
+        self.state_dir.join("cache").join("file-hashes.json")
+    }
+
+    /// The names of every service with a state directory (running or not, file or not).
+    pub fn services_with_state(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir.join("services"))
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
 }
 
 fn default_criu_config_dir() -> PathBuf {

@@ -59,6 +59,10 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         environment,
         criu: CriuSection { config: a.criu_config, options: Vec::new() },
         stop_timeout_secs: None,
+        restore_stale: None,
+        keep_checkpoints: None,
+        on_incompatible: None,
+        dump_timeout: None,
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");

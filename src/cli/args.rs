@@ -15,7 +15,8 @@ Typical use:
     stasis status redis --json  state, pid, where it started from, latest checkpoint
 
 Exit codes: 0 ok, 2 usage, 3 bad config, 4 already running, 5 checkpoint failed,
-6 start failed, 7 host not ready (root, CRIU, port), 8 not running, 9 store damaged or full.
+6 start failed, 7 host not ready (root, CRIU, port), 8 not running, 9 store damaged or full,
+10 restore refused (start --from, on_incompatible: fail).
 See docs/exit-codes.md.";
 
 #[derive(Debug, Parser)]
@@ -80,13 +81,22 @@ pub struct AddArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start a service: restore its latest checkpoint, or cold-launch it when there is none.
+    /// Start a service: restore its latest fresh checkpoint, or cold-launch it.
     ///
-    /// Returns once the service runs. A checkpoint that fails to restore is quarantined and the
-    /// service is cold-launched; `status` tells why.
+    /// Returns once the service runs. A checkpoint is restored only if it is fresh (the service
+    /// has not run since it was taken; `restore_stale: true` allows stale ones), every image
+    /// matches its checksum, and the executables it maps are unchanged on disk. Damaged
+    /// checkpoints are quarantined and the previous allowed one is tried; a checkpoint that does
+    /// not fit the program is kept and marked incompatible; then the service is cold-launched,
+    /// and `fallback_reason` (here and in `status`) says why. A restore that fails because of
+    /// the host (a port in use, no memory) keeps the checkpoint and fails with exit 6.
     Start {
         /// The service: NAME.yaml in the config dir.
         name: String,
+        /// Restore this checkpoint (an id from `stasis checkpoints NAME`), even a stale one;
+        /// if it cannot be restored nothing is started (exit 10).
+        #[arg(long, value_name = "ID")]
+        from: Option<String>,
         /// Run the supervisor in the foreground (for systemd or debugging) instead of in the background.
         #[arg(long)]
         foreground: bool,
@@ -134,6 +144,11 @@ pub enum Command {
         json: bool,
     },
     /// List a service's checkpoints, oldest first, and its quarantined ones.
+    ///
+    /// The newest good one is marked with a star. Each is fresh (the service has not run since; `start`
+    /// restores it) or stale (with the reason), and may be marked incompatible (the executables
+    /// it maps changed on disk). --json fields per checkpoint: id, generation, path, valid,
+    /// latest, fresh, stale_reason, incompatible, created_at, kind, size_bytes, problem.
     Checkpoints {
         /// The service: NAME.yaml in the config dir.
         name: String,
@@ -185,5 +200,9 @@ pub enum Command {
     },
     /// Run a supervisor (used by `start`).
     #[command(name = "__supervise", hide = true)]
-    Supervise { name: String },
+    Supervise {
+        name: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
 }

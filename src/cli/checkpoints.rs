@@ -5,16 +5,23 @@ use crate::config::load_service;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
-use crate::store::CheckpointStore;
+use crate::store::{CheckpointStore, Freshness};
 use crate::time_fmt::human_bytes;
 use serde::Serialize;
 
 #[derive(Serialize)]
 struct Row {
     id: String,
+    /// The service's generation counter when it was taken (null for checkpoints of stasis < 0.2).
+    generation: Option<u64>,
     path: String,
     valid: bool,
     latest: bool,
+    /// The service has not run since it was taken: `start` restores it.
+    fresh: bool,
+    stale_reason: Option<String>,
+    /// Why it does not fit the program on disk, as found by the last start.
+    incompatible: Option<String>,
     created_at: Option<String>,
     kind: Option<crate::store::DumpKind>,
     size_bytes: Option<u64>,
@@ -34,10 +41,22 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let service = load_service(dirs, name)?;
     let store = CheckpointStore::new(&dirs.service(&service.name));
     let latest = store.latest()?.map(|c| c.id);
+    let generations = store.generations();
     let rows: Vec<Row> = store
         .list()?
         .into_iter()
-        .map(|c| Row {
+        .map(|c| {
+            let freshness = c.manifest.as_ref().ok().map(|m| generations.freshness(m.generation, m.kind));
+            (c, freshness)
+        })
+        .map(|(c, freshness)| Row {
+            generation: c.generation(),
+            fresh: freshness == Some(Freshness::Fresh),
+            stale_reason: match freshness {
+                Some(Freshness::Stale(why)) => Some(why),
+                _ => None,
+            },
+            incompatible: c.incompatible(),
             latest: latest.as_deref() == Some(c.id.as_str()),
             path: c.dir.display().to_string(),
             valid: c.manifest.is_ok(),
@@ -65,7 +84,12 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
         })
         .unwrap_or_default();
     if json {
-        print_json(&serde_json::json!({ "name": service.name, "checkpoints": rows, "quarantined": quarantined }));
+        print_json(&serde_json::json!({
+            "name": service.name,
+            "generation": generations.last,
+            "checkpoints": rows,
+            "quarantined": quarantined,
+        }));
         return Ok(exit_codes::OK);
     }
     if rows.is_empty() {
@@ -74,13 +98,22 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     for r in &rows {
         let mark = if r.latest { "*" } else { " " };
         match &r.problem {
-            None => println!(
-                "{mark} {}  {}  {:>10}  {:?}",
-                r.id,
-                r.created_at.as_deref().unwrap_or("-"),
-                human_bytes(r.size_bytes.unwrap_or(0)),
-                r.kind.expect("valid rows have a kind")
-            ),
+            None => {
+                let state = if r.fresh { "fresh" } else { "stale" };
+                println!(
+                    "{mark} {}  {}  {:>10}  {:?}  {state}",
+                    r.id,
+                    r.created_at.as_deref().unwrap_or("-"),
+                    human_bytes(r.size_bytes.unwrap_or(0)),
+                    r.kind.expect("valid rows have a kind")
+                );
+                if let Some(why) = &r.stale_reason {
+                    println!("    stale: {why}");
+                }
+                if let Some(why) = &r.incompatible {
+                    println!("    incompatible: {why}");
+                }
+            }
             Some(p) => println!("! {}  damaged: {p}", r.id),
         }
     }

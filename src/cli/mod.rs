@@ -35,7 +35,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     let d = cli.dirs;
     let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir);
     let result = match cli.command {
-        Command::Start { name, foreground, json } => start::run(&dirs, &name, foreground, json),
+        Command::Start { name, from, foreground, json } => start::run(&dirs, &name, from.as_deref(), foreground, json),
         Command::Stop { name, json } => stop::run(&dirs, &name, json),
         Command::Checkpoint { name, json } => checkpoint::run(&dirs, &name, json),
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
@@ -48,7 +48,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::InitScript { name } => generate::init_script(&dirs, &name),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { dir } => generate::man_pages(&dir),
-        Command::Supervise { name } => start::supervise(&dirs, &name),
+        Command::Supervise { name, from } => start::supervise(&dirs, &name, from),
     };
     match result {
         Ok(code) => code,

@@ -24,7 +24,7 @@ const CHILD_READY_FD: i32 = 3;
 /// How long `start` waits for a supervisor that is finishing a stop.
 const FINISHING_WAIT: Duration = Duration::from_secs(30);
 
-pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32, Error> {
+pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: bool) -> Result<i32, Error> {
     super::require_root()?;
     let service = load_service(dirs, name)?;
     Criu::get()?;
@@ -42,7 +42,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         }
     }
     if foreground {
-        return Ok(supervisor::run(dirs.clone(), service, Notifier::from_env(), true));
+        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), Notifier::from_env(), true));
     }
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
@@ -67,6 +67,7 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
         .arg(&dirs.criu_config_dir)
         .arg("__supervise")
         .arg(&service.name)
+        .args(from.map(|id| ["--from", id]).into_iter().flatten())
         .env(READY_FD_ENV, CHILD_READY_FD.to_string())
         .stdin(Stdio::null())
         .stdout(open_log()?)
@@ -123,14 +124,17 @@ pub fn run(dirs: &Dirs, name: &str, foreground: bool, json: bool) -> Result<i32,
     if let Some(why) = &report.fallback_reason {
         eprintln!("stasis: warning: {why}");
     }
+    for w in &report.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
     Ok(exit_codes::OK)
 }
 
 /// The hidden `__supervise` command that `start` runs in the background.
-pub fn supervise(dirs: &Dirs, name: &str) -> Result<i32, Error> {
+pub fn supervise(dirs: &Dirs, name: &str, from: Option<String>) -> Result<i32, Error> {
     let mut notifier = Notifier::from_env();
     match load_service(dirs, name) {
-        Ok(service) => Ok(supervisor::run(dirs.clone(), service, notifier, false)),
+        Ok(service) => Ok(supervisor::run(dirs.clone(), service, from, notifier, false)),
         Err(e) => {
             let e = Error::from(e);
             notifier.send(&StartReport::failure(&e));

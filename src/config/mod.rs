@@ -10,4 +10,4 @@ mod validate;
 pub use error::{ConfigError, Problem};
 pub use load::{discover, load_service, service_name_from_path};
 pub use schema::{CriuSection, ServiceFile};
-pub use validate::Service;
+pub use validate::{OnIncompatible, Service};

@@ -4,8 +4,20 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Every key a service file may have, for the unknown-key check that reports all of them at once.
-pub const TOP_LEVEL_KEYS: &[&str] =
-    &["command", "user", "group", "kill_port", "working_dir", "environment", "criu", "stop_timeout_secs"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "command",
+    "user",
+    "group",
+    "kill_port",
+    "working_dir",
+    "environment",
+    "criu",
+    "stop_timeout_secs",
+    "restore_stale",
+    "keep_checkpoints",
+    "on_incompatible",
+    "dump_timeout",
+];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -31,6 +43,18 @@ pub struct ServiceFile {
     /// Grace period between SIGTERM and SIGKILL when a service is stopped without a checkpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_timeout_secs: Option<u64>,
+    /// Restore a checkpoint even if the service ran after it was taken (older memory beats none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_stale: Option<bool>,
+    /// How many good checkpoints to keep; older ones are deleted after each new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<u64>,
+    /// `cold` or `fail`: what start does when the checkpoint does not fit the program on disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_incompatible: Option<String>,
+    /// How long a dump may take before it is ended and the service resumed: `90s`, `10m`, `1h`, or seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -13,6 +13,19 @@ use std::time::Duration;
 /// systemd's default PATH for services.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEP_CHECKPOINTS: usize = 2;
+const MAX_KEEP_CHECKPOINTS: u64 = 1000;
+pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_DUMP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What `start` does when the newest checkpoint does not fit the program on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIncompatible {
+    /// Keep the checkpoint (marked incompatible) and cold-start.
+    Cold,
+    /// Keep the checkpoint and refuse to start.
+    Fail,
+}
 /// Options stasis sets itself; letting a service file override them would break the store or the supervisor.
 const RESERVED_CRIU_OPTIONS: &[&str] = &[
     "-D",
@@ -54,6 +67,32 @@ pub struct Service {
     pub criu_config: PathBuf,
     pub criu_options: Vec<String>,
     pub stop_timeout: Duration,
+    pub restore_stale: bool,
+    pub keep_checkpoints: usize,
+    pub on_incompatible: OnIncompatible,
+    pub dump_timeout: Duration,
+}
+
+impl Service {
+    /// Digest of the settings that shape the process a checkpoint holds: a checkpoint taken
+    /// under other settings restores the process as it was, not as the file now says.
+    pub fn digest(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        let mut field = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        for a in &self.command {
+            field(a.as_bytes());
+        }
+        field(format!("{}:{}:{:?}", self.uid, self.gid, self.supplementary_gids).as_bytes());
+        field(self.working_dir.as_os_str().as_encoded_bytes());
+        for (k, v) in &self.environment {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
 }
 
 struct Checker<'a> {
@@ -159,6 +198,45 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
     };
 
+    let keep_checkpoints = match file.keep_checkpoints {
+        None => DEFAULT_KEEP_CHECKPOINTS,
+        Some(n) if (1..=MAX_KEEP_CHECKPOINTS).contains(&n) => n as usize,
+        Some(n) => {
+            c.fail(
+                "keep_checkpoints",
+                format!("{n} is out of range; keep 1 to {MAX_KEEP_CHECKPOINTS} checkpoints (default {DEFAULT_KEEP_CHECKPOINTS})"),
+            );
+            DEFAULT_KEEP_CHECKPOINTS
+        }
+    };
+    let on_incompatible = match file.on_incompatible.as_deref() {
+        None | Some("cold") => OnIncompatible::Cold,
+        Some("fail") => OnIncompatible::Fail,
+        Some(other) => {
+            c.fail(
+                "on_incompatible",
+                format!("\"{other}\" is not a choice; use `cold` (keep the checkpoint and cold-start) or `fail` (keep it and refuse to start)"),
+            );
+            OnIncompatible::Cold
+        }
+    };
+    let dump_timeout = match &file.dump_timeout {
+        None => DEFAULT_DUMP_TIMEOUT,
+        Some(v) => match parse_duration(v) {
+            Some(d) if d >= Duration::from_secs(1) && d <= MAX_DUMP_TIMEOUT => d,
+            _ => {
+                c.fail(
+                    "dump_timeout",
+                    format!(
+                        "{} is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 10m)",
+                        serde_yaml::to_string(v).unwrap_or_default().trim()
+                    ),
+                );
+                DEFAULT_DUMP_TIMEOUT
+            }
+        },
+    };
+
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
             name: name.to_string(),
@@ -173,9 +251,43 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             criu_config,
             criu_options: file.criu.options,
             stop_timeout,
+            restore_stale: file.restore_stale.unwrap_or(false),
+            keep_checkpoints,
+            on_incompatible,
+            dump_timeout,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }
+}
+
+/// `90s`, `10m`, `1h`, `1h30m` or a plain number of seconds.
+pub fn parse_duration(v: &serde_yaml::Value) -> Option<Duration> {
+    if let Some(n) = v.as_u64() {
+        return Some(Duration::from_secs(n));
+    }
+    let text = v.as_str()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let (mut total, mut num) = (0u64, String::new());
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            num.push(ch);
+            continue;
+        }
+        let unit = match ch {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+        total = total.checked_add(num.parse::<u64>().ok()?.checked_mul(unit)?)?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        total = total.checked_add(num.parse().ok()?)?;
+    }
+    Some(Duration::from_secs(total))
 }
 
 /// A clean environment, as systemd gives services: PATH, HOME, USER, LOGNAME, SHELL, then the file's.
@@ -247,5 +359,22 @@ fn available_profiles(dir: &Path) -> String {
         format!("the files in {} (none found)", dir.display())
     } else {
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        let d = |s: &str| parse_duration(&serde_yaml::from_str(s).unwrap());
+        assert_eq!(d("90"), Some(Duration::from_secs(90)));
+        assert_eq!(d("\"2s\""), Some(Duration::from_secs(2)));
+        assert_eq!(d("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(d("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(d("soon"), None);
+        assert_eq!(d("\"\""), None);
     }
 }

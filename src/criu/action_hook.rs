@@ -5,6 +5,10 @@
 
 /// The pending checkpoint directory to finalize; only set for dumps that stop the service.
 pub const PENDING_ENV: &str = "STASIS_PENDING_CHECKPOINT";
+/// Host PID of the dumped tree's root: its executable mappings are re-read while it is frozen.
+pub const TREE_PID_ENV: &str = "STASIS_TREE_PID";
+/// The hash cache the supervisor filled just before the dump.
+pub const HASH_CACHE_ENV: &str = "STASIS_HASH_CACHE";
 
 pub fn main() -> i32 {
     if std::env::var("CRTOOLS_SCRIPT_ACTION").as_deref() != Ok("post-dump") {
@@ -17,6 +21,10 @@ pub fn main() -> i32 {
         eprintln!("stasis: {} is not a pending checkpoint directory", std::path::Path::new(&dir).display());
         return 1;
     };
+    if let Err(e) = record_frozen_mappings(&pending) {
+        eprintln!("stasis: {e}");
+        return 1;
+    }
     match pending.finalize() {
         Ok(_) => 0,
         Err(e) => {
@@ -35,4 +43,20 @@ pub fn invoked_as_hook(args: &[std::ffi::OsString]) -> bool {
 /// The `--action-script` value that runs this binary's hook.
 pub fn script_for(exe: &std::path::Path) -> String {
     exe.display().to_string()
+}
+
+/// The tree is frozen now, so its mappings are exactly what the images hold; the supervisor's
+/// list (taken while it ran) is replaced. Hashes come from the cache it just filled.
+fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(), crate::store::StoreError> {
+    let Some(pid) = std::env::var(TREE_PID_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    let mut cache = match std::env::var_os(HASH_CACHE_ENV) {
+        Some(p) => crate::store::identity::HashCache::load(p.into()),
+        None => crate::store::identity::HashCache::in_memory(),
+    };
+    let mut draft = pending.read_draft()?;
+    draft.executables =
+        Some(crate::process::tree::executable_mappings(pid).iter().filter_map(|p| cache.identify(p).ok()).collect());
+    pending.write_draft(&draft)
 }

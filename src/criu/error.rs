@@ -13,7 +13,28 @@ pub enum CriuError {
     Version { path: PathBuf, output: String },
     #[error("failed to {action} with CRIU ({status}); log: {log}{}", render_lines(errors))]
     Failed { action: &'static str, status: String, log: PathBuf, errors: Vec<String> },
+    #[error("failed to {action} with CRIU: it took longer than dump_timeout ({}), so it was stopped; raise `dump_timeout` in the service file if dumps of this size are that slow; log: {log}", crate::time_fmt::human_duration(*after))]
+    TimedOut { action: &'static str, after: std::time::Duration, log: PathBuf },
 }
+
+/// Why a restore failed, as far as CRIU's log tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreFailure {
+    /// Something on the host, not the images (the text says what): the checkpoint is fine and
+    /// can be restored once that is fixed.
+    Environment(&'static str),
+    /// Anything else: the checkpoint may be at fault.
+    Checkpoint,
+}
+
+/// Log phrases (errno texts) that blame the host rather than the images.
+const ENVIRONMENT_CAUSES: &[(&str, &str)] = &[
+    ("Address already in use", "an address or port the service listens on is in use by another process"),
+    ("Cannot allocate memory", "the host is out of memory"),
+    ("No space left on device", "a filesystem is full"),
+    ("Too many open files", "the host is out of file descriptors"),
+    ("Resource temporarily unavailable", "a host resource is temporarily exhausted"),
+];
 
 fn render_lines(lines: &[String]) -> String {
     if lines.is_empty() {
@@ -32,9 +53,21 @@ fn render_lines(lines: &[String]) -> String {
 impl CriuError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            CriuError::Failed { .. } => exit_codes::CHECKPOINT_FAILED,
+            CriuError::Failed { .. } | CriuError::TimedOut { .. } => exit_codes::CHECKPOINT_FAILED,
             _ => exit_codes::ENVIRONMENT,
         }
+    }
+
+    /// Classifies a failed restore by its first error lines.
+    pub fn restore_failure(&self) -> RestoreFailure {
+        let CriuError::Failed { errors, .. } = self else { return RestoreFailure::Checkpoint };
+        errors
+            .iter()
+            .filter(|l| l.contains("Error"))
+            .find_map(|l| {
+                ENVIRONMENT_CAUSES.iter().find(|(p, _)| l.contains(p)).map(|(_, why)| RestoreFailure::Environment(why))
+            })
+            .unwrap_or(RestoreFailure::Checkpoint)
     }
 
     /// A one-line form for the kill port's ERROR line and status files.
@@ -48,5 +81,27 @@ impl CriuError {
             }
             other => other.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(lines: &[&str]) -> CriuError {
+        CriuError::Failed {
+            action: "restore the checkpoint",
+            status: "exit status: 1".into(),
+            log: "/x/restore.log".into(),
+            errors: lines.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_port_in_use_is_the_host_not_the_checkpoint() {
+        let e = failed(&["(0.1) Error (criu/sk-inet.c:1): Can't bind inet socket (id 5): Address already in use"]);
+        assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains("in use")));
+        let e = failed(&["(0.1) Error (criu/files.c:1): Can't open file: No such file or directory"]);
+        assert_eq!(e.restore_failure(), RestoreFailure::Checkpoint);
     }
 }

@@ -12,4 +12,4 @@ mod run;
 
 pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
 pub use binary::Criu;
-pub use error::CriuError;
+pub use error::{CriuError, RestoreFailure};

@@ -1,13 +1,18 @@
-//! Running criu. Its own stdout/stderr are captured and only shown when its log says nothing.
+//! Running criu. Its own stderr is captured and only shown when its log says nothing. A dump
+//! runs in its own process group under a deadline: when it passes, criu and its action scripts
+//! are killed (the dumped tree, detached from its tracer, runs on).
 
 use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE};
 use super::log_errors::error_lines;
 use super::{Criu, CriuError};
 use std::ffi::OsString;
+use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct RestoreOutcome {
@@ -16,12 +21,15 @@ pub struct RestoreOutcome {
 }
 
 impl Criu {
-    pub fn dump(&self, args: &DumpArgs, env: &[(&str, String)]) -> Result<(), CriuError> {
+    /// Dumps; past `timeout` criu and its action scripts are killed and the dump has failed.
+    pub fn dump(&self, args: &DumpArgs, env: &[(&str, String)], timeout: Duration) -> Result<(), CriuError> {
         let mut cmd = self.command(args.argv());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG))
+        // Its own group, so a timeout ends the action scripts it started too.
+        cmd.process_group(0);
+        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(timeout))
     }
 
     /// Restores detached; `stdout_pipe` (the write end of the service's new stdout pipe) is
@@ -47,7 +55,7 @@ impl Criu {
             }
         }
         let log = args.work_dir.join(RESTORE_LOG);
-        self.finish(cmd, "restore the checkpoint", &log)?;
+        self.finish(cmd, "restore the checkpoint", &log, None)?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let _ = std::fs::remove_file(&pidfile);
         match text.trim().parse::<i32>() {
@@ -67,21 +75,74 @@ impl Criu {
             // Our --config must be the only one in effect.
             .env_remove("CRIU_CONFIG_FILE")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd
     }
 
-    fn finish(&self, mut cmd: Command, action: &'static str, log: &Path) -> Result<(), CriuError> {
-        let out = cmd.output().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
-        if out.status.success() {
+    fn finish(
+        &self,
+        mut cmd: Command,
+        action: &'static str,
+        log: &Path,
+        timeout: Option<Duration>,
+    ) -> Result<(), CriuError> {
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stderr_pipe.read_to_end(&mut buf);
+            buf
+        });
+        if let Some(limit) = timeout {
+            if !exits_within(&child, limit) {
+                // SAFETY: the group is criu's own (process_group(0) above) and criu is our
+                // unreaped child, so the id cannot have been reused.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                let _ = reader.join();
+                return Err(CriuError::TimedOut { action, after: limit, log: log.to_path_buf() });
+            }
+        }
+        let status = child.wait().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        let stderr = reader.join().unwrap_or_default();
+        if status.success() {
             return Ok(());
         }
         let mut errors = error_lines(log);
         if errors.is_empty() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stderr = String::from_utf8_lossy(&stderr);
             errors = stderr.lines().rev().take(8).map(str::to_string).collect::<Vec<_>>().into_iter().rev().collect();
         }
-        Err(CriuError::Failed { action, status: out.status.to_string(), log: log.to_path_buf(), errors })
+        Err(CriuError::Failed { action, status: status.to_string(), log: log.to_path_buf(), errors })
+    }
+}
+
+/// Waits for `child` to exit (without reaping it) for at most `limit`, on a pidfd: no polling.
+fn exits_within(child: &Child, limit: Duration) -> bool {
+    // SAFETY: pidfd_open on our own unreaped child; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
+    if fd < 0 {
+        // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
+        return true;
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true;
+        }
     }
 }

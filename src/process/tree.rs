@@ -20,3 +20,55 @@ pub fn main_pid(init_pid: i32) -> Option<i32> {
         .min()
         .map(|(_, host)| host)
 }
+
+/// The host PIDs of `root` and every process below it.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else { return vec![root] };
+    let parents: Vec<(i32, i32)> =
+        all.filter_map(Result::ok).filter_map(|p| Some((p.pid, p.stat().ok()?.ppid))).collect();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    out
+}
+
+/// Every file the tree under `root` maps executable (its programs, the init, shared libraries),
+/// sorted and without duplicates. Deleted files are left out: CRIU carries their contents itself.
+pub fn executable_mappings(root: i32) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = Vec::new();
+    for pid in descendants(root) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+        for line in maps.lines() {
+            // address perms offset dev inode path
+            let mut f = line.split_whitespace();
+            let perms = f.nth(1).unwrap_or("");
+            let inode = f.nth(2).unwrap_or("0");
+            let path: String = f.collect::<Vec<_>>().join(" ");
+            if perms.contains('x') && inode != "0" && path.starts_with('/') && !path.ends_with(" (deleted)") {
+                out.push(path.into());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Executables of running processes that live in `dir`.
+pub fn executables_in_use_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read_link(e.path().join("exe")).ok())
+        .filter(|p| p.parent() == Some(dir))
+        .collect()
+}
+
+/// Whether `pid` (a child of ours) is still alive rather than gone or a zombie.
+pub fn alive(pid: i32) -> bool {
+    procfs::process::Process::new(pid).and_then(|p| p.stat()).is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+}

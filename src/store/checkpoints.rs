@@ -1,9 +1,12 @@
 //! Checkpoint directories. A dump goes into `checkpoints/.incomplete-ID/`; finalizing fsyncs
-//! every file, writes the manifest and renames the directory to `checkpoints/ID/`. Only then is
-//! it a checkpoint, and nothing ever deletes or rewrites the previous one before that.
+//! every file (checksumming the images in the same pass), writes the manifest and renames the
+//! directory to `checkpoints/ID/`. Only then is it a checkpoint, and nothing ever deletes or
+//! rewrites the previous one before that. IDs start with the service's generation, so "newest"
+//! never depends on the clock. Retention removes old checkpoints only after a newer one is durable.
 
-use super::durable::{create_dir_with_mode, fsync_dir, fsync_tree, write_atomic};
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::durable::{create_dir_with_mode, fsync_and_hash, fsync_dir, write_atomic};
+use super::generation::{GenerationFile, Generations};
+use super::manifest::{Manifest, HASH_ALGORITHM, MANIFEST_FILE};
 use super::StoreError;
 use crate::paths::ServicePaths;
 use std::fs;
@@ -14,11 +17,16 @@ const INCOMPLETE_PREFIX: &str = ".incomplete-";
 const DRAFT_FILE: &str = "manifest.draft.json";
 const IMAGES_DIR: &str = "images";
 pub const QUARANTINE_REASON_FILE: &str = "quarantine-reason.txt";
+/// Written into a checkpoint that does not fit the program on disk; it is kept, not deleted.
+pub const INCOMPATIBLE_FILE: &str = "incompatible.txt";
+/// Quarantined checkpoints kept for inspection; older ones are deleted.
+pub const QUARANTINE_KEEP: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     dir: PathBuf,
     quarantine_dir: PathBuf,
+    generations: PathBuf,
 }
 
 /// A complete checkpoint.
@@ -33,6 +41,20 @@ impl Checkpoint {
     pub fn images_dir(&self) -> PathBuf {
         self.dir.join(IMAGES_DIR)
     }
+
+    /// Records that it does not fit (kept for a rollback of the program, or for inspection).
+    pub fn mark_incompatible(&self, reason: &str) -> Result<(), StoreError> {
+        write_atomic(&self.dir.join(INCOMPATIBLE_FILE), format!("{reason}\n").as_bytes())
+    }
+
+    /// Clears that record: the program on disk fits again.
+    pub fn clear_incompatible(&self) {
+        let _ = fs::remove_file(self.dir.join(INCOMPATIBLE_FILE));
+    }
+}
+
+fn incompatible_reason(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(INCOMPATIBLE_FILE)).ok().map(|s| s.trim().to_string())
 }
 
 /// A checkpoint being written; invisible to `latest()` until finalized.
@@ -58,6 +80,10 @@ impl PendingCheckpoint {
         self.dir.with_file_name(&self.id)
     }
 
+    pub fn read_draft(&self) -> Result<Manifest, StoreError> {
+        read_manifest(&self.dir.join(DRAFT_FILE))
+    }
+
     pub fn write_draft(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let path = self.dir.join(DRAFT_FILE);
         let bytes = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
@@ -69,9 +95,11 @@ impl PendingCheckpoint {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_manifest(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
-        let files = fsync_tree(&self.dir)?;
+        let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
+        manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
+        manifest.images = Some(synced.hashed);
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        manifest.size_bytes = files + bytes.len() as u64;
+        manifest.size_bytes = synced.total_bytes + bytes.len() as u64;
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)?;
         let final_dir = self.final_dir();
@@ -105,9 +133,94 @@ pub struct ListedCheckpoint {
     pub manifest: Result<Manifest, String>,
 }
 
+impl ListedCheckpoint {
+    pub fn generation(&self) -> Option<u64> {
+        match &self.manifest {
+            Ok(m) => m.generation,
+            Err(_) => generation_of_id(&self.id),
+        }
+    }
+
+    pub fn incompatible(&self) -> Option<String> {
+        incompatible_reason(&self.dir)
+    }
+
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.manifest.as_ref().ok().map(|m| Checkpoint {
+            id: self.id.clone(),
+            dir: self.dir.clone(),
+            manifest: m.clone(),
+        })
+    }
+}
+
+/// The generation an id starts with (`00000042-20261204T...`), if it has one.
+fn generation_of_id(id: &str) -> Option<u64> {
+    let (g, _) = id.split_once('-')?;
+    (g.len() == 8 && g.bytes().all(|b| b.is_ascii_digit())).then(|| g.parse().ok()).flatten()
+}
+
 impl CheckpointStore {
     pub fn new(paths: &ServicePaths) -> Self {
-        CheckpointStore { dir: paths.checkpoints(), quarantine_dir: paths.quarantine() }
+        CheckpointStore {
+            dir: paths.checkpoints(),
+            quarantine_dir: paths.quarantine(),
+            generations: paths.root.clone(),
+        }
+    }
+
+    fn generation_file(&self) -> GenerationFile {
+        GenerationFile::new(&self.generations)
+    }
+
+    /// The service's counters; never lower than any generation on disk.
+    pub fn generations(&self) -> Generations {
+        let mut g = self.generation_file().load(|| self.highest_generation());
+        g.last = g.last.max(self.highest_generation());
+        g
+    }
+
+    fn highest_generation(&self) -> u64 {
+        let listed = self.list().unwrap_or_default();
+        let quarantined = fs::read_dir(&self.quarantine_dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok).filter_map(|e| generation_of_id(&e.file_name().to_string_lossy())).max()
+            })
+            .ok()
+            .flatten();
+        listed.iter().filter_map(ListedCheckpoint::generation).chain(quarantined).max().unwrap_or(0)
+    }
+
+    /// Takes the next generation number, durably.
+    pub fn take_generation(&self) -> Result<u64, StoreError> {
+        let mut g = self.generations();
+        g.last += 1;
+        self.generation_file().save(&g)?;
+        Ok(g.last)
+    }
+
+    /// Records that the service is about to run (`how`: restored from X, cold start), which
+    /// makes every existing checkpoint stale. Durable before it returns; the previous counters
+    /// are returned so a run that never happened (its start failed) can be taken back.
+    pub fn record_run(&self, how: &str) -> Result<Generations, StoreError> {
+        let before = self.generations();
+        let mut g = before.clone();
+        g.last += 1;
+        g.last_run = g.last;
+        g.last_run_at = Some(crate::time_fmt::rfc3339_utc(SystemTime::now()));
+        g.last_run_how = Some(how.to_string());
+        self.generation_file().save(&g)?;
+        Ok(before)
+    }
+
+    /// Takes back a run recorded by `record_run` that did not happen (CRIU or the launch failed
+    /// before the service ran). The counter keeps rising; only the run marker goes back.
+    pub fn undo_run(&self, before: &Generations) -> Result<(), StoreError> {
+        let mut g = self.generations();
+        g.last_run = before.last_run;
+        g.last_run_at = before.last_run_at.clone();
+        g.last_run_how = before.last_run_how.clone();
+        self.generation_file().save(&g)
     }
 
     pub fn dir(&self) -> &Path {
@@ -118,10 +231,10 @@ impl CheckpointStore {
         &self.quarantine_dir
     }
 
-    /// Starts a new checkpoint directory (root-only) with a fresh, time-ordered id.
-    pub fn begin(&self) -> Result<PendingCheckpoint, StoreError> {
+    /// Starts a new checkpoint directory (root-only) whose id begins with `generation`.
+    pub fn begin(&self, generation: u64) -> Result<PendingCheckpoint, StoreError> {
         create_dir_with_mode(&self.dir, 0o700)?;
-        let base = crate::time_fmt::compact_utc(SystemTime::now());
+        let base = format!("{generation:08}-{}", crate::time_fmt::compact_utc(SystemTime::now()));
         for n in 0..100 {
             let id = if n == 0 { base.clone() } else { format!("{base}-{n}") };
             if self.dir.join(&id).exists() {
@@ -144,7 +257,7 @@ impl CheckpointStore {
         })
     }
 
-    /// All checkpoint directories, oldest first; damaged ones carry the reason.
+    /// All checkpoint directories, oldest first (by generation); damaged ones carry the reason.
     pub fn list(&self) -> Result<Vec<ListedCheckpoint>, StoreError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -164,17 +277,76 @@ impl CheckpointStore {
                 Some(ListedCheckpoint { id, dir, manifest })
             })
             .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        // Format 1 ids (the UTC time alone) have no generation and come first, by time.
+        out.sort_by(|a, b| (a.generation().unwrap_or(0), &a.id).cmp(&(b.generation().unwrap_or(0), &b.id)));
         Ok(out)
+    }
+
+    /// One checkpoint by id.
+    pub fn get(&self, id: &str) -> Result<Option<ListedCheckpoint>, StoreError> {
+        Ok(self.list()?.into_iter().find(|c| c.id == id))
+    }
+
+    /// What retention removes to keep the `keep` newest good checkpoints: every directory older
+    /// than the `keep`-th newest good one, damaged or not. Newest first is never touched.
+    pub fn beyond_retention(&self, keep: usize) -> Result<Vec<ListedCheckpoint>, StoreError> {
+        let all = self.list()?;
+        let good: Vec<usize> = all.iter().enumerate().filter(|(_, c)| c.manifest.is_ok()).map(|(i, _)| i).collect();
+        if keep == 0 || good.len() <= keep {
+            return Ok(Vec::new());
+        }
+        let oldest_kept = good[good.len() - keep];
+        Ok(all.into_iter().take(oldest_kept).collect())
+    }
+
+    /// Deletes one checkpoint directory (retention). The caller has released what it held.
+    pub fn remove(&self, c: &ListedCheckpoint) -> Result<(), StoreError> {
+        // Renamed out of sight first, so a crash mid-delete never leaves a half checkpoint
+        // that looks complete.
+        let doomed = self.dir.join(format!("{INCOMPLETE_PREFIX}removed-{}", c.id));
+        fs::rename(&c.dir, &doomed).map_err(|source| StoreError::Rename {
+            from: c.dir.clone(),
+            to: doomed.clone(),
+            source,
+        })?;
+        fsync_dir(&self.dir)?;
+        fs::remove_dir_all(&doomed).map_err(|source| StoreError::Write { path: doomed, source })
+    }
+
+    /// Deletes all but the newest [`QUARANTINE_KEEP`] quarantined checkpoints.
+    pub fn trim_quarantine(&self) {
+        let Ok(rd) = fs::read_dir(&self.quarantine_dir) else { return };
+        let mut q: Vec<(std::time::SystemTime, PathBuf)> =
+            rd.filter_map(Result::ok).filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+        q.sort();
+        let excess = q.len().saturating_sub(QUARANTINE_KEEP);
+        for (_, p) in q.into_iter().take(excess) {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+
+    /// The namespace-init binaries that the manifests in this store (kept and quarantined) need.
+    pub fn referenced_init_binaries(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.manifest.ok())
+            .map(|m| m.init_binary)
+            .collect();
+        if let Ok(rd) = fs::read_dir(&self.quarantine_dir) {
+            out.extend(
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| read_manifest(&e.path().join(MANIFEST_FILE)).ok())
+                    .map(|m| m.init_binary),
+            );
+        }
+        out
     }
 
     /// The newest complete checkpoint with a readable manifest.
     pub fn latest(&self) -> Result<Option<Checkpoint>, StoreError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .rev()
-            .find_map(|c| c.manifest.ok().map(|manifest| Checkpoint { id: c.id, dir: c.dir, manifest })))
+        Ok(self.list()?.into_iter().rev().find_map(|c| c.checkpoint()))
     }
 
     /// Moves a checkpoint that failed to restore out of the way, keeping it (and CRIU's log) for
@@ -225,8 +397,15 @@ mod tests {
 
     fn draft(id: &str) -> Manifest {
         Manifest {
-            format: 1,
+            format: 2,
             id: id.into(),
+            generation: generation_of_id(id),
+            kernel_version: None,
+            config_digest: None,
+            hash_algorithm: None,
+            images: None,
+            executables: None,
+            unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,
             created_at: "2026-11-25T00:00:00Z".into(),
@@ -238,11 +417,79 @@ mod tests {
         }
     }
 
+    fn begin(s: &CheckpointStore) -> PendingCheckpoint {
+        let g = s.take_generation().unwrap();
+        s.begin(g).unwrap()
+    }
+
+    fn finalized(s: &CheckpointStore) -> Checkpoint {
+        let p = begin(s);
+        fs::write(p.images_dir().join("pages-1.img"), b"pages").unwrap();
+        p.write_draft(&draft(&p.id)).unwrap();
+        p.finalize().unwrap()
+    }
+
+    #[test]
+    fn ids_carry_the_generation_and_order_ignores_the_clock() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let a = finalized(&s);
+        let b = finalized(&s);
+        assert_eq!(a.manifest.generation, Some(1));
+        assert!(a.id.starts_with("00000001-"), "{}", a.id);
+        // A clock step back: a later checkpoint whose time sorts first is still the newest.
+        let late = s.dir().join("00000003-19700101T000000.000Z");
+        fs::rename(&b.dir, &late).unwrap();
+        assert_eq!(s.latest().unwrap().unwrap().id, "00000003-19700101T000000.000Z");
+        assert_eq!(s.take_generation().unwrap(), 3, "the counter is durable");
+    }
+
+    #[test]
+    fn finalize_records_a_checksum_for_every_image() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let c = finalized(&s);
+        let images = c.manifest.images.unwrap();
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].path, "images/pages-1.img");
+        assert_eq!(images[0].hash, blake3::hash(b"pages").to_hex().to_string());
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_good_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let ids: Vec<String> = (0..4).map(|_| finalized(&s).id).collect();
+        fs::write(s.dir().join(&ids[3]).join(MANIFEST_FILE), b"{").unwrap();
+        let doomed: Vec<String> = s.beyond_retention(2).unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(doomed, vec![ids[0].clone()], "the damaged newest does not count as good");
+        for c in s.beyond_retention(2).unwrap() {
+            s.remove(&c).unwrap();
+        }
+        let left: Vec<String> = s.list().unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(left, ids[1..].to_vec());
+        assert!(s.beyond_retention(5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_recorded_run_makes_checkpoints_stale_and_can_be_undone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let c = finalized(&s);
+        use crate::store::generation::Freshness;
+        assert_eq!(s.generations().freshness(c.manifest.generation, DumpKind::Stop), Freshness::Fresh);
+        let before = s.record_run("cold start").unwrap();
+        assert!(matches!(s.generations().freshness(c.manifest.generation, DumpKind::Stop), Freshness::Stale(_)));
+        s.undo_run(&before).unwrap();
+        assert_eq!(s.generations().freshness(c.manifest.generation, DumpKind::Stop), Freshness::Fresh);
+        assert!(finalized(&s).manifest.generation > c.manifest.generation);
+    }
+
     #[test]
     fn pending_checkpoints_are_invisible_until_finalized() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
-        let p = s.begin().unwrap();
+        let p = begin(&s);
         fs::write(p.images_dir().join("core.img"), b"abc").unwrap();
         p.write_draft(&draft(&p.id)).unwrap();
         assert!(s.latest().unwrap().is_none());
@@ -256,10 +503,10 @@ mod tests {
     fn a_failed_dump_leaves_the_previous_checkpoint_latest() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
-        let first = s.begin().unwrap();
+        let first = begin(&s);
         first.write_draft(&draft(&first.id)).unwrap();
         let first = first.finalize().unwrap();
-        let second = s.begin().unwrap();
+        let second = begin(&s);
         second.discard();
         assert_eq!(s.latest().unwrap().unwrap().id, first.id);
     }
@@ -268,7 +515,7 @@ mod tests {
     fn quarantine_moves_the_checkpoint_and_records_why() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
-        let p = s.begin().unwrap();
+        let p = begin(&s);
         p.write_draft(&draft(&p.id)).unwrap();
         let c = p.finalize().unwrap();
         let to = s.quarantine(&c.id, "restore failed").unwrap();
@@ -280,7 +527,7 @@ mod tests {
     fn damaged_manifests_are_listed_but_never_latest() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
-        let p = s.begin().unwrap();
+        let p = begin(&s);
         p.write_draft(&draft(&p.id)).unwrap();
         let c = p.finalize().unwrap();
         fs::write(c.dir.join(MANIFEST_FILE), b"{").unwrap();

@@ -1,11 +1,12 @@
 //! Durable writes: write a temporary file, fsync it, rename it over the target, fsync the
 //! directory. A reader sees the old file or the new one, never a torn one, even after a crash.
 
+use super::manifest::ImageFile;
 use super::StoreError;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(|source| StoreError::Sync { path: dir.to_path_buf(), source })
@@ -14,7 +15,11 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Atomically replaces `path` with `bytes` (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Unique per writer: two processes replacing the same file must not share a temporary.
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -38,24 +43,69 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
-/// fsyncs every regular file and directory under `dir` and returns the total size of the files.
-pub fn fsync_tree(dir: &Path) -> Result<u64, StoreError> {
-    let mut total = 0;
+/// The result of [`fsync_and_hash`].
+pub struct Synced {
+    /// Total size of every file under the directory.
+    pub total_bytes: u64,
+    /// The files under the hashed subdirectory, sorted by path.
+    pub hashed: Vec<ImageFile>,
+}
+
+/// fsyncs every regular file and directory under `dir` and, in the same pass, hashes every file
+/// under `dir/hashed_subdir`: one thread reads and hashes (page cache, CPU) while this one waits
+/// for the disk, so the checksums cost next to nothing on top of the fsyncs.
+pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreError> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    walk(dir, Path::new(""), &mut files, &mut dirs)?;
+    let to_hash: Vec<(String, PathBuf)> = files
+        .iter()
+        .filter(|(rel, _)| rel.starts_with(&format!("{hashed_subdir}/")))
+        .map(|(rel, p)| (rel.clone(), p.clone()))
+        .collect();
+    std::thread::scope(|s| {
+        let hasher = s.spawn(|| -> Result<Vec<ImageFile>, StoreError> {
+            let mut out = Vec::with_capacity(to_hash.len());
+            for (rel, path) in &to_hash {
+                let size = fs::metadata(path).map_err(|source| StoreError::Read { path: path.clone(), source })?.len();
+                let hash = super::identity::hash_file(path)
+                    .map_err(|source| StoreError::Read { path: path.clone(), source })?;
+                out.push(ImageFile { path: rel.clone(), size, hash });
+            }
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+            Ok(out)
+        });
+        let mut total = 0;
+        for (_, path) in &files {
+            let f = File::open(path).map_err(|source| StoreError::Read { path: path.clone(), source })?;
+            f.sync_all().map_err(|source| StoreError::Sync { path: path.clone(), source })?;
+            total += f.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+        // Children before parents, so each directory entry names durable content.
+        for d in dirs.iter().rev() {
+            fsync_dir(d)?;
+        }
+        let hashed = hasher.join().expect("the hashing thread does not panic")?;
+        Ok(Synced { total_bytes: total, hashed })
+    })
+}
+
+/// Every regular file (with its path relative to the root) and directory under `dir`.
+fn walk(dir: &Path, rel: &Path, files: &mut Vec<(String, PathBuf)>, dirs: &mut Vec<PathBuf>) -> Result<(), StoreError> {
+    dirs.push(dir.to_path_buf());
     let entries = fs::read_dir(dir).map_err(|source| StoreError::Read { path: dir.to_path_buf(), source })?;
     for entry in entries {
         let entry = entry.map_err(|source| StoreError::Read { path: dir.to_path_buf(), source })?;
         let path = entry.path();
         let ft = entry.file_type().map_err(|source| StoreError::Read { path: path.clone(), source })?;
+        let child = rel.join(entry.file_name());
         if ft.is_dir() {
-            total += fsync_tree(&path)?;
+            walk(&path, &child, files, dirs)?;
         } else if ft.is_file() {
-            let f = File::open(&path).map_err(|source| StoreError::Read { path: path.clone(), source })?;
-            f.sync_all().map_err(|source| StoreError::Sync { path: path.clone(), source })?;
-            total += f.metadata().map(|m| m.len()).unwrap_or(0);
+            files.push((child.to_string_lossy().into_owned(), path));
         }
     }
-    fsync_dir(dir)?;
-    Ok(total)
+    Ok(())
 }
 
 /// Creates `dir` with the given mode (an existing one gets the mode too). Missing parents are
@@ -88,11 +138,15 @@ mod tests {
     }
 
     #[test]
-    fn fsync_tree_sums_file_sizes() {
+    fn fsync_and_hash_sums_every_file_and_hashes_the_images() {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir(d.path().join("images")).unwrap();
         fs::write(d.path().join("images/a.img"), [0u8; 100]).unwrap();
         fs::write(d.path().join("b"), [0u8; 23]).unwrap();
-        assert_eq!(fsync_tree(d.path()).unwrap(), 123);
+        let s = fsync_and_hash(d.path(), "images").unwrap();
+        assert_eq!(s.total_bytes, 123);
+        assert_eq!(s.hashed.len(), 1);
+        assert_eq!(s.hashed[0].path, "images/a.img");
+        assert_eq!(s.hashed[0].hash, blake3::hash(&[0u8; 100]).to_hex().to_string());
     }
 }

@@ -1,14 +1,20 @@
 //! The checkpoint store of one service: checkpoint directories that become visible only when
-//! complete and durable, their manifests, and quarantine for checkpoints that failed to restore.
+//! complete and durable, their manifests and checksums, the generation counter that orders them
+//! and tells fresh from stale, retention, quarantine for checkpoints that failed to restore, and
+//! the cache of file identities used to tell whether a checkpoint still fits the program on disk.
 
 mod checkpoints;
 pub mod durable;
 mod error;
+pub mod generation;
+pub mod identity;
 mod manifest;
+pub mod verify;
 
 pub use checkpoints::{Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
-pub use manifest::{DumpKind, Manifest};
+pub use generation::Freshness;
+pub use manifest::{DumpKind, FileIdentity, Manifest};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

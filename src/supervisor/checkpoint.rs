@@ -1,38 +1,63 @@
 //! Taking one checkpoint. A stopping dump is finalized by CRIU's post-dump action hook while the
 //! service is frozen, so the service is killed only once the checkpoint is durable; a dump that
 //! keeps the service running is finalized after CRIU returns. A failed dump is discarded and
-//! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched.
+//! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched. A dump past
+//! `dump_timeout` is killed and the service resumed. After a success, retention runs.
 
 use super::context::Context;
 use super::protocol::CheckpointReport;
-use crate::criu::{action_hook, CriuError, DumpArgs};
+use crate::criu::{action_hook, network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::process::tree;
-use crate::store::{DumpKind, Manifest};
+use crate::store::identity::HashCache;
+use crate::store::{DumpKind, FileIdentity, Manifest, PendingCheckpoint};
 use std::time::{Instant, SystemTime};
 
 pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
-    dump(ctx, init_pid, kind).map_err(|e| {
+    let mut outcome = dump(ctx, init_pid, kind).map_err(|e| {
         let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
-    })
+    });
+    if let Ok(report) = &mut outcome {
+        report.notes = super::retention::apply(ctx);
+    }
+    outcome
+}
+
+/// The identity of every executable the tree maps, for the manifest. A file that vanished or
+/// cannot be read is left out: CRIU keeps deleted files' contents in the images itself.
+pub fn identify_tree(init_pid: i32, cache: &mut HashCache) -> Vec<FileIdentity> {
+    tree::executable_mappings(init_pid).iter().filter_map(|p| cache.identify(p).ok()).collect()
 }
 
 fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
-    let pending = ctx.store.begin().map_err(|e| e.to_string())?;
+    let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
+    let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
+    // Hashing here, while the service still runs, fills the cache; the hook re-checks the
+    // frozen tree's mappings against it at almost no cost.
+    let mut cache = ctx.hash_cache();
+    let executables = identify_tree(init_pid, &mut cache);
+    cache.save();
     let draft = Manifest {
         format: crate::store::manifest_format(),
         id: pending.id.clone(),
+        generation: Some(generation),
         service: ctx.service.name.clone(),
         kind,
         created_at: crate::time_fmt::rfc3339_utc(SystemTime::now()),
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),
         criu_version: ctx.criu.version.clone(),
+        kernel_version: Some(ctx.kernel_version.clone()),
+        config_digest: Some(ctx.service.digest()),
         init_binary: std::fs::read_link(format!("/proc/{init_pid}/exe")).unwrap_or_else(|_| ctx.init_binary.clone()),
         stdout_pipe_inode: tree::stdout_pipe_inode(init_pid),
         size_bytes: 0,
+        hash_algorithm: None,
+        images: None,
+        executables: Some(executables),
+        unknown: Default::default(),
     };
     if let Err(e) = pending.write_draft(&draft) {
         pending.discard();
@@ -48,18 +73,48 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
         leave_running: !stopping,
         action_script: stopping.then(|| action_hook::script_for(&ctx.exe)),
     };
-    let env: Vec<(&str, String)> =
-        if stopping { vec![(action_hook::PENDING_ENV, pending.dir.display().to_string())] } else { Vec::new() };
-    let dumped = ctx.criu.dump(&args, &env);
+    let env: Vec<(&str, String)> = if stopping {
+        vec![
+            (action_hook::PENDING_ENV, pending.dir.display().to_string()),
+            (action_hook::TREE_PID_ENV, init_pid.to_string()),
+            (action_hook::HASH_CACHE_ENV, ctx.dirs.hash_cache().display().to_string()),
+        ]
+    } else {
+        Vec::new()
+    };
+    let dumped = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
 
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
         }),
         Ok(()) => pending.finalize().map_err(|e| e.to_string()),
-        // The hook finalized it and something after that failed: the checkpoint itself is complete.
-        Err(_) if pending.finalized().is_some() => Ok(pending.finalized().expect("checked")),
-        Err(e) => Err(describe_failed_dump(ctx, &pending, e)),
+        Err(e) => {
+            let killed = matches!(e, CriuError::TimedOut { .. });
+            match pending.finalized() {
+                // The hook made it durable, CRIU failed after that, and the service is gone: the
+                // checkpoint is exactly the service's last memory.
+                Some(cp) if !tree::alive(init_pid) => Ok(cp),
+                // ...but if the service was resumed it runs on, so that checkpoint is already stale.
+                Some(cp) => {
+                    resume(init_pid, &cp.dir, killed);
+                    let marked =
+                        ctx.store.record_run(&format!("resumed after the failed dump of checkpoint {}", cp.id));
+                    let note = match marked {
+                        Ok(_) => format!("checkpoint {} was saved but is stale", cp.id),
+                        Err(m) => format!("checkpoint {} was saved, and marking it stale failed ({m})", cp.id),
+                    };
+                    return Err(format!(
+                        "{} after the checkpoint was written; the service was resumed; {note}",
+                        e.one_line()
+                    ));
+                }
+                None => {
+                    resume(init_pid, &pending.dir, killed);
+                    Err(describe_failed_dump(ctx, &pending, e))
+                }
+            }
+        }
     };
     match checkpoint {
         Ok(cp) => Ok(CheckpointReport {
@@ -67,6 +122,7 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
             size_bytes: cp.manifest.size_bytes,
             duration: started.elapsed(),
             dir: cp.dir,
+            notes: Vec::new(),
         }),
         Err(e) => {
             pending.discard();
@@ -75,16 +131,35 @@ fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport
     }
 }
 
-fn describe_failed_dump(ctx: &Context, pending: &crate::store::PendingCheckpoint, e: CriuError) -> String {
+/// After a dump that failed: the connections CRIU held with its network lock are let go (a
+/// killed CRIU cannot), and after a killed one every process of the tree runs again (the dead
+/// tracer leaves them detached; SIGCONT ends any stop it left).
+fn resume(init_pid: i32, dump_dir: &std::path::Path, killed: bool) {
+    if killed && tree::alive(init_pid) {
+        for pid in tree::descendants(init_pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    network_lock::release(&dump_dir.join(DUMP_LOG));
+}
+
+fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError) -> String {
     // Keep CRIU's log: the pending directory is about to be removed.
     let kept = ctx.paths.failed_dump_log();
+    let keep_log = |log: &std::path::Path| {
+        // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
+        let moved = std::fs::rename(log, &kept).is_ok() || std::fs::copy(log, &kept).is_ok();
+        if moved {
+            kept.clone()
+        } else {
+            log.to_path_buf()
+        }
+    };
     let e = match e {
         CriuError::Failed { action, status, log, errors } => {
-            // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
-            let moved = std::fs::rename(&log, &kept).is_ok() || std::fs::copy(&log, &kept).is_ok();
-            let log = if moved { kept } else { log };
-            CriuError::Failed { action, status, log, errors }
+            CriuError::Failed { action, status, log: keep_log(&log), errors }
         }
+        CriuError::TimedOut { action, after, log } => CriuError::TimedOut { action, after, log: keep_log(&log) },
         other => other,
     };
     let mut text = e.one_line();

@@ -2,17 +2,27 @@
 
 use crate::config::Service;
 use crate::criu::Criu;
-use crate::paths::ServicePaths;
+use crate::paths::{Dirs, ServicePaths};
+use crate::store::identity::HashCache;
 use crate::store::CheckpointStore;
 use std::path::PathBuf;
 
 pub struct Context {
+    pub dirs: Dirs,
     pub service: Service,
     pub paths: ServicePaths,
     pub store: CheckpointStore,
     pub criu: Criu,
-    /// The content-addressed namespace init used for cold launches.
+    /// The content-addressed namespace init used for cold launches (verified at start).
     pub init_binary: PathBuf,
     /// This binary, which CRIU runs as its action script.
     pub exe: PathBuf,
+    /// `uname -r`, recorded in manifests.
+    pub kernel_version: String,
+}
+
+impl Context {
+    pub fn hash_cache(&self) -> HashCache {
+        HashCache::load(self.dirs.hash_cache())
+    }
 }

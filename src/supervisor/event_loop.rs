@@ -127,12 +127,17 @@ pub async fn run_loop(
                         }
                     }
                     match &outcome {
-                        Ok(r) => log.note(&format!(
-                            "checkpoint {} saved ({} bytes) in {}",
-                            r.id,
-                            r.size_bytes,
-                            r.dir.display()
-                        )),
+                        Ok(r) => {
+                            log.note(&format!(
+                                "checkpoint {} saved ({} bytes) in {}",
+                                r.id,
+                                r.size_bytes,
+                                r.dir.display()
+                            ));
+                            for n in &r.notes {
+                                log.note(n);
+                            }
+                        }
                         Err(e) => log.note(&format!("checkpoint failed: {e}")),
                     }
                     for w in waiters.drain(..) {

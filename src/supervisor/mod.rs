@@ -11,6 +11,7 @@ pub mod lock;
 mod log_pump;
 pub mod protocol;
 pub mod ready;
+mod retention;
 mod run;
 mod startup;
 pub mod state;

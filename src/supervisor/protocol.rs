@@ -14,6 +14,8 @@ pub struct CheckpointReport {
     pub size_bytes: u64,
     pub duration: Duration,
     pub dir: PathBuf,
+    /// What retention removed after it (for the log).
+    pub notes: Vec<String>,
 }
 
 pub fn announce_stop(service: &str) -> String {
@@ -68,6 +70,7 @@ mod tests {
             size_bytes: 5_000_000,
             duration: Duration::from_millis(61),
             dir: "/x".into(),
+            notes: Vec::new(),
         };
         let line = final_line(&Ok(r));
         assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");

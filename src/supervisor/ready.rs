@@ -17,6 +17,9 @@ pub struct StartReport {
     pub fallback_reason: Option<String>,
     pub error: Option<String>,
     pub exit_code: Option<i32>,
+    /// Things the user should know that did not stop the start (a changed service file...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl StartReport {
@@ -29,6 +32,7 @@ impl StartReport {
             fallback_reason: None,
             error: Some(e.to_string()),
             exit_code: Some(e.exit_code()),
+            warnings: Vec::new(),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::process::init_binary;
 use crate::store::durable::create_dir_with_mode;
+use crate::store::identity::HashCache;
 use crate::store::CheckpointStore;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -34,9 +35,9 @@ fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
 
 /// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
-pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier, foreground: bool) -> i32 {
+pub fn run(dirs: Dirs, service: Service, from: Option<String>, mut notifier: Notifier, foreground: bool) -> i32 {
     let name = service.name.clone();
-    match supervise(dirs, service, &mut notifier, foreground) {
+    match supervise(dirs, service, from.as_deref(), &mut notifier, foreground) {
         Ok(code) => code,
         Err(e) => {
             notifier.send(&StartReport::failure(&e));
@@ -46,7 +47,13 @@ pub fn run(dirs: Dirs, service: Service, mut notifier: Notifier, foreground: boo
     }
 }
 
-fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: bool) -> Result<i32, Error> {
+fn supervise(
+    dirs: Dirs,
+    service: Service,
+    from: Option<&str>,
+    notifier: &mut Notifier,
+    foreground: bool,
+) -> Result<i32, Error> {
     let criu = Criu::get()?;
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
@@ -69,12 +76,22 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
         .map_err(|source| SupervisorError::ControlSocket { path: paths.control_socket.clone(), source })?;
     let _ = std::fs::set_permissions(&paths.control_socket, std::fs::Permissions::from_mode(0o600));
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
-    let init_binary = init_binary::install(&dirs.init_binaries())?;
     let log =
         LogWriter::open(&paths.service_log(), foreground).map_err(|e| Error::io("open", paths.service_log(), e))?;
+    // Verified before every use: a damaged copy is re-created here, never blamed on a checkpoint.
+    let mut cache = HashCache::load(dirs.hash_cache());
+    let installed = init_binary::install(&dirs.init_binaries(), &mut cache)?;
+    cache.save();
+    if let init_binary::Installed::Repaired(_, why) = &installed {
+        log.note(&format!("{why}; re-created it from the running stasis binary"));
+    }
+    let init_binary = installed.path().to_path_buf();
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let store = CheckpointStore::new(&paths);
-    let ctx = Arc::new(Context { service, paths, store, criu, init_binary, exe });
+    let kernel_version = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let ctx = Arc::new(Context { dirs, service, paths, store, criu, init_binary, exe, kernel_version });
     let name = ctx.service.name.clone();
 
     let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {
@@ -89,7 +106,7 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
         message,
     };
 
-    let super::startup::Started { info: started, output } = match start_service(&ctx) {
+    let super::startup::Started { info: started, output } = match start_service(&ctx, from) {
         Ok(s) => s,
         Err(e) => {
             log.note(&format!("failed to start: {e}"));
@@ -98,7 +115,10 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
                 ..record(ServiceState::Failed, None, None)
             }
             .write(&ctx.paths);
-            return Err(Error::StartFailed(e.to_string()));
+            return Err(match e {
+                Error::RestoreRefused(_) | Error::StartFailed(_) => e,
+                other => Error::StartFailed(other.to_string()),
+            });
         }
     };
     let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
@@ -110,6 +130,9 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
         (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
     };
     log.note(&how);
+    for n in &started.notes {
+        log.note(&format!("warning: {n}"));
+    }
     super::systemd::ready(&format!("{how}; pid {pid}"));
     record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
     notifier.send(&StartReport {
@@ -120,7 +143,11 @@ fn supervise(dirs: Dirs, service: Service, notifier: &mut Notifier, foreground: 
         fallback_reason: started.fallback_reason.clone(),
         error: None,
         exit_code: None,
+        warnings: started.notes.clone(),
     });
+    for n in super::retention::apply(&ctx) {
+        log.note(&n);
+    }
 
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;

@@ -1,11 +1,17 @@
-//! Restore-or-cold start. The newest checkpoint is restored; if that fails, it is quarantined
-//! (with CRIU's log) and the service is cold-launched, with the reason kept for `status`.
+//! Restore-or-cold start, and the proof a restore needs. Candidates are tried newest first; each
+//! must be fresh (or allowed stale), have every image intact, and fit the program on disk, all
+//! checked before CRIU sees it. Damaged images and checkpoint-related CRIU failures quarantine
+//! the checkpoint and the next allowed one is tried; a checkpoint that does not fit is kept and
+//! marked; a CRIU failure caused by the host keeps the checkpoint and fails the start. The run
+//! is recorded (making every checkpoint stale) durably before the service runs.
 
 use super::context::Context;
 use super::status::StartedFrom;
-use crate::criu::RestoreArgs;
+use crate::config::OnIncompatible;
+use crate::criu::{RestoreArgs, RestoreFailure};
 use crate::error::Error;
 use crate::process::{cold_launch, tree, LaunchSpec};
+use crate::store::{identity, verify, Checkpoint, Freshness};
 use nix::unistd::Pid;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -19,44 +25,187 @@ pub struct StartInfo {
     pub init_pid: Pid,
     pub started_from: StartedFrom,
     pub checkpoint: Option<String>,
+    /// Why the newest checkpoint was not the one restored (or why none was).
     pub fallback_reason: Option<String>,
+    /// Things worth a warning that did not change what was started.
+    pub notes: Vec<String>,
 }
 
-pub fn start_service(ctx: &Context) -> Result<Started, Error> {
+/// What trying one checkpoint came to, when it did not start the service.
+enum Refusal {
+    /// Skip it and try the next candidate (or cold-start); the text is for `fallback_reason`.
+    Skip(String),
+    /// Do not cold-start: the start fails with this error; the checkpoint is kept.
+    Stop(Error),
+}
+
+pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     ctx.store.remove_incomplete();
-    let mut fallback_reason = None;
-    if let Some(newest) = ctx.store.list()?.pop() {
-        let attempt = match newest.manifest {
-            Err(e) => Err(format!("its manifest is unreadable ({e})")),
-            Ok(manifest) => {
-                let cp = crate::store::Checkpoint { id: newest.id.clone(), dir: newest.dir.clone(), manifest };
-                restore(ctx, &cp)
-            }
+    if let Some(id) = from {
+        return start_from(ctx, id);
+    }
+    let generations = ctx.store.generations();
+    let mut reasons: Vec<String> = Vec::new();
+    for listed in ctx.store.list()?.into_iter().rev() {
+        let Some(cp) = listed.checkpoint() else {
+            reasons.push(format!(
+                "checkpoint {} is damaged ({}); skipped it",
+                listed.id,
+                listed.manifest.as_ref().err().cloned().unwrap_or_default()
+            ));
+            continue;
         };
-        match attempt {
-            Ok(started) => return Ok(started),
-            Err(why) => {
-                // One line for status; the quarantine keeps CRIU's error lines too.
-                let (summary, details) = why.split_once('\n').unwrap_or((&why, ""));
-                let reason = format!("restore of checkpoint {} failed: {summary}", newest.id);
-                let moved = ctx.store.quarantine(&newest.id, &format!("{reason}\n{details}"))?;
-                // It will never be restored, so nothing will remove its network lock otherwise.
-                crate::criu::network_lock::release(&moved.join(crate::criu::DUMP_LOG));
-                fallback_reason = Some(format!("{reason}; quarantined it in {}", moved.display()));
+        if let Freshness::Stale(why) = generations.freshness(cp.manifest.generation, cp.manifest.kind) {
+            if !ctx.service.restore_stale {
+                reasons.push(format!(
+                    "checkpoint {} is stale: {why}; restoring it would bring back older memory (set `restore_stale: true` to allow that, or run `stasis start {} --from {}`)",
+                    cp.id, ctx.service.name, cp.id
+                ));
+                // Every older checkpoint is staler still.
+                break;
             }
         }
+        match try_restore(ctx, &cp, false) {
+            Ok(mut started) => {
+                started.info.fallback_reason = (!reasons.is_empty()).then(|| reasons.join("; then "));
+                return Ok(started);
+            }
+            Err(Refusal::Skip(why)) => reasons.push(why),
+            Err(Refusal::Stop(e)) => return Err(e),
+        }
     }
-    cold(ctx, fallback_reason)
+    cold(ctx, (!reasons.is_empty()).then(|| reasons.join("; then ")))
 }
 
-fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, String> {
-    let init = &cp.manifest.init_binary;
-    if !init.is_file() {
-        return Err(format!("the namespace init it was taken with, {}, is missing", init.display()));
+/// `start --from ID`: that checkpoint, stale or not, or nothing at all.
+fn start_from(ctx: &Context, id: &str) -> Result<Started, Error> {
+    let listed = ctx.store.get(id)?.ok_or_else(|| {
+        Error::RestoreRefused(format!(
+            "failed to find checkpoint {id} of {} in {}; `stasis checkpoints {}` lists them",
+            ctx.service.name,
+            ctx.store.dir().display(),
+            ctx.service.name
+        ))
+    })?;
+    let cp = listed.checkpoint().ok_or_else(|| {
+        Error::RestoreRefused(format!(
+            "failed to read checkpoint {id}: {}",
+            listed.manifest.as_ref().err().cloned().unwrap_or_default()
+        ))
+    })?;
+    match try_restore(ctx, &cp, true) {
+        Ok(started) => Ok(started),
+        Err(Refusal::Skip(why)) => Err(Error::RestoreRefused(format!("failed to restore the requested {why}"))),
+        Err(Refusal::Stop(e)) => Err(e),
     }
-    let (output, stdout_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("failed to create a pipe: {e}"))?;
+}
+
+/// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
+fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<Started, Refusal> {
+    if let Some(images) = &cp.manifest.images {
+        if let Err(problem) = verify::verify_images(&cp.dir, images) {
+            let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
+            return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
+        }
+    }
+    if let Err(m) = fits_program(ctx, cp) {
+        let reason = format!(
+            "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
+            cp.id,
+            m.path.display(),
+            m.detail
+        );
+        if explicit {
+            return Err(Refusal::Skip(format!("{reason}; it is kept")));
+        }
+        let _ = cp.mark_incompatible(&reason);
+        if ctx.service.on_incompatible == OnIncompatible::Fail {
+            return Err(Refusal::Stop(Error::RestoreRefused(format!(
+                "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
+                ctx.service.file.display()
+            ))));
+        }
+        return Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")));
+    }
+    cp.clear_incompatible();
+    let before = ctx
+        .store
+        .record_run(&format!("restored from checkpoint {}", cp.id))
+        .map_err(|e| Refusal::Stop(Error::from(e)))?;
+    match restore(ctx, cp) {
+        Ok(started) => Ok(started),
+        Err(RestoreError::Criu(e)) => {
+            // CRIU failed before the service ran: the run did not happen.
+            let _ = ctx.store.undo_run(&before);
+            let (one_line, details) = (e.one_line(), e_lines(&e));
+            match e.restore_failure() {
+                RestoreFailure::Environment(why) => Err(Refusal::Stop(Error::StartFailed(format!(
+                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {}): fix that and start again{details}",
+                    cp.id,
+                    if explicit { "restorable" } else { "fresh" }
+                )))),
+                RestoreFailure::Checkpoint => {
+                    let reason = format!("restore of checkpoint {} failed: {one_line}", cp.id);
+                    Err(Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit)))
+                }
+            }
+        }
+        Err(RestoreError::Other(why)) => {
+            let _ = ctx.store.undo_run(&before);
+            Err(Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)))
+        }
+    }
+}
+
+fn e_lines(e: &crate::criu::CriuError) -> String {
+    match e {
+        crate::criu::CriuError::Failed { errors, .. } if !errors.is_empty() => format!("\n{}", errors.join("\n")),
+        _ => String::new(),
+    }
+}
+
+/// Moves a damaged checkpoint aside (unless the user named it) and returns the reason to report.
+fn quarantine(ctx: &Context, cp: &Checkpoint, reason: &str, explicit: bool) -> String {
+    let (summary, _) = reason.split_once('\n').unwrap_or((reason, ""));
+    if explicit {
+        return format!("{summary}; it was left in place");
+    }
+    match ctx.store.quarantine(&cp.id, reason) {
+        Ok(moved) => {
+            // It will never be restored, so nothing will remove its network lock otherwise.
+            crate::criu::network_lock::release(&moved.join(crate::criu::DUMP_LOG));
+            format!("{summary}; quarantined it in {}", moved.display())
+        }
+        Err(e) => format!("{summary}; failed to quarantine it: {e}"),
+    }
+}
+
+/// Whether every executable the checkpoint maps is still the same file content. The current
+/// build's init copy was verified (and repaired if damaged) before this runs.
+fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch> {
+    let mut cache = ctx.hash_cache();
+    let result = match &cp.manifest.executables {
+        Some(recorded) => identity::compare(recorded, &mut cache),
+        // Format 1: only the init binary's presence is known to matter.
+        None if !cp.manifest.init_binary.is_file() => Err(identity::Mismatch {
+            path: cp.manifest.init_binary.clone(),
+            detail: "the namespace init it was taken with is missing".into(),
+        }),
+        None => Ok(()),
+    };
+    cache.save();
+    result
+}
+
+enum RestoreError {
+    Criu(crate::criu::CriuError),
+    Other(String),
+}
+
+fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
+    let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
     let args = RestoreArgs {
         images_dir: cp.images_dir(),
         work_dir: cp.dir.clone(),
@@ -64,19 +213,24 @@ fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, Stri
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
     };
-    let outcome = ctx.criu.restore(&args, Some(stdout_w.as_fd())).map_err(|e| match &e {
-        crate::criu::CriuError::Failed { errors, .. } => format!("{}\n{}", e.one_line(), errors.join("\n")),
-        _ => e.one_line(),
-    })?;
+    let outcome = ctx.criu.restore(&args, Some(stdout_w.as_fd())).map_err(RestoreError::Criu)?;
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
     // The restored root must be our child (we are its subreaper), or we could not supervise it.
     let parent = procfs::process::Process::new(outcome.pid).ok().and_then(|p| p.stat().ok()).map(|s| s.ppid);
     if parent != Some(std::process::id() as i32) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        return Err(format!(
+        return Err(RestoreError::Other(format!(
             "the restored process {} is not a child of the supervisor (parent {parent:?})",
             outcome.pid
+        )));
+    }
+    let mut notes = Vec::new();
+    if cp.manifest.config_digest.as_deref().is_some_and(|d| d != ctx.service.digest()) {
+        notes.push(format!(
+            "{} changed since checkpoint {} was taken; the restored process keeps the command, user, directory and environment it had then (they apply at the next cold start)",
+            ctx.service.file.display(),
+            cp.id
         ));
     }
     Ok(Started {
@@ -85,6 +239,7 @@ fn restore(ctx: &Context, cp: &crate::store::Checkpoint) -> Result<Started, Stri
             started_from: StartedFrom::Checkpoint,
             checkpoint: Some(cp.id.clone()),
             fallback_reason: None,
+            notes,
         },
         output,
     })
@@ -104,10 +259,24 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
         command: s.command.clone(),
         environment: s.environment.clone(),
     };
-    let init_pid = cold_launch(&spec, stdout_w.as_fd())?;
+    let before = ctx.store.record_run("cold start")?;
+    let init_pid = match cold_launch(&spec, stdout_w.as_fd()) {
+        Ok(pid) => pid,
+        Err(e) => {
+            // The command never ran, so the checkpoints are as fresh as before.
+            let _ = ctx.store.undo_run(&before);
+            return Err(e.into());
+        }
+    };
     drop(stdout_w);
     Ok(Started {
-        info: StartInfo { init_pid, started_from: StartedFrom::Cold, checkpoint: None, fallback_reason },
+        info: StartInfo {
+            init_pid,
+            started_from: StartedFrom::Cold,
+            checkpoint: None,
+            fallback_reason,
+            notes: Vec::new(),
+        },
         output,
     })
 }

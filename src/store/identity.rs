@@ -1,0 +1,166 @@
+//! File identities (path, size, mtime, device, inode, content hash) and the cache that keeps a
+//! start from reading whole binaries each time: a content hash is reused only while the file's
+//! (dev, inode, size, mtime, ctime) stay the same. ctime cannot be set from user space, so a file
+//! rewritten in place with its mtime put back is still hashed again.
+
+use super::durable::{create_dir_with_mode, write_atomic};
+use super::manifest::FileIdentity;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Enough for every binary and library of a host's services.
+const MAX_ENTRIES: usize = 4096;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheFile {
+    /// key -> (hash, last use as a sequence number)
+    entries: BTreeMap<String, (String, u64)>,
+    seq: u64,
+}
+
+pub struct HashCache {
+    path: PathBuf,
+    file: CacheFile,
+    dirty: bool,
+}
+
+fn key(m: &std::fs::Metadata) -> String {
+    format!("{}:{}:{}:{}.{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+/// BLAKE3 of a whole file, hex.
+pub fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(path)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+impl HashCache {
+    /// Loads the cache; a missing or damaged one is simply empty (it only saves work).
+    pub fn load(path: PathBuf) -> HashCache {
+        let file = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        HashCache { path, file, dirty: false }
+    }
+
+    /// A cache that is never written (for one-off checks).
+    pub fn in_memory() -> HashCache {
+        HashCache { path: PathBuf::new(), file: CacheFile::default(), dirty: false }
+    }
+
+    /// The identity of `path` now, hashing its content unless the cache vouches for it.
+    pub fn identify(&mut self, path: &Path) -> std::io::Result<FileIdentity> {
+        let before = std::fs::metadata(path)?;
+        let k = key(&before);
+        self.file.seq += 1;
+        let seq = self.file.seq;
+        let hash = match self.file.entries.get_mut(&k) {
+            Some(entry) => {
+                entry.1 = seq;
+                entry.0.clone()
+            }
+            None => {
+                let hash = hash_file(path)?;
+                // A file that changed while it was read gets no cache entry.
+                if std::fs::metadata(path).map(|m| key(&m)).ok().as_deref() == Some(k.as_str()) {
+                    self.file.entries.insert(k, (hash.clone(), seq));
+                }
+                hash
+            }
+        };
+        self.dirty = true;
+        Ok(FileIdentity {
+            path: path.to_path_buf(),
+            size: before.size(),
+            mtime_ns: mtime_ns(&before),
+            dev: before.dev(),
+            inode: before.ino(),
+            hash,
+        })
+    }
+
+    /// Writes the cache back (best effort: a lost cache only costs hashing again).
+    pub fn save(&mut self) {
+        if !self.dirty || self.path.as_os_str().is_empty() {
+            return;
+        }
+        if self.file.entries.len() > MAX_ENTRIES {
+            let mut by_use: Vec<(u64, String)> = self.file.entries.iter().map(|(k, v)| (v.1, k.clone())).collect();
+            by_use.sort();
+            for (_, k) in by_use.iter().take(self.file.entries.len() - MAX_ENTRIES) {
+                self.file.entries.remove(k);
+            }
+        }
+        if let Some(dir) = self.path.parent() {
+            let _ = create_dir_with_mode(dir, 0o700);
+        }
+        let bytes = serde_json::to_vec(&self.file).expect("cache serializes");
+        if write_atomic(&self.path, &bytes).is_ok() {
+            self.dirty = false;
+        }
+    }
+}
+
+/// Why a checkpoint does not fit the files on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+/// Compares the recorded identities with the files now on disk. Same content is a match even on
+/// a new inode (a reinstall of the same build); different content of the same size is not.
+pub fn compare(recorded: &[FileIdentity], cache: &mut HashCache) -> Result<(), Mismatch> {
+    for r in recorded {
+        let now = cache.identify(&r.path).map_err(|e| Mismatch {
+            path: r.path.clone(),
+            detail: if e.kind() == std::io::ErrorKind::NotFound {
+                "it no longer exists".to_string()
+            } else {
+                format!("it cannot be read ({e})")
+            },
+        })?;
+        if now.hash != r.hash {
+            let size = if now.size == r.size {
+                format!("same size {}", r.size)
+            } else {
+                format!("size {} then, {} now", r.size, now.size)
+            };
+            return Err(Mismatch {
+                path: r.path.clone(),
+                detail: format!("its content changed since the checkpoint ({size})"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_size_different_content_is_a_mismatch_even_with_the_mtime_put_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("prog");
+        std::fs::write(&p, b"build-A").unwrap();
+        let mut cache = HashCache::load(d.path().join("cache.json"));
+        let id = cache.identify(&p).unwrap();
+        cache.save();
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::fs::write(&p, b"build-B").unwrap();
+        std::fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+        let mut cache = HashCache::load(d.path().join("cache.json"));
+        let m = compare(std::slice::from_ref(&id), &mut cache).unwrap_err();
+        assert!(m.detail.contains("same size 7"), "{}", m.detail);
+        std::fs::write(&p, b"build-A").unwrap();
+        assert_eq!(compare(std::slice::from_ref(&id), &mut cache), Ok(()), "same content again fits");
+        std::fs::remove_file(&p).unwrap();
+        assert!(compare(&[id], &mut cache).unwrap_err().detail.contains("no longer exists"));
+    }
+}
