@@ -197,7 +197,9 @@ fn killing_the_supervisor_after_a_restore_makes_the_next_start_cold_with_the_rea
     assert_eq!(started["started_from"], "cold", "a checkpoint the service already ran on from is stale");
     let reason = started["fallback_reason"].as_str().expect("a fallback reason");
     assert!(reason.contains(&a) && reason.contains("stale"), "{reason}");
-    assert_eq!(env.status(name)["fallback_reason"].as_str(), Some(reason), "status has the same reason");
+    let st = env.status(name);
+    assert_eq!(st["fallback_reason"].as_str(), Some(reason), "status has the same reason");
+    assert_eq!((&st["checkpoint"], &st["checkpoint_fresh"]), (&json!(a), &json!(false)), "status: {st}");
     let ra = row(&checkpoints(&env, name), &a).clone();
     assert_eq!(ra["fresh"], false, "{ra}");
     assert!(ra["stale_reason"].as_str().is_some_and(|s| !s.is_empty()), "{ra}");
@@ -208,6 +210,7 @@ fn killing_the_supervisor_after_a_restore_makes_the_next_start_cold_with_the_rea
     assert_eq!(row(&list, &b)["fresh"], true, "a clean stop is fresh");
     assert_eq!(row(&list, &b)["stale_reason"], Value::Null);
     assert_eq!(row(&list, &a)["fresh"], false, "{a} stays stale");
+    assert_eq!(env.status(name)["checkpoint_fresh"], true, "status: the next start restores {b}");
 
     let from: Value = serde_json::from_str(&env.ok(&["start", name, "--from", &a, "--json"])).unwrap();
     assert_eq!(from["started_from"], "checkpoint");
@@ -398,17 +401,7 @@ fn a_dump_that_exceeds_dump_timeout_is_ended_and_the_service_resumed() {
         c.env("STASIS_CRIU_CONFIG_DIR", &criu_dir);
         c
     };
-    let run = |args: &[&str]| {
-        let out = cmd(args).output().expect("run stasis");
-        eprintln!(
-            "$ stasis {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-            args.join(" "),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        out
-    };
+    let run = |args: &[&str]| logged(args, cmd(args));
     let sleeps_before = hang_sleeps();
     let _cleanup = KillOnDrop(&env, name);
     assert_eq!(run(&["start", name, "--json"]).status.code(), Some(0));

@@ -127,7 +127,8 @@ pub enum Command {
     ///
     /// --json fields: name; state (running, stopped, or failed: the service exited by itself, could
     /// not start, or its supervisor died); pid (host PID of the service's main process); started_from
-    /// (checkpoint or cold); checkpoint (the latest good checkpoint, or null); fallback_reason (why the
+    /// (checkpoint or cold); checkpoint (the latest good checkpoint, or null); checkpoint_fresh (whether
+    /// the service has not run since that checkpoint, so the next start restores it); fallback_reason (why the
     /// last start cold-launched although a checkpoint existed); also restored_checkpoint, init_pid,
     /// supervisor_pid, kill_port, since, message.
     Status {

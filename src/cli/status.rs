@@ -21,6 +21,9 @@ pub struct StatusView {
     pub started_from: Option<StartedFrom>,
     /// The latest good checkpoint.
     pub checkpoint: Option<String>,
+    /// Whether that checkpoint is fresh (the service has not run since): the next start restores
+    /// it (unless it does not fit the program). Null without a checkpoint.
+    pub checkpoint_fresh: Option<bool>,
     pub fallback_reason: Option<String>,
     pub restored_checkpoint: Option<String>,
     pub init_pid: Option<i32>,
@@ -46,13 +49,19 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
     }
     let running = state == ServiceState::Running;
     let init_pid = record.as_ref().and_then(|r| r.init_pid).filter(|_| running);
-    let checkpoint = CheckpointStore::new(&paths).latest().ok().flatten().map(|c| c.id);
+    let store = CheckpointStore::new(&paths);
+    let latest = store.latest().ok().flatten();
+    let checkpoint_fresh = latest.as_ref().map(|c| {
+        store.generations().freshness(c.manifest.generation, c.manifest.kind) == crate::store::Freshness::Fresh
+    });
+    let checkpoint = latest.map(|c| c.id);
     StatusView {
         name: name.to_string(),
         state,
         pid: init_pid.map(|p| tree::main_pid(p).unwrap_or(p)),
         started_from: record.as_ref().and_then(|r| r.started_from),
         checkpoint,
+        checkpoint_fresh,
         fallback_reason: record.as_ref().and_then(|r| r.fallback_reason.clone()),
         restored_checkpoint: record.as_ref().and_then(|r| r.restored_checkpoint.clone()),
         init_pid,
@@ -140,7 +149,13 @@ fn print_one(v: &StatusView) {
     if let Some(why) = &v.fallback_reason {
         println!("  fell back to a cold start: {why}");
     }
-    println!("  latest checkpoint: {}", v.checkpoint.as_deref().unwrap_or("none"));
+    match (&v.checkpoint, v.checkpoint_fresh) {
+        (Some(id), Some(true)) => println!("  latest checkpoint: {id} (fresh: the next start restores it)"),
+        (Some(id), _) => {
+            println!("  latest checkpoint: {id} (stale: the service ran since; see `stasis checkpoints {}`)", v.name)
+        }
+        (None, _) => println!("  latest checkpoint: none"),
+    }
     if let Some(p) = v.kill_port {
         println!("  kill port: 127.0.0.1:{p}");
     }

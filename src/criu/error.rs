@@ -76,8 +76,9 @@ impl CriuError {
             CriuError::Failed { action, status, log, errors } => {
                 // The first error is the cause; the later ones are CRIU unwinding.
                 let first = errors.iter().find(|l| l.contains("Error")).or(errors.last()).cloned().unwrap_or_default();
-                let first = first.split_once("): ").map(|(_, m)| m).unwrap_or(&first);
-                format!("failed to {action} with CRIU ({status}): {} (log: {})", first.trim(), log.display())
+                let first = first.split_once("): ").map(|(_, m)| m).unwrap_or(&first).trim();
+                let first = if first.is_empty() { "its log has no error lines (was it written?)" } else { first };
+                format!("failed to {action} with CRIU ({status}): {first} (log: {})", log.display())
             }
             other => other.to_string(),
         }

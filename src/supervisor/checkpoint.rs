@@ -12,6 +12,9 @@ use crate::store::identity::HashCache;
 use crate::store::{DumpKind, FileIdentity, Manifest, PendingCheckpoint};
 use std::time::{Instant, SystemTime};
 
+/// Less free space than this after a failed dump means the dump ran out of it.
+const NEARLY_FULL: u64 = 1 << 20;
+
 pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
     let mut outcome = dump(ctx, init_pid, kind).map_err(|e| {
@@ -163,11 +166,18 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
         other => other,
     };
     let mut text = e.one_line();
+    let dir = pending.dir.parent().unwrap_or(&pending.dir);
     if let CriuError::Failed { errors, .. } = &e {
-        if errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota")) {
+        let says_full =
+            errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"));
+        // A full disk may not even leave room for CRIU's log, so ask the filesystem as well.
+        let is_full = nix::sys::statvfs::statvfs(dir)
+            .map(|v| (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64) < NEARLY_FULL)
+            .unwrap_or(false);
+        if says_full || is_full {
             text.push_str(&format!(
-                "; the disk holding {} is full: free space or move --state-dir to a larger filesystem",
-                pending.dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                "; the disk holding {} is full (No space left on device): free space or move --state-dir to a larger filesystem",
+                dir.display()
             ));
         }
         for line in errors {

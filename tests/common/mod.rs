@@ -71,15 +71,7 @@ impl Env {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().expect("run stasis");
-        eprintln!(
-            "$ stasis {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-            args.join(" "),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        out
+        logged(args, self.cmd(args))
     }
 
     /// Runs stasis and asserts the exit code; returns stdout.
@@ -144,6 +136,19 @@ impl Drop for Env {
             }
         }
     }
+}
+
+/// Runs a prepared stasis command and prints what it did (shown when a test fails).
+pub fn logged(args: &[&str], mut cmd: Command) -> Output {
+    let out = cmd.output().expect("run stasis");
+    eprintln!(
+        "$ stasis {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
 }
 
 /// Waits until `f` returns Some, or panics after WAIT with `what`.
