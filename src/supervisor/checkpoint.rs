@@ -172,7 +172,7 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
             errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"));
         // A full disk may not even leave room for CRIU's log, so ask the filesystem as well.
         let is_full = nix::sys::statvfs::statvfs(dir)
-            .map(|v| (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64) < NEARLY_FULL)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()) < NEARLY_FULL)
             .unwrap_or(false);
         if says_full || is_full {
             text.push_str(&format!(
