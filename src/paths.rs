@@ -15,12 +15,25 @@ pub struct Dirs {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub criu_config_dir: PathBuf,
+    /// The host's own settings (`stasis.yaml`).
+    pub host_config: PathBuf,
 }
 
 impl Dirs {
-    pub fn new(config_dir: PathBuf, state_dir: PathBuf, run_dir: PathBuf, criu_config_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        config_dir: PathBuf,
+        state_dir: PathBuf,
+        run_dir: PathBuf,
+        criu_config_dir: Option<PathBuf>,
+        host_config: PathBuf,
+    ) -> Self {
         let criu_config_dir = criu_config_dir.unwrap_or_else(default_criu_config_dir);
-        Dirs { config_dir, state_dir, run_dir, criu_config_dir }
+        Dirs { config_dir, state_dir, run_dir, criu_config_dir, host_config }
+    }
+
+    /// Lock files of the host-wide dump and restore slots.
+    pub fn slots(&self) -> PathBuf {
+        self.run_dir.join("slots")
     }
 
     pub fn service_file(&self, name: &str) -> PathBuf {

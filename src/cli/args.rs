@@ -44,6 +44,9 @@ pub struct DirArgs {
     /// then the source checkout's criu-configs/].
     #[arg(long, global = true, env = "STASIS_CRIU_CONFIG_DIR", value_name = "DIR")]
     pub criu_config_dir: Option<PathBuf>,
+    /// The host's settings (max_concurrent_dumps, max_concurrent_restores); missing means defaults.
+    #[arg(long, global = true, env = "STASIS_HOST_CONFIG", default_value = crate::config::host::DEFAULT_HOST_CONFIG, value_name = "FILE")]
+    pub host_config: PathBuf,
 }
 
 #[derive(Debug, Args)]

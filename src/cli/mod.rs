@@ -33,7 +33,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         .with_writer(std::io::stderr)
         .init();
     let d = cli.dirs;
-    let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir);
+    let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir, d.host_config);
     let result = match cli.command {
         Command::Start { name, from, foreground, json } => start::run(&dirs, &name, from.as_deref(), foreground, json),
         Command::Stop { name, json } => stop::run(&dirs, &name, json),

@@ -65,6 +65,8 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
         .arg(&dirs.run_dir)
         .arg("--criu-config-dir")
         .arg(&dirs.criu_config_dir)
+        .arg("--host-config")
+        .arg(&dirs.host_config)
         .arg("__supervise")
         .arg(&service.name)
         .args(from.map(|id| ["--from", id]).into_iter().flatten())

@@ -2,6 +2,7 @@
 //! [`Service`] that the supervisor can run without further checks.
 
 mod error;
+pub mod host;
 mod key_lines;
 mod load;
 pub mod schema;

@@ -6,6 +6,7 @@
 
 use super::context::Context;
 use super::protocol::CheckpointReport;
+use super::slots::{self, SlotKind};
 use crate::criu::{action_hook, network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::process::tree;
 use crate::store::identity::HashCache;
@@ -15,9 +16,15 @@ use std::time::{Instant, SystemTime};
 /// Less free space than this after a failed dump means the dump ran out of it.
 const NEARLY_FULL: u64 = 1 << 20;
 
-pub fn take_checkpoint(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
+/// `on_wait` gets a line to pass on to whoever asked, if the dump has to queue for a host slot.
+pub fn take_checkpoint(
+    ctx: &Context,
+    init_pid: i32,
+    kind: DumpKind,
+    on_wait: impl FnOnce(String),
+) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
-    let mut outcome = dump(ctx, init_pid, kind).map_err(|e| {
+    let mut outcome = dump(ctx, init_pid, kind, on_wait).map_err(|e| {
         let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     });
@@ -33,9 +40,24 @@ pub fn identify_tree(init_pid: i32, cache: &mut HashCache) -> Vec<FileIdentity> 
     tree::executable_mappings(init_pid).iter().filter_map(|p| cache.identify(p).ok()).collect()
 }
 
-fn dump(ctx: &Context, init_pid: i32, kind: DumpKind) -> Result<CheckpointReport, String> {
+fn dump(
+    ctx: &Context,
+    init_pid: i32,
+    kind: DumpKind,
+    on_wait: impl FnOnce(String),
+) -> Result<CheckpointReport, String> {
+    // Extending systemd's timeout covers the wait for a slot too.
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
+    let name = &ctx.service.name;
+    let _slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Dump, ctx.host.max_concurrent_dumps, |ahead| {
+        on_wait(format!(
+            "Waiting: {ahead} checkpoint{} ahead of {name} (max_concurrent_dumps: {})",
+            if ahead == 1 { "" } else { "s" },
+            ctx.host.max_concurrent_dumps
+        ))
+    })
+    .map_err(|e| format!("failed to take a dump slot in {}: {e}", ctx.dirs.slots().display()))?;
     let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
     let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the

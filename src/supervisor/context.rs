@@ -1,5 +1,6 @@
 //! Everything the supervisor's parts need about the service, resolved once at start.
 
+use crate::config::host::HostConfig;
 use crate::config::Service;
 use crate::criu::Criu;
 use crate::paths::{Dirs, ServicePaths};
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 
 pub struct Context {
     pub dirs: Dirs,
+    pub host: HostConfig,
     pub service: Service,
     pub paths: ServicePaths,
     pub store: CheckpointStore,

@@ -22,6 +22,13 @@ type Outcome = Result<CheckpointReport, String>;
 struct Request {
     kind: DumpKind,
     reply: oneshot::Sender<Outcome>,
+    /// Lines for the requester while it waits (a place in the host's dump queue).
+    lines: mpsc::UnboundedSender<String>,
+}
+
+struct Waiter {
+    reply: oneshot::Sender<Outcome>,
+    lines: mpsc::UnboundedSender<String>,
 }
 
 pub struct LoopEnd {
@@ -49,6 +56,7 @@ pub async fn run_loop(
     tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
     tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -57,7 +65,7 @@ pub async fn run_loop(
 
     let mut state = State::Running;
     let mut exit_message: Option<String> = None;
-    let mut waiters: Vec<oneshot::Sender<Outcome>> = Vec::new();
+    let mut waiters: Vec<Waiter> = Vec::new();
     let mut last_outcome: Option<Outcome> = None;
 
     loop {
@@ -67,6 +75,13 @@ pub async fn run_loop(
                 let kind = req.kind;
                 request = Some(req);
                 Event::DumpRequested(kind)
+            }
+            Some(line) = progress_rx.recv() => {
+                log.note(&line);
+                for w in &waiters {
+                    let _ = w.lines.send(line.clone());
+                }
+                continue;
             }
             Some(outcome) = dump_rx.recv() => {
                 let ok = outcome.is_ok();
@@ -88,22 +103,25 @@ pub async fn run_loop(
             match action {
                 Action::StartDump(kind) => {
                     if let Some(req) = request.take() {
-                        waiters.push(req.reply);
+                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                     log.note(match kind {
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
                     });
                     super::systemd::status("saving a checkpoint");
-                    let (ctx, tx) = (ctx.clone(), dump_tx.clone());
+                    let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
                     tokio::task::spawn_blocking(move || {
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind);
+                        let on_wait = |line: String| {
+                            let _ = progress.send(line);
+                        };
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, on_wait);
                         let _ = tx.blocking_send(outcome);
                     });
                 }
                 Action::JoinDump => {
                     if let Some(req) = request.take() {
-                        waiters.push(req.reply);
+                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                 }
                 Action::RejectRequest => {
@@ -141,7 +159,7 @@ pub async fn run_loop(
                         Err(e) => log.note(&format!("checkpoint failed: {e}")),
                     }
                     for w in waiters.drain(..) {
-                        let _ = w.send(outcome.clone());
+                        let _ = w.reply.send(outcome.clone());
                     }
                 }
                 Action::TerminateService => {
@@ -273,9 +291,18 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx:
     };
     let _ = out.write_all(first.as_bytes()).await;
     let _ = out.flush().await;
-    let (reply, rx) = oneshot::channel();
-    let outcome = match tx.send(Request { kind, reply }).await {
-        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+    let (reply, mut rx) = oneshot::channel();
+    let (lines, mut lines_rx) = mpsc::unbounded_channel();
+    let outcome = match tx.send(Request { kind, reply, lines }).await {
+        Ok(()) => loop {
+            tokio::select! {
+                Some(line) = lines_rx.recv() => {
+                    let _ = out.write_all(format!("{line}\n").as_bytes()).await;
+                    let _ = out.flush().await;
+                }
+                outcome = &mut rx => break outcome.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+            }
+        },
         Err(_) => Err("the supervisor is exiting".into()),
     };
     let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;

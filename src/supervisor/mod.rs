@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod ready;
 mod retention;
 mod run;
+mod slots;
 mod startup;
 pub mod state;
 pub mod status;

@@ -55,6 +55,7 @@ fn supervise(
     foreground: bool,
 ) -> Result<i32, Error> {
     let criu = Criu::get()?;
+    let host = crate::config::host::HostConfig::load(&dirs.host_config)?;
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
     let paths = dirs.service(&service.name);
@@ -91,7 +92,7 @@ fn supervise(
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let ctx = Arc::new(Context { dirs, service, paths, store, criu, init_binary, exe, kernel_version });
+    let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, exe, kernel_version });
     let name = ctx.service.name.clone();
 
     let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {

@@ -6,6 +6,7 @@
 //! is recorded (making every checkpoint stale) durably before the service runs.
 
 use super::context::Context;
+use super::slots::{self, SlotKind};
 use super::status::StartedFrom;
 use crate::config::OnIncompatible;
 use crate::criu::{RestoreArgs, RestoreFailure};
@@ -213,7 +214,15 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
     };
+    let max = ctx.host.max_concurrent_restores;
+    let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
+        super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
+    })
+    .map_err(|e| {
+        RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display()))
+    })?;
     let outcome = ctx.criu.restore(&args, Some(stdout_w.as_fd())).map_err(RestoreError::Criu)?;
+    drop(slot);
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
     // The restored root must be our child (we are its subreaper), or we could not supervise it.
