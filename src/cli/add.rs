@@ -63,6 +63,7 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         keep_checkpoints: None,
         on_incompatible: None,
         dump_timeout: None,
+        restore_timeout: None,
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");

@@ -17,6 +17,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "keep_checkpoints",
     "on_incompatible",
     "dump_timeout",
+    "restore_timeout",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -55,6 +56,9 @@ pub struct ServiceFile {
     /// How long a dump may take before it is ended and the service resumed: `90s`, `10m`, `1h`, or seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump_timeout: Option<serde_yaml::Value>,
+    /// How long a restore may take before it is ended, the checkpoint quarantined and the service cold-started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

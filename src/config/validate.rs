@@ -16,7 +16,8 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP_CHECKPOINTS: usize = 2;
 const MAX_KEEP_CHECKPOINTS: u64 = 1000;
 pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(600);
-const MAX_DUMP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// What `start` does when the newest checkpoint does not fit the program on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,7 @@ pub struct Service {
     pub keep_checkpoints: usize,
     pub on_incompatible: OnIncompatible,
     pub dump_timeout: Duration,
+    pub restore_timeout: Duration,
 }
 
 impl Service {
@@ -220,22 +222,8 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             OnIncompatible::Cold
         }
     };
-    let dump_timeout = match &file.dump_timeout {
-        None => DEFAULT_DUMP_TIMEOUT,
-        Some(v) => match parse_duration(v) {
-            Some(d) if d >= Duration::from_secs(1) && d <= MAX_DUMP_TIMEOUT => d,
-            _ => {
-                c.fail(
-                    "dump_timeout",
-                    format!(
-                        "{} is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 10m)",
-                        serde_yaml::to_string(v).unwrap_or_default().trim()
-                    ),
-                );
-                DEFAULT_DUMP_TIMEOUT
-            }
-        },
-    };
+    let dump_timeout = timeout(&mut c, "dump_timeout", file.dump_timeout.as_ref(), DEFAULT_DUMP_TIMEOUT);
+    let restore_timeout = timeout(&mut c, "restore_timeout", file.restore_timeout.as_ref(), DEFAULT_RESTORE_TIMEOUT);
 
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
@@ -255,8 +243,28 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             keep_checkpoints,
             on_incompatible,
             dump_timeout,
+            restore_timeout,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
+    }
+}
+
+/// A timeout key: 1 s to 24 h, `default` when absent.
+fn timeout(c: &mut Checker, key: &str, value: Option<&serde_yaml::Value>, default: Duration) -> Duration {
+    let Some(v) = value else { return default };
+    match parse_duration(v) {
+        Some(d) if d >= Duration::from_secs(1) && d <= MAX_TIMEOUT => d,
+        _ => {
+            c.fail(
+                key,
+                format!(
+                    "{} is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default {})",
+                    serde_yaml::to_string(v).unwrap_or_default().trim(),
+                    crate::time_fmt::human_duration(default)
+                ),
+            );
+            default
+        }
     }
 }
 

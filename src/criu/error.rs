@@ -13,8 +13,8 @@ pub enum CriuError {
     Version { path: PathBuf, output: String },
     #[error("failed to {action} with CRIU ({status}); log: {log}{}", render_lines(errors))]
     Failed { action: &'static str, status: String, log: PathBuf, errors: Vec<String> },
-    #[error("failed to {action} with CRIU: it took longer than dump_timeout ({}), so it was stopped; raise `dump_timeout` in the service file if dumps of this size are that slow; log: {log}", crate::time_fmt::human_duration(*after))]
-    TimedOut { action: &'static str, after: std::time::Duration, log: PathBuf },
+    #[error("failed to {action} with CRIU: it took longer than {setting} ({}), so it was stopped; raise `{setting}` in the service file if it is that slow for this service; log: {log}", crate::time_fmt::human_duration(*after))]
+    TimedOut { action: &'static str, setting: &'static str, after: std::time::Duration, log: PathBuf },
 }
 
 /// Why a restore failed, as far as CRIU's log tells.

@@ -8,9 +8,13 @@ const MAX_LINES: usize = 24;
 /// Printed by every criu run where root lacks CAP_SYS_RESOURCE; CRIU carries on.
 const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
 
+/// Only the end of a log is read: that is where the errors that ended the run are, and a log
+/// can be large.
+const READ_AT_MOST: u64 = 1 << 20;
+
 pub fn error_lines(log: &Path) -> Vec<String> {
-    match std::fs::read(log) {
-        Ok(bytes) => pick(&String::from_utf8_lossy(&bytes)),
+    match super::log_capture::read_tail(log, READ_AT_MOST) {
+        Ok(text) => pick(&text),
         Err(_) => Vec::new(),
     }
 }

@@ -11,7 +11,11 @@ const RUN_ID_CHARS: usize = 21;
 
 /// The nftables table a dump left, from the dump's log (`CRIU run id = ...`).
 pub fn table_of_dump(dump_log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dump_log).ok()?;
+    // The run id is among the first lines; the log may be long.
+    let mut head = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(dump_log).ok()?, 64 * 1024), &mut head)
+        .ok()?;
+    let text = String::from_utf8_lossy(&head);
     let id = text.lines().find_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))?;
     Some(format!("CRIU-{}", id.chars().take(RUN_ID_CHARS).collect::<String>()))
 }

@@ -3,6 +3,7 @@
 //! are killed (the dumped tree, detached from its tracer, runs on).
 
 use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE};
+use super::log_capture;
 use super::log_errors::error_lines;
 use super::{Criu, CriuError};
 use std::ffi::OsString;
@@ -29,7 +30,8 @@ impl Criu {
         }
         // Its own group, so a timeout ends the action scripts it started too.
         cmd.process_group(0);
-        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(timeout))
+        let limit = Deadline { after: timeout, setting: "dump_timeout" };
+        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(limit))
     }
 
     /// Restores detached; `stdout_pipe` (the write end of the service's new stdout pipe) is
@@ -38,6 +40,7 @@ impl Criu {
         &self,
         args: &RestoreArgs,
         stdout_pipe: Option<BorrowedFd<'_>>,
+        timeout: Duration,
     ) -> Result<RestoreOutcome, CriuError> {
         let pidfile = args.work_dir.join(RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
@@ -55,7 +58,9 @@ impl Criu {
             }
         }
         let log = args.work_dir.join(RESTORE_LOG);
-        self.finish(cmd, "restore the checkpoint", &log, None)?;
+        cmd.process_group(0);
+        let limit = Deadline { after: timeout, setting: "restore_timeout" };
+        self.finish(cmd, "restore the checkpoint", &log, Some(limit))?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let _ = std::fs::remove_file(&pidfile);
         match text.trim().parse::<i32>() {
@@ -75,7 +80,7 @@ impl Criu {
             // Our --config must be the only one in effect.
             .env_remove("CRIU_CONFIG_FILE")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd
     }
@@ -85,26 +90,28 @@ impl Criu {
         mut cmd: Command,
         action: &'static str,
         log: &Path,
-        timeout: Option<Duration>,
+        limit: Option<Deadline>,
     ) -> Result<(), CriuError> {
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        let capture = log_capture::spawn(child.stdout.take().expect("stdout is piped"), log.to_path_buf());
         let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = stderr_pipe.read_to_end(&mut buf);
+            let _ = (&mut stderr_pipe).take(STDERR_CAP).read_to_end(&mut buf);
+            // Drain the rest unread so criu never blocks on a full pipe.
+            let _ = std::io::copy(&mut stderr_pipe, &mut std::io::sink());
             buf
         });
-        if let Some(limit) = timeout {
-            if !exits_within(&child, limit) {
-                // SAFETY: the group is criu's own (process_group(0) above) and criu is our
-                // unreaped child, so the id cannot have been reused.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        if let Some(Deadline { after, setting }) = limit {
+            if !exits_within(&child, after) {
+                kill_run(&child);
                 let _ = child.wait();
-                let _ = reader.join();
-                return Err(CriuError::TimedOut { action, after: limit, log: log.to_path_buf() });
+                capture.finish(LOG_DRAIN);
+                return Err(CriuError::TimedOut { action, setting, after, log: log.to_path_buf() });
             }
         }
         let status = child.wait().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        capture.finish(LOG_DRAIN);
         let stderr = reader.join().unwrap_or_default();
         if status.success() {
             return Ok(());
@@ -116,6 +123,31 @@ impl Criu {
         }
         Err(CriuError::Failed { action, status: status.to_string(), log: log.to_path_buf(), errors })
     }
+}
+
+/// A limit on how long criu may run, and the setting that sets it (for the message).
+#[derive(Clone, Copy)]
+struct Deadline {
+    after: Duration,
+    setting: &'static str,
+}
+
+/// How much of criu's own stderr is kept (its log is separate).
+const STDERR_CAP: u64 = 64 * 1024;
+/// How long to wait for the rest of the log once criu has exited.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
+
+/// Kills a criu that ran out of time: first the trees it was creating (each is the init of its own
+/// PID namespace, so killing it ends the namespace), then criu's own process group (criu and the
+/// action scripts it started).
+fn kill_run(child: &Child) {
+    let criu = child.id() as i32;
+    for pid in crate::process::tree::children_of(criu) {
+        crate::process::tree::kill_if_child_of(pid, criu, libc::SIGKILL);
+    }
+    // SAFETY: the group is criu's own (process_group(0)) and criu is our unreaped child, so the
+    // id cannot have been reused.
+    unsafe { libc::kill(-criu, libc::SIGKILL) };
 }
 
 /// Waits for `child` to exit (without reaping it) for at most `limit`, on a pidfd: no polling.

@@ -72,3 +72,34 @@ pub fn executables_in_use_under(dir: &std::path::Path) -> Vec<std::path::PathBuf
 pub fn alive(pid: i32) -> bool {
     procfs::process::Process::new(pid).and_then(|p| p.stat()).is_ok_and(|s| s.state != 'Z' && s.state != 'X')
 }
+
+/// Host PIDs of the direct children of `parent`.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.filter_map(Result::ok).filter(|p| p.stat().is_ok_and(|s| s.ppid == parent)).map(|p| p.pid).collect()
+}
+
+/// Sends `signal` to `pid` only if it is still a child of `parent`, through a pidfd so a pid
+/// reused in between is never hit.
+pub fn kill_if_child_of(pid: i32, parent: i32, signal: i32) {
+    // SAFETY: pidfd_open has no memory arguments; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let still_child = procfs::process::Process::new(pid).and_then(|p| p.stat()).is_ok_and(|s| s.ppid == parent);
+    if still_child {
+        // SAFETY: signals the process the pidfd refers to, which was verified above.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+}

@@ -184,7 +184,9 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
         CriuError::Failed { action, status, log, errors } => {
             CriuError::Failed { action, status, log: keep_log(&log), errors }
         }
-        CriuError::TimedOut { action, after, log } => CriuError::TimedOut { action, after, log: keep_log(&log) },
+        CriuError::TimedOut { action, setting, after, log } => {
+            CriuError::TimedOut { action, setting, after, log: keep_log(&log) }
+        }
         other => other,
     };
     let mut text = e.one_line();

@@ -221,7 +221,8 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
     .map_err(|e| {
         RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display()))
     })?;
-    let outcome = ctx.criu.restore(&args, Some(stdout_w.as_fd())).map_err(RestoreError::Criu)?;
+    let outcome =
+        ctx.criu.restore(&args, Some(stdout_w.as_fd()), ctx.service.restore_timeout).map_err(RestoreError::Criu)?;
     drop(slot);
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
