@@ -95,7 +95,14 @@ pub enum Command {
     /// the host (a port in use, no memory) keeps the checkpoint and fails with exit 6.
     Start {
         /// The service: NAME.yaml in the config dir.
-        name: String,
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Start every configured service that is not running, at once (restores share the
+        /// host's max_concurrent_restores slots): a line per service, a summary, exit 6 naming the
+        /// ones that failed; with --json {"services": [{"name", "ok", "started_from", "checkpoint",
+        /// "bytes", "seconds", "error", "fallback_reason"}]}.
+        #[arg(long, conflicts_with_all = ["name", "from", "foreground"])]
+        all: bool,
         /// Restore this checkpoint (an id from `stasis checkpoints NAME`), even a stale one;
         /// if it cannot be restored nothing is started (exit 10).
         #[arg(long, value_name = "ID")]
@@ -113,7 +120,14 @@ pub enum Command {
     /// service is gone. If the dump fails the service keeps running (exit 5).
     Stop {
         /// The service: NAME.yaml in the config dir.
-        name: String,
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Checkpoint and stop every running service at once, through the host's dump scheduler
+        /// (max_concurrent_dumps): a progress bar on a terminal, a line per service as it finishes
+        /// (name, OK/ERROR, size, seconds), a summary, exit 5 naming the ones that failed; with
+        /// --json {"services": [{"name", "ok", "checkpoint", "bytes", "seconds", "error"}]}.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
         /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,

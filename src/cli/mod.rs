@@ -1,6 +1,7 @@
 //! The `stasis` command line: parses arguments and dispatches to one module per command.
 
 mod add;
+mod all;
 mod args;
 mod checkpoint;
 mod checkpoints;
@@ -35,8 +36,12 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     let d = cli.dirs;
     let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir, d.host_config);
     let result = match cli.command {
-        Command::Start { name, from, foreground, json } => start::run(&dirs, &name, from.as_deref(), foreground, json),
-        Command::Stop { name, json } => stop::run(&dirs, &name, json),
+        Command::Start { all: true, json, .. } => all::start_all(&dirs, json),
+        Command::Start { name, from, foreground, json, .. } => {
+            start::run(&dirs, name.as_deref().unwrap_or_default(), from.as_deref(), foreground, json)
+        }
+        Command::Stop { all: true, json, .. } => all::stop_all(&dirs, json),
+        Command::Stop { name, json, .. } => stop::run(&dirs, name.as_deref().unwrap_or_default(), json),
         Command::Checkpoint { name, json } => checkpoint::run(&dirs, &name, json),
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
         Command::List { json } => status::run(&dirs, None, json),

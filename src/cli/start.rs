@@ -11,7 +11,7 @@ use crate::store::durable::create_dir_with_mode;
 use crate::supervisor::{
     self, lock,
     ready::{Notifier, StartReport, READY_FD_ENV},
-    status::{ServiceState, StartedFrom, StatusRecord},
+    status::{StartedFrom, StatusRecord},
 };
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -28,11 +28,56 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
     super::require_root()?;
     let service = load_service(dirs, name)?;
     Criu::get()?;
+    if foreground {
+        wait_for_finishing(dirs, &service)?;
+        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), Notifier::from_env(), true));
+    }
+    let report = start_one(dirs, &service, from)?;
+    if !report.ok {
+        let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
+        if json {
+            print_json(&report);
+        } else {
+            eprintln!("stasis: error: {msg}");
+        }
+        return Ok(report.exit_code.unwrap_or(exit_codes::START_FAILED));
+    }
+    if json {
+        print_json(&report);
+        return Ok(exit_codes::OK);
+    }
+    println!(
+        "{} started (pid {}): {}",
+        service.name,
+        report.pid.map(|p| p.to_string()).unwrap_or("?".into()),
+        how(&report)
+    );
+    if let Some(why) = &report.fallback_reason {
+        eprintln!("stasis: warning: {why}");
+    }
+    for w in &report.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
+    Ok(exit_codes::OK)
+}
+
+/// "restored from checkpoint ID" or "cold start".
+pub fn how(report: &StartReport) -> String {
+    match report.started_from {
+        Some(StartedFrom::Checkpoint) => {
+            format!("restored from checkpoint {}", report.checkpoint.as_deref().unwrap_or("?"))
+        }
+        _ => "cold start".to_string(),
+    }
+}
+
+/// Refuses a second supervisor, but waits for one that is only finishing a stop.
+fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(), Error> {
     let paths = dirs.service(&service.name);
     if let Some(pid) = lock::holder(&paths.lock) {
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
-        let finishing = StatusRecord::read(&paths).is_some_and(|r| r.state != ServiceState::Running);
+        let finishing = StatusRecord::read(&paths).is_some_and(|r| !r.state.is_up());
         let deadline = Instant::now() + FINISHING_WAIT;
         while finishing && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -41,9 +86,13 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
             return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
         }
     }
-    if foreground {
-        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), Notifier::from_env(), true));
-    }
+    Ok(())
+}
+
+/// Starts one service's supervisor in the background and returns its report (printing nothing).
+pub fn start_one(dirs: &Dirs, service: &crate::config::Service, from: Option<&str>) -> Result<StartReport, Error> {
+    wait_for_finishing(dirs, service)?;
+    let paths = dirs.service(&service.name);
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
     let open_log = || {
@@ -99,37 +148,7 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
             log_path.display()
         ))
     })?;
-    if !report.ok {
-        let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
-        if json {
-            print_json(&report);
-        } else {
-            eprintln!("stasis: error: {msg}");
-        }
-        return Ok(report.exit_code.unwrap_or(exit_codes::START_FAILED));
-    }
-    if json {
-        print_json(&report);
-        return Ok(exit_codes::OK);
-    }
-    let pid = report.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-    match report.started_from {
-        Some(StartedFrom::Checkpoint) => {
-            println!(
-                "{} started (pid {pid}): restored from checkpoint {}",
-                service.name,
-                report.checkpoint.as_deref().unwrap_or("?")
-            )
-        }
-        _ => println!("{} started (pid {pid}): cold start", service.name),
-    }
-    if let Some(why) = &report.fallback_reason {
-        eprintln!("stasis: warning: {why}");
-    }
-    for w in &report.warnings {
-        eprintln!("stasis: warning: {w}");
-    }
-    Ok(exit_codes::OK)
+    Ok(report)
 }
 
 /// The hidden `__supervise` command that `start` runs in the background.

@@ -43,11 +43,11 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
         Some(r) => (r.state, r.message.clone()),
         None => (ServiceState::Stopped, None),
     };
-    if supervisor.is_none() && state == ServiceState::Running {
+    if supervisor.is_none() && state.is_up() {
         state = ServiceState::Failed;
         message = Some("the supervisor exited unexpectedly (see supervisor.log in the service's state dir)".into());
     }
-    let running = state == ServiceState::Running;
+    let running = state.is_up();
     let init_pid = record.as_ref().and_then(|r| r.init_pid).filter(|_| running);
     let store = CheckpointStore::new(&paths);
     let latest = store.latest().ok().flatten();
@@ -123,6 +123,8 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
 fn state_word(s: ServiceState) -> &'static str {
     match s {
         ServiceState::Running => "running",
+        ServiceState::Queued => "queued",
+        ServiceState::Checkpointing => "checkpointing",
         ServiceState::Stopped => "stopped",
         ServiceState::Failed => "failed",
     }

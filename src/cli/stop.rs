@@ -14,16 +14,59 @@ use std::time::{Duration, Instant};
 /// How long to wait for the supervisor to exit after it reported the checkpoint.
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 
+/// What stopping one service came to.
+pub enum StopOutcome {
+    AlreadyStopped,
+    /// The checkpoint is durable and the service gone.
+    Checkpointed {
+        id: Option<String>,
+        lines: Vec<String>,
+    },
+    /// The checkpoint failed; the service keeps running.
+    Failed {
+        error: String,
+        lines: Vec<String>,
+    },
+}
+
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let service = load_service(dirs, name)?;
+    match stop_one(dirs, &service, !json)? {
+        StopOutcome::AlreadyStopped => {
+            if json {
+                print_json(
+                    &serde_json::json!({ "name": service.name, "stopped": false, "message": "already stopped" }),
+                );
+            } else {
+                println!("{} is already stopped", service.name);
+            }
+            Ok(exit_codes::OK)
+        }
+        StopOutcome::Checkpointed { id, lines } => {
+            if json {
+                print_json(&serde_json::json!({
+                    "name": service.name, "stopped": true, "checkpoint": id, "lines": lines,
+                }));
+            }
+            Ok(exit_codes::OK)
+        }
+        StopOutcome::Failed { error, lines } => {
+            if json {
+                print_json(
+                    &serde_json::json!({ "name": service.name, "stopped": false, "error": error, "lines": lines }),
+                );
+                return Ok(exit_codes::CHECKPOINT_FAILED);
+            }
+            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {error}", service.name)))
+        }
+    }
+}
+
+/// Stops one service through its kill port; `echo` prints the supervisor's lines as they come.
+pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Result<StopOutcome, Error> {
     let paths = dirs.service(&service.name);
     if lock::holder(&paths.lock).is_none() {
-        if json {
-            print_json(&serde_json::json!({ "name": service.name, "stopped": false, "message": "already stopped" }));
-        } else {
-            println!("{} is already stopped", service.name);
-        }
-        return Ok(exit_codes::OK);
+        return Ok(StopOutcome::AlreadyStopped);
     }
     let stream = TcpStream::connect(("127.0.0.1", service.kill_port)).map_err(|e| {
         Error::CheckpointFailed(format!(
@@ -31,28 +74,16 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
             service.kill_port, service.name, service.name
         ))
     })?;
-    let (final_line, lines) = relay(stream, json)?;
+    let (final_line, lines) = relay(stream, !echo)?;
     match protocol::parse_final(&final_line) {
         Some(Ok(text)) => {
             let deadline = Instant::now() + EXIT_WAIT;
             while lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if json {
-                print_json(&serde_json::json!({
-                    "name": service.name, "stopped": true,
-                    "checkpoint": protocol::checkpoint_id(&text), "lines": lines,
-                }));
-            }
-            Ok(exit_codes::OK)
+            Ok(StopOutcome::Checkpointed { id: protocol::checkpoint_id(&text).map(str::to_string), lines })
         }
-        Some(Err(e)) => {
-            if json {
-                print_json(&serde_json::json!({ "name": service.name, "stopped": false, "error": e, "lines": lines }));
-                return Ok(exit_codes::CHECKPOINT_FAILED);
-            }
-            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {e}", service.name)))
-        }
+        Some(Err(error)) => Ok(StopOutcome::Failed { error, lines }),
         None => Err(Error::CheckpointFailed(format!(
             "the supervisor of {} closed the connection without a result; see `stasis logs {}`",
             service.name, service.name

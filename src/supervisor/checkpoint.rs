@@ -16,15 +16,24 @@ use std::time::{Instant, SystemTime};
 /// Less free space than this after a failed dump means the dump ran out of it.
 const NEARLY_FULL: u64 = 1 << 20;
 
-/// `on_wait` gets a line to pass on to whoever asked, if the dump has to queue for a host slot.
+/// Where a dump is, for whoever waits on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DumpProgress {
+    /// Waiting for a host dump slot; the line is for the people who asked.
+    Queued(String),
+    /// Got the slot after waiting: dumping now.
+    Dumping,
+}
+
+/// `progress` hears when the dump has to queue for a host slot, and when it got one.
 pub fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
-    on_wait: impl FnOnce(String),
+    progress: impl Fn(DumpProgress),
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
-    let mut outcome = dump(ctx, init_pid, kind, on_wait).map_err(|e| {
+    let mut outcome = dump(ctx, init_pid, kind, progress).map_err(|e| {
         let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     });
@@ -44,20 +53,25 @@ fn dump(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
-    on_wait: impl FnOnce(String),
+    progress: impl Fn(DumpProgress),
 ) -> Result<CheckpointReport, String> {
     // Extending systemd's timeout covers the wait for a slot too.
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
     let name = &ctx.service.name;
+    let mut waited = false;
     let _slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Dump, ctx.host.max_concurrent_dumps, |ahead| {
-        on_wait(format!(
+        waited = true;
+        progress(DumpProgress::Queued(format!(
             "Waiting: {ahead} checkpoint{} ahead of {name} (max_concurrent_dumps: {})",
             if ahead == 1 { "" } else { "s" },
             ctx.host.max_concurrent_dumps
-        ))
+        )))
     })
     .map_err(|e| format!("failed to take a dump slot in {}: {e}", ctx.dirs.slots().display()))?;
+    if waited {
+        progress(DumpProgress::Dumping);
+    }
     let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
     let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the

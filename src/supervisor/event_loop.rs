@@ -1,7 +1,7 @@
 //! The supervisor's event loop: turns connections, signals, dump completions and the service's
 //! exit into [`Event`]s, runs them through the state machine and carries out its actions.
 
-use super::checkpoint::take_checkpoint;
+use super::checkpoint::{take_checkpoint, DumpProgress};
 use super::context::Context;
 use super::log_pump::LogWriter;
 use super::protocol::{self, CheckpointReport};
@@ -31,6 +31,12 @@ struct Waiter {
     lines: mpsc::UnboundedSender<String>,
 }
 
+/// Where requests come from: the kill port (checkpoint and stop) and the root-only control socket.
+pub struct Listeners {
+    pub kill_port: TcpListener,
+    pub control: UnixListener,
+}
+
 pub struct LoopEnd {
     pub state: State,
 }
@@ -44,19 +50,20 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn run_loop(
     ctx: Arc<Context>,
     init_pid: Pid,
-    kill_port: TcpListener,
-    control: UnixListener,
+    listeners: Listeners,
     log: LogWriter,
     pump: tokio::task::JoinHandle<()>,
     on_change: impl Fn(State, Option<&str>),
+    on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
     // Every connection holds a clone; the loop's end waits until final lines are written.
     let connections = Arc::new(());
+    let Listeners { kill_port, control } = listeners;
     tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
     tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
-    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -76,10 +83,17 @@ pub async fn run_loop(
                 request = Some(req);
                 Event::DumpRequested(kind)
             }
-            Some(line) = progress_rx.recv() => {
-                log.note(&line);
-                for w in &waiters {
-                    let _ = w.lines.send(line.clone());
+            Some(p) = progress_rx.recv() => {
+                match p {
+                    DumpProgress::Queued(line) => {
+                        log.note(&line);
+                        super::systemd::status(&line);
+                        on_queued(true);
+                        for w in &waiters {
+                            let _ = w.lines.send(line.clone());
+                        }
+                    }
+                    DumpProgress::Dumping => on_queued(false),
                 }
                 continue;
             }
@@ -112,10 +126,10 @@ pub async fn run_loop(
                     super::systemd::status("saving a checkpoint");
                     let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
                     tokio::task::spawn_blocking(move || {
-                        let on_wait = |line: String| {
-                            let _ = progress.send(line);
+                        let report = |p: DumpProgress| {
+                            let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, on_wait);
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, report);
                         let _ = tx.blocking_send(outcome);
                     });
                 }

@@ -2,7 +2,7 @@
 //! loop, record the final state.
 
 use super::context::Context;
-use super::event_loop::run_loop;
+use super::event_loop::{run_loop, Listeners};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
 use super::ready::{Notifier, StartReport};
@@ -26,7 +26,7 @@ use std::time::SystemTime;
 /// The namespace init of a previous run whose supervisor died, if it still runs. It is
 /// recognised by its working directory, which is always this service's state directory.
 fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
-    let pid = StatusRecord::read(paths).filter(|r| r.state == ServiceState::Running)?.init_pid?;
+    let pid = StatusRecord::read(paths).filter(|r| r.state.is_up())?.init_pid?;
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let is_init = cmdline.split(|b| *b == 0).nth(1) == Some(crate::process::ns_init::ARGV_MARKER.as_bytes());
@@ -98,7 +98,7 @@ fn supervise(
     let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {
         name: name.clone(),
         state,
-        init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state == ServiceState::Running),
+        init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state.is_up()),
         supervisor_pid: Some(std::process::id()),
         started_from: started.map(|s| s.started_from),
         restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
@@ -169,11 +169,17 @@ fn supervise(
             let s = match state {
                 State::Stopped => ServiceState::Stopped,
                 State::Failed => ServiceState::Failed,
+                State::Checkpointing { .. } => ServiceState::Checkpointing,
                 _ => ServiceState::Running,
             };
             let _ = record(s, Some(&started), message.map(str::to_string)).write(&paths);
         };
-        run_loop(ctx.clone(), init_pid, kill_port, control, log.clone(), pump, on_change)
+        let on_queued = |queued: bool| {
+            let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
+            let _ = record(s, Some(&started), None).write(&paths);
+        };
+        let listeners = Listeners { kill_port, control };
+        run_loop(ctx.clone(), init_pid, listeners, log.clone(), pump, on_change, on_queued)
             .await
             .map_err(SupervisorError::Runtime)
             .map_err(Error::from)

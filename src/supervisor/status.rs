@@ -9,8 +9,19 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum ServiceState {
     Running,
+    /// Running, and its checkpoint waits for a host dump slot (max_concurrent_dumps).
+    Queued,
+    /// Running, and being checkpointed.
+    Checkpointing,
     Stopped,
     Failed,
+}
+
+impl ServiceState {
+    /// The service's tree is alive under its supervisor (running, queued or checkpointing).
+    pub fn is_up(self) -> bool {
+        matches!(self, ServiceState::Running | ServiceState::Queued | ServiceState::Checkpointing)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
