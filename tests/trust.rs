@@ -551,33 +551,6 @@ fn largest_image(dir: &Path, prefix: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("a {prefix}*.img in {}", dir.display()))
 }
 
-/// Sends `sig` to `pid` only after checking that its command line contains every marker.
-fn verified_signal(pid: i32, markers: &[&str], sig: Signal) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(markers.iter().all(|m| cmdline.contains(m)), "pid {pid} is not ours ({markers:?}): {cmdline:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-fn verified_kill(pid: i32, markers: &[&str]) {
-    verified_signal(pid, markers, Signal::SIGKILL);
-}
-
-/// A pid from status JSON (the supervisor's is a string, the init's a number).
-fn pid_in(v: &Value) -> Option<i32> {
-    v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).map(|p| p as i32)
-}
-
-/// Gone or a zombie (nobody may reap an orphan at once).
-fn is_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => {
-            stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
-        }
-    }
-}
-
 /// SIGKILLs the verified supervisor, then the verified namespace init (and with it the whole
 /// tree), as a crash or power loss would, and waits until they are gone.
 fn kill_service_tree(env: &Env, name: &str) {

@@ -105,10 +105,10 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
         println!("no services in {} (add NAME.yaml files there)", dirs.config_dir.display());
         return Ok(exit_codes::OK);
     }
-    println!("{:<20} {:<8} {:>8} {:<11} {:<26} KILL PORT", "NAME", "STATE", "PID", "FROM", "CHECKPOINT");
+    println!("{:<20} {:<13} {:>8} {:<11} {:<30} KILL PORT", "NAME", "STATE", "PID", "FROM", "CHECKPOINT");
     for v in &views {
         println!(
-            "{:<20} {:<8} {:>8} {:<11} {:<26} {}",
+            "{:<20} {:<13} {:>8} {:<11} {:<30} {}",
             v.name,
             state_word(v.state),
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),

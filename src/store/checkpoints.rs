@@ -366,15 +366,22 @@ impl CheckpointStore {
         Ok(to)
     }
 
-    /// Removes leftovers of dumps that never completed (a crash mid-dump). They were never
-    /// checkpoints, so nothing restorable is lost.
+    /// Leftovers of dumps that never completed (a crash mid-dump) or of interrupted removals.
+    pub fn incomplete(&self) -> Vec<PathBuf> {
+        fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(INCOMPLETE_PREFIX)))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes those leftovers. They were never checkpoints, so nothing restorable is lost.
     pub fn remove_incomplete(&self) {
-        if let Ok(entries) = fs::read_dir(&self.dir) {
-            for e in entries.filter_map(Result::ok) {
-                if e.file_name().to_str().is_some_and(|n| n.starts_with(INCOMPLETE_PREFIX)) {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
+        for dir in self.incomplete() {
+            let _ = fs::remove_dir_all(dir);
         }
     }
 }

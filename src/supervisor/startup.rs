@@ -42,6 +42,10 @@ enum Refusal {
 
 pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
+    // A dump cut short (its supervisor died) may still hold CRIU's network lock.
+    for dir in ctx.store.incomplete() {
+        crate::criu::network_lock::release(&dir.join(crate::criu::DUMP_LOG));
+    }
     ctx.store.remove_incomplete();
     if let Some(id) = from {
         return start_from(ctx, id);

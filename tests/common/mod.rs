@@ -2,6 +2,7 @@
 //! drives the real `stasis` binary, with the real CRIU that `scripts/setup` installs.
 #![allow(dead_code)]
 
+use nix::sys::signal::Signal;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub fn require_host() {
 pub struct Env {
     pub dir: tempfile::TempDir,
     started: std::cell::RefCell<Vec<String>>,
+    criu_configs: std::cell::RefCell<Option<PathBuf>>,
 }
 
 impl Env {
@@ -34,7 +36,7 @@ impl Env {
         // The service user must reach files the tests put here (working dirs, scripts).
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::create_dir_all(dir.path().join("conf")).unwrap();
-        Env { dir, started: Default::default() }
+        Env { dir, started: Default::default(), criu_configs: Default::default() }
     }
 
     pub fn path(&self) -> &Path {
@@ -65,7 +67,12 @@ impl Env {
         c.env("STASIS_CONFIG_DIR", self.path().join("conf"))
             .env("STASIS_STATE_DIR", self.state_dir())
             .env("STASIS_RUN_DIR", self.path().join("run"))
-            .env("STASIS_CRIU_CONFIG_DIR", Path::new(REPO).join("criu-configs"))
+            .env(
+                "STASIS_CRIU_CONFIG_DIR",
+                self.criu_configs.borrow().clone().unwrap_or_else(|| Path::new(REPO).join("criu-configs")),
+            )
+            // Never the host's /etc/stasis/stasis.yaml: a test's own (usually absent) file.
+            .env("STASIS_HOST_CONFIG", self.path().join("stasis.yaml"))
             .args(args);
         c
     }
@@ -85,8 +92,18 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
-    pub fn start(&self, name: &str) -> serde_json::Value {
+    /// Every later command uses this CRIU config dir instead of the repository's.
+    pub fn use_criu_configs(&self, dir: &Path) {
+        *self.criu_configs.borrow_mut() = Some(dir.to_path_buf());
+    }
+
+    /// Makes the harness clean up after `name` at the end, as it does for `start`.
+    pub fn adopt(&self, name: &str) {
         self.started.borrow_mut().push(name.to_string());
+    }
+
+    pub fn start(&self, name: &str) -> serde_json::Value {
+        self.adopt(name);
         let out = self.ok(&["start", name, "--json"]);
         serde_json::from_str(&out).expect("start --json prints JSON")
     }
@@ -112,29 +129,34 @@ impl Drop for Env {
     /// Leaves no service behind, whatever the test did: SIGKILL each supervisor's service tree,
     /// and drop the nftables network locks of checkpoints that will never be restored.
     fn drop(&mut self) {
-        if let Ok(out) =
-            Command::new("grep").arg("-rhoa").arg("CRIU run id = [0-9a-f-]*").arg(self.state_dir()).output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let id: String = line.trim_start_matches("CRIU run id = ").chars().take(21).collect();
-                let _ = Command::new("nft")
-                    .args(["delete", "table", "inet", &format!("CRIU-{id}")])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
+        release_criu_tables(&self.state_dir());
+        let state_dir = self.state_dir().display().to_string();
         for name in self.started.borrow().iter() {
             let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-            if let Some(pid) = v["init_pid"].as_i64() {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-            if let Some(pid) = v["supervisor_pid"].as_i64() {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            // Only processes that are provably this test's: pids get reused.
+            for (key, marker) in [("init_pid", "__ns-init"), ("supervisor_pid", "__supervise")] {
+                let Some(pid) = pid_in(&v[key]) else { continue };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains(marker) && cmdline.contains(&state_dir) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
             }
         }
+    }
+}
+
+/// Drops the nftables network locks (`inet CRIU-<run id>`) of every dump whose log is under
+/// `dir`: checkpoints a test leaves unrestored would otherwise hold them on the host for good.
+pub fn release_criu_tables(dir: &Path) {
+    let Ok(out) = Command::new("grep").arg("-rhoa").arg("CRIU run id = [0-9a-f-]*").arg(dir).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let id: String = line.trim_start_matches("CRIU run id = ").chars().take(21).collect();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &format!("CRIU-{id}")])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -209,4 +231,31 @@ pub fn notes_yaml(kill_port: u16, http_port: u16, extra: &str) -> String {
 /// Heartbeat numbers in the log, in order.
 pub fn heartbeats(log: &str) -> Vec<u64> {
     log.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
+}
+
+/// Sends `sig` to `pid` only after checking that its command line contains every marker.
+pub fn verified_signal(pid: i32, markers: &[&str], sig: Signal) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(markers.iter().all(|m| cmdline.contains(m)), "pid {pid} is not ours ({markers:?}): {cmdline:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+pub fn verified_kill(pid: i32, markers: &[&str]) {
+    verified_signal(pid, markers, Signal::SIGKILL);
+}
+
+/// A pid from status JSON (the supervisor's is a string, the init's a number).
+pub fn pid_in(v: &serde_json::Value) -> Option<i32> {
+    v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).map(|p| p as i32)
+}
+
+/// Gone or a zombie (nobody may reap an orphan at once).
+pub fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+        }
+    }
 }

@@ -1,0 +1,335 @@
+//! A host's worth of services at once: 40 parallel cold starts on a busy CPU, then parallel
+//! kill-port checkpoints through the host's dump slots, then parallel restores; a dump slot is
+//! freed when its holder is SIGKILLed; a hung restore ends after `restore_timeout` with a bounded
+//! log; `stop --all` / `start --all` with one failing service.
+//!
+//! Ports: redis 6400-6439 with kill ports 7400-7439; notes kill ports 7970-7979, http 8970-8979.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const SERVICES: u16 = 40;
+const ROUNDS: usize = 5;
+
+fn redis_yaml(i: u16) -> String {
+    format!(
+        "command: [\"/usr/bin/redis-server\", \"--port\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"no\"]\nuser: redis\nkill_port: {}\n",
+        6400 + i,
+        7400 + i
+    )
+}
+
+fn redis(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn all_json(env: &Env, args: &[&str]) -> (i32, Value) {
+    let out = env.run(args);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?} prints JSON: {e}"));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+fn rows(v: &Value) -> &Vec<Value> {
+    v["services"].as_array().expect("a services array")
+}
+
+/// Busy loops on every core until dropped: boot-time contention.
+struct Load(Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+impl Load {
+    fn new(threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        std::hint::black_box(x);
+                    }
+                })
+            })
+            .collect();
+        Load(stop, handles)
+    }
+}
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        for h in self.1.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn forty_parallel_starts_on_a_busy_cpu_then_checkpoints_and_restores_five_rounds() {
+    for round in 0..ROUNDS {
+        eprintln!("=== round {round}");
+        // Each round from an empty state dir, so every start races to install the init copy.
+        let env = Env::new();
+        let names: Vec<String> = (0..SERVICES).map(|i| format!("r{i:02}")).collect();
+        for (i, n) in names.iter().enumerate() {
+            env.write_service(n, &redis_yaml(i as u16));
+            env.adopt(n);
+        }
+        let (code, started) = {
+            let _busy = Load::new(4);
+            all_json(&env, &["start", "--all", "--json"])
+        };
+        assert_eq!(code, 0, "every cold start works: {started}");
+        assert_eq!(rows(&started).len(), SERVICES as usize);
+        assert!(rows(&started).iter().all(|r| r["ok"] == true && r["started_from"] == "cold"), "{started}");
+        for i in 0..SERVICES {
+            let port = 6400 + i;
+            wait_for("redis", || redis(port, &["PING"]).filter(|p| p == "PONG"));
+            assert_eq!(redis(port, &["SET", "owner", &names[i as usize]]).as_deref(), Some("OK"));
+        }
+
+        let (code, stopped) = all_json(&env, &["stop", "--all", "--json"]);
+        assert_eq!(code, 0, "every checkpoint works: {stopped}");
+        assert_eq!(rows(&stopped).len(), SERVICES as usize);
+        for r in rows(&stopped) {
+            assert!(r["ok"] == true && r["checkpoint"].is_string() && r["bytes"].as_u64() > Some(0), "{r}");
+        }
+        for i in 0..SERVICES {
+            assert!(redis(6400 + i, &["PING"]).is_none(), "r{i:02} is stopped");
+        }
+
+        let (code, restored) = all_json(&env, &["start", "--all", "--json"]);
+        assert_eq!(code, 0, "every restore works: {restored}");
+        assert!(rows(&restored).iter().all(|r| r["ok"] == true && r["started_from"] == "checkpoint"), "{restored}");
+        for i in 0..SERVICES {
+            let port = 6400 + i;
+            wait_for("restored redis", || redis(port, &["PING"]).filter(|p| p == "PONG"));
+            assert_eq!(
+                redis(port, &["GET", "owner"]),
+                Some(names[i as usize].clone()),
+                "each service has its own keys"
+            );
+        }
+        let copies: Vec<_> = std::fs::read_dir(env.state_dir().join("bin")).unwrap().filter_map(Result::ok).collect();
+        assert_eq!(copies.len(), 1, "one init copy, no leftovers of lost races: {copies:?}");
+        let (code, _) = all_json(&env, &["stop", "--all", "--json"]);
+        assert_eq!(code, 0);
+    }
+}
+
+/// CRIU option files `hang` (the post-dump action script hangs, like a stuck disk) and `fail`
+/// (it fails), used by every later command of `env`.
+fn hanging_criu_configs(env: &Env) {
+    let dir = env.path().join("criu-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(Path::new(REPO).join("criu-configs")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let hang = env.path().join("hang.sh");
+    std::fs::write(&hang, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exec sleep 601\nexit 0\n").unwrap();
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fail = env.path().join("fail.sh");
+    std::fs::write(&fail, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exit 1\nexit 0\n").unwrap();
+    std::fs::set_permissions(&fail, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let default = std::fs::read_to_string(dir.join("default.conf")).unwrap();
+    std::fs::write(dir.join("hang.conf"), format!("{default}\naction-script {}\n", hang.display())).unwrap();
+    std::fs::write(dir.join("fail.conf"), format!("{default}\naction-script {}\n", fail.display())).unwrap();
+    env.use_criu_configs(&dir);
+}
+
+/// Lines a running `stasis stop` prints, as they come.
+fn spawn_stop(env: &Env, name: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = env.cmd(&["stop", name]).stdout(Stdio::piped()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            eprintln!("stop: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Processes whose command line contains every marker.
+fn pids_with(markers: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let c = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+            markers.iter().all(|m| c.contains(m))
+        })
+        .collect()
+}
+
+#[test]
+fn a_supervisor_killed_while_it_holds_the_dump_slot_frees_it() {
+    let env = Env::new();
+    hanging_criu_configs(&env);
+    std::fs::write(env.path().join("stasis.yaml"), "max_concurrent_dumps: 1\n").unwrap();
+    env.write_service("holder", &notes_yaml(7970, 8970, "criu:\n  config: hang\ndump_timeout: 10m\n"));
+    env.write_service("waiter", &notes_yaml(7971, 8971, ""));
+    for n in ["holder", "waiter"] {
+        env.adopt(n);
+        assert!(env.cmd(&["start", n]).status().unwrap().success());
+    }
+    wait_for("holder", || http_json(8970));
+    wait_for("waiter", || http_json(8971));
+    http(8971, "POST", "/notes", "kept").unwrap();
+
+    // Whatever happens, the hung CRIU of the holder ends with the test (criu leads its own group,
+    // which holds its action script too).
+    struct EndHungDumps(String);
+    impl Drop for EndHungDumps {
+        fn drop(&mut self) {
+            for pid in pids_with(&["criu", "dump", &self.0]) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    let hung = EndHungDumps(env.service_dir("holder").display().to_string());
+    let (mut holder_stop, _) = spawn_stop(&env, "holder");
+    wait_for("the holder's dump to hang in its slot", || {
+        (env.status("holder")["state"] == "checkpointing").then_some(())
+    });
+    let (mut queued_stop, lines) = spawn_stop(&env, "waiter");
+    let waiting =
+        wait_for("the queued stop to be told it waits", || lines.try_recv().ok().filter(|l| l.starts_with("Waiting:")));
+    assert_eq!(waiting, "Waiting: 1 checkpoint ahead of waiter (max_concurrent_dumps: 1)");
+    assert_eq!(env.status("waiter")["state"], "queued");
+    let list = env.ok(&["list"]);
+    let state_of = |name: &str| {
+        list.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).map(str::to_string)
+    };
+    assert_eq!(state_of("waiter").as_deref(), Some("queued"), "{list}");
+    assert_eq!(state_of("holder").as_deref(), Some("checkpointing"), "{list}");
+
+    let supervisor = pid_in(&env.status("holder")["supervisor_pid"]).unwrap();
+    let state_dir = env.state_dir().display().to_string();
+    verified_kill(supervisor, &["__supervise", "holder", &state_dir]);
+    assert!(queued_stop.wait().unwrap().success(), "the slot came free when its holder died");
+    let restored = env.start("waiter");
+    assert_eq!(restored["started_from"], "checkpoint");
+    assert_eq!(wait_for("restored", || http_json(8971))["notes"], serde_json::json!(["kept"]));
+
+    drop(hung);
+    let _ = holder_stop.wait();
+    env.ok(&["stop", "waiter"]);
+}
+
+#[test]
+fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log() {
+    let env = Env::new();
+    let real = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("criu");
+    // A stand-in whose restore spins forever, logging as fast as it can, as CRIU's restorer did
+    // at EOF of a truncated pages image; everything else is the real CRIU.
+    let standin = env.path().join("criu");
+    std::fs::write(
+        &standin,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = restore ]; then exec yes '(00.100000) pie: 1: re-reading the pages image at EOF'; fi\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&standin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_service("hung", &notes_yaml(7972, 8972, "restore_timeout: 3s\n"));
+    let run = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        c.env("STASIS_CRIU", &standin);
+        logged(args, c)
+    };
+    env.adopt("hung");
+    assert!(run(&["start", "hung"]).status.success());
+    wait_for("service", || http_json(8972));
+    http(8972, "POST", "/notes", "lost").unwrap();
+    assert!(run(&["stop", "hung"]).status.success());
+    let id = env.checkpoint_dirs("hung").pop().unwrap().file_name().unwrap().to_string_lossy().to_string();
+
+    let out = run(&["start", "hung", "--json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["started_from"], "cold", "a hung restore ends in a cold start");
+    let reason = v["fallback_reason"].as_str().unwrap();
+    assert!(reason.contains(&id) && reason.contains("restore_timeout"), "{reason}");
+    assert_eq!(wait_for("cold service", || http_json(8972))["notes"], serde_json::json!([]));
+    let q = env.service_dir("hung").join("quarantine").join(&id);
+    let log = q.join("restore.log");
+    let size = std::fs::metadata(&log).expect("the restore log is kept").len();
+    assert!(size > 1 << 20, "the spinning restore did log ({size} bytes)");
+    assert!(size < 13 << 20, "the log is bounded: {size} bytes");
+    let text = std::fs::read(&log).unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("bytes of CRIU's log were left out here"));
+    let supervisor = pid_in(&env.status("hung")["supervisor_pid"]).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{supervisor}/status")).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(peak_kb < 128 * 1024, "the supervisor never held the log in memory: peak RSS {peak_kb} kB");
+    assert!(pids_with(&["yes", "re-reading the pages image"]).is_empty(), "the stand-in restore was killed");
+    assert!(run(&["stop", "hung"]).status.success());
+}
+
+#[test]
+fn stop_all_and_start_all_keep_going_past_a_failing_service() {
+    let env = Env::new();
+    hanging_criu_configs(&env);
+    env.write_service("alpha", &notes_yaml(7973, 8973, ""));
+    env.write_service("beta", &notes_yaml(7974, 8974, "criu:\n  config: fail\n"));
+    env.write_service("gamma", &notes_yaml(7975, 8975, ""));
+    let run = |args: &[&str]| logged(args, env.cmd(args));
+    for n in ["alpha", "beta", "gamma"] {
+        env.adopt(n);
+    }
+    let out = run(&["start", "--all"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for n in ["alpha", "beta", "gamma"] {
+        assert!(text.lines().any(|l| l.starts_with(n) && l.contains("OK") && l.contains("cold start")), "{text}");
+    }
+    assert!(text.contains("started 3 of 3 services"), "{text}");
+    for (port, note) in [(8973, "a"), (8974, "b"), (8975, "c")] {
+        wait_for("service", || http_json(port));
+        http(port, "POST", "/notes", note).unwrap();
+    }
+
+    let out = run(&["stop", "--all", "--json"]);
+    assert_eq!(out.status.code(), Some(5), "a failed checkpoint makes stop --all fail");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |n: &str| rows(&v).iter().find(|r| r["name"] == n).unwrap_or_else(|| panic!("{n} in {v}")).clone();
+    for n in ["alpha", "gamma"] {
+        let r = by_name(n);
+        assert!(r["ok"] == true && r["checkpoint"].is_string() && r["bytes"].as_u64() > Some(0), "{r}");
+        assert!(r["seconds"].as_f64().is_some(), "{r}");
+    }
+    let b = by_name("beta");
+    assert_eq!(b["ok"], false, "{b}");
+    assert!(b["error"].as_str().is_some_and(|e| e.contains("keeps running")), "{b}");
+    assert_eq!(http_json(8974).expect("beta still runs")["notes"], serde_json::json!(["b"]));
+
+    let out = run(&["stop", "--all"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed: beta"), "the failed one is named");
+
+    let out = run(&["start", "--all", "--json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = rows(&v).iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "gamma"], "only the stopped ones are started");
+    assert!(rows(&v).iter().all(|r| r["started_from"] == "checkpoint"), "{v}");
+    assert_eq!(wait_for("alpha", || http_json(8973))["notes"], serde_json::json!(["a"]));
+    assert_eq!(wait_for("gamma", || http_json(8975))["notes"], serde_json::json!(["c"]));
+    assert_eq!(env.status("beta")["state"], "running", "beta kept running through both failed stops");
+}
