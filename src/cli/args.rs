@@ -166,7 +166,8 @@ pub enum Command {
     /// The newest good one is marked with a star. Each is fresh (the service has not run since; `start`
     /// restores it) or stale (with the reason), and may be marked incompatible (the executables
     /// it maps changed on disk). --json fields per checkpoint: id, generation, path, valid,
-    /// latest, fresh, stale_reason, incompatible, created_at, kind, size_bytes, problem.
+    /// latest, fresh, stale_reason, incompatible, network_lock (the nftables table holding its TCP
+    /// connections until it is restored), created_at, kind, size_bytes, problem.
     Checkpoints {
         /// The service: NAME.yaml in the config dir.
         name: String,
@@ -204,6 +205,20 @@ pub enum Command {
         /// Also delete its checkpoints, logs and working directory under the state dir.
         #[arg(long)]
         purge: bool,
+    },
+    /// Find CRIU network-lock tables whose checkpoint no longer exists; --yes deletes them.
+    ///
+    /// Each checkpoint taken by a stop holds an nftables table `inet CRIU-...` (its TCP
+    /// connections) until it is restored or deleted. Tables of checkpoints deleted by hand stay
+    /// for good and slow every later dump on the host. Retention and quarantine release their own;
+    /// this finds the rest.
+    Gc {
+        /// Delete the orphaned tables instead of only listing them.
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as one JSON document on stdout (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Print an LSB init script for hosts without systemd: `start` runs `stasis start`, `stop` is the kill port.
     ///

@@ -22,6 +22,9 @@ struct Row {
     stale_reason: Option<String>,
     /// Why it does not fit the program on disk, as found by the last start.
     incompatible: Option<String>,
+    /// The nftables table (`inet CRIU-...`) holding the TCP connections of this not yet restored
+    /// checkpoint, if it exists now.
+    network_lock: Option<String>,
     created_at: Option<String>,
     kind: Option<crate::store::DumpKind>,
     size_bytes: Option<u64>,
@@ -42,6 +45,7 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let store = CheckpointStore::new(&dirs.service(&service.name));
     let latest = store.latest()?.map(|c| c.id);
     let generations = store.generations();
+    let tables = crate::criu::network_lock::tables().unwrap_or_default();
     let rows: Vec<Row> = store
         .list()?
         .into_iter()
@@ -57,6 +61,8 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                 _ => None,
             },
             incompatible: c.incompatible(),
+            network_lock: crate::criu::network_lock::table_of_dump(&c.dir.join(crate::criu::DUMP_LOG))
+                .filter(|t| tables.contains(t)),
             latest: latest.as_deref() == Some(c.id.as_str()),
             path: c.dir.display().to_string(),
             valid: c.manifest.is_ok(),

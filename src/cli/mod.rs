@@ -5,6 +5,7 @@ mod all;
 mod args;
 mod checkpoint;
 mod checkpoints;
+mod gc;
 mod generate;
 mod logs;
 mod output;
@@ -50,6 +51,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Validate { targets, json } => validate::run(&dirs, &targets, json),
         Command::Add(a) => add::add(&dirs, a),
         Command::Remove { name, purge } => add::remove(&dirs, &name, purge),
+        Command::Gc { yes, json } => gc::run(&dirs, yes, json),
         Command::InitScript { name } => generate::init_script(&dirs, &name),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { dir } => generate::man_pages(&dir),

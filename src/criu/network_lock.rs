@@ -20,6 +20,34 @@ pub fn table_of_dump(dump_log: &Path) -> Option<String> {
     Some(format!("CRIU-{}", id.chars().take(RUN_ID_CHARS).collect::<String>()))
 }
 
+/// The CRIU tables in the host's ruleset now (`CRIU-...`), or why they could not be listed.
+pub fn tables() -> Result<Vec<String>, String> {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("failed to run nft: {e}; install nftables (scripts/setup does)"))?;
+    if !out.status.success() {
+        return Err(format!("`nft list tables` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .filter(|t| t.starts_with("CRIU-"))
+        .map(|t| t.trim().to_string())
+        .collect())
+}
+
+/// Deletes one table by name; true if it was there.
+pub fn delete_table(table: &str) -> bool {
+    Command::new("nft")
+        .args(["delete", "table", "inet", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Deletes the dump's table if it still exists; best effort (no nft, no table: nothing to do).
 pub fn release(dump_log: &Path) {
     if let Some(table) = table_of_dump(dump_log) {

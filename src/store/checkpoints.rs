@@ -366,6 +366,16 @@ impl CheckpointStore {
         Ok(to)
     }
 
+    /// Every directory that may hold a dump's log: checkpoints (complete or not) and quarantine.
+    pub fn all_dump_dirs(&self) -> Vec<PathBuf> {
+        [&self.dir, &self.quarantine_dir]
+            .iter()
+            .filter_map(|d| fs::read_dir(d).ok())
+            .flat_map(|rd| rd.filter_map(Result::ok).map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
     /// Leftovers of dumps that never completed (a crash mid-dump) or of interrupted removals.
     pub fn incomplete(&self) -> Vec<PathBuf> {
         fs::read_dir(&self.dir)
