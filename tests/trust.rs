@@ -122,6 +122,7 @@ fn a_changed_executable_or_library_is_refused() {
     let c1 = stop_id(&env, name);
     let c1_dir = env.service_dir(name).join("checkpoints").join(&c1);
     let c1_table = nft_table_of(&c1_dir).expect("the dump log names CRIU's run id");
+    assert!(nft_table_exists(&c1_table), "{c1} holds its connections in {c1_table} until it is restored");
     replace_file(&prog_b, &prog);
     let started = env.start(name);
     assert_eq!(started["started_from"], "cold", "a changed program is not restored");
@@ -130,7 +131,10 @@ fn a_changed_executable_or_library_is_refused() {
     let r = row(&checkpoints(&env, name), &c1).clone();
     assert!(r["incompatible"].as_str().is_some_and(|s| !s.is_empty()), "{c1} is marked incompatible: {r}");
     assert!(c1_dir.is_dir(), "an incompatible checkpoint is kept, not quarantined");
-    assert!(nft_table_exists(&c1_table), "{c1} was never restored: its network lock {c1_table} is still there");
+    assert!(
+        !nft_table_exists(&c1_table),
+        "the service ran on cold, so nothing will carry on {c1}'s connections: {c1_table} was released"
+    );
     wait_for("prog-B with build-A", || env.log(name).contains("prog-B build-A heartbeat").then_some(()));
 
     // Case B: only the library changes, in place, same inode, same mtime.
@@ -174,7 +178,6 @@ fn a_changed_executable_or_library_is_refused() {
         assert_eq!(env.start(name)["started_from"], "checkpoint", "an unchanged program is restored");
     }
     assert!(!c1_dir.exists(), "{c1} was deleted by retention");
-    assert!(!nft_table_exists(&c1_table), "the network lock {c1_table} of the deleted {c1} was released");
     env.ok(&["stop", name]);
 }
 
@@ -471,6 +474,46 @@ fn validate_reports_the_new_keys() {
     let v: Value = serde_json::from_str(&env.expect_code(&["validate", "badtype", "--json"], 3)).unwrap();
     let problems = v[0]["problems"].as_array().expect("problems");
     assert!(problems.iter().any(|p| p["key"] == "restore_stale"), "the type error names restore_stale: {problems:?}");
+}
+
+#[test]
+fn mixed_cycles_leave_no_lock_table_of_a_checkpoint_that_will_not_be_restored() {
+    let env = Env::new();
+    let (name, kill, http_port) = ("mixed", 7964, 8960);
+    env.write_service(name, &notes_yaml(kill, http_port, ""));
+    env.start(name);
+    // Every table any dump made, including those of checkpoints since deleted.
+    let table_of = |id: &str| nft_table_of(&env.service_dir(name).join("checkpoints").join(id)).expect("a run id");
+    let mut tables = Vec::new();
+    for i in 0..24 {
+        wait_for("service", || http_json(http_port));
+        let id = stop_id(&env, name);
+        tables.push(table_of(&id));
+        match i % 3 {
+            // A plain cycle.
+            0 => assert_eq!(env.start(name)["started_from"], "checkpoint"),
+            // A crash after the restore: the next start is cold.
+            1 => {
+                assert_eq!(env.start(name)["started_from"], "checkpoint");
+                wait_for("service", || http_json(http_port));
+                kill_service_tree(&env, name);
+                assert_eq!(env.start(name)["started_from"], "cold");
+            }
+            // Damaged images: quarantine, then cold.
+            _ => {
+                let images = env.service_dir(name).join("checkpoints").join(&id).join("images");
+                let p = largest_image(&images, "pages-");
+                flip_bit(&p, std::fs::metadata(&p).unwrap().len() / 2);
+                assert_eq!(env.start(name)["started_from"], "cold");
+            }
+        }
+    }
+    wait_for("service", || http_json(http_port));
+    let last = stop_id(&env, name);
+    tables.push(table_of(&last));
+    let held: BTreeSet<String> = tables.into_iter().filter(|t| nft_table_exists(t)).collect();
+    let expected: BTreeSet<String> = [table_of(&last)].into_iter().collect();
+    assert_eq!(held, expected, "only the checkpoint the next start restores ({last}) holds a table");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,21 @@ use std::time::Duration;
 /// have just installed it and be about to exec it.
 const INIT_COPY_MIN_AGE: Duration = Duration::from_secs(3600);
 
+/// After a start every kept checkpoint is stale: nothing will restore it to carry on those
+/// connections, so their network-lock tables only block the ports (and slow every dump on the
+/// host). The restored checkpoint's own table CRIU has already removed.
+pub fn release_stale_locks(ctx: &Context, restored: Option<&str>) {
+    let Ok(tables) = network_lock::tables() else { return };
+    for c in ctx.store.list().unwrap_or_default() {
+        if Some(c.id.as_str()) == restored {
+            continue;
+        }
+        if network_lock::table_of_dump(&c.dir.join(DUMP_LOG)).is_some_and(|t| tables.contains(&t)) {
+            network_lock::release(&c.dir.join(DUMP_LOG));
+        }
+    }
+}
+
 /// Applies retention; failures are logged and never fail the checkpoint that triggered it.
 pub fn apply(ctx: &Context) -> Vec<String> {
     let mut notes = Vec::new();

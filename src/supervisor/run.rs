@@ -149,6 +149,7 @@ fn supervise(
     for n in super::retention::apply(&ctx) {
         log.note(&n);
     }
+    super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
 
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
