@@ -173,9 +173,15 @@ impl CheckpointStore {
         GenerationFile::new(&self.generations)
     }
 
-    /// The service's counters; never lower than any generation on disk.
+    /// The service's counters, as recorded (enough to tell fresh from stale).
     pub fn generations(&self) -> Generations {
-        let mut g = self.generation_file().load(|| self.highest_generation());
+        self.generation_file().load(|| self.highest_generation())
+    }
+
+    /// The counters to update: never lower than any generation on disk, so a lost or restored
+    /// counter file cannot hand out a number twice.
+    fn counters_for_update(&self) -> Generations {
+        let mut g = self.generations();
         g.last = g.last.max(self.highest_generation());
         g
     }
@@ -193,7 +199,7 @@ impl CheckpointStore {
 
     /// Takes the next generation number, durably.
     pub fn take_generation(&self) -> Result<u64, StoreError> {
-        let mut g = self.generations();
+        let mut g = self.counters_for_update();
         g.last += 1;
         self.generation_file().save(&g)?;
         Ok(g.last)
@@ -203,7 +209,7 @@ impl CheckpointStore {
     /// makes every existing checkpoint stale. Durable before it returns; the previous counters
     /// are returned so a run that never happened (its start failed) can be taken back.
     pub fn record_run(&self, how: &str) -> Result<Generations, StoreError> {
-        let before = self.generations();
+        let before = self.counters_for_update();
         let mut g = before.clone();
         g.last += 1;
         g.last_run = g.last;
@@ -216,7 +222,7 @@ impl CheckpointStore {
     /// Takes back a run recorded by `record_run` that did not happen (CRIU or the launch failed
     /// before the service ran). The counter keeps rising; only the run marker goes back.
     pub fn undo_run(&self, before: &Generations) -> Result<(), StoreError> {
-        let mut g = self.generations();
+        let mut g = self.counters_for_update();
         g.last_run = before.last_run;
         g.last_run_at = before.last_run_at.clone();
         g.last_run_how = before.last_run_how.clone();
