@@ -477,7 +477,7 @@ fn validate_reports_the_new_keys() {
 }
 
 #[test]
-fn mixed_cycles_leave_no_lock_table_of_a_checkpoint_that_will_not_be_restored() {
+fn a_hundred_mixed_cycles_leave_no_lock_table_of_a_checkpoint_that_will_not_be_restored() {
     let env = Env::new();
     let (name, kill, http_port) = ("mixed", 7964, 8960);
     env.write_service(name, &notes_yaml(kill, http_port, ""));
@@ -485,7 +485,7 @@ fn mixed_cycles_leave_no_lock_table_of_a_checkpoint_that_will_not_be_restored() 
     // Every table any dump made, including those of checkpoints since deleted.
     let table_of = |id: &str| nft_table_of(&env.service_dir(name).join("checkpoints").join(id)).expect("a run id");
     let mut tables = Vec::new();
-    for i in 0..24 {
+    for i in 0..100 {
         wait_for("service", || http_json(http_port));
         let id = stop_id(&env, name);
         tables.push(table_of(&id));
