@@ -23,6 +23,9 @@ pub enum Error {
     NotRunning { service: String },
     #[error("stasis must run as root (CRIU and the root-only state directory need it); try `sudo stasis ...`")]
     NotRoot,
+    /// The caller may not do this to this service (the message says who may).
+    #[error("failed to get permission: {0}")]
+    NotAllowed(String),
     #[error("failed to {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -51,7 +54,7 @@ impl Error {
             Error::Supervisor(e) => e.exit_code(),
             Error::AlreadyRunning { .. } | Error::Orphaned { .. } => exit_codes::ALREADY_RUNNING,
             Error::NotRunning { .. } => exit_codes::NOT_RUNNING,
-            Error::NotRoot => exit_codes::ENVIRONMENT,
+            Error::NotRoot | Error::NotAllowed(_) => exit_codes::ENVIRONMENT,
             Error::Io { .. } => exit_codes::INTERNAL,
             Error::CheckpointFailed(_) => exit_codes::CHECKPOINT_FAILED,
             Error::StartFailed(_) => exit_codes::START_FAILED,

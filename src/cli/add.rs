@@ -2,7 +2,7 @@
 //! it away again, without ever deleting checkpoints unless asked to.
 
 use super::args::AddArgs;
-use crate::config::{load_service, service_name_from_path, CriuSection, ServiceFile};
+use crate::config::{check_name, load_service, CriuSection, ServiceFile};
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -14,8 +14,8 @@ use std::process::Command;
 
 pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
     super::require_root()?;
+    check_name(&a.name)?;
     let file = dirs.service_file(&a.name);
-    service_name_from_path(&file)?;
     if file.exists() && !a.force {
         return Err(Error::Refused(format!(
             "{} already exists; edit it, or pass --force to replace it (checkpoints are kept either way)",
@@ -64,6 +64,7 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         on_incompatible: None,
         dump_timeout: None,
         restore_timeout: None,
+        kill_port_users: Vec::new(),
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");
@@ -93,8 +94,8 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
 
 pub fn remove(dirs: &Dirs, name: &str, purge: bool) -> Result<i32, Error> {
     super::require_root()?;
+    check_name(name)?;
     let file = dirs.service_file(name);
-    service_name_from_path(&file)?;
     let paths = dirs.service(name);
     if let Some(pid) = lock::holder(&paths.lock) {
         return Err(Error::AlreadyRunning { service: name.to_string(), pid });

@@ -2,7 +2,7 @@
 //! leaves the service running.
 
 use super::output::print_json;
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     super::require_root()?;
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     let paths = dirs.service(&service.name);
     if lock::holder(&paths.lock).is_none() {
         return Err(Error::NotRunning { service: service.name.clone() });

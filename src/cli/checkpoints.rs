@@ -1,7 +1,7 @@
 //! `stasis checkpoints NAME`: the service's checkpoints, oldest first, and the quarantined ones.
 
 use super::output::print_json;
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -41,7 +41,7 @@ struct Quarantined {
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     // The state directory is root-only: without root every service would look stopped.
     super::require_root()?;
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     let store = CheckpointStore::new(&dirs.service(&service.name));
     let latest = store.latest()?.map(|c| c.id);
     let generations = store.generations();

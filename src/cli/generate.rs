@@ -2,7 +2,7 @@
 //! (the last two straight from the clap definitions, so they never drift from `--help`).
 
 use super::Cli;
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -53,7 +53,7 @@ esac
 "#;
 
 pub fn init_script(dirs: &Dirs, name: &str) -> Result<i32, Error> {
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let text = INIT_SCRIPT

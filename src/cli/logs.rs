@@ -1,6 +1,6 @@
 //! `stasis logs NAME`: the service's output and the supervisor's notes, from `service.log`.
 
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -10,7 +10,7 @@ use std::time::Duration;
 pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Result<i32, Error> {
     // The state directory is root-only: without root every service would look stopped.
     super::require_root()?;
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     let path = dirs.service(&service.name).service_log();
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,

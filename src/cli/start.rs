@@ -2,7 +2,7 @@
 //! service runs, saying whether it was restored or cold-launched, and why.
 
 use super::output::print_json;
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::criu::Criu;
 use crate::error::Error;
 use crate::exit_codes;
@@ -26,7 +26,7 @@ const FINISHING_WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: bool) -> Result<i32, Error> {
     super::require_root()?;
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     Criu::get()?;
     if foreground {
         wait_for_finishing(dirs, &service)?;
@@ -118,6 +118,12 @@ pub fn start_one(dirs: &Dirs, service: &crate::config::Service, from: Option<&st
         .arg(&dirs.host_config)
         .arg("__supervise")
         .arg(&service.name)
+        // Root software: the supervisor (and through it CRIU and the init) gets a minimal clean
+        // environment, never the caller's.
+        .env_clear()
+        .env("PATH", crate::config::DEFAULT_PATH)
+        .env("LANG", "C.UTF-8")
+        .envs(["STASIS_CRIU", "STASIS_LOG"].iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
         .args(from.map(|id| ["--from", id]).into_iter().flatten())
         .env(READY_FD_ENV, CHILD_READY_FD.to_string())
         .stdin(Stdio::null())
@@ -154,7 +160,7 @@ pub fn start_one(dirs: &Dirs, service: &crate::config::Service, from: Option<&st
 /// The hidden `__supervise` command that `start` runs in the background.
 pub fn supervise(dirs: &Dirs, name: &str, from: Option<String>) -> Result<i32, Error> {
     let mut notifier = Notifier::from_env();
-    match load_service(dirs, name) {
+    match load_named(dirs, name) {
         Ok(service) => Ok(supervisor::run(dirs.clone(), service, from, notifier, false)),
         Err(e) => {
             let e = Error::from(e);

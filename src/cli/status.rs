@@ -2,7 +2,7 @@
 //! supervisor actually holds the lock, plus the latest good checkpoint from the store.
 
 use super::output::print_json;
-use crate::config::{discover, load_service, service_name_from_path};
+use crate::config::{discover, load_named, load_service, service_name_from_path};
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -77,7 +77,7 @@ pub fn run(dirs: &Dirs, name: Option<&str>, json: bool) -> Result<i32, Error> {
     // The state directory is root-only: without root every service would look stopped.
     super::require_root()?;
     if let Some(name) = name {
-        let service = load_service(dirs, name)?;
+        let service = load_named(dirs, name)?;
         let v = view(dirs, &service.name, Some(service.kill_port), None);
         if json {
             print_json(&v);

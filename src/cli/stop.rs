@@ -2,7 +2,7 @@
 //! what the supervisor says, and waits until the supervisor is gone.
 
 use super::output::print_json;
-use crate::config::load_service;
+use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
@@ -30,7 +30,7 @@ pub enum StopOutcome {
 }
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
-    let service = load_service(dirs, name)?;
+    let service = load_named(dirs, name)?;
     match stop_one(dirs, &service, !json)? {
         StopOutcome::AlreadyStopped => {
             if json {
@@ -65,20 +65,35 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
 /// Stops one service through its kill port; `echo` prints the supervisor's lines as they come.
 pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Result<StopOutcome, Error> {
     let paths = dirs.service(&service.name);
-    if lock::holder(&paths.lock).is_none() {
+    // Root, or the service's own user (whom the kill port accepts too); the run dir and its lock
+    // are root-only, so the service user learns "not running" from a refused connection.
+    let root = nix::unistd::geteuid().is_root();
+    if !root && nix::unistd::getuid().as_raw() != service.uid {
+        return Err(Error::NotAllowed(format!(
+            "only root or {}'s service user (uid {}) may stop it; try `sudo stasis stop {}`",
+            service.name, service.uid, service.name
+        )));
+    }
+    if root && lock::holder(&paths.lock).is_none() {
         return Ok(StopOutcome::AlreadyStopped);
     }
-    let stream = TcpStream::connect(("127.0.0.1", service.kill_port)).map_err(|e| {
+    let mut stream = match TcpStream::connect(("127.0.0.1", service.kill_port)) {
+        Err(e) if !root && e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(StopOutcome::AlreadyStopped),
+        other => other,
+    }
+    .map_err(|e| {
         Error::CheckpointFailed(format!(
             "failed to connect to the kill port 127.0.0.1:{} of {}: {e}; its supervisor may be starting or stuck (see `stasis logs {}`)",
             service.kill_port, service.name, service.name
         ))
     })?;
+    // Says at once what it wants, so the supervisor need not wait to tell it from a browser.
+    let _ = std::io::Write::write_all(&mut stream, format!("{}\n", protocol::STOP_COMMAND).as_bytes());
     let (final_line, lines) = relay(stream, !echo)?;
     match protocol::parse_final(&final_line) {
         Some(Ok(text)) => {
             let deadline = Instant::now() + EXIT_WAIT;
-            while lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
+            while root && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(StopOutcome::Checkpointed { id: protocol::checkpoint_id(&text).map(str::to_string), lines })

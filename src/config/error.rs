@@ -22,8 +22,10 @@ pub enum ConfigError {
     ListDir { dir: PathBuf, source: std::io::Error },
     #[error("{}", render_invalid(path, problems))]
     Invalid { path: PathBuf, problems: Vec<Problem> },
-    #[error("failed to use {path}: service file names must be NAME.yaml with NAME made of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")]
+    #[error("failed to use {path}: service file names must be NAME.yaml with NAME made of a-z, 0-9, '-', '_' or '.', starting with a letter or digit, at most 63 characters, without `..`")]
     BadFileName { path: PathBuf },
+    #[error("failed to use {name:?} as a service name: names are 1 to 63 of a-z, 0-9, '-', '_' and '.', starting with a letter or digit, without `..` or `/` (to check a file elsewhere, use `stasis validate PATH`)")]
+    BadName { name: String },
 }
 
 impl ConfigError {

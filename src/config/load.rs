@@ -30,6 +30,27 @@ pub fn load_service(dirs: &Dirs, target: &str) -> Result<Service, ConfigError> {
     validate(dirs, &name, &path, &text, file)
 }
 
+/// Loads the service called `name` from the config dir. The name is checked first, so no
+/// command ever builds a path from `../x` or from a name that is really a path.
+pub fn load_named(dirs: &Dirs, name: &str) -> Result<Service, ConfigError> {
+    check_name(name)?;
+    load_service(dirs, name)
+}
+
+/// Service names: `^[a-z0-9][a-z0-9_.-]{0,62}$` without `..`: safe as a file name, a unit
+/// instance name and a path component.
+pub fn check_name(name: &str) -> Result<(), ConfigError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_.-".contains(&c))
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName { name: name.to_string() })
+    }
+}
+
 /// Every `*.yaml` file in the config dir, sorted by name.
 pub fn discover(dirs: &Dirs) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = match std::fs::read_dir(&dirs.config_dir) {
@@ -52,11 +73,7 @@ pub fn service_name_from_path(path: &Path) -> Result<String, ConfigError> {
         return Err(bad());
     }
     let stem = path.file_stem().and_then(|s| s.to_str()).ok_or_else(bad)?;
-    let valid = stem.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && stem.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
-    if !valid {
-        return Err(bad());
-    }
+    check_name(stem).map_err(|_| bad())?;
     Ok(stem.to_string())
 }
 
@@ -202,5 +219,12 @@ mod tests {
         assert_eq!(service_name_from_path(Path::new("/e/redis.yaml")).unwrap(), "redis");
         assert!(service_name_from_path(Path::new("/e/Redis.yaml")).is_err());
         assert!(service_name_from_path(Path::new("/e/redis.yml")).is_err());
+        assert!(service_name_from_path(Path::new("/e/a..b.yaml")).is_err());
+        for bad in ["../../x", "a/b", "..", "a..b", "", "-x", "Redis", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["redis", "r0", "a.b-c_d", &"x".repeat(63)] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
     }
 }

@@ -9,6 +9,6 @@ pub mod schema;
 mod validate;
 
 pub use error::{ConfigError, Problem};
-pub use load::{discover, load_service, service_name_from_path};
+pub use load::{check_name, discover, load_named, load_service, service_name_from_path};
 pub use schema::{CriuSection, ServiceFile};
-pub use validate::{OnIncompatible, Service};
+pub use validate::{OnIncompatible, Service, DEFAULT_PATH};

@@ -18,6 +18,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "on_incompatible",
     "dump_timeout",
     "restore_timeout",
+    "kill_port_users",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -59,6 +60,9 @@ pub struct ServiceFile {
     /// How long a restore may take before it is ended, the checkpoint quarantined and the service cold-started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_timeout: Option<serde_yaml::Value>,
+    /// Users besides root and the service user who may stop the service through its kill port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kill_port_users: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

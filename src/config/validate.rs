@@ -73,6 +73,8 @@ pub struct Service {
     pub on_incompatible: OnIncompatible,
     pub dump_timeout: Duration,
     pub restore_timeout: Duration,
+    /// uids of `kill_port_users`.
+    pub kill_port_uids: Vec<u32>,
 }
 
 impl Service {
@@ -225,6 +227,17 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
     let dump_timeout = timeout(&mut c, "dump_timeout", file.dump_timeout.as_ref(), DEFAULT_DUMP_TIMEOUT);
     let restore_timeout = timeout(&mut c, "restore_timeout", file.restore_timeout.as_ref(), DEFAULT_RESTORE_TIMEOUT);
 
+    let mut kill_port_uids = Vec::new();
+    for (i, name) in file.kill_port_users.iter().enumerate() {
+        match User::from_name(name) {
+            Ok(Some(u)) => kill_port_uids.push(u.uid.as_raw()),
+            _ => c.fail(
+                &format!("kill_port_users[{i}]"),
+                format!("user \"{name}\" does not exist; list existing users who may stop this service through its kill port"),
+            ),
+        }
+    }
+
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
             name: name.to_string(),
@@ -244,6 +257,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             on_incompatible,
             dump_timeout,
             restore_timeout,
+            kill_port_uids,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }

@@ -14,8 +14,12 @@ use std::time::Duration;
 pub const HEAD_CAP: usize = 8 << 20;
 pub const TAIL_CAP: usize = 4 << 20;
 
+/// The last bytes of the log are also kept in memory, for the error lines: a full disk may have
+/// refused the file its end.
+const RECENT_CAP: usize = 1 << 20;
+
 pub struct Capture {
-    done: mpsc::Receiver<()>,
+    done: mpsc::Receiver<Vec<u8>>,
 }
 
 /// Copies `from` into `path` (mode 0600) until EOF, within the caps.
@@ -26,6 +30,7 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
         let mut written = 0usize;
         let mut tail: VecDeque<u8> = VecDeque::new();
         let mut dropped = 0u64;
+        let mut recent: VecDeque<u8> = VecDeque::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match from.read(&mut buf) {
@@ -34,6 +39,11 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
+            recent.extend(&buf[..n]);
+            if recent.len() > RECENT_CAP {
+                let excess = recent.len() - RECENT_CAP;
+                recent.drain(..excess);
+            }
             let mut chunk = &buf[..n];
             if written < HEAD_CAP {
                 let take = chunk.len().min(HEAD_CAP - written);
@@ -63,16 +73,17 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
             let _ = f.write_all(a);
             let _ = f.write_all(b);
         }
-        let _ = tx.send(());
+        let _ = tx.send(recent.into_iter().collect());
     });
     Capture { done }
 }
 
 impl Capture {
     /// Waits until the log is complete, at most `limit` (a process of the restored tree could in
-    /// theory hold the pipe open; then the head of the log is already on disk).
-    pub fn finish(self, limit: Duration) {
-        let _ = self.done.recv_timeout(limit);
+    /// theory hold the pipe open; then the head of the log is already on disk). Returns the last
+    /// MiB of the log.
+    pub fn finish(self, limit: Duration) -> Vec<u8> {
+        self.done.recv_timeout(limit).unwrap_or_default()
     }
 }
 
@@ -100,7 +111,8 @@ mod tests {
         let mut data = b"CRIU run id = first line\n".to_vec();
         data.resize(HEAD_CAP + TAIL_CAP + 1000, b'x');
         data.extend_from_slice(b"\n(9.9) Error (criu/x.c:1): the end\n");
-        spawn(std::io::Cursor::new(data.clone()), path.clone()).finish(Duration::from_secs(10));
+        let recent = spawn(std::io::Cursor::new(data.clone()), path.clone()).finish(Duration::from_secs(10));
+        assert!(recent.len() <= RECENT_CAP && recent.ends_with(b"the end\n"));
         let size = std::fs::metadata(&path).unwrap().len() as usize;
         assert!(size < HEAD_CAP + TAIL_CAP + 200, "bounded: {size}");
         let tail = read_tail(&path, 4096).unwrap();

@@ -19,7 +19,7 @@ pub fn error_lines(log: &Path) -> Vec<String> {
     }
 }
 
-fn pick(text: &str) -> Vec<String> {
+pub fn pick(text: &str) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     let mut keep = vec![false; lines.len()];
     for (i, l) in lines.iter().enumerate() {

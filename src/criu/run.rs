@@ -4,7 +4,7 @@
 
 use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE};
 use super::log_capture;
-use super::log_errors::error_lines;
+use super::log_errors::{error_lines, pick};
 use super::{Criu, CriuError};
 use std::ffi::OsString;
 use std::io::Read;
@@ -77,8 +77,11 @@ impl Criu {
     fn command(&self, argv: Vec<OsString>) -> Command {
         let mut cmd = Command::new(&self.path);
         cmd.args(argv)
-            // Our --config must be the only one in effect.
-            .env_remove("CRIU_CONFIG_FILE")
+            // A clean environment: nothing of the caller's (CRIU_CONFIG_FILE would add a config,
+            // LD_PRELOAD would run in root's CRIU).
+            .env_clear()
+            .env("PATH", crate::config::DEFAULT_PATH)
+            .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -111,12 +114,16 @@ impl Criu {
             }
         }
         let status = child.wait().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
-        capture.finish(LOG_DRAIN);
+        let recent = capture.finish(LOG_DRAIN);
         let stderr = reader.join().unwrap_or_default();
         if status.success() {
             return Ok(());
         }
-        let mut errors = error_lines(log);
+        // From memory first: the disk may be full and the file short of its end.
+        let mut errors = pick(&String::from_utf8_lossy(&recent));
+        if errors.is_empty() {
+            errors = error_lines(log);
+        }
         if errors.is_empty() {
             let stderr = String::from_utf8_lossy(&stderr);
             errors = stderr.lines().rev().take(8).map(str::to_string).collect::<Vec<_>>().into_iter().rev().collect();

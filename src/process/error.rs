@@ -12,6 +12,8 @@ pub enum LaunchError {
     ExecService { program: String, reason: String },
     #[error("failed to install the namespace init at {path}: {source}")]
     InstallInit { path: PathBuf, source: std::io::Error },
+    #[error("failed to hand the service's environment to the namespace init: {0}")]
+    Environment(std::io::Error),
     #[error("failed to pass {what} to the namespace init: it contains a NUL byte")]
     Nul { what: &'static str },
 }

@@ -38,18 +38,15 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
     for a in ns_init::encode_args(spec) {
         argv.push(CString::new(a).map_err(|_| nul("the command"))?);
     }
-    let envp: Vec<CString> = spec
-        .environment
-        .iter()
-        .map(|(k, v)| CString::new(format!("{k}={v}")))
-        .collect::<Result<_, _>>()
-        .map_err(|_| nul("the environment"))?;
+    // The init runs with a fixed minimal environment; the service's goes through a memfd.
+    let envp: Vec<CString> = ns_init::INIT_ENV.iter().map(|e| CString::new(*e).expect("no NUL")).collect();
+    let env_fd = environment_memfd(&spec.environment)?;
     let argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
     let envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
 
     let devnull = std::fs::File::open("/dev/null").map_err(LaunchError::DevNull)?;
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(LaunchError::Pipe)?;
-    let fds = [devnull.as_raw_fd(), stdout.as_raw_fd(), stdout.as_raw_fd(), ready_w.as_raw_fd()];
+    let fds = [devnull.as_raw_fd(), stdout.as_raw_fd(), stdout.as_raw_fd(), ready_w.as_raw_fd(), env_fd.as_raw_fd()];
 
     let mut stack = vec![0u8; STACK_SIZE];
     let child = Box::new(|| -> isize {
@@ -63,7 +60,7 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
             }
             // Anything else the supervisor inherited (a shell's stray fd) would end up in every
             // checkpoint, and CRIU refuses files it cannot resolve.
-            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
             if libc::chdir(init_dir.as_ptr()) < 0 {
                 let msg = b"error failed to enter the service's state directory\n";
                 libc::write(READY_FD, msg.as_ptr().cast(), msg.len());
@@ -92,6 +89,27 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
             Err(LaunchError::ExecService { program: spec.command.first().cloned().unwrap_or_default(), reason })
         }
     }
+}
+
+/// `KEY=VALUE\0` for each variable, in a sealed-off anonymous file the init reads once.
+fn environment_memfd(env: &[(String, String)]) -> Result<OwnedFd, LaunchError> {
+    use std::io::{Seek, Write};
+    let name = c"stasis-service-env";
+    // SAFETY: memfd_create with a valid C string; the fd is owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(LaunchError::Environment(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let mut f = std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    for (k, v) in env {
+        if k.contains('\0') || v.contains('\0') {
+            return Err(LaunchError::Nul { what: "the environment" });
+        }
+        f.write_all(format!("{k}={v}\0").as_bytes()).map_err(LaunchError::Environment)?;
+    }
+    f.rewind().map_err(LaunchError::Environment)?;
+    Ok(OwnedFd::from(f))
 }
 
 fn read_report(fd: OwnedFd) -> String {

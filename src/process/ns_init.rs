@@ -15,6 +15,12 @@ use std::os::unix::ffi::OsStrExt;
 pub const ARGV_MARKER: &str = "__ns-init";
 /// Where the supervisor listens for "ok" / "error ..." about the start of the command.
 pub const READY_FD: i32 = 3;
+/// A memfd with the service's environment (`KEY=VALUE\0...`): it reaches only the service, after
+/// the privilege drop, never this root process's own environment (nor its argv, which anyone
+/// can read in /proc).
+pub const ENV_FD: i32 = 4;
+/// The environment the init itself runs with.
+pub const INIT_ENV: &[&str] = &["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"];
 const FORWARDED: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
@@ -59,10 +65,17 @@ fn decode_args(args: &[OsString]) -> Option<Args> {
 extern "C" fn on_signal(_: libc::c_int) {}
 
 pub fn main(raw: &[OsString]) -> ! {
+    // Forwarding a signal is kill(-1): harmless as the init of a fresh PID namespace, a disaster
+    // anywhere else. So it runs only as PID 1, and only with the supervisor's pipe and memfd.
+    if nix::unistd::getpid().as_raw() != 1 || !is_fifo(READY_FD) {
+        eprintln!("stasis-init: refusing to run: this is the init of a service's PID namespace, started by the stasis supervisor, not by hand");
+        std::process::exit(2);
+    }
     let Some(args) = decode_args(raw) else {
         eprintln!("stasis-init: bad arguments; this is started by the stasis supervisor, not by hand");
         std::process::exit(2);
     };
+    let env = read_environment();
     let _ = nix::unistd::setsid();
     let mut waited = SigSet::empty();
     waited.add(Signal::SIGCHLD);
@@ -82,7 +95,7 @@ pub fn main(raw: &[OsString]) -> ! {
     };
     // SAFETY: single-threaded process.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => exec_service(&args, err_w),
+        Ok(ForkResult::Child) => exec_service(&args, &env, err_w),
         Ok(ForkResult::Parent { .. }) => {
             drop(err_w);
             let mut msg = String::new();
@@ -108,7 +121,47 @@ fn report_and_exit(line: &str, code: i32) -> ! {
     std::process::exit(code)
 }
 
-fn exec_service(args: &Args, err_w: OwnedFd) -> ! {
+fn is_fifo(fd: i32) -> bool {
+    // SAFETY: only inspected, never closed; fstat fails cleanly on a closed fd.
+    nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+        .is_ok_and(|s| s.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// The service's environment from ENV_FD, which is closed afterwards (it must not end up in
+/// the checkpoint).
+fn read_environment() -> Vec<CString> {
+    // SAFETY: ENV_FD was put in place by the supervisor for this process alone.
+    let file = std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ENV_FD) });
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut &file, &mut bytes);
+    drop(file);
+    bytes.split(|b| *b == 0).filter(|e| !e.is_empty()).filter_map(|e| CString::new(e).ok()).collect()
+}
+
+/// `program` as execvp would find it, but in the service's PATH rather than the init's.
+fn resolve(program: &CString, env: &[CString]) -> CString {
+    let bytes = program.as_bytes();
+    if bytes.contains(&b'/') {
+        return program.clone();
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.as_bytes().strip_prefix(b"PATH="))
+        .unwrap_or(b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(|b| *b == b':').filter(|d| !d.is_empty()) {
+        let mut full = dir.to_vec();
+        full.push(b'/');
+        full.extend_from_slice(bytes);
+        if let Ok(c) = CString::new(full) {
+            if nix::unistd::access(c.as_c_str(), nix::unistd::AccessFlags::X_OK).is_ok() {
+                return c;
+            }
+        }
+    }
+    program.clone()
+}
+
+fn exec_service(args: &Args, env: &[CString], err_w: OwnedFd) -> ! {
     let fail = |what: String| -> ! {
         let _ = nix::unistd::write(&err_w, what.as_bytes());
         // SAFETY: leaving the forked child without running the parent's destructors.
@@ -135,8 +188,8 @@ fn exec_service(args: &Args, err_w: OwnedFd) -> ! {
     if let Err(e) = nix::unistd::chdir(args.workdir.as_c_str()) {
         fail(format!("failed to enter working directory {}: {e}", args.workdir.to_string_lossy()));
     }
-    let program = args.command[0].clone();
-    let e = nix::unistd::execvp(&program, &args.command).unwrap_err();
+    let program = resolve(&args.command[0], env);
+    let e = nix::unistd::execve(&program, &args.command, env).unwrap_err();
     let _ = err_w.as_raw_fd();
     fail(format!("failed to execute {}: {e}", program.to_string_lossy()))
 }

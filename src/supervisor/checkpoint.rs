@@ -196,7 +196,12 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
     };
     let e = match e {
         CriuError::Failed { action, status, log, errors } => {
-            CriuError::Failed { action, status, log: keep_log(&log), errors }
+            let kept_log = keep_log(&log);
+            // A full disk can leave the log file short: keep at least the lines quoted here.
+            if std::fs::metadata(&kept_log).map(|m| m.len() == 0).unwrap_or(true) && !errors.is_empty() {
+                let _ = std::fs::write(&kept_log, format!("{}\n", errors.join("\n")));
+            }
+            CriuError::Failed { action, status, log: kept_log, errors }
         }
         CriuError::TimedOut { action, setting, after, log } => {
             CriuError::TimedOut { action, setting, after, log: keep_log(&log) }

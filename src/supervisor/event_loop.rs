@@ -60,7 +60,10 @@ pub async fn run_loop(
     // Every connection holds a clone; the loop's end waits until final lines are written.
     let connections = Arc::new(());
     let Listeners { kill_port, control } = listeners;
-    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), ctx.service.name.clone(), connections.clone()));
+    let mut allowed = vec![0, ctx.service.uid];
+    allowed.extend(&ctx.service.kill_port_uids);
+    let policy = Arc::new(KillPortPolicy { name: ctx.service.name.clone(), allowed, log: log.clone() });
+    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), policy, connections.clone()));
     tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
@@ -135,6 +138,7 @@ pub async fn run_loop(
                 }
                 Action::JoinDump => {
                     if let Some(req) = request.take() {
+                        let _ = req.lines.send(protocol::joined(&ctx.service.name));
                         waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                 }
@@ -256,16 +260,78 @@ fn reap(init_pid: Pid, exit_message: &mut Option<String>) -> Option<Event> {
     Some(Event::ServiceExited)
 }
 
-async fn accept_kill_port(listener: TcpListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+/// Who may stop the service through its kill port.
+struct KillPortPolicy {
+    name: String,
+    /// root, the service user and `kill_port_users`.
+    allowed: Vec<u32>,
+    log: LogWriter,
+}
+
+/// How long a kill-port client that sends nothing (telnet) is given before it counts as a stop
+/// request; `stasis stop` says `stop` at once and browsers send their request at once.
+const FIRST_LINE_WAIT: Duration = Duration::from_millis(300);
+
+async fn accept_kill_port(
+    listener: TcpListener,
+    tx: mpsc::Sender<Request>,
+    policy: Arc<KillPortPolicy>,
+    token: Arc<()>,
+) {
     loop {
-        if let Ok((stream, _)) = listener.accept().await {
-            let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
+        if let Ok((stream, peer)) = listener.accept().await {
+            let (tx, policy, token) = (tx.clone(), policy.clone(), token.clone());
             tokio::spawn(async move {
-                serve(stream, DumpKind::Stop, tx, name).await;
+                if let Some(stream) = admit(stream, peer, &policy).await {
+                    serve(stream, DumpKind::Stop, tx, policy.name.clone()).await;
+                }
                 drop(token);
             });
         }
     }
+}
+
+/// Lets the connection through only from an allowed uid and when it is not an HTTP request;
+/// otherwise answers one `refused:` line, logs who it was, and nothing happens.
+async fn admit(
+    mut stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    p: &KillPortPolicy,
+) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncReadExt;
+    let who = stream.local_addr().ok().and_then(|local| super::peer::lookup(local, peer));
+    let verdict = match who {
+        Some(w) if p.allowed.contains(&w.uid) => None,
+        Some(w) => {
+            let pid = super::peer::pid_of_socket(w.inode).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+            p.log.note(&format!(
+                "refused a kill-port connection from uid {} (pid {pid}, {peer}): not allowed to stop {}",
+                w.uid, p.name
+            ));
+            Some(protocol::refused_uid(w.uid, &p.name))
+        }
+        None => {
+            p.log.note(&format!("refused a kill-port connection from {peer}: its owner could not be found"));
+            Some(format!("refused: could not tell who is connecting, so {} is not stopped\n", p.name))
+        }
+    };
+    if let Some(line) = verdict {
+        let _ = stream.write_all(line.as_bytes()).await;
+        return None;
+    }
+    let mut first = [0u8; 64];
+    let n = match tokio::time::timeout(FIRST_LINE_WAIT, stream.read(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => return None,
+        // Nothing sent: an operator with telnet.
+        Err(_) => 0,
+    };
+    if protocol::looks_like_http(&first[..n]) {
+        p.log.note(&format!("refused an HTTP request on the kill port from {peer}"));
+        let _ = stream.write_all(protocol::refused_http(&p.name).as_bytes()).await;
+        return None;
+    }
+    Some(stream)
 }
 
 async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
@@ -276,6 +342,12 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
         let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
         tokio::spawn(async move {
             let _token = token;
+            // The socket sits in the root-only run dir; its peer must be root all the same.
+            if stream.peer_cred().map(|c| c.uid()).ok() != Some(0) {
+                let (_, mut wr) = stream.into_split();
+                let _ = wr.write_all(b"ERROR refused: only root may ask for a checkpoint\n").await;
+                return;
+            }
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(rd).read_line(&mut line)).await;

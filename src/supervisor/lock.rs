@@ -5,6 +5,7 @@
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub struct ServiceLock {
@@ -18,9 +19,19 @@ pub enum Acquired {
 
 pub fn acquire(path: &Path) -> std::io::Result<Acquired> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Root only: nobody else may hold a service's lock (and block its start) or reach its
+        // control socket, which lives in the same directory.
+        crate::store::durable::create_dir_with_mode(dir, 0o700).map_err(std::io::Error::other)?;
     }
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             lock.set_len(0)?;

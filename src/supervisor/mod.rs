@@ -9,6 +9,7 @@ mod error;
 mod event_loop;
 pub mod lock;
 mod log_pump;
+mod peer;
 pub mod protocol;
 pub mod ready;
 mod retention;

@@ -7,6 +7,30 @@ use std::time::Duration;
 
 /// Sent on the control socket to ask for a checkpoint that leaves the service running.
 pub const CHECKPOINT_COMMAND: &str = "checkpoint";
+/// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
+pub const STOP_COMMAND: &str = "stop";
+/// First words of HTTP requests: a browser or a scanner, never an operator.
+const HTTP_METHODS: &[&str] =
+    &["GET ", "POST ", "HEAD ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE ", "PRI * HTTP"];
+
+/// Whether what a kill-port client sent first looks like an HTTP request.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    HTTP_METHODS.iter().any(|m| first.starts_with(m.as_bytes()))
+}
+
+pub fn refused_uid(uid: u32, service: &str) -> String {
+    format!("refused: uid {uid} may not stop {service}\n")
+}
+
+pub fn refused_http(service: &str) -> String {
+    format!(
+        "refused: this is the kill port of {service}; it checkpoints and stops the service and does not speak HTTP\n"
+    )
+}
+
+pub fn joined(service: &str) -> String {
+    format!("A checkpoint of {service} is already in progress; waiting for it")
+}
 
 #[derive(Debug, Clone)]
 pub struct CheckpointReport {
@@ -62,6 +86,15 @@ pub fn checkpoint_id(ok_text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_requests_are_recognised() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"POST /x HTTP/1.0\r\n"));
+        assert!(!looks_like_http(b"stop\n"));
+        assert!(!looks_like_http(b"\r\n"));
+        assert!(!looks_like_http(b""));
+    }
 
     #[test]
     fn final_lines_round_trip() {
