@@ -131,9 +131,20 @@ fn start_and_stop_refuse_politely() {
 #[test]
 fn a_service_that_exits_by_itself_is_failed() {
     let env = Env::new();
+    // At once: the start itself fails, with the exit status and the last output.
+    env.write_service(
+        "instant",
+        "command: [\"/bin/sh\", \"-c\", \"echo first; echo bye; exit 3\"]\nuser: stasis-example\nkill_port: 7818\n",
+    );
+    let out = env.run(&["start", "instant"]);
+    assert_eq!(out.status.code(), Some(6), "a command that dies at once is a failed start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited with status 3 within its first second") && err.contains("bye"), "{err}");
+    assert_eq!(env.status("instant")["state"], "failed");
+    // Later: the start worked, then the service failed.
     env.write_service(
         "oneshot",
-        "command: [\"/bin/sh\", \"-c\", \"echo bye; exit 3\"]\nuser: stasis-example\nkill_port: 7814\n",
+        "command: [\"/bin/sh\", \"-c\", \"echo bye; sleep 2; exit 3\"]\nuser: stasis-example\nkill_port: 7814\n",
     );
     env.start("oneshot");
     let st = wait_for("state failed", || {
@@ -177,9 +188,9 @@ fn a_tree_orphaned_by_a_dead_supervisor_is_not_started_twice() {
     env.start("orphan");
     wait_for("service", || http_json(http_port));
     let st = env.status("orphan");
-    let supervisor: i32 = st["supervisor_pid"].as_str().unwrap().parse().unwrap();
+    let supervisor = pid_in(&st["supervisor_pid"]).unwrap();
     let init = st["init_pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGKILL).unwrap();
+    verified_kill(supervisor, &["__supervise", "orphan", &env.state_dir().display().to_string()]);
     wait_for("status to see the dead supervisor", || (env.status("orphan")["state"] == "failed").then_some(()));
     assert!(http_json(http_port).is_some(), "the orphaned service still runs");
 

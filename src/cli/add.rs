@@ -65,6 +65,8 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         dump_timeout: None,
         restore_timeout: None,
         kill_port_users: Vec::new(),
+        log_max_bytes: None,
+        log_keep: None,
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");

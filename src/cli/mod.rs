@@ -34,6 +34,13 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    // A command piped into `head` should end quietly, not panic on EPIPE. Not for the
+    // supervisor: it writes to sockets whose clients may hang up, and must live on.
+    let long_running = matches!(cli.command, Command::Supervise { .. } | Command::Start { foreground: true, .. });
+    if !long_running {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let d = cli.dirs;
     let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir, d.host_config);
     let result = match cli.command {

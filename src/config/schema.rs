@@ -19,6 +19,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "dump_timeout",
     "restore_timeout",
     "kill_port_users",
+    "log_max_bytes",
+    "log_keep",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -63,6 +65,12 @@ pub struct ServiceFile {
     /// Users besides root and the service user who may stop the service through its kill port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kill_port_users: Vec<String>,
+    /// service.log is rotated when it would grow past this many bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_max_bytes: Option<u64>,
+    /// How many rotated logs (service.log.1 ...) are kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_keep: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -14,6 +14,8 @@ use std::time::Duration;
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEP_CHECKPOINTS: usize = 2;
+const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+const DEFAULT_LOG_KEEP: usize = 3;
 const MAX_KEEP_CHECKPOINTS: u64 = 1000;
 pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -75,6 +77,8 @@ pub struct Service {
     pub restore_timeout: Duration,
     /// uids of `kill_port_users`.
     pub kill_port_uids: Vec<u32>,
+    pub log_max_bytes: u64,
+    pub log_keep: usize,
 }
 
 impl Service {
@@ -238,6 +242,23 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
     }
 
+    let log_max_bytes = match file.log_max_bytes {
+        None => DEFAULT_LOG_MAX_BYTES,
+        Some(n) if n >= 1 << 20 => n,
+        Some(n) => {
+            c.fail("log_max_bytes", format!("{n} is too small; use at least 1048576 (1 MiB); the default is 64 MiB"));
+            DEFAULT_LOG_MAX_BYTES
+        }
+    };
+    let log_keep = match file.log_keep {
+        None => DEFAULT_LOG_KEEP,
+        Some(n) if n <= 100 => n as usize,
+        Some(n) => {
+            c.fail("log_keep", format!("{n} is out of range; keep 0 to 100 rotated logs (default {DEFAULT_LOG_KEEP})"));
+            DEFAULT_LOG_KEEP
+        }
+    };
+
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
             name: name.to_string(),
@@ -258,6 +279,8 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             dump_timeout,
             restore_timeout,
             kill_port_uids,
+            log_max_bytes,
+            log_keep,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }

@@ -9,7 +9,6 @@ use super::{Criu, CriuError};
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -106,7 +105,7 @@ impl Criu {
             buf
         });
         if let Some(Deadline { after, setting }) = limit {
-            if !exits_within(&child, after) {
+            if !crate::process::tree::exits_within(child.id() as i32, after) {
                 kill_run(&child);
                 let _ = child.wait();
                 capture.finish(LOG_DRAIN);
@@ -155,33 +154,4 @@ fn kill_run(child: &Child) {
     // SAFETY: the group is criu's own (process_group(0)) and criu is our unreaped child, so the
     // id cannot have been reused.
     unsafe { libc::kill(-criu, libc::SIGKILL) };
-}
-
-/// Waits for `child` to exit (without reaping it) for at most `limit`, on a pidfd: no polling.
-fn exits_within(child: &Child, limit: Duration) -> bool {
-    // SAFETY: pidfd_open on our own unreaped child; the fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
-    if fd < 0 {
-        // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
-        return true;
-    }
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n > 0 {
-            return true;
-        }
-        if n == 0 {
-            return false;
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return true;
-        }
-    }
 }

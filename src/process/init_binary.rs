@@ -59,12 +59,22 @@ pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, Launc
     fs::set_permissions(bin_dir, fs::Permissions::from_mode(0o755)).map_err(err)?;
     let tmp = bin_dir.join(format!(".{PREFIX}{}.{}", &me.hash[..NAME_HEX], std::process::id()));
     let write = || -> std::io::Result<()> {
-        let bytes = fs::read(&exe)?;
-        if blake3::hash(&bytes).to_hex().as_str() != me.hash {
+        // Streamed through the hasher: the binary is never held in memory whole.
+        let mut src = fs::File::open(&exe)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&tmp)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut src, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            f.write_all(&buf[..n])?;
+        }
+        if hasher.finalize().to_hex().as_str() != me.hash {
             return Err(std::io::Error::other("the running binary changed while it was copied; try again"));
         }
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&tmp)?;
-        f.write_all(&bytes)?;
         f.sync_all()?;
         drop(f);
         match &damage {

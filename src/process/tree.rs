@@ -115,3 +115,33 @@ pub fn kill_if_child_of(pid: i32, parent: i32, signal: i32) {
         };
     }
 }
+
+/// Waits for our child `pid` to exit (without reaping it) for at most `limit`, on a pidfd: no
+/// polling.
+pub fn exits_within(pid: i32, limit: std::time::Duration) -> bool {
+    // SAFETY: pidfd_open on our own unreaped child; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
+        return true;
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true;
+        }
+    }
+}

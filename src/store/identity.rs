@@ -34,10 +34,11 @@ fn mtime_ns(m: &std::fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
-/// BLAKE3 of a whole file, hex.
+/// BLAKE3 of a whole file, hex. Read, not mapped: a supervisor hashing a large binary must not
+/// hold all of it resident.
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
     let mut h = blake3::Hasher::new();
-    h.update_mmap(path)?;
+    h.update_reader(std::fs::File::open(path)?)?;
     Ok(h.finalize().to_hex().to_string())
 }
 

@@ -230,14 +230,30 @@ pub async fn run_loop(
     }
     let message: String = match state {
         State::Stopped => last_outcome
+            .clone()
             .and_then(|o| o.ok())
             .map(|r| format!("stopped after checkpoint {}", r.id))
             .or(exit_message)
             .unwrap_or_else(|| "stopped".into()),
         _ => exit_message.unwrap_or_else(|| "exited".into()),
     };
+    // Requests that came in while the dump finished still get an answer: the checkpoint they
+    // asked for if it was taken, else why not. New ones are turned away at once.
+    let late_outcome = match (&state, &last_outcome) {
+        (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
+        _ => Err(format!("{} is not running any more", ctx.service.name)),
+    };
     while Arc::strong_count(&connections) > 3 && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        match tokio::time::timeout(Duration::from_millis(10), req_rx.recv()).await {
+            Ok(Some(req)) => {
+                if late_outcome.is_ok() {
+                    let _ = req.lines.send(protocol::joined(&ctx.service.name));
+                }
+                let _ = req.reply.send(late_outcome.clone());
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => {}
+        }
     }
     log.note(&format!("supervisor exiting: {message}"));
     super::systemd::stopping(&message);
@@ -386,7 +402,13 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx:
                     let _ = out.write_all(format!("{line}\n").as_bytes()).await;
                     let _ = out.flush().await;
                 }
-                outcome = &mut rx => break outcome.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+                outcome = &mut rx => {
+                    // Lines sent before the outcome come first, even if both were ready at once.
+                    while let Ok(line) = lines_rx.try_recv() {
+                        let _ = out.write_all(format!("{line}\n").as_bytes()).await;
+                    }
+                    break outcome.unwrap_or_else(|_| Err("the supervisor is exiting".into()));
+                }
             }
         },
         Err(_) => Err("the supervisor is exiting".into()),

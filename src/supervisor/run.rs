@@ -77,8 +77,8 @@ fn supervise(
         .map_err(|source| SupervisorError::ControlSocket { path: paths.control_socket.clone(), source })?;
     let _ = std::fs::set_permissions(&paths.control_socket, std::fs::Permissions::from_mode(0o600));
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
-    let log =
-        LogWriter::open(&paths.service_log(), foreground).map_err(|e| Error::io("open", paths.service_log(), e))?;
+    let log = LogWriter::open(&paths.service_log(), foreground, service.log_max_bytes, service.log_keep)
+        .map_err(|e| Error::io("open", paths.service_log(), e))?;
     // Verified before every use: a damaged copy is re-created here, never blamed on a checkpoint.
     let mut cache = HashCache::load(dirs.hash_cache());
     let installed = init_binary::install(&dirs.init_binaries(), &mut cache)?;
@@ -107,7 +107,13 @@ fn supervise(
         message,
     };
 
-    let super::startup::Started { info: started, output } = match start_service(&ctx, from) {
+    let started = start_service(&ctx, from).and_then(|s| {
+        if s.info.started_from == StartedFrom::Cold {
+            super::startup::survives_probation(&s, &ctx.service.name, &log)?;
+        }
+        Ok(s)
+    });
+    let super::startup::Started { info: started, output } = match started {
         Ok(s) => s,
         Err(e) => {
             log.note(&format!("failed to start: {e}"));
