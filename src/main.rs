@@ -6,6 +6,8 @@ mod config;
 mod criu;
 mod error;
 mod exit_codes;
+#[cfg(test)]
+mod fuzz;
 mod paths;
 mod process;
 mod store;

@@ -81,3 +81,33 @@ fn daemonizing_redis_works_the_same_way() {
     );
     cycle(&env, "redisd", port, 2_000);
 }
+
+/// A client that connects while redis is frozen (here: stopped with SIGSTOP, as a slow dump
+/// would leave it) leaves a connection nobody has accepted; the stop still works
+/// (`skip-in-flight` in the default CRIU options) and the client can reconnect afterwards.
+#[test]
+fn a_connection_made_during_the_freeze_does_not_fail_the_stop() {
+    let env = Env::new();
+    let port = 6823;
+    env.write_service(
+        "inflight",
+        &format!("command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: 7823\n"),
+    );
+    env.start("inflight");
+    wait_ping(port);
+    redis_cli(port, &["SET", "k", "v"]).unwrap();
+    let pid = env.status("inflight")["pid"].as_i64().unwrap() as i32;
+    let freeze = |sig| verified_signal(pid, &["redis-server", &format!(":{port}")], sig);
+    freeze(nix::sys::signal::Signal::SIGSTOP);
+    let pending = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel completes the handshake");
+    let out = env.run(&["stop", "inflight"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(pending);
+    env.start("inflight");
+    let pid = env.status("inflight")["pid"].as_i64().unwrap() as i32;
+    // CRIU restores the task as it was: stopped. Let it go on.
+    verified_signal(pid, &["redis-server", &format!(":{port}")], nix::sys::signal::Signal::SIGCONT);
+    wait_ping(port);
+    assert_eq!(redis_cli(port, &["GET", "k"]).as_deref(), Some("v"));
+    env.ok(&["stop", "inflight"]);
+}

@@ -250,3 +250,23 @@ fn commands_piped_into_head_end_quietly_and_json_numbers_are_numbers() {
     assert!(st["init_pid"].is_u64() && st["pid"].is_u64(), "{st}");
     env.ok(&["stop", "piped"]);
 }
+
+#[test]
+fn a_checkpoint_dir_someone_else_owns_is_not_trusted() {
+    let env = Env::new();
+    env.write_service("owned", &notes_yaml(7989, 8989, ""));
+    env.start("owned");
+    wait_for("service", || http_json(8989));
+    env.ok(&["stop", "owned"]);
+    let dir = env.service_dir("owned").join("checkpoints");
+    let nobody = nix::unistd::Uid::from_raw(uid("nobody"));
+    nix::unistd::chown(&dir, Some(nobody), None).unwrap();
+    let out = env.run(&["start", "owned"]);
+    assert_eq!(out.status.code(), Some(6), "refused to start from an untrusted store");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dir.display().to_string()) && err.contains("chown root:root"), "{err}");
+    assert!(http_json(8989).is_none(), "nothing was restored");
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    assert_eq!(env.start("owned")["started_from"], "checkpoint");
+    env.ok(&["stop", "owned"]);
+}

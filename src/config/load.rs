@@ -51,6 +51,14 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// The whole path from text to a validated service, for the fuzz targets.
+#[cfg(test)]
+pub fn parse_and_validate_for_fuzzing(dirs: &Dirs, text: &str) -> Result<Service, ConfigError> {
+    let path = Path::new("/nonexistent/fuzz.yaml");
+    let file = parse(path, text)?;
+    validate(dirs, "fuzz", path, text, file)
+}
+
 /// Every `*.yaml` file in the config dir, sorted by name.
 pub fn discover(dirs: &Dirs) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = match std::fs::read_dir(&dirs.config_dir) {

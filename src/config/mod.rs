@@ -9,6 +9,8 @@ pub mod schema;
 mod validate;
 
 pub use error::{ConfigError, Problem};
+#[cfg(test)]
+pub use load::parse_and_validate_for_fuzzing;
 pub use load::{check_name, discover, load_named, load_service, service_name_from_path};
 pub use schema::{CriuSection, ServiceFile};
 pub use validate::{OnIncompatible, Service, DEFAULT_PATH};

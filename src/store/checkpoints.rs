@@ -247,7 +247,11 @@ impl CheckpointStore {
                 continue;
             }
             let dir = self.dir.join(format!("{INCOMPLETE_PREFIX}{id}"));
-            match fs::create_dir(&dir) {
+            let made = {
+                use std::os::unix::fs::DirBuilderExt;
+                fs::DirBuilder::new().mode(0o700).create(&dir)
+            };
+            match made {
                 Ok(()) => {
                     let pending = PendingCheckpoint { id, dir };
                     create_dir_with_mode(&pending.images_dir(), 0o700)?;
@@ -380,6 +384,30 @@ impl CheckpointStore {
             .flat_map(|rd| rd.filter_map(Result::ok).map(|e| e.path()))
             .filter(|p| p.is_dir())
             .collect()
+    }
+
+    /// Refuses a store that someone other than root could have written: its checkpoints could
+    /// hold anybody's memory. The service's state dir and `checkpoints/` must be root's, 0700.
+    pub fn check_private(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        for dir in [self.generations.as_path(), self.dir.as_path()] {
+            let m = match fs::symlink_metadata(dir) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(StoreError::Read { path: dir.to_path_buf(), source }),
+            };
+            if !m.is_dir() || m.uid() != 0 || m.mode() & 0o077 != 0 {
+                return Err(StoreError::NotPrivate {
+                    path: dir.to_path_buf(),
+                    found: if m.is_dir() {
+                        format!("owner uid {}, mode {:o}", m.uid(), m.mode() & 0o7777)
+                    } else {
+                        "not a directory (a symlink?)".to_string()
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Leftovers of dumps that never completed (a crash mid-dump) or of interrupted removals.

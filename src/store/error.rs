@@ -13,6 +13,8 @@ pub enum StoreError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("failed to parse manifest {path}: {reason}; the checkpoint is damaged (move it aside, or delete it)")]
     BadManifest { path: PathBuf, reason: String },
+    #[error("failed to trust {path}: {found}; checkpoints someone else could write cannot be restored safely; if it is yours: `chown root:root {path} && chmod 700 {path}`")]
+    NotPrivate { path: PathBuf, found: String },
     #[error("failed to move {from} to {to}: {source}")]
     Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
 }

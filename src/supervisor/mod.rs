@@ -22,3 +22,12 @@ mod systemd;
 
 pub use error::SupervisorError;
 pub use run::run;
+
+#[cfg(test)]
+pub fn peer_lookup_for_fuzzing(
+    table: &str,
+    local: std::net::SocketAddrV4,
+    peer: std::net::SocketAddrV4,
+) -> Option<(u32, u64)> {
+    peer::find(table, local, peer).map(|p| (p.uid, p.inode))
+}

@@ -17,7 +17,7 @@ pub fn lookup(local: SocketAddr, peer: SocketAddr) -> Option<Peer> {
     find(&table, local, peer)
 }
 
-fn find(table: &str, local: SocketAddrV4, peer: SocketAddrV4) -> Option<Peer> {
+pub(super) fn find(table: &str, local: SocketAddrV4, peer: SocketAddrV4) -> Option<Peer> {
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         // sl local rem st tx:rx tr:when retrnsmt uid timeout inode

@@ -42,6 +42,7 @@ enum Refusal {
 
 pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
+    ctx.store.check_private()?;
     // A dump cut short (its supervisor died) may still hold CRIU's network lock.
     for dir in ctx.store.incomplete() {
         crate::criu::network_lock::release(&dir.join(crate::criu::DUMP_LOG));
