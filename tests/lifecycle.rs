@@ -242,3 +242,57 @@ impl Drop for StopOnDrop<'_> {
         let _ = self.0.cmd(&["stop", self.1]).output();
     }
 }
+
+/// Context switches of every thread of `pid` (a thread that sleeps and wakes up counts).
+fn context_switches(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[test]
+fn an_idle_supervisor_does_not_wake_up() {
+    let env = Env::new();
+    env.write_service("idle", "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: 7819\n");
+    env.start("idle");
+    let sup = pid_in(&env.status("idle")["supervisor_pid"]).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let before = context_switches(sup);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let after = context_switches(sup);
+    assert_eq!(after, before, "the idle supervisor woke up {} times in 5 s", after - before);
+    // ...and still hears its kill port.
+    assert!(kill_port(7819).last().unwrap().starts_with("OK checkpoint"));
+}
+
+#[test]
+fn checkpoints_record_their_timings_and_sizes() {
+    let env = Env::new();
+    env.write_service("timed", &notes_yaml(7809, 8809, ""));
+    env.start("timed");
+    wait_for("service", || http_json(8809));
+    let stopped: serde_json::Value = serde_json::from_str(&env.ok(&["stop", "timed", "--json"])).unwrap();
+    let id = stopped["checkpoint"].as_str().unwrap().to_string();
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "timed", "--json"])).unwrap();
+    let t = &list["checkpoints"][0]["timings"];
+    for key in ["freeze_ms", "dump_ms", "fsync_ms", "pages", "bytes_written"] {
+        assert!(t[key].is_u64(), "{key} in {t}");
+    }
+    assert!(t["pages"].as_u64() > Some(0) && t["bytes_written"].as_u64() > Some(1 << 20), "{t}");
+    assert!(t["freeze_ms"].as_u64() <= t["dump_ms"].as_u64(), "frozen within the dump: {t}");
+    env.start("timed");
+    let st = env.status("timed");
+    assert!(st["restore_ms"].is_u64(), "{st}");
+    assert_eq!(st["checkpoint"], id.as_str());
+    assert!(st["checkpoint_timings"]["restore_ms"].is_u64(), "{st}");
+    env.ok(&["stop", "timed"]);
+}

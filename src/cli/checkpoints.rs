@@ -25,6 +25,8 @@ struct Row {
     /// The nftables table (`inet CRIU-...`) holding the TCP connections of this not yet restored
     /// checkpoint, if it exists now.
     network_lock: Option<String>,
+    /// freeze_ms, dump_ms, fsync_ms, restore_ms, pages, bytes_written.
+    timings: Option<crate::store::Timings>,
     created_at: Option<String>,
     kind: Option<crate::store::DumpKind>,
     size_bytes: Option<u64>,
@@ -61,6 +63,7 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                 _ => None,
             },
             incompatible: c.incompatible(),
+            timings: c.manifest.as_ref().ok().and_then(|m| m.timings.clone()),
             network_lock: crate::criu::network_lock::table_of_dump(&c.dir.join(crate::criu::DUMP_LOG))
                 .filter(|t| tables.contains(t)),
             latest: latest.as_deref() == Some(c.id.as_str()),

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The fd the background supervisor finds its readiness pipe on.
 const CHILD_READY_FD: i32 = 3;
@@ -78,9 +78,8 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
         let finishing = StatusRecord::read(&paths).is_some_and(|r| !r.state.is_up());
-        let deadline = Instant::now() + FINISHING_WAIT;
-        while finishing && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if finishing {
+            lock::wait_released(&paths.lock, FINISHING_WAIT);
         }
         if lock::holder(&paths.lock).is_some() {
             return Err(Error::AlreadyRunning { service: service.name.clone(), pid });

@@ -24,6 +24,10 @@ pub struct StatusView {
     /// Whether that checkpoint is fresh (the service has not run since): the next start restores
     /// it (unless it does not fit the program). Null without a checkpoint.
     pub checkpoint_fresh: Option<bool>,
+    /// Figures of that checkpoint: freeze_ms, dump_ms, fsync_ms, restore_ms, pages, bytes_written.
+    pub checkpoint_timings: Option<crate::store::Timings>,
+    /// How long the restore of the current (or last) run took; null after a cold start.
+    pub restore_ms: Option<u64>,
     pub fallback_reason: Option<String>,
     pub restored_checkpoint: Option<String>,
     pub init_pid: Option<i32>,
@@ -54,6 +58,7 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
     let checkpoint_fresh = latest.as_ref().map(|c| {
         store.generations().freshness(c.manifest.generation, c.manifest.kind) == crate::store::Freshness::Fresh
     });
+    let checkpoint_timings = latest.as_ref().and_then(|c| c.manifest.timings.clone());
     let checkpoint = latest.map(|c| c.id);
     StatusView {
         name: name.to_string(),
@@ -62,6 +67,8 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
         started_from: record.as_ref().and_then(|r| r.started_from),
         checkpoint,
         checkpoint_fresh,
+        checkpoint_timings,
+        restore_ms: record.as_ref().and_then(|r| r.restore_ms),
         fallback_reason: record.as_ref().and_then(|r| r.fallback_reason.clone()),
         restored_checkpoint: record.as_ref().and_then(|r| r.restored_checkpoint.clone()),
         init_pid,

@@ -9,7 +9,7 @@ use crate::paths::Dirs;
 use crate::supervisor::{lock, protocol};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long to wait for the supervisor to exit after it reported the checkpoint.
 const EXIT_WAIT: Duration = Duration::from_secs(30);
@@ -92,9 +92,8 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
     let (final_line, lines) = relay(stream, !echo)?;
     match protocol::parse_final(&final_line) {
         Some(Ok(text)) => {
-            let deadline = Instant::now() + EXIT_WAIT;
-            while root && lock::holder(&paths.lock).is_some() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+            if root {
+                lock::wait_released(&paths.lock, EXIT_WAIT);
             }
             Ok(StopOutcome::Checkpointed { id: protocol::checkpoint_id(&text).map(str::to_string), lines })
         }

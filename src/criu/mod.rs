@@ -10,6 +10,7 @@ mod log_capture;
 mod log_errors;
 pub mod network_lock;
 mod run;
+pub mod stats;
 
 pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
 pub use binary::Criu;

@@ -116,6 +116,14 @@ pub fn kill_if_child_of(pid: i32, parent: i32, signal: i32) {
     }
 }
 
+/// A pidfd for `pid` (readable once it exits), or None on a kernel without pidfd_open.
+pub fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open has no memory arguments; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    // SAFETY: a new descriptor nothing else owns.
+    (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Waits for our child `pid` to exit (without reaping it) for at most `limit`, on a pidfd: no
 /// polling.
 pub fn exits_within(pid: i32, limit: std::time::Duration) -> bool {

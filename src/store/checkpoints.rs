@@ -42,6 +42,15 @@ impl Checkpoint {
         self.dir.join(IMAGES_DIR)
     }
 
+    /// Adds figures to the manifest (atomically): nothing the restore depends on changes.
+    pub fn record_timings(&mut self, update: impl FnOnce(&mut super::manifest::Timings)) -> Result<(), StoreError> {
+        let mut t = self.manifest.timings.clone().unwrap_or_default();
+        update(&mut t);
+        self.manifest.timings = Some(t);
+        let bytes = serde_json::to_vec_pretty(&self.manifest).expect("manifest serializes");
+        write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)
+    }
+
     /// Records that it does not fit (kept for a rollback of the program, or for inspection).
     pub fn mark_incompatible(&self, reason: &str) -> Result<(), StoreError> {
         write_atomic(&self.dir.join(INCOMPATIBLE_FILE), format!("{reason}\n").as_bytes())
@@ -95,9 +104,16 @@ impl PendingCheckpoint {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_manifest(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
+        let t0 = std::time::Instant::now();
         let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
+        let bytes_written = synced.hashed.iter().map(|f| f.size).sum();
         manifest.images = Some(synced.hashed);
+        manifest.timings = Some(super::manifest::Timings {
+            fsync_ms: Some(t0.elapsed().as_millis() as u64),
+            bytes_written: Some(bytes_written),
+            ..Default::default()
+        });
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         manifest.size_bytes = synced.total_bytes + bytes.len() as u64;
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
@@ -387,15 +403,24 @@ impl CheckpointStore {
     }
 
     /// Refuses a store that someone other than root could have written: its checkpoints could
-    /// hold anybody's memory. The service's state dir and `checkpoints/` must be root's, 0700.
-    pub fn check_private(&self) -> Result<(), StoreError> {
-        use std::os::unix::fs::MetadataExt;
+    /// hold anybody's memory. The service's state dir and `checkpoints/` must be root's and
+    /// writable by root alone; one that others could only read is closed to 0700 (returned, to
+    /// be logged), since memory images hold secrets.
+    pub fn check_private(&self) -> Result<Vec<PathBuf>, StoreError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mut tightened = Vec::new();
         for dir in [self.generations.as_path(), self.dir.as_path()] {
             let m = match fs::symlink_metadata(dir) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(StoreError::Read { path: dir.to_path_buf(), source }),
             };
+            if m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 && m.mode() & 0o077 != 0 {
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                    .map_err(|source| StoreError::Write { path: dir.to_path_buf(), source })?;
+                tightened.push(dir.to_path_buf());
+                continue;
+            }
             if !m.is_dir() || m.uid() != 0 || m.mode() & 0o077 != 0 {
                 return Err(StoreError::NotPrivate {
                     path: dir.to_path_buf(),
@@ -407,7 +432,7 @@ impl CheckpointStore {
                 });
             }
         }
-        Ok(())
+        Ok(tightened)
     }
 
     /// Leftovers of dumps that never completed (a crash mid-dump) or of interrupted removals.
@@ -456,6 +481,7 @@ mod tests {
             hash_algorithm: None,
             images: None,
             executables: None,
+            timings: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,

@@ -45,6 +45,30 @@ pub struct FileIdentity {
     pub hash: String,
 }
 
+/// How long the checkpoint took and how big it is. Added after the images are durable (the
+/// dump's figures once CRIU has returned, `restore_ms` at each restore).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// How long the service was frozen (CRIU's own measure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_ms: Option<u64>,
+    /// The whole `criu dump`, as stasis saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump_ms: Option<u64>,
+    /// Making the images durable (and checksumming them in the same pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsync_ms: Option<u64>,
+    /// The last `criu restore` of this checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
+    /// Memory pages CRIU wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<u64>,
+    /// Bytes of image files written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -77,6 +101,8 @@ pub struct Manifest {
     /// The executable and every file-backed executable mapping of the tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executables: Option<Vec<FileIdentity>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,

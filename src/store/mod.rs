@@ -14,7 +14,7 @@ pub mod verify;
 pub use checkpoints::{Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{DumpKind, FileIdentity, Manifest};
+pub use manifest::{DumpKind, FileIdentity, Manifest, Timings};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

@@ -96,6 +96,7 @@ fn dump(
         hash_algorithm: None,
         images: None,
         executables: Some(executables),
+        timings: None,
         unknown: Default::default(),
     };
     if let Err(e) = pending.write_draft(&draft) {
@@ -121,7 +122,9 @@ fn dump(
     } else {
         Vec::new()
     };
+    let dump_started = Instant::now();
     let dumped = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
+    let dump_ms = dump_started.elapsed().as_millis() as u64;
 
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
@@ -156,13 +159,21 @@ fn dump(
         }
     };
     match checkpoint {
-        Ok(cp) => Ok(CheckpointReport {
-            id: cp.id,
-            size_bytes: cp.manifest.size_bytes,
-            duration: started.elapsed(),
-            dir: cp.dir,
-            notes: Vec::new(),
-        }),
+        Ok(mut cp) => {
+            let stats = crate::criu::stats::dump_stats(&cp.dir);
+            let _ = cp.record_timings(|t| {
+                t.dump_ms = Some(dump_ms);
+                t.freeze_ms = stats.map(|s| s.frozen_us / 1000);
+                t.pages = stats.map(|s| s.pages_written);
+            });
+            Ok(CheckpointReport {
+                id: cp.id,
+                size_bytes: cp.manifest.size_bytes,
+                duration: started.elapsed(),
+                dir: cp.dir,
+                notes: Vec::new(),
+            })
+        }
         Err(e) => {
             pending.discard();
             Err(e)

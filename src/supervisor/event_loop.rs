@@ -41,9 +41,6 @@ pub struct LoopEnd {
     pub state: State,
 }
 
-/// How often the loop looks for the service's exit even without SIGCHLD (which can race with
-/// the restored root becoming our child).
-const POLL: Duration = Duration::from_secs(1);
 /// How long to wait for a dumped service to disappear and its output to drain.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -70,7 +67,14 @@ pub async fn run_loop(
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(POLL);
+    // The service's exit, as an event: a pidfd of its init becomes readable when it exits. SIGCHLD
+    // alone can race with a restored root becoming our child; neither needs a timer, so an idle
+    // supervisor never wakes up.
+    let exited = crate::process::tree::pidfd(init_pid.as_raw())
+        // SAFETY: the AsyncFd owns the pidfd, which nothing else uses or closes.
+        .and_then(|fd| {
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+        });
     let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
 
     let mut state = State::Running;
@@ -106,7 +110,9 @@ pub async fn run_loop(
                 if ok { Event::DumpSucceeded } else { Event::DumpFailed }
             }
             _ = sigchld.recv() => match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue },
-            _ = tick.tick() => match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue },
+            _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() && exit_message.is_none() => {
+                match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue }
+            }
             _ = sigterm.recv() => Event::Terminate,
             _ = sigint.recv() => Event::Terminate,
             _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {

@@ -54,6 +54,17 @@ pub fn holder(path: &Path) -> Option<String> {
     }
 }
 
+/// Waits until nobody holds the lock (its supervisor has exited), for at most `limit`: a
+/// blocking shared flock in a helper thread, so the wait is an event, not a poll.
+pub fn wait_released(path: &Path, limit: std::time::Duration) -> bool {
+    let Ok(file) = File::open(path) else { return true };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(Flock::lock(file, FlockArg::LockShared).is_ok());
+    });
+    rx.recv_timeout(limit).unwrap_or(false)
+}
+
 fn read_pid(file: &mut File) -> String {
     let mut s = String::new();
     let _ = file.read_to_string(&mut s);

@@ -105,6 +105,7 @@ fn supervise(
         fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
         since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
         message,
+        restore_ms: started.and_then(|s| s.restore_ms),
     };
 
     let started = start_service(&ctx, from).and_then(|s| {

@@ -30,6 +30,8 @@ pub struct StartInfo {
     pub fallback_reason: Option<String>,
     /// Things worth a warning that did not change what was started.
     pub notes: Vec<String>,
+    /// How long `criu restore` took, when restored.
+    pub restore_ms: Option<u64>,
 }
 
 /// What trying one checkpoint came to, when it did not start the service.
@@ -42,7 +44,9 @@ enum Refusal {
 
 pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
-    ctx.store.check_private()?;
+    for dir in ctx.store.check_private()? {
+        tracing::warn!("{} could be read by other users; made it 0700", dir.display());
+    }
     // A dump cut short (its supervisor died) may still hold CRIU's network lock.
     for dir in ctx.store.incomplete() {
         crate::criu::network_lock::release(&dir.join(crate::criu::DUMP_LOG));
@@ -226,8 +230,10 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
     .map_err(|e| {
         RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display()))
     })?;
+    let restore_started = std::time::Instant::now();
     let outcome =
         ctx.criu.restore(&args, Some(stdout_w.as_fd()), ctx.service.restore_timeout).map_err(RestoreError::Criu)?;
+    let restore_ms = restore_started.elapsed().as_millis() as u64;
     drop(slot);
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
@@ -248,6 +254,7 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
             cp.id
         ));
     }
+    let _ = cp.clone().record_timings(|t| t.restore_ms = Some(restore_ms));
     Ok(Started {
         info: StartInfo {
             init_pid: pid,
@@ -255,6 +262,7 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
             checkpoint: Some(cp.id.clone()),
             fallback_reason: None,
             notes,
+            restore_ms: Some(restore_ms),
         },
         output,
     })
@@ -291,6 +299,7 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
             checkpoint: None,
             fallback_reason,
             notes: Vec::new(),
+            restore_ms: None,
         },
         output,
     })

@@ -47,6 +47,9 @@ pub struct StatusRecord {
     pub since: String,
     /// What happened last, in words (exit status, checkpoint taken, start failure).
     pub message: Option<String>,
+    /// How long the restore of this run took (null for a cold start).
+    #[serde(default)]
+    pub restore_ms: Option<u64>,
 }
 
 impl StatusRecord {
