@@ -8,6 +8,7 @@ mod error;
 mod exit_codes;
 #[cfg(test)]
 mod fuzz;
+mod metrics;
 mod paths;
 mod process;
 mod store;

@@ -275,8 +275,10 @@ fn an_idle_supervisor_does_not_wake_up() {
 }
 
 #[test]
-fn checkpoints_record_their_timings_and_sizes() {
+fn checkpoints_record_their_timings_and_sizes_and_metrics_show_them() {
     let env = Env::new();
+    let prom = env.path().join("metrics.prom");
+    std::fs::write(env.path().join("stasis.yaml"), format!("metrics_file: {}\n", prom.display())).unwrap();
     env.write_service("timed", &notes_yaml(7809, 8809, ""));
     env.start("timed");
     wait_for("service", || http_json(8809));
@@ -294,5 +296,18 @@ fn checkpoints_record_their_timings_and_sizes() {
     assert!(st["restore_ms"].is_u64(), "{st}");
     assert_eq!(st["checkpoint"], id.as_str());
     assert!(st["checkpoint_timings"]["restore_ms"].is_u64(), "{st}");
+    let metrics = env.ok(&["metrics"]);
+    for sample in [
+        "stasis_up{service=\"timed\"} 1",
+        "stasis_restores_total{service=\"timed\"} 1",
+        "stasis_cold_starts_total{service=\"timed\"} 1",
+        "stasis_checkpoints_total{service=\"timed\"} 1",
+        "stasis_checkpoint_fresh{service=\"timed\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "{sample} in:\n{metrics}");
+    }
+    assert!(metrics.contains("# TYPE stasis_checkpoint_bytes gauge"), "{metrics}");
+    let file = std::fs::read_to_string(&prom).expect("the supervisor keeps metrics_file up to date");
+    assert!(file.contains("stasis_restores_total{service=\"timed\"} 1"), "{file}");
     env.ok(&["stop", "timed"]);
 }

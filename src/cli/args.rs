@@ -206,6 +206,13 @@ pub enum Command {
         #[arg(long)]
         purge: bool,
     },
+    /// Print every service's metrics in the Prometheus text format (stasis_up, checkpoint age,
+    /// size and durations, restore and cold-start counts, failures).
+    ///
+    /// For node_exporter's textfile collector, set `metrics_file: /path/stasis.prom` in the host
+    /// config (/etc/stasis/stasis.yaml): the supervisors rewrite it atomically after every start,
+    /// checkpoint and stop.
+    Metrics,
     /// Find CRIU network-lock tables whose checkpoint no longer exists; --yes deletes them.
     ///
     /// Each checkpoint taken by a stop holds an nftables table `inet CRIU-...` (its TCP

@@ -8,6 +8,7 @@ mod checkpoints;
 mod gc;
 mod generate;
 mod logs;
+mod metrics;
 mod output;
 mod start;
 mod status;
@@ -59,6 +60,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Add(a) => add::add(&dirs, a),
         Command::Remove { name, purge } => add::remove(&dirs, &name, purge),
         Command::Gc { yes, json } => gc::run(&dirs, yes, json),
+        Command::Metrics => metrics::run(&dirs),
         Command::InitScript { name } => generate::init_script(&dirs, &name),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { dir } => generate::man_pages(&dir),

@@ -4,6 +4,7 @@
 //! ```yaml
 //! max_concurrent_dumps: 1      # default: half the CPUs, at least 1
 //! max_concurrent_restores: 32  # default: 16 per CPU
+//! metrics_file: /var/lib/prometheus/node-exporter/stasis.prom   # optional
 //! ```
 
 use super::error::{ConfigError, Problem};
@@ -19,14 +20,17 @@ const MAX_SLOTS: u64 = 1024;
 struct HostFile {
     max_concurrent_dumps: Option<u64>,
     max_concurrent_restores: Option<u64>,
+    metrics_file: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
     /// Dumps that may run at once across every supervisor of the host.
     pub max_concurrent_dumps: usize,
     /// Restores that may run at once.
     pub max_concurrent_restores: usize,
+    /// Where the supervisors keep `stasis metrics` up to date (node_exporter's textfile collector).
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 fn cpus() -> usize {
@@ -37,7 +41,11 @@ impl Default for HostConfig {
     /// Dumps are CPU- and disk-bound and slow each other down past a core or so each; restores
     /// mostly map memory and run well side by side.
     fn default() -> Self {
-        HostConfig { max_concurrent_dumps: (cpus() / 2).max(1), max_concurrent_restores: 16 * cpus() }
+        HostConfig {
+            max_concurrent_dumps: (cpus() / 2).max(1),
+            max_concurrent_restores: 16 * cpus(),
+            metrics_file: None,
+        }
     }
 }
 
@@ -59,7 +67,7 @@ impl HostConfig {
                     line,
                     key: if key == "." { String::new() } else { key },
                     message: format!(
-                        "{} (known keys: max_concurrent_dumps, max_concurrent_restores)",
+                        "{} (known keys: max_concurrent_dumps, max_concurrent_restores, metrics_file)",
                         e.inner().to_string().split(" at line ").next().unwrap_or_default()
                     ),
                 }])
@@ -86,7 +94,20 @@ impl HostConfig {
                 file.max_concurrent_restores,
                 d.max_concurrent_restores,
             ),
+            metrics_file: file.metrics_file.clone(),
         };
+        if let Some(p) = &file.metrics_file {
+            if !p.is_absolute() {
+                problems.push(Problem {
+                    line: line_of(&text, &["metrics_file"]),
+                    key: "metrics_file".into(),
+                    message: format!(
+                        "{} must be an absolute path (e.g. /var/lib/prometheus/node-exporter/stasis.prom)",
+                        p.display()
+                    ),
+                });
+            }
+        }
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -4,6 +4,7 @@
 //! the cache of file identities used to tell whether a checkpoint still fits the program on disk.
 
 mod checkpoints;
+pub mod counters;
 pub mod durable;
 mod error;
 pub mod generation;

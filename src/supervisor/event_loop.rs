@@ -162,6 +162,15 @@ pub async fn run_loop(
                 }
                 Action::ReplyToDumpWaiters => {
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+                    let ok = outcome.is_ok();
+                    crate::store::counters::bump(&ctx.paths.root, |c| {
+                        if ok {
+                            c.checkpoints += 1
+                        } else {
+                            c.checkpoint_failures += 1
+                        }
+                    });
+                    crate::metrics::write_file(&ctx.dirs, &ctx.host);
                     match &outcome {
                         Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
                         Err(e) => {

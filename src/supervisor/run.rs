@@ -157,6 +157,16 @@ fn supervise(
         log.note(&n);
     }
     super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
+    crate::store::counters::bump(&ctx.paths.root, |c| {
+        match started.started_from {
+            StartedFrom::Checkpoint => c.restores += 1,
+            StartedFrom::Cold => c.cold_starts += 1,
+        }
+        if started.fallback_reason.is_some() {
+            c.restore_fallbacks += 1;
+        }
+    });
+    crate::metrics::write_file(&ctx.dirs, &ctx.host);
 
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
@@ -193,6 +203,7 @@ fn supervise(
             .map_err(Error::from)
     })?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
+    crate::metrics::write_file(&ctx.dirs, &ctx.host);
     Ok(match end.state {
         State::Stopped => exit_codes::OK,
         _ => exit_codes::START_FAILED,

@@ -1,0 +1,34 @@
+//! `counters.json` of a service: how often it was restored, cold-started, checkpointed, and how
+//! often that failed, for `stasis metrics`. Written atomically by the supervisor (one per service).
+
+use super::durable::write_atomic;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const COUNTERS_FILE: &str = "counters.json";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub restores: u64,
+    pub cold_starts: u64,
+    /// Starts that did not restore the newest checkpoint (it was stale, damaged, incompatible...).
+    pub restore_fallbacks: u64,
+    pub checkpoints: u64,
+    pub checkpoint_failures: u64,
+}
+
+pub fn path(service_root: &Path) -> PathBuf {
+    service_root.join(COUNTERS_FILE)
+}
+
+pub fn load(service_root: &Path) -> Counters {
+    std::fs::read(path(service_root)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Applies `f` and saves; a failure only loses a count, so it is not reported.
+pub fn bump(service_root: &Path, f: impl FnOnce(&mut Counters)) {
+    let mut c = load(service_root);
+    f(&mut c);
+    let _ = write_atomic(&path(service_root), &serde_json::to_vec(&c).expect("counters serialize"));
+}
