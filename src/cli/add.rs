@@ -67,6 +67,8 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         kill_port_users: Vec::new(),
         log_max_bytes: None,
         log_keep: None,
+        ready: None,
+        ready_timeout: None,
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");

@@ -21,6 +21,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "kill_port_users",
     "log_max_bytes",
     "log_keep",
+    "ready",
+    "ready_timeout",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -71,6 +73,12 @@ pub struct ServiceFile {
     /// How many rotated logs (service.log.1 ...) are kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_keep: Option<u64>,
+    /// When the service counts as started: `{tcp: "HOST:PORT"}` or `{exec: [cmd...]}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<serde_yaml::Value>,
+    /// How long `ready` may take (default 60s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_timeout: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

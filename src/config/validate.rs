@@ -21,6 +21,17 @@ pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// When a started service counts as up (`ready:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A TCP connection to HOST:PORT is accepted.
+    Tcp(String),
+    /// The command, run as the service user in its environment, exits 0.
+    Exec(Vec<String>),
+}
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What `start` does when the newest checkpoint does not fit the program on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnIncompatible {
@@ -79,6 +90,8 @@ pub struct Service {
     pub kill_port_uids: Vec<u32>,
     pub log_max_bytes: u64,
     pub log_keep: usize,
+    pub ready: Option<Readiness>,
+    pub ready_timeout: Duration,
 }
 
 impl Service {
@@ -259,6 +272,9 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
     };
 
+    let ready = file.ready.as_ref().and_then(|v| readiness(&mut c, v));
+    let ready_timeout = timeout(&mut c, "ready_timeout", file.ready_timeout.as_ref(), DEFAULT_READY_TIMEOUT);
+
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
             name: name.to_string(),
@@ -281,8 +297,46 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             kill_port_uids,
             log_max_bytes,
             log_keep,
+            ready,
+            ready_timeout,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
+    }
+}
+
+/// `ready: {tcp: "HOST:PORT"}` or `ready: {exec: [cmd, args...]}`.
+fn readiness(c: &mut Checker, v: &serde_yaml::Value) -> Option<Readiness> {
+    const HOW: &str = "write `ready: {tcp: \"127.0.0.1:6390\"}` (a connection is accepted) or `ready: {exec: [\"redis-cli\", \"-p\", \"6390\", \"ping\"]}` (the command exits 0)";
+    let Some(map) = v.as_mapping().filter(|m| m.len() == 1) else {
+        let what = if v.as_str() == Some("notify") { "`notify` is not supported yet; " } else { "" };
+        c.fail("ready", format!("{what}{HOW}"));
+        return None;
+    };
+    let (k, val) = map.iter().next().expect("one entry");
+    match (k.as_str(), val) {
+        (Some("tcp"), serde_yaml::Value::String(addr)) => match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Some(Readiness::Tcp(addr.clone()))
+            }
+            _ => {
+                c.fail("ready.tcp", format!("\"{addr}\" is not HOST:PORT; {HOW}"));
+                None
+            }
+        },
+        (Some("exec"), serde_yaml::Value::Sequence(items)) => {
+            let cmd: Option<Vec<String>> = items.iter().map(|i| i.as_str().map(str::to_string)).collect();
+            match cmd {
+                Some(cmd) if !cmd.is_empty() && !cmd[0].is_empty() => Some(Readiness::Exec(cmd)),
+                _ => {
+                    c.fail("ready.exec", format!("must be a non-empty list of strings; {HOW}"));
+                    None
+                }
+            }
+        }
+        _ => {
+            c.fail("ready", format!("unknown form; {HOW}"));
+            None
+        }
     }
 }
 

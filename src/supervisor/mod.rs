@@ -11,6 +11,7 @@ pub mod lock;
 mod log_pump;
 mod peer;
 pub mod protocol;
+mod readiness;
 pub mod ready;
 mod retention;
 mod run;

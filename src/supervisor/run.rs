@@ -129,45 +129,6 @@ fn supervise(
             });
         }
     };
-    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    let how = match (&started.started_from, &started.fallback_reason) {
-        (StartedFrom::Checkpoint, _) => {
-            format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
-        }
-        (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
-        (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
-    };
-    log.note(&how);
-    for n in &started.notes {
-        log.note(&format!("warning: {n}"));
-    }
-    super::systemd::ready(&format!("{how}; pid {pid}"));
-    record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
-    notifier.send(&StartReport {
-        ok: true,
-        pid: Some(pid),
-        started_from: Some(started.started_from),
-        checkpoint: started.checkpoint.clone(),
-        fallback_reason: started.fallback_reason.clone(),
-        error: None,
-        exit_code: None,
-        warnings: started.notes.clone(),
-    });
-    for n in super::retention::apply(&ctx) {
-        log.note(&n);
-    }
-    super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
-    crate::store::counters::bump(&ctx.paths.root, |c| {
-        match started.started_from {
-            StartedFrom::Checkpoint => c.restores += 1,
-            StartedFrom::Cold => c.cold_starts += 1,
-        }
-        if started.fallback_reason.is_some() {
-            c.restore_fallbacks += 1;
-        }
-    });
-    crate::metrics::write_file(&ctx.dirs, &ctx.host);
-
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
     let init_pid = started.init_pid;
@@ -182,6 +143,63 @@ fn supervise(
                 .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?
         };
         let pump = spawn_pump(output, log.clone());
+        // `ready:`: the start counts only once the service answers (its output is pumped
+        // meanwhile, so it never blocks on a full pipe).
+        if let Some(ready) = ctx.service.ready.clone() {
+            let probe_ctx = ctx.clone();
+            let outcome = tokio::task::spawn_blocking(move || super::readiness::wait(&probe_ctx, init_pid, &ready))
+                .await
+                .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
+            if let Err(why) = outcome {
+                let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(init_pid, None);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
+                let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
+                let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
+                log.note(&msg);
+                let _ = StatusRecord { message: Some(msg.clone()), ..record(ServiceState::Failed, None, None) }
+                    .write(&ctx.paths);
+                return Err(Error::StartFailed(msg));
+            }
+        }
+        let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
+        let how = match (&started.started_from, &started.fallback_reason) {
+            (StartedFrom::Checkpoint, _) => {
+                format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
+            }
+            (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
+            (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
+        };
+        log.note(&how);
+        for n in &started.notes {
+            log.note(&format!("warning: {n}"));
+        }
+        super::systemd::ready(&format!("{how}; pid {pid}"));
+        record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
+        notifier.send(&StartReport {
+            ok: true,
+            pid: Some(pid),
+            started_from: Some(started.started_from),
+            checkpoint: started.checkpoint.clone(),
+            fallback_reason: started.fallback_reason.clone(),
+            error: None,
+            exit_code: None,
+            warnings: started.notes.clone(),
+        });
+        for n in super::retention::apply(&ctx) {
+            log.note(&n);
+        }
+        super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
+        crate::store::counters::bump(&ctx.paths.root, |c| {
+            match started.started_from {
+                StartedFrom::Checkpoint => c.restores += 1,
+                StartedFrom::Cold => c.cold_starts += 1,
+            }
+            if started.fallback_reason.is_some() {
+                c.restore_fallbacks += 1;
+            }
+        });
+        crate::metrics::write_file(&ctx.dirs, &ctx.host);
         let paths = ctx.paths.clone();
         let on_change = |state: State, message: Option<&str>| {
             let s = match state {
