@@ -146,6 +146,7 @@ fn install_lays_out_binary_unit_configs_man_pages_and_completions() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in [
         "usr/local/bin/stasis",
+        "usr/local/lib/stasis/stasis-init",
         "usr/local/lib/systemd/system/stasis@.service",
         "usr/local/share/stasis/criu-configs/default.conf",
         "usr/local/share/man/man1/stasis.1",

@@ -269,7 +269,13 @@ fn an_idle_supervisor_does_not_wake_up() {
     let before = context_switches(sup);
     std::thread::sleep(std::time::Duration::from_secs(5));
     let after = context_switches(sup);
-    assert_eq!(after, before, "the idle supervisor woke up {} times in 5 s", after - before);
+    let threads = std::fs::read_dir(format!("/proc/{sup}/task"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap_or_default())
+        .map(|s| s.lines().filter(|l| l.starts_with("Name:") || l.contains("ctxt_switches")).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>();
+    assert_eq!(after, before, "the idle supervisor woke up {} times in 5 s: {threads:?}", after.saturating_sub(before));
     // ...and still hears its kill port.
     assert!(kill_port(7819).last().unwrap().starts_with("OK checkpoint"));
 }
@@ -310,4 +316,21 @@ fn checkpoints_record_their_timings_and_sizes_and_metrics_show_them() {
     let file = std::fs::read_to_string(&prom).expect("the supervisor keeps metrics_file up to date");
     assert!(file.contains("stasis_restores_total{service=\"timed\"} 1"), "{file}");
     env.ok(&["stop", "timed"]);
+}
+
+#[test]
+fn the_namespace_init_is_the_small_init_program() {
+    let env = Env::new();
+    env.write_service("tiny", "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: 7808\n");
+    env.start("tiny");
+    let init = pid_in(&env.status("tiny")["init_pid"]).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{init}/exe")).unwrap();
+    assert!(exe.starts_with(env.state_dir().join("bin")), "run from its content-addressed copy: {}", exe.display());
+    assert_eq!(std::fs::read(&exe).unwrap(), std::fs::read(INIT_BIN).unwrap(), "a copy of stasis-init");
+    let (init_size, cli_size) = (std::fs::metadata(INIT_BIN).unwrap().len(), std::fs::metadata(BIN).unwrap().len());
+    assert!(init_size * 4 < cli_size, "much smaller than the CLI: {init_size} vs {cli_size} bytes");
+    // The restore maps the same copy.
+    env.ok(&["stop", "tiny"]);
+    assert_eq!(env.start("tiny")["started_from"], "checkpoint");
+    env.ok(&["stop", "tiny"]);
 }

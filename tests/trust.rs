@@ -353,7 +353,7 @@ fn a_port_in_use_restore_failure_keeps_the_checkpoint() {
 fn a_truncated_init_copy_is_recreated() {
     let env = Env::new();
     let (name, kill, http_port) = ("initcopy", 7957, 8957);
-    let full = std::fs::metadata(BIN).unwrap().len();
+    let full = std::fs::metadata(INIT_BIN).unwrap().len();
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     env.start(name);
     wait_for("service", || http_json(http_port));

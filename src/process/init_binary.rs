@@ -1,10 +1,10 @@
-//! The namespace init is this binary, but run from a content-addressed copy under the state
-//! dir (`bin/stasis-init-<blake3>`). Every checkpoint maps that file; because a good copy is never
+//! The namespace init is the small `stasis-init` program (or, without it, this binary), run from
+//! a content-addressed copy under the state dir (`bin/stasis-init-<blake3>`). Every checkpoint maps that file; because a good copy is never
 //! changed or replaced, rebuilding or upgrading stasis cannot make an existing checkpoint
 //! unrestorable.
 //!
 //! Before each use the copy is checked against its name (through the hash cache, so an intact
-//! copy is not re-read); a damaged one is re-created from the running binary. Concurrent installs
+//! copy is not re-read); a damaged one is re-created from the init program. Concurrent installs
 //! have one winner: each writes a private temporary file, closes it, and links it into place,
 //! which fails if another got there first; nobody execs a file that is open for writing.
 
@@ -25,7 +25,7 @@ const NAME_HEX: usize = 24;
 pub enum Installed {
     Existing(PathBuf),
     Created(PathBuf),
-    /// The copy was damaged (the text says how) and has been re-created from the running binary.
+    /// The copy was damaged (the text says how) and has been re-created from the init program.
     Repaired(PathBuf, String),
 }
 
@@ -37,10 +37,19 @@ impl Installed {
     }
 }
 
-/// Returns a verified copy of the running binary, creating or repairing it as needed.
-pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, LaunchError> {
+/// Where the init program comes from: the small `stasis-init` beside this binary (a build
+/// tree) or in `PREFIX/lib/stasis/` (an install), else this binary itself (`stasis __ns-init`).
+pub fn source() -> Result<PathBuf, LaunchError> {
     let exe =
         std::env::current_exe().map_err(|source| LaunchError::InstallInit { path: "/proc/self/exe".into(), source })?;
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let candidates = [dir.join("stasis-init"), dir.join("../lib/stasis/stasis-init")];
+    Ok(candidates.into_iter().find(|p| p.is_file()).unwrap_or(exe))
+}
+
+/// Returns a verified copy of the init program, creating or repairing it as needed.
+pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, LaunchError> {
+    let exe = source()?;
     let me = cache.identify(&exe).map_err(|source| LaunchError::InstallInit { path: exe.clone(), source })?;
     let target = bin_dir.join(format!("{PREFIX}{}", &me.hash[..NAME_HEX]));
     let err = |source| LaunchError::InstallInit { path: target.clone(), source };
@@ -73,7 +82,7 @@ pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, Launc
             f.write_all(&buf[..n])?;
         }
         if hasher.finalize().to_hex().as_str() != me.hash {
-            return Err(std::io::Error::other("the running binary changed while it was copied; try again"));
+            return Err(std::io::Error::other("the init program changed while it was copied; try again"));
         }
         f.sync_all()?;
         drop(f);
@@ -96,7 +105,7 @@ pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, Launc
     // Whoever won a race, the file in place must be right.
     let copy = cache.identify(&target).map_err(err)?;
     if copy.hash != me.hash {
-        return Err(err(std::io::Error::other("the installed copy does not match the running binary")));
+        return Err(err(std::io::Error::other("the installed copy does not match the init program")));
     }
     Ok(match damage {
         Some(why) => Installed::Repaired(target, why),

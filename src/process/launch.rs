@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
@@ -35,7 +36,7 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
     let init_dir =
         CString::new(spec.init_dir.as_os_str().as_encoded_bytes()).map_err(|_| nul("the init's directory"))?;
     let mut argv = vec![path.clone(), CString::new(ns_init::ARGV_MARKER).expect("no NUL")];
-    for a in ns_init::encode_args(spec) {
+    for a in encode_args(spec) {
         argv.push(CString::new(a).map_err(|_| nul("the command"))?);
     }
     // The init runs with a fixed minimal environment; the service's goes through a memfd.
@@ -122,4 +123,17 @@ fn read_report(fd: OwnedFd) -> String {
 fn reap_quietly(pid: Pid) {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     let _ = nix::sys::wait::waitpid(pid, None);
+}
+
+/// The arguments after the marker, as `cold_launch` passes them.
+fn encode_args(spec: &LaunchSpec) -> Vec<Vec<u8>> {
+    let groups = spec.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut v: Vec<Vec<u8>> = vec![
+        spec.uid.to_string().into_bytes(),
+        spec.gid.to_string().into_bytes(),
+        groups.into_bytes(),
+        spec.working_dir.as_os_str().as_bytes().to_vec(),
+    ];
+    v.extend(spec.command.iter().map(|a| a.clone().into_bytes()));
+    v
 }

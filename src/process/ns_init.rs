@@ -2,9 +2,10 @@
 //! content-addressed copy. It starts the command as the service user, reaps orphans, forwards
 //! TERM/INT/HUP/QUIT/USR1/USR2 to every process of the namespace, and keeps the namespace alive
 //! until its last process is gone, so daemons that fork into the background keep working.
-//! It is part of every checkpoint, so it stays small and starts no runtime.
+//! It is part of every checkpoint, so it stays small and starts no runtime. It is built as its
+//! own tiny binary (`stasis-init`, src/bin/stasis-init.rs, which includes this file alone), and
+//! is also reachable as `stasis __ns-init` for hosts that only have the main binary.
 
-use super::launch::LaunchSpec;
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
@@ -30,19 +31,6 @@ struct Args {
     groups: Vec<u32>,
     workdir: CString,
     command: Vec<CString>,
-}
-
-/// The arguments after the marker, as `cold_launch` passes them.
-pub fn encode_args(spec: &LaunchSpec) -> Vec<Vec<u8>> {
-    let groups = spec.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let mut v: Vec<Vec<u8>> = vec![
-        spec.uid.to_string().into_bytes(),
-        spec.gid.to_string().into_bytes(),
-        groups.into_bytes(),
-        spec.working_dir.as_os_str().as_bytes().to_vec(),
-    ];
-    v.extend(spec.command.iter().map(|a| a.clone().into_bytes()));
-    v
 }
 
 fn decode_args(args: &[OsString]) -> Option<Args> {

@@ -84,7 +84,7 @@ fn supervise(
     let installed = init_binary::install(&dirs.init_binaries(), &mut cache)?;
     cache.save();
     if let init_binary::Installed::Repaired(_, why) = &installed {
-        log.note(&format!("{why}; re-created it from the running stasis binary"));
+        log.note(&format!("{why}; re-created it from the init program"));
     }
     let init_binary = installed.path().to_path_buf();
     let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
@@ -176,6 +176,17 @@ fn supervise(
         }
         super::systemd::ready(&format!("{how}; pid {pid}"));
         record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
+        // Counted before `start` is told, so what it reports is already in the metrics.
+        crate::store::counters::bump(&ctx.paths.root, |c| {
+            match started.started_from {
+                StartedFrom::Checkpoint => c.restores += 1,
+                StartedFrom::Cold => c.cold_starts += 1,
+            }
+            if started.fallback_reason.is_some() {
+                c.restore_fallbacks += 1;
+            }
+        });
+        crate::metrics::write_file(&ctx.dirs, &ctx.host);
         notifier.send(&StartReport {
             ok: true,
             pid: Some(pid),
@@ -190,16 +201,6 @@ fn supervise(
             log.note(&n);
         }
         super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
-        crate::store::counters::bump(&ctx.paths.root, |c| {
-            match started.started_from {
-                StartedFrom::Checkpoint => c.restores += 1,
-                StartedFrom::Cold => c.cold_starts += 1,
-            }
-            if started.fallback_reason.is_some() {
-                c.restore_fallbacks += 1;
-            }
-        });
-        crate::metrics::write_file(&ctx.dirs, &ctx.host);
         let paths = ctx.paths.clone();
         let on_change = |state: State, message: Option<&str>| {
             let s = match state {

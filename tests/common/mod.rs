@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stasis");
+/// The namespace init program, built beside it.
+pub const INIT_BIN: &str = env!("CARGO_BIN_EXE_stasis-init");
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Generous: the machine is noisy. Used only to give up waiting, never to judge speed.
 pub const WAIT: Duration = Duration::from_secs(60);
