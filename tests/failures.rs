@@ -214,3 +214,25 @@ fn a_command_that_cannot_start_leaves_the_service_failed_with_the_reason() {
     assert_eq!(st["state"], "failed");
     assert!(st["message"].as_str().unwrap().contains("working directory"), "{st}");
 }
+
+/// A process that holds a file of its /proc/PID directory open (redis does, briefly, when it
+/// reads /proc/self/stat) cannot be restored: that PID will not come back. The dump is refused
+/// and retried; one that holds it all the time fails the stop, named, and keeps running.
+#[test]
+fn a_process_holding_its_proc_files_open_is_not_checkpointed_unrestorable() {
+    let env = Env::new();
+    env.write_service(
+        "procfd",
+        "command: [\"/usr/bin/python3\", \"-c\", \"import time; f = open('/proc/self/stat'); print('holding', flush=True); time.sleep(600)\"]\nuser: stasis-example\nkill_port: 7909\n",
+    );
+    env.start("procfd");
+    wait_for("the file to be open", || env.log("procfd").contains("holding").then_some(()));
+    let out = env.run(&["stop", "procfd"]);
+    assert_eq!(out.status.code(), Some(5), "an unrestorable checkpoint is not taken");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/stat open at the freeze") && err.contains("/proc/"), "{err}");
+    assert_eq!(env.status("procfd")["state"], "running", "the service keeps running");
+    assert!(env.checkpoint_dirs("procfd").iter().all(|p| p.file_name().unwrap().to_string_lossy().starts_with('.')));
+    let err = env.run(&["checkpoint", "procfd"]);
+    assert_eq!(err.status.code(), Some(5), "the same for a checkpoint that keeps it running");
+}

@@ -273,7 +273,9 @@ fn an_idle_supervisor_does_not_wake_up() {
         .unwrap()
         .filter_map(Result::ok)
         .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap_or_default())
-        .map(|s| s.lines().filter(|l| l.starts_with("Name:") || l.contains("ctxt_switches")).collect::<Vec<_>>().join(" "))
+        .map(|s| {
+            s.lines().filter(|l| l.starts_with("Name:") || l.contains("ctxt_switches")).collect::<Vec<_>>().join(" ")
+        })
         .collect::<Vec<_>>();
     assert_eq!(after, before, "the idle supervisor woke up {} times in 5 s: {threads:?}", after.saturating_sub(before));
     // ...and still hears its kill port.

@@ -9,18 +9,34 @@ pub const PENDING_ENV: &str = "STASIS_PENDING_CHECKPOINT";
 pub const TREE_PID_ENV: &str = "STASIS_TREE_PID";
 /// The hash cache the supervisor filled just before the dump.
 pub const HASH_CACHE_ENV: &str = "STASIS_HASH_CACHE";
+/// Left in the pending checkpoint when the hook refused a dump that could not be restored but
+/// would be fine a moment later: the supervisor then tries again.
+pub const RETRY_MARKER: &str = "retry-dump";
+/// A dump that keeps the service running: the hook only checks the frozen tree, and leaves the
+/// marker in this directory.
+pub const CHECK_ONLY_ENV: &str = "STASIS_CHECK_DUMP";
 
 pub fn main() -> i32 {
     if std::env::var("CRTOOLS_SCRIPT_ACTION").as_deref() != Ok("post-dump") {
         return 0;
     }
     let Some(dir) = std::env::var_os(PENDING_ENV) else {
-        return 0;
+        return match std::env::var_os(CHECK_ONLY_ENV) {
+            Some(dir) if refuse_unrestorable(std::path::Path::new(&dir)) => 1,
+            _ => 0,
+        };
     };
     let Some(pending) = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir)) else {
         eprintln!("stasis: {} is not a pending checkpoint directory", std::path::Path::new(&dir).display());
         return 1;
     };
+    // A process caught reading a /proc/PID file (redis reads /proc/self/stat every so often)
+    // has it open under its host PID, which the restored process will not have: such a
+    // checkpoint fails to restore. Refuse it now (CRIU resumes the service) and let the
+    // supervisor dump again a moment later.
+    if refuse_unrestorable(&pending.dir) {
+        return 1;
+    }
     if let Err(e) = record_frozen_mappings(&pending) {
         eprintln!("stasis: {e}");
         return 1;
@@ -31,6 +47,23 @@ pub fn main() -> i32 {
             eprintln!("stasis: {e}");
             1
         }
+    }
+}
+
+/// Whether the frozen tree holds something its restore could not give back; if so the marker
+/// is left in `dir` for the supervisor.
+fn refuse_unrestorable(dir: &std::path::Path) -> bool {
+    let found = std::env::var(TREE_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .and_then(crate::process::tree::open_pid_proc_file);
+    match found {
+        Some((pid, path)) => {
+            let _ = std::fs::write(dir.join(RETRY_MARKER), format!("pid {pid} had {} open\n", path.display()));
+            eprintln!("stasis: pid {pid} had {} open at the freeze; the dump is refused", path.display());
+            true
+        }
+        None => false,
     }
 }
 

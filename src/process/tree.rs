@@ -153,3 +153,16 @@ pub fn exits_within(pid: i32, limit: std::time::Duration) -> bool {
         }
     }
 }
+
+/// A file of a particular process's /proc directory (`/proc/1234/stat`) that some process of the
+/// tree under `root` has open: it names a host PID that a restore cannot give back.
+pub fn open_pid_proc_file(root: i32) -> Option<(i32, std::path::PathBuf)> {
+    descendants(root).into_iter().find_map(|pid| {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.filter_map(Result::ok).filter_map(|fd| std::fs::read_link(fd.path()).ok()).find_map(|target| {
+            let mut parts = target.strip_prefix("/proc").ok()?.components();
+            let first = parts.next()?.as_os_str().to_str()?;
+            first.bytes().all(|b| b.is_ascii_digit()).then(|| (pid, target.clone()))
+        })
+    })
+}

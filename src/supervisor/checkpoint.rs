@@ -33,7 +33,19 @@ pub fn take_checkpoint(
     progress: impl Fn(DumpProgress),
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
-    let mut outcome = dump(ctx, init_pid, kind, progress).map_err(|e| {
+    let mut attempt = 0;
+    let outcome = loop {
+        attempt += 1;
+        let mut retry = false;
+        match dump(ctx, init_pid, kind, &progress, &mut retry) {
+            Err(why) if retry && attempt < DUMP_ATTEMPTS => {
+                tracing::info!("dump refused, retrying: {why}");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            other => break other,
+        }
+    };
+    let mut outcome = outcome.map_err(|e: String| {
         let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     });
@@ -49,11 +61,17 @@ pub fn identify_tree(init_pid: i32, cache: &mut HashCache) -> Vec<FileIdentity> 
     tree::executable_mappings(init_pid).iter().filter_map(|p| cache.identify(p).ok()).collect()
 }
 
+/// How often a dump refused for a passing reason (see the action hook) is tried.
+const DUMP_ATTEMPTS: u32 = 5;
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// On failure, `retry` says whether trying again soon may work.
 fn dump(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
-    progress: impl Fn(DumpProgress),
+    progress: &impl Fn(DumpProgress),
+    retry: &mut bool,
 ) -> Result<CheckpointReport, String> {
     // Extending systemd's timeout covers the wait for a slot too.
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
@@ -111,7 +129,8 @@ fn dump(
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),
         leave_running: !stopping,
-        action_script: stopping.then(|| action_hook::script_for(&ctx.exe)),
+        // Both kinds: the hook checks the frozen tree; a stopping dump it also finalizes.
+        action_script: Some(action_hook::script_for(&ctx.exe)),
     };
     let env: Vec<(&str, String)> = if stopping {
         vec![
@@ -120,7 +139,10 @@ fn dump(
             (action_hook::HASH_CACHE_ENV, ctx.dirs.hash_cache().display().to_string()),
         ]
     } else {
-        Vec::new()
+        vec![
+            (action_hook::CHECK_ONLY_ENV, pending.dir.display().to_string()),
+            (action_hook::TREE_PID_ENV, init_pid.to_string()),
+        ]
     };
     let dump_started = Instant::now();
     let dumped = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
@@ -153,6 +175,7 @@ fn dump(
                 }
                 None => {
                     resume(init_pid, &pending.dir, killed);
+                    *retry = pending.dir.join(action_hook::RETRY_MARKER).exists();
                     Err(describe_failed_dump(ctx, &pending, e))
                 }
             }
@@ -220,6 +243,12 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
         other => other,
     };
     let mut text = e.one_line();
+    if let Ok(why) = std::fs::read_to_string(pending.dir.join(action_hook::RETRY_MARKER)) {
+        text = format!(
+            "failed to take a checkpoint that would restore: {} at the freeze (a file of a process's /proc directory names its host PID, which a restore cannot give back); {text}",
+            why.trim()
+        );
+    }
     let dir = pending.dir.parent().unwrap_or(&pending.dir);
     if let CriuError::Failed { errors, .. } = &e {
         let says_full =

@@ -176,6 +176,11 @@ fn supervise(
         }
         super::systemd::ready(&format!("{how}; pid {pid}"));
         record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
+        // Done before `start` is told, so what it reports is already so on disk and in nftables.
+        for n in super::retention::apply(&ctx) {
+            log.note(&n);
+        }
+        super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
         // Counted before `start` is told, so what it reports is already in the metrics.
         crate::store::counters::bump(&ctx.paths.root, |c| {
             match started.started_from {
@@ -197,10 +202,6 @@ fn supervise(
             exit_code: None,
             warnings: started.notes.clone(),
         });
-        for n in super::retention::apply(&ctx) {
-            log.note(&n);
-        }
-        super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
         let paths = ctx.paths.clone();
         let on_change = |state: State, message: Option<&str>| {
             let s = match state {
