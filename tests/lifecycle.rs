@@ -336,3 +336,34 @@ fn the_namespace_init_is_the_small_init_program() {
     assert_eq!(env.start("tiny")["started_from"], "checkpoint");
     env.ok(&["stop", "tiny"]);
 }
+
+#[test]
+fn logs_follow_keeps_up_across_rotations_without_gaps() {
+    let env = Env::new();
+    env.write_service(
+        "chatty",
+        "command: [\"/usr/bin/python3\", \"-c\", \"import time\\nfor i in range(1000000): print('line', i, 'x' * 10000, flush=True); time.sleep(0.002)\"]\nuser: stasis-example\nkill_port: 7807\nlog_max_bytes: 1048576\nlog_keep: 2\n",
+    );
+    env.start("chatty");
+    let mut child = env.cmd(&["logs", "chatty", "-f"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let seen: Vec<u64> = {
+        use std::io::BufRead;
+        let mut v = Vec::new();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(n) = line.strip_prefix("line ").and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok()) {
+                v.push(n);
+                if n >= 500 {
+                    break;
+                }
+            }
+        }
+        v
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.last() >= Some(&500), "followed to line 500: {:?}", seen.last());
+    assert!(env.service_dir("chatty").join("service.log.1").exists(), "the log rotated meanwhile");
+    let gaps: Vec<_> = seen.windows(2).filter(|w| w[1] != w[0] + 1).collect();
+    assert!(gaps.is_empty(), "no line lost or doubled across rotations: {gaps:?}");
+}

@@ -4,28 +4,35 @@ use crate::config::load_named;
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 
 pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Result<i32, Error> {
     // The state directory is root-only: without root every service would look stopped.
     super::require_root()?;
     let service = load_named(dirs, name)?;
     let path = dirs.service(&service.name).service_log();
+    // Watch before reading, so nothing written in between is missed.
+    let watch = if follow { Some(Watch::new(&path)?) } else { None };
     let mut file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => {
-            eprintln!(
-                "{} has no log yet ({} does not exist); it is created at the first start",
-                service.name,
-                path.display()
-            );
-            return Ok(exit_codes::OK);
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !follow {
+                eprintln!(
+                    "{} has no log yet ({} does not exist); it is created at the first start",
+                    service.name,
+                    path.display()
+                );
+                return Ok(exit_codes::OK);
+            }
+            None
         }
         Err(e) => return Err(Error::io("open", &path, e)),
     };
     let mut text = Vec::new();
-    file.read_to_end(&mut text).map_err(|e| Error::io("read", &path, e))?;
+    if let Some(f) = file.as_mut() {
+        f.read_to_end(&mut text).map_err(|e| Error::io("read", &path, e))?;
+    }
     let start = match lines {
         Some(n) => tail_offset(&text, n),
         None => 0,
@@ -33,25 +40,58 @@ pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Resul
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&text[start..]);
     let _ = out.flush();
-    if !follow {
-        return Ok(exit_codes::OK);
-    }
-    let mut pos = text.len() as u64;
+    let Some(watch) = watch else { return Ok(exit_codes::OK) };
     loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(pos);
-        if len < pos {
-            pos = 0;
+        // Blocks until the directory changes: no polling.
+        watch.wait()?;
+        // Rotated (service.log.1 now) or created: start over on the new file.
+        let current = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        let open = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        if current != open {
+            if let Some(f) = file.as_mut() {
+                let _ = copy_new(f, &mut out);
+            }
+            file = std::fs::File::open(&path).ok();
         }
-        if len > pos {
-            let _ = file.seek(SeekFrom::Start(pos));
-            let mut chunk = Vec::new();
-            let _ = (&mut file).take(len - pos).read_to_end(&mut chunk);
-            pos += chunk.len() as u64;
-            if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+        if let Some(f) = file.as_mut() {
+            if copy_new(f, &mut out).is_err() {
                 return Ok(exit_codes::OK);
             }
         }
+    }
+}
+
+/// Copies what was appended since the last read.
+fn copy_new(f: &mut std::fs::File, out: &mut impl Write) -> std::io::Result<()> {
+    let mut chunk = Vec::new();
+    f.read_to_end(&mut chunk)?;
+    if !chunk.is_empty() {
+        out.write_all(&chunk)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// inotify on the log's directory: writes, and the renames and creations of rotation.
+struct Watch(nix::sys::inotify::Inotify);
+
+impl Watch {
+    fn new(path: &std::path::Path) -> Result<Watch, Error> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let err = |e: nix::Error| Error::io("watch", dir, std::io::Error::from(e));
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC).map_err(err)?;
+        let flags = AddWatchFlags::IN_MODIFY
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CLOSE_WRITE;
+        ino.add_watch(dir, flags).map_err(err)?;
+        Ok(Watch(ino))
+    }
+
+    fn wait(&self) -> Result<(), Error> {
+        self.0.read_events().map(|_| ()).map_err(|e| Error::io("watch", "the service log", std::io::Error::from(e)))
     }
 }
 
