@@ -367,3 +367,41 @@ fn logs_follow_keeps_up_across_rotations_without_gaps() {
     let gaps: Vec<_> = seen.windows(2).filter(|w| w[1] != w[0] + 1).collect();
     assert!(gaps.is_empty(), "no line lost or doubled across rotations: {gaps:?}");
 }
+
+/// A service holding 1 GiB, so that its dump takes more than a second.
+fn big_yaml(kill_port: u16) -> String {
+    format!(
+        "command: [\"/usr/bin/python3\", \"-c\", \"import os, time\\nb = bytearray(os.urandom(1 << 20)) * 1024\\nprint('ready', flush=True)\\ntime.sleep(100000)\"]\nuser: stasis-example\nkill_port: {kill_port}\n"
+    )
+}
+
+#[test]
+fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_terminal() {
+    let env = Env::new();
+    for (name, port) in [("bigpipe", 7806), ("bigtty", 7805)] {
+        env.write_service(name, &big_yaml(port));
+        env.start(name);
+        wait_for("1 GiB touched", || env.log(name).contains("ready").then_some(()));
+    }
+    // A pipe: plain lines, no carriage returns.
+    let out = env.ok(&["stop", "bigpipe"]);
+    let progress: Vec<&str> = out.lines().filter(|l| l.starts_with("Progress: dumping")).collect();
+    assert!(!progress.is_empty(), "a dump over a second reports progress: {out}");
+    assert!(progress[0].contains("MiB/s") && !out.contains('\r'), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("OK checkpoint"), "{out}");
+    // A terminal (script gives the command a pty): the progress line is redrawn in place.
+    let envs: Vec<(String, String)> = env
+        .cmd(&[])
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_string_lossy().into_owned(), v?.to_string_lossy().into_owned())))
+        .collect();
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &format!("{BIN} stop bigtty"), "/dev/null"])
+        .envs(envs)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{text}");
+    assert!(text.contains("Progress: dumping") && text.contains('\r'), "redrawn in place on a terminal: {text:?}");
+    assert!(text.contains("OK checkpoint"), "{text:?}");
+}

@@ -106,16 +106,30 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
 }
 
 /// Prints each line as it arrives (unless json) and returns the last one plus all of them.
+/// On a terminal, `Progress:` lines update one status line in place; elsewhere every line is
+/// printed as it is (no carriage returns in logs and pipes).
 pub fn relay<R: std::io::Read>(stream: R, json: bool) -> Result<(String, Vec<String>), Error> {
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stdout().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
     let mut last = String::new();
     let mut all = Vec::new();
     for line in BufReader::new(stream).lines() {
         let line = line.map_err(|e| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}")))?;
-        if !json {
-            println!("{line}");
+        match &bar {
+            Some(b) if line.starts_with(protocol::PROGRESS_PREFIX) => b.set_message(line.clone()),
+            Some(b) => b.println(&line),
+            None if !json => println!("{line}"),
+            None => {}
         }
         last = line.clone();
         all.push(line);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     Ok((last, all))
 }

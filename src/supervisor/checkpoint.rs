@@ -23,6 +23,35 @@ pub enum DumpProgress {
     Queued(String),
     /// Got the slot after waiting: dumping now.
     Dumping,
+    /// A line about a dump under way for more than a second (bytes written, rate).
+    Progress(String),
+}
+
+/// Until the first report, and between reports.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reports, every second of a long dump, how much of it is written: the size of the images so
+/// far, read from the directory (CRIU has no progress channel). Stops when `done` is set.
+fn watch_progress(
+    images: std::path::PathBuf,
+    progress: &(impl Fn(DumpProgress) + Sync),
+    done: std::sync::mpsc::Receiver<()>,
+) {
+    let started = Instant::now();
+    // The sender is dropped when the dump ends, which wakes this at once.
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(PROGRESS_EVERY) {
+        let bytes: u64 = std::fs::read_dir(&images)
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        progress(DumpProgress::Progress(format!(
+            "{}dumping, {} written ({:.0} MiB/s, {:.1} s)",
+            super::protocol::PROGRESS_PREFIX,
+            crate::time_fmt::human_bytes(bytes),
+            bytes as f64 / (1 << 20) as f64 / secs.max(0.001),
+            secs
+        )));
+    }
 }
 
 /// `progress` hears when the dump has to queue for a host slot, and when it got one.
@@ -30,7 +59,7 @@ pub fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
-    progress: impl Fn(DumpProgress),
+    progress: impl Fn(DumpProgress) + Sync,
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
     let mut attempt = 0;
@@ -70,7 +99,7 @@ fn dump(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
-    progress: &impl Fn(DumpProgress),
+    progress: &(impl Fn(DumpProgress) + Sync),
     retry: &mut bool,
 ) -> Result<CheckpointReport, String> {
     // Extending systemd's timeout covers the wait for a slot too.
@@ -145,7 +174,14 @@ fn dump(
         ]
     };
     let dump_started = Instant::now();
-    let dumped = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
+    let dumped = std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let images = pending.images_dir();
+        s.spawn(move || watch_progress(images, progress, done_rx));
+        let r = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
+        drop(done_tx);
+        r
+    });
     let dump_ms = dump_started.elapsed().as_millis() as u64;
 
     let checkpoint = match dumped {

@@ -101,6 +101,12 @@ pub async fn run_loop(
                         }
                     }
                     DumpProgress::Dumping => on_queued(false),
+                    DumpProgress::Progress(line) => {
+                        super::systemd::status(&line);
+                        for w in &waiters {
+                            let _ = w.lines.send(line.clone());
+                        }
+                    }
                 }
                 continue;
             }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 /// Sent on the control socket to ask for a checkpoint that leaves the service running.
 pub const CHECKPOINT_COMMAND: &str = "checkpoint";
+/// Lines about a dump under way start with this.
+pub const PROGRESS_PREFIX: &str = "Progress: ";
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
 pub const STOP_COMMAND: &str = "stop";
 /// First words of HTTP requests: a browser or a scanner, never an operator.
