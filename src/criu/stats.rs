@@ -41,11 +41,21 @@ fn entry_field(image: &[u8], field: u64) -> Option<Vec<u8>> {
     }
     let len = u32_at(at)? as usize;
     let msg = image.get(at + 4..at + 4 + len)?;
-    fields(msg).into_iter().find(|(f, _)| *f == field).map(|(_, bytes)| bytes)
+    parse(msg).into_iter().find_map(|(f, v)| match v {
+        Value::Bytes(b) if f == field => Some(b),
+        _ => None,
+    })
 }
 
-/// Length-delimited fields of a protobuf message (other wire types skipped).
-fn fields(msg: &[u8]) -> Vec<(u64, Vec<u8>)> {
+/// A protobuf field's value: a varint or the bytes of a length-delimited field (fixed-width
+/// fields are skipped).
+enum Value {
+    Varint(u64),
+    Bytes(Vec<u8>),
+}
+
+/// The fields of a protobuf message, in order; parsing stops at the first malformed one.
+fn parse(msg: &[u8]) -> Vec<(u64, Value)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < msg.len() {
@@ -53,14 +63,17 @@ fn fields(msg: &[u8]) -> Vec<(u64, Vec<u8>)> {
         i += n;
         match key & 7 {
             0 => match varint(&msg[i..]) {
-                Some((_, n)) => i += n,
+                Some((v, n)) => {
+                    out.push((key >> 3, Value::Varint(v)));
+                    i += n;
+                }
                 None => break,
             },
             2 => {
                 let Some((len, n)) = varint(&msg[i..]) else { break };
                 i += n;
                 let Some(bytes) = msg.get(i..i.saturating_add(len as usize)) else { break };
-                out.push((key >> 3, bytes.to_vec()));
+                out.push((key >> 3, Value::Bytes(bytes.to_vec())));
                 i += len as usize;
             }
             1 => i += 8,
@@ -73,29 +86,13 @@ fn fields(msg: &[u8]) -> Vec<(u64, Vec<u8>)> {
 
 /// Varint fields of a protobuf message.
 fn varints(msg: &[u8]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < msg.len() {
-        let Some((key, n)) = varint(&msg[i..]) else { break };
-        i += n;
-        match key & 7 {
-            0 => match varint(&msg[i..]) {
-                Some((v, n)) => {
-                    out.push((key >> 3, v));
-                    i += n;
-                }
-                None => break,
-            },
-            2 => {
-                let Some((len, n)) = varint(&msg[i..]) else { break };
-                i = i.saturating_add(n).saturating_add(len as usize);
-            }
-            1 => i += 8,
-            5 => i += 4,
-            _ => break,
-        }
-    }
-    out
+    parse(msg)
+        .into_iter()
+        .filter_map(|(f, v)| match v {
+            Value::Varint(v) => Some((f, v)),
+            Value::Bytes(_) => None,
+        })
+        .collect()
 }
 
 fn varint(b: &[u8]) -> Option<(u64, usize)> {
