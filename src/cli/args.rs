@@ -10,9 +10,11 @@ Service files live in the config dir as NAME.yaml, e.g. /etc/stasis/services/red
     kill_port: 7390
 
 Typical use:
-    stasis start redis          restore the latest checkpoint, or cold-launch
+    stasis start redis          restore the latest fresh, verified checkpoint, or cold-launch
     telnet 127.0.0.1 7390       checkpoint and stop (same as `stasis stop redis`)
     stasis status redis --json  state, pid, where it started from, latest checkpoint
+    stasis stop --all           checkpoint every running service (before a reboot)
+    stasis metrics              Prometheus text for every service
 
 Exit codes: 0 ok, 2 usage, 3 bad config, 4 already running, 5 checkpoint failed,
 6 start failed, 7 host not ready (root, CRIU, port), 8 not running, 9 store damaged or full,
