@@ -616,11 +616,8 @@ impl Drop for KillOnDrop<'_> {
         let v: Value = serde_json::from_slice(&status).unwrap_or_default();
         let state_dir = self.0.state_dir().display().to_string();
         for (key, marker) in [("supervisor_pid", "__supervise"), ("init_pid", "__ns-init")] {
-            let Some(pid) = pid_in(&v[key]) else { continue };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(marker) && cmdline.contains(&state_dir) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            if let Some(pid) = pid_in(&v[key]) {
+                signal_if_ours(pid, &[marker, &state_dir], Signal::SIGKILL);
             }
         }
     }

@@ -89,7 +89,6 @@ fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(
         None => crate::store::identity::HashCache::in_memory(),
     };
     let mut draft = pending.read_draft()?;
-    draft.executables =
-        Some(crate::process::tree::executable_mappings(pid).iter().filter_map(|p| cache.identify(p).ok()).collect());
+    draft.executables = Some(crate::process::tree::executable_identities(pid, &mut cache));
     pending.write_draft(&draft)
 }

@@ -94,13 +94,7 @@ pub fn children_of(parent: i32) -> Vec<i32> {
 /// Sends `signal` to `pid` only if it is still a child of `parent`, through a pidfd so a pid
 /// reused in between is never hit.
 pub fn kill_if_child_of(pid: i32, parent: i32, signal: i32) {
-    // SAFETY: pidfd_open has no memory arguments; the fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let Some(fd) = pidfd(pid) else { return };
     let still_child = procfs::process::Process::new(pid).and_then(|p| p.stat()).is_ok_and(|s| s.ppid == parent);
     if still_child {
         // SAFETY: signals the process the pidfd refers to, which was verified above.
@@ -127,14 +121,8 @@ pub fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
 /// Waits for our child `pid` to exit (without reaping it) for at most `limit`, on a pidfd: no
 /// polling.
 pub fn exits_within(pid: i32, limit: std::time::Duration) -> bool {
-    // SAFETY: pidfd_open on our own unreaped child; the fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
-        return true;
-    }
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
+    let Some(fd) = pidfd(pid) else { return true };
     let deadline = std::time::Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -165,4 +153,13 @@ pub fn open_pid_proc_file(root: i32) -> Option<(i32, std::path::PathBuf)> {
             first.bytes().all(|b| b.is_ascii_digit()).then(|| (pid, target.clone()))
         })
     })
+}
+
+/// The identity of every executable the tree under `root` maps, for a manifest. A file that
+/// vanished or cannot be read is left out: CRIU keeps deleted files' contents in the images.
+pub fn executable_identities(
+    root: i32,
+    cache: &mut crate::store::identity::HashCache,
+) -> Vec<crate::store::FileIdentity> {
+    executable_mappings(root).iter().filter_map(|p| cache.identify(p).ok()).collect()
 }

@@ -9,8 +9,7 @@ use super::protocol::CheckpointReport;
 use super::slots::{self, SlotKind};
 use crate::criu::{action_hook, network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::process::tree;
-use crate::store::identity::HashCache;
-use crate::store::{DumpKind, FileIdentity, Manifest, PendingCheckpoint};
+use crate::store::{DumpKind, Manifest, PendingCheckpoint};
 use std::time::{Instant, SystemTime};
 
 /// Less free space than this after a failed dump means the dump ran out of it.
@@ -84,12 +83,6 @@ pub fn take_checkpoint(
     outcome
 }
 
-/// The identity of every executable the tree maps, for the manifest. A file that vanished or
-/// cannot be read is left out: CRIU keeps deleted files' contents in the images itself.
-pub fn identify_tree(init_pid: i32, cache: &mut HashCache) -> Vec<FileIdentity> {
-    tree::executable_mappings(init_pid).iter().filter_map(|p| cache.identify(p).ok()).collect()
-}
-
 /// How often a dump refused for a passing reason (see the action hook) is tried.
 const DUMP_ATTEMPTS: u32 = 5;
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -124,7 +117,7 @@ fn dump(
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the
     // frozen tree's mappings against it at almost no cost.
     let mut cache = ctx.hash_cache();
-    let executables = identify_tree(init_pid, &mut cache);
+    let executables = tree::executable_identities(init_pid, &mut cache);
     cache.save();
     let draft = Manifest {
         format: crate::store::manifest_format(),

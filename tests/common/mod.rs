@@ -139,11 +139,7 @@ impl Drop for Env {
             // Only processes that are provably this test's: pids get reused.
             for (key, marker) in [("init_pid", "__ns-init"), ("supervisor_pid", "__supervise")] {
                 let Some(pid) = pid_in(&v[key]) else { continue };
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if cmdline.contains(marker) && cmdline.contains(&state_dir) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-                }
+                signal_if_ours(pid, &[marker, &state_dir], Signal::SIGKILL);
             }
         }
     }
@@ -235,12 +231,30 @@ pub fn heartbeats(log: &str) -> Vec<u64> {
     log.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
 
-/// Sends `sig` to `pid` only after checking that its command line contains every marker.
-pub fn verified_signal(pid: i32, markers: &[&str], sig: Signal) {
+/// Signals `pid` only if its command line contains every marker, through a pidfd taken
+/// before the check: a pid reused in between can never be hit. Returns whether it was sent.
+pub fn signal_if_ours(pid: i32, markers: &[&str], sig: Signal) -> bool {
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return false;
+    }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(markers.iter().all(|m| cmdline.contains(m)), "pid {pid} is not ours ({markers:?}): {cmdline:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    let ours = markers.iter().all(|m| cmdline.contains(m));
+    // SAFETY: signals the process the pidfd refers to; the pidfd is ours and closed after.
+    let sent = ours
+        && unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, sig as i32, std::ptr::null::<libc::siginfo_t>(), 0)
+        } == 0;
+    // SAFETY: closing the pidfd opened above.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// Sends `sig` to `pid`, which must be ours (see `signal_if_ours`); fails the test otherwise.
+pub fn verified_signal(pid: i32, markers: &[&str], sig: Signal) {
+    assert!(signal_if_ours(pid, markers, sig), "pid {pid} is not ours ({markers:?}) or could not be signalled");
 }
 
 pub fn verified_kill(pid: i32, markers: &[&str]) {
