@@ -54,6 +54,11 @@ impl Dirs {
     }
 
     /// Content hashes of executables, keyed by their (dev, inode, size, mtime, ctime).
+    /// The version of the criu binary in use, remembered per file.
+    pub fn criu_version_cache(&self) -> PathBuf {
+        self.state_dir.join("cache").join("criu-version.json")
+    }
+
     pub fn hash_cache(&self) -> PathBuf {
         self.state_dir.join("cache").join("file-hashes.json")
     }

@@ -385,7 +385,11 @@ fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_termi
     }
     // A pipe: plain lines, no carriage returns.
     let out = env.ok(&["stop", "bigpipe"]);
-    let progress: Vec<&str> = out.lines().filter(|l| l.starts_with("Progress: dumping")).collect();
+    // Its phase (dumping, or syncing once the images are written) and bytes each second.
+    let progress: Vec<&str> = out
+        .lines()
+        .filter(|l| ["freezing", "dumping", "syncing"].iter().any(|p| l.starts_with(&format!("Progress: {p}, "))))
+        .collect();
     assert!(!progress.is_empty(), "a dump over a second reports progress: {out}");
     assert!(progress[0].contains("MiB/s") && !out.contains('\r'), "{out}");
     assert!(out.lines().last().unwrap().starts_with("OK checkpoint"), "{out}");
@@ -402,6 +406,22 @@ fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_termi
         .unwrap();
     let text = String::from_utf8_lossy(&tty.stdout);
     assert!(tty.status.success(), "{text}");
-    assert!(text.contains("Progress: dumping") && text.contains('\r'), "redrawn in place on a terminal: {text:?}");
+    assert!(text.contains("Progress: ") && text.contains(" written (") && text.contains('\r'), "redrawn in place on a terminal: {text:?}");
     assert!(text.contains("OK checkpoint"), "{text:?}");
+    // A big restore: its phases as they begin, then bytes read each second.
+    let out = env.ok(&["start", "bigpipe"]);
+    assert!(out.contains("Progress: verifying 1.0 GiB") && out.contains("Progress: restoring 1.0 GiB"), "{out}");
+    assert!(!out.contains('\r') && out.lines().last().unwrap().contains("restored from checkpoint"), "{out}");
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &format!("{BIN} start bigtty"), "/dev/null"])
+        .envs(env.cmd(&[]).get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{text}");
+    assert!(text.contains("Progress: restoring") && text.contains('\r'), "redrawn in place on a terminal: {text:?}");
+    assert!(text.contains("restored from checkpoint"), "{text:?}");
+    for name in ["bigpipe", "bigtty"] {
+        env.ok(&["stop", name]);
+    }
 }

@@ -67,7 +67,7 @@ pub fn stop_all(dirs: &Dirs, json: bool) -> Result<i32, Error> {
 
 pub fn start_all(dirs: &Dirs, json: bool) -> Result<i32, Error> {
     super::require_root()?;
-    crate::criu::Criu::get()?;
+    crate::criu::Criu::get_cached(&dirs.criu_version_cache())?;
     run_all(dirs, Verb::Start, json)
 }
 
@@ -170,7 +170,7 @@ fn one(dirs: &Dirs, service: &Service, verb: Verb) -> Row {
             Ok(StopOutcome::Failed { error, .. }) => row.error = Some(error),
             Err(e) => row.error = Some(e.to_string()),
         },
-        Verb::Start => match start_one(dirs, service, None) {
+        Verb::Start => match start_one(dirs, service, None, &|_| {}) {
             Ok(r) if r.ok => {
                 row.ok = true;
                 row.bytes = r.checkpoint.as_deref().and_then(|id| checkpoint_size(dirs, &service.name, id));

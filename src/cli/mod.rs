@@ -35,6 +35,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!("cli: begin");
     // A command piped into `head` should end quietly, not panic on EPIPE. Not for the
     // supervisor: it writes to sockets whose clients may hang up, and must live on.
     let long_running = matches!(cli.command, Command::Supervise { .. } | Command::Start { foreground: true, .. });

@@ -13,7 +13,7 @@ use crate::supervisor::{
     ready::{Notifier, StartReport, READY_FD_ENV},
     status::{StartedFrom, StatusRecord},
 };
-use std::io::Read;
+use std::io::BufRead;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -27,12 +27,15 @@ const FINISHING_WAIT: Duration = Duration::from_secs(30);
 pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: bool) -> Result<i32, Error> {
     super::require_root()?;
     let service = load_named(dirs, name)?;
-    Criu::get()?;
+    Criu::get_cached(&dirs.criu_version_cache())?;
     if foreground {
         wait_for_finishing(dirs, &service)?;
         return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), Notifier::from_env(), true));
     }
-    let report = start_one(dirs, &service, from)?;
+    let shown = super::output::ProgressLines::new(json);
+    let report = start_one(dirs, &service, from, &|line| shown.show(line));
+    shown.finish();
+    let report = report?;
     if !report.ok {
         let msg = report.error.clone().unwrap_or_else(|| "unknown error".into());
         if json {
@@ -89,7 +92,13 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
 }
 
 /// Starts one service's supervisor in the background and returns its report (printing nothing).
-pub fn start_one(dirs: &Dirs, service: &crate::config::Service, from: Option<&str>) -> Result<StartReport, Error> {
+/// `progress` hears the supervisor's `Progress: ` lines (a long verification or restore).
+pub fn start_one(
+    dirs: &Dirs,
+    service: &crate::config::Service,
+    from: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<StartReport, Error> {
     wait_for_finishing(dirs, service)?;
     let paths = dirs.service(&service.name);
     create_dir_with_mode(&paths.root, 0o700)?;
@@ -142,10 +151,18 @@ pub fn start_one(dirs: &Dirs, service: &crate::config::Service, from: Option<&st
             Ok(())
         });
     }
+    tracing::debug!("start: spawning the supervisor");
     cmd.spawn().map_err(|e| Error::io("start the supervisor", "/proc/self/exe", e))?;
     drop(ready_w);
     let mut text = String::new();
-    let _ = std::fs::File::from(ready_r).read_to_string(&mut text);
+    for line in std::io::BufReader::new(std::fs::File::from(ready_r)).lines().map_while(Result::ok) {
+        if line.starts_with(crate::supervisor::protocol::PROGRESS_PREFIX) {
+            progress(&line);
+        } else if !line.trim().is_empty() {
+            text = line;
+        }
+    }
+    tracing::debug!("start: report read");
     let report: StartReport = serde_json::from_str(text.trim()).map_err(|_| {
         Error::StartFailed(format!(
             "the supervisor of {} exited before reporting; see {}",

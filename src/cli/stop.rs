@@ -89,7 +89,9 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
     })?;
     // Says at once what it wants, so the supervisor need not wait to tell it from a browser.
     let _ = std::io::Write::write_all(&mut stream, format!("{}\n", protocol::STOP_COMMAND).as_bytes());
+    tracing::debug!("stop: connected");
     let (final_line, lines) = relay(stream, !echo)?;
+    tracing::debug!("stop: final line");
     match protocol::parse_final(&final_line) {
         Some(Ok(text)) => {
             if root {
@@ -109,27 +111,15 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
 /// On a terminal, `Progress:` lines update one status line in place; elsewhere every line is
 /// printed as it is (no carriage returns in logs and pipes).
 pub fn relay<R: std::io::Read>(stream: R, json: bool) -> Result<(String, Vec<String>), Error> {
-    use std::io::IsTerminal;
-    let bar = (!json && std::io::stdout().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.enable_steady_tick(std::time::Duration::from_millis(120));
-        b
-    });
+    let shown = super::output::ProgressLines::new(json);
     let mut last = String::new();
     let mut all = Vec::new();
     for line in BufReader::new(stream).lines() {
         let line = line.map_err(|e| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}")))?;
-        match &bar {
-            Some(b) if line.starts_with(protocol::PROGRESS_PREFIX) => b.set_message(line.clone()),
-            Some(b) => b.println(&line),
-            None if !json => println!("{line}"),
-            None => {}
-        }
+        shown.show(&line);
         last = line.clone();
         all.push(line);
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    shown.finish();
     Ok((last, all))
 }

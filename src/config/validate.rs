@@ -28,6 +28,8 @@ pub enum Readiness {
     Tcp(String),
     /// The command, run as the service user in its environment, exits 0.
     Exec(Vec<String>),
+    /// The service sends `READY=1` to `$NOTIFY_SOCKET` (sd_notify), from a process of its tree.
+    Notify,
 }
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -304,12 +306,14 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
     }
 }
 
-/// `ready: {tcp: "HOST:PORT"}` or `ready: {exec: [cmd, args...]}`.
+/// `ready: {tcp: "HOST:PORT"}`, `ready: {exec: [cmd, args...]}` or `ready: notify`.
 fn readiness(c: &mut Checker, v: &serde_yaml::Value) -> Option<Readiness> {
-    const HOW: &str = "write `ready: {tcp: \"127.0.0.1:6390\"}` (a connection is accepted) or `ready: {exec: [\"redis-cli\", \"-p\", \"6390\", \"ping\"]}` (the command exits 0)";
+    const HOW: &str = "write `ready: {tcp: \"127.0.0.1:6390\"}` (a connection is accepted), `ready: {exec: [\"redis-cli\", \"-p\", \"6390\", \"ping\"]}` (the command exits 0) or `ready: notify` (the service sends READY=1 to $NOTIFY_SOCKET)";
+    if v.as_str() == Some("notify") {
+        return Some(Readiness::Notify);
+    }
     let Some(map) = v.as_mapping().filter(|m| m.len() == 1) else {
-        let what = if v.as_str() == Some("notify") { "`notify` is not supported yet; " } else { "" };
-        c.fail("ready", format!("{what}{HOW}"));
+        c.fail("ready", format!("unknown form; {HOW}"));
         return None;
     };
     let (k, val) = map.iter().next().expect("one entry");

@@ -1,7 +1,8 @@
-//! Locating the `criu` binary and checking its version, once per process.
+//! Locating the `criu` binary and checking its version: once per process, and once per binary
+//! through a small cache in the state directory.
 
 use super::CriuError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -19,16 +20,42 @@ static FOUND: OnceLock<Result<Criu, String>> = OnceLock::new();
 
 impl Criu {
     /// The CRIU to use: `$STASIS_CRIU`, else `criu` in PATH; version-checked the first time.
-    pub fn get() -> Result<Criu, CriuError> {
-        let found = FOUND.get_or_init(|| Criu::locate().map_err(|e| e.to_string()));
+    /// The version `criu --version` printed is remembered in `cache` for as long as the binary is the same file (device, inode, size, mtime, ctime): running
+    /// criu costs milliseconds on every start, reading the cache microseconds.
+    pub fn get_cached(cache: &Path) -> Result<Criu, CriuError> {
+        let found = FOUND.get_or_init(|| Criu::locate_cached(cache).map_err(|e| e.to_string()));
         match found {
             Ok(c) => Ok(c.clone()),
-            Err(_) => Criu::locate(),
+            Err(_) => Criu::locate_cached(cache),
         }
     }
 
-    fn locate() -> Result<Criu, CriuError> {
-        let path = match std::env::var_os("STASIS_CRIU") {
+    fn locate_cached(cache: &Path) -> Result<Criu, CriuError> {
+        let path = Criu::find()?;
+        let key = file_key(&path);
+        let remembered = std::fs::read(cache).ok().and_then(|b| serde_json::from_slice::<CachedVersion>(&b).ok());
+        if let (Some(key), Some(c)) = (&key, remembered) {
+            if c.path == path && &c.key == key && at_least(&c.version, MIN_VERSION) {
+                return Ok(Criu { path, version: c.version });
+            }
+        }
+        let criu = Criu::check(path)?;
+        if let Some(key) = key {
+            let entry = CachedVersion { path: criu.path.clone(), key, version: criu.version.clone() };
+            if let Some(dir) = cache.parent() {
+                let _ = crate::store::durable::create_dir_with_mode(dir, 0o700);
+            }
+            let _ = crate::store::durable::write_atomic_with(
+                cache,
+                &serde_json::to_vec(&entry).unwrap_or_default(),
+                crate::store::durable::Durability::None,
+            );
+        }
+        Ok(criu)
+    }
+
+    fn find() -> Result<PathBuf, CriuError> {
+        Ok(match std::env::var_os("STASIS_CRIU") {
             Some(p) => PathBuf::from(p),
             None => {
                 let path = std::env::var("PATH").unwrap_or_default();
@@ -36,7 +63,11 @@ impl Criu {
                 which::which_in("criu", Some(format!("{path}:{EXTRA_DIRS}")), cwd)
                     .map_err(|_| CriuError::Missing { min: MIN_VERSION })?
             }
-        };
+        })
+    }
+
+    /// Runs `criu --version` and checks it is new enough.
+    fn check(path: PathBuf) -> Result<Criu, CriuError> {
         let out = Command::new(&path)
             .arg("--version")
             .output()
@@ -49,6 +80,21 @@ impl Criu {
         }
         Ok(Criu { path, version })
     }
+}
+
+/// What `criu --version` printed, and for which file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedVersion {
+    path: PathBuf,
+    key: String,
+    version: String,
+}
+
+/// Changes whenever the file at `path` is replaced or rewritten.
+fn file_key(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{}:{}:{}:{}.{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 fn parse_version(text: &str) -> Option<String> {

@@ -20,12 +20,24 @@ const RECENT_CAP: usize = 1 << 20;
 
 pub struct Capture {
     done: mpsc::Receiver<Vec<u8>>,
+    /// Dropped by `finish`: ends the pause between reads at once.
+    hurry: mpsc::Sender<()>,
 }
+
+/// At -v4 criu writes thousands of short lines; read as they come, each one wakes this thread
+/// and takes a CPU from the dump or restore (there may be only two). Reading at most this often
+/// lets them pile up in the pipe (made large for that) and costs a few wake-ups per run. When
+/// criu exits, `finish` ends the pause, so nothing waits for it.
+const PACE: Duration = Duration::from_millis(20);
+/// The pipe buffer asked for: room for the log written during one pause.
+pub const PIPE_SIZE: i32 = 1 << 20;
 
 /// Copies `from` into `path` (mode 0600) until EOF, within the caps.
 pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
     let (tx, done) = mpsc::channel();
+    let (hurry, hurried) = mpsc::channel::<()>();
     std::thread::spawn(move || {
+        let mut pace = true;
         let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).ok();
         let mut written = 0usize;
         let mut tail: VecDeque<u8> = VecDeque::new();
@@ -39,6 +51,9 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
+            if pace && n < buf.len() && hurried.recv_timeout(PACE) == Err(mpsc::RecvTimeoutError::Disconnected) {
+                pace = false;
+            }
             recent.extend(&buf[..n]);
             if recent.len() > RECENT_CAP {
                 let excess = recent.len() - RECENT_CAP;
@@ -75,7 +90,7 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
         }
         let _ = tx.send(recent.into_iter().collect());
     });
-    Capture { done }
+    Capture { done, hurry }
 }
 
 impl Capture {
@@ -83,6 +98,7 @@ impl Capture {
     /// theory hold the pipe open; then the head of the log is already on disk). Returns the last
     /// MiB of the log.
     pub fn finish(self, limit: Duration) -> Vec<u8> {
+        drop(self.hurry);
         self.done.recv_timeout(limit).unwrap_or_default()
     }
 }

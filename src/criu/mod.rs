@@ -6,7 +6,7 @@ pub mod action_hook;
 mod argv;
 mod binary;
 mod error;
-mod log_capture;
+pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
 mod run;

@@ -48,14 +48,38 @@ pub fn delete_table(table: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Left beside a dump's log once its table is known to be gone (CRIU removed it at the
+/// restore, or stasis deleted it), so nothing runs `nft` for it again: an `nft` run costs more
+/// than the rest of a stop's bookkeeping together.
+const RELEASED_MARKER: &str = "network-lock-released";
+
+fn marker(dump_log: &Path) -> Option<std::path::PathBuf> {
+    dump_log.parent().map(|d| d.join(RELEASED_MARKER))
+}
+
+/// Records that the dump's table is gone; best effort (without it, `release` asks nft again).
+pub fn mark_released(dump_log: &Path) {
+    if let Some(m) = marker(dump_log) {
+        let _ = std::fs::write(m, b"");
+    }
+}
+
+/// Whether the dump's table may still exist: it named one and nobody has removed it since.
+pub fn may_hold(dump_log: &Path) -> bool {
+    !marker(dump_log).is_some_and(|m| m.exists()) && table_of_dump(dump_log).is_some()
+}
+
 /// Deletes the dump's table if it still exists; best effort (no nft, no table: nothing to do).
 pub fn release(dump_log: &Path) {
-    if let Some(table) = table_of_dump(dump_log) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &table])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+    if !may_hold(dump_log) {
+        return;
+    }
+    let Some(table) = table_of_dump(dump_log) else { return };
+    let out = Command::new("nft").args(["delete", "table", "inet", &table]).stdout(Stdio::null()).output();
+    // Deleted, or not there to delete ("No such file or directory"): gone either way.
+    let gone = out.is_ok_and(|o| o.status.success() || String::from_utf8_lossy(&o.stderr).contains("No such file"));
+    if gone {
+        mark_released(dump_log);
     }
 }
 

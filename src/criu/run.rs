@@ -30,16 +30,17 @@ impl Criu {
         // Its own group, so a timeout ends the action scripts it started too.
         cmd.process_group(0);
         let limit = Deadline { after: timeout, setting: "dump_timeout" };
-        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(limit))
+        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(limit), &|_| {})
     }
 
     /// Restores detached; `stdout_pipe` (the write end of the service's new stdout pipe) is
-    /// handed to criu as fd 3 for `--inherit-fd`.
+    /// handed to criu as fd 3 for `--inherit-fd`. `spawned` hears criu's PID (for progress).
     pub fn restore(
         &self,
         args: &RestoreArgs,
         stdout_pipe: Option<BorrowedFd<'_>>,
         timeout: Duration,
+        spawned: &dyn Fn(i32),
     ) -> Result<RestoreOutcome, CriuError> {
         let pidfile = args.work_dir.join(RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
@@ -59,7 +60,7 @@ impl Criu {
         let log = args.work_dir.join(RESTORE_LOG);
         cmd.process_group(0);
         let limit = Deadline { after: timeout, setting: "restore_timeout" };
-        self.finish(cmd, "restore the checkpoint", &log, Some(limit))?;
+        self.finish(cmd, "restore the checkpoint", &log, Some(limit), spawned)?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let _ = std::fs::remove_file(&pidfile);
         match text.trim().parse::<i32>() {
@@ -93,9 +94,16 @@ impl Criu {
         action: &'static str,
         log: &Path,
         limit: Option<Deadline>,
+        spawned: &dyn Fn(i32),
     ) -> Result<(), CriuError> {
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
-        let capture = log_capture::spawn(child.stdout.take().expect("stdout is piped"), log.to_path_buf());
+        tracing::debug!("criu: spawned");
+        spawned(child.id() as i32);
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // Best effort: a smaller pipe only means more wake-ups.
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, log_capture::PIPE_SIZE) };
+        let capture = log_capture::spawn(stdout, log.to_path_buf());
         let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -113,8 +121,11 @@ impl Criu {
             }
         }
         let status = child.wait().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        tracing::debug!("criu: exited");
         let recent = capture.finish(LOG_DRAIN);
+        tracing::debug!("criu: log captured");
         let stderr = reader.join().unwrap_or_default();
+        tracing::debug!("criu: stderr read");
         if status.success() {
             return Ok(());
         }

@@ -4,7 +4,7 @@
 //! rewrites the previous one before that. IDs start with the service's generation, so "newest"
 //! never depends on the clock. Retention removes old checkpoints only after a newer one is durable.
 
-use super::durable::{create_dir_with_mode, fsync_and_hash, fsync_dir, write_atomic};
+use super::durable::{create_dir_with_mode, fsync_and_hash, fsync_dir, write_atomic, write_atomic_with, Durability};
 use super::generation::{GenerationFile, Generations};
 use super::manifest::{Manifest, HASH_ALGORITHM, MANIFEST_FILE};
 use super::StoreError;
@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 const INCOMPLETE_PREFIX: &str = ".incomplete-";
+/// A checkpoint taken out of the store whose files are still to be deleted.
+const REMOVED_PREFIX: &str = ".incomplete-removed-";
 const DRAFT_FILE: &str = "manifest.draft.json";
 const IMAGES_DIR: &str = "images";
 pub const QUARANTINE_REASON_FILE: &str = "quarantine-reason.txt";
@@ -48,7 +50,8 @@ impl Checkpoint {
         update(&mut t);
         self.manifest.timings = Some(t);
         let bytes = serde_json::to_vec_pretty(&self.manifest).expect("manifest serializes");
-        write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)
+        // Whole either way: a power cut may only lose the figures.
+        write_atomic_with(&self.dir.join(MANIFEST_FILE), &bytes, Durability::File)
     }
 
     /// Records that it does not fit (kept for a rollback of the program, or for inspection).
@@ -326,17 +329,28 @@ impl CheckpointStore {
     }
 
     /// Deletes one checkpoint directory (retention). The caller has released what it held.
+    /// Takes the checkpoint out of the store at once (one rename, made durable); its files are
+    /// deleted by [`CheckpointStore::purge_removed`], which the supervisor runs off the path
+    /// that someone waits on. A crash in between leaves a directory nothing lists or restores.
     pub fn remove(&self, c: &ListedCheckpoint) -> Result<(), StoreError> {
-        // Renamed out of sight first, so a crash mid-delete never leaves a half checkpoint
-        // that looks complete.
-        let doomed = self.dir.join(format!("{INCOMPLETE_PREFIX}removed-{}", c.id));
+        let doomed = self.dir.join(format!("{REMOVED_PREFIX}{}", c.id));
         fs::rename(&c.dir, &doomed).map_err(|source| StoreError::Rename {
             from: c.dir.clone(),
             to: doomed.clone(),
             source,
         })?;
-        fsync_dir(&self.dir)?;
-        fs::remove_dir_all(&doomed).map_err(|source| StoreError::Write { path: doomed, source })
+        fsync_dir(&self.dir)
+    }
+
+    /// Deletes the files of removed checkpoints. Two supervisors (one ending, one starting) may
+    /// run this at once: whatever one deletes, the other skips.
+    pub fn purge_removed(&self) {
+        let Ok(rd) = fs::read_dir(&self.dir) else { return };
+        for e in rd.filter_map(Result::ok) {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(REMOVED_PREFIX)) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Deletes all but the newest [`QUARANTINE_KEEP`] quarantined checkpoints.
@@ -448,9 +462,12 @@ impl CheckpointStore {
     }
 
     /// Removes those leftovers. They were never checkpoints, so nothing restorable is lost.
+    /// Deletes dumps cut short. Removed checkpoints are left to [`CheckpointStore::purge_removed`].
     pub fn remove_incomplete(&self) {
         for dir in self.incomplete() {
-            let _ = fs::remove_dir_all(dir);
+            if !dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(REMOVED_PREFIX)) {
+                let _ = fs::remove_dir_all(dir);
+            }
         }
     }
 }
@@ -545,6 +562,12 @@ mod tests {
         }
         let left: Vec<String> = s.list().unwrap().into_iter().map(|c| c.id).collect();
         assert_eq!(left, ids[1..].to_vec());
+        let removed = s.dir().join(format!("{REMOVED_PREFIX}{}", ids[0]));
+        assert!(removed.is_dir(), "removed out of sight, deleted later");
+        s.remove_incomplete();
+        assert!(removed.is_dir(), "a start leaves it to the purge");
+        s.purge_removed();
+        assert!(!removed.exists());
         assert!(s.beyond_retention(5).unwrap().is_empty());
     }
 

@@ -1,7 +1,7 @@
 //! `counters.json` of a service: how often it was restored, cold-started, checkpointed, and how
 //! often that failed, for `stasis metrics`. Written atomically by the supervisor (one per service).
 
-use super::durable::write_atomic;
+use super::durable::{write_atomic_with, Durability};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -30,5 +30,6 @@ pub fn load(service_root: &Path) -> Counters {
 pub fn bump(service_root: &Path, f: impl FnOnce(&mut Counters)) {
     let mut c = load(service_root);
     f(&mut c);
-    let _ = write_atomic(&path(service_root), &serde_json::to_vec(&c).expect("counters serialize"));
+    // Figures for metrics: not worth an fsync on every start and stop.
+    let _ = write_atomic_with(&path(service_root), &serde_json::to_vec(&c).expect("counters serialize"), Durability::None);
 }

@@ -3,7 +3,7 @@
 //! (dev, inode, size, mtime, ctime) stay the same. ctime cannot be set from user space, so a file
 //! rewritten in place with its mtime put back is still hashed again.
 
-use super::durable::{create_dir_with_mode, write_atomic};
+use super::durable::{create_dir_with_mode, write_atomic_with, Durability};
 use super::manifest::FileIdentity;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -101,7 +101,8 @@ impl HashCache {
             let _ = create_dir_with_mode(dir, 0o700);
         }
         let bytes = serde_json::to_vec(&self.file).expect("cache serializes");
-        if write_atomic(&self.path, &bytes).is_ok() {
+        // A cache: whatever a crash leaves of it is re-hashed.
+        if write_atomic_with(&self.path, &bytes, Durability::None).is_ok() {
             self.dirty = false;
         }
     }

@@ -26,33 +26,6 @@ pub enum DumpProgress {
     Progress(String),
 }
 
-/// Until the first report, and between reports.
-const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reports, every second of a long dump, how much of it is written: the size of the images so
-/// far, read from the directory (CRIU has no progress channel). Stops when `done` is set.
-fn watch_progress(
-    images: std::path::PathBuf,
-    progress: &(impl Fn(DumpProgress) + Sync),
-    done: std::sync::mpsc::Receiver<()>,
-) {
-    let started = Instant::now();
-    // The sender is dropped when the dump ends, which wakes this at once.
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(PROGRESS_EVERY) {
-        let bytes: u64 = std::fs::read_dir(&images)
-            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0);
-        let secs = started.elapsed().as_secs_f64();
-        progress(DumpProgress::Progress(format!(
-            "{}dumping, {} written ({:.0} MiB/s, {:.1} s)",
-            super::protocol::PROGRESS_PREFIX,
-            crate::time_fmt::human_bytes(bytes),
-            bytes as f64 / (1 << 20) as f64 / secs.max(0.001),
-            secs
-        )));
-    }
-}
-
 /// `progress` hears when the dump has to queue for a host slot, and when it got one.
 pub fn take_checkpoint(
     ctx: &Context,
@@ -78,7 +51,9 @@ pub fn take_checkpoint(
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     });
     if let Ok(report) = &mut outcome {
+        tracing::debug!("dump: retention");
         report.notes = super::retention::apply(ctx);
+        tracing::debug!("dump: retention done");
     }
     outcome
 }
@@ -112,10 +87,12 @@ fn dump(
     if waited {
         progress(DumpProgress::Dumping);
     }
+    tracing::debug!("dump: slot taken");
     let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
     let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the
     // frozen tree's mappings against it at almost no cost.
+    tracing::debug!("dump: pending checkpoint begun");
     let mut cache = ctx.hash_cache();
     let executables = tree::executable_identities(init_pid, &mut cache);
     cache.save();
@@ -139,6 +116,7 @@ fn dump(
         timings: None,
         unknown: Default::default(),
     };
+    tracing::debug!("dump: identities taken");
     if let Err(e) = pending.write_draft(&draft) {
         pending.discard();
         return Err(e.to_string());
@@ -167,15 +145,18 @@ fn dump(
         ]
     };
     let dump_started = Instant::now();
+    tracing::debug!("dump: running criu");
     let dumped = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let images = pending.images_dir();
-        s.spawn(move || watch_progress(images, progress, done_rx));
+        let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
+        let report = |line: String| progress(DumpProgress::Progress(line));
+        s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
         let r = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
         drop(done_tx);
         r
     });
     let dump_ms = dump_started.elapsed().as_millis() as u64;
+    tracing::debug!("dump: criu done");
 
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
@@ -212,6 +193,10 @@ fn dump(
     };
     match checkpoint {
         Ok(mut cp) => {
+            if !stopping {
+                // CRIU unlocks the network itself when the service is left running.
+                network_lock::mark_released(&cp.dir.join(DUMP_LOG));
+            }
             let stats = crate::criu::stats::dump_stats(&cp.dir);
             let _ = cp.record_timings(|t| {
                 t.dump_ms = Some(dump_ms);

@@ -54,8 +54,8 @@ pub async fn run_loop(
     on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
-    // Every connection holds a clone; the loop's end waits until final lines are written.
-    let connections = Arc::new(());
+    // The loop's end waits until every connection has written its final lines.
+    let connections = OpenConnections::default();
     let Listeners { kill_port, control } = listeners;
     let mut allowed = vec![0, ctx.service.uid];
     allowed.extend(&ctx.service.kill_port_uids);
@@ -131,6 +131,7 @@ pub async fn run_loop(
         for action in actions {
             match action {
                 Action::StartDump(kind) => {
+                    tracing::debug!("loop: dump requested");
                     if let Some(req) = request.take() {
                         waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
@@ -167,6 +168,7 @@ pub async fn run_loop(
                     }
                 }
                 Action::ReplyToDumpWaiters => {
+                    tracing::debug!("loop: dump finished");
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     let ok = outcome.is_ok();
                     crate::store::counters::bump(&ctx.paths.root, |c| {
@@ -200,6 +202,12 @@ pub async fn run_loop(
                     for w in waiters.drain(..) {
                         let _ = w.reply.send(outcome.clone());
                     }
+                    // A stopping supervisor purges once it has let go of its lock.
+                    if new_state == State::Running {
+                        let purge = ctx.clone();
+                        tokio::task::spawn_blocking(move || purge.store.purge_removed());
+                    }
+                    tracing::debug!("loop: replied");
                 }
                 Action::TerminateService => {
                     super::systemd::stopping("stopping without a checkpoint");
@@ -237,9 +245,11 @@ pub async fn run_loop(
     // The service may still be on its way out (CRIU kills it after the hook) and its last
     // output in the pipe: wait for both, so nothing is lost and no zombie stays.
     let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
-    while exit_message.is_none() && tokio::time::Instant::now() < deadline {
-        if reap(init_pid, &mut exit_message).is_none() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    while reap(init_pid, &mut exit_message).is_none() && exit_message.is_none() {
+        tokio::select! {
+            _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() => {}
+            _ = sigchld.recv() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
         }
     }
     if exit_message.is_none() {
@@ -264,21 +274,61 @@ pub async fn run_loop(
         (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
         _ => Err(format!("{} is not running any more", ctx.service.name)),
     };
-    while Arc::strong_count(&connections) > 3 && tokio::time::Instant::now() < deadline + FINISH_TIMEOUT {
-        match tokio::time::timeout(Duration::from_millis(10), req_rx.recv()).await {
-            Ok(Some(req)) => {
+    loop {
+        tokio::select! {
+            Some(req) = req_rx.recv() => {
                 if late_outcome.is_ok() {
                     let _ = req.lines.send(protocol::joined(&ctx.service.name));
                 }
                 let _ = req.reply.send(late_outcome.clone());
             }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_) => {}
+            _ = connections.all_closed() => break,
+            _ = tokio::time::sleep_until(deadline + FINISH_TIMEOUT) => break,
         }
     }
+    tracing::debug!("loop: exiting");
     log.note(&format!("supervisor exiting: {message}"));
     super::systemd::stopping(&message);
     Ok(LoopEnd { state })
+}
+
+/// Counts the connections being served, so the loop's end can wait for them without a timer.
+#[derive(Clone, Default)]
+struct OpenConnections(Arc<OpenCount>);
+
+#[derive(Default)]
+struct OpenCount {
+    n: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One connection being served; dropping it closes the count.
+struct Open(Arc<OpenCount>);
+
+impl OpenConnections {
+    fn open(&self) -> Open {
+        self.0.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Open(self.0.clone())
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            // Created before the check, so a close between the two still wakes it.
+            let closed = self.0.closed.notified();
+            if self.0.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
 }
 
 /// Collects the service's init if it has exited.
@@ -313,16 +363,17 @@ async fn accept_kill_port(
     listener: TcpListener,
     tx: mpsc::Sender<Request>,
     policy: Arc<KillPortPolicy>,
-    token: Arc<()>,
+    connections: OpenConnections,
 ) {
     loop {
         if let Ok((stream, peer)) = listener.accept().await {
-            let (tx, policy, token) = (tx.clone(), policy.clone(), token.clone());
+            tracing::debug!("kill port: accepted");
+            let (tx, policy, open) = (tx.clone(), policy.clone(), connections.open());
             tokio::spawn(async move {
                 if let Some(stream) = admit(stream, peer, &policy).await {
                     serve(stream, DumpKind::Stop, tx, policy.name.clone()).await;
                 }
-                drop(token);
+                drop(open);
             });
         }
     }
@@ -371,14 +422,14 @@ async fn admit(
     Some(stream)
 }
 
-async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, token: Arc<()>) {
+async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, connections: OpenConnections) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (tx, name, token) = (tx.clone(), name.clone(), token.clone());
+        let (tx, name, open) = (tx.clone(), name.clone(), connections.open());
         tokio::spawn(async move {
-            let _token = token;
+            let _open = open;
             // The socket sits in the root-only run dir; its peer must be root all the same.
             if stream.peer_cred().map(|c| c.uid()).ok() != Some(0) {
                 let (_, mut wr) = stream.into_split();

@@ -10,6 +10,7 @@ mod event_loop;
 pub mod lock;
 mod log_pump;
 mod peer;
+mod progress;
 pub mod protocol;
 mod readiness;
 pub mod ready;

@@ -1,5 +1,5 @@
 //! How a background supervisor tells `stasis start` that the service is up (or why not): one
-//! JSON line on an inherited pipe, then EOF.
+//! JSON line on an inherited pipe, then EOF. `Progress: ` lines may come before it.
 
 use crate::supervisor::status::StartedFrom;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,13 @@ impl Notifier {
         std::env::remove_var(READY_FD_ENV);
         // SAFETY: `stasis start` put this fd in place for us and nothing else owns it.
         Notifier(fd.filter(|fd| *fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    /// A `Progress: ` line for the waiting `start`, before the report.
+    pub fn progress(&self, line: &str) {
+        if let Some(f) = &self.0 {
+            let _ = (&*f).write_all(format!("{line}\n").as_bytes());
+        }
     }
 
     pub fn send(&mut self, report: &StartReport) {

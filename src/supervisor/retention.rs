@@ -17,14 +17,17 @@ const INIT_COPY_MIN_AGE: Duration = Duration::from_secs(3600);
 /// connections, so their network-lock tables only block the ports (and slow every dump on the
 /// host). The restored checkpoint's own table CRIU has already removed.
 pub fn release_stale_locks(ctx: &Context, restored: Option<&str>) {
-    let Ok(tables) = network_lock::tables() else { return };
-    for c in ctx.store.list().unwrap_or_default() {
-        if Some(c.id.as_str()) == restored {
-            continue;
-        }
-        if network_lock::table_of_dump(&c.dir.join(DUMP_LOG)).is_some_and(|t| tables.contains(&t)) {
-            network_lock::release(&c.dir.join(DUMP_LOG));
-        }
+    let held: Vec<_> = ctx
+        .store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| Some(c.id.as_str()) != restored)
+        .map(|c| c.dir.join(DUMP_LOG))
+        .filter(|log| network_lock::may_hold(log))
+        .collect();
+    for log in held {
+        network_lock::release(&log);
     }
 }
 

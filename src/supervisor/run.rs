@@ -54,7 +54,9 @@ fn supervise(
     notifier: &mut Notifier,
     foreground: bool,
 ) -> Result<i32, Error> {
-    let criu = Criu::get()?;
+    tracing::debug!("supervisor: begin");
+    let criu = Criu::get_cached(&dirs.criu_version_cache())?;
+    tracing::debug!("supervisor: criu found");
     let host = crate::config::host::HostConfig::load(&dirs.host_config)?;
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
@@ -80,6 +82,7 @@ fn supervise(
     let log = LogWriter::open(&paths.service_log(), foreground, service.log_max_bytes, service.log_keep)
         .map_err(|e| Error::io("open", paths.service_log(), e))?;
     // Verified before every use: a damaged copy is re-created here, never blamed on a checkpoint.
+    tracing::debug!("supervisor: listening");
     let mut cache = HashCache::load(dirs.hash_cache());
     let installed = init_binary::install(&dirs.init_binaries(), &mut cache)?;
     cache.save();
@@ -108,13 +111,19 @@ fn supervise(
         restore_ms: started.and_then(|s| s.restore_ms),
     };
 
-    let started = start_service(&ctx, from).and_then(|s| {
-        if s.info.started_from == StartedFrom::Cold {
+    tracing::debug!("supervisor: init installed");
+    let progress = |line: String| {
+        notifier.progress(&line);
+        super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
+    };
+    let started = start_service(&ctx, from, &progress).and_then(|s| {
+        // With `ready:` the readiness wait notices a command that dies at once.
+        if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
             super::startup::survives_probation(&s, &ctx.service.name, &log)?;
         }
         Ok(s)
     });
-    let super::startup::Started { info: started, output } = match started {
+    let super::startup::Started { info: started, output, notify } = match started {
         Ok(s) => s,
         Err(e) => {
             log.note(&format!("failed to start: {e}"));
@@ -129,6 +138,7 @@ fn supervise(
             });
         }
     };
+    tracing::debug!("supervisor: service started");
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
     let init_pid = started.init_pid;
@@ -147,7 +157,7 @@ fn supervise(
         // meanwhile, so it never blocks on a full pipe).
         if let Some(ready) = ctx.service.ready.clone() {
             let probe_ctx = ctx.clone();
-            let outcome = tokio::task::spawn_blocking(move || super::readiness::wait(&probe_ctx, init_pid, &ready))
+            let outcome = tokio::task::spawn_blocking(move || super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref()))
                 .await
                 .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
             if let Err(why) = outcome {
@@ -176,6 +186,7 @@ fn supervise(
         }
         super::systemd::ready(&format!("{how}; pid {pid}"));
         record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
+        tracing::debug!("supervisor: status written");
         // Done before `start` is told, so what it reports is already so on disk and in nftables.
         for n in super::retention::apply(&ctx) {
             log.note(&n);
@@ -192,6 +203,7 @@ fn supervise(
             }
         });
         crate::metrics::write_file(&ctx.dirs, &ctx.host);
+        tracing::debug!("supervisor: reporting");
         notifier.send(&StartReport {
             ok: true,
             pid: Some(pid),
@@ -202,6 +214,8 @@ fn supervise(
             exit_code: None,
             warnings: started.notes.clone(),
         });
+        let purge = ctx.clone();
+        tokio::task::spawn_blocking(move || purge.store.purge_removed());
         let paths = ctx.paths.clone();
         let on_change = |state: State, message: Option<&str>| {
             let s = match state {
@@ -224,6 +238,12 @@ fn supervise(
     })?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
     crate::metrics::write_file(&ctx.dirs, &ctx.host);
+    // `stop` returns once the lock is free; the kill port and control socket close with the
+    // runtime first, so a supervisor started right away can bind them. Deleting the files of
+    // checkpoints retention took away is nobody's wait.
+    drop(runtime);
+    drop(_lock);
+    ctx.store.purge_removed();
     Ok(match end.state {
         State::Stopped => exit_codes::OK,
         _ => exit_codes::START_FAILED,

@@ -20,6 +20,8 @@ pub struct Started {
     pub info: StartInfo,
     /// Read end of the service's stdout/stderr pipe.
     pub output: OwnedFd,
+    /// Where a cold-launched `ready: notify` service says it is ready.
+    pub notify: Option<super::readiness::NotifySocket>,
 }
 
 pub struct StartInfo {
@@ -42,7 +44,10 @@ enum Refusal {
     Stop(Error),
 }
 
-pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error> {
+/// The lines `progress` hears are for the person waiting on `start` (and systemd's STATUS=).
+pub type Progress<'a> = &'a (dyn Fn(String) + Sync);
+
+pub fn start_service(ctx: &Context, from: Option<&str>, progress: Progress) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     for dir in ctx.store.check_private()? {
         tracing::warn!("{} could be read by other users; made it 0700", dir.display());
@@ -53,7 +58,7 @@ pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error
     }
     ctx.store.remove_incomplete();
     if let Some(id) = from {
-        return start_from(ctx, id);
+        return start_from(ctx, id, progress);
     }
     let generations = ctx.store.generations();
     let mut reasons: Vec<String> = Vec::new();
@@ -76,7 +81,7 @@ pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error
                 break;
             }
         }
-        match try_restore(ctx, &cp, false) {
+        match try_restore(ctx, &cp, false, progress) {
             Ok(mut started) => {
                 started.info.fallback_reason = (!reasons.is_empty()).then(|| reasons.join("; then "));
                 return Ok(started);
@@ -89,7 +94,7 @@ pub fn start_service(ctx: &Context, from: Option<&str>) -> Result<Started, Error
 }
 
 /// `start --from ID`: that checkpoint, stale or not, or nothing at all.
-fn start_from(ctx: &Context, id: &str) -> Result<Started, Error> {
+fn start_from(ctx: &Context, id: &str, progress: Progress) -> Result<Started, Error> {
     let listed = ctx.store.get(id)?.ok_or_else(|| {
         Error::RestoreRefused(format!(
             "failed to find checkpoint {id} of {} in {}; `stasis checkpoints {}` lists them",
@@ -104,7 +109,7 @@ fn start_from(ctx: &Context, id: &str) -> Result<Started, Error> {
             listed.manifest.as_ref().err().cloned().unwrap_or_default()
         ))
     })?;
-    match try_restore(ctx, &cp, true) {
+    match try_restore(ctx, &cp, true, progress) {
         Ok(started) => Ok(started),
         Err(Refusal::Skip(why)) => Err(Error::RestoreRefused(format!("failed to restore the requested {why}"))),
         Err(Refusal::Stop(e)) => Err(e),
@@ -112,13 +117,19 @@ fn start_from(ctx: &Context, id: &str) -> Result<Started, Error> {
 }
 
 /// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
-fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<Started, Refusal> {
+fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
+    tracing::debug!("restore: verifying");
+    let big = cp.manifest.size_bytes >= super::progress::BIG;
+    if big {
+        progress(super::progress::phase("verifying", cp.manifest.size_bytes));
+    }
     if let Some(images) = &cp.manifest.images {
         if let Err(problem) = verify::verify_images(&cp.dir, images) {
             let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
             return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
         }
     }
+    tracing::debug!("restore: verified");
     if let Err(m) = fits_program(ctx, cp) {
         let reason = format!(
             "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
@@ -139,11 +150,15 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<Started
         return Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")));
     }
     cp.clear_incompatible();
+    tracing::debug!("restore: fits");
     let before = ctx
         .store
         .record_run(&format!("restored from checkpoint {}", cp.id))
         .map_err(|e| Refusal::Stop(Error::from(e)))?;
-    match restore(ctx, cp) {
+    if big {
+        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+    }
+    match restore(ctx, cp, progress) {
         Ok(started) => Ok(started),
         Err(RestoreError::Criu(e)) => {
             // CRIU failed before the service ran: the run did not happen.
@@ -213,7 +228,7 @@ enum RestoreError {
     Other(String),
 }
 
-fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
+fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
     let args = RestoreArgs {
@@ -231,9 +246,22 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
         RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display()))
     })?;
     let restore_started = std::time::Instant::now();
-    let outcome =
-        ctx.criu.restore(&args, Some(stdout_w.as_fd()), ctx.service.restore_timeout).map_err(RestoreError::Criu)?;
+    tracing::debug!("restore: running criu");
+    let criu_pid = std::sync::OnceLock::new();
+    let outcome = std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let total = cp.manifest.size_bytes;
+        let pid = &criu_pid;
+        s.spawn(move || super::progress::watch_restore(pid, total, &progress, done_rx));
+        let r = ctx.criu.restore(&args, Some(stdout_w.as_fd()), ctx.service.restore_timeout, &|pid| {
+            let _ = criu_pid.set(pid);
+        });
+        drop(done_tx);
+        r
+    })
+    .map_err(RestoreError::Criu)?;
     let restore_ms = restore_started.elapsed().as_millis() as u64;
+    tracing::debug!("restore: criu done");
     drop(slot);
     drop(stdout_w);
     let pid = Pid::from_raw(outcome.pid);
@@ -254,6 +282,8 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
             cp.id
         ));
     }
+    // A restore that succeeded has removed the dump's network lock.
+    crate::criu::network_lock::mark_released(&cp.dir.join(crate::criu::DUMP_LOG));
     let _ = cp.clone().record_timings(|t| t.restore_ms = Some(restore_ms));
     Ok(Started {
         info: StartInfo {
@@ -265,6 +295,7 @@ fn restore(ctx: &Context, cp: &Checkpoint) -> Result<Started, RestoreError> {
             restore_ms: Some(restore_ms),
         },
         output,
+        notify: None,
     })
 }
 
@@ -272,6 +303,18 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
     let (output, stdout_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(crate::process::LaunchError::Pipe)?;
     let s = &ctx.service;
+    let notify = match s.ready {
+        Some(crate::config::Readiness::Notify) => Some(
+            super::readiness::NotifySocket::bind(&s.name)
+                .map_err(|e| Error::StartFailed(format!("failed to create the socket for `ready: notify`: {e}")))?,
+        ),
+        _ => None,
+    };
+    let mut environment = s.environment.clone();
+    if let Some(n) = &notify {
+        environment.retain(|(k, _)| k != "NOTIFY_SOCKET");
+        environment.push(("NOTIFY_SOCKET".into(), n.address.clone()));
+    }
     let spec = LaunchSpec {
         init_binary: ctx.init_binary.clone(),
         init_dir: ctx.paths.root.clone(),
@@ -280,7 +323,7 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
         groups: s.supplementary_gids.clone(),
         working_dir: s.working_dir.clone(),
         command: s.command.clone(),
-        environment: s.environment.clone(),
+        environment,
     };
     let before = ctx.store.record_run("cold start")?;
     let init_pid = match cold_launch(&spec, stdout_w.as_fd()) {
@@ -302,6 +345,7 @@ fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error
             restore_ms: None,
         },
         output,
+        notify,
     })
 }
 

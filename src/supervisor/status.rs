@@ -2,7 +2,7 @@
 //! change. It outlives the supervisor, so `status` can say why a service stopped or failed.
 
 use crate::paths::ServicePaths;
-use crate::store::durable::write_atomic;
+use crate::store::durable::{write_atomic_with, Durability};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +55,8 @@ pub struct StatusRecord {
 impl StatusRecord {
     pub fn write(&self, paths: &ServicePaths) -> Result<(), crate::store::StoreError> {
         let bytes = serde_json::to_vec_pretty(self).expect("status serializes");
-        write_atomic(&paths.status_file(), &bytes)
+        // Informs (`status`, `list`); a start never trusts it without checking the process.
+        write_atomic_with(&paths.status_file(), &bytes, Durability::None)
     }
 
     pub fn read(paths: &ServicePaths) -> Option<StatusRecord> {

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Unit tests of bench/run's arithmetic and reporting (medians, ratios, verdicts, the docs table).
+No root, no CRIU: `python3 bench/test_run.py` (scripts/test runs it)."""
+
+import importlib.machinery
+import importlib.util
+import os
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+loader = importlib.machinery.SourceFileLoader("bench_run", os.path.join(HERE, "run"))
+spec = importlib.util.spec_from_loader("bench_run", loader)
+run = importlib.util.module_from_spec(spec)
+loader.exec_module(run)
+
+
+def s(*xs):
+    return run.stats(list(xs))
+
+
+class Stats(unittest.TestCase):
+    def test_median_and_spread(self):
+        self.assertEqual(s(3.0, 1.0, 2.0), {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3})
+        self.assertEqual(s(1.0, 4.0)["median"], 2.5, "an even count takes the mean of the middle two")
+
+    def test_one_outlier_does_not_move_the_median(self):
+        self.assertEqual(s(0.1, 0.1, 0.1, 0.1, 9.0)["median"], 0.1)
+
+
+class Table(unittest.TestCase):
+    def out(self, a, b):
+        return {"rounds": 7, "cpus": 2, "kernel": "6.18", "criu": "Version: 4.2.1",
+                "redis_small": {"holds": "100000 keys", "stasis_stop_start_s": s(*a), "raw_criu_dump_sync_restore_s": s(*b),
+                                "ratio": run.statistics.median(a) / run.statistics.median(b)},
+                "durable_001024": {"mib": 1024, "stasis_checkpoint_s": s(1.0), "dd_conv_fsync_s": s(1.5), "ratio_dd_over_stasis": 1.5},
+                "idle": {"seconds": 60, "rss_kib": 6000, "context_switches": 0}}
+
+    def test_verdicts_follow_the_goals(self):
+        rows = run.table(self.out([0.21, 0.20, 0.22], [0.10, 0.10, 0.11]))
+        redis, durable, idle = rows
+        self.assertIn("A/B **2.100**", redis[3])
+        self.assertIn("not met", redis[4])
+        self.assertIn("B/A **1.500**", durable[3])
+        self.assertEqual(durable[4], ">= 1.0: met")
+        self.assertTrue(idle[4].endswith(": met"))
+        rows = run.table(self.out([0.104], [0.100]))
+        self.assertEqual(rows[0][4], "<= 1.05: met", "4% over raw CRIU is within the goal")
+
+    def test_docs_are_written_between_the_markers_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            os.makedirs(f"{d}/docs")
+            path = f"{d}/docs/performance.md"
+            open(path, "w").write("before\n<!-- bench/run: begin -->\nOLD-TABLE\n<!-- bench/run: end -->\nafter\n")
+            saved, run.REPO = run.REPO, d
+            try:
+                out = self.out([0.2], [0.1])
+                run.write_docs(out, run.table(out), ["--rounds", "7"])
+            finally:
+                run.REPO = saved
+            text = open(path).read()
+            self.assertTrue(text.startswith("before\n<!-- bench/run: begin -->\nWritten by `sudo bench/run --rounds 7`"))
+            self.assertTrue(text.endswith("<!-- bench/run: end -->\nafter\n"))
+            self.assertNotIn("OLD-TABLE", text)
+            self.assertIn("| what | A | B | ratio | goal |", text)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,89 @@
+//! Progress of a long dump or restore for whoever waits on it: a line a second with the phase,
+//! the bytes so far and the rate. CRIU has no progress channel, so the bytes are read from what
+//! it leaves: the size of the images being written, the bytes its processes have read. Only
+//! while CRIU runs; an idle supervisor never ticks.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Until the first report, and between reports.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// A checkpoint at least this big takes long enough to restore that its phases are announced
+/// as they begin, before the first byte count.
+pub const BIG: u64 = 64 << 20;
+
+/// `Progress: PHASE, DONE[ of TOTAL] VERB (RATE MiB/s, SECS s)`.
+pub fn line(phase: &str, verb: &str, done: u64, total: Option<u64>, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64();
+    let of = total.map(|t| format!(" of {}", crate::time_fmt::human_bytes(t))).unwrap_or_default();
+    format!(
+        "{}{phase}, {}{of} {verb} ({:.0} MiB/s, {:.1} s)",
+        super::protocol::PROGRESS_PREFIX,
+        crate::time_fmt::human_bytes(done),
+        done as f64 / (1 << 20) as f64 / secs.max(0.001),
+        secs
+    )
+}
+
+/// A phase beginning: `Progress: PHASE SIZE`.
+pub fn phase(phase: &str, bytes: u64) -> String {
+    format!("{}{phase} {}", super::protocol::PROGRESS_PREFIX, crate::time_fmt::human_bytes(bytes))
+}
+
+/// Every second of a dump: freezing (nothing written yet), dumping (the images grow), syncing
+/// (CRIU's log says the post-dump hook, which makes the checkpoint durable, is running). Ends
+/// when `done`'s sender is dropped, at once.
+pub fn watch_dump(images: PathBuf, log: PathBuf, report: &(impl Fn(String) + Sync), done: mpsc::Receiver<()>) {
+    let started = Instant::now();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(EVERY) {
+        let bytes: u64 = std::fs::read_dir(&images)
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        let syncing = crate::criu::log_capture::read_tail(&log, 4096)
+            .is_ok_and(|t| t.contains("Running post-dump scripts"));
+        let phase = match (syncing, bytes) {
+            (true, _) => "syncing",
+            (false, 0) => "freezing",
+            _ => "dumping",
+        };
+        report(line(phase, "written", bytes, None, started));
+    }
+}
+
+/// Every second of a restore: how much of the checkpoint's `total` bytes CRIU's processes (criu
+/// and the tree it is creating, which read the pages themselves) have read so far.
+pub fn watch_restore(
+    criu: &std::sync::OnceLock<i32>,
+    total: u64,
+    report: &(impl Fn(String) + Sync),
+    done: mpsc::Receiver<()>,
+) {
+    let started = Instant::now();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(EVERY) {
+        let read = criu.get().map(|pid| read_by_tree(*pid)).unwrap_or(0);
+        report(line("restoring", "read", read.min(total), Some(total), started));
+    }
+}
+
+/// Bytes read so far by `root` and its descendants (`rchar` of /proc/PID/io).
+fn read_by_tree(root: i32) -> u64 {
+    crate::process::tree::descendants(root)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/io")).ok())
+        .filter_map(|io| io.lines().find_map(|l| l.strip_prefix("rchar:")).and_then(|v| v.trim().parse::<u64>().ok()))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_name_the_phase_bytes_and_rate() {
+        let l = line("restoring", "read", 512 << 20, Some(1 << 30), Instant::now() - Duration::from_secs(1));
+        assert!(l.starts_with("Progress: restoring, 512.0 MiB of 1.0 GiB read ("), "{l}");
+        assert!(l.contains("MiB/s"), "{l}");
+        assert_eq!(phase("verifying", 1 << 30), "Progress: verifying 1.0 GiB");
+    }
+}
