@@ -102,6 +102,24 @@ pub fn render(dirs: &Dirs) -> String {
             help: "Checkpoints that failed.",
             samples: vec![],
         },
+        Family {
+            name: "stasis_periodic_checkpoints_skipped_total",
+            kind: "counter",
+            help: "Periodic checkpoints skipped for lack of disk space (min_free_bytes).",
+            samples: vec![],
+        },
+        Family {
+            name: "stasis_freeze_over_budget_total",
+            kind: "counter",
+            help: "Checkpoints that froze the service longer than max_freeze_ms.",
+            samples: vec![],
+        },
+        Family {
+            name: "stasis_restarts_total",
+            kind: "counter",
+            help: "Times the supervisor brought the service back after it exited (restart).",
+            samples: vec![],
+        },
     ];
     let mut names = dirs.services_with_state();
     names.sort();
@@ -136,6 +154,9 @@ pub fn render(dirs: &Dirs) -> String {
             (11, c.restore_fallbacks),
             (12, c.checkpoints),
             (13, c.checkpoint_failures),
+            (14, c.periodic_skipped),
+            (15, c.freeze_over_budget),
+            (16, c.restarts),
         ] {
             put(i, v as f64);
         }

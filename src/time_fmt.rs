@@ -65,6 +65,9 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
 
 /// `90s`, `10m`, `1h30m`: the way durations are written in service files.
 pub fn human_duration(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(1) && !d.is_zero() {
+        return format!("{}ms", d.as_millis());
+    }
     let s = d.as_secs();
     let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
     let mut out = String::new();

@@ -6,11 +6,6 @@ use common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 fn load_keys(port: u16, n: usize) {
     let mut child = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "--pipe"])

@@ -58,17 +58,7 @@ pub fn add(dirs: &Dirs, a: AddArgs) -> Result<i32, Error> {
         working_dir: Some(working_dir.display().to_string()),
         environment,
         criu: CriuSection { config: a.criu_config, options: Vec::new() },
-        stop_timeout_secs: None,
-        restore_stale: None,
-        keep_checkpoints: None,
-        on_incompatible: None,
-        dump_timeout: None,
-        restore_timeout: None,
-        kill_port_users: Vec::new(),
-        log_max_bytes: None,
-        log_keep: None,
-        ready: None,
-        ready_timeout: None,
+        ..Default::default()
     };
     let yaml = serde_yaml::to_string(&service).expect("service file serializes");
     let text = format!("# Written by `stasis add`; see docs/configuration.md for every key.\n{yaml}");

@@ -11,7 +11,7 @@ use crate::store::durable::create_dir_with_mode;
 use crate::supervisor::{
     self, lock,
     ready::{Notifier, StartReport, READY_FD_ENV},
-    status::{StartedFrom, StatusRecord},
+    status::{ServiceState, StartedFrom, StatusRecord},
 };
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
@@ -80,7 +80,8 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
     if let Some(pid) = lock::holder(&paths.lock) {
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
-        let finishing = StatusRecord::read(&paths).is_some_and(|r| !r.state.is_up());
+        let finishing = StatusRecord::read(&paths)
+            .is_some_and(|r| matches!(r.state, ServiceState::Stopped | ServiceState::Failed));
         if finishing {
             lock::wait_released(&paths.lock, FINISHING_WAIT);
         }

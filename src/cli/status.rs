@@ -35,6 +35,8 @@ pub struct StatusView {
     pub kill_port: Option<u16>,
     pub since: Option<String>,
     pub message: Option<String>,
+    /// How often the supervisor brought the service back after it exited (`restart:`).
+    pub restarts: u32,
     /// Set when the service file itself is invalid.
     pub config_error: Option<String>,
 }
@@ -47,7 +49,7 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
         Some(r) => (r.state, r.message.clone()),
         None => (ServiceState::Stopped, None),
     };
-    if supervisor.is_none() && state.is_up() {
+    if supervisor.is_none() && (state.is_up() || state == ServiceState::Restarting) {
         state = ServiceState::Failed;
         message = Some("the supervisor exited unexpectedly (see supervisor.log in the service's state dir)".into());
     }
@@ -76,6 +78,7 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
         kill_port,
         since: record.as_ref().map(|r| r.since.clone()),
         message,
+        restarts: record.as_ref().map_or(0, |r| r.restarts),
         config_error,
     }
 }
@@ -134,6 +137,7 @@ fn state_word(s: ServiceState) -> &'static str {
         ServiceState::Checkpointing => "checkpointing",
         ServiceState::Stopped => "stopped",
         ServiceState::Failed => "failed",
+        ServiceState::Restarting => "restarting",
     }
 }
 
@@ -167,6 +171,9 @@ fn print_one(v: &StatusView) {
     }
     if let Some(p) = v.kill_port {
         println!("  kill port: 127.0.0.1:{p}");
+    }
+    if v.restarts > 0 {
+        println!("  restarts: {} (restart:)", v.restarts);
     }
     if let Some(m) = &v.message {
         println!("  last event: {m}{}", v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());

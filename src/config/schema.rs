@@ -23,10 +23,18 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "log_keep",
     "ready",
     "ready_timeout",
+    "checkpoint_every",
+    "full_every",
+    "max_freeze_ms",
+    "min_free_bytes",
+    "restart",
+    "restart_from",
+    "restart_backoff",
+    "restart_limit",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     /// argv of the service; the first element is looked up in the service's PATH.
@@ -79,6 +87,30 @@ pub struct ServiceFile {
     /// How long `ready` may take (default 60s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready_timeout: Option<serde_yaml::Value>,
+    /// Take a checkpoint this often while the service runs (`15m`); none without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<serde_yaml::Value>,
+    /// With incremental dumps, a chain longer than this gets a full dump (default 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_every: Option<u64>,
+    /// A checkpoint that freezes the service longer than this is warned about (log, metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_freeze_ms: Option<u64>,
+    /// A periodic checkpoint is skipped unless this much space would be left after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_bytes: Option<u64>,
+    /// `no`, `on-failure` or `always`: whether the supervisor brings back a service that exits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<serde_yaml::Value>,
+    /// `cold` or `checkpoint`: what a restart brings back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_from: Option<String>,
+    /// The first restart's delay, doubled after each one up to 60s (`1s`, `500ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_backoff: Option<serde_yaml::Value>,
+    /// `5 in 10m`: past this many restarts in that window the supervisor gives up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_limit: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

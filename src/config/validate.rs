@@ -34,6 +34,38 @@ pub enum Readiness {
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Whether the supervisor brings back a service that exits by itself (`restart:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    No,
+    /// After an exit with a non-zero status or by a signal.
+    OnFailure,
+    /// After any exit that nobody asked for.
+    Always,
+}
+
+/// What a restart brings back (`restart_from:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartFrom {
+    Cold,
+    /// The newest checkpoint, stale or not (the memory of minutes ago beats none); one whose
+    /// restored service crashes again is skipped for the previous one, then cold.
+    Checkpoint,
+}
+
+/// `restart_limit: N in WINDOW`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartLimit {
+    pub count: u32,
+    pub within: Duration,
+}
+
+pub const DEFAULT_FULL_EVERY: u32 = 8;
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+const DEFAULT_RESTART_LIMIT: RestartLimit = RestartLimit { count: 5, within: Duration::from_secs(600) };
+
 /// What `start` does when the newest checkpoint does not fit the program on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnIncompatible {
@@ -94,6 +126,14 @@ pub struct Service {
     pub log_keep: usize,
     pub ready: Option<Readiness>,
     pub ready_timeout: Duration,
+    pub checkpoint_every: Option<Duration>,
+    pub full_every: u32,
+    pub max_freeze: Option<Duration>,
+    pub min_free_bytes: u64,
+    pub restart: RestartPolicy,
+    pub restart_from: RestartFrom,
+    pub restart_backoff: Duration,
+    pub restart_limit: RestartLimit,
 }
 
 impl Service {
@@ -277,6 +317,84 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
     let ready = file.ready.as_ref().and_then(|v| readiness(&mut c, v));
     let ready_timeout = timeout(&mut c, "ready_timeout", file.ready_timeout.as_ref(), DEFAULT_READY_TIMEOUT);
 
+    let checkpoint_every = file
+        .checkpoint_every
+        .as_ref()
+        .map(|v| timeout(&mut c, "checkpoint_every", Some(v), Duration::from_secs(900)));
+    let full_every = match file.full_every {
+        None => DEFAULT_FULL_EVERY,
+        Some(n @ 1..=1000) => n as u32,
+        Some(n) => {
+            c.fail("full_every", format!("{n} is out of range; a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})"));
+            DEFAULT_FULL_EVERY
+        }
+    };
+    let max_freeze = match file.max_freeze_ms {
+        Some(0) => {
+            c.fail("max_freeze_ms", "0 would warn about every checkpoint; give the longest freeze you accept in milliseconds, e.g. 100");
+            None
+        }
+        other => other.map(Duration::from_millis),
+    };
+    let min_free_bytes = file.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES);
+    let restart = match &file.restart {
+        None => RestartPolicy::No,
+        // YAML 1.1 readers take a bare `no` for false; accept both spellings.
+        Some(serde_yaml::Value::Bool(false)) => RestartPolicy::No,
+        Some(v) => match v.as_str() {
+            Some("no") => RestartPolicy::No,
+            Some("on-failure") => RestartPolicy::OnFailure,
+            Some("always") => RestartPolicy::Always,
+            _ => {
+                c.fail(
+                    "restart",
+                    format!(
+                        "{} is not a choice; use `no`, `on-failure` (after a non-zero exit or a signal) or `always`",
+                        serde_yaml::to_string(v).unwrap_or_default().trim()
+                    ),
+                );
+                RestartPolicy::No
+            }
+        },
+    };
+    let restart_from = match file.restart_from.as_deref() {
+        None | Some("cold") => RestartFrom::Cold,
+        Some("checkpoint") => RestartFrom::Checkpoint,
+        Some(other) => {
+            c.fail(
+                "restart_from",
+                format!("\"{other}\" is not a choice; use `cold` (a fresh launch) or `checkpoint` (the newest checkpoint, then older ones, then cold)"),
+            );
+            RestartFrom::Cold
+        }
+    };
+    let restart_backoff = match &file.restart_backoff {
+        None => DEFAULT_RESTART_BACKOFF,
+        Some(v) => match parse_duration(v) {
+            Some(d) if d >= Duration::from_millis(100) && d <= MAX_RESTART_BACKOFF => d,
+            _ => {
+                c.fail(
+                    "restart_backoff",
+                    format!(
+                        "{} is not a duration between 100ms and 60s; write e.g. `1s` or `500ms` (the first restart's delay; each next one doubles, up to 60s)",
+                        serde_yaml::to_string(v).unwrap_or_default().trim()
+                    ),
+                );
+                DEFAULT_RESTART_BACKOFF
+            }
+        },
+    };
+    let restart_limit = match file.restart_limit.as_deref() {
+        None => DEFAULT_RESTART_LIMIT,
+        Some(text) => parse_restart_limit(text).unwrap_or_else(|| {
+            c.fail("restart_limit", format!("\"{text}\" is not `COUNT in DURATION`; write e.g. `5 in 10m` (at most 5 restarts in any 10 minutes)"));
+            DEFAULT_RESTART_LIMIT
+        }),
+    };
+    if restart_from == RestartFrom::Checkpoint && restart == RestartPolicy::No {
+        c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
+    }
+
     match (c.problems.is_empty(), user, gid) {
         (true, Some(u), Some(gid)) => Ok(Service {
             name: name.to_string(),
@@ -301,6 +419,14 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             log_keep,
             ready,
             ready_timeout,
+            checkpoint_every,
+            full_every,
+            max_freeze,
+            min_free_bytes,
+            restart,
+            restart_from,
+            restart_backoff,
+            restart_limit,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }
@@ -363,7 +489,7 @@ fn timeout(c: &mut Checker, key: &str, value: Option<&serde_yaml::Value>, defaul
     }
 }
 
-/// `90s`, `10m`, `1h`, `1h30m` or a plain number of seconds.
+/// `90s`, `10m`, `1h`, `1h30m`, `500ms` or a plain number of seconds.
 pub fn parse_duration(v: &serde_yaml::Value) -> Option<Duration> {
     if let Some(n) = v.as_u64() {
         return Some(Duration::from_secs(n));
@@ -372,25 +498,38 @@ pub fn parse_duration(v: &serde_yaml::Value) -> Option<Duration> {
     if text.is_empty() {
         return None;
     }
-    let (mut total, mut num) = (0u64, String::new());
-    for ch in text.chars() {
+    let (mut millis, mut num) = (0u64, String::new());
+    let mut chars = text.chars().peekable();
+    while let Some(ch) = chars.next() {
         if ch.is_ascii_digit() {
             num.push(ch);
             continue;
         }
         let unit = match ch {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
             _ => return None,
         };
-        total = total.checked_add(num.parse::<u64>().ok()?.checked_mul(unit)?)?;
+        millis = millis.checked_add(num.parse::<u64>().ok()?.checked_mul(unit)?)?;
         num.clear();
     }
     if !num.is_empty() {
-        total = total.checked_add(num.parse().ok()?)?;
+        millis = millis.checked_add(num.parse::<u64>().ok()?.checked_mul(1000)?)?;
     }
-    Some(Duration::from_secs(total))
+    Some(Duration::from_millis(millis))
+}
+
+/// `5 in 10m`.
+fn parse_restart_limit(text: &str) -> Option<RestartLimit> {
+    let (count, within) = text.split_once(" in ")?;
+    let count: u32 = count.trim().parse().ok().filter(|n| *n >= 1)?;
+    let within = parse_duration(&serde_yaml::Value::String(within.trim().to_string()))?;
+    (within >= Duration::from_secs(1)).then_some(RestartLimit { count, within })
 }
 
 /// A clean environment, as systemd gives services: PATH, HOME, USER, LOGNAME, SHELL, then the file's.
@@ -467,7 +606,7 @@ fn available_profiles(dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{parse_duration, parse_restart_limit, RestartLimit};
     use std::time::Duration;
 
     #[test]
@@ -479,5 +618,15 @@ mod tests {
         assert_eq!(d("1h30m"), Some(Duration::from_secs(5400)));
         assert_eq!(d("soon"), None);
         assert_eq!(d("\"\""), None);
+        assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(d("1m30s"), Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn restart_limits() {
+        assert_eq!(parse_restart_limit("5 in 10m"), Some(RestartLimit { count: 5, within: Duration::from_secs(600) }));
+        assert_eq!(parse_restart_limit("0 in 10m"), None, "a limit of nothing is not a limit");
+        assert_eq!(parse_restart_limit("5 per 10m"), None);
+        assert_eq!(parse_restart_limit("3 in 500ms"), None, "a window under a second is a typo");
     }
 }

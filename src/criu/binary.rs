@@ -97,6 +97,20 @@ fn file_key(path: &Path) -> Option<String> {
     Some(format!("{}:{}:{}:{}.{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
+impl Criu {
+    /// Whether the kernel tracks written pages (soft-dirty), which incremental dumps need.
+    pub fn tracks_dirty_memory(&self) -> bool {
+        Command::new(&self.path)
+            .args(["check", "--feature", "mem_dirty_track"])
+            .env_clear()
+            .env("PATH", crate::config::DEFAULT_PATH)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
 fn parse_version(text: &str) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string())
 }

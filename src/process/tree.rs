@@ -22,6 +22,14 @@ pub fn main_pid(init_pid: i32) -> Option<i32> {
 }
 
 /// The host PIDs of `root` and every process below it.
+/// Resident memory of one process (`VmRSS`), 0 if it is gone.
+pub fn resident_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .map_or(0, |kib| kib * 1024)
+}
+
 pub fn descendants(root: i32) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;

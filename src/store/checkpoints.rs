@@ -174,7 +174,7 @@ impl ListedCheckpoint {
 }
 
 /// The generation an id starts with (`00000042-20261204T...`), if it has one.
-fn generation_of_id(id: &str) -> Option<u64> {
+pub fn generation_of_id(id: &str) -> Option<u64> {
     let (g, _) = id.split_once('-')?;
     (g.len() == 8 && g.bytes().all(|b| b.is_ascii_digit())).then(|| g.parse().ok()).flatten()
 }

@@ -16,6 +16,12 @@ pub struct Counters {
     pub restore_fallbacks: u64,
     pub checkpoints: u64,
     pub checkpoint_failures: u64,
+    /// Periodic checkpoints not taken because the disk had too little room (`min_free_bytes`).
+    pub periodic_skipped: u64,
+    /// Checkpoints whose freeze was longer than `max_freeze_ms`.
+    pub freeze_over_budget: u64,
+    /// Times the supervisor brought the service back after it exited (`restart:`).
+    pub restarts: u64,
 }
 
 pub fn path(service_root: &Path) -> PathBuf {

@@ -37,7 +37,7 @@ pub enum Freshness {
 
 impl Generations {
     pub fn freshness(&self, generation: Option<u64>, kind: DumpKind) -> Freshness {
-        if kind == DumpKind::KeepRunning {
+        if kind.leaves_running() {
             return Freshness::Stale(
                 "it was taken while the service kept running, so the service ran on after it".into(),
             );

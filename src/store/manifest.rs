@@ -21,6 +21,15 @@ pub enum DumpKind {
     Stop,
     /// Taken by `checkpoint`: the service kept running.
     KeepRunning,
+    /// Taken by the supervisor every `checkpoint_every`: the service kept running.
+    Periodic,
+}
+
+impl DumpKind {
+    /// The service runs on after the dump (`--leave-running`).
+    pub fn leaves_running(self) -> bool {
+        self != DumpKind::Stop
+    }
 }
 
 /// One file of the checkpoint, as it was when the checkpoint became durable.

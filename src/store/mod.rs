@@ -12,7 +12,7 @@ pub mod identity;
 mod manifest;
 pub mod verify;
 
-pub use checkpoints::{Checkpoint, CheckpointStore, PendingCheckpoint};
+pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
 pub use generation::Freshness;
 pub use manifest::{DumpKind, FileIdentity, Manifest, Timings};

@@ -58,6 +58,33 @@ pub fn take_checkpoint(
     outcome
 }
 
+/// Whether the disk holding the checkpoints has room for one more, estimated from the newest
+/// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
+/// mostly that), with `min_free_bytes` to spare. Err says how much is needed and free.
+pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
+    let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
+    let estimate = match newest {
+        Some(cp) => cp.manifest.size_bytes,
+        None => tree::descendants(init_pid).into_iter().map(tree::resident_bytes).sum(),
+    };
+    // The checkpoints directory appears with the first checkpoint; until then, its parent.
+    let dir = if ctx.store.dir().exists() { ctx.store.dir() } else { ctx.paths.root.as_path() };
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+        .map_err(|e| format!("failed to read the free space of {}: {e}", dir.display()))?;
+    let needed = estimate.saturating_add(ctx.service.min_free_bytes);
+    if free < needed {
+        return Err(format!(
+            "{} has {} free, and the checkpoint needs about {} plus min_free_bytes ({}); free space, lower min_free_bytes, or move --state-dir",
+            dir.display(),
+            crate::time_fmt::human_bytes(free),
+            crate::time_fmt::human_bytes(estimate),
+            crate::time_fmt::human_bytes(ctx.service.min_free_bytes)
+        ));
+    }
+    Ok(())
+}
+
 /// How often a dump refused for a passing reason (see the action hook) is tried.
 const DUMP_ATTEMPTS: u32 = 5;
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -121,7 +148,7 @@ fn dump(
         pending.discard();
         return Err(e.to_string());
     }
-    let stopping = kind == DumpKind::Stop;
+    let stopping = !kind.leaves_running();
     let args = DumpArgs {
         pid: init_pid,
         images_dir: pending.images_dir(),
@@ -209,6 +236,7 @@ fn dump(
                 duration: started.elapsed(),
                 dir: cp.dir,
                 notes: Vec::new(),
+                freeze: stats.map(|s| std::time::Duration::from_micros(s.frozen_us)),
             })
         }
         Err(e) => {

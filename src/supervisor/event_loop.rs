@@ -39,34 +39,106 @@ pub struct Listeners {
 
 pub struct LoopEnd {
     pub state: State,
+    /// What happened, in words, for the log and the status.
+    pub message: String,
+    /// How the service's init ended, when it did.
+    pub exit: Option<super::restart::Exit>,
+    /// The outcome of the last dump, if any.
+    pub last_outcome: Option<Outcome>,
+}
+
+/// What lives as long as the supervisor, across restarts of the service: the requests from the
+/// kill port and the control socket, the signals, and the count of open connections.
+pub struct Channels {
+    req_rx: mpsc::Receiver<Request>,
+    connections: OpenConnections,
+    sigchld: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Channels {
+    /// Starts accepting on both listeners.
+    pub fn open(ctx: &Context, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
+        let (req_tx, req_rx) = mpsc::channel::<Request>(16);
+        let connections = OpenConnections::default();
+        let Listeners { kill_port, control } = listeners;
+        let mut allowed = vec![0, ctx.service.uid];
+        allowed.extend(&ctx.service.kill_port_uids);
+        let policy = Arc::new(KillPortPolicy { name: ctx.service.name.clone(), allowed, log: log.clone() });
+        tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), policy, connections.clone()));
+        tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
+        Ok(Channels {
+            req_rx,
+            connections,
+            sigchld: signal(SignalKind::child())?,
+            sigterm: signal(SignalKind::terminate())?,
+            sigint: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The supervisor's last act: requests that came in while it finished still get an answer
+    /// (`late`: the checkpoint they asked for if it was taken, else why not), and every
+    /// connection is let finish its last lines.
+    pub async fn close(&mut self, name: &str, late: Outcome) {
+        let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
+        loop {
+            tokio::select! {
+                Some(req) = self.req_rx.recv() => {
+                    if late.is_ok() {
+                        let _ = req.lines.send(protocol::joined(name));
+                    }
+                    let _ = req.reply.send(late.clone());
+                }
+                _ = self.connections.all_closed() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+    }
+
+    /// Sleeps `delay` before a restart. A stop or checkpoint asked for meanwhile is answered
+    /// (there is no service to dump) and ends the wait: Err is the reason the supervisor ends.
+    pub async fn wait_to_restart(&mut self, name: &str, delay: Duration) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                Some(req) = self.req_rx.recv() => {
+                    let why = format!("{name} is not running: it exited and was waiting to be restarted; it will not be");
+                    let _ = req.reply.send(Err(why.clone()));
+                    if req.kind == DumpKind::Stop {
+                        return Err(format!("stopped while waiting to restart: {why}"));
+                    }
+                }
+                _ = self.sigterm.recv() => return Err("stopped by SIGTERM while waiting to restart".into()),
+                _ = self.sigint.recv() => return Err("stopped by SIGINT while waiting to restart".into()),
+                // Children from an earlier run are reaped by their subreaper: nothing to do.
+                _ = self.sigchld.recv() => {}
+            }
+        }
+    }
 }
 
 /// How long to wait for a dumped service to disappear and its output to drain.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// One run of the service: from started to exited (or dumped and gone). Returns once its init
+/// is reaped and its output drained.
 pub async fn run_loop(
     ctx: Arc<Context>,
     init_pid: Pid,
-    listeners: Listeners,
+    ch: &mut Channels,
     log: LogWriter,
     pump: tokio::task::JoinHandle<()>,
     on_change: impl Fn(State, Option<&str>),
     on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
-    let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
-    // The loop's end waits until every connection has written its final lines.
-    let connections = OpenConnections::default();
-    let Listeners { kill_port, control } = listeners;
-    let mut allowed = vec![0, ctx.service.uid];
-    allowed.extend(&ctx.service.kill_port_uids);
-    let policy = Arc::new(KillPortPolicy { name: ctx.service.name.clone(), allowed, log: log.clone() });
-    tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), policy, connections.clone()));
-    tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
+    let Channels { req_rx, sigchld, sigterm, sigint, .. } = ch;
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
-    let mut sigchld = signal(SignalKind::child())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    // `checkpoint_every`: one timer, armed while the service runs; none without the setting.
+    let every = ctx.service.checkpoint_every;
+    let mut periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
     // The service's exit, as an event: a pidfd of its init becomes readable when it exits. SIGCHLD
     // alone can race with a restored root becoming our child; neither needs a timer, so an idle
     // supervisor never wakes up.
@@ -79,7 +151,10 @@ pub async fn run_loop(
 
     let mut state = State::Running;
     let mut exit_message: Option<String> = None;
+    let mut exit: Option<super::restart::Exit> = None;
     let mut waiters: Vec<Waiter> = Vec::new();
+    // Stops that came during a dump that leaves the service running: they get the stop after it.
+    let mut queued: Vec<Waiter> = Vec::new();
     let mut last_outcome: Option<Outcome> = None;
 
     loop {
@@ -115,9 +190,22 @@ pub async fn run_loop(
                 last_outcome = Some(outcome);
                 if ok { Event::DumpSucceeded } else { Event::DumpFailed }
             }
-            _ = sigchld.recv() => match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue },
+            _ = sigchld.recv() => match reap(init_pid, &mut exit_message, &mut exit) { Some(e) => e, None => continue },
             _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() && exit_message.is_none() => {
-                match reap(init_pid, &mut exit_message) { Some(e) => e, None => continue }
+                match reap(init_pid, &mut exit_message, &mut exit) { Some(e) => e, None => continue }
+            }
+            _ = async { periodic.as_mut().expect("guarded").await }, if periodic.is_some() && state == State::Running => {
+                periodic = None;
+                match super::checkpoint::room_for_periodic(&ctx, init_pid.as_raw()) {
+                    Ok(()) => Event::PeriodicDue,
+                    Err(why) => {
+                        log.note(&format!("periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"));
+                        crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
+                        crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                        periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
+                        continue;
+                    }
+                }
             }
             _ = sigterm.recv() => Event::Terminate,
             _ = sigint.recv() => Event::Terminate,
@@ -135,9 +223,11 @@ pub async fn run_loop(
                     if let Some(req) = request.take() {
                         waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
+                    waiters.append(&mut queued);
                     log.note(match kind {
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
+                        DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
                     });
                     super::systemd::status("saving a checkpoint");
                     let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
@@ -148,6 +238,15 @@ pub async fn run_loop(
                         let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, report);
                         let _ = tx.blocking_send(outcome);
                     });
+                }
+                Action::QueueRequest => {
+                    if let Some(req) = request.take() {
+                        let _ = req.lines.send(format!(
+                            "Waiting: a checkpoint of {} that keeps it running is under way; the stop follows it",
+                            ctx.service.name
+                        ));
+                        queued.push(Waiter { reply: req.reply, lines: req.lines });
+                    }
                 }
                 Action::JoinDump => {
                     if let Some(req) = request.take() {
@@ -196,8 +295,22 @@ pub async fn run_loop(
                             for n in &r.notes {
                                 log.note(n);
                             }
+                            if let (Some(max), Some(froze)) = (ctx.service.max_freeze, r.freeze) {
+                                if froze > max {
+                                    log.note(&format!(
+                                        "warning: checkpoint {} froze the service for {} ms, more than max_freeze_ms ({} ms)",
+                                        r.id,
+                                        froze.as_millis(),
+                                        max.as_millis()
+                                    ));
+                                    crate::store::counters::bump(&ctx.paths.root, |c| c.freeze_over_budget += 1);
+                                }
+                            }
                         }
                         Err(e) => log.note(&format!("checkpoint failed: {e}")),
+                    }
+                    if new_state == State::Running {
+                        periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
                     }
                     for w in waiters.drain(..) {
                         let _ = w.reply.send(outcome.clone());
@@ -205,7 +318,7 @@ pub async fn run_loop(
                     // A stopping supervisor purges once it has let go of its lock.
                     if new_state == State::Running {
                         let purge = ctx.clone();
-                        tokio::task::spawn_blocking(move || purge.store.purge_removed());
+                        std::thread::spawn(move || purge.store.purge_removed());
                     }
                     tracing::debug!("loop: replied");
                 }
@@ -245,7 +358,7 @@ pub async fn run_loop(
     // The service may still be on its way out (CRIU kills it after the hook) and its last
     // output in the pipe: wait for both, so nothing is lost and no zombie stays.
     let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
-    while reap(init_pid, &mut exit_message).is_none() && exit_message.is_none() {
+    while reap(init_pid, &mut exit_message, &mut exit).is_none() && exit_message.is_none() {
         tokio::select! {
             _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() => {}
             _ = sigchld.recv() => {}
@@ -268,28 +381,11 @@ pub async fn run_loop(
             .unwrap_or_else(|| "stopped".into()),
         _ => exit_message.unwrap_or_else(|| "exited".into()),
     };
-    // Requests that came in while the dump finished still get an answer: the checkpoint they
-    // asked for if it was taken, else why not. New ones are turned away at once.
-    let late_outcome = match (&state, &last_outcome) {
-        (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
-        _ => Err(format!("{} is not running any more", ctx.service.name)),
-    };
-    loop {
-        tokio::select! {
-            Some(req) = req_rx.recv() => {
-                if late_outcome.is_ok() {
-                    let _ = req.lines.send(protocol::joined(&ctx.service.name));
-                }
-                let _ = req.reply.send(late_outcome.clone());
-            }
-            _ = connections.all_closed() => break,
-            _ = tokio::time::sleep_until(deadline + FINISH_TIMEOUT) => break,
-        }
+    for w in queued {
+        let _ = w.reply.send(Err(format!("{} exited before it could be stopped with a checkpoint", ctx.service.name)));
     }
-    tracing::debug!("loop: exiting");
-    log.note(&format!("supervisor exiting: {message}"));
-    super::systemd::stopping(&message);
-    Ok(LoopEnd { state })
+    tracing::debug!("loop: service gone");
+    Ok(LoopEnd { state, exit, last_outcome, message })
 }
 
 /// Counts the connections being served, so the loop's end can wait for them without a timer.
@@ -332,18 +428,20 @@ impl Drop for Open {
 }
 
 /// Collects the service's init if it has exited.
-fn reap(init_pid: Pid, exit_message: &mut Option<String>) -> Option<Event> {
+fn reap(init_pid: Pid, exit_message: &mut Option<String>, exit: &mut Option<super::restart::Exit>) -> Option<Event> {
+    use super::restart::Exit;
     if exit_message.is_some() {
         return None;
     }
-    let msg = match waitpid(init_pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => format!("the service exited with status {code}"),
-        Ok(WaitStatus::Signaled(_, sig, _)) => format!("the service was killed by {sig}"),
+    let (msg, how) = match waitpid(init_pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => (format!("the service exited with status {code}"), Exit::Status(code)),
+        Ok(WaitStatus::Signaled(_, sig, _)) => (format!("the service was killed by {sig}"), Exit::Signal(sig as i32)),
         Ok(_) => return None,
-        Err(nix::errno::Errno::ECHILD) => "the service exited".to_string(),
+        Err(nix::errno::Errno::ECHILD) => ("the service exited".to_string(), Exit::Unknown),
         Err(_) => return None,
     };
     *exit_message = Some(msg);
+    *exit = Some(how);
     Some(Event::ServiceExited)
 }
 
@@ -461,7 +559,7 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
 async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx: mpsc::Sender<Request>, name: String) {
     let first = match kind {
         DumpKind::Stop => protocol::announce_stop(&name),
-        DumpKind::KeepRunning => protocol::announce_checkpoint(&name),
+        DumpKind::KeepRunning | DumpKind::Periodic => protocol::announce_checkpoint(&name),
     };
     let _ = out.write_all(first.as_bytes()).await;
     let _ = out.flush().await;

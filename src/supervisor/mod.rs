@@ -13,6 +13,7 @@ mod peer;
 mod progress;
 pub mod protocol;
 mod readiness;
+mod restart;
 pub mod ready;
 mod retention;
 mod run;

@@ -31,15 +31,39 @@ pub fn phase(phase: &str, bytes: u64) -> String {
     format!("{}{phase} {}", super::protocol::PROGRESS_PREFIX, crate::time_fmt::human_bytes(bytes))
 }
 
+/// How often, during a dump, the disk is told to start writing what CRIU has written so far.
+const WRITEBACK_EVERY: Duration = Duration::from_millis(250);
+
 /// Every second of a dump: freezing (nothing written yet), dumping (the images grow), syncing
-/// (CRIU's log says the post-dump hook, which makes the checkpoint durable, is running). Ends
-/// when `done`'s sender is dropped, at once.
+/// (CRIU's log says the post-dump hook, which makes the checkpoint durable, is running). And
+/// every quarter second, the writeback of the images so far is started (`sync_file_range`,
+/// which waits for nothing and changes nothing): the disk writes while CRIU still dumps, so
+/// the fsyncs at the end, which a stopping dump makes while the service is frozen, have little
+/// left to wait for. Ends when `done`'s sender is dropped, at once.
 pub fn watch_dump(images: PathBuf, log: PathBuf, report: &(impl Fn(String) + Sync), done: mpsc::Receiver<()>) {
     let started = Instant::now();
-    while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(EVERY) {
-        let bytes: u64 = std::fs::read_dir(&images)
-            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0);
+    let mut next_report = started + EVERY;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(WRITEBACK_EVERY) {
+        let files: Vec<(std::fs::File, u64)> = std::fs::read_dir(&images)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let f = std::fs::File::open(e.path()).ok()?;
+                        let len = f.metadata().ok()?.len();
+                        Some((f, len))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (f, _) in &files {
+            // SAFETY: a valid fd; the call only starts writeback of its dirty pages.
+            unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+        if Instant::now() < next_report {
+            continue;
+        }
+        next_report += EVERY;
+        let bytes: u64 = files.iter().map(|(_, len)| len).sum();
         let syncing = crate::criu::log_capture::read_tail(&log, 4096)
             .is_ok_and(|t| t.contains("Running post-dump scripts"));
         let phase = match (syncing, bytes) {

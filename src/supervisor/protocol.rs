@@ -42,6 +42,8 @@ pub struct CheckpointReport {
     pub dir: PathBuf,
     /// What retention removed after it (for the log).
     pub notes: Vec<String>,
+    /// How long CRIU kept the service frozen, when its stats say.
+    pub freeze: Option<Duration>,
 }
 
 pub fn announce_stop(service: &str) -> String {
@@ -106,6 +108,7 @@ mod tests {
             duration: Duration::from_millis(61),
             dir: "/x".into(),
             notes: Vec::new(),
+            freeze: None,
         };
         let line = final_line(&Ok(r));
         assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");

@@ -2,11 +2,12 @@
 //! loop, record the final state.
 
 use super::context::Context;
-use super::event_loop::{run_loop, Listeners};
+use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
+use super::restart::{Decision, Exit, Restarts};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
 use super::ready::{Notifier, StartReport};
-use super::startup::{main_pid, start_service};
+use super::startup::{main_pid, start_service, Pick};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
 use super::SupervisorError;
@@ -98,6 +99,7 @@ fn supervise(
     let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, exe, kernel_version });
     let name = ctx.service.name.clone();
 
+    let restart_count = std::cell::Cell::new(0u32);
     let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {
         name: name.clone(),
         state,
@@ -109,6 +111,7 @@ fn supervise(
         since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
         message,
         restore_ms: started.and_then(|s| s.restore_ms),
+        restarts: restart_count.get(),
     };
 
     tracing::debug!("supervisor: init installed");
@@ -116,7 +119,7 @@ fn supervise(
         notifier.progress(&line);
         super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
     };
-    let started = start_service(&ctx, from, &progress).and_then(|s| {
+    let started = start_service(&ctx, from.map(Pick::Id).unwrap_or(Pick::Newest), &progress).and_then(|s| {
         // With `ready:` the readiness wait notices a command that dies at once.
         if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
             super::startup::survives_probation(&s, &ctx.service.name, &log)?;
@@ -139,9 +142,20 @@ fn supervise(
         }
     };
     tracing::debug!("supervisor: service started");
+    if let Some(every) = ctx.service.checkpoint_every {
+        let why = if ctx.criu.tracks_dirty_memory() {
+            "stasis does not take incremental dumps yet".to_string()
+        } else {
+            "incremental dumps need the kernel's soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY), which this kernel lacks".to_string()
+        };
+        log.note(&format!(
+            "periodic checkpoints every {}: each one a full dump ({why}; full_every: {} is not used)",
+            crate::time_fmt::human_duration(every),
+            ctx.service.full_every
+        ));
+    }
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
-    let init_pid = started.init_pid;
     let end = runtime.block_on(async {
         let kill_port = {
             kill_port.set_nonblocking(true).map_err(|e| Error::io("configure", "the kill port", e))?;
@@ -152,89 +166,179 @@ fn supervise(
             tokio::net::UnixListener::from_std(control)
                 .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?
         };
-        let pump = spawn_pump(output, log.clone());
-        // `ready:`: the start counts only once the service answers (its output is pumped
-        // meanwhile, so it never blocks on a full pipe).
-        if let Some(ready) = ctx.service.ready.clone() {
-            let probe_ctx = ctx.clone();
-            let outcome = tokio::task::spawn_blocking(move || super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref()))
+        let mut ch = Channels::open(&ctx, Listeners { kill_port, control }, &log).map_err(SupervisorError::Runtime)?;
+        let mut restarts = Restarts::new(&ctx.service);
+        let mut current = super::startup::Started { info: started, output, notify };
+        let mut first = true;
+        let end = 'runs: loop {
+            let super::startup::Started { info: started, output, notify } = current;
+            let init_pid = started.init_pid;
+            let began = std::time::Instant::now();
+            // Only a restart can prove a checkpoint bad: the run `start` began may have gone on
+            // for days (and taken newer checkpoints) before it exited.
+            let restored_generation =
+                started.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
+            let mut pump = Some(spawn_pump(output, log.clone()));
+            // `ready:`: the start counts only once the service answers (its output is pumped
+            // meanwhile, so it never blocks on a full pipe).
+            let mut end = None;
+            if let Some(ready) = ctx.service.ready.clone() {
+                let probe_ctx = ctx.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref())
+                })
                 .await
                 .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
-            if let Err(why) = outcome {
-                let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(init_pid, None);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
-                let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
-                let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
-                log.note(&msg);
-                let _ = StatusRecord { message: Some(msg.clone()), ..record(ServiceState::Failed, None, None) }
-                    .write(&ctx.paths);
-                return Err(Error::StartFailed(msg));
+                if let Err(why) = outcome {
+                    let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(init_pid, None);
+                    if let Some(p) = pump.take() {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), p).await;
+                    }
+                    let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
+                    let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
+                    log.note(&msg);
+                    let _ = StatusRecord { message: Some(msg.clone()), ..record(ServiceState::Failed, None, None) }
+                        .write(&ctx.paths);
+                    if first {
+                        return Err(Error::StartFailed(msg));
+                    }
+                    end = Some(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
+                }
             }
-        }
-        let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-        let how = match (&started.started_from, &started.fallback_reason) {
-            (StartedFrom::Checkpoint, _) => {
-                format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
-            }
-            (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
-            (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
-        };
-        log.note(&how);
-        for n in &started.notes {
-            log.note(&format!("warning: {n}"));
-        }
-        super::systemd::ready(&format!("{how}; pid {pid}"));
-        record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
-        tracing::debug!("supervisor: status written");
-        // Done before `start` is told, so what it reports is already so on disk and in nftables.
-        for n in super::retention::apply(&ctx) {
-            log.note(&n);
-        }
-        super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
-        // Counted before `start` is told, so what it reports is already in the metrics.
-        crate::store::counters::bump(&ctx.paths.root, |c| {
-            match started.started_from {
-                StartedFrom::Checkpoint => c.restores += 1,
-                StartedFrom::Cold => c.cold_starts += 1,
-            }
-            if started.fallback_reason.is_some() {
-                c.restore_fallbacks += 1;
-            }
-        });
-        crate::metrics::write_file(&ctx.dirs, &ctx.host);
-        tracing::debug!("supervisor: reporting");
-        notifier.send(&StartReport {
-            ok: true,
-            pid: Some(pid),
-            started_from: Some(started.started_from),
-            checkpoint: started.checkpoint.clone(),
-            fallback_reason: started.fallback_reason.clone(),
-            error: None,
-            exit_code: None,
-            warnings: started.notes.clone(),
-        });
-        let purge = ctx.clone();
-        tokio::task::spawn_blocking(move || purge.store.purge_removed());
-        let paths = ctx.paths.clone();
-        let on_change = |state: State, message: Option<&str>| {
-            let s = match state {
-                State::Stopped => ServiceState::Stopped,
-                State::Failed => ServiceState::Failed,
-                State::Checkpointing { .. } => ServiceState::Checkpointing,
-                _ => ServiceState::Running,
+            let end = match (end, pump) {
+                (Some(failed), _) => failed,
+                // Taken only when the readiness check failed, which set `end`.
+                (None, None) => LoopEnd { state: State::Failed, message: "exited".into(), exit: None, last_outcome: None },
+                (None, Some(pump)) => {
+                    announce(&log, &started, first);
+                    record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
+                    tracing::debug!("supervisor: status written");
+                    // Done before `start` is told, so what it reports is already so on disk and in nftables.
+                    for n in super::retention::apply(&ctx) {
+                        log.note(&n);
+                    }
+                    super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
+                    // Counted before `start` is told, so what it reports is already in the metrics.
+                    crate::store::counters::bump(&ctx.paths.root, |c| {
+                        match started.started_from {
+                            StartedFrom::Checkpoint => c.restores += 1,
+                            StartedFrom::Cold => c.cold_starts += 1,
+                        }
+                        if started.fallback_reason.is_some() {
+                            c.restore_fallbacks += 1;
+                        }
+                        if !first {
+                            c.restarts += 1;
+                        }
+                    });
+                    crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                    tracing::debug!("supervisor: reporting");
+                    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
+                    notifier.send(&StartReport {
+                        ok: true,
+                        pid: Some(pid),
+                        started_from: Some(started.started_from),
+                        checkpoint: started.checkpoint.clone(),
+                        fallback_reason: started.fallback_reason.clone(),
+                        error: None,
+                        exit_code: None,
+                        warnings: started.notes.clone(),
+                    });
+                    let purge = ctx.clone();
+                    // A thread that ends with the work (a blocking-pool thread would linger and
+                    // wake up later to exit: an idle supervisor does not wake up).
+                    std::thread::spawn(move || purge.store.purge_removed());
+                    let paths = ctx.paths.clone();
+                    let on_change = |state: State, message: Option<&str>| {
+                        let s = match state {
+                            State::Stopped => ServiceState::Stopped,
+                            State::Failed => ServiceState::Failed,
+                            State::Checkpointing { .. } => ServiceState::Checkpointing,
+                            _ => ServiceState::Running,
+                        };
+                        let _ = record(s, Some(&started), message.map(str::to_string)).write(&paths);
+                    };
+                    let on_queued = |queued: bool| {
+                        let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
+                        let _ = record(s, Some(&started), None).write(&paths);
+                    };
+                    run_loop(ctx.clone(), init_pid, &mut ch, log.clone(), pump, on_change, on_queued)
+                        .await
+                        .map_err(SupervisorError::Runtime)?
+                }
             };
-            let _ = record(s, Some(&started), message.map(str::to_string)).write(&paths);
+            first = false;
+            if end.state != State::Failed {
+                break end;
+            }
+            // It exited by itself: `restart:` says whether it comes back, after how long, from what.
+            let (mut exit, mut began, mut restored_generation) = (end.exit, began, restored_generation);
+            loop {
+                let now = std::time::Instant::now();
+                let decision = restarts.after_exit(exit.unwrap_or(Exit::Unknown), began, now, restored_generation);
+                let (after, pick, number) = match decision {
+                    Decision::Stay => break 'runs end,
+                    Decision::GiveUp(why) => {
+                        let msg = format!("{}; {why}", end.message);
+                        log.note(&msg);
+                        let _ = record(ServiceState::Failed, None, Some(msg.clone())).write(&ctx.paths);
+                        break 'runs LoopEnd { message: msg, ..end };
+                    }
+                    Decision::Restart { after, below_generation, cold, number } => {
+                        let pick = if cold { Pick::Cold } else { Pick::AfterExit { below_generation } };
+                        (after, pick, number)
+                    }
+                };
+                let msg = format!(
+                    "{}; restarting it in {} (restart {number}; restart_limit: {} in {})",
+                    end.message,
+                    crate::time_fmt::human_duration(after),
+                    ctx.service.restart_limit.count,
+                    crate::time_fmt::human_duration(ctx.service.restart_limit.within)
+                );
+                log.note(&msg);
+                let _ = record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
+                super::systemd::status("restarting");
+                if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
+                    log.note(&why);
+                    let _ = record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
+                    break 'runs LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None };
+                }
+                restart_count.set(restart_count.get() + 1);
+                let (c, probation_log) = (ctx.clone(), log.clone());
+                let restarted = tokio::task::spawn_blocking(move || {
+                    let s = start_service(&c, pick, &|_| {})?;
+                    if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
+                        super::startup::survives_probation(&s, &c.service.name, &probation_log)?;
+                    }
+                    Ok::<_, Error>(s)
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::StartFailed(format!("the restart panicked: {e}"))));
+                match restarted {
+                    Ok(s) => {
+                        current = s;
+                        continue 'runs;
+                    }
+                    Err(e) => {
+                        log.note(&format!("failed to restart: {e}"));
+                        (exit, began, restored_generation) = (None, std::time::Instant::now(), None);
+                    }
+                }
+            }
         };
-        let on_queued = |queued: bool| {
-            let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
-            let _ = record(s, Some(&started), None).write(&paths);
+        // Requests that came in while it finished still get an answer: the checkpoint they
+        // asked for if it was taken, else why not.
+        let late = match (&end.state, &end.last_outcome) {
+            (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
+            _ => Err(format!("{} is not running any more", ctx.service.name)),
         };
-        let listeners = Listeners { kill_port, control };
-        run_loop(ctx.clone(), init_pid, listeners, log.clone(), pump, on_change, on_queued)
-            .await
-            .map_err(SupervisorError::Runtime)
-            .map_err(Error::from)
+        ch.close(&ctx.service.name, late).await;
+        tracing::debug!("loop: exiting");
+        log.note(&format!("supervisor exiting: {}", end.message));
+        super::systemd::stopping(&end.message);
+        Ok::<_, Error>(end)
     })?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
     crate::metrics::write_file(&ctx.dirs, &ctx.host);
@@ -248,4 +352,22 @@ fn supervise(
         State::Stopped => exit_codes::OK,
         _ => exit_codes::START_FAILED,
     })
+}
+
+/// Says in the log (and to systemd) how this run of the service began.
+fn announce(log: &LogWriter, started: &super::startup::StartInfo, first: bool) {
+    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
+    let how = match (&started.started_from, &started.fallback_reason) {
+        (StartedFrom::Checkpoint, _) => {
+            format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
+        }
+        (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
+        (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
+    };
+    let how = if first { how } else { format!("restarted: {how}") };
+    log.note(&how);
+    for n in &started.notes {
+        log.note(&format!("warning: {n}"));
+    }
+    super::systemd::ready(&format!("{how}; pid {pid}"));
 }

@@ -47,7 +47,21 @@ enum Refusal {
 /// The lines `progress` hears are for the person waiting on `start` (and systemd's STATUS=).
 pub type Progress<'a> = &'a (dyn Fn(String) + Sync);
 
-pub fn start_service(ctx: &Context, from: Option<&str>, progress: Progress) -> Result<Started, Error> {
+/// Which checkpoints a start may restore.
+#[derive(Debug, Clone, Copy)]
+pub enum Pick<'a> {
+    /// The newest good one that is fresh (or allowed stale by `restore_stale`), else cold.
+    Newest,
+    /// `start --from ID`: that one or nothing.
+    Id(&'a str),
+    /// A restart after the service exited (`restart_from: checkpoint`): the newest good one
+    /// below `below_generation`, stale or not (minutes-old memory beats none), else cold.
+    AfterExit { below_generation: Option<u64> },
+    /// A restart with `restart_from: cold`, or after every checkpoint crashed.
+    Cold,
+}
+
+pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<Started, Error> {
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     for dir in ctx.store.check_private()? {
         tracing::warn!("{} could be read by other users; made it 0700", dir.display());
@@ -57,9 +71,12 @@ pub fn start_service(ctx: &Context, from: Option<&str>, progress: Progress) -> R
         crate::criu::network_lock::release(&dir.join(crate::criu::DUMP_LOG));
     }
     ctx.store.remove_incomplete();
-    if let Some(id) = from {
-        return start_from(ctx, id, progress);
-    }
+    let below = match pick {
+        Pick::Id(id) => return start_from(ctx, id, progress),
+        Pick::Cold => return cold(ctx, None),
+        Pick::Newest => None,
+        Pick::AfterExit { below_generation } => Some(below_generation),
+    };
     let generations = ctx.store.generations();
     let mut reasons: Vec<String> = Vec::new();
     for listed in ctx.store.list()?.into_iter().rev() {
@@ -71,8 +88,14 @@ pub fn start_service(ctx: &Context, from: Option<&str>, progress: Progress) -> R
             ));
             continue;
         };
+        if let Some(Some(limit)) = below {
+            if cp.manifest.generation.unwrap_or(0) >= limit {
+                reasons.push(format!("checkpoint {} was restored before and the service exited again; skipped it", cp.id));
+                continue;
+            }
+        }
         if let Freshness::Stale(why) = generations.freshness(cp.manifest.generation, cp.manifest.kind) {
-            if !ctx.service.restore_stale {
+            if !ctx.service.restore_stale && below.is_none() {
                 reasons.push(format!(
                     "checkpoint {} is stale: {why}; restoring it would bring back older memory (set `restore_stale: true` to allow that, or run `stasis start {} --from {}`)",
                     cp.id, ctx.service.name, cp.id

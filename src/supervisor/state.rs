@@ -12,6 +12,8 @@ pub enum State {
         service_gone: bool,
         /// A terminate signal arrived during the dump; honour it once the dump is done.
         terminate_after: bool,
+        /// A stop came during a dump that leaves the service running: a stopping dump follows.
+        stop_after: bool,
     },
     /// Stopping without a checkpoint: SIGTERM sent, SIGKILL after the grace period.
     Stopping,
@@ -23,6 +25,8 @@ pub enum State {
 pub enum Event {
     /// The kill port (Stop) or `stasis checkpoint` (KeepRunning).
     DumpRequested(DumpKind),
+    /// `checkpoint_every` has passed since the last checkpoint.
+    PeriodicDue,
     DumpSucceeded,
     DumpFailed,
     ServiceExited,
@@ -38,6 +42,8 @@ pub enum Action {
     RejectRequest,
     /// The new request asks for what is already under way: it gets the same outcome.
     JoinDump,
+    /// The new request (a stop) waits for the dump under way, then gets a dump of its own.
+    QueueRequest,
     /// Send the dump's outcome to everyone waiting for it.
     ReplyToDumpWaiters,
     TerminateService,
@@ -50,26 +56,38 @@ pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
     use Action::*;
     use Event::*;
     use State::*;
+    let dumping = |kind| Checkpointing { kind, service_gone: false, terminate_after: false, stop_after: false };
     match (state, event) {
-        (Running, DumpRequested(kind)) => {
-            (Checkpointing { kind, service_gone: false, terminate_after: false }, vec![StartDump(kind)])
-        }
+        (Running, DumpRequested(kind)) => (dumping(kind), vec![StartDump(kind)]),
+        (Running, PeriodicDue) => (dumping(DumpKind::Periodic), vec![StartDump(DumpKind::Periodic)]),
         (Running, ServiceExited) => (Failed, vec![Finish]),
         (Running, Terminate) => (Stopping, vec![TerminateService]),
         (Running, DumpSucceeded | DumpFailed | GraceExpired) => (Running, vec![]),
 
         (Checkpointing { kind, .. }, DumpRequested(asked)) if kind == asked => (state, vec![JoinDump]),
-        (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
-        (Checkpointing { kind, terminate_after, .. }, ServiceExited) => {
-            (Checkpointing { kind, service_gone: true, terminate_after }, vec![])
+        // Both leave the service running: an on-demand checkpoint during a periodic one is it.
+        (Checkpointing { kind, .. }, DumpRequested(DumpKind::KeepRunning)) if kind.leaves_running() => {
+            (state, vec![JoinDump])
         }
-        (Checkpointing { kind, service_gone, .. }, Terminate) => {
-            (Checkpointing { kind, service_gone, terminate_after: true }, vec![])
+        (Checkpointing { kind, service_gone, terminate_after, .. }, DumpRequested(DumpKind::Stop))
+            if kind.leaves_running() =>
+        {
+            (Checkpointing { kind, service_gone, terminate_after, stop_after: true }, vec![QueueRequest])
+        }
+        (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
+        (Checkpointing { .. }, PeriodicDue) => (state, vec![]),
+        (Checkpointing { kind, terminate_after, stop_after, .. }, ServiceExited) => {
+            (Checkpointing { kind, service_gone: true, terminate_after, stop_after }, vec![])
+        }
+        (Checkpointing { kind, service_gone, stop_after, .. }, Terminate) => {
+            (Checkpointing { kind, service_gone, terminate_after: true, stop_after }, vec![])
         }
         (Checkpointing { kind: DumpKind::Stop, .. }, DumpSucceeded) => (Stopped, vec![ReplyToDumpWaiters, Finish]),
-        (Checkpointing { service_gone, terminate_after, .. }, DumpSucceeded | DumpFailed) => {
+        (Checkpointing { service_gone, terminate_after, stop_after, .. }, DumpSucceeded | DumpFailed) => {
             if service_gone {
                 (Failed, vec![ReplyToDumpWaiters, Finish])
+            } else if stop_after {
+                (dumping(DumpKind::Stop), vec![ReplyToDumpWaiters, StartDump(DumpKind::Stop)])
             } else if terminate_after {
                 (Stopping, vec![ReplyToDumpWaiters, TerminateService])
             } else {
@@ -120,9 +138,35 @@ mod tests {
     }
 
     #[test]
-    fn a_second_request_during_a_dump_is_rejected() {
-        let (_, a) = run(&[DumpRequested(DumpKind::KeepRunning), DumpRequested(DumpKind::Stop)]);
-        assert_eq!(a, vec![StartDump(DumpKind::KeepRunning), RejectRequest]);
+    fn a_checkpoint_request_during_a_stop_is_rejected() {
+        let (_, a) = run(&[DumpRequested(DumpKind::Stop), DumpRequested(DumpKind::KeepRunning)]);
+        assert_eq!(a, vec![StartDump(DumpKind::Stop), RejectRequest]);
+    }
+
+    #[test]
+    fn a_stop_during_a_running_checkpoint_waits_for_it_then_stops() {
+        let (s, a) = run(&[PeriodicDue, DumpRequested(DumpKind::Stop), DumpSucceeded, DumpSucceeded]);
+        assert_eq!(s, State::Stopped);
+        assert_eq!(
+            a,
+            vec![
+                StartDump(DumpKind::Periodic),
+                QueueRequest,
+                ReplyToDumpWaiters,
+                StartDump(DumpKind::Stop),
+                ReplyToDumpWaiters,
+                Finish
+            ]
+        );
+    }
+
+    #[test]
+    fn periodic_checkpoints_run_only_while_the_service_runs_and_join_on_demand_ones() {
+        let (s, a) = run(&[PeriodicDue, DumpRequested(DumpKind::KeepRunning), PeriodicDue, DumpSucceeded]);
+        assert_eq!(s, State::Running);
+        assert_eq!(a, vec![StartDump(DumpKind::Periodic), JoinDump, ReplyToDumpWaiters]);
+        assert_eq!(run(&[Terminate, PeriodicDue]).1, vec![TerminateService]);
+        assert_eq!(run(&[ServiceExited, PeriodicDue]).1, vec![Finish]);
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum ServiceState {
     Checkpointing,
     Stopped,
     Failed,
+    /// The service exited by itself; its supervisor brings it back after a delay (`restart:`).
+    Restarting,
 }
 
 impl ServiceState {
@@ -50,6 +52,9 @@ pub struct StatusRecord {
     /// How long the restore of this run took (null for a cold start).
     #[serde(default)]
     pub restore_ms: Option<u64>,
+    /// How often the supervisor has brought the service back after it exited (`restart:`).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl StatusRecord {

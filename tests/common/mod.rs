@@ -134,10 +134,12 @@ impl Drop for Env {
         release_criu_tables(&self.state_dir());
         let state_dir = self.state_dir().display().to_string();
         for name in self.started.borrow().iter() {
-            let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-            // Only processes that are provably this test's: pids get reused.
-            for (key, marker) in [("init_pid", "__ns-init"), ("supervisor_pid", "__supervise")] {
+            // The supervisor first: one that restarts its service (`restart:`) could otherwise
+            // start a new tree after the old one is killed. Then the status it left names the
+            // tree's init. Only processes that are provably this test's: pids get reused.
+            for (key, marker) in [("supervisor_pid", "__supervise"), ("init_pid", "__ns-init")] {
+                let status = std::fs::read_to_string(self.service_dir(name).join("status.json")).unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
                 let Some(pid) = pid_in(&v[key]) else { continue };
                 signal_if_ours(pid, &[marker, &state_dir], Signal::SIGKILL);
             }
@@ -274,4 +276,10 @@ pub fn is_gone(pid: i32) -> bool {
             stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
         }
     }
+}
+
+/// `redis-cli -p PORT ARGS...`: its output, trimmed, when it succeeded.
+pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
