@@ -38,6 +38,12 @@ pub enum Error {
     /// A request that cannot be carried out as given (the message says what to change).
     #[error("{0}")]
     Refused(String),
+    /// `import` would not add the archive: the text says why; nothing was added.
+    #[error("failed to import: {0}")]
+    ImportRefused(String),
+    /// The checkpoint to export is damaged or missing.
+    #[error("failed to export: {0}")]
+    ExportFailed(String),
 }
 
 impl Error {
@@ -60,6 +66,8 @@ impl Error {
             Error::StartFailed(_) => exit_codes::START_FAILED,
             Error::RestoreRefused(_) => exit_codes::RESTORE_REFUSED,
             Error::Refused(_) => exit_codes::CONFIG,
+            Error::ImportRefused(_) => exit_codes::IMPORT_REFUSED,
+            Error::ExportFailed(_) => exit_codes::STORE,
         }
     }
 }

@@ -24,3 +24,6 @@ pub const STORE: i32 = 9;
 /// `start` would not restore the checkpoint it had to (`--from ID`, or `on_incompatible: fail`)
 /// and did not cold-start either; the checkpoint is kept.
 pub const RESTORE_REFUSED: i32 = 10;
+/// `import` refused the archive (not a stasis export, damaged, or it does not fit this host:
+/// other binaries, an older CRIU); nothing was added.
+pub const IMPORT_REFUSED: i32 = 11;

@@ -177,6 +177,41 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write one checkpoint as a single archive (tar + zstd, checksummed) to move it to another host.
+    ///
+    /// The archive holds the manifest first, then every image; `stasis import` on the other host
+    /// checks all of it before adding it. `-o -` writes to standard output, for a pipe:
+    /// `stasis export redis -o - | ssh other-host stasis import -`. Both hosts need the same CRIU
+    /// (or a newer one where it is imported), the same binaries at the same paths, and the same
+    /// state directory (see docs/how-it-works.md, "Moving a checkpoint to another host").
+    Export {
+        /// The service: NAME.yaml in the config dir.
+        name: String,
+        /// The checkpoint [default: the newest good one].
+        id: Option<String>,
+        /// Where to write the archive; `-` for standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: String,
+        /// Print the result as one JSON document (on stderr with `-o -`, else on stdout).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a checkpoint from an archive written by `stasis export`, as the service's newest.
+    ///
+    /// Refused (exit 11, nothing added) if the archive is damaged or not an export, if the
+    /// service is not configured on this host, if this host's CRIU is older than the one that
+    /// dumped it, or if a binary the checkpoint maps differs here. The next `stasis start NAME`
+    /// restores it.
+    Import {
+        /// The archive; `-` for standard input.
+        file: String,
+        /// Add it to this service instead of the one named inside.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        /// Print the result as one JSON document on stdout (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a service's log: its stdout/stderr and what the supervisor did.
     Logs {
         /// The service: NAME.yaml in the config dir.

@@ -5,7 +5,9 @@ mod all;
 mod args;
 mod checkpoint;
 mod checkpoints;
+mod export;
 mod gc;
+mod import;
 mod generate;
 mod logs;
 mod metrics;
@@ -56,6 +58,8 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
         Command::List { json } => status::run(&dirs, None, json),
         Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
+        Command::Export { name, id, output, json } => export::run(&dirs, &name, id.as_deref(), &output, json),
+        Command::Import { file, as_name, json } => import::run(&dirs, &file, as_name.as_deref(), json),
         Command::Logs { name, lines, follow } => logs::run(&dirs, &name, lines, follow),
         Command::Validate { targets, json } => validate::run(&dirs, &targets, json),
         Command::Add(a) => add::add(&dirs, a),

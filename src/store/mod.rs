@@ -3,6 +3,7 @@
 //! and tells fresh from stale, retention, quarantine for checkpoints that failed to restore, and
 //! the cache of file identities used to tell whether a checkpoint still fits the program on disk.
 
+pub mod archive;
 mod checkpoints;
 pub mod counters;
 pub mod durable;

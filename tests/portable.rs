@@ -1,0 +1,152 @@
+//! Portable checkpoints: `export` writes one checksummed archive, `import` checks all of it and
+//! adds it as the newest checkpoint, and a host that has the same binaries at the same paths
+//! restores it: here a second network namespace with its own loopback stands for that host.
+//!
+//! Ports: redis 6495-6497, kill ports 7997-7999 (shared with tests/periodic.rs's range end).
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn redis_yaml(port: u16, kill_port: u16) -> String {
+    format!(
+        "command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: {kill_port}\n"
+    )
+}
+
+/// A network namespace of this test's, deleted at the end.
+struct OtherHost {
+    name: String,
+}
+
+impl OtherHost {
+    fn new() -> OtherHost {
+        let name = format!("stasis-test-{}", std::process::id());
+        let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        assert!(ok(&["netns", "add", &name]), "ip netns add {name}");
+        assert!(ok(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]));
+        OtherHost { name }
+    }
+
+    /// `stasis ARGS` run inside the namespace, with the env's directories.
+    fn stasis(&self, env: &Env, args: &[&str]) -> std::process::Output {
+        let c = env.cmd(args);
+        let mut ip = Command::new("ip");
+        ip.args(["netns", "exec", &self.name, BIN]).args(args);
+        for (k, v) in c.get_envs() {
+            if let Some(v) = v {
+                ip.env(k, v);
+            }
+        }
+        logged(args, ip)
+    }
+
+    fn redis_cli(&self, port: u16, args: &[&str]) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "redis-cli", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for OtherHost {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
+
+#[test]
+fn an_exported_checkpoint_restores_on_another_host_with_its_data_and_port() {
+    let env = Env::new();
+    env.write_service("mover", &redis_yaml(6495, 7997));
+    env.start("mover");
+    wait_for("redis", || redis_cli(6495, &["PING"]).filter(|r| r == "PONG"));
+    redis_cli(6495, &["SET", "warm", "from-host-a"]).unwrap();
+    env.ok(&["stop", "mover"]);
+    let archive = env.path().join("mover.tar.zst");
+    let out = env.ok(&["export", "mover", "-o", &archive.display().to_string()]);
+    assert!(out.contains("exported checkpoint") && out.contains("of mover"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the archive holds the service's memory: root only");
+
+    // Host A is gone: its state with it (its lock table too, as the checkpoint will never be
+    // restored there). Host B has the same binaries and paths, its own network.
+    release_criu_tables(&env.state_dir());
+    std::fs::remove_dir_all(env.state_dir()).unwrap();
+    let b = OtherHost::new();
+    let imported = b.stasis(&env, &["import", &archive.display().to_string(), "--json"]);
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&imported.stdout).unwrap();
+    assert_eq!(v["name"], "mover");
+    env.adopt("mover");
+    let started = b.stasis(&env, &["start", "mover", "--json"]);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
+    assert_eq!(s["started_from"], "checkpoint", "{s}");
+    assert_eq!(s["checkpoint"], v["checkpoint"], "{s}");
+    wait_for("redis on host B", || b.redis_cli(6495, &["PING"]).filter(|r| r == "PONG"));
+    assert_eq!(b.redis_cli(6495, &["GET", "warm"]).as_deref(), Some("from-host-a"), "the data came along");
+    assert!(redis_cli(6495, &["PING"]).is_none(), "and the port is host B's, not host A's");
+    let stopped = b.stasis(&env, &["stop", "mover"]);
+    assert!(stopped.status.success(), "{}", String::from_utf8_lossy(&stopped.stderr));
+}
+
+#[test]
+fn a_bit_flip_anywhere_in_the_archive_is_refused_and_nothing_is_added() {
+    let env = Env::new();
+    env.write_service("flip", &redis_yaml(6496, 7998));
+    env.start("flip");
+    wait_for("redis", || redis_cli(6496, &["PING"]).filter(|r| r == "PONG"));
+    env.ok(&["stop", "flip"]);
+    let good = env.path().join("flip.tar.zst");
+    env.ok(&["export", "flip", "-o", &good.display().to_string()]);
+    let bytes = std::fs::read(&good).unwrap();
+    let before = env.checkpoint_dirs("flip").len();
+    // Near the start (header, manifest), in the middle (images), near the end (checksum).
+    for at in [40, bytes.len() / 2, bytes.len() - 6] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x20;
+        let path = env.path().join(format!("bad-{at}.tar.zst"));
+        std::fs::write(&path, &bad).unwrap();
+        let out = env.run(&["import", &path.display().to_string()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(11), "byte {at}: {err}");
+        assert!(err.contains("failed to import") && err.contains("damaged") && err.contains("nothing was added"), "byte {at}: {err}");
+    }
+    let junk = env.path().join("junk");
+    std::fs::write(&junk, b"definitely not an archive").unwrap();
+    let out = env.run(&["import", &junk.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert!(err.contains("not a stasis export"), "{err}");
+    assert_eq!(env.checkpoint_dirs("flip").len(), before, "no checkpoint added");
+    let staged: Vec<_> = std::fs::read_dir(env.state_dir().join("import")).unwrap().collect();
+    assert!(staged.is_empty(), "nothing left in staging: {staged:?}");
+    release_criu_tables(&env.state_dir());
+}
+
+#[test]
+fn export_streams_through_a_pipe_into_import_as_another_service() {
+    let env = Env::new();
+    env.write_service("source", &redis_yaml(6497, 7999));
+    env.write_service("copy", &redis_yaml(6497, 7999));
+    env.start("source");
+    wait_for("redis", || redis_cli(6497, &["PING"]).filter(|r| r == "PONG"));
+    redis_cli(6497, &["SET", "k", "v"]).unwrap();
+    env.ok(&["stop", "source"]);
+    let export = env.cmd(&["export", "source", "-o", "-"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let import = env.cmd(&["import", "-", "--as", "copy", "--json"]).stdin(export.stdout.unwrap()).output().unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&import.stdout).unwrap();
+    assert_eq!(v["name"], "copy");
+    assert_eq!(v["imported_from"]["service"], "source");
+    // The copy restores with the data (the source is stopped, so the port is free).
+    let s = env.start("copy");
+    assert_eq!(s["started_from"], "checkpoint", "{s}");
+    assert_eq!(redis_cli(6497, &["GET", "k"]).as_deref(), Some("v"));
+    env.ok(&["stop", "copy"]);
+    release_criu_tables(&env.state_dir());
+}
