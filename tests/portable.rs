@@ -2,7 +2,7 @@
 //! adds it as the newest checkpoint, and a host that has the same binaries at the same paths
 //! restores it: here a second network namespace with its own loopback stands for that host.
 //!
-//! Ports: redis 6495-6497, kill ports 7997-7999 (shared with tests/periodic.rs's range end).
+//! Ports: redis 6495-6499, kill ports 7997-7999, 7989 and 7988.
 
 mod common;
 use common::*;
@@ -149,4 +149,83 @@ fn export_streams_through_a_pipe_into_import_as_another_service() {
     assert_eq!(redis_cli(6497, &["GET", "k"]).as_deref(), Some("v"));
     env.ok(&["stop", "copy"]);
     release_criu_tables(&env.state_dir());
+}
+
+/// About `n` x 1000 bytes of values, through one pipe.
+fn load_values(port: u16, n: usize, value: &str) {
+    let mut load = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(load.stdin.take().unwrap());
+        for i in 0..n {
+            write!(w, "SET k:{i} {value}\r\n").unwrap();
+        }
+    }
+    assert!(load.wait().unwrap().success());
+}
+
+#[test]
+fn a_compressed_checkpoint_of_repetitive_memory_is_under_half_of_it_and_restores() {
+    let env = Env::new();
+    env.write_service("squeezed", &format!("{}compression: zstd\n", redis_yaml(6499, 7988)));
+    env.start("squeezed");
+    wait_for("redis", || redis_cli(6499, &["PING"]).filter(|r| r == "PONG"));
+    load_values(6499, 50_000, &"abcdefgh".repeat(125));
+    env.ok(&["stop", "squeezed"]);
+    let cp = env.checkpoint_dirs("squeezed").pop().unwrap();
+    let names: Vec<String> = std::fs::read_dir(cp.join("images")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().any(|n| n.starts_with("pages-") && n.ends_with(".img.zst")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("pages-") && n.ends_with(".img")), "no plain pages at rest: {names:?}");
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "squeezed", "--json"])).unwrap();
+    let memory = v["memory"]["total"].as_u64().unwrap();
+    let size = v["size_bytes"].as_u64().unwrap();
+    assert!(memory > 50 << 20, "{memory}");
+    assert!(size * 2 < memory, "checkpoint {size} bytes is under half of the {memory} bytes of memory it holds");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(cp.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["compression"]["algorithm"], "zstd");
+    let back = env.start("squeezed");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(redis_cli(6499, &["DBSIZE"]).as_deref(), Some("50000"));
+    assert!(!cp.join(".restore-images").exists(), "the plain copy is gone after the restore");
+    env.ok(&["stop", "squeezed"]);
+}
+
+#[test]
+fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
+    let env = Env::new();
+    env.write_service("looked", &redis_yaml(6498, 7989));
+    env.start("looked");
+    wait_for("redis", || redis_cli(6498, &["PING"]).filter(|r| r == "PONG"));
+    // About 100 MiB of values, so the libraries' pages (not saved) are a small part of the RSS.
+    load_values(6498, 100_000, &"x".repeat(1000));
+    let pid = env.status("looked")["pid"].as_i64().unwrap();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .unwrap()
+        * 1024;
+    env.ok(&["checkpoint", "looked"]);
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "looked", "--json"])).unwrap();
+    let procs = v["processes"].as_array().unwrap();
+    let redis = procs.iter().find(|p| p["comm"] == "redis-server").unwrap_or_else(|| panic!("no redis-server in {v}"));
+    assert_eq!(redis["uid"], uid_of_user("redis"), "{redis}");
+    assert!(redis["command_line"][0].as_str().unwrap().contains("redis-server"), "{redis}");
+    assert!(v["sockets"].as_array().unwrap().iter().any(|s| s["state"] == "listening" && s["local"] == "127.0.0.1:6498"), "{v}");
+    let saved = v["memory"]["total"].as_u64().unwrap();
+    let off = (saved as f64 - rss as f64).abs() / rss as f64;
+    assert!(off < 0.10, "memory saved {saved} within 10% of the RSS {rss} ({:.1}%)", off * 100.0);
+    assert!(v["memory"]["anonymous"].as_u64().unwrap() > saved / 2, "{}", v["memory"]);
+    assert_eq!(v["fits_programs_on_disk"], true, "{v}");
+    assert_eq!(v["criu_version"], v["host"]["criu_version"]);
+    assert!(v["namespaces"]["pid"].as_u64().is_some(), "its own PID namespace: {}", v["namespaces"]);
+    // The human form says the same in words.
+    let text = env.ok(&["inspect", "looked"]);
+    assert!(text.contains("tcp listening 127.0.0.1:6498") && text.contains("redis-server"), "{text}");
+    env.ok(&["stop", "looked"]);
 }

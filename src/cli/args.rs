@@ -177,6 +177,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what a checkpoint holds: processes, memory, open files, sockets, namespaces.
+    ///
+    /// Read from CRIU's images directly (no crit), with the CRIU and kernel versions it was
+    /// taken with, whether it is fresh, and whether it fits the programs on disk now.
+    Inspect {
+        /// The service: NAME.yaml in the config dir.
+        name: String,
+        /// The checkpoint [default: the newest good one].
+        id: Option<String>,
+        /// Print the result as one JSON document on stdout (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Write one checkpoint as a single archive (tar + zstd, checksummed) to move it to another host.
     ///
     /// The archive holds the manifest first, then every image; `stasis import` on the other host

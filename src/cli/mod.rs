@@ -8,6 +8,7 @@ mod checkpoints;
 mod export;
 mod gc;
 mod import;
+mod inspect;
 mod generate;
 mod logs;
 mod metrics;
@@ -60,6 +61,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
         Command::Export { name, id, output, json } => export::run(&dirs, &name, id.as_deref(), &output, json),
         Command::Import { file, as_name, json } => import::run(&dirs, &file, as_name.as_deref(), json),
+        Command::Inspect { name, id, json } => inspect::run(&dirs, &name, id.as_deref(), json),
         Command::Logs { name, lines, follow } => logs::run(&dirs, &name, lines, follow),
         Command::Validate { targets, json } => validate::run(&dirs, &targets, json),
         Command::Add(a) => add::add(&dirs, a),

@@ -31,6 +31,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "restart_from",
     "restart_backoff",
     "restart_limit",
+    "compression",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -111,6 +112,9 @@ pub struct ServiceFile {
     /// `5 in 10m`: past this many restarts in that window the supervisor gives up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_limit: Option<String>,
+    /// `zstd`, or `{zstd: LEVEL}`: store checkpoints' memory pages compressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -134,6 +134,8 @@ pub struct Service {
     pub restart_from: RestartFrom,
     pub restart_backoff: Duration,
     pub restart_limit: RestartLimit,
+    /// zstd level for checkpoints' pages, when `compression` is set.
+    pub compression: Option<i32>,
 }
 
 impl Service {
@@ -391,6 +393,21 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             DEFAULT_RESTART_LIMIT
         }),
     };
+    let compression = file.compression.as_ref().and_then(|v| {
+        const HOW: &str = "write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)";
+        let level = match v {
+            serde_yaml::Value::String(s) if s == "zstd" => Some(3),
+            serde_yaml::Value::Mapping(m) if m.len() == 1 => match m.get("zstd").and_then(|l| l.as_i64()) {
+                Some(l @ 1..=19) => Some(l as i32),
+                _ => None,
+            },
+            _ => None,
+        };
+        if level.is_none() {
+            c.fail("compression", format!("{} is not a compression; {HOW}", serde_yaml::to_string(v).unwrap_or_default().trim()));
+        }
+        level
+    });
     if restart_from == RestartFrom::Checkpoint && restart == RestartPolicy::No {
         c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
     }
@@ -427,6 +444,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             restart_from,
             restart_backoff,
             restart_limit,
+            compression,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }

@@ -108,6 +108,9 @@ impl PendingCheckpoint {
         let mut manifest = read_manifest(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
         let t0 = std::time::Instant::now();
+        if let Some(c) = &manifest.compression {
+            super::compress::compress_pages(&self.images_dir(), c.level)?;
+        }
         let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
         let bytes_written = synced.hashed.iter().map(|f| f.size).sum();
@@ -499,6 +502,7 @@ mod tests {
             images: None,
             executables: None,
             timings: None,
+            compression: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,

@@ -54,6 +54,15 @@ pub struct FileIdentity {
     pub hash: String,
 }
 
+/// How a checkpoint's pages are compressed at rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Only `zstd`.
+    pub algorithm: String,
+    pub level: i32,
+}
+
 /// How long the checkpoint took and how big it is. Added after the images are durable (the
 /// dump's figures once CRIU has returned, `restore_ms` at each restore).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +121,10 @@ pub struct Manifest {
     pub executables: Option<Vec<FileIdentity>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    /// Set when the memory pages are stored compressed (`images/pages-N.img.zst`); a restore
+    /// gives CRIU the plain files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,

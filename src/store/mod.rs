@@ -5,6 +5,7 @@
 
 pub mod archive;
 mod checkpoints;
+pub mod compress;
 pub mod counters;
 pub mod durable;
 mod error;
@@ -16,7 +17,7 @@ pub mod verify;
 pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{DumpKind, FileIdentity, Manifest, Timings};
+pub use manifest::{Compression, DumpKind, FileIdentity, Manifest, Timings};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

@@ -141,6 +141,7 @@ fn dump(
         images: None,
         executables: Some(executables),
         timings: None,
+        compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");

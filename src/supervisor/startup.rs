@@ -199,6 +199,14 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
                 }
             }
         }
+        Err(RestoreError::Host(why)) => {
+            let _ = ctx.store.undo_run(&before);
+            Err(Refusal::Stop(Error::StartFailed(format!(
+                "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {}): fix that and start again",
+                cp.id,
+                if explicit { "restorable" } else { "fresh" }
+            ))))
+        }
         Err(RestoreError::Other(why)) => {
             let _ = ctx.store.undo_run(&before);
             Err(Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)))
@@ -248,14 +256,26 @@ fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch
 
 enum RestoreError {
     Criu(crate::criu::CriuError),
+    /// Something of this host's (a full disk) and not of the checkpoint's.
+    Host(String),
     Other(String),
 }
 
 fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
+    // CRIU reads plain images: compressed pages are written out beside the checkpoint for it.
+    let plain = match &cp.manifest.compression {
+        Some(_) => {
+            progress(super::progress::phase("decompressing", cp.manifest.size_bytes));
+            Some(crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir()).map_err(|e| {
+                RestoreError::Host(format!("failed to decompress its images: {e}"))
+            })?)
+        }
+        None => None,
+    };
     let args = RestoreArgs {
-        images_dir: cp.images_dir(),
+        images_dir: plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
         work_dir: cp.dir.clone(),
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),

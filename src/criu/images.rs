@@ -1,0 +1,308 @@
+//! Reading CRIU's image files natively (for `stasis inspect`), with prost types generated from
+//! CRIU's own schemas (proto/criu, compiled by build.rs). An image file is a magic number (two,
+//! for most: the common one, then the image's own), then entries, each a little-endian u32 size
+//! and a protobuf message. Images are input from disk, maybe from another host: every size is
+//! bounded, every index checked; a damaged image is an error, never a panic.
+
+use prost::Message;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[allow(clippy::all, dead_code)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
+const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
+/// No entry of the images read here comes near this.
+const MAX_ENTRY: usize = 64 << 20;
+const PAGE: u64 = 4096;
+/// pagemap entry flags (criu/include/pagemap.h).
+const PE_PRESENT: u32 = 1 << 2;
+/// VMA status bits (criu/include/image.h).
+const VMA_FILE_PRIVATE: u32 = 1 << 6;
+const VMA_FILE_SHARED: u32 = 1 << 7;
+const VMA_ANON_SHARED: u32 = 1 << 8;
+const VMA_ANON_PRIVATE: u32 = 1 << 9;
+/// TCP states (include/net/tcp_states.h) and socket families.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_LISTEN: u32 = 10;
+const AF_INET6: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("failed to read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is damaged: {why}")]
+    Damaged { path: String, why: String },
+}
+
+/// The messages of one image file, after its magic.
+fn entries<M: Message + Default>(dir: &Path, name: &str, skip_head: bool) -> Result<Vec<M>, ImageError> {
+    let path = dir.join(name);
+    let shown = format!("images/{name}");
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read { path: shown.clone(), source })?;
+    let damaged = |why: String| ImageError::Damaged { path: shown.clone(), why };
+    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let mut at = 4;
+    if matches!(u32_at(0), Some(IMG_COMMON_MAGIC | IMG_SERVICE_MAGIC)) {
+        at = 8;
+    }
+    if bytes.len() < at {
+        return Err(damaged("too short for its magic".into()));
+    }
+    let mut out = Vec::new();
+    let mut first = true;
+    while at < bytes.len() {
+        let size = u32_at(at).ok_or_else(|| damaged(format!("a truncated entry size at byte {at}")))? as usize;
+        at += 4;
+        if size > MAX_ENTRY || at + size > bytes.len() {
+            return Err(damaged(format!("an entry of {size} bytes at byte {at} runs past the end")));
+        }
+        let body = &bytes[at..at + size];
+        at += size;
+        if skip_head && first {
+            first = false;
+            continue;
+        }
+        out.push(M::decode(body).map_err(|e| damaged(format!("an entry does not decode: {e}")))?);
+    }
+    Ok(out)
+}
+
+fn one<M: Message + Default>(dir: &Path, name: &str) -> Result<M, ImageError> {
+    entries::<M>(dir, name, false)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ImageError::Damaged { path: format!("images/{name}"), why: "it has no entry".into() })
+}
+
+/// What a checkpoint's images hold, for people.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub processes: Vec<Process>,
+    /// Bytes of memory in the images, by kind: pages CRIU saved (what a restore brings back).
+    pub memory: Memory,
+    pub sockets: Vec<Socket>,
+    /// Namespace ids of the root process (CRIU's numbering), by kind.
+    pub namespaces: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Process {
+    /// PID inside the checkpoint's PID namespace.
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub command_line: Vec<String>,
+    pub uid: Option<u32>,
+    pub threads: usize,
+    /// Memory saved for this process, in bytes.
+    pub memory_bytes: u64,
+    /// Open file descriptors: number and what each is.
+    pub files: Vec<OpenFile>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    pub anonymous: u64,
+    pub file_backed: u64,
+    pub shared: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenFile {
+    pub fd: u32,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Socket {
+    pub protocol: String,
+    /// `listening`, `established` or another state.
+    pub state: String,
+    pub local: String,
+    pub remote: Option<String>,
+}
+
+pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
+    let tree: Vec<pb::PstreeEntry> = entries(images, "pstree.img", false)?;
+    let files: Vec<pb::FileEntry> = entries(images, "files.img", false).unwrap_or_default();
+    let by_id: BTreeMap<u32, &pb::FileEntry> = files.iter().map(|f| (f.id, f)).collect();
+    let mut processes = Vec::new();
+    let mut memory = Memory::default();
+    let mut namespaces = BTreeMap::new();
+    for (i, p) in tree.iter().enumerate() {
+        let core: pb::CoreEntry = one(images, &format!("core-{}.img", p.pid))?;
+        let ids = core.ids.or_else(|| one::<pb::TaskKobjIdsEntry>(images, &format!("ids-{}.img", p.pid)).ok());
+        if i == 0 {
+            if let Some(ids) = &ids {
+                for (k, v) in [
+                    ("pid", ids.pid_ns_id),
+                    ("net", ids.net_ns_id),
+                    ("ipc", ids.ipc_ns_id),
+                    ("uts", ids.uts_ns_id),
+                    ("mnt", ids.mnt_ns_id),
+                    ("user", ids.user_ns_id),
+                    ("cgroup", ids.cgroup_ns_id),
+                    ("time", ids.time_ns_id),
+                ] {
+                    if let Some(v) = v {
+                        namespaces.insert(k.to_string(), v);
+                    }
+                }
+            }
+        }
+        let mm: Option<pb::MmEntry> = one(images, &format!("mm-{}.img", p.pid)).ok();
+        let pages = Pages::open(images, p.pid)?;
+        let mut own = 0;
+        if let Some(mm) = &mm {
+            for (start, len) in &pages.present {
+                let kind = mm.vmas.iter().find(|v| v.start <= *start && *start < v.end).map_or(0, |v| v.status);
+                if kind & (VMA_ANON_SHARED | VMA_FILE_SHARED) != 0 {
+                    memory.shared += len;
+                } else if kind & VMA_FILE_PRIVATE != 0 {
+                    memory.file_backed += len;
+                } else if kind & VMA_ANON_PRIVATE != 0 || kind == 0 {
+                    memory.anonymous += len;
+                }
+                own += len;
+            }
+        }
+        memory.total += own;
+        let command_line = mm
+            .as_ref()
+            .and_then(|m| pages.read(m.mm_arg_start, m.mm_arg_end.saturating_sub(m.mm_arg_start).min(64 << 10)))
+            .map(|b| {
+                b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+            })
+            .unwrap_or_default();
+        let uid = core.thread_core.as_ref().and_then(|t| t.creds.as_ref()).map(|c| c.uid);
+        let mut open = Vec::new();
+        if let Some(ids) = &ids {
+            let fds: Vec<pb::FdinfoEntry> = entries(images, &format!("fdinfo-{}.img", ids.files_id), false).unwrap_or_default();
+            for fd in fds {
+                open.push(OpenFile { fd: fd.fd, what: by_id.get(&fd.id).map_or_else(|| "?".into(), |f| describe(f)) });
+            }
+        }
+        processes.push(Process {
+            pid: p.pid,
+            ppid: p.ppid,
+            comm: core.tc.as_ref().map(|t| t.comm.clone()).unwrap_or_default(),
+            command_line,
+            uid,
+            threads: p.threads.len().max(1),
+            memory_bytes: own,
+            files: open,
+        });
+    }
+    let sockets = files.iter().filter_map(|f| f.isk.as_ref()).map(inet).collect();
+    Ok(ImageSummary { processes, memory, sockets, namespaces })
+}
+
+/// One process's saved pages: where they are in memory and in its pages file.
+struct Pages {
+    /// (virtual address, bytes) of each run of present pages, in file order.
+    present: Vec<(u64, u64)>,
+    file: Option<std::fs::File>,
+}
+
+impl Pages {
+    fn open(images: &Path, pid: u32) -> Result<Pages, ImageError> {
+        let name = format!("pagemap-{pid}.img");
+        if !images.join(&name).exists() {
+            return Ok(Pages { present: Vec::new(), file: None });
+        }
+        let head: pb::PagemapHead = one(images, &name)?;
+        let runs: Vec<pb::PagemapEntry> = entries(images, &name, true)?;
+        let present = runs
+            .iter()
+            .filter(|e| e.flags.unwrap_or(PE_PRESENT) & PE_PRESENT != 0)
+            .map(|e| (e.vaddr, e.nr_pages.unwrap_or(e.compat_nr_pages as u64).saturating_mul(PAGE)))
+            .collect();
+        let file = std::fs::File::open(images.join(format!("pages-{}.img", head.pages_id))).ok();
+        Ok(Pages { present, file })
+    }
+
+    /// `len` bytes of memory at `addr`, if they were saved (in one run).
+    fn read(&self, addr: u64, len: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut offset = 0u64;
+        for (start, bytes) in &self.present {
+            if *start <= addr && addr + len <= start + bytes {
+                let mut buf = vec![0u8; len as usize];
+                self.file.as_ref()?.read_exact_at(&mut buf, offset + (addr - start)).ok()?;
+                return Some(buf);
+            }
+            offset += bytes;
+        }
+        None
+    }
+}
+
+fn describe(f: &pb::FileEntry) -> String {
+    if let Some(r) = &f.reg {
+        return r.name.clone();
+    }
+    if let Some(s) = &f.isk {
+        let s = inet(s);
+        return format!("{} socket {} {}{}", s.protocol, s.state, s.local, s.remote.map(|r| format!(" -> {r}")).unwrap_or_default());
+    }
+    if let Some(u) = &f.usk {
+        let name = String::from_utf8_lossy(&u.name).into_owned();
+        return if name.is_empty() { "unix socket".into() } else { format!("unix socket {name}") };
+    }
+    if let Some(p) = &f.pipe {
+        return format!("pipe:[{}]", p.pipe_id);
+    }
+    if f.tty.is_some() {
+        return "tty".into();
+    }
+    if f.efd.is_some() {
+        return "eventfd".into();
+    }
+    if f.epfd.is_some() {
+        return "eventpoll".into();
+    }
+    if f.tfd.is_some() {
+        return "timerfd".into();
+    }
+    if f.sgfd.is_some() {
+        return "signalfd".into();
+    }
+    if let Some(m) = &f.memfd {
+        return format!("memfd {}", m.id);
+    }
+    format!("file of type {}", f.r#type)
+}
+
+fn inet(s: &pb::InetSkEntry) -> Socket {
+    let addr = |words: &[u32], port: u32| {
+        let ip = if s.family == AF_INET6 && words.len() == 4 {
+            let mut b = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            format!("[{}]", std::net::Ipv6Addr::from(b))
+        } else {
+            words.first().map(|w| std::net::Ipv4Addr::from(w.to_ne_bytes()).to_string()).unwrap_or_default()
+        };
+        format!("{ip}:{port}")
+    };
+    let protocol = match (s.proto, s.r#type) {
+        (6, _) => "tcp",
+        (17, _) => "udp",
+        _ => "inet",
+    };
+    let state = match s.state {
+        TCP_LISTEN => "listening".to_string(),
+        TCP_ESTABLISHED => "established".to_string(),
+        7 if protocol == "udp" => "bound".to_string(),
+        n => format!("state {n}"),
+    };
+    let remote = (s.state != TCP_LISTEN && s.dst_port != 0).then(|| addr(&s.dst_addr, s.dst_port));
+    Socket { protocol: protocol.into(), state, local: addr(&s.src_addr, s.src_port), remote }
+}

@@ -1,0 +1,101 @@
+//! Compression at rest (`compression: zstd`): a checkpoint's memory pages (`pages-N.img`, nearly
+//! all of its bytes) are stored as `pages-N.img.zst`, compressed on every CPU before the
+//! checkpoint is made durable, so the checksums cover what is on disk. CRIU reads plain images:
+//! a restore first writes them into a private directory beside the checkpoint.
+
+use super::StoreError;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const SUFFIX: &str = ".zst";
+
+fn is_pages(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// Replaces every `pages-*.img` under `images` with its zstd-compressed `.zst`.
+pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    for e in fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })? {
+        let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_pages(&name) {
+            continue;
+        }
+        let from = e.path();
+        let to = images.join(format!("{name}{SUFFIX}"));
+        let write = |source| StoreError::Write { path: to.clone(), source };
+        let mut input = fs::File::open(&from).map_err(|source| StoreError::Read { path: from.clone(), source })?;
+        let out = fs::File::create(&to).map_err(write)?;
+        let mut z = zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, out), level).map_err(write)?;
+        z.multithread(threads).map_err(write)?;
+        std::io::copy(&mut input, &mut z).map_err(write)?;
+        z.finish().map_err(write)?.into_inner().map_err(|e| write(e.into_error()))?;
+        fs::remove_file(&from).map_err(|source| StoreError::Write { path: from.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// A directory of plain images for CRIU to restore from, removed when dropped: compressed pages
+/// decompressed into it, every other image hard-linked.
+pub struct PlainImages {
+    pub dir: PathBuf,
+}
+
+impl PlainImages {
+    pub fn new(checkpoint_dir: &Path, images: &Path) -> Result<PlainImages, StoreError> {
+        let dir = checkpoint_dir.join(".restore-images");
+        let _ = fs::remove_dir_all(&dir);
+        super::durable::create_dir_with_mode(&dir, 0o700)?;
+        let plain = PlainImages { dir };
+        for e in fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })? {
+            let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            match name.strip_suffix(SUFFIX) {
+                Some(raw) if is_pages(raw) => {
+                    let to = plain.dir.join(raw);
+                    let write = |source| StoreError::Write { path: to.clone(), source };
+                    let input = fs::File::open(e.path()).map_err(|source| StoreError::Read { path: e.path(), source })?;
+                    let mut z = zstd::stream::Decoder::new(input).map_err(|source| StoreError::Read { path: e.path(), source })?;
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&to).map_err(write)?);
+                    std::io::copy(&mut z, &mut out).map_err(|source| StoreError::Read { path: e.path(), source })?;
+                    std::io::Write::flush(&mut out).map_err(write)?;
+                }
+                _ => fs::hard_link(e.path(), plain.dir.join(&name))
+                    .map_err(|source| StoreError::Write { path: plain.dir.join(&name), source })?,
+            }
+        }
+        Ok(plain)
+    }
+}
+
+impl Drop for PlainImages {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_round_trip_and_other_images_stay_as_they_are() {
+        let d = tempfile::tempdir().unwrap();
+        let images = d.path().join("images");
+        fs::create_dir(&images).unwrap();
+        let pages: Vec<u8> = (0..3 << 20).map(|i| (i / 4096 % 7) as u8).collect();
+        fs::write(images.join("pages-1.img"), &pages).unwrap();
+        fs::write(images.join("core-1.img"), b"core").unwrap();
+        compress_pages(&images, 3).unwrap();
+        assert!(!images.join("pages-1.img").exists());
+        let z = fs::metadata(images.join("pages-1.img.zst")).unwrap().len();
+        assert!(z < pages.len() as u64 / 10, "repetitive pages compress: {z}");
+        let plain = PlainImages::new(d.path(), &images).unwrap();
+        assert_eq!(fs::read(plain.dir.join("pages-1.img")).unwrap(), pages);
+        assert_eq!(fs::read(plain.dir.join("core-1.img")).unwrap(), b"core");
+        let dir = plain.dir.clone();
+        drop(plain);
+        assert!(!dir.exists(), "removed after the restore");
+    }
+}
