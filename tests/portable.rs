@@ -2,7 +2,7 @@
 //! adds it as the newest checkpoint, and a host that has the same binaries at the same paths
 //! restores it: here a second network namespace with its own loopback stands for that host.
 //!
-//! Ports: redis 6495-6499, kill ports 7997-7999, 7989 and 7988.
+//! Ports: redis 6495-6499 and 6480-6481, kill ports 7997-7999 and 7986-7989.
 
 mod common;
 use common::*;
@@ -228,4 +228,70 @@ fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
     let text = env.ok(&["inspect", "looked"]);
     assert!(text.contains("tcp listening 127.0.0.1:6498") && text.contains("redis-server"), "{text}");
     env.ok(&["stop", "looked"]);
+}
+
+/// Whether `needle` occurs in any file under `dir`.
+fn found_under(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().filter_map(Result::ok).any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            found_under(&p, needle)
+        } else {
+            std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
+#[test]
+fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_but_kept() {
+    let env = Env::new();
+    let keys = env.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key = keys.join("vault.key");
+    let write_key = |bytes: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&key, bytes).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let mut good = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut good).unwrap();
+    write_key(&good);
+    let secret = format!("TOPSECRET-{}", std::process::id());
+    // The control: the same service without encryption shows the secret in its images, so the
+    // search below can fail.
+    env.write_service("plain", &redis_yaml(6480, 7986));
+    env.write_service("vault", &format!("{}encryption_key_file: {}\ncompression: zstd\n", redis_yaml(6481, 7987), key.display()));
+    for (name, port) in [("plain", 6480), ("vault", 6481)] {
+        env.start(name);
+        wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+        redis_cli(port, &["SET", "secret", &secret]).unwrap();
+        env.ok(&["stop", name]);
+    }
+    assert!(found_under(&env.service_dir("plain").join("checkpoints"), secret.as_bytes()), "the control finds it");
+    let vault = env.service_dir("vault");
+    assert!(!found_under(&vault, secret.as_bytes()), "no plaintext of the secret anywhere in the service's state");
+    let cp = env.checkpoint_dirs("vault").pop().unwrap();
+    let m = std::fs::read_to_string(cp.join("manifest.json")).unwrap();
+    assert!(m.contains("xchacha20poly1305") && !m.contains(&format!("{:02x}{:02x}{:02x}", good[0], good[1], good[2])), "the key id, not the key: {m}");
+    // The right key brings it back.
+    let back = env.start("vault");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(redis_cli(6481, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
+    let looked: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "vault", "--json"])).unwrap();
+    assert!(looked["sockets"].as_array().unwrap().iter().any(|s| s["local"] == "127.0.0.1:6481"), "{looked}");
+    env.ok(&["stop", "vault"]);
+    // A wrong key: a clear error, the checkpoint kept and not quarantined.
+    let before = env.checkpoint_dirs("vault");
+    write_key(&[7u8; 32]);
+    let out = env.run(&["start", "vault"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("the wrong key") && err.contains("not quarantined"), "{err}");
+    assert_eq!(env.checkpoint_dirs("vault"), before, "kept where it was");
+    write_key(&good);
+    let again = env.start("vault");
+    assert_eq!(again["started_from"], "checkpoint", "{again}");
+    assert_eq!(redis_cli(6481, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
+    env.ok(&["stop", "vault"]);
+    release_criu_tables(&env.state_dir());
 }

@@ -55,9 +55,23 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
             .latest()?
             .ok_or_else(|| Error::Refused(format!("{name} has no checkpoint; take one with `stasis checkpoint {name}`")))?,
     };
-    let summary = images::summarize(&cp.images_dir())
-        .map_err(|e| Error::Refused(format!("failed to read the images of checkpoint {}: {e}", cp.id)))?;
     let m = &cp.manifest;
+    // Compressed or sealed images are read from a plain copy (in RAM when sealed).
+    let plain = match (&m.compression, &m.encryption) {
+        (None, None) => None,
+        (_, encryption) => {
+            let key = match encryption {
+                Some(e) => Some(
+                    crate::store::seal::Key::matching(service.encryption_key_file.as_deref(), &e.key_id, &service.file)
+                        .map_err(|why| Error::Refused(format!("failed to read checkpoint {}: {why}", cp.id)))?,
+                ),
+                None => None,
+            };
+            Some(crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())?)
+        }
+    };
+    let summary = images::summarize(plain.as_ref().map_or(&cp.images_dir(), |p| &p.dir))
+        .map_err(|e| Error::Refused(format!("failed to read the images of checkpoint {}: {e}", cp.id)))?;
     let (fresh, stale_reason) = match store.generations().freshness(m.generation, m.kind) {
         Freshness::Fresh => (true, None),
         Freshness::Stale(why) => (false, Some(why)),

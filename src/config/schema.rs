@@ -32,6 +32,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "restart_backoff",
     "restart_limit",
     "compression",
+    "encryption_key_file",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -115,6 +116,9 @@ pub struct ServiceFile {
     /// `zstd`, or `{zstd: LEVEL}`: store checkpoints' memory pages compressed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression: Option<serde_yaml::Value>,
+    /// A root-only file holding a 32-byte key: checkpoints' images are stored encrypted with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -136,6 +136,8 @@ pub struct Service {
     pub restart_limit: RestartLimit,
     /// zstd level for checkpoints' pages, when `compression` is set.
     pub compression: Option<i32>,
+    /// The key file that seals checkpoints' images (read when they are written or restored).
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Service {
@@ -408,6 +410,16 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
         level
     });
+    // Only its form here: the file is root's and read when a checkpoint is written or restored.
+    let encryption_key_file = file.encryption_key_file.as_deref().and_then(|p| {
+        let path = PathBuf::from(p);
+        if path.is_absolute() {
+            Some(path)
+        } else {
+            c.fail("encryption_key_file", format!("\"{p}\" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"));
+            None
+        }
+    });
     if restart_from == RestartFrom::Checkpoint && restart == RestartPolicy::No {
         c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
     }
@@ -445,6 +457,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             restart_backoff,
             restart_limit,
             compression,
+            encryption_key_file,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }

@@ -12,6 +12,8 @@ pub const HASH_CACHE_ENV: &str = "STASIS_HASH_CACHE";
 /// Left in the pending checkpoint when the hook refused a dump that could not be restored but
 /// would be fine a moment later: the supervisor then tries again.
 pub const RETRY_MARKER: &str = "retry-dump";
+/// The service's `encryption_key_file`, when its images are to be sealed.
+pub const KEY_FILE_ENV: &str = "STASIS_KEY_FILE";
 /// A dump that keeps the service running: the hook only checks the frozen tree, and leaves the
 /// marker in this directory.
 pub const CHECK_ONLY_ENV: &str = "STASIS_CHECK_DUMP";
@@ -41,7 +43,15 @@ pub fn main() -> i32 {
         eprintln!("stasis: {e}");
         return 1;
     }
-    match pending.finalize() {
+    let key = match std::env::var_os(KEY_FILE_ENV).map(|p| crate::store::seal::Key::load(std::path::Path::new(&p))) {
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            eprintln!("stasis: {e}");
+            return 1;
+        }
+        None => None,
+    };
+    match pending.finalize_sealed(key.as_ref()) {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("stasis: {e}");

@@ -104,12 +104,29 @@ impl PendingCheckpoint {
 
     /// fsyncs everything, writes the manifest (from the draft) and makes the checkpoint visible.
     pub fn finalize(&self) -> Result<Checkpoint, StoreError> {
+        self.finalize_sealed(None)
+    }
+
+    /// The same, sealing every image with `key` first when the draft asks for encryption.
+    pub fn finalize_sealed(&self, key: Option<&super::seal::Key>) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_manifest(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
         let t0 = std::time::Instant::now();
         if let Some(c) = &manifest.compression {
             super::compress::compress_pages(&self.images_dir(), c.level)?;
+        }
+        if manifest.encryption.is_some() {
+            if let Some(key) = key {
+                super::seal::seal_dir(&self.images_dir(), key)?;
+            }
+            // Never durable in the clear: every image must be sealed by now.
+            if let Some(plain) = super::seal::first_unsealed(&self.images_dir()) {
+                return Err(StoreError::Write {
+                    path: plain,
+                    source: std::io::Error::other("an image of an encrypted checkpoint is not sealed (no key to seal it with)"),
+                });
+            }
         }
         let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
@@ -503,6 +520,7 @@ mod tests {
             executables: None,
             timings: None,
             compression: None,
+            encryption: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,

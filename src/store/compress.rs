@@ -36,34 +36,55 @@ pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A directory of plain images for CRIU to restore from, removed when dropped: compressed pages
-/// decompressed into it, every other image hard-linked.
+/// A directory of plain images for CRIU to restore from, removed when dropped: sealed images
+/// decrypted into it, compressed pages decompressed, every other image hard-linked. Plaintext of
+/// a sealed checkpoint goes to RAM (`/dev/shm`), never to the disk the checkpoint is on.
 pub struct PlainImages {
     pub dir: PathBuf,
 }
 
 impl PlainImages {
-    pub fn new(checkpoint_dir: &Path, images: &Path) -> Result<PlainImages, StoreError> {
-        let dir = checkpoint_dir.join(".restore-images");
+    pub fn new(checkpoint_dir: &Path, images: &Path, key: Option<&super::seal::Key>) -> Result<PlainImages, StoreError> {
+        let dir = match key {
+            Some(_) => {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                Path::new("/dev/shm").join(format!("stasis-restore-{}-{nanos}", std::process::id()))
+            }
+            None => checkpoint_dir.join(".restore-images"),
+        };
         let _ = fs::remove_dir_all(&dir);
         super::durable::create_dir_with_mode(&dir, 0o700)?;
         let plain = PlainImages { dir };
         for e in fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })? {
             let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
             let name = e.file_name().to_string_lossy().into_owned();
-            match name.strip_suffix(SUFFIX) {
-                Some(raw) if is_pages(raw) => {
-                    let to = plain.dir.join(raw);
-                    let write = |source| StoreError::Write { path: to.clone(), source };
-                    let input = fs::File::open(e.path()).map_err(|source| StoreError::Read { path: e.path(), source })?;
-                    let mut z = zstd::stream::Decoder::new(input).map_err(|source| StoreError::Read { path: e.path(), source })?;
-                    let mut out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&to).map_err(write)?);
-                    std::io::copy(&mut z, &mut out).map_err(|source| StoreError::Read { path: e.path(), source })?;
-                    std::io::Write::flush(&mut out).map_err(write)?;
-                }
-                _ => fs::hard_link(e.path(), plain.dir.join(&name))
-                    .map_err(|source| StoreError::Write { path: plain.dir.join(&name), source })?,
+            let (base, sealed) = match name.strip_suffix(super::seal::SUFFIX) {
+                Some(b) => (b.to_string(), true),
+                None => (name.clone(), false),
+            };
+            let (raw, compressed) = match base.strip_suffix(SUFFIX) {
+                Some(r) if is_pages(r) => (r.to_string(), true),
+                _ => (base.clone(), false),
+            };
+            let to = plain.dir.join(&raw);
+            let write = |source| StoreError::Write { path: to.clone(), source };
+            let read = |source| StoreError::Read { path: e.path(), source };
+            if !sealed && !compressed {
+                fs::hard_link(e.path(), &to).map_err(write)?;
+                continue;
             }
+            let input = std::io::BufReader::with_capacity(1 << 20, fs::File::open(e.path()).map_err(read)?);
+            let out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&to).map_err(write)?);
+            let mut sink: Box<dyn std::io::Write> =
+                if compressed { Box::new(zstd::stream::write::Decoder::new(out).map_err(write)?) } else { Box::new(out) };
+            if sealed {
+                let key = key.ok_or_else(|| read(std::io::Error::other("it is encrypted and no key was given")))?;
+                super::seal::open(input, &mut sink, &base, key).map_err(|err| read(std::io::Error::other(err.to_string())))?;
+            } else {
+                let mut input = input;
+                std::io::copy(&mut zstd::stream::Decoder::new(&mut input).map_err(read)?, &mut sink).map_err(read)?;
+            }
+            sink.flush().map_err(write)?;
         }
         Ok(plain)
     }
@@ -91,7 +112,7 @@ mod tests {
         assert!(!images.join("pages-1.img").exists());
         let z = fs::metadata(images.join("pages-1.img.zst")).unwrap().len();
         assert!(z < pages.len() as u64 / 10, "repetitive pages compress: {z}");
-        let plain = PlainImages::new(d.path(), &images).unwrap();
+        let plain = PlainImages::new(d.path(), &images, None).unwrap();
         assert_eq!(fs::read(plain.dir.join("pages-1.img")).unwrap(), pages);
         assert_eq!(fs::read(plain.dir.join("core-1.img")).unwrap(), b"core");
         let dir = plain.dir.clone();

@@ -62,6 +62,15 @@ pub struct Compression {
     pub level: i32,
 }
 
+/// How a checkpoint's images are encrypted at rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// Only `xchacha20poly1305`.
+    pub algorithm: String,
+    /// Which key (see `store::seal::Key::id`); a key with another id is the wrong one.
+    pub key_id: String,
+}
+
 /// How long the checkpoint took and how big it is. Added after the images are durable (the
 /// dump's figures once CRIU has returned, `restore_ms` at each restore).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +133,9 @@ pub struct Manifest {
     /// gives CRIU the plain files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
+    /// Set when every image is stored sealed (`images/NAME.enc`); the key is not here, only its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,

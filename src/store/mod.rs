@@ -10,6 +10,7 @@ pub mod counters;
 pub mod durable;
 mod error;
 pub mod generation;
+pub mod seal;
 pub mod identity;
 mod manifest;
 pub mod verify;
@@ -17,7 +18,7 @@ pub mod verify;
 pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{Compression, DumpKind, FileIdentity, Manifest, Timings};
+pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, Manifest, Timings};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

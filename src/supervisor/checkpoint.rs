@@ -115,6 +115,11 @@ fn dump(
         progress(DumpProgress::Dumping);
     }
     tracing::debug!("dump: slot taken");
+    // Read now, so a missing or unsafe key fails the dump before CRIU freezes anything.
+    let key = match &ctx.service.encryption_key_file {
+        Some(p) => Some(crate::store::seal::Key::load(p)?),
+        None => None,
+    };
     let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
     let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the
@@ -142,6 +147,7 @@ fn dump(
         executables: Some(executables),
         timings: None,
         compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
+        encryption: key.as_ref().map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");
@@ -161,11 +167,16 @@ fn dump(
         action_script: Some(action_hook::script_for(&ctx.exe)),
     };
     let env: Vec<(&str, String)> = if stopping {
-        vec![
+        let mut env = vec![
             (action_hook::PENDING_ENV, pending.dir.display().to_string()),
             (action_hook::TREE_PID_ENV, init_pid.to_string()),
             (action_hook::HASH_CACHE_ENV, ctx.dirs.hash_cache().display().to_string()),
-        ]
+        ];
+        // The path, never the key: the hook reads the key file itself.
+        if let Some(p) = &ctx.service.encryption_key_file {
+            env.push((action_hook::KEY_FILE_ENV, p.display().to_string()));
+        }
+        env
     } else {
         vec![
             (action_hook::CHECK_ONLY_ENV, pending.dir.display().to_string()),
@@ -190,7 +201,7 @@ fn dump(
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
         }),
-        Ok(()) => pending.finalize().map_err(|e| e.to_string()),
+        Ok(()) => pending.finalize_sealed(key.as_ref()).map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
             match pending.finalized() {

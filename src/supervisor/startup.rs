@@ -264,15 +264,19 @@ enum RestoreError {
 fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
-    // CRIU reads plain images: compressed pages are written out beside the checkpoint for it.
-    let plain = match &cp.manifest.compression {
-        Some(_) => {
-            progress(super::progress::phase("decompressing", cp.manifest.size_bytes));
-            Some(crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir()).map_err(|e| {
-                RestoreError::Host(format!("failed to decompress its images: {e}"))
+    // CRIU reads plain images: compressed or sealed ones are written out for it first.
+    let plain = match (&cp.manifest.compression, &cp.manifest.encryption) {
+        (None, None) => None,
+        (_, encryption) => {
+            let key = match encryption {
+                Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
+                None => None,
+            };
+            progress(super::progress::phase(if key.is_some() { "decrypting" } else { "decompressing" }, cp.manifest.size_bytes));
+            Some(crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref()).map_err(|e| {
+                RestoreError::Host(format!("failed to decrypt or decompress its images: {e}"))
             })?)
         }
-        None => None,
     };
     let args = RestoreArgs {
         images_dir: plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
@@ -340,6 +344,10 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
         output,
         notify: None,
     })
+}
+
+fn checkpoint_key(ctx: &Context, key_id: &str) -> Result<crate::store::seal::Key, String> {
+    crate::store::seal::Key::matching(ctx.service.encryption_key_file.as_deref(), key_id, &ctx.service.file)
 }
 
 fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error> {

@@ -1,0 +1,244 @@
+//! Encryption at rest (`encryption_key_file`): every image file of a checkpoint is stored as
+//! `NAME.enc`, XChaCha20-Poly1305 in 1 MiB chunks, so the disk (and an export) holds no
+//! plaintext memory. Each chunk's nonce is the file's random prefix and the chunk's number; its
+//! associated data is the file's name and whether it is the last chunk, so chunks cannot be
+//! reordered, dropped, cut short or moved to another file without the tag failing. The key
+//! never leaves the key file; the manifest holds only its id (a keyed BLAKE3 of it), so a wrong
+//! key is named before any decryption.
+
+use super::StoreError;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use std::io::{Read, Write};
+use std::path::Path;
+
+pub const SUFFIX: &str = ".enc";
+const MAGIC: &[u8; 8] = b"STASENC1";
+const CHUNK: usize = 1 << 20;
+const TAG: usize = 16;
+
+/// A key read from its file: 32 bytes, raw or as 64 hex digits.
+pub struct Key([u8; 32]);
+
+impl Key {
+    /// Only root may read the file: a key others can read protects nothing.
+    pub fn load(path: &Path) -> Result<Key, String> {
+        use std::os::unix::fs::MetadataExt;
+        let fix = format!("create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` (as root)", p = path.display());
+        let meta = std::fs::metadata(path).map_err(|e| format!("failed to read the encryption key {}: {e}; {fix}", path.display()))?;
+        if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "the encryption key {} must be owned by root and readable by nobody else (it is uid {}, mode {:o}); `chown root {p} && chmod 600 {p}`",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o777,
+                p = path.display()
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("failed to read the encryption key {}: {e}", path.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let hex = text.trim();
+        let raw: Option<Vec<u8>> = if bytes.len() == 32 {
+            Some(bytes.clone())
+        } else if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32).map(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok()).collect()
+        } else {
+            None
+        };
+        let raw = raw.ok_or_else(|| format!("the encryption key {} is not 32 bytes (or 64 hex digits); {fix}", path.display()))?;
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&raw);
+        Ok(Key(k))
+    }
+
+    /// The key in `path` (the service's `encryption_key_file`, set in `service_file`), which
+    /// must be the one of id `key_id` a checkpoint was sealed with.
+    pub fn matching(path: Option<&Path>, key_id: &str, service_file: &Path) -> Result<Key, String> {
+        let path = path.ok_or_else(|| {
+            format!(
+                "its images are encrypted (key id {key_id}) and {} sets no encryption_key_file; set it to the file with that key",
+                service_file.display()
+            )
+        })?;
+        let key = Key::load(path)?;
+        if key.id() != key_id {
+            return Err(format!(
+                "it was encrypted with the key of id {key_id}, and {} holds the key of id {}: the wrong key; put the right key back",
+                path.display(),
+                key.id()
+            ));
+        }
+        Ok(key)
+    }
+
+    /// What the manifest records: says which key, gives away nothing of it.
+    pub fn id(&self) -> String {
+        let id = blake3::keyed_hash(&self.0, b"stasis encryption key id");
+        id.to_hex()[..16].to_string()
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.0).into())
+    }
+}
+
+fn nonce(prefix: &[u8; 16], n: u64) -> XNonce {
+    let mut b = [0u8; 24];
+    b[..16].copy_from_slice(prefix);
+    b[16..].copy_from_slice(&n.to_be_bytes());
+    XNonce::from(b)
+}
+
+fn aad(name: &str, last: bool) -> Vec<u8> {
+    let mut a = name.as_bytes().to_vec();
+    a.push(u8::from(last));
+    a
+}
+
+/// Replaces every file in `images` by its sealed `.enc`.
+pub fn seal_dir(images: &Path, key: &Key) -> Result<(), StoreError> {
+    let rd = std::fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
+    for e in rd {
+        let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(SUFFIX) {
+            continue;
+        }
+        let to = images.join(format!("{name}{SUFFIX}"));
+        let input = std::fs::File::open(e.path()).map_err(|source| StoreError::Read { path: e.path(), source })?;
+        let out = std::fs::File::create(&to).map_err(|source| StoreError::Write { path: to.clone(), source })?;
+        seal(input, std::io::BufWriter::with_capacity(CHUNK + TAG, out), &name, key)
+            .map_err(|source| StoreError::Write { path: to.clone(), source })?;
+        std::fs::remove_file(e.path()).map_err(|source| StoreError::Write { path: e.path(), source })?;
+    }
+    Ok(())
+}
+
+/// An image in `images` that is not sealed, if any.
+pub fn first_unsealed(images: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(images).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+        !p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(SUFFIX))
+    })
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `name` is the plain file's name (bound into every chunk).
+pub fn seal(mut input: impl Read, mut out: impl Write, name: &str, key: &Key) -> std::io::Result<()> {
+    let mut prefix = [0u8; 16];
+    // SAFETY: fills the buffer it is given.
+    if unsafe { libc::getrandom(prefix.as_mut_ptr().cast(), prefix.len(), 0) } != prefix.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    out.write_all(MAGIC)?;
+    out.write_all(&prefix)?;
+    let cipher = key.cipher();
+    let (mut held, mut next) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut held_len = read_full(&mut input, &mut held)?;
+    let mut n = 0u64;
+    loop {
+        // One chunk of look-ahead: the last one is known only when the input has ended.
+        let next_len = if held_len == CHUNK { read_full(&mut input, &mut next)? } else { 0 };
+        let last = next_len == 0;
+        let ct = cipher
+            .encrypt(&nonce(&prefix, n), Payload { msg: &held[..held_len], aad: &aad(name, last) })
+            .map_err(|_| std::io::Error::other("encryption failed"))?;
+        out.write_all(&ct)?;
+        if last {
+            break;
+        }
+        std::mem::swap(&mut held, &mut next);
+        held_len = next_len;
+        n += 1;
+    }
+    out.flush()
+}
+
+/// Why a sealed file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("it is not sealed by stasis")]
+    NotSealed,
+    /// The tag failed: the wrong key, or damage.
+    #[error("it does not decrypt with this key (a wrong key, or the file is damaged)")]
+    Tag,
+}
+
+pub fn open(mut input: impl Read, mut out: impl Write, name: &str, key: &Key) -> Result<(), OpenError> {
+    let mut head = [0u8; 24];
+    if read_full(&mut input, &mut head)? != 24 || &head[..8] != MAGIC {
+        return Err(OpenError::NotSealed);
+    }
+    let mut prefix = [0u8; 16];
+    prefix.copy_from_slice(&head[8..]);
+    let cipher = key.cipher();
+    let (mut held, mut next) = (vec![0u8; CHUNK + TAG], vec![0u8; CHUNK + TAG]);
+    let mut held_len = read_full(&mut input, &mut held)?;
+    let mut n = 0u64;
+    loop {
+        let next_len = if held_len == CHUNK + TAG { read_full(&mut input, &mut next)? } else { 0 };
+        let last = next_len == 0;
+        let pt = cipher
+            .decrypt(&nonce(&prefix, n), Payload { msg: &held[..held_len], aad: &aad(name, last) })
+            .map_err(|_| OpenError::Tag)?;
+        out.write_all(&pt)?;
+        if last {
+            break;
+        }
+        std::mem::swap(&mut held, &mut next);
+        held_len = next_len;
+        n += 1;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> Key {
+        Key([b; 32])
+    }
+
+    #[test]
+    fn round_trips_at_every_chunk_boundary() {
+        for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut sealed = Vec::new();
+            seal(data.as_slice(), &mut sealed, "pages-1.img", &key(7)).unwrap();
+            let mut plain = Vec::new();
+            open(sealed.as_slice(), &mut plain, "pages-1.img", &key(7)).unwrap();
+            assert_eq!(plain, data, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn wrong_key_cut_short_flipped_or_renamed_all_fail() {
+        let data = vec![42u8; CHUNK + 100];
+        let mut sealed = Vec::new();
+        seal(data.as_slice(), &mut sealed, "core-1.img", &key(1)).unwrap();
+        let fails = |bytes: &[u8], name: &str, k: &Key| open(bytes, &mut Vec::new(), name, k).is_err();
+        assert!(fails(&sealed, "core-1.img", &key(2)), "wrong key");
+        assert!(fails(&sealed[..24 + CHUNK + TAG], "core-1.img", &key(1)), "last chunk dropped");
+        let mut flipped = sealed.clone();
+        flipped[100] ^= 1;
+        assert!(fails(&flipped, "core-1.img", &key(1)), "a bit flip");
+        assert!(fails(&sealed, "core-2.img", &key(1)), "moved to another file");
+        assert!(!String::from_utf8_lossy(&sealed).contains("**********"), "no plaintext");
+        assert_ne!(key(1).id(), key(2).id());
+    }
+}
