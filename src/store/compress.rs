@@ -81,8 +81,9 @@ impl PlainImages {
                 let key = key.ok_or_else(|| read(std::io::Error::other("it is encrypted and no key was given")))?;
                 super::seal::open(input, &mut sink, &base, key).map_err(|err| read(std::io::Error::other(err.to_string())))?;
             } else {
+                // The sink decompresses.
                 let mut input = input;
-                std::io::copy(&mut zstd::stream::Decoder::new(&mut input).map_err(read)?, &mut sink).map_err(read)?;
+                std::io::copy(&mut input, &mut sink).map_err(read)?;
             }
             sink.flush().map_err(write)?;
         }
