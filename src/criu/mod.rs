@@ -6,6 +6,7 @@ pub mod action_hook;
 mod argv;
 mod binary;
 mod error;
+pub mod diagnose;
 pub mod images;
 pub mod log_capture;
 mod log_errors;

@@ -297,6 +297,12 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
         other => other,
     };
     let mut text = e.one_line();
+    // A cause CRIU's log shows often, said in the service's terms with the fix, first.
+    if let CriuError::Failed { errors, .. } = &e {
+        if let Some(why) = crate::criu::diagnose::diagnose(errors) {
+            text = format!("{why} ({text})");
+        }
+    }
     if let Ok(why) = std::fs::read_to_string(pending.dir.join(action_hook::RETRY_MARKER)) {
         text = format!(
             "failed to take a checkpoint that would restore: {} at the freeze (a file of a process's /proc directory names its host PID, which a restore cannot give back); {text}",

@@ -1,0 +1,86 @@
+//! Known reasons a dump fails, read from CRIU's error lines, each as one line saying what in
+//! the service caused it and the option or setting that fixes it.
+
+/// One known cause: what CRIU's error line contains, and how to say it (`{}` is the path or
+/// figure CRIU names, when the pattern has one).
+struct Known {
+    contains: &'static str,
+    /// Where the named thing starts and ends in the line, if it names one.
+    between: Option<(&'static str, &'static str)>,
+    says: &'static str,
+}
+
+const KNOWN: &[Known] = &[
+    Known {
+        contains: "Can't create link remap for",
+        between: Some(("Can't create link remap for ", ". Use")),
+        says: "{} is open but its name was removed (the file lives on under another name); add --link-remap to criu.options (the default criu config has it)",
+    },
+    Known {
+        contains: "Can't dump ghost file",
+        between: Some(("Can't dump ghost file ", " of ")),
+        says: "{} is deleted but still open and bigger than CRIU's ghost-file limit (1 MiB unless set); add `--ghost-limit 1G` (or more) to criu.options",
+    },
+    Known {
+        contains: "Connected TCP socket, consider using",
+        between: None,
+        says: "the service has established TCP connections; use the `default` criu config (it has tcp-established) or add --tcp-close to criu.options",
+    },
+    Known {
+        contains: "External socket is used",
+        between: None,
+        says: "the service holds a unix socket connected to a process outside its tree (journald, syslog, a database); add --ext-unix-sk to criu.options (the peer must still be there at the restore)",
+    },
+    Known {
+        contains: "In-flight connections can be ignored",
+        between: None,
+        says: "a client connected while the service was frozen; add --skip-in-flight to criu.options (the default criu config has it)",
+    },
+    Known {
+        contains: "has uprobes vma",
+        between: None,
+        says: "the service is traced with uprobes; add --allow-uprobes to criu.options",
+    },
+];
+
+/// The first known cause among `errors` (CRIU's error lines), as a sentence.
+pub fn diagnose(errors: &[String]) -> Option<String> {
+    for line in errors {
+        for k in KNOWN {
+            if !line.contains(k.contains) {
+                continue;
+            }
+            let named = k
+                .between
+                .and_then(|(a, b)| {
+                    let rest = &line[line.find(a)? + a.len()..];
+                    Some(rest[..rest.find(b).unwrap_or(rest.len())].trim().to_string())
+                })
+                .unwrap_or_default();
+            return Some(k.says.replace("{}", &named));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diagnose;
+
+    #[test]
+    fn names_the_file_and_the_option() {
+        let lines = vec![
+            "(00.1) Error (criu/files-reg.c:1122): Can't create link remap for /srv/data/state.db. Use link-remap option.".to_string(),
+        ];
+        assert_eq!(
+            diagnose(&lines).unwrap(),
+            "/srv/data/state.db is open but its name was removed (the file lives on under another name); add --link-remap to criu.options (the default criu config has it)"
+        );
+        let ghost = vec!["Error (criu/files-reg.c:1031): Can't dump ghost file /tmp/big of 4194304 size, increase limit".to_string()];
+        assert!(diagnose(&ghost).unwrap().starts_with("/tmp/big is deleted but still open"));
+        assert!(diagnose(&["Error (criu/sk-unix.c:875): External socket is used. Consider using --ext-unix-sk option.".into()])
+            .unwrap()
+            .contains("--ext-unix-sk"));
+        assert_eq!(diagnose(&["Error (criu/x.c:1): something else".into()]), None);
+    }
+}

@@ -1,0 +1,77 @@
+//! Breadth: common daemon patterns work with the plain service file (the defaults in
+//! criu-configs/), and a dump that fails for a known reason says which file or socket and the
+//! option that fixes it.
+//!
+//! Ports: kill ports 7890-7891, http 8890-8891.
+
+mod common;
+use common::*;
+
+/// A service that keeps a file open after its name was removed (another name remains), and
+/// serves what it reads through that open file.
+fn unlinked_yaml(kill_port: u16, http: u16, dir: &std::path::Path) -> String {
+    let script = format!(
+        "import http.server, os\\n\
+         a, b = '{d}/state', '{d}/state.keep'\\n\
+         open(a, 'w').write('payload')\\n\
+         os.link(a, b)\\n\
+         f = open(a)\\n\
+         os.unlink(a)\\n\
+         class H(http.server.BaseHTTPRequestHandler):\\n\
+         \\x20   def do_GET(self):\\n\
+         \\x20       f.seek(0); body = f.read().encode()\\n\
+         \\x20       self.send_response(200); self.end_headers(); self.wfile.write(body)\\n\
+         \\x20   def log_message(self, *a):\\n\
+         \\x20       pass\\n\
+         http.server.HTTPServer(('127.0.0.1', {http}), H).serve_forever()\\n",
+        d = dir.display()
+    );
+    format!("command: [\"/usr/bin/python3\", \"-c\", \"{script}\"]\nuser: stasis-example\nkill_port: {kill_port}\n")
+}
+
+fn service_dir(env: &Env, name: &str) -> std::path::PathBuf {
+    let dir = env.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("stasis-example"))), None).unwrap();
+    dir
+}
+
+#[test]
+fn a_file_open_after_its_name_was_removed_survives_stop_and_start_with_the_defaults() {
+    let env = Env::new();
+    let dir = service_dir(&env, "remapped");
+    env.write_service("remapped", &unlinked_yaml(7890, 8890, &dir));
+    env.start("remapped");
+    wait_for("the service", || http(8890, "GET", "/", "").filter(|b| b == "payload"));
+    env.ok(&["stop", "remapped"]);
+    let back = env.start("remapped");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(http(8890, "GET", "/", "").as_deref(), Some("payload"), "still reads through the open file");
+    env.ok(&["stop", "remapped"]);
+    env.start("remapped");
+    env.ok(&["stop", "remapped"]);
+}
+
+#[test]
+fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
+    let env = Env::new();
+    // The repository's configs, less link-remap.
+    let configs = env.path().join("criu-configs");
+    std::fs::create_dir(&configs).unwrap();
+    let default = std::fs::read_to_string(std::path::Path::new(REPO).join("criu-configs/default.conf")).unwrap();
+    let without: String = default.lines().filter(|l| l.trim() != "link-remap").map(|l| format!("{l}\n")).collect();
+    assert_ne!(without, default, "the default config has link-remap");
+    std::fs::write(configs.join("default.conf"), without).unwrap();
+    env.use_criu_configs(&configs);
+    let dir = service_dir(&env, "unremapped");
+    env.write_service("unremapped", &unlinked_yaml(7891, 8891, &dir));
+    env.start("unremapped");
+    wait_for("the service", || http(8891, "GET", "/", "").filter(|b| b == "payload"));
+    let out = env.run(&["stop", "unremapped"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    let state = format!("{}/state", dir.display());
+    assert!(err.contains(&format!("{state} is open but its name was removed")), "names the file: {err}");
+    assert!(err.contains("add --link-remap to criu.options"), "and the fix: {err}");
+    assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "the service keeps running");
+}
