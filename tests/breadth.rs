@@ -43,6 +43,12 @@ fn a_file_open_after_its_name_was_removed_survives_stop_and_start_with_the_defau
     env.write_service("remapped", &unlinked_yaml(7890, 8890, &dir));
     env.start("remapped");
     wait_for("the service", || http(8890, "GET", "/", "").filter(|b| b == "payload"));
+    // doctor: a dump would work; it is thrown away, the service untouched.
+    let pid = env.status("remapped")["pid"].as_i64().unwrap();
+    let out = env.ok(&["doctor", "remapped"]);
+    assert!(out.lines().last().unwrap().starts_with("OK it can be checkpointed now"), "{out}");
+    assert!(env.checkpoint_dirs("remapped").is_empty(), "a dry run keeps nothing");
+    assert_eq!(env.status("remapped")["pid"].as_i64().unwrap(), pid);
     env.ok(&["stop", "remapped"]);
     let back = env.start("remapped");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
@@ -67,10 +73,17 @@ fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
     env.write_service("unremapped", &unlinked_yaml(7891, 8891, &dir));
     env.start("unremapped");
     wait_for("the service", || http(8891, "GET", "/", "").filter(|b| b == "payload"));
+    let state = format!("{}/state", dir.display());
+    // doctor says so without stopping anything.
+    let out = env.run(&["doctor", "unremapped"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains(&format!("{state} is open but its name was removed")) && err.contains("add --link-remap"), "{err}");
+    assert!(env.checkpoint_dirs("unremapped").is_empty());
+    assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "untouched");
     let out = env.run(&["stop", "unremapped"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
-    let state = format!("{}/state", dir.display());
     assert!(err.contains(&format!("{state} is open but its name was removed")), "names the file: {err}");
     assert!(err.contains("add --link-remap to criu.options"), "and the fix: {err}");
     assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "the service keeps running");

@@ -177,6 +177,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tell whether the service can be checkpointed now, and if not what blocks it.
+    ///
+    /// A dry run: CRIU dumps the running service (which keeps running) into a scratch directory,
+    /// which is then thrown away; no checkpoint is added and nothing is counted. A failure names
+    /// the cause and the fix when CRIU's log shows a known one (exit 5).
+    Doctor {
+        /// The service: NAME.yaml in the config dir.
+        name: String,
+        /// Print the result as one JSON document on stdout (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a checkpoint holds: processes, memory, open files, sockets, namespaces.
     ///
     /// Read from CRIU's images directly (no crit), with the CRIU and kernel versions it was

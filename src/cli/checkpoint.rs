@@ -11,6 +11,11 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
+    ask(dirs, name, protocol::CHECKPOINT_COMMAND, json)
+}
+
+/// Sends `command` (`checkpoint`, or `doctor`'s dry run) to the supervisor and relays its answer.
+pub fn ask(dirs: &Dirs, name: &str, command: &str, json: bool) -> Result<i32, Error> {
     super::require_root()?;
     let service = load_named(dirs, name)?;
     let paths = dirs.service(&service.name);
@@ -20,15 +25,14 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let mut stream =
         UnixStream::connect(&paths.control_socket).map_err(|e| Error::io("connect to", &paths.control_socket, e))?;
     stream
-        .write_all(format!("{}\n", protocol::CHECKPOINT_COMMAND).as_bytes())
+        .write_all(format!("{command}\n").as_bytes())
         .map_err(|e| Error::io("write to", &paths.control_socket, e))?;
     let (last, lines) = super::stop::relay(stream, json)?;
     match protocol::parse_final(&last) {
         Some(Ok(text)) => {
             if json {
-                print_json(
-                    &serde_json::json!({ "name": service.name, "ok": true, "checkpoint": protocol::checkpoint_id(&text), "lines": lines }),
-                );
+                let checkpoint = (command == protocol::CHECKPOINT_COMMAND).then(|| protocol::checkpoint_id(&text));
+                print_json(&serde_json::json!({ "name": service.name, "ok": true, "checkpoint": checkpoint, "lines": lines }));
             }
             Ok(exit_codes::OK)
         }
@@ -37,7 +41,8 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                 print_json(&serde_json::json!({ "name": service.name, "ok": false, "error": e, "lines": lines }));
                 return Ok(exit_codes::CHECKPOINT_FAILED);
             }
-            Err(Error::CheckpointFailed(format!("failed to checkpoint {}: {e}", service.name)))
+            let what = if command == protocol::DOCTOR_COMMAND { "try a checkpoint of" } else { "checkpoint" };
+            Err(Error::CheckpointFailed(format!("failed to {what} {}: {e}", service.name)))
         }
         None => Err(Error::CheckpointFailed(format!("the supervisor of {} gave no result", service.name))),
     }

@@ -5,6 +5,7 @@ mod all;
 mod args;
 mod checkpoint;
 mod checkpoints;
+mod doctor;
 mod export;
 mod gc;
 mod import;
@@ -59,6 +60,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
         Command::List { json } => status::run(&dirs, None, json),
         Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
+        Command::Doctor { name, json } => doctor::run(&dirs, &name, json),
         Command::Export { name, id, output, json } => export::run(&dirs, &name, id.as_deref(), &output, json),
         Command::Import { file, as_name, json } => import::run(&dirs, &file, as_name.as_deref(), json),
         Command::Inspect { name, id, json } => inspect::run(&dirs, &name, id.as_deref(), json),

@@ -31,6 +31,7 @@ pub fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
+    dry: bool,
     progress: impl Fn(DumpProgress) + Sync,
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
@@ -38,7 +39,7 @@ pub fn take_checkpoint(
     let outcome = loop {
         attempt += 1;
         let mut retry = false;
-        match dump(ctx, init_pid, kind, &progress, &mut retry) {
+        match dump(ctx, init_pid, kind, dry, &progress, &mut retry) {
             Err(why) if retry && attempt < DUMP_ATTEMPTS => {
                 tracing::info!("dump refused, retrying: {why}");
                 std::thread::sleep(RETRY_PAUSE);
@@ -50,7 +51,7 @@ pub fn take_checkpoint(
         let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
         format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
     });
-    if let Ok(report) = &mut outcome {
+    if let Some(report) = outcome.as_mut().ok().filter(|r| !r.dry) {
         tracing::debug!("dump: retention");
         report.notes = super::retention::apply(ctx);
         tracing::debug!("dump: retention done");
@@ -94,6 +95,7 @@ fn dump(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
+    dry: bool,
     progress: &(impl Fn(DumpProgress) + Sync),
     retry: &mut bool,
 ) -> Result<CheckpointReport, String> {
@@ -197,6 +199,33 @@ fn dump(
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     tracing::debug!("dump: criu done");
 
+    if dry {
+        // Everything a checkpoint would need was written; none of it is kept.
+        let bytes = std::fs::read_dir(pending.images_dir())
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        return match dumped {
+            Ok(()) => {
+                pending.discard();
+                Ok(CheckpointReport {
+                    id: String::new(),
+                    size_bytes: bytes,
+                    duration: started.elapsed(),
+                    dir: pending.dir.clone(),
+                    notes: Vec::new(),
+                    freeze: None,
+                    dry: true,
+                })
+            }
+            Err(e) => {
+                resume(init_pid, &pending.dir, matches!(e, CriuError::TimedOut { .. }));
+                *retry = pending.dir.join(action_hook::RETRY_MARKER).exists();
+                let text = describe_failed_dump(ctx, &pending, e);
+                pending.discard();
+                Err(text)
+            }
+        };
+    }
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
@@ -249,6 +278,7 @@ fn dump(
                 dir: cp.dir,
                 notes: Vec::new(),
                 freeze: stats.map(|s| std::time::Duration::from_micros(s.frozen_us)),
+                dry: false,
             })
         }
         Err(e) => {

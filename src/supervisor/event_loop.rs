@@ -21,6 +21,8 @@ type Outcome = Result<CheckpointReport, String>;
 
 struct Request {
     kind: DumpKind,
+    /// `stasis doctor`: a dump that is thrown away.
+    dry: bool,
     reply: oneshot::Sender<Outcome>,
     /// Lines for the requester while it waits (a place in the host's dump queue).
     lines: mpsc::UnboundedSender<String>,
@@ -161,9 +163,9 @@ pub async fn run_loop(
         let mut request = None;
         let event = tokio::select! {
             Some(req) = req_rx.recv() => {
-                let kind = req.kind;
+                let (kind, dry) = (req.kind, req.dry);
                 request = Some(req);
-                Event::DumpRequested(kind)
+                if dry { Event::DoctorRequested } else { Event::DumpRequested(kind) }
             }
             Some(p) = progress_rx.recv() => {
                 match p {
@@ -235,7 +237,21 @@ pub async fn run_loop(
                         let report = |p: DumpProgress| {
                             let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, report);
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, report);
+                        let _ = tx.blocking_send(outcome);
+                    });
+                }
+                Action::StartDryRun => {
+                    if let Some(req) = request.take() {
+                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
+                    }
+                    log.note("doctor: a dry-run dump (the service keeps running; nothing is kept)");
+                    let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let report = |p: DumpProgress| {
+                            let _ = progress.send(p);
+                        };
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, report);
                         let _ = tx.blocking_send(outcome);
                     });
                 }
@@ -270,7 +286,12 @@ pub async fn run_loop(
                     tracing::debug!("loop: dump finished");
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     let ok = outcome.is_ok();
+                    let dry = outcome.as_ref().is_ok_and(|r| r.dry);
+                    // A dry run is not a checkpoint, and its failure is what was asked about.
                     crate::store::counters::bump(&ctx.paths.root, |c| {
+                        if dry {
+                            return;
+                        }
                         if ok {
                             c.checkpoints += 1
                         } else {
@@ -279,12 +300,14 @@ pub async fn run_loop(
                     });
                     crate::metrics::write_file(&ctx.dirs, &ctx.host);
                     match &outcome {
+                        Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
                         Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
                         Err(e) => {
                             super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or("")))
                         }
                     }
                     match &outcome {
+                        Ok(r) if r.dry => log.note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
                         Ok(r) => {
                             log.note(&format!(
                                 "checkpoint {} saved ({} bytes) in {}",
@@ -469,7 +492,7 @@ async fn accept_kill_port(
             let (tx, policy, open) = (tx.clone(), policy.clone(), connections.open());
             tokio::spawn(async move {
                 if let Some(stream) = admit(stream, peer, &policy).await {
-                    serve(stream, DumpKind::Stop, tx, policy.name.clone()).await;
+                    serve(stream, DumpKind::Stop, false, tx, policy.name.clone()).await;
                 }
                 drop(open);
             });
@@ -537,27 +560,38 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(rd).read_line(&mut line)).await;
-            if !matches!(read, Ok(Ok(_))) || line.trim() != protocol::CHECKPOINT_COMMAND {
-                let _ = wr
-                    .write_all(
-                        format!(
-                            "ERROR unknown command {:?}; the only command is {}\n",
-                            line.trim(),
-                            protocol::CHECKPOINT_COMMAND
+            let dry = match line.trim() {
+                protocol::CHECKPOINT_COMMAND if matches!(read, Ok(Ok(_))) => false,
+                protocol::DOCTOR_COMMAND if matches!(read, Ok(Ok(_))) => true,
+                other => {
+                    let _ = wr
+                        .write_all(
+                            format!(
+                                "ERROR unknown command {other:?}; the commands are {} and {}\n",
+                                protocol::CHECKPOINT_COMMAND,
+                                protocol::DOCTOR_COMMAND
+                            )
+                            .as_bytes(),
                         )
-                        .as_bytes(),
-                    )
-                    .await;
-                return;
-            }
-            serve(wr, DumpKind::KeepRunning, tx, name).await;
+                        .await;
+                    return;
+                }
+            };
+            serve(wr, DumpKind::KeepRunning, dry, tx, name).await;
         });
     }
 }
 
 /// One request: the announcement at once, then the outcome.
-async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx: mpsc::Sender<Request>, name: String) {
+async fn serve<W: tokio::io::AsyncWrite + Unpin>(
+    mut out: W,
+    kind: DumpKind,
+    dry: bool,
+    tx: mpsc::Sender<Request>,
+    name: String,
+) {
     let first = match kind {
+        _ if dry => protocol::announce_doctor(&name),
         DumpKind::Stop => protocol::announce_stop(&name),
         DumpKind::KeepRunning | DumpKind::Periodic => protocol::announce_checkpoint(&name),
     };
@@ -565,7 +599,7 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(mut out: W, kind: DumpKind, tx:
     let _ = out.flush().await;
     let (reply, mut rx) = oneshot::channel();
     let (lines, mut lines_rx) = mpsc::unbounded_channel();
-    let outcome = match tx.send(Request { kind, reply, lines }).await {
+    let outcome = match tx.send(Request { kind, dry, reply, lines }).await {
         Ok(()) => loop {
             tokio::select! {
                 Some(line) = lines_rx.recv() => {

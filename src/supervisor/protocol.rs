@@ -7,6 +7,8 @@ use std::time::Duration;
 
 /// Sent on the control socket to ask for a checkpoint that leaves the service running.
 pub const CHECKPOINT_COMMAND: &str = "checkpoint";
+/// Asks the control socket for a dry-run dump (`stasis doctor`).
+pub const DOCTOR_COMMAND: &str = "doctor";
 /// Lines about a dump under way start with this.
 pub const PROGRESS_PREFIX: &str = "Progress: ";
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
@@ -44,10 +46,16 @@ pub struct CheckpointReport {
     pub notes: Vec<String>,
     /// How long CRIU kept the service frozen, when its stats say.
     pub freeze: Option<Duration>,
+    /// A dry run (`stasis doctor`): dumped, then thrown away.
+    pub dry: bool,
 }
 
 pub fn announce_stop(service: &str) -> String {
     format!("Saving checkpoint of {service} and shutting down...\n")
+}
+
+pub fn announce_doctor(service: &str) -> String {
+    format!("Trying a checkpoint of {service} that is thrown away (it keeps running)...\n")
 }
 
 pub fn announce_checkpoint(service: &str) -> String {
@@ -56,6 +64,11 @@ pub fn announce_checkpoint(service: &str) -> String {
 
 pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
     match outcome {
+        Ok(r) if r.dry => format!(
+            "OK it can be checkpointed now: CRIU dumped {} in {:.2} s (a dry run; nothing was kept)\n",
+            human_bytes(r.size_bytes),
+            r.duration.as_secs_f64()
+        ),
         Ok(r) => format!(
             "OK checkpoint {} saved ({}, {:.2} s) in {}\n",
             r.id,
@@ -109,6 +122,7 @@ mod tests {
             dir: "/x".into(),
             notes: Vec::new(),
             freeze: None,
+            dry: false,
         };
         let line = final_line(&Ok(r));
         assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");

@@ -14,6 +14,8 @@ pub enum State {
         terminate_after: bool,
         /// A stop came during a dump that leaves the service running: a stopping dump follows.
         stop_after: bool,
+        /// `stasis doctor`: a dump that is thrown away, to learn whether one would work.
+        dry: bool,
     },
     /// Stopping without a checkpoint: SIGTERM sent, SIGKILL after the grace period.
     Stopping,
@@ -27,6 +29,8 @@ pub enum Event {
     DumpRequested(DumpKind),
     /// `checkpoint_every` has passed since the last checkpoint.
     PeriodicDue,
+    /// `stasis doctor`: would a checkpoint work now?
+    DoctorRequested,
     DumpSucceeded,
     DumpFailed,
     ServiceExited,
@@ -38,6 +42,8 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     StartDump(DumpKind),
+    /// A leave-running dump into a scratch directory, discarded after.
+    StartDryRun,
     /// Answer the new request: busy, or the service is going away.
     RejectRequest,
     /// The new request asks for what is already under way: it gets the same outcome.
@@ -56,31 +62,40 @@ pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
     use Action::*;
     use Event::*;
     use State::*;
-    let dumping = |kind| Checkpointing { kind, service_gone: false, terminate_after: false, stop_after: false };
+    let dumping = |kind| Checkpointing { kind, service_gone: false, terminate_after: false, stop_after: false, dry: false };
     match (state, event) {
+        (Running, DoctorRequested) => (
+            Checkpointing { kind: DumpKind::KeepRunning, service_gone: false, terminate_after: false, stop_after: false, dry: true },
+            vec![StartDryRun],
+        ),
+        // A real dump that leaves the service running answers the question as well.
+        (Checkpointing { kind, .. }, DoctorRequested) if kind.leaves_running() => (state, vec![JoinDump]),
+        (_, DoctorRequested) => (state, vec![RejectRequest]),
+        // A dry run does not give a checkpoint: asking for one during it is turned away.
+        (Checkpointing { dry: true, .. }, DumpRequested(DumpKind::KeepRunning)) => (state, vec![RejectRequest]),
         (Running, DumpRequested(kind)) => (dumping(kind), vec![StartDump(kind)]),
         (Running, PeriodicDue) => (dumping(DumpKind::Periodic), vec![StartDump(DumpKind::Periodic)]),
         (Running, ServiceExited) => (Failed, vec![Finish]),
         (Running, Terminate) => (Stopping, vec![TerminateService]),
         (Running, DumpSucceeded | DumpFailed | GraceExpired) => (Running, vec![]),
 
-        (Checkpointing { kind, .. }, DumpRequested(asked)) if kind == asked => (state, vec![JoinDump]),
+        (Checkpointing { kind, dry: false, .. }, DumpRequested(asked)) if kind == asked => (state, vec![JoinDump]),
         // Both leave the service running: an on-demand checkpoint during a periodic one is it.
         (Checkpointing { kind, .. }, DumpRequested(DumpKind::KeepRunning)) if kind.leaves_running() => {
             (state, vec![JoinDump])
         }
-        (Checkpointing { kind, service_gone, terminate_after, .. }, DumpRequested(DumpKind::Stop))
+        (Checkpointing { kind, service_gone, terminate_after, dry, .. }, DumpRequested(DumpKind::Stop))
             if kind.leaves_running() =>
         {
-            (Checkpointing { kind, service_gone, terminate_after, stop_after: true }, vec![QueueRequest])
+            (Checkpointing { kind, service_gone, terminate_after, stop_after: true, dry }, vec![QueueRequest])
         }
         (Checkpointing { .. }, DumpRequested(_)) => (state, vec![RejectRequest]),
         (Checkpointing { .. }, PeriodicDue) => (state, vec![]),
-        (Checkpointing { kind, terminate_after, stop_after, .. }, ServiceExited) => {
-            (Checkpointing { kind, service_gone: true, terminate_after, stop_after }, vec![])
+        (Checkpointing { kind, terminate_after, stop_after, dry, .. }, ServiceExited) => {
+            (Checkpointing { kind, service_gone: true, terminate_after, stop_after, dry }, vec![])
         }
-        (Checkpointing { kind, service_gone, stop_after, .. }, Terminate) => {
-            (Checkpointing { kind, service_gone, terminate_after: true, stop_after }, vec![])
+        (Checkpointing { kind, service_gone, stop_after, dry, .. }, Terminate) => {
+            (Checkpointing { kind, service_gone, terminate_after: true, stop_after, dry }, vec![])
         }
         (Checkpointing { kind: DumpKind::Stop, .. }, DumpSucceeded) => (Stopped, vec![ReplyToDumpWaiters, Finish]),
         (Checkpointing { service_gone, terminate_after, stop_after, .. }, DumpSucceeded | DumpFailed) => {
@@ -167,6 +182,20 @@ mod tests {
         assert_eq!(a, vec![StartDump(DumpKind::Periodic), JoinDump, ReplyToDumpWaiters]);
         assert_eq!(run(&[Terminate, PeriodicDue]).1, vec![TerminateService]);
         assert_eq!(run(&[ServiceExited, PeriodicDue]).1, vec![Finish]);
+    }
+
+    #[test]
+    fn a_doctor_run_is_its_own_dump_and_gives_no_checkpoint_to_others() {
+        let (s, a) = run(&[DoctorRequested, DoctorRequested, DumpRequested(DumpKind::KeepRunning), DumpSucceeded]);
+        assert_eq!(s, State::Running);
+        assert_eq!(a, vec![StartDryRun, JoinDump, RejectRequest, ReplyToDumpWaiters]);
+        // A real running checkpoint answers a doctor; a stop does not.
+        assert_eq!(run(&[PeriodicDue, DoctorRequested]).1, vec![StartDump(DumpKind::Periodic), JoinDump]);
+        assert_eq!(run(&[DumpRequested(DumpKind::Stop), DoctorRequested]).1, vec![StartDump(DumpKind::Stop), RejectRequest]);
+        // A stop during a dry run waits for it, then takes a real checkpoint.
+        let (s, a) = run(&[DoctorRequested, DumpRequested(DumpKind::Stop), DumpSucceeded, DumpSucceeded]);
+        assert_eq!(s, State::Stopped);
+        assert_eq!(a, vec![StartDryRun, QueueRequest, ReplyToDumpWaiters, StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]);
     }
 
     #[test]
