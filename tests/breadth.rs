@@ -2,7 +2,7 @@
 //! criu-configs/), and a dump that fails for a known reason says which file or socket and the
 //! option that fixes it.
 //!
-//! Ports: kill ports 7890-7891, http 8890-8891.
+//! Ports: kill ports 7890-7893, http 8890-8892, memcached 11392.
 
 mod common;
 use common::*;
@@ -29,11 +29,16 @@ fn unlinked_yaml(kill_port: u16, http: u16, dir: &std::path::Path) -> String {
     format!("command: [\"/usr/bin/python3\", \"-c\", \"{script}\"]\nuser: stasis-example\nkill_port: {kill_port}\n")
 }
 
-fn service_dir(env: &Env, name: &str) -> std::path::PathBuf {
+/// A directory for the service's files, owned by its user.
+fn service_dir_for(env: &Env, name: &str, user: &str) -> std::path::PathBuf {
     let dir = env.path().join(name);
     std::fs::create_dir(&dir).unwrap();
-    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("stasis-example"))), None).unwrap();
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user(user))), None).unwrap();
     dir
+}
+
+fn service_dir(env: &Env, name: &str) -> std::path::PathBuf {
+    service_dir_for(env, name, "stasis-example")
 }
 
 #[test]
@@ -87,4 +92,63 @@ fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
     assert!(err.contains(&format!("{state} is open but its name was removed")), "names the file: {err}");
     assert!(err.contains("add --link-remap to criu.options"), "and the fix: {err}");
     assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "the service keeps running");
+}
+
+/// One request on a plain TCP text protocol (memcached's): what the server answered.
+fn ask(port: u16, request: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    s.write_all(b"quit\r\n").ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Some(out)
+}
+
+#[test]
+fn memcached_keeps_its_items_across_stop_and_start() {
+    let env = Env::new();
+    env.write_service(
+        "cache",
+        "command: [\"/usr/bin/memcached\", \"-p\", \"11392\", \"-l\", \"127.0.0.1\", \"-U\", \"0\", \"-m\", \"64\"]\nuser: memcache\nkill_port: 7892\n",
+    );
+    env.start("cache");
+    wait_for("memcached", || ask(11392, "version\r\n").filter(|r| r.starts_with("VERSION")));
+    assert!(ask(11392, "set warm 0 0 5\r\nhello\r\n").unwrap().contains("STORED"));
+    env.ok(&["stop", "cache"]);
+    let back = env.start("cache");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert!(ask(11392, "get warm\r\n").unwrap().contains("VALUE warm 0 5\r\nhello"), "the item came back");
+    env.ok(&["stop", "cache"]);
+}
+
+#[test]
+fn nginx_with_a_master_and_two_workers_serves_after_stop_and_start() {
+    let env = Env::new();
+    let dir = service_dir_for(&env, "web", "www-data");
+    std::fs::create_dir(dir.join("html")).unwrap();
+    std::fs::write(dir.join("html/index.html"), "served by nginx\n").unwrap();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 127.0.0.1:8892; root {d}/html; }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    env.write_service(
+        "web",
+        &format!(
+            "command: [\"/usr/sbin/nginx\", \"-c\", \"{}/nginx.conf\", \"-e\", \"stderr\"]\nuser: www-data\nkill_port: 7893\n",
+            dir.display()
+        ),
+    );
+    env.start("web");
+    wait_for("nginx", || http(8892, "GET", "/", "").filter(|b| b == "served by nginx\n"));
+    env.ok(&["stop", "web"]);
+    let back = env.start("web");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(http(8892, "GET", "/", "").as_deref(), Some("served by nginx\n"));
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "web", "--json"])).unwrap();
+    let workers = v["processes"].as_array().unwrap().iter().filter(|p| p["comm"] == "nginx").count();
+    assert_eq!(workers, 3, "the master and its two workers, all restored: {v}");
+    env.ok(&["stop", "web"]);
 }
