@@ -96,3 +96,169 @@ fn asyncio_server_keeps_its_established_client_connections_and_their_state() {
     assert_eq!(b.ask("state"), "conn=2 lines=2 sum=17 total=125 conns=2");
     env.ok(&["stop", "aio"]);
 }
+
+/// Lines a child process writes, read by a thread so a test can wait for one with a deadline.
+struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn of(out: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx, seen: Vec::new() }
+    }
+
+    /// The first next line that starts with `prefix`; fails the test after WAIT.
+    fn expect(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if let Some(i) = l.find(prefix) {
+                        return l[i..].trim_end().to_string();
+                    }
+                }
+                Err(e) => panic!("no line starting with {prefix:?} ({e}); seen so far: {:#?}", self.seen),
+            }
+        }
+    }
+}
+
+/// sshd's privilege separation directory, compiled into OpenSSH (/run/sshd): sshd running as
+/// root refuses to start without it. Normally ssh.service creates it (RuntimeDirectory); this
+/// machine runs no systemd. Created for the test if missing and removed after, even on panic.
+struct PrivsepDir {
+    created: bool,
+}
+
+impl PrivsepDir {
+    const PATH: &'static str = "/run/sshd";
+
+    fn ensure() -> PrivsepDir {
+        let created = match std::fs::create_dir(Self::PATH) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => panic!("create {}: {e}", Self::PATH),
+        };
+        if created {
+            std::fs::set_permissions(Self::PATH, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        PrivsepDir { created }
+    }
+}
+
+impl Drop for PrivsepDir {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir(Self::PATH);
+        }
+    }
+}
+
+/// A private sshd setup in `dir`: host key, client key, authorized_keys, sshd_config.
+/// Returns the client key's path.
+fn sshd_files(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    for key in ["host_key", "client_key"] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "stasis-test", "-f"])
+            .arg(dir.join(key))
+            .status()
+            .expect("run ssh-keygen");
+        assert!(st.success(), "ssh-keygen {key}");
+    }
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nPrintMotd no\nPrintLastLog no\n"
+        ),
+    )
+    .unwrap();
+    dir.join("client_key")
+}
+
+/// `ssh` to the test's sshd, never touching ~/.ssh (no user config, no known_hosts, no agent).
+fn ssh(key: &std::path::Path, port: u16, user: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i"])
+        .arg(key)
+        .args(["-p", &port.to_string(), &format!("{user}@127.0.0.1")]);
+    c
+}
+
+#[test]
+fn sshd_keeps_an_open_session_across_stop_and_start() {
+    let env = Env::new();
+    let _privsep = PrivsepDir::ensure();
+    let dir = env.path().join("sshd");
+    std::fs::create_dir(&dir).unwrap();
+    let key = sshd_files(&dir, 6122);
+    env.write_service(
+        "sshd",
+        &format!(
+            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: root\nkill_port: 7122\n",
+            dir.display()
+        ),
+    );
+    let first = env.start("sshd");
+    assert_eq!(first["started_from"], "cold", "{first}");
+    wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", 6122)).ok());
+
+    // One session: a shell reading commands from the client's stdin.
+    let mut client = ssh(&key, 6122, "root")
+        .arg("exec /bin/bash")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ssh");
+    let mut to_shell = client.stdin.take().unwrap();
+    let mut from_shell = Lines::of(client.stdout.take().unwrap());
+    writeln!(to_shell, "KEPT=set-before-stop; echo \"one:$$:$KEPT\"").unwrap();
+    let one = from_shell.expect("one:");
+    let shell_pid = one.split(':').nth(1).unwrap().to_string();
+    assert_eq!(one, format!("one:{shell_pid}:set-before-stop"));
+
+    let t = Instant::now();
+    env.ok(&["stop", "sshd"]);
+    let stopped = t.elapsed();
+    let t = Instant::now();
+    let back = env.start("sshd");
+    let started = t.elapsed();
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    eprintln!("stop {stopped:?}, start {started:?}");
+
+    // The same session, the same shell (its pid and a variable set before the stop).
+    let t = Instant::now();
+    writeln!(to_shell, "echo \"two:$$:$KEPT:$((6*7))\"").unwrap();
+    assert_eq!(from_shell.expect("two:"), format!("two:{shell_pid}:set-before-stop:42"));
+    eprintln!("first answer after the restore {:?}", t.elapsed());
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "sshd", "--json"])).unwrap();
+    let comms: Vec<&str> = v["processes"].as_array().unwrap().iter().filter_map(|p| p["comm"].as_str()).collect();
+    assert!(comms.contains(&"bash") && comms.iter().filter(|c| **c == "sshd").count() >= 2, "{comms:?}");
+
+    // The restored listener takes new sessions too.
+    let fresh = ssh(&key, 6122, "root").arg("echo fresh:$((2+3))").output().expect("run ssh");
+    assert_eq!(String::from_utf8_lossy(&fresh.stdout).trim(), "fresh:5", "{}", String::from_utf8_lossy(&fresh.stderr));
+
+    // The kept session ends cleanly: the shell's exit status reaches the client.
+    writeln!(to_shell, "exit 7").unwrap();
+    drop(to_shell);
+    let status = client.wait().expect("wait for ssh");
+    assert_eq!(status.code(), Some(7), "the session's shell exited through the restored sshd");
+    env.ok(&["stop", "sshd"]);
+}
