@@ -262,3 +262,79 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     assert_eq!(status.code(), Some(7), "the session's shell exited through the restored sshd");
     env.ok(&["stop", "sshd"]);
 }
+
+/// A tmux client on the test's server socket. Only commands that never start a server of their
+/// own are used after the first `new-session` (which runs once the service's server answers).
+fn tmux(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("tmux")
+        .env_remove("TMUX")
+        .arg("-S")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run tmux")
+}
+
+fn tmux_ok(sock: &std::path::Path, args: &[&str]) -> String {
+    let out = tmux(sock, args);
+    assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
+/// The pane's visible text once it has a line starting with `prefix`; that line.
+fn pane_line(sock: &std::path::Path, prefix: &str) -> String {
+    wait_for(&format!("a line {prefix:?} in the pane"), || {
+        let screen = tmux_ok(sock, &["capture-pane", "-p", "-t", "work:edit"]);
+        screen.lines().find(|l| l.starts_with(prefix)).map(str::to_string)
+    })
+}
+
+#[test]
+fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
+    let env = Env::new();
+    let dir = env.path().join("tmux");
+    std::fs::create_dir(&dir).unwrap();
+    nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("stasis-example"))), None).unwrap();
+    // The service user's login shell is nologin, and tmux's default-shell is the server's
+    // $SHELL: without this every pane exits at once and tmux destroys the session with it.
+    std::fs::write(dir.join("tmux.conf"), "set -g default-shell /bin/bash\n").unwrap();
+    let sock = dir.join("sock");
+    env.write_service(
+        "tmux",
+        &format!(
+            "command: [\"/usr/bin/tmux\", \"-D\", \"-f\", \"{d}/tmux.conf\", \"-S\", \"{d}/sock\"]\nuser: stasis-example\nworking_dir: {d}\nkill_port: 7123\n",
+            d = dir.display()
+        ),
+    );
+    let first = env.start("tmux");
+    assert_eq!(first["started_from"], "cold", "{first}");
+    // The service's server answers before any client may start a server of its own.
+    wait_for("the tmux server's socket", || std::os::unix::net::UnixStream::connect(&sock).ok());
+    tmux_ok(&sock, &["new-session", "-d", "-s", "work", "-n", "edit", "-x", "100", "-y", "30"]);
+    tmux_ok(&sock, &["send-keys", "-t", "work:edit", "KEPT=before-stop; echo \"one:$$:$KEPT:$((6*7))\"", "Enter"]);
+    let one = pane_line(&sock, "one:");
+    let shell_pid = tmux_ok(&sock, &["display-message", "-p", "-t", "work:edit", "#{pane_pid}"]);
+    assert_eq!(one, format!("one:{shell_pid}:before-stop:42"), "the pane's shell answered");
+
+    let t = Instant::now();
+    env.ok(&["stop", "tmux"]);
+    let stopped = t.elapsed();
+    assert!(!tmux(&sock, &["has-session", "-t", "work"]).status.success(), "no server while stopped");
+    let t = Instant::now();
+    let back = env.start("tmux");
+    let started = t.elapsed();
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    eprintln!("stop {stopped:?}, start {started:?}");
+
+    // The session, its window and the screen's text came back; the same shell goes on.
+    tmux_ok(&sock, &["has-session", "-t", "work"]);
+    assert_eq!(tmux_ok(&sock, &["list-windows", "-t", "work", "-F", "#{window_name}"]), "edit");
+    assert_eq!(pane_line(&sock, "one:"), one, "the text typed before the stop is on the screen");
+    assert_eq!(tmux_ok(&sock, &["display-message", "-p", "-t", "work:edit", "#{pane_pid}"]), shell_pid);
+    tmux_ok(&sock, &["send-keys", "-t", "work:edit", "echo \"two:$$:$KEPT:$((6*7))\"", "Enter"]);
+    assert_eq!(pane_line(&sock, "two:"), format!("two:{shell_pid}:before-stop:42"), "the same shell, its variable kept");
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "tmux", "--json"])).unwrap();
+    let comms: Vec<&str> = v["processes"].as_array().unwrap().iter().filter_map(|p| p["comm"].as_str()).collect();
+    assert!(comms.contains(&"tmux: server") && comms.contains(&"bash"), "{comms:?}");
+    env.ok(&["stop", "tmux"]);
+}
