@@ -97,6 +97,18 @@ fn asyncio_server_keeps_its_established_client_connections_and_their_state() {
     env.ok(&["stop", "aio"]);
 }
 
+/// A client process this test spawned, killed through its handle if the test ends early.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Lines a child process writes, read by a thread so a test can wait for one with a deadline.
 struct Lines {
     rx: std::sync::mpsc::Receiver<String>,
@@ -220,14 +232,16 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", 6122)).ok());
 
     // One session: a shell reading commands from the client's stdin.
-    let mut client = ssh(&key, 6122, "root")
-        .arg("exec /bin/bash")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run ssh");
-    let mut to_shell = client.stdin.take().unwrap();
-    let mut from_shell = Lines::of(client.stdout.take().unwrap());
+    let mut client = Spawned(
+        ssh(&key, 6122, "root")
+            .arg("exec /bin/bash")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ssh"),
+    );
+    let mut to_shell = client.0.stdin.take().unwrap();
+    let mut from_shell = Lines::of(client.0.stdout.take().unwrap());
     writeln!(to_shell, "KEPT=set-before-stop; echo \"one:$$:$KEPT\"").unwrap();
     let one = from_shell.expect("one:");
     let shell_pid = one.split(':').nth(1).unwrap().to_string();
@@ -258,7 +272,7 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     // The kept session ends cleanly: the shell's exit status reaches the client.
     writeln!(to_shell, "exit 7").unwrap();
     drop(to_shell);
-    let status = client.wait().expect("wait for ssh");
+    let status = client.0.wait().expect("wait for ssh");
     assert_eq!(status.code(), Some(7), "the session's shell exited through the restored sshd");
     env.ok(&["stop", "sshd"]);
 }
@@ -266,13 +280,7 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
 /// A tmux client on the test's server socket. Only commands that never start a server of their
 /// own are used after the first `new-session` (which runs once the service's server answers).
 fn tmux(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("tmux")
-        .env_remove("TMUX")
-        .arg("-S")
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("run tmux")
+    std::process::Command::new("tmux").env_remove("TMUX").arg("-S").arg(sock).args(args).output().expect("run tmux")
 }
 
 fn tmux_ok(sock: &std::path::Path, args: &[&str]) -> String {
@@ -289,10 +297,11 @@ fn pane_line(sock: &std::path::Path, prefix: &str) -> String {
     })
 }
 
-#[test]
-fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
-    let env = Env::new();
-    let dir = env.path().join("tmux");
+/// A tmux server as the service NAME (`tmux -D`, as stasis-example), with a session `work` whose
+/// window `edit` runs a shell that has set KEPT and printed `one:PID:before-stop:42`.
+/// Returns the server's socket and that line.
+fn tmux_service_with_a_session(env: &Env, name: &str, kill_port: u16) -> (std::path::PathBuf, String) {
+    let dir = env.path().join(name);
     std::fs::create_dir(&dir).unwrap();
     nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("stasis-example"))), None).unwrap();
     // The service user's login shell is nologin, and tmux's default-shell is the server's
@@ -300,19 +309,26 @@ fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
     std::fs::write(dir.join("tmux.conf"), "set -g default-shell /bin/bash\n").unwrap();
     let sock = dir.join("sock");
     env.write_service(
-        "tmux",
+        name,
         &format!(
-            "command: [\"/usr/bin/tmux\", \"-D\", \"-f\", \"{d}/tmux.conf\", \"-S\", \"{d}/sock\"]\nuser: stasis-example\nworking_dir: {d}\nkill_port: 7123\n",
+            "command: [\"/usr/bin/tmux\", \"-D\", \"-f\", \"{d}/tmux.conf\", \"-S\", \"{d}/sock\"]\nuser: stasis-example\nworking_dir: {d}\nkill_port: {kill_port}\n",
             d = dir.display()
         ),
     );
-    let first = env.start("tmux");
+    let first = env.start(name);
     assert_eq!(first["started_from"], "cold", "{first}");
     // The service's server answers before any client may start a server of its own.
     wait_for("the tmux server's socket", || std::os::unix::net::UnixStream::connect(&sock).ok());
     tmux_ok(&sock, &["new-session", "-d", "-s", "work", "-n", "edit", "-x", "100", "-y", "30"]);
     tmux_ok(&sock, &["send-keys", "-t", "work:edit", "KEPT=before-stop; echo \"one:$$:$KEPT:$((6*7))\"", "Enter"]);
     let one = pane_line(&sock, "one:");
+    (sock, one)
+}
+
+#[test]
+fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
+    let env = Env::new();
+    let (sock, one) = tmux_service_with_a_session(&env, "tmux", 7123);
     let shell_pid = tmux_ok(&sock, &["display-message", "-p", "-t", "work:edit", "#{pane_pid}"]);
     assert_eq!(one, format!("one:{shell_pid}:before-stop:42"), "the pane's shell answered");
 
@@ -332,9 +348,57 @@ fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
     assert_eq!(pane_line(&sock, "one:"), one, "the text typed before the stop is on the screen");
     assert_eq!(tmux_ok(&sock, &["display-message", "-p", "-t", "work:edit", "#{pane_pid}"]), shell_pid);
     tmux_ok(&sock, &["send-keys", "-t", "work:edit", "echo \"two:$$:$KEPT:$((6*7))\"", "Enter"]);
-    assert_eq!(pane_line(&sock, "two:"), format!("two:{shell_pid}:before-stop:42"), "the same shell, its variable kept");
+    assert_eq!(
+        pane_line(&sock, "two:"),
+        format!("two:{shell_pid}:before-stop:42"),
+        "the same shell, its variable kept"
+    );
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "tmux", "--json"])).unwrap();
     let comms: Vec<&str> = v["processes"].as_array().unwrap().iter().filter_map(|p| p["comm"].as_str()).collect();
     assert!(comms.contains(&"tmux: server") && comms.contains(&"bash"), "{comms:?}");
     env.ok(&["stop", "tmux"]);
+}
+
+/// Known limit, pinned: a client attached to the tmux server is a process outside the service
+/// holding one end of a unix stream connection; CRIU cannot checkpoint half of one (not even
+/// with --ext-unix-sk: "Ext stream not supported"). The stop refuses and the service, session
+/// and client keep running; once the client detaches, stop and start work.
+#[test]
+fn tmux_with_an_attached_client_refuses_the_stop_and_keeps_running_until_it_detaches() {
+    let env = Env::new();
+    let (sock, one) = tmux_service_with_a_session(&env, "tmux-attached", 7124);
+    // An attached client needs a terminal: `script` gives it one.
+    let mut attached = Spawned(
+        std::process::Command::new("script")
+            .args(["-qfc", &format!("tmux -S {} attach -t work", sock.display()), "/dev/null"])
+            .env("TERM", "xterm")
+            .env_remove("TMUX")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run script"),
+    );
+    wait_for("the attached client", || {
+        Some(()).filter(|_| tmux_ok(&sock, &["list-clients", "-t", "work"]).lines().count() == 1)
+    });
+    let pid = env.status("tmux-attached")["pid"].clone();
+
+    let out = env.run(&["stop", "tmux-attached"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "the dump fails: {err}");
+    assert!(err.contains("unix socket") || err.contains("unix connection"), "names the cause: {err}");
+    assert_eq!(env.status("tmux-attached")["pid"], pid, "the service keeps running");
+    tmux_ok(&sock, &["has-session", "-t", "work"]);
+    assert_eq!(tmux_ok(&sock, &["list-clients", "-t", "work"]).lines().count(), 1, "the client is still attached");
+    assert!(attached.0.try_wait().unwrap().is_none(), "the client was not disconnected");
+
+    tmux_ok(&sock, &["detach-client", "-s", "work"]);
+    let status = wait_for("the client to exit", || attached.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    env.ok(&["stop", "tmux-attached"]);
+    let back = env.start("tmux-attached");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(pane_line(&sock, "one:"), one, "the session came back");
+    env.ok(&["stop", "tmux-attached"]);
 }
