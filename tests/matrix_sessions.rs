@@ -269,6 +269,14 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     let fresh = ssh(&key, 6122, "root").arg("echo fresh:$((2+3))").output().expect("run ssh");
     assert_eq!(String::from_utf8_lossy(&fresh.stdout).trim(), "fresh:5", "{}", String::from_utf8_lossy(&fresh.stderr));
 
+    // A second cycle, with a command typed while sshd is stopped: the network lock holds the
+    // packets, TCP retransmits them to the restored sshd and the shell runs the command once.
+    env.ok(&["stop", "sshd"]);
+    writeln!(to_shell, "KEPT=$KEPT+typed-while-stopped; echo \"three:$$:$KEPT\"").unwrap();
+    let back = env.start("sshd");
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(from_shell.expect("three:"), format!("three:{shell_pid}:set-before-stop+typed-while-stopped"));
+
     // The kept session ends cleanly: the shell's exit status reaches the client.
     writeln!(to_shell, "exit 7").unwrap();
     drop(to_shell);
