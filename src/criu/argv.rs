@@ -24,8 +24,6 @@ pub struct DumpArgs {
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 pub const RESTORE_PIDFILE: &str = "restore.pid";
-/// The fd number the new stdout pipe has in criu's process during restore.
-pub const INHERITED_PIPE_FD: i32 = 3;
 
 impl DumpArgs {
     pub fn argv(&self) -> Vec<OsString> {
@@ -68,7 +66,8 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
-    pub fn argv(&self) -> Vec<OsString> {
+    /// `inherited_fd`: the number the service's new stdout pipe has in criu's process.
+    pub fn argv(&self, inherited_fd: Option<i32>) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
             "restore".into(),
             "--images-dir".into(),
@@ -85,9 +84,9 @@ impl RestoreArgs {
             "--pidfile".into(),
             RESTORE_PIDFILE.into(),
         ];
-        if let Some(inode) = self.stdout_pipe_inode {
+        if let (Some(inode), Some(fd)) = (self.stdout_pipe_inode, inherited_fd) {
             a.push("--inherit-fd".into());
-            a.push(format!("fd[{INHERITED_PIPE_FD}]:pipe:[{inode}]").into());
+            a.push(format!("fd[{fd}]:pipe:[{inode}]").into());
         }
         a.extend(self.options.iter().map(OsString::from));
         a
@@ -130,8 +129,9 @@ mod tests {
             options: vec![],
             stdout_pipe_inode: Some(12345),
         };
-        let v = strings(a.argv());
+        let v = strings(a.argv(Some(7)));
         assert!(v.contains(&"--restore-detached".to_string()));
-        assert!(v.contains(&"fd[3]:pipe:[12345]".to_string()));
+        assert!(v.contains(&"fd[7]:pipe:[12345]".to_string()));
+        assert!(!strings(a.argv(None)).iter().any(|s| s.contains("pipe:[")), "no pipe, no --inherit-fd");
     }
 }

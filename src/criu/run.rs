@@ -2,7 +2,7 @@
 //! runs in its own process group under a deadline: when it passes, criu and its action scripts
 //! are killed (the dumped tree, detached from its tracer, runs on).
 
-use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, INHERITED_PIPE_FD, RESTORE_LOG, RESTORE_PIDFILE};
+use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG, RESTORE_PIDFILE};
 use super::log_capture;
 use super::log_errors::{error_lines, pick};
 use super::{Criu, CriuError};
@@ -34,7 +34,8 @@ impl Criu {
     }
 
     /// Restores detached; `stdout_pipe` (the write end of the service's new stdout pipe) is
-    /// handed to criu as fd 3 for `--inherit-fd`. `spawned` hears criu's PID (for progress).
+    /// handed to criu under its own number for `--inherit-fd`. `spawned` hears criu's PID (for
+    /// progress).
     pub fn restore(
         &self,
         args: &RestoreArgs,
@@ -44,23 +45,24 @@ impl Criu {
     ) -> Result<RestoreOutcome, CriuError> {
         let pidfile = args.work_dir.join(RESTORE_PIDFILE);
         let _ = std::fs::remove_file(&pidfile);
-        let mut cmd = self.command(args.argv());
-        if let Some(fd) = stdout_pipe {
-            let raw = fd.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; it runs in the forked child before exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(raw, INHERITED_PIPE_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        let fd = stdout_pipe.map(|fd| fd.as_raw_fd());
+        let mut cmd = self.command(args.argv(fd));
+        // The pipe reaches criu by staying open across its exec (no dup2 in a pre_exec hook: that
+        // would make std fork the whole supervisor instead of using posix_spawn, ~5 ms). Only
+        // for the spawn: the supervisor starts nothing else meanwhile, and the flag is put back.
+        let inherit = fd
+            .map(InheritGuard::new)
+            .transpose()
+            .map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        let inherit = std::cell::Cell::new(inherit);
         let log = args.work_dir.join(RESTORE_LOG);
         cmd.process_group(0);
         let limit = Deadline { after: timeout, setting: "restore_timeout" };
-        self.finish(cmd, "restore the checkpoint", &log, Some(limit), spawned)?;
+        self.finish(cmd, "restore the checkpoint", &log, Some(limit), &|pid| {
+            // Spawned: the pipe is criu's now, and closed again on every later exec of ours.
+            drop(inherit.take());
+            spawned(pid)
+        })?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let _ = std::fs::remove_file(&pidfile);
         match text.trim().parse::<i32>() {
@@ -165,4 +167,24 @@ fn kill_run(child: &Child) {
     // SAFETY: the group is criu's own (process_group(0)) and criu is our unreaped child, so the
     // id cannot have been reused.
     unsafe { libc::kill(-criu, libc::SIGKILL) };
+}
+
+/// Clears FD_CLOEXEC on a descriptor until dropped.
+struct InheritGuard(i32);
+
+impl InheritGuard {
+    fn new(fd: i32) -> std::io::Result<InheritGuard> {
+        // SAFETY: fcntl on a descriptor the caller borrows for the guard's lifetime.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(InheritGuard(fd))
+    }
+}
+
+impl Drop for InheritGuard {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(self.0, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
 }
