@@ -327,7 +327,7 @@ fn tmux_service_with_a_session(env: &Env, name: &str, kill_port: u16) -> (std::p
     assert_eq!(first["started_from"], "cold", "{first}");
     // The service's server answers before any client may start a server of its own.
     wait_for("the tmux server's socket", || std::os::unix::net::UnixStream::connect(&sock).ok());
-    tmux_ok(&sock, &["new-session", "-d", "-s", "work", "-n", "edit", "-x", "100", "-y", "30"]);
+    tmux_ok(&sock, &["new-session", "-d", "-s", "work", "-n", "edit", "-x", "200", "-y", "30"]);
     tmux_ok(&sock, &["send-keys", "-t", "work:edit", "KEPT=before-stop; echo \"one:$$:$KEPT:$((6*7))\"", "Enter"]);
     let one = pane_line(&sock, "one:");
     (sock, one)
