@@ -178,9 +178,9 @@ impl Drop for PrivsepDir {
     }
 }
 
-/// A private sshd setup in `dir`: host key, client key, authorized_keys, sshd_config.
-/// Returns the client key's path.
-fn sshd_files(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+/// A private sshd setup in `dir`: host key, client key, authorized_keys, sshd_config; the host
+/// key owned by `owner` (sshd's user) when given. Returns the client key's path.
+fn sshd_files(dir: &std::path::Path, port: u16, owner: Option<u32>) -> std::path::PathBuf {
     for key in ["host_key", "client_key"] {
         let st = std::process::Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "stasis-test", "-f"])
@@ -190,6 +190,9 @@ fn sshd_files(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
         assert!(st.success(), "ssh-keygen {key}");
     }
     std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    if let Some(uid) = owner {
+        nix::unistd::chown(&dir.join("host_key"), Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+    }
     let d = dir.display();
     std::fs::write(
         dir.join("sshd_config"),
@@ -219,7 +222,7 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     let _privsep = PrivsepDir::ensure();
     let dir = env.path().join("sshd");
     std::fs::create_dir(&dir).unwrap();
-    let key = sshd_files(&dir, 6122);
+    let key = sshd_files(&dir, 6122, None);
     env.write_service(
         "sshd",
         &format!(
@@ -409,4 +412,77 @@ fn tmux_with_an_attached_client_refuses_the_stop_and_keeps_running_until_it_deta
     assert_eq!(back["started_from"], "checkpoint", "{back}");
     assert_eq!(pane_line(&sock, "one:"), one, "the session came back");
     env.ok(&["stop", "tmux-attached"]);
+}
+
+/// The user the non-root sshd runs as, and the only one it can log in: a real shell, and a
+/// member of `tty` (this machine's devpts has no gid=5, so sshd must chown the session's pty to
+/// group tty itself, which only a member may do). `scripts/setup` creates it.
+const SSH_USER: &str = "stasis-ssh";
+
+/// An interactive session on a pty (`ssh -tt`), through an sshd running as an ordinary user:
+/// the pty's master in sshd and the login shell on its slave are restored, and the same shell
+/// goes on. (sshd as root would write this login to /var/log/wtmp and lastlog; as a user it
+/// skips them: "Attempt to write login records by non-root user".)
+#[test]
+fn sshd_as_a_user_keeps_an_interactive_pty_session_across_stop_and_start() {
+    let env = Env::new();
+    let user = nix::unistd::User::from_name(SSH_USER)
+        .unwrap()
+        .unwrap_or_else(|| panic!("user {SSH_USER} is missing: scripts/setup creates it (shell /bin/bash, group tty)"));
+    let dir = env.path().join("sshd-tty");
+    std::fs::create_dir(&dir).unwrap();
+    let key = sshd_files(&dir, 6125, Some(user.uid.as_raw()));
+    env.write_service(
+        "sshd-tty",
+        &format!(
+            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: {SSH_USER}\nkill_port: 7125\n",
+            dir.display()
+        ),
+    );
+    let first = env.start("sshd-tty");
+    assert_eq!(first["started_from"], "cold", "{first}");
+    wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", 6125)).ok());
+
+    let mut client = Spawned(
+        ssh(&key, 6125, SSH_USER)
+            .arg("-tt")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ssh"),
+    );
+    let mut to_shell = client.0.stdin.take().unwrap();
+    let mut from_shell = Lines::of(client.0.stdout.take().unwrap());
+    // The terminal echoes what is typed: the answers are built so the typed text never matches.
+    writeln!(to_shell, "KEPT=before-stop; printf '%s:%s:%s:%s\\n' ONE \"$$\" \"$KEPT\" \"$(tty)\"").unwrap();
+    let one = from_shell.expect("ONE:");
+    let fields: Vec<&str> = one.split(':').collect();
+    assert_eq!(fields.len(), 4, "{one}");
+    let (shell_pid, tty) = (fields[1].to_string(), fields[3].to_string());
+    assert!(tty.starts_with("/dev/pts/"), "a login shell on a pty: {one}");
+    assert_eq!(fields[2], "before-stop");
+
+    let t = Instant::now();
+    env.ok(&["stop", "sshd-tty"]);
+    let stopped = t.elapsed();
+    let t = Instant::now();
+    let back = env.start("sshd-tty");
+    let started = t.elapsed();
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    eprintln!("stop {stopped:?}, start {started:?}");
+
+    writeln!(to_shell, "printf '%s:%s:%s:%s:%s\\n' TWO \"$$\" \"$KEPT\" \"$(tty)\" \"$((6*7))\"").unwrap();
+    assert_eq!(
+        from_shell.expect("TWO:"),
+        format!("TWO:{shell_pid}:before-stop:{tty}:42"),
+        "the same shell on the same pty"
+    );
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "sshd-tty", "--json"])).unwrap();
+    let comms: Vec<&str> = v["processes"].as_array().unwrap().iter().filter_map(|p| p["comm"].as_str()).collect();
+    assert!(comms.contains(&"bash") && comms.iter().filter(|c| **c == "sshd").count() >= 2, "{comms:?}");
+
+    writeln!(to_shell, "exit 3").unwrap();
+    let status = client.0.wait().expect("wait for ssh");
+    assert_eq!(status.code(), Some(3), "the login shell's exit status reached the client");
+    env.ok(&["stop", "sshd-tty"]);
 }
