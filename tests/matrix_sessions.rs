@@ -58,7 +58,10 @@ fn asyncio_server_keeps_its_established_client_connections_and_their_state() {
     let first = env.start("aio");
     assert_eq!(first["started_from"], "cold", "{first}");
     let mut a = wait_for("the asyncio server", || LineClient::connect(6121));
+    // Each answers once, so the server has accepted both before the counts are checked.
+    assert_eq!(a.ask("state"), "conn=1 lines=0 sum=0 total=0 conns=1");
     let mut b = LineClient::connect(6121).expect("a second client");
+    assert_eq!(b.ask("state"), "conn=2 lines=0 sum=0 total=0 conns=2");
     assert_eq!(a.ask("add 5"), "conn=1 lines=1 sum=5 total=5 conns=2");
     assert_eq!(b.ask("add 7"), "conn=2 lines=1 sum=7 total=12 conns=2");
     assert_eq!(a.ask("add 1"), "conn=1 lines=2 sum=6 total=13 conns=2");
