@@ -2,7 +2,10 @@
 //! across `stasis stop` + `stasis start`, with the plain service file (the defaults in
 //! criu-configs/: tcp-established and the nftables network lock).
 //!
-//! Ports: kill ports 7121-7139, service ports 6121-6139.
+//! Ports (this file may use kill ports 7121-7139, service ports 6121-6139): asyncio 7121/6121,
+//! sshd as root 7122/6122, tmux 7123, tmux with an attached client 7124, sshd as a user 7125/6125.
+//! Needs: python3, openssh-server + openssh-client, tmux, `script` (bsdutils); the user
+//! `stasis-ssh` (see SSH_USER). sshd as root needs /run/sshd: created here if missing, removed after.
 
 mod common;
 use common::*;
