@@ -404,7 +404,8 @@ fn tmux_with_an_attached_client_refuses_the_stop_and_keeps_running_until_it_deta
     let out = env.run(&["stop", "tmux-attached"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "the dump fails: {err}");
-    assert!(err.contains("unix socket") || err.contains("unix connection"), "names the cause: {err}");
+    assert!(err.contains("unix stream socket") && err.contains("disconnect"), "names the cause and the fix: {err}");
+    assert!(!err.contains("add --ext-unix-sk"), "an option that cannot help is not offered: {err}");
     assert_eq!(env.status("tmux-attached")["pid"], pid, "the service keeps running");
     tmux_ok(&sock, &["has-session", "-t", "work"]);
     assert_eq!(tmux_ok(&sock, &["list-clients", "-t", "work"]).lines().count(), 1, "the client is still attached");

@@ -43,8 +43,15 @@ const KNOWN: &[Known] = &[
     },
 ];
 
+/// Said when a process outside the tree holds the other end of a unix stream connection to it:
+/// no CRIU option can checkpoint half of one, so the fix is on the operator's side.
+const HALF_STREAM: &str = "a process outside the service is connected to its unix stream socket {}; CRIU cannot checkpoint half of a stream connection (--ext-unix-sk covers only datagram sockets such as syslog's): have that client disconnect before the stop (an attached tmux client: `tmux detach-client`), then stop again";
+
 /// The first known cause among `errors` (CRIU's error lines), as a sentence.
 pub fn diagnose(errors: &[String]) -> Option<String> {
+    if let Some(named) = half_stream(errors) {
+        return Some(HALF_STREAM.replace("{}", &named));
+    }
     for line in errors {
         for k in KNOWN {
             if !line.contains(k.contains) {
@@ -63,9 +70,54 @@ pub fn diagnose(errors: &[String]) -> Option<String> {
     None
 }
 
+/// The socket named when the external peer CRIU refused is a stream (or seqpacket) socket:
+/// its `Runaway socket` debug line (just before the error) says `type 1` or `type 5`, or, with
+/// --ext-unix-sk, CRIU says so itself.
+fn half_stream(errors: &[String]) -> Option<String> {
+    for (i, line) in errors.iter().enumerate() {
+        if let Some(rest) = line.split("Can't dump half of stream unix connection. name: ").nth(1) {
+            return Some(rest.split(';').next().unwrap_or("").trim().to_string());
+        }
+        if !line.contains("External socket is used") {
+            continue;
+        }
+        let runaway = errors[..i].iter().rev().find(|l| l.contains("Runaway socket:"))?;
+        let field = |key: &str| {
+            let mut words = runaway.split_whitespace().skip_while(|w| *w != key);
+            words.nth(1).map(str::to_string)
+        };
+        return match field("type").as_deref() {
+            Some("1") | Some("5") => Some(field("name").filter(|n| n != "null").unwrap_or_else(|| "(unnamed)".into())),
+            _ => None,
+        };
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::diagnose;
+
+    #[test]
+    fn a_stream_peer_outside_the_tree_is_not_sent_to_ext_unix_sk() {
+        let stream = vec![
+            "(00.061) \tRunaway socket: ino 51234 peer_ino 51233 family    1 type    1 state  1 name /tmp/t/tmux.sock"
+                .to_string(),
+            "(00.061) Error (criu/sk-unix.c:874): External socket is used. Consider using --ext-unix-sk option."
+                .to_string(),
+        ];
+        let said = diagnose(&stream).unwrap();
+        assert!(said.contains("/tmp/t/tmux.sock") && said.contains("disconnect"), "{said}");
+        assert!(!said.contains("add --ext-unix-sk"), "{said}");
+        let with_option = vec!["(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: /run/x.sock; peer name: (null)".to_string()];
+        assert!(diagnose(&with_option).unwrap().contains("/run/x.sock"));
+        let dgram = vec![
+            "(00.061) \tRunaway socket: ino 5 peer_ino 6 family    1 type    2 state  1 name /dev/log".to_string(),
+            "(00.061) Error (criu/sk-unix.c:874): External socket is used. Consider using --ext-unix-sk option."
+                .to_string(),
+        ];
+        assert!(diagnose(&dgram).unwrap().contains("--ext-unix-sk"), "a datagram peer keeps the option's advice");
+    }
 
     #[test]
     fn names_the_file_and_the_option() {
@@ -76,11 +128,15 @@ mod tests {
             diagnose(&lines).unwrap(),
             "/srv/data/state.db is open but its name was removed (the file lives on under another name); add --link-remap to criu.options (the default criu config has it)"
         );
-        let ghost = vec!["Error (criu/files-reg.c:1031): Can't dump ghost file /tmp/big of 4194304 size, increase limit".to_string()];
+        let ghost =
+            vec!["Error (criu/files-reg.c:1031): Can't dump ghost file /tmp/big of 4194304 size, increase limit"
+                .to_string()];
         assert!(diagnose(&ghost).unwrap().starts_with("/tmp/big is deleted but still open"));
-        assert!(diagnose(&["Error (criu/sk-unix.c:875): External socket is used. Consider using --ext-unix-sk option.".into()])
-            .unwrap()
-            .contains("--ext-unix-sk"));
+        assert!(diagnose(&[
+            "Error (criu/sk-unix.c:875): External socket is used. Consider using --ext-unix-sk option.".into()
+        ])
+        .unwrap()
+        .contains("--ext-unix-sk"));
         assert_eq!(diagnose(&["Error (criu/x.c:1): something else".into()]), None);
     }
 }
