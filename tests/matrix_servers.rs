@@ -229,6 +229,27 @@ fn postgresql_keeps_its_rows_and_its_running_server_across_stop_and_start() {
     psql(6101, "insert into kept values (10001, 'after')").expect("write after the restore");
     assert_eq!(psql(6101, "select v from kept where id = 10001").as_deref(), Some("after"));
     shm.note();
+    // A reboot empties /dev/shm, where PostgreSQL keeps its dynamic shared memory by default:
+    // CRIU would fail to reopen the segments. The checkpoint carries them and puts them back.
+    let mut mapped: Vec<PathBuf> = service_tree(&env, "pg").into_iter().flat_map(dev_shm_maps).collect();
+    // Segments mapped after their name was removed (`... (deleted)`) are CRIU's to carry.
+    mapped.retain(|f| f.exists());
+    mapped.sort();
+    mapped.dedup();
+    assert!(!mapped.is_empty(), "the restored postgres maps its segments again");
+    env.ok(&["stop", "pg"]);
+    for f in &mapped {
+        std::fs::remove_file(f).unwrap_or_else(|e| panic!("remove {}: {e}", f.display()));
+    }
+    let back = env.start("pg");
+    assert_eq!(back["started_from"], "checkpoint", "restored although /dev/shm was emptied: {back}");
+    for f in &mapped {
+        assert!(f.exists(), "{} was put back", f.display());
+    }
+    let rows = wait_for("postgres after the second restore", || psql(6101, "select count(*) from kept"));
+    assert_eq!(rows, "10001");
+    assert_eq!(psql(6101, "select count(*) from volatile_rows").as_deref(), Some("500"), "no crash recovery ran");
+    shm.note();
     env.ok(&["stop", "pg"]);
 }
 

@@ -23,8 +23,16 @@ pub fn main() -> i32 {
         return 0;
     }
     let Some(dir) = std::env::var_os(PENDING_ENV) else {
-        return match std::env::var_os(CHECK_ONLY_ENV) {
-            Some(dir) if refuse_unrestorable(std::path::Path::new(&dir)) => 1,
+        let Some(dir) = std::env::var_os(CHECK_ONLY_ENV) else { return 0 };
+        if refuse_unrestorable(std::path::Path::new(&dir)) {
+            return 1;
+        }
+        // The service runs on after this dump: its shared memory is copied now or never.
+        return match crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir)).map(|p| keep_shm_files(&p)) {
+            Some(Err(e)) => {
+                eprintln!("stasis: {e}");
+                1
+            }
             _ => 0,
         };
     };
@@ -39,7 +47,7 @@ pub fn main() -> i32 {
     if refuse_unrestorable(&pending.dir) {
         return 1;
     }
-    if let Err(e) = record_frozen_mappings(&pending) {
+    if let Err(e) = record_frozen_mappings(&pending).and_then(|_| keep_shm_files(&pending)) {
         eprintln!("stasis: {e}");
         return 1;
     }
@@ -100,5 +108,24 @@ fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(
     };
     let mut draft = pending.read_draft()?;
     draft.executables = Some(crate::process::tree::executable_identities(pid, &mut cache));
+    pending.write_draft(&draft)
+}
+
+/// Copies the /dev/shm files the frozen tree uses into the pending checkpoint and lists them in
+/// its draft manifest (see store::shm).
+fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate::store::StoreError> {
+    let Some(pid) = std::env::var(TREE_PID_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    let paths = crate::process::tree::shm_paths(pid);
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let kept = crate::store::shm::capture(&paths, &pending.images_dir())?;
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let mut draft = pending.read_draft()?;
+    draft.shm_files = Some(kept);
     pending.write_draft(&draft)
 }

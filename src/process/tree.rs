@@ -26,7 +26,11 @@ pub fn main_pid(init_pid: i32) -> Option<i32> {
 pub fn resident_bytes(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
@@ -55,6 +59,36 @@ pub fn executable_mappings(root: i32) -> Vec<std::path::PathBuf> {
             let path: String = f.collect::<Vec<_>>().join(" ");
             if perms.contains('x') && inode != "0" && path.starts_with('/') && !path.ends_with(" (deleted)") {
                 out.push(path.into());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Files under /dev/shm that the tree under `root` maps or holds open (POSIX shared memory),
+/// sorted and without duplicates; deleted ones are left out (CRIU keeps those itself).
+pub fn shm_paths(root: i32) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = Vec::new();
+    let wanted = |p: &str| p.starts_with("/dev/shm/") && !p.ends_with(" (deleted)");
+    for pid in descendants(root) {
+        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            for line in maps.lines() {
+                // address perms offset dev inode path
+                let path: String = line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ");
+                if wanted(&path) {
+                    out.push(path.into());
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.filter_map(Result::ok) {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    if target.to_str().is_some_and(wanted) {
+                        out.push(target);
+                    }
+                }
             }
         }
     }

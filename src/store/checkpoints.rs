@@ -521,6 +521,7 @@ mod tests {
             timings: None,
             compression: None,
             encryption: None,
+            shm_files: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,

@@ -136,9 +136,30 @@ pub struct Manifest {
     /// Set when every image is stored sealed (`images/NAME.enc`); the key is not here, only its id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Files of /dev/shm the tree mapped or held open (POSIX shared memory), copied into
+    /// `images/` while it was frozen: a reboot empties /dev/shm, and CRIU reopens them by path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_files: Option<Vec<ShmFile>>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// One file of /dev/shm kept with a checkpoint (its copy is `images/` + [`ShmFile::image_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmFile {
+    /// The file's name in /dev/shm (no slash).
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+}
+
+impl ShmFile {
+    pub fn image_name(&self) -> String {
+        format!("{}{}", super::shm::IMAGE_PREFIX, self.name)
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod durable;
 mod error;
 pub mod generation;
 pub mod seal;
+pub mod shm;
 pub mod identity;
 mod manifest;
 pub mod verify;

@@ -150,6 +150,7 @@ fn dump(
         timings: None,
         compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
         encryption: key.as_ref().map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
+        shm_files: None,
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");

@@ -90,7 +90,8 @@ pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<St
         };
         if let Some(Some(limit)) = below {
             if cp.manifest.generation.unwrap_or(0) >= limit {
-                reasons.push(format!("checkpoint {} was restored before and the service exited again; skipped it", cp.id));
+                reasons
+                    .push(format!("checkpoint {} was restored before and the service exited again; skipped it", cp.id));
                 continue;
             }
         }
@@ -272,10 +273,14 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
                 Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
                 None => None,
             };
-            progress(super::progress::phase(if key.is_some() { "decrypting" } else { "decompressing" }, cp.manifest.size_bytes));
-            Some(crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref()).map_err(|e| {
-                RestoreError::Host(format!("failed to decrypt or decompress its images: {e}"))
-            })?)
+            progress(super::progress::phase(
+                if key.is_some() { "decrypting" } else { "decompressing" },
+                cp.manifest.size_bytes,
+            ));
+            Some(
+                crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
+                    .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
+            )
         }
     };
     let args = RestoreArgs {
@@ -285,6 +290,19 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
     };
+    // POSIX shared memory a reboot emptied: back from the (verified) copy, or CRIU cannot
+    // reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
+    let mut shm_notes = Vec::new();
+    if let Some(files) = &cp.manifest.shm_files {
+        let put = crate::store::shm::put_back(files, &args.images_dir)
+            .map_err(|e| RestoreError::Host(format!("failed to put back the service's shared memory files: {e}")))?;
+        for path in put {
+            shm_notes.push(format!(
+                "{} was missing (a reboot empties /dev/shm); put back from the checkpoint",
+                path.display()
+            ));
+        }
+    }
     let max = ctx.host.max_concurrent_restores;
     let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
         super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
@@ -321,7 +339,7 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
             outcome.pid
         )));
     }
-    let mut notes = Vec::new();
+    let mut notes = shm_notes;
     if cp.manifest.config_digest.as_deref().is_some_and(|d| d != ctx.service.digest()) {
         notes.push(format!(
             "{} changed since checkpoint {} was taken; the restored process keeps the command, user, directory and environment it had then (they apply at the next cold start)",
