@@ -227,9 +227,8 @@ fn eventfd_memfd_signalfd_and_inotify_keep_working_after_stop_and_start() {
 /// A periodic timerfd (50 ms) read by a thread. The freeze outlasts a period, so at the dump the
 /// timer has expired and waits for the read that would re-arm it: the kernel shows no remaining
 /// time, and an unpatched CRIU 4.2.1 restores it disarmed (checkpoint-restore/criu#3162).
-/// A patch to CRIU's timerfd restore (re-arm such a timer one interval ahead) fixes it.
+/// scripts/criu-patches/0002 (applied by scripts/setup) re-arms such a timer one interval ahead.
 #[test]
-#[ignore = "fails until scripts/setup builds CRIU with the timerfd re-arm patch (criu#3162); run with --ignored"]
 fn a_periodic_timerfd_keeps_ticking_after_stop_and_start() {
     let env = Env::new();
     let watched = watched_dir(&env);
