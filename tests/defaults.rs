@@ -295,4 +295,22 @@ fn a_datagram_socket_connected_to_a_syslog_server_outside_the_service_keeps_send
     assert_eq!(all, expected, "every message once, in order, numbering continued from {last}");
     assert_eq!(get(6145)["failed"], 0, "no send failed");
     env.ok(&["stop", "logger"]);
+    // The server is gone at the restore (syslog not up yet): the host's problem, not the
+    // checkpoint's. The start fails saying so, and the checkpoint is kept for the next try.
+    drop(server);
+    std::fs::remove_file(&path).unwrap();
+    let out = env.run(&["start", "logger"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("not listening"), "names the cause: {err}");
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "logger", "--json"])).unwrap();
+    assert!(!list["checkpoints"].as_array().unwrap().is_empty(), "the checkpoint is kept: {list}");
+    assert!(!env.service_dir("logger").join("quarantine").exists(), "nothing quarantined");
+    let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let back = env.start("logger");
+    assert_eq!(back["started_from"], "checkpoint", "with the server back, the same checkpoint: {back}");
+    wait_for("messages to the new server", || (!received(&server).is_empty()).then_some(()));
+    env.ok(&["stop", "logger"]);
 }

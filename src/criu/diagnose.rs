@@ -29,7 +29,7 @@ const KNOWN: &[Known] = &[
     Known {
         contains: "External socket is used",
         between: None,
-        says: "the service holds a unix socket connected to a process outside its tree (journald, syslog, a database); add --ext-unix-sk to criu.options (the peer must still be there at the restore)",
+        says: "the service holds a unix datagram socket connected to a process outside its tree (journald, syslog); add --ext-unix-sk to criu.options (the default criu config has it; the peer must be listening again at the restore)",
     },
     Known {
         contains: "In-flight connections can be ignored",
@@ -47,10 +47,15 @@ const KNOWN: &[Known] = &[
 /// no CRIU option can checkpoint half of one, so the fix is on the operator's side.
 const HALF_STREAM: &str = "a process outside the service is connected to its unix stream socket {}; CRIU cannot checkpoint half of a stream connection (--ext-unix-sk covers only datagram sockets such as syslog's): have that client disconnect before the stop (an attached tmux client: `tmux detach-client`), then stop again";
 
+/// The same, the other way round: the service is the client of a stream server outside its tree.
+const HALF_STREAM_CLIENT: &str = "the service is connected to the unix stream socket {} of a process outside it; CRIU cannot checkpoint half of a stream connection (--ext-unix-sk covers only datagram sockets): the service must close that connection before the stop (or reach the server over TCP)";
+
 /// The first known cause among `errors` (CRIU's error lines), as a sentence.
 pub fn diagnose(errors: &[String]) -> Option<String> {
-    if let Some(named) = half_stream(errors) {
-        return Some(HALF_STREAM.replace("{}", &named));
+    match half_stream(errors) {
+        Some(HalfStream::Server(name)) => return Some(HALF_STREAM.replace("{}", &name)),
+        Some(HalfStream::Client(peer)) => return Some(HALF_STREAM_CLIENT.replace("{}", &peer)),
+        None => {}
     }
     for line in errors {
         for k in KNOWN {
@@ -70,13 +75,25 @@ pub fn diagnose(errors: &[String]) -> Option<String> {
     None
 }
 
+enum HalfStream {
+    /// A process outside is connected to the service's socket of this name.
+    Server(String),
+    /// The service is connected to a server outside, listening at this name.
+    Client(String),
+}
+
 /// The socket named when the external peer CRIU refused is a stream (or seqpacket) socket:
 /// its `Runaway socket` debug line (just before the error) says `type 1` or `type 5`, or, with
 /// --ext-unix-sk, CRIU says so itself.
-fn half_stream(errors: &[String]) -> Option<String> {
+fn half_stream(errors: &[String]) -> Option<HalfStream> {
     for (i, line) in errors.iter().enumerate() {
         if let Some(rest) = line.split("Can't dump half of stream unix connection. name: ").nth(1) {
-            return Some(rest.split(';').next().unwrap_or("").trim().to_string());
+            let (name, peer) = rest.split_once("; peer name: ").unwrap_or((rest, ""));
+            return Some(match (name.trim(), peer.trim()) {
+                // The service's end has no name: it is the client, of a server outside at `peer`.
+                ("(null)", peer) => HalfStream::Client(peer.to_string()),
+                (name, _) => HalfStream::Server(name.to_string()),
+            });
         }
         if !line.contains("External socket is used") {
             continue;
@@ -87,7 +104,9 @@ fn half_stream(errors: &[String]) -> Option<String> {
             words.nth(1).map(str::to_string)
         };
         return match field("type").as_deref() {
-            Some("1") | Some("5") => Some(field("name").filter(|n| n != "null").unwrap_or_else(|| "(unnamed)".into())),
+            Some("1") | Some("5") => {
+                Some(HalfStream::Server(field("name").filter(|n| n != "null").unwrap_or_else(|| "(unnamed)".into())))
+            }
             _ => None,
         };
     }
@@ -111,6 +130,9 @@ mod tests {
         assert!(!said.contains("add --ext-unix-sk"), "{said}");
         let with_option = vec!["(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: /run/x.sock; peer name: (null)".to_string()];
         assert!(diagnose(&with_option).unwrap().contains("/run/x.sock"));
+        let client = vec!["(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: (null); peer name: /run/db.sock".to_string()];
+        let said = diagnose(&client).unwrap();
+        assert!(said.contains("the service is connected to the unix stream socket /run/db.sock"), "{said}");
         let dgram = vec![
             "(00.061) \tRunaway socket: ino 5 peer_ino 6 family    1 type    2 state  1 name /dev/log".to_string(),
             "(00.061) Error (criu/sk-unix.c:874): External socket is used. Consider using --ext-unix-sk option."

@@ -34,6 +34,11 @@ const ENVIRONMENT_CAUSES: &[(&str, &str)] = &[
     ("No space left on device", "a filesystem is full"),
     ("Too many open files", "the host is out of file descriptors"),
     ("Resource temporarily unavailable", "a host resource is temporarily exhausted"),
+    // The images are fine; the other end of a unix socket the service was connected to is not.
+    (
+        "unix: Can't connect",
+        "the server of a unix socket the service was connected to (syslog's /dev/log, a database's socket) is not listening; start it, then start the service again",
+    ),
 ];
 
 fn render_lines(lines: &[String]) -> String {
@@ -104,5 +109,11 @@ mod tests {
         assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains("in use")));
         let e = failed(&["(0.1) Error (criu/files.c:1): Can't open file: No such file or directory"]);
         assert_eq!(e.restore_failure(), RestoreFailure::Checkpoint);
+    }
+
+    #[test]
+    fn a_missing_unix_server_is_the_host_not_the_checkpoint() {
+        let e = failed(&["(0.1) 1: Error (criu/sk-unix.c:1): unix: Can't connect 7 socket: Connection refused"]);
+        assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains("not listening")));
     }
 }
