@@ -103,6 +103,46 @@ fn a_posix_shm_segment_shared_by_two_processes_survives_stop_and_start() {
     env.ok(&["stop", "shm"]);
 }
 
+/// The segment lives outside everything CRIU writes: stasis keeps a copy with the checkpoint.
+/// After a reboot (which empties /dev/shm) it is put back; restoring a checkpoint the service
+/// ran on after rewinds it, so the segment matches the memory restored with it.
+#[test]
+fn a_posix_shm_segment_is_put_back_after_a_reboot_and_rewound_with_an_older_checkpoint() {
+    let env = Env::new();
+    let name = format!("stasis-test-{}-posix-shm-kept", std::process::id());
+    let seg = ShmSegment(Path::new("/dev/shm").join(&name));
+    // Three: the on-demand checkpoint must outlive the two stops' under retention.
+    let yaml = program_yaml("posix_shm.py", 7147, &[("PORT", "6147".into()), ("SHM_NAME", name)]);
+    env.write_service("shmk", &format!("{yaml}keep_checkpoints: 3\n"));
+    env.start("shmk");
+    wait_for("the child counting in the segment", || http_json(6147).filter(|v| v["counter"].as_u64() > Some(2)));
+    post(6147, "/text", "at the checkpoint");
+    env.ok(&["checkpoint", "shmk"]);
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "shmk", "--json"])).unwrap();
+    let kept = list["checkpoints"].as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_string();
+    post(6147, "/text", "after the checkpoint");
+
+    // A reboot: the stop's checkpoint, /dev/shm emptied, the segment put back from the copy.
+    env.ok(&["stop", "shmk"]);
+    std::fs::remove_file(&seg.0).unwrap();
+    let back = env.start("shmk");
+    assert_eq!(back["started_from"], "checkpoint", "restored although /dev/shm was emptied: {back}");
+    assert_eq!(get(6147)["text"], "after the checkpoint", "the segment as it was at the stop");
+    wait_for("the child counting in the put-back segment", || {
+        let c = shm_counter(&seg.0);
+        std::thread::sleep(Duration::from_millis(200));
+        (shm_counter(&seg.0) > c).then_some(())
+    });
+
+    // The older checkpoint, taken while the service ran on: the segment goes back with it.
+    env.ok(&["stop", "shmk"]);
+    assert!(String::from_utf8_lossy(&std::fs::read(&seg.0).unwrap()).contains("after the checkpoint"));
+    let back: Value = serde_json::from_str(&env.ok(&["start", "shmk", "--from", &kept, "--json"])).unwrap();
+    assert_eq!(back["started_from"], "checkpoint", "{back}");
+    assert_eq!(get(6147)["text"], "at the checkpoint", "the segment rewound to the checkpoint's moment");
+    env.ok(&["stop", "shmk"]);
+}
+
 #[test]
 fn sysv_shared_memory_and_a_semaphore_shared_by_two_processes_survive_stop_and_start() {
     let env = Env::new();

@@ -290,17 +290,23 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
     };
-    // POSIX shared memory a reboot emptied: back from the (verified) copy, or CRIU cannot
-    // reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
+    // POSIX shared memory: back from the (verified) copy when a reboot emptied /dev/shm, or CRIU
+    // cannot reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
     let mut shm_notes = Vec::new();
     if let Some(files) = &cp.manifest.shm_files {
-        let put = crate::store::shm::put_back(files, &args.images_dir)
+        use crate::store::shm::{Present, PutBack};
+        let present = if cp.manifest.kind.leaves_running() { Present::Rewind } else { Present::Keep };
+        let put = crate::store::shm::put_back(files, &args.images_dir, present)
             .map_err(|e| RestoreError::Host(format!("failed to put back the service's shared memory files: {e}")))?;
-        for path in put {
-            shm_notes.push(format!(
-                "{} was missing (a reboot empties /dev/shm); put back from the checkpoint",
-                path.display()
-            ));
+        for done in put {
+            shm_notes.push(match done {
+                PutBack::Created(p) => {
+                    format!("{} was missing (a reboot empties /dev/shm); put back from the checkpoint", p.display())
+                }
+                PutBack::Rewound(p) => {
+                    format!("{} rewound to its contents at the checkpoint (the service ran on after it)", p.display())
+                }
+            });
         }
     }
     let max = ctx.host.max_concurrent_restores;
