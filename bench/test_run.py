@@ -47,6 +47,14 @@ class Table(unittest.TestCase):
         rows = run.table(self.out([0.104], [0.100]))
         self.assertEqual(rows[0][4], "<= 1.05: met", "4% over raw CRIU is within the goal")
 
+    def test_raw_criu_is_shown_beside_the_durable_row(self):
+        out = self.out([0.2], [0.1])
+        out["durable_001024"].update(raw_criu_dump_sync_s=s(0.9), ratio_raw_criu_over_stasis=0.9)
+        rows = run.table(out)
+        self.assertEqual(len(rows), 4)
+        self.assertIn("C/A **0.900**", rows[2][3])
+        self.assertEqual(rows[2][4], "(reference)")
+
     def test_docs_are_written_between_the_markers_only(self):
         with tempfile.TemporaryDirectory() as d:
             os.makedirs(f"{d}/docs")
