@@ -35,7 +35,10 @@ fn periodic_checkpoints_are_taken_while_the_service_keeps_its_pid_and_answers() 
     for c in &taken {
         assert_eq!(c["kind"], "periodic", "{c}");
         assert_eq!(c["fresh"], false, "the service ran on after it: stale by the freshness rule: {c}");
-        assert!(c["timings"]["freeze_ms"].as_u64().is_some() && c["timings"]["bytes_written"].as_u64() > Some(0), "{c}");
+        assert!(
+            c["timings"]["freeze_ms"].as_u64().is_some() && c["timings"]["bytes_written"].as_u64() > Some(0),
+            "{c}"
+        );
     }
     assert_eq!(env.status("ticker")["pid"].as_i64().unwrap(), pid, "the service kept its pid");
     assert_eq!(redis_cli(6490, &["GET", "answer"]).as_deref(), Some("42"), "and answers");
@@ -57,7 +60,11 @@ fn a_killed_service_comes_back_by_itself_from_its_newest_checkpoint() {
     let env = Env::new();
     env.write_service(
         "phoenix",
-        &redis_yaml(6491, 7991, "checkpoint_every: 1s\nrestart: on-failure\nrestart_from: checkpoint\nrestart_backoff: 100ms\n"),
+        &redis_yaml(
+            6491,
+            7991,
+            "checkpoint_every: 1s\nrestart: on-failure\nrestart_from: checkpoint\nrestart_backoff: 100ms\n",
+        ),
     );
     env.start("phoenix");
     wait_for("redis", || redis_cli(6491, &["PING"]).filter(|r| r == "PONG"));
@@ -205,7 +212,14 @@ impl SmallDisk {
         let state = env.state_dir();
         std::fs::create_dir_all(&state).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "stasis-test-small", &state.display().to_string()])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "stasis-test-small",
+                &state.display().to_string(),
+            ])
             .status()
             .unwrap();
         assert!(ok.success(), "mount a tmpfs on {}", state.display());
@@ -268,11 +282,46 @@ fn a_stop_during_a_periodic_checkpoint_waits_for_it_then_stops_with_its_own() {
     wait_for("512 MiB touched", || env.log("busy").contains("ready").then_some(()));
     wait_for("a periodic checkpoint under way", || (env.status("busy")["state"] == "checkpointing").then_some(()));
     let out = env.ok(&["stop", "busy"]);
-    assert!(out.contains("Waiting: a checkpoint of busy that keeps it running is under way; the stop follows it"), "{out}");
+    assert!(
+        out.contains("Waiting: a checkpoint of busy that keeps it running is under way; the stop follows it"),
+        "{out}"
+    );
     assert!(out.lines().last().unwrap().starts_with("OK checkpoint"), "{out}");
     let cps = checkpoints(&env, "busy");
     let last = cps.last().unwrap();
     assert_eq!(last["kind"], "stop", "the stop got a checkpoint of its own: {cps:?}");
     assert_eq!(last["fresh"], true);
     assert_eq!(env.status("busy")["state"], "stopped");
+}
+
+/// `max_freeze_ms`: a checkpoint that froze the service longer is logged and counted in the
+/// metrics; the service is not touched.
+#[test]
+fn a_checkpoint_over_max_freeze_ms_is_warned_about_and_counted() {
+    let env = Env::new();
+    env.write_service("budget", &redis_yaml(6152, 7152, "max_freeze_ms: 1\n"));
+    env.start("budget");
+    wait_for("redis", || redis_cli(6152, &["ping"]).filter(|r| r == "PONG"));
+    let counted = |env: &Env| {
+        env.ok(&["metrics"])
+            .lines()
+            .find(|l| l.starts_with("stasis_freeze_over_budget_total{service=\"budget\"}"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(counted(&env), 0, "nothing over budget yet");
+    let pid = env.status("budget")["pid"].clone();
+    env.ok(&["checkpoint", "budget"]);
+    let froze =
+        checkpoints(&env, "budget").last().unwrap()["timings"]["freeze_ms"].as_u64().expect("freeze_ms recorded");
+    assert!(froze > 1, "a redis freeze takes more than 1 ms: {froze}");
+    wait_for("the warning in the service log", || {
+        env.log("budget")
+            .contains(&format!("froze the service for {froze} ms, more than max_freeze_ms (1 ms)"))
+            .then_some(())
+    });
+    assert_eq!(counted(&env), 1, "counted once");
+    assert_eq!(env.status("budget")["pid"], pid, "the service runs on");
+    assert_eq!(redis_cli(6152, &["ping"]).as_deref(), Some("PONG"));
+    env.ok(&["stop", "budget"]);
 }
