@@ -59,14 +59,16 @@ class Table(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             os.makedirs(f"{d}/docs")
             path = f"{d}/docs/performance.md"
-            open(path, "w").write("before\n<!-- bench/run: begin -->\nOLD-TABLE\n<!-- bench/run: end -->\nafter\n")
+            with open(path, "w") as f:
+                f.write("before\n<!-- bench/run: begin -->\nOLD-TABLE\n<!-- bench/run: end -->\nafter\n")
             saved, run.REPO = run.REPO, d
             try:
                 out = self.out([0.2], [0.1])
                 run.write_docs(out, run.table(out), ["--rounds", "7"])
             finally:
                 run.REPO = saved
-            text = open(path).read()
+            with open(path) as f:
+                text = f.read()
             self.assertTrue(text.startswith("before\n<!-- bench/run: begin -->\nWritten by `sudo bench/run --rounds 7`"))
             self.assertTrue(text.endswith("<!-- bench/run: end -->\nafter\n"))
             self.assertNotIn("OLD-TABLE", text)
