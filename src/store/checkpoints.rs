@@ -109,6 +109,16 @@ impl PendingCheckpoint {
 
     /// The same, sealing every image with `key` first when the draft asks for encryption.
     pub fn finalize_sealed(&self, key: Option<&super::seal::Key>) -> Result<Checkpoint, StoreError> {
+        self.finalize_prehashed(key, super::trailing::Prehashed::new())
+    }
+
+    /// The same, with the hashes of images taken while CRIU wrote them (used only for images
+    /// stored as CRIU wrote them: not when they are compressed or sealed here).
+    pub fn finalize_prehashed(
+        &self,
+        key: Option<&super::seal::Key>,
+        prehashed: super::trailing::Prehashed,
+    ) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_manifest(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
@@ -124,11 +134,18 @@ impl PendingCheckpoint {
             if let Some(plain) = super::seal::first_unsealed(&self.images_dir()) {
                 return Err(StoreError::Write {
                     path: plain,
-                    source: std::io::Error::other("an image of an encrypted checkpoint is not sealed (no key to seal it with)"),
+                    source: std::io::Error::other(
+                        "an image of an encrypted checkpoint is not sealed (no key to seal it with)",
+                    ),
                 });
             }
         }
-        let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
+        let prehashed = if manifest.compression.is_none() && manifest.encryption.is_none() {
+            prehashed
+        } else {
+            super::trailing::Prehashed::new()
+        };
+        let synced = fsync_and_hash(&self.dir, IMAGES_DIR, &prehashed)?;
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
         let bytes_written = synced.hashed.iter().map(|f| f.size).sum();
         manifest.images = Some(synced.hashed);

@@ -5,8 +5,8 @@ use super::manifest::ImageFile;
 use super::StoreError;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -81,7 +81,13 @@ pub struct Synced {
 /// fsyncs every regular file and directory under `dir` and, in the same pass, hashes every file
 /// under `dir/hashed_subdir`: one thread reads and hashes (page cache, CPU) while this one waits
 /// for the disk, so the checksums cost next to nothing on top of the fsyncs.
-pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreError> {
+/// A file's hash is taken from `prehashed` (hashed while CRIU wrote it) when its size there is
+/// its size now.
+pub fn fsync_and_hash(
+    dir: &Path,
+    hashed_subdir: &str,
+    prehashed: &super::trailing::Prehashed,
+) -> Result<Synced, StoreError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     walk(dir, Path::new(""), &mut files, &mut dirs)?;
@@ -95,8 +101,11 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreEr
             let mut out = Vec::with_capacity(to_hash.len());
             for (rel, path) in &to_hash {
                 let size = fs::metadata(path).map_err(|source| StoreError::Read { path: path.clone(), source })?.len();
-                let hash = super::identity::hash_file(path)
-                    .map_err(|source| StoreError::Read { path: path.clone(), source })?;
+                let hash = match prehashed.get(path) {
+                    Some((hashed, hash)) if *hashed == size => hash.clone(),
+                    _ => super::identity::hash_file(path)
+                        .map_err(|source| StoreError::Read { path: path.clone(), source })?,
+                };
                 out.push(ImageFile { path: rel.clone(), size, hash });
             }
             out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -178,7 +187,7 @@ mod tests {
         fs::create_dir(d.path().join("images")).unwrap();
         fs::write(d.path().join("images/a.img"), [0u8; 100]).unwrap();
         fs::write(d.path().join("b"), [0u8; 23]).unwrap();
-        let s = fsync_and_hash(d.path(), "images").unwrap();
+        let s = fsync_and_hash(d.path(), "images", &Default::default()).unwrap();
         assert_eq!(s.total_bytes, 123);
         assert_eq!(s.hashed.len(), 1);
         assert_eq!(s.hashed[0].path, "images/a.img");

@@ -12,6 +12,7 @@ mod error;
 pub mod generation;
 pub mod seal;
 pub mod shm;
+pub mod trailing;
 pub mod identity;
 mod manifest;
 pub mod verify;

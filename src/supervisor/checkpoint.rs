@@ -149,7 +149,9 @@ fn dump(
         executables: Some(executables),
         timings: None,
         compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
-        encryption: key.as_ref().map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
+        encryption: key
+            .as_ref()
+            .map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
         shm_files: None,
         unknown: Default::default(),
     };
@@ -188,14 +190,41 @@ fn dump(
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
-    let dumped = std::thread::scope(|s| {
+    // A dump that leaves the service running is finalized here, after CRIU: its memory images
+    // are hashed while CRIU writes them, so little hashing is left then. (A stopping dump is
+    // finalized by the hook, another process; stored compressed or sealed, the bytes differ.)
+    let follow = !stopping && !dry && ctx.service.compression.is_none() && key.is_none();
+    let criu_done = std::sync::atomic::AtomicBool::new(false);
+    let (dumped, prehashed) = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
+        let trailing = follow.then(|| {
+            let (images, criu_done) = (pending.images_dir(), &criu_done);
+            s.spawn(move || {
+                // Only idle CPU: the service is frozen until CRIU is done, so CRIU comes first.
+                // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param.
+                unsafe {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                }
+                let mut t = crate::store::trailing::Trailing::new();
+                while !criu_done.load(std::sync::atomic::Ordering::Acquire) {
+                    // Caught up: CRIU writes about 1 GiB/s here, so a short nap loses nothing.
+                    if t.feed(&images) == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+                t.finish()
+            })
+        });
         let r = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
+        criu_done.store(true, std::sync::atomic::Ordering::Release);
         drop(done_tx);
-        r
+        let prehashed = trailing.and_then(|h| h.join().ok()).unwrap_or_default();
+        tracing::debug!("dump: {} images hashed while CRIU wrote them", prehashed.len());
+        (r, prehashed)
     });
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     tracing::debug!("dump: criu done");
@@ -231,7 +260,7 @@ fn dump(
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
         }),
-        Ok(()) => pending.finalize_sealed(key.as_ref()).map_err(|e| e.to_string()),
+        Ok(()) => pending.finalize_prehashed(key.as_ref(), prehashed).map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
             match pending.finalized() {
