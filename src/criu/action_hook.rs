@@ -59,7 +59,11 @@ pub fn main() -> i32 {
         }
         None => None,
     };
-    match pending.finalize_sealed(key.as_ref()) {
+    // The supervisor hashed the memory images while CRIU wrote them; what it cannot vouch for
+    // is hashed here. Its socket is not part of the checkpoint.
+    let prehashed = crate::store::trailing::ask(&pending.dir);
+    let _ = std::fs::remove_file(pending.dir.join(crate::store::trailing::SOCKET));
+    match pending.finalize_prehashed(key.as_ref(), prehashed) {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("stasis: {e}");

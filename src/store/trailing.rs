@@ -76,6 +76,59 @@ impl Trailing {
     }
 }
 
+/// Where the post-dump hook of a stopping dump asks the supervisor for these hashes: a socket
+/// in the pending checkpoint's directory (root-only, like the directory).
+pub const SOCKET: &str = "hashes.sock";
+
+/// The hook's side: the hashes the supervisor took while CRIU wrote, or none if it cannot tell
+/// (no socket, no answer in time): the caller then hashes everything itself, as before.
+pub fn ask(dir: &Path) -> Prehashed {
+    use std::io::Write;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(dir.join(SOCKET)) else { return Prehashed::new() };
+    // Finishing is reading the last stretch CRIU wrote; a stalled supervisor must not stall the
+    // hook (the service is frozen meanwhile): hashing it all here is the fallback.
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut text = Vec::new();
+    if s.write_all(b"finish\n").is_err() || s.read_to_end(&mut text).is_err() {
+        return Prehashed::new();
+    }
+    serde_json::from_slice(&text).unwrap_or_default()
+}
+
+/// The supervisor's side: follows the images until `done` is set or the hook asks through
+/// `listener`, then gives every followed file's size and hash (to the hook too, if it asked).
+pub fn follow(
+    images: &Path,
+    listener: Option<&std::os::unix::net::UnixListener>,
+    done: &std::sync::atomic::AtomicBool,
+) -> Prehashed {
+    use std::io::Write;
+    let mut t = Trailing::new();
+    if let Some(l) = listener {
+        let _ = l.set_nonblocking(true);
+    }
+    loop {
+        if let Some(Ok((mut s, _))) = listener.map(|l| l.accept()) {
+            let _ = s.set_nonblocking(false);
+            let mut line = [0u8; 7];
+            let _ = s.read_exact(&mut line);
+            // CRIU is done writing: an image not followed yet is read whole now.
+            t.feed(images);
+            let finished = t.finish();
+            let _ = s.write_all(&serde_json::to_vec(&finished).unwrap_or_default());
+            return finished;
+        }
+        if done.load(std::sync::atomic::Ordering::Acquire) {
+            t.feed(images);
+            return t.finish();
+        }
+        // Caught up: CRIU writes about 1 GiB/s here, so a short nap loses nothing.
+        if t.feed(images) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 fn read_up_to(f: &mut Followed, size: u64, buf: &mut [u8]) -> u64 {
     let start = f.hashed;
     while f.hashed < size {
@@ -101,6 +154,24 @@ fn read_up_to(f: &mut Followed, size: u64, buf: &mut [u8]) -> u64 {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn the_hook_gets_the_hashes_through_the_socket_and_none_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let content = vec![7u8; 5 << 20];
+        std::fs::write(images.join("pages-1.img"), &content).unwrap();
+        assert!(ask(dir.path()).is_empty(), "no supervisor, no hashes");
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (theirs, mine) = std::thread::scope(|s| {
+            let h = s.spawn(|| follow(&images, Some(&listener), &done));
+            (ask(dir.path()), h.join().unwrap())
+        });
+        assert_eq!(theirs, mine);
+        assert_eq!(theirs[&images.join("pages-1.img")].1, blake3::hash(&content).to_hex().to_string());
+    }
 
     #[test]
     fn a_file_hashed_while_it_grows_has_the_hash_of_its_whole_content() {

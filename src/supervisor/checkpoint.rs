@@ -190,10 +190,14 @@ fn dump(
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
-    // A dump that leaves the service running is finalized here, after CRIU: its memory images
-    // are hashed while CRIU writes them, so little hashing is left then. (A stopping dump is
-    // finalized by the hook, another process; stored compressed or sealed, the bytes differ.)
-    let follow = !stopping && !dry && ctx.service.compression.is_none() && key.is_none();
+    // Memory images are hashed while CRIU writes them (store::trailing), so little hashing is
+    // left after it: here for a dump that leaves the service running, in the post-dump hook
+    // (which asks through a socket in the pending directory) for a stopping one. Stored
+    // compressed or sealed, the bytes on disk differ: no following then.
+    let follow = !dry && ctx.service.compression.is_none() && key.is_none();
+    let listener = (follow && stopping)
+        .then(|| std::os::unix::net::UnixListener::bind(pending.dir.join(crate::store::trailing::SOCKET)).ok())
+        .flatten();
     let criu_done = std::sync::atomic::AtomicBool::new(false);
     let (dumped, prehashed) = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -201,7 +205,7 @@ fn dump(
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
         let trailing = follow.then(|| {
-            let (images, criu_done) = (pending.images_dir(), &criu_done);
+            let (images, criu_done, listener) = (pending.images_dir(), &criu_done, listener.as_ref());
             s.spawn(move || {
                 // Only idle CPU: the service is frozen until CRIU is done, so CRIU comes first.
                 // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param.
@@ -209,14 +213,7 @@ fn dump(
                     let param = libc::sched_param { sched_priority: 0 };
                     libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
                 }
-                let mut t = crate::store::trailing::Trailing::new();
-                while !criu_done.load(std::sync::atomic::Ordering::Acquire) {
-                    // Caught up: CRIU writes about 1 GiB/s here, so a short nap loses nothing.
-                    if t.feed(&images) == 0 {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                }
-                t.finish()
+                crate::store::trailing::follow(&images, listener, criu_done)
             })
         });
         let r = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
@@ -226,6 +223,9 @@ fn dump(
         tracing::debug!("dump: {} images hashed while CRIU wrote them", prehashed.len());
         (r, prehashed)
     });
+    if listener.is_some() {
+        let _ = std::fs::remove_file(pending.dir.join(crate::store::trailing::SOCKET));
+    }
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     tracing::debug!("dump: criu done");
 
