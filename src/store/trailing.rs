@@ -112,6 +112,9 @@ pub fn follow(
             let _ = s.set_nonblocking(false);
             let mut line = [0u8; 7];
             let _ = s.read_exact(&mut line);
+            // The hook (and the frozen service) wait on this now: full priority for the rest.
+            // SAFETY: setpriority on this thread's own id.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 0) };
             // CRIU is done writing: an image not followed yet is read whole now.
             t.feed(images);
             let finished = t.finish();

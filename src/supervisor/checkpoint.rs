@@ -207,12 +207,11 @@ fn dump(
         let trailing = follow.then(|| {
             let (images, criu_done, listener) = (pending.images_dir(), &criu_done, listener.as_ref());
             s.spawn(move || {
-                // Only idle CPU: the service is frozen until CRIU is done, so CRIU comes first.
-                // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param.
-                unsafe {
-                    let param = libc::sched_param { sched_priority: 0 };
-                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-                }
+                // Spare CPU first: the service is frozen until CRIU is done, so CRIU comes first.
+                // Nice 19, not SCHED_IDLE: a busy host must not starve the thread the post-dump
+                // hook waits on (store::trailing raises it back when the hook asks).
+                // SAFETY: setpriority on this thread's own id.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
                 crate::store::trailing::follow(&images, listener, criu_done)
             })
         });
