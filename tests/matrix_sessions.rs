@@ -186,6 +186,25 @@ impl Drop for PrivsepDir {
 
 /// A private sshd setup in `dir`: host key, client key, authorized_keys, sshd_config; the host
 /// key owned by `owner` (sshd's user) when given. Returns the client key's path.
+/// sshd as the service `name`, run as `user` (files owned by `owner`), cold-started and
+/// listening on `port`; returns the client key.
+fn start_sshd(env: &Env, name: &str, user: &str, owner: Option<u32>, port: u16, kill_port: u16) -> std::path::PathBuf {
+    let dir = env.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let key = sshd_files(&dir, port, owner);
+    env.write_service(
+        name,
+        &format!(
+            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: {user}\nkill_port: {kill_port}\n",
+            dir.display()
+        ),
+    );
+    let first = env.start(name);
+    assert_eq!(first["started_from"], "cold", "{first}");
+    wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
+    key
+}
+
 fn sshd_files(dir: &std::path::Path, port: u16, owner: Option<u32>) -> std::path::PathBuf {
     for key in ["host_key", "client_key"] {
         let st = std::process::Command::new("ssh-keygen")
@@ -226,19 +245,7 @@ fn ssh(key: &std::path::Path, port: u16, user: &str) -> std::process::Command {
 fn sshd_keeps_an_open_session_across_stop_and_start() {
     let env = Env::new();
     let _privsep = PrivsepDir::ensure();
-    let dir = env.path().join("sshd");
-    std::fs::create_dir(&dir).unwrap();
-    let key = sshd_files(&dir, 6122, None);
-    env.write_service(
-        "sshd",
-        &format!(
-            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: root\nkill_port: 7122\n",
-            dir.display()
-        ),
-    );
-    let first = env.start("sshd");
-    assert_eq!(first["started_from"], "cold", "{first}");
-    wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", 6122)).ok());
+    let key = start_sshd(&env, "sshd", "root", None, 6122, 7122);
 
     // One session: a shell reading commands from the client's stdin.
     let mut client = Spawned(
@@ -436,19 +443,7 @@ fn sshd_as_a_user_keeps_an_interactive_pty_session_across_stop_and_start() {
     let user = nix::unistd::User::from_name(SSH_USER)
         .unwrap()
         .unwrap_or_else(|| panic!("user {SSH_USER} is missing: scripts/setup creates it (shell /bin/bash, group tty)"));
-    let dir = env.path().join("sshd-tty");
-    std::fs::create_dir(&dir).unwrap();
-    let key = sshd_files(&dir, 6125, Some(user.uid.as_raw()));
-    env.write_service(
-        "sshd-tty",
-        &format!(
-            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: {SSH_USER}\nkill_port: 7125\n",
-            dir.display()
-        ),
-    );
-    let first = env.start("sshd-tty");
-    assert_eq!(first["started_from"], "cold", "{first}");
-    wait_for("sshd to listen", || TcpStream::connect(("127.0.0.1", 6125)).ok());
+    let key = start_sshd(&env, "sshd-tty", SSH_USER, Some(user.uid.as_raw()), 6125, 7125);
 
     let mut client = Spawned(
         ssh(&key, 6125, SSH_USER)

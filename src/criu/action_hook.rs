@@ -75,10 +75,7 @@ pub fn main() -> i32 {
 /// Whether the frozen tree holds something its restore could not give back; if so the marker
 /// is left in `dir` for the supervisor.
 fn refuse_unrestorable(dir: &std::path::Path) -> bool {
-    let found = std::env::var(TREE_PID_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .and_then(crate::process::tree::open_pid_proc_file);
+    let found = tree_pid().and_then(crate::process::tree::open_pid_proc_file);
     match found {
         Some((pid, path)) => {
             let _ = std::fs::write(dir.join(RETRY_MARKER), format!("pid {pid} had {} open\n", path.display()));
@@ -103,7 +100,7 @@ pub fn script_for(exe: &std::path::Path) -> String {
 /// The tree is frozen now, so its mappings are exactly what the images hold; the supervisor's
 /// list (taken while it ran) is replaced. Hashes come from the cache it just filled.
 fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(), crate::store::StoreError> {
-    let Some(pid) = std::env::var(TREE_PID_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+    let Some(pid) = tree_pid() else {
         return Ok(());
     };
     let mut cache = match std::env::var_os(HASH_CACHE_ENV) {
@@ -118,7 +115,7 @@ fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(
 /// Copies the /dev/shm files the frozen tree uses into the pending checkpoint and lists them in
 /// its draft manifest (see store::shm).
 fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate::store::StoreError> {
-    let Some(pid) = std::env::var(TREE_PID_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+    let Some(pid) = tree_pid() else {
         return Ok(());
     };
     let paths = crate::process::tree::shm_paths(pid);
@@ -132,4 +129,9 @@ fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate
     let mut draft = pending.read_draft()?;
     draft.shm_files = Some(kept);
     pending.write_draft(&draft)
+}
+
+/// Host PID of the dumped tree's root, as the supervisor passed it.
+fn tree_pid() -> Option<i32> {
+    std::env::var(TREE_PID_ENV).ok()?.parse().ok()
 }

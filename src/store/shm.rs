@@ -10,7 +10,6 @@
 use super::manifest::ShmFile;
 use super::StoreError;
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -54,7 +53,7 @@ pub fn capture(paths: &[PathBuf], images: &Path) -> Result<Vec<ShmFile>, StoreEr
             .mode(0o600)
             .open(&to)
             .map_err(|source| StoreError::Create { path: to.clone(), source })?;
-        copy(&mut src, &mut out).map_err(|source| StoreError::Write { path: to.clone(), source })?;
+        std::io::copy(&mut src, &mut out).map_err(|source| StoreError::Write { path: to.clone(), source })?;
         kept.push(file);
     }
     Ok(kept)
@@ -115,7 +114,7 @@ fn put_back_into(dir: &Path, files: &[ShmFile], images: &Path, present: Present)
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(source) => return Err(StoreError::Create { path: target, source }),
             };
-        let put = copy(&mut src, &mut out)
+        let put = std::io::copy(&mut src, &mut out)
             .and_then(|_| std::os::unix::fs::fchown(&out, Some(f.uid), Some(f.gid)))
             .and_then(|_| out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(f.mode)));
         if let Err(source) = put {
@@ -139,24 +138,9 @@ fn rewind(target: &Path, f: &ShmFile, src: &mut File, dev: Option<u64>) -> Resul
         return Ok(false);
     }
     out.set_len(0)
-        .and_then(|_| copy(src, &mut out).map(|_| ()))
+        .and_then(|_| std::io::copy(src, &mut out).map(|_| ()))
         .map_err(|source| StoreError::Write { path: target.to_path_buf(), source })?;
     Ok(true)
-}
-
-fn copy(src: &mut File, out: &mut File) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0;
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,13 @@
   POST /drain           -> reads the second signalfd: how many SIGUSR2 were pending
 """
 import ctypes
-import json
 import mmap
 import os
 import signal
 import struct
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import json_http
 
 PORT = int(os.environ["PORT"])
 WATCH_DIR = os.environ["WATCH_DIR"]
@@ -122,22 +122,15 @@ def eventfd_peek():
     return n
 
 
-class Handler(BaseHTTPRequestHandler):
-    def _reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class Handler(json_http.Handler):
     def do_GET(self):
         with lock:
             body = dict(state, created=list(state["created"]))
         body.update(eventfd=eventfd_peek(), memfd=memfd_read(), pid=os.getpid())
-        self._reply(body)
+        self.reply(body)
 
     def do_POST(self):
-        arg = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+        arg = self.body()
         reply = {}
         if self.path == "/eventfd":
             os.eventfd_write(efd, int(arg))
@@ -155,13 +148,10 @@ class Handler(BaseHTTPRequestHandler):
             except BlockingIOError:
                 pass
             reply["drained"] = n
-        self._reply(reply)
-
-    def log_message(self, *a):
-        pass
+        self.reply(reply)
 
 
 for loop in (timer_loop, usr1_loop, inotify_loop):
     threading.Thread(target=loop, daemon=True).start()
 print("fd_kinds: eventfd, memfd, timerfd, signalfd, inotify ready", flush=True)
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+json_http.serve(PORT, Handler)

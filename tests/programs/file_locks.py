@@ -6,10 +6,10 @@ on ofd.lock. Serves the number of requests it has answered (in-memory state).
   GET / -> JSON: {"requests": n, "pid": ...}
 """
 import fcntl
-import json
 import os
 import struct
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import json_http
 
 PORT = int(os.environ["PORT"])
 DIR = os.environ["LOCK_DIR"]
@@ -25,19 +25,12 @@ fcntl.fcntl(held[2], F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0,
 requests = 0
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(json_http.Handler):
     def do_GET(self):
         global requests
         requests += 1
-        data = json.dumps({"requests": requests, "pid": os.getpid()}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
+        self.reply({"requests": requests, "pid": os.getpid()})
 
 
 print("file_locks: holding flock, POSIX and OFD locks", flush=True)
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+json_http.serve(PORT, Handler)

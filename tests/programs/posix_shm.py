@@ -9,12 +9,12 @@ only while both processes share the segment.
   POST /text  -> the request body becomes the text (written into the segment)
 """
 import _posixshmem
-import json
 import mmap
 import os
 import struct
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import json_http
 
 PORT = int(os.environ["PORT"])
 NAME = "/" + os.environ["SHM_NAME"]
@@ -51,25 +51,15 @@ if child == 0:
         time.sleep(0.05)
 
 
-class Handler(BaseHTTPRequestHandler):
-    def _reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class Handler(json_http.Handler):
     def do_GET(self):
         alive = os.waitpid(child, os.WNOHANG) == (0, 0)
-        self._reply({"text": get_text(), "counter": struct.unpack("Q", shm[0:8])[0], "child_alive": alive})
+        self.reply({"text": get_text(), "counter": struct.unpack("Q", shm[0:8])[0], "child_alive": alive})
 
     def do_POST(self):
-        set_text(self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode())
-        self._reply({"text": get_text()})
-
-    def log_message(self, *a):
-        pass
+        set_text(self.body())
+        self.reply({"text": get_text()})
 
 
 print(f"posix_shm: {NAME} shared with child {child}", flush=True)
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+json_http.serve(PORT, Handler)

@@ -5,12 +5,12 @@ same connected socket for as long as it runs; counts sends that failed.
 
   GET / -> JSON: {"sent": n, "failed": n}
 """
-import json
 import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import json_http
 
 PORT = int(os.environ["PORT"])
 log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -30,17 +30,10 @@ def logger():
         time.sleep(0.05)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(json_http.Handler):
     def do_GET(self):
-        data = json.dumps(state).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
+        self.reply(state)
 
 
 threading.Thread(target=logger, daemon=True).start()
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+json_http.serve(PORT, Handler)

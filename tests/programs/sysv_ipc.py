@@ -7,11 +7,11 @@ forked child increments a counter in it every 50 ms, each time under the semapho
   POST /text  -> the request body becomes the text (written under the semaphore)
 """
 import ctypes
-import json
 import os
 import struct
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import json_http
 
 PORT = int(os.environ["PORT"])
 IPC_PRIVATE, IPC_CREAT, SETVAL, GETVAL = 0, 0o1000, 16, 12
@@ -67,29 +67,19 @@ if child == 0:
         time.sleep(0.05)
 
 
-class Handler(BaseHTTPRequestHandler):
-    def _reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class Handler(json_http.Handler):
     def do_GET(self):
         op(-1)
         (n,) = struct.unpack("I", seg[8:12])
         body = {"text": seg[16 : 16 + n].decode(), "counter": struct.unpack("Q", seg[0:8])[0]}
         op(1)
         body.update(sem=libc.semctl(semid, 0, GETVAL), shmid=shmid, semid=semid)
-        self._reply(body)
+        self.reply(body)
 
     def do_POST(self):
-        set_text(self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode())
-        self._reply({})
-
-    def log_message(self, *a):
-        pass
+        set_text(self.body())
+        self.reply({})
 
 
 print(f"sysv_ipc: shm {shmid} and semaphore {semid} shared with child {child}", flush=True)
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+json_http.serve(PORT, Handler)
