@@ -283,3 +283,11 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// `n` distinct loopback ports that were free a moment ago (bound to port 0 together, then
+/// released): tests never depend on fixed ports that the examples or another program may hold.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
