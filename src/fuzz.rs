@@ -108,7 +108,13 @@ fn fuzz_kill_port_protocol() {
         if let Some(Ok(text)) = crate::supervisor::protocol::parse_final(&line) {
             let _ = crate::supervisor::protocol::checkpoint_id(&text);
         }
-        let _ = crate::supervisor::protocol::looks_like_http(&raw);
+        if !raw.is_empty() {
+            let request = crate::supervisor::protocol::classify(&raw);
+            // Only the exact line stops a service; every other byte string refuses or waits.
+            if request == crate::supervisor::protocol::Request::Stop {
+                assert!(raw == b"stop\n" || raw == b"stop\r\n", "{raw:?}");
+            }
+        }
         let rendered = crate::supervisor::protocol::final_line(&Err(line.clone()));
         // Whatever the error text, the verdict is the last line and it parses as an error.
         let last = rendered.lines().last().unwrap_or_default();

@@ -3,6 +3,7 @@
 
 use super::checkpoint::{take_checkpoint, DumpProgress};
 use super::context::Context;
+use super::kill_port::{admit, KillPortPolicy};
 use super::log_pump::LogWriter;
 use super::protocol::{self, CheckpointReport};
 use super::state::{next, Action, Event, State};
@@ -67,7 +68,7 @@ impl Channels {
         let Listeners { kill_port, control } = listeners;
         let mut allowed = vec![0, ctx.service.uid];
         allowed.extend(&ctx.service.kill_port_uids);
-        let policy = Arc::new(KillPortPolicy { name: ctx.service.name.clone(), allowed, log: log.clone() });
+        let policy = Arc::new(KillPortPolicy::new(ctx.service.name.clone(), allowed, log.clone()));
         tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), policy, connections.clone()));
         tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
         Ok(Channels {
@@ -229,7 +230,9 @@ pub async fn run_loop(
                     log.note(match kind {
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
-                        DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
+                        DumpKind::Periodic => {
+                            "periodic checkpoint (checkpoint_every): dumping, the service keeps running"
+                        }
                     });
                     super::systemd::status("saving a checkpoint");
                     let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
@@ -307,7 +310,10 @@ pub async fn run_loop(
                         }
                     }
                     match &outcome {
-                        Ok(r) if r.dry => log.note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
+                        Ok(r) if r.dry => log.note(&format!(
+                            "doctor: a checkpoint would work now ({} bytes dumped, thrown away)",
+                            r.size_bytes
+                        )),
                         Ok(r) => {
                             log.note(&format!(
                                 "checkpoint {} saved ({} bytes) in {}",
@@ -468,18 +474,6 @@ fn reap(init_pid: Pid, exit_message: &mut Option<String>, exit: &mut Option<supe
     Some(Event::ServiceExited)
 }
 
-/// Who may stop the service through its kill port.
-struct KillPortPolicy {
-    name: String,
-    /// root, the service user and `kill_port_users`.
-    allowed: Vec<u32>,
-    log: LogWriter,
-}
-
-/// How long a kill-port client that sends nothing (telnet) is given before it counts as a stop
-/// request; `stasis stop` says `stop` at once and browsers send their request at once.
-const FIRST_LINE_WAIT: Duration = Duration::from_millis(300);
-
 async fn accept_kill_port(
     listener: TcpListener,
     tx: mpsc::Sender<Request>,
@@ -498,49 +492,6 @@ async fn accept_kill_port(
             });
         }
     }
-}
-
-/// Lets the connection through only from an allowed uid and when it is not an HTTP request;
-/// otherwise answers one `refused:` line, logs who it was, and nothing happens.
-async fn admit(
-    mut stream: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    p: &KillPortPolicy,
-) -> Option<tokio::net::TcpStream> {
-    use tokio::io::AsyncReadExt;
-    let who = stream.local_addr().ok().and_then(|local| super::peer::lookup(local, peer));
-    let verdict = match who {
-        Some(w) if p.allowed.contains(&w.uid) => None,
-        Some(w) => {
-            let pid = super::peer::pid_of_socket(w.inode).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-            p.log.note(&format!(
-                "refused a kill-port connection from uid {} (pid {pid}, {peer}): not allowed to stop {}",
-                w.uid, p.name
-            ));
-            Some(protocol::refused_uid(w.uid, &p.name))
-        }
-        None => {
-            p.log.note(&format!("refused a kill-port connection from {peer}: its owner could not be found"));
-            Some(format!("refused: could not tell who is connecting, so {} is not stopped\n", p.name))
-        }
-    };
-    if let Some(line) = verdict {
-        let _ = stream.write_all(line.as_bytes()).await;
-        return None;
-    }
-    let mut first = [0u8; 64];
-    let n = match tokio::time::timeout(FIRST_LINE_WAIT, stream.read(&mut first)).await {
-        Ok(Ok(n)) => n,
-        Ok(Err(_)) => return None,
-        // Nothing sent: an operator with telnet.
-        Err(_) => 0,
-    };
-    if protocol::looks_like_http(&first[..n]) {
-        p.log.note(&format!("refused an HTTP request on the kill port from {peer}"));
-        let _ = stream.write_all(protocol::refused_http(&p.name).as_bytes()).await;
-        return None;
-    }
-    Some(stream)
 }
 
 async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, connections: OpenConnections) {

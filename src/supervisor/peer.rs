@@ -10,6 +10,19 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 pub struct Peer {
     pub uid: u32,
     pub inode: u64,
+    /// The TCP state of the client's socket (`TCP_ESTABLISHED` is 1).
+    pub state: u8,
+}
+
+const TCP_ESTABLISHED: u8 = 1;
+
+impl Peer {
+    /// Whether this is a live socket that a process owns. A client that closed at once leaves a
+    /// time-wait or orphaned entry that the kernel reports with uid 0 and inode 0: it must never
+    /// pass for root.
+    pub fn is_live(&self) -> bool {
+        self.state == TCP_ESTABLISHED && self.inode != 0
+    }
 }
 
 /// The owner of the client socket of a loopback connection from `peer` to `local`.
@@ -96,7 +109,8 @@ fn parse_reply(buf: &[u8]) -> std::io::Result<Option<Peer>> {
     match kind {
         Some(SOCK_DIAG_BY_FAMILY) if buf.len() >= NLMSG_HDR + MSG_LEN => {
             let (uid, inode) = (u32_at(NLMSG_HDR + 64), u32_at(NLMSG_HDR + 68));
-            Ok(uid.zip(inode).map(|(uid, inode)| Peer { uid, inode: u64::from(inode) }))
+            let state = buf[NLMSG_HDR + 1];
+            Ok(uid.zip(inode).map(|(uid, inode)| Peer { uid, inode: u64::from(inode), state }))
         }
         Some(t) if t == libc::NLMSG_ERROR as u16 => {
             let errno = u32_at(NLMSG_HDR).map_or(0, |e| -(e as i32));
@@ -117,7 +131,7 @@ pub(super) fn find(table: &str, local: SocketAddrV4, peer: SocketAddrV4) -> Opti
         if f.len() < 10 || parse_addr(f[1])? != peer || parse_addr(f[2])? != local {
             return None;
         }
-        Some(Peer { uid: f[7].parse().ok()?, inode: f[9].parse().ok()? })
+        Some(Peer { uid: f[7].parse().ok()?, inode: f[9].parse().ok()?, state: u8::from_str_radix(f[3], 16).ok()? })
     })
 }
 
@@ -155,7 +169,11 @@ mod tests {
         let slow = find(&std::fs::read_to_string("/proc/net/tcp").unwrap(), local, peer).unwrap();
         assert_eq!(fast, slow);
         assert_eq!(fast.uid, nix::unistd::getuid().as_raw());
+        assert!(fast.is_live());
         drop(client);
+        // The closed client lingers as an orphan (no inode) until the server closes too.
+        let after = sock_diag(local, peer).unwrap();
+        assert!(after.is_none_or(|p| !p.is_live()), "a closed client is not live: {after:?}");
         let gone = SocketAddrV4::new(*peer.ip(), peer.port().wrapping_add(1));
         assert_eq!(sock_diag(local, gone).unwrap(), None, "no such socket");
     }
@@ -169,7 +187,13 @@ mod tests {
 ";
         let kill: SocketAddrV4 = "127.0.0.1:7400".parse().unwrap();
         let client: SocketAddrV4 = "127.0.0.1:54321".parse().unwrap();
-        assert_eq!(find(table, kill, client), Some(Peer { uid: 65534, inode: 3333 }));
+        assert_eq!(find(table, kill, client), Some(Peer { uid: 65534, inode: 3333, state: 1 }));
+        let closed = table.replace(
+            " 01 00000000:00000000 00:00000000 00000000 65534        0 3333",
+            " 06 00000000:00000000 00:00000000 00000000     0        0 0",
+        );
+        let entry = find(&closed, kill, client).unwrap();
+        assert!(!entry.is_live(), "a time-wait entry (uid 0, inode 0) is no owner: {entry:?}");
     }
 
     #[test]

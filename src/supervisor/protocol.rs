@@ -13,23 +13,80 @@ pub const DOCTOR_COMMAND: &str = "doctor";
 pub const PROGRESS_PREFIX: &str = "Progress: ";
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
 pub const STOP_COMMAND: &str = "stop";
-/// First words of HTTP requests: a browser or a scanner, never an operator.
-const HTTP_METHODS: &[&str] =
-    &["GET ", "POST ", "HEAD ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE ", "PRI * HTTP"];
+/// What is read of a kill-port client's first bytes: the `stop` line needs 6, and enough of
+/// anything else to say what it was (a long HTTP verb and its space).
+pub const FIRST_BYTES: usize = 64;
 
-/// Whether what a kill-port client sent first looks like an HTTP request.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    HTTP_METHODS.iter().any(|m| first.starts_with(m.as_bytes()))
+/// What a kill-port client's first bytes ask for. The only requests are the line `stop` and
+/// silence (telnet sends nothing until the operator types): anything else (a TLS hello, any
+/// HTTP verb, a scanner's probe, a stray byte) is refused, so no program that merely connects
+/// and talks can stop a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `stop` with its line end: stop now.
+    Stop,
+    /// Fewer bytes than a full `stop` line so far, all of them on the way to it: read more.
+    Partial,
+    /// Something other than `stop`.
+    Refused(Refusal),
+}
+
+/// Why a kill-port request was refused (for the reply and the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A TLS handshake (first byte 0x16): a browser or a client of https.
+    Tls,
+    /// An HTTP request line (a browser, curl, an `<img>` on a web page).
+    Http,
+    /// Any other bytes.
+    Unknown,
+}
+
+/// Classifies what a kill-port client has sent so far (never empty: silence and end-of-file
+/// are told apart by the caller, which alone knows whether the connection is still open).
+pub fn classify(sent: &[u8]) -> Request {
+    const LINE: &[u8] = b"stop";
+    let refused = |sent: &[u8]| {
+        if sent.first() == Some(&0x16) {
+            Refusal::Tls
+        } else if looks_like_http(sent) {
+            Refusal::Http
+        } else {
+            Refusal::Unknown
+        }
+    };
+    let word = sent.len().min(LINE.len());
+    if sent[..word] != LINE[..word] {
+        return Request::Refused(refused(sent));
+    }
+    match &sent[word..] {
+        [] => Request::Partial,
+        b"\n" | b"\r\n" => Request::Stop,
+        b"\r" => Request::Partial,
+        _ => Request::Refused(Refusal::Unknown),
+    }
+}
+
+/// Whether bytes look like an HTTP request line: an upper-case token, a space, then a target.
+/// Any verb counts (PURGE, PROPFIND...): a fixed list of methods let unknown ones through.
+fn looks_like_http(first: &[u8]) -> bool {
+    let verb = first.iter().take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_').count();
+    verb > 0 && first.get(verb) == Some(&b' ')
+}
+
+pub fn refused_request(why: Refusal, service: &str) -> String {
+    match why {
+        Refusal::Tls | Refusal::Http => format!(
+            "refused: this is the kill port of {service}; it checkpoints and stops the service and speaks neither HTTP nor TLS\n"
+        ),
+        Refusal::Unknown => format!(
+            "refused: the kill port of {service} takes only the line \"{STOP_COMMAND}\" or a silent connection (telnet)\n"
+        ),
+    }
 }
 
 pub fn refused_uid(uid: u32, service: &str) -> String {
     format!("refused: uid {uid} may not stop {service}\n")
-}
-
-pub fn refused_http(service: &str) -> String {
-    format!(
-        "refused: this is the kill port of {service}; it checkpoints and stops the service and does not speak HTTP\n"
-    )
 }
 
 pub fn joined(service: &str) -> String {
@@ -105,12 +162,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_requests_are_recognised() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"POST /x HTTP/1.0\r\n"));
-        assert!(!looks_like_http(b"stop\n"));
-        assert!(!looks_like_http(b"\r\n"));
-        assert!(!looks_like_http(b""));
+    fn only_the_stop_line_is_a_request() {
+        assert_eq!(classify(b"stop\n"), Request::Stop);
+        assert_eq!(classify(b"stop\r\n"), Request::Stop, "telnet ends lines with CR LF");
+        for partial in [&b"s"[..], b"st", b"sto", b"stop", b"stop\r"] {
+            assert_eq!(classify(partial), Request::Partial, "{partial:?}");
+        }
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Request::Refused(Refusal::Tls), "a TLS ClientHello");
+        for http in [&b"GET / HTTP/1.1\r\n"[..], b"PURGE / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"PRI * HTTP/2.0"] {
+            assert_eq!(classify(http), Request::Refused(Refusal::Http), "{http:?}");
+        }
+        for other in
+            [&b"\r\n"[..], b"\n", b"stop now\n", b"stopp", b"stop\n\n", b"\xff\xfd\x18", b"\0", b"STOP\n", b"x"]
+        {
+            assert!(matches!(classify(other), Request::Refused(_)), "{other:?}");
+        }
     }
 
     #[test]
