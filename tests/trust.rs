@@ -82,6 +82,76 @@ fn every_kind_of_image_damage_is_caught_before_criu() {
     env.ok(&["stop", name]);
 }
 
+/// One flipped bit in the manifest must never turn verification off: a renamed or missing key
+/// that its format requires, a broken checksum or an emptied image hash make it damaged, and a
+/// damaged manifest is never restored (the images behind it are changed too, as an attacker or
+/// a bad disk would leave them).
+#[test]
+fn a_damaged_manifest_is_never_trusted() {
+    let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
+    let name = "manifest";
+    env.write_service(name, &notes_yaml(kill, http_port, ""));
+    env.start(name);
+
+    type Damage = fn(&mut Value);
+    let cases: [(&str, Damage); 5] = [
+        ("\"images\" renamed", |m| rename_key(m, "images", "imagez")),
+        ("\"images\" removed", |m| {
+            m.as_object_mut().unwrap().remove("images");
+        }),
+        ("\"executables\" renamed", |m| rename_key(m, "executables", "executablez")),
+        ("the manifest's own checksum broken", |m| {
+            let sum = m["manifest_checksum"].as_str().expect("a format 3 manifest carries its checksum").to_string();
+            let flipped = if sum.starts_with('0') { format!("1{}", &sum[1..]) } else { format!("0{}", &sum[1..]) };
+            m["manifest_checksum"] = flipped.into();
+        }),
+        ("an image hash emptied", |m| {
+            m["images"][0]["hash"] = "".into();
+        }),
+    ];
+    for (what, damage) in cases {
+        eprintln!("--- {what}");
+        wait_for("service", || http_json(http_port));
+        http(http_port, "POST", "/notes", what).expect("post a note");
+        let id = stop_id(&env, name);
+        let cp = env.service_dir(name).join("checkpoints").join(&id);
+        // The memory is changed too: only the manifest's checks stand between it and a restore.
+        let pages = largest_image(&cp.join("images"), "pages-");
+        flip_bit(&pages, std::fs::metadata(&pages).unwrap().len() / 2);
+        let manifest = cp.join("manifest.json");
+        let mut m = read_json(&manifest);
+        damage(&mut m);
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+        let from = env.run(&["start", name, "--from", &id]);
+        assert_ne!(from.status.code(), Some(0), "{what}: --from refuses it");
+        assert!(String::from_utf8_lossy(&from.stderr).contains("manifest"), "{what}: --from says why");
+        assert_ne!(env.status(name)["state"], "running", "{what}: --from started nothing");
+        assert!(http_json(http_port).is_none(), "{what}: nothing answers");
+
+        let started = env.start(name);
+        assert_eq!(started["started_from"], "cold", "{what}: never restored: {started}");
+        let reason = started["fallback_reason"].as_str().unwrap_or_else(|| panic!("{what}: a fallback reason"));
+        assert!(
+            reason.contains(&id) && reason.contains("manifest"),
+            "{what}: the reason names {id}'s manifest: {reason}"
+        );
+        assert!(!env.service_dir(name).join("checkpoints").join(&id).join("images").join("restore.log").exists());
+        let listed = checkpoints(&env, name);
+        let row = row(&listed, &id);
+        assert_ne!(row["fresh"], true, "{what}: a damaged checkpoint is not offered: {row}");
+        assert_eq!(wait_for("cold-started service", || http_json(http_port))["notes"], json!([]), "{what}");
+    }
+    env.ok(&["stop", name]);
+}
+
+fn rename_key(m: &mut Value, from: &str, to: &str) {
+    let obj = m.as_object_mut().unwrap();
+    let v = obj.remove(from).unwrap_or_else(|| panic!("the manifest has {from}"));
+    obj.insert(to.to_string(), v);
+}
+
 #[test]
 fn a_changed_executable_or_library_is_refused() {
     let env = Env::new();

@@ -188,7 +188,7 @@ fn one(dirs: &Dirs, service: &Service, verb: Verb) -> Row {
 
 fn checkpoint_size(dirs: &Dirs, name: &str, id: &str) -> Option<u64> {
     let path = dirs.service(name).checkpoints().join(id).join("manifest.json");
-    let m: crate::store::Manifest = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let m = crate::store::Manifest::from_sealed_bytes(&std::fs::read(path).ok()?).ok()?;
     Some(m.size_bytes)
 }
 

@@ -139,7 +139,7 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
         if blake3::hash(&bytes).to_hex().as_str() != header.manifest_blake3 {
             return Err(ArchiveError::Damaged(format!("{MANIFEST_NAME} does not match the checksum in {HEADER_NAME}")));
         }
-        serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Damaged(format!("{MANIFEST_NAME}: {e}")))?
+        Manifest::from_sealed_bytes(&bytes).map_err(|e| ArchiveError::Damaged(format!("{MANIFEST_NAME}: {e}")))?
     };
     let images: Vec<ImageFile> =
         manifest.images.clone().ok_or_else(|| ArchiveError::Damaged("the manifest lists no images".into()))?;

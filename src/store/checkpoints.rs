@@ -49,7 +49,7 @@ impl Checkpoint {
         let mut t = self.manifest.timings.clone().unwrap_or_default();
         update(&mut t);
         self.manifest.timings = Some(t);
-        let bytes = serde_json::to_vec_pretty(&self.manifest).expect("manifest serializes");
+        let bytes = self.manifest.to_sealed_bytes();
         // Whole either way: a power cut may only lose the figures.
         write_atomic_with(&self.dir.join(MANIFEST_FILE), &bytes, Durability::File)
     }
@@ -93,7 +93,7 @@ impl PendingCheckpoint {
     }
 
     pub fn read_draft(&self) -> Result<Manifest, StoreError> {
-        read_manifest(&self.dir.join(DRAFT_FILE))
+        read_draft(&self.dir.join(DRAFT_FILE))
     }
 
     pub fn write_draft(&self, manifest: &Manifest) -> Result<(), StoreError> {
@@ -120,7 +120,7 @@ impl PendingCheckpoint {
         prehashed: super::trailing::Prehashed,
     ) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
-        let mut manifest = read_manifest(&draft_path)?;
+        let mut manifest = read_draft(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
         let t0 = std::time::Instant::now();
         if let Some(c) = &manifest.compression {
@@ -146,6 +146,10 @@ impl PendingCheckpoint {
             super::trailing::Prehashed::new()
         };
         let synced = fsync_and_hash(&self.dir, IMAGES_DIR, &prehashed)?;
+        // A dump that wrote nothing is no checkpoint (and its manifest would not be a valid one).
+        if synced.hashed.is_empty() {
+            return Err(StoreError::NoImages { dir: self.images_dir() });
+        }
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
         let bytes_written = synced.hashed.iter().map(|f| f.size).sum();
         manifest.images = Some(synced.hashed);
@@ -154,9 +158,10 @@ impl PendingCheckpoint {
             bytes_written: Some(bytes_written),
             ..Default::default()
         });
-        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        manifest.format = super::manifest::FORMAT;
+        let bytes = manifest.to_sealed_bytes();
         manifest.size_bytes = synced.total_bytes + bytes.len() as u64;
-        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let bytes = manifest.to_sealed_bytes();
         write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)?;
         let final_dir = self.final_dir();
         fs::rename(&self.dir, &final_dir).map_err(|source| StoreError::Rename {
@@ -509,7 +514,15 @@ impl CheckpointStore {
     }
 }
 
-fn read_manifest(path: &Path) -> Result<Manifest, StoreError> {
+/// A complete checkpoint's manifest: its checksum and required keys checked before any use.
+pub(crate) fn read_manifest(path: &Path) -> Result<Manifest, StoreError> {
+    let bytes = fs::read(path).map_err(|source| StoreError::Read { path: path.to_path_buf(), source })?;
+    Manifest::from_sealed_bytes(&bytes)
+        .map_err(|e| StoreError::BadManifest { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// The draft of a dump under way: stasis's own, in a root-only directory, not yet complete.
+fn read_draft(path: &Path) -> Result<Manifest, StoreError> {
     let bytes = fs::read(path).map_err(|source| StoreError::Read { path: path.to_path_buf(), source })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| StoreError::BadManifest { path: path.to_path_buf(), reason: e.to_string() })
@@ -530,11 +543,11 @@ mod tests {
             format: 2,
             id: id.into(),
             generation: generation_of_id(id),
-            kernel_version: None,
-            config_digest: None,
+            kernel_version: Some("6.18".into()),
+            config_digest: Some("c".into()),
             hash_algorithm: None,
             images: None,
-            executables: None,
+            executables: Some(Vec::new()),
             timings: None,
             compression: None,
             encryption: None,
@@ -643,9 +656,7 @@ mod tests {
     fn a_failed_dump_leaves_the_previous_checkpoint_latest() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
-        let first = begin(&s);
-        first.write_draft(&draft(&first.id)).unwrap();
-        let first = first.finalize().unwrap();
+        let first = finalized(&s);
         let second = begin(&s);
         second.discard();
         assert_eq!(s.latest().unwrap().unwrap().id, first.id);
@@ -656,6 +667,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
         let p = begin(&s);
+        fs::write(p.images_dir().join("pages-1.img"), b"pages").unwrap();
         p.write_draft(&draft(&p.id)).unwrap();
         let c = p.finalize().unwrap();
         let to = s.quarantine(&c.id, "restore failed").unwrap();
@@ -668,6 +680,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
         let p = begin(&s);
+        fs::write(p.images_dir().join("pages-1.img"), b"pages").unwrap();
         p.write_draft(&draft(&p.id)).unwrap();
         let c = p.finalize().unwrap();
         fs::write(c.dir.join(MANIFEST_FILE), b"{").unwrap();

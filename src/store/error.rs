@@ -15,6 +15,8 @@ pub enum StoreError {
     BadManifest { path: PathBuf, reason: String },
     #[error("failed to trust {path}: {found}; checkpoints someone else could write cannot be restored safely; if it is yours: `chown root:root {path} && chmod 700 {path}`")]
     NotPrivate { path: PathBuf, found: String },
+    #[error("failed to finalize the checkpoint in {dir}: CRIU left no images in it")]
+    NoImages { dir: PathBuf },
     #[error("failed to move {from} to {to}: {source}")]
     Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
 }

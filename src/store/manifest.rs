@@ -2,16 +2,21 @@
 //! not-yet-visible directory, so a checkpoint with a manifest is a complete one.
 //!
 //! Format 2 adds the generation, the versions and config digest the checkpoint was taken with, a
-//! checksum of every image file and the identity of every executable the tree mapped. Format 1
-//! manifests still load (their new fields are absent); fields written by a newer stasis are kept
-//! in `unknown` and ignored.
+//! checksum of every image file and the identity of every executable the tree mapped. Format 3
+//! adds the manifest's own checksum (`manifest_checksum`: BLAKE3 of the manifest without that
+//! key, its object keys sorted), checked before anything in it is used, so that one flipped bit
+//! can neither change a recorded hash nor rename a key and turn verification off. A manifest
+//! that lacks what its format requires is damaged, exactly like one whose checksum is wrong.
+//! Format 1 manifests still load (they cannot be verified: a restore refuses them); fields written by a newer stasis are kept in `unknown` and ignored.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
+/// The key that holds the manifest's own checksum.
+pub const CHECKSUM_KEY: &str = "manifest_checksum";
 pub const HASH_ALGORITHM: &str = "blake3";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +161,132 @@ pub struct ShmFile {
     pub size: u64,
 }
 
+/// Why a manifest's bytes cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestDamage {
+    /// Not JSON, or not the shape of a manifest.
+    Unreadable(String),
+    /// Its own checksum does not match its content.
+    Checksum { recorded: String, actual: String },
+    /// A key its format requires is missing or of the wrong kind.
+    Missing { format: u64, key: &'static str },
+}
+
+impl std::fmt::Display for ManifestDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestDamage::Unreadable(e) => write!(f, "it is not a readable manifest ({e})"),
+            ManifestDamage::Checksum { recorded, actual } => {
+                write!(f, "its own checksum does not match its content (recorded {recorded}, computed {actual})")
+            }
+            ManifestDamage::Missing { format, key } => {
+                write!(f, "format {format} requires the key \"{key}\", which is missing or of the wrong kind")
+            }
+        }
+    }
+}
+
+/// What each format requires beyond the fields every manifest has (serde checks those), and of
+/// what kind: a key renamed by damage must not read as "not recorded".
+fn required(format: u64) -> &'static [(&'static str, fn(&serde_json::Value) -> bool)] {
+    use serde_json::Value;
+    const V2: &[(&str, fn(&Value) -> bool)] = &[
+        ("generation", Value::is_u64),
+        ("hash_algorithm", |v| v.as_str() == Some(HASH_ALGORITHM)),
+        ("images", |v| v.as_array().is_some_and(|a| !a.is_empty())),
+        ("executables", Value::is_array),
+        ("config_digest", Value::is_string),
+        ("kernel_version", Value::is_string),
+    ];
+    const V3: &[(&str, fn(&Value) -> bool)] = &[
+        ("generation", Value::is_u64),
+        ("hash_algorithm", |v| v.as_str() == Some(HASH_ALGORITHM)),
+        ("images", |v| v.as_array().is_some_and(|a| !a.is_empty())),
+        ("executables", Value::is_array),
+        ("config_digest", Value::is_string),
+        ("kernel_version", Value::is_string),
+        (CHECKSUM_KEY, Value::is_string),
+    ];
+    match format {
+        0 | 1 => &[],
+        2 => V2,
+        _ => V3,
+    }
+}
+
+/// The JSON text of `v` with every object's keys sorted: the same value always gives the same
+/// bytes, whatever order a writer used.
+fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend(serde_json::to_vec(k).expect("a string serializes"));
+                out.push(b':');
+                canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend(serde_json::to_vec(scalar).expect("a scalar serializes")),
+    }
+}
+
+fn checksum_of(v: &serde_json::Value) -> String {
+    let mut bytes = Vec::new();
+    canonical(v, &mut bytes);
+    blake3::hash(&bytes).to_hex().to_string()
+}
+
+impl Manifest {
+    /// The manifest as written to disk, carrying its own checksum.
+    pub fn to_sealed_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_value(self).expect("manifest serializes");
+        let obj = v.as_object_mut().expect("a manifest is an object");
+        obj.remove(CHECKSUM_KEY);
+        let sum = checksum_of(&v);
+        v.as_object_mut().expect("still an object").insert(CHECKSUM_KEY.into(), sum.into());
+        serde_json::to_vec_pretty(&v).expect("manifest serializes")
+    }
+
+    /// Reads a manifest from disk, trusting nothing in it until its checksum (whenever one is
+    /// present, whatever the format says) and the keys its format requires check out.
+    pub fn from_sealed_bytes(bytes: &[u8]) -> Result<Manifest, ManifestDamage> {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ManifestDamage::Unreadable(e.to_string()))?;
+        let obj = v.as_object_mut().ok_or_else(|| ManifestDamage::Unreadable("not a JSON object".into()))?;
+        let format = obj.get("format").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        for (key, fits) in required(format) {
+            if !obj.get(*key).is_some_and(fits) {
+                return Err(ManifestDamage::Missing { format, key });
+            }
+        }
+        if let Some(recorded) = obj.remove(CHECKSUM_KEY) {
+            let recorded = recorded.as_str().unwrap_or_default().to_string();
+            let actual = checksum_of(&v);
+            if recorded != actual {
+                return Err(ManifestDamage::Checksum { recorded, actual });
+            }
+        }
+        serde_json::from_value(v).map_err(|e| ManifestDamage::Unreadable(e.to_string()))
+    }
+}
+
 impl ShmFile {
     pub fn image_name(&self) -> String {
         format!("{}{}", super::shm::IMAGE_PREFIX, self.name)
@@ -176,9 +307,75 @@ mod tests {
         assert!(m.images.is_none());
     }
 
+    fn sealed() -> Manifest {
+        let v2 = r#"{"format":3,"id":"00000002-x","generation":2,"service":"s","kind":"stop",
+            "created_at":"t","stasis_version":"0","criu_version":"4.2.1","kernel_version":"6.18",
+            "config_digest":"c","init_binary":"/i","stdout_pipe_inode":3,"size_bytes":9,
+            "hash_algorithm":"blake3","images":[{"path":"images/pages-1.img","size":4096,"hash":"ab"}],
+            "executables":[]}"#;
+        let mut m: Manifest = serde_json::from_str(v2).unwrap();
+        m.format = FORMAT;
+        m
+    }
+
+    #[test]
+    fn a_sealed_manifest_reads_back_and_any_damage_is_caught() {
+        let m = sealed();
+        let bytes = m.to_sealed_bytes();
+        let back = Manifest::from_sealed_bytes(&bytes).unwrap();
+        assert_eq!(back.images, m.images);
+        assert!(back.unknown.is_empty(), "the checksum is not an unknown field: {:?}", back.unknown);
+        // Every single-bit flip of the file is caught or leaves it unreadable: none reads as valid.
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                if let Ok(got) = Manifest::from_sealed_bytes(&b) {
+                    // JSON whitespace may change harmlessly (a space becomes another blank? no:
+                    // only if the value is the same), so what reads must be exactly the original.
+                    assert_eq!(
+                        serde_json::to_value(&got).unwrap(),
+                        serde_json::to_value(&back).unwrap(),
+                        "flip at {i}.{bit}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_renamed_or_missing_required_key_is_damage_not_an_older_format() {
+        for key in ["images", "executables", "generation", "hash_algorithm", CHECKSUM_KEY] {
+            let mut v: serde_json::Value = serde_json::from_slice(&sealed().to_sealed_bytes()).unwrap();
+            let obj = v.as_object_mut().unwrap();
+            let value = obj.remove(key).unwrap();
+            obj.insert(format!("x{key}"), value);
+            let err = Manifest::from_sealed_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+            assert!(matches!(err, ManifestDamage::Missing { key: k, .. } if k == key), "{key}: {err}");
+        }
+        // Format 2 (before the checksum) still needs its keys.
+        let mut v: serde_json::Value = serde_json::to_value(sealed()).unwrap();
+        v["format"] = 2.into();
+        assert!(Manifest::from_sealed_bytes(&serde_json::to_vec(&v).unwrap()).is_ok());
+        v.as_object_mut().unwrap().remove("images");
+        assert!(Manifest::from_sealed_bytes(&serde_json::to_vec(&v).unwrap()).is_err());
+        // A format number damaged down to 2 or 1 keeps its checksum, which no longer matches.
+        let mut v: serde_json::Value = serde_json::from_slice(&sealed().to_sealed_bytes()).unwrap();
+        v["format"] = 1.into();
+        let err = Manifest::from_sealed_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, ManifestDamage::Checksum { .. }), "{err}");
+        // An emptied image hash is caught by the checksum.
+        let mut v: serde_json::Value = serde_json::from_slice(&sealed().to_sealed_bytes()).unwrap();
+        v["images"][0]["hash"] = "".into();
+        assert!(matches!(
+            Manifest::from_sealed_bytes(&serde_json::to_vec(&v).unwrap()),
+            Err(ManifestDamage::Checksum { .. })
+        ));
+    }
+
     #[test]
     fn unknown_fields_from_a_newer_stasis_are_kept() {
-        let v3 = r#"{"format":3,"id":"00000009-x","generation":9,"service":"s","kind":"keep-running",
+        let v3 = r#"{"format":4,"id":"00000009-x","generation":9,"service":"s","kind":"keep-running",
             "created_at":"t","stasis_version":"9","criu_version":"5","init_binary":"/i",
             "stdout_pipe_inode":null,"size_bytes":1,"sealing":{"algo":"x9"}}"#;
         let m: Manifest = serde_json::from_str(v3).unwrap();

@@ -147,11 +147,18 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
     if big {
         progress(super::progress::phase("verifying", cp.manifest.size_bytes));
     }
-    if let Some(images) = &cp.manifest.images {
-        if let Err(problem) = verify::verify_images(&cp.dir, images) {
-            let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
-            return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
-        }
+    let Some(images) = &cp.manifest.images else {
+        // Format 1 recorded no checksums: nothing proves these are the bytes that were dumped.
+        return Err(Refusal::Skip(format!(
+            "checkpoint {} has no image checksums (manifest format {}, from a stasis before format 2), so it cannot be verified; it is kept in {}",
+            cp.id,
+            cp.manifest.format,
+            cp.dir.display()
+        )));
+    };
+    if let Err(problem) = verify::verify_images(&cp.dir, images) {
+        let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
+        return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
     }
     tracing::debug!("restore: verified");
     if let Err(m) = fits_program(ctx, cp) {
