@@ -82,6 +82,16 @@ pub fn capture(
     Ok(kept)
 }
 
+/// Bytes of data (not holes) in the regular files of /dev/shm the tree uses, as `capture` would
+/// copy them: for the free-space estimate before a checkpoint.
+pub fn data_bytes_of(handles: &[ShmHandle]) -> u64 {
+    handles
+        .iter()
+        .filter_map(|h| open_proc_handle(&h.handle, &h.path).ok())
+        .filter_map(|(file, meta)| data_bytes(&file, meta.len()).ok())
+        .sum()
+}
+
 /// Bytes of `file` that are data, not holes (SEEK_DATA/SEEK_HOLE).
 fn data_bytes(file: &File, len: u64) -> std::io::Result<u64> {
     let mut total = 0;

@@ -61,12 +61,17 @@ pub fn take_checkpoint(
 
 /// Whether the disk holding the checkpoints has room for one more, estimated from the newest
 /// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
-/// mostly that), with `min_free_bytes` to spare. Err says how much is needed and free.
+/// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
+/// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
 pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
     let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
     let estimate = match newest {
         Some(cp) => cp.manifest.size_bytes,
-        None => tree::descendants(init_pid).into_iter().map(tree::resident_bytes).sum(),
+        // The /dev/shm copies come on top (a segment only held open is in no resident set).
+        None => {
+            tree::descendants(init_pid).into_iter().map(tree::resident_bytes).sum::<u64>()
+                + crate::store::shm::data_bytes_of(&tree::shm_handles(init_pid))
+        }
     };
     // The checkpoints directory appears with the first checkpoint; until then, its parent.
     let dir = if ctx.store.dir().exists() { ctx.store.dir() } else { ctx.paths.root.as_path() };
