@@ -128,7 +128,7 @@ fn fits_this_host(dirs: &Dirs, m: &crate::store::Manifest, warnings: &mut Vec<St
     let mut cache = HashCache::load(dirs.hash_cache());
     init_binary::install(&dirs.init_binaries(), &mut cache)?;
     let result = match &m.executables {
-        Some(recorded) => identity::compare(recorded, &mut cache),
+        Some(recorded) => identity::compare(recorded, &mut cache, Some(std::time::Instant::now() + identity::CLI_DEADLINE)),
         None => Err(identity::Mismatch { path: m.init_binary.clone(), detail: "the checkpoint records no executables (taken by an older stasis)".into() }),
     };
     cache.save();

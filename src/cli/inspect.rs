@@ -78,7 +78,7 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
     };
     let mut cache = HashCache::load(dirs.hash_cache());
     let misfit = match &m.executables {
-        Some(recorded) => identity::compare(recorded, &mut cache).err().map(|mm| format!("{} {}", mm.path.display(), mm.detail)),
+        Some(recorded) => identity::compare(recorded, &mut cache, Some(std::time::Instant::now() + identity::CLI_DEADLINE)).err().map(|mm| format!("{} {}", mm.path.display(), mm.detail)),
         None => Some("the checkpoint records no executables (taken by an older stasis)".into()),
     };
     cache.save();

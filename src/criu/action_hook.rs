@@ -14,6 +14,12 @@ pub const HASH_CACHE_ENV: &str = "STASIS_HASH_CACHE";
 pub const RETRY_MARKER: &str = "retry-dump";
 /// The service's `encryption_key_file`, when its images are to be sealed.
 pub const KEY_FILE_ENV: &str = "STASIS_KEY_FILE";
+/// When the dump's `dump_timeout` ends, as CLOCK_MONOTONIC nanoseconds (the same clock in every
+/// process): the hook's reads of the service's files give up then, naming the file, rather
+/// than be killed with the rest of the dump without a word.
+pub const DEADLINE_ENV: &str = "STASIS_DUMP_DEADLINE_NS";
+/// The service's `min_free_bytes`: the /dev/shm copies must leave that much free.
+pub const MIN_FREE_ENV: &str = "STASIS_MIN_FREE_BYTES";
 /// A dump that keeps the service running: the hook only checks the frozen tree, and leaves the
 /// marker in this directory.
 pub const CHECK_ONLY_ENV: &str = "STASIS_CHECK_DUMP";
@@ -108,7 +114,7 @@ fn record_frozen_mappings(pending: &crate::store::PendingCheckpoint) -> Result<(
         None => crate::store::identity::HashCache::in_memory(),
     };
     let mut draft = pending.read_draft()?;
-    draft.executables = Some(crate::process::tree::executable_identities(pid, &mut cache));
+    draft.executables = Some(crate::process::tree::executable_identities(pid, &mut cache, deadline())?);
     pending.write_draft(&draft)
 }
 
@@ -118,11 +124,12 @@ fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate
     let Some(pid) = tree_pid() else {
         return Ok(());
     };
-    let paths = crate::process::tree::shm_paths(pid);
-    if paths.is_empty() {
+    let handles = crate::process::tree::shm_handles(pid);
+    if handles.is_empty() {
         return Ok(());
     }
-    let kept = crate::store::shm::capture(&paths, &pending.images_dir())?;
+    let min_free = std::env::var(MIN_FREE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let kept = crate::store::shm::capture(&handles, &pending.images_dir(), min_free, deadline())?;
     if kept.is_empty() {
         return Ok(());
     }
@@ -134,4 +141,18 @@ fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate
 /// Host PID of the dumped tree's root, as the supervisor passed it.
 fn tree_pid() -> Option<i32> {
     std::env::var(TREE_PID_ENV).ok()?.parse().ok()
+}
+
+/// Now on CLOCK_MONOTONIC, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: one valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The deadline the supervisor passed (see `DEADLINE_ENV`), as an Instant of this process.
+fn deadline() -> Option<std::time::Instant> {
+    let at: u64 = std::env::var(DEADLINE_ENV).ok()?.parse().ok()?;
+    Some(std::time::Instant::now() + std::time::Duration::from_nanos(at.saturating_sub(monotonic_ns())))
 }

@@ -5,6 +5,7 @@
 mod error;
 pub mod init_binary;
 mod launch;
+pub mod maps;
 pub mod ns_init;
 pub mod tree;
 

@@ -1,5 +1,8 @@
 //! Reading the service's process tree from /proc.
 
+use super::maps;
+use crate::store::safe_open::{open_mapped, UnsafeFile};
+
 /// The inode of the pipe that is fd 1 of `pid`, if fd 1 is a pipe.
 pub fn stdout_pipe_inode(pid: i32) -> Option<u64> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?;
@@ -45,55 +48,66 @@ pub fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// The mappings of `pid`, parsed by columns (see `maps`); none if it is gone.
+fn mappings(pid: i32) -> Vec<maps::Mapping> {
+    std::fs::read(format!("/proc/{pid}/maps")).map(|text| maps::parse(&text)).unwrap_or_default()
+}
+
 /// Every file the tree under `root` maps executable (its programs, the init, shared libraries),
-/// sorted and without duplicates. Deleted files are left out: CRIU carries their contents itself.
-pub fn executable_mappings(root: i32) -> Vec<std::path::PathBuf> {
-    let mut out: Vec<std::path::PathBuf> = Vec::new();
+/// with the process that maps it, sorted by path and without duplicates. Deleted files are left
+/// out: CRIU carries their contents itself.
+pub fn executable_mappings(root: i32) -> Vec<(i32, maps::Mapping)> {
+    let mut out: Vec<(i32, maps::Mapping)> = Vec::new();
     for pid in descendants(root) {
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
-        for line in maps.lines() {
-            // address perms offset dev inode path
-            let mut f = line.split_whitespace();
-            let perms = f.nth(1).unwrap_or("");
-            let inode = f.nth(2).unwrap_or("0");
-            let path: String = f.collect::<Vec<_>>().join(" ");
-            if perms.contains('x') && inode != "0" && path.starts_with('/') && !path.ends_with(" (deleted)") {
-                out.push(path.into());
+        for m in mappings(pid) {
+            if m.executable() && m.inode != 0 && m.path.is_some() && !m.deleted {
+                out.push((pid, m));
             }
         }
     }
-    out.sort();
-    out.dedup();
+    out.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+    out.dedup_by(|a, b| a.1.path == b.1.path);
     out
+}
+
+/// A file of /dev/shm the tree uses, and where root reaches the very object the process holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmHandle {
+    /// The path the process knows it by.
+    pub path: std::path::PathBuf,
+    /// `/proc/PID/map_files/RANGE` or `/proc/PID/fd/N`.
+    pub handle: std::path::PathBuf,
+    /// (device, inode) from maps, for a mapping; an fd is the object itself.
+    pub expect: Option<(u64, u64)>,
 }
 
 /// Files under /dev/shm that the tree under `root` maps or holds open (POSIX shared memory),
 /// sorted and without duplicates; deleted ones are left out (CRIU keeps those itself).
-pub fn shm_paths(root: i32) -> Vec<std::path::PathBuf> {
-    let mut out: Vec<std::path::PathBuf> = Vec::new();
-    let wanted = |p: &str| p.starts_with("/dev/shm/") && !p.ends_with(" (deleted)");
+pub fn shm_handles(root: i32) -> Vec<ShmHandle> {
+    let mut out: Vec<ShmHandle> = Vec::new();
+    let wanted = |p: &std::path::Path| p.starts_with("/dev/shm/");
     for pid in descendants(root) {
-        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-            for line in maps.lines() {
-                // address perms offset dev inode path
-                let path: String = line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ");
-                if wanted(&path) {
-                    out.push(path.into());
-                }
+        for m in mappings(pid) {
+            match &m.path {
+                Some(path) if wanted(path) && !m.deleted && m.inode != 0 => out.push(ShmHandle {
+                    path: path.clone(),
+                    handle: format!("/proc/{pid}/map_files/{}", m.map_files_entry()).into(),
+                    expect: Some((m.dev(), m.inode)),
+                }),
+                _ => {}
             }
         }
         if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
             for fd in fds.filter_map(Result::ok) {
-                if let Ok(target) = std::fs::read_link(fd.path()) {
-                    if target.to_str().is_some_and(wanted) {
-                        out.push(target);
-                    }
+                let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+                if wanted(&target) && !target.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+                    out.push(ShmHandle { path: target, handle: fd.path(), expect: None });
                 }
             }
         }
     }
-    out.sort();
-    out.dedup();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.dedup_by(|a, b| a.path == b.path);
     out
 }
 
@@ -197,11 +211,30 @@ pub fn open_pid_proc_file(root: i32) -> Option<(i32, std::path::PathBuf)> {
     })
 }
 
-/// The identity of every executable the tree under `root` maps, for a manifest. A file that
-/// vanished or cannot be read is left out: CRIU keeps deleted files' contents in the images.
+/// The identity of every executable the tree under `root` maps, for a manifest. Each file is
+/// read through its mapping (`safe_open::open_mapped`), never by its path, so nothing planted
+/// at a look-alike path is opened. A mapping that vanished, is not a regular file, or is no
+/// longer the file maps named (the tree runs on) is left out: CRIU keeps deleted files'
+/// contents in the images and checks the others itself. A file too large or too slow to read
+/// before `deadline` fails the whole list, naming it.
 pub fn executable_identities(
     root: i32,
     cache: &mut crate::store::identity::HashCache,
-) -> Vec<crate::store::FileIdentity> {
-    executable_mappings(root).iter().filter_map(|p| cache.identify(p).ok()).collect()
+    deadline: Option<std::time::Instant>,
+) -> Result<Vec<crate::store::FileIdentity>, UnsafeFile> {
+    let mut out = Vec::new();
+    for (pid, m) in executable_mappings(root) {
+        let opened = open_mapped(pid, &m).and_then(|(file, meta)| {
+            let label = m.path.clone().unwrap_or_default();
+            cache.identify_open(&label, &file, &meta, deadline)
+        });
+        match opened {
+            Ok(id) => out.push(id),
+            Err(e @ (UnsafeFile::TooLarge { .. } | UnsafeFile::Deadline { .. } | UnsafeFile::Read { .. })) => {
+                return Err(e)
+            }
+            Err(e) => tracing::warn!("left out of the executables' identities: {e}"),
+        }
+    }
+    Ok(out)
 }

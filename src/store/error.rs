@@ -19,6 +19,12 @@ pub enum StoreError {
     NoImages { dir: PathBuf },
     #[error("failed to move {from} to {to}: {source}")]
     Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Unsafe(#[from] super::safe_open::UnsafeFile),
+    #[error("failed to copy {path} into {dir}: it holds {needed} bytes of data, {dir} has {free} free and min_free_bytes is {min_free}; free space, lower min_free_bytes, or move --state-dir")]
+    NoRoom { path: PathBuf, dir: PathBuf, needed: u64, free: u64, min_free: u64 },
+    #[error("failed to read the free space of {path}: {source}")]
+    FreeSpace { path: PathBuf, source: std::io::Error },
 }
 
 fn space_hint(e: &std::io::Error) -> &'static str {

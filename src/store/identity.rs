@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::safe_open::{open_no_symlinks, read_bounded, UnsafeFile, MAX_EXECUTABLE_BYTES};
+
+/// How long a command that checks a checkpoint against the disk (`inspect`, `import`) reads the
+/// files it names before giving up on one: generous for any real binary, finite for anything else.
+pub const CLI_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Enough for every binary and library of a host's services.
 const MAX_ENTRIES: usize = 4096;
@@ -34,39 +41,47 @@ fn mtime_ns(m: &std::fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
-/// BLAKE3 of a whole file, hex. Read, not mapped: a supervisor hashing a large binary must not
-/// hold all of it resident. A large file is hashed on every CPU (BLAKE3's tree splits a chunk
-/// across threads): one core hashes about 1 GiB/s, slower than the disk a checkpoint goes to.
+/// BLAKE3 of a whole file, hex (root's own files: checkpoint images, the init copy).
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let file = std::fs::File::open(path)?;
+    hash_open(&file, path, u64::MAX, None).map_err(|e| match e {
+        UnsafeFile::Read { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
+/// BLAKE3 of an open file, hex, reading at most `cap` bytes before `deadline`. Read, not
+/// mapped: a supervisor hashing a large binary must not hold all of it resident. A large file is
+/// hashed on every CPU (BLAKE3's tree splits a chunk across threads): one core hashes about
+/// 1 GiB/s, slower than the disk a checkpoint goes to.
+pub fn hash_open(
+    file: &std::fs::File,
+    label: &Path,
+    cap: u64,
+    deadline: Option<Instant>,
+) -> Result<String, UnsafeFile> {
     let mut h = blake3::Hasher::new();
-    if file.metadata()?.len() < PARALLEL_FROM {
-        h.update_reader(file)?;
+    let len = file.metadata().map_err(|source| UnsafeFile::Stat { path: label.to_path_buf(), source })?.len();
+    if len < PARALLEL_FROM {
+        read_bounded(file, label, cap, deadline, SMALL_CHUNK, |b| {
+            h.update(b);
+        })?;
         return Ok(h.finalize().to_hex().to_string());
     }
     // A pool of its own, ended with the hash: no threads stay behind in an idle supervisor.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let pool = rayon_core::ThreadPoolBuilder::new().num_threads(threads).build().map_err(std::io::Error::other)?;
-    let mut buf = vec![0u8; PARALLEL_CHUNK];
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            break;
-        }
-        pool.install(|| h.update_rayon(&buf[..filled]));
-    }
+    let pool = rayon_core::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| UnsafeFile::Read { path: label.to_path_buf(), source: std::io::Error::other(e) })?;
+    read_bounded(file, label, cap, deadline, PARALLEL_CHUNK, |b| {
+        pool.install(|| h.update_rayon(b));
+    })?;
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// Read and hashed at a time below `PARALLEL_FROM`.
+const SMALL_CHUNK: usize = 64 << 10;
 /// Files from this size are hashed on several threads.
 const PARALLEL_FROM: u64 = 8 << 20;
 /// Read and hashed at a time; BLAKE3 splits each across the pool.
@@ -84,10 +99,32 @@ impl HashCache {
         HashCache { path: PathBuf::new(), file: CacheFile::default(), dirty: false }
     }
 
-    /// The identity of `path` now, hashing its content unless the cache vouches for it.
+    /// The identity of `path` now, hashing its content unless the cache vouches for it. For
+    /// root's own files (the init copy): symbolic links are followed, but only a regular file is
+    /// read and a FIFO cannot make the open wait.
     pub fn identify(&mut self, path: &Path) -> std::io::Result<FileIdentity> {
-        let before = std::fs::metadata(path)?;
-        let k = key(&before);
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+        }
+        self.identify_open(path, &file, &meta, None).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// The identity of an open regular file known as `label`, hashed (unless the cache vouches
+    /// for it) up to `MAX_EXECUTABLE_BYTES` and before `deadline`.
+    pub fn identify_open(
+        &mut self,
+        label: &Path,
+        file: &std::fs::File,
+        before: &std::fs::Metadata,
+        deadline: Option<Instant>,
+    ) -> Result<FileIdentity, UnsafeFile> {
+        if before.size() > MAX_EXECUTABLE_BYTES {
+            return Err(UnsafeFile::TooLarge { path: label.to_path_buf(), cap: MAX_EXECUTABLE_BYTES });
+        }
+        let k = key(before);
         self.file.seq += 1;
         let seq = self.file.seq;
         let hash = match self.file.entries.get_mut(&k) {
@@ -96,9 +133,9 @@ impl HashCache {
                 entry.0.clone()
             }
             None => {
-                let hash = hash_file(path)?;
+                let hash = hash_open(file, label, MAX_EXECUTABLE_BYTES, deadline)?;
                 // A file that changed while it was read gets no cache entry.
-                if std::fs::metadata(path).map(|m| key(&m)).ok().as_deref() == Some(k.as_str()) {
+                if file.metadata().map(|m| key(&m)).ok().as_deref() == Some(k.as_str()) {
                     self.file.entries.insert(k, (hash.clone(), seq));
                 }
                 hash
@@ -106,9 +143,9 @@ impl HashCache {
         };
         self.dirty = true;
         Ok(FileIdentity {
-            path: path.to_path_buf(),
+            path: label.to_path_buf(),
             size: before.size(),
-            mtime_ns: mtime_ns(&before),
+            mtime_ns: mtime_ns(before),
             dev: before.dev(),
             inode: before.ino(),
             hash,
@@ -147,16 +184,21 @@ pub struct Mismatch {
 
 /// Compares the recorded identities with the files now on disk. Same content is a match even on
 /// a new inode (a reinstall of the same build); different content of the same size is not.
-pub fn compare(recorded: &[FileIdentity], cache: &mut HashCache) -> Result<(), Mismatch> {
+/// The paths come from a manifest and may be the service's own files: each is opened without
+/// following symbolic links and read only if it is a regular file, within `deadline`; anything
+/// else fails closed as a mismatch naming the path.
+pub fn compare(recorded: &[FileIdentity], cache: &mut HashCache, deadline: Option<Instant>) -> Result<(), Mismatch> {
     for r in recorded {
-        let now = cache.identify(&r.path).map_err(|e| Mismatch {
-            path: r.path.clone(),
-            detail: if e.kind() == std::io::ErrorKind::NotFound {
-                "it no longer exists".to_string()
-            } else {
-                format!("it cannot be read ({e})")
-            },
-        })?;
+        let now = open_no_symlinks(&r.path)
+            .and_then(|(file, meta)| cache.identify_open(&r.path, &file, &meta, deadline))
+            .map_err(|e| Mismatch {
+                path: r.path.clone(),
+                detail: if e.not_found() {
+                    "it no longer exists".to_string()
+                } else {
+                    format!("it cannot be checked safely: {e}")
+                },
+            })?;
         if now.hash != r.hash {
             let size = if now.size == r.size {
                 format!("same size {}", r.size)
@@ -200,11 +242,27 @@ mod tests {
         std::fs::write(&p, b"build-B").unwrap();
         std::fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
         let mut cache = HashCache::load(d.path().join("cache.json"));
-        let m = compare(std::slice::from_ref(&id), &mut cache).unwrap_err();
+        let m = compare(std::slice::from_ref(&id), &mut cache, None).unwrap_err();
         assert!(m.detail.contains("same size 7"), "{}", m.detail);
         std::fs::write(&p, b"build-A").unwrap();
-        assert_eq!(compare(std::slice::from_ref(&id), &mut cache), Ok(()), "same content again fits");
+        assert_eq!(compare(std::slice::from_ref(&id), &mut cache, None), Ok(()), "same content again fits");
         std::fs::remove_file(&p).unwrap();
-        assert!(compare(&[id], &mut cache).unwrap_err().detail.contains("no longer exists"));
+        assert!(compare(&[id], &mut cache, None).unwrap_err().detail.contains("no longer exists"));
+    }
+
+    #[test]
+    fn a_recorded_path_replaced_by_a_fifo_or_a_symlink_is_a_mismatch_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("lib x.so");
+        std::fs::write(&p, b"code").unwrap();
+        let id = HashCache::in_memory().identify(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let m = compare(std::slice::from_ref(&id), &mut HashCache::in_memory(), None).unwrap_err();
+        assert!(m.detail.contains("a FIFO, not a regular file"), "{}", m.detail);
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        let m = compare(std::slice::from_ref(&id), &mut HashCache::in_memory(), None).unwrap_err();
+        assert!(m.detail.contains("symbolic link"), "{}", m.detail);
     }
 }

@@ -8,10 +8,14 @@
 //! ran on from (periodic, on demand: its live contents are newer than the restored memory).
 
 use super::manifest::ShmFile;
+use super::safe_open::{open_proc_handle, UnsafeFile};
 use super::StoreError;
+use crate::process::tree::ShmHandle;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 pub const SHM_DIR: &str = "/dev/shm";
 /// Copies are named `images/stasis-shm.NAME`: flat, and never a name CRIU uses.
@@ -29,34 +33,147 @@ fn plain_name(path: &Path) -> Option<String> {
     ok.then(|| name.to_string())
 }
 
-/// Copies each regular file of /dev/shm in `paths` into `images`. Anything else under
-/// /dev/shm (a link, a directory, an odd name) is left alone, as before: CRIU decides.
-pub fn capture(paths: &[PathBuf], images: &Path) -> Result<Vec<ShmFile>, StoreError> {
+/// Copies each regular file of /dev/shm the tree uses into `images`, reached through the
+/// process's own handle (`/proc/PID/map_files/...`, `/proc/PID/fd/N`), never by its name:
+/// whatever the service put at a name is not what root reads. Anything else (a FIFO, a link, a
+/// directory, an odd name) is left alone, as before: CRIU decides. Copies keep their holes;
+/// the data copied must leave `min_free` bytes free on the images' disk, and every copy ends by
+/// `deadline`.
+pub fn capture(
+    handles: &[ShmHandle],
+    images: &Path,
+    min_free: u64,
+    deadline: Option<Instant>,
+) -> Result<Vec<ShmFile>, StoreError> {
     let mut kept: Vec<ShmFile> = Vec::new();
-    for path in paths {
-        let Some(name) = plain_name(path) else { continue };
+    let shm = shm_dev(Path::new(SHM_DIR));
+    for h in handles {
+        let Some(name) = plain_name(&h.path) else { continue };
         if kept.iter().any(|k| k.name == name) {
             continue;
         }
-        let Ok(mut src) = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else { continue };
-        let meta = src.metadata().map_err(|source| StoreError::Read { path: path.clone(), source })?;
+        let (src, meta) = match open_proc_handle(&h.handle, &h.path) {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::debug!("shm: left alone: {e}");
+                continue;
+            }
+        };
         // A hard link planted in /dev/shm could name any file of the host: only a file that
         // lives there alone is the service's shared memory.
-        if !meta.is_file() || meta.nlink() != 1 || Some(meta.dev()) != shm_dev(Path::new(SHM_DIR)) {
+        let is_mapped = h.expect.is_none_or(|(dev, ino)| meta.dev() == dev && meta.ino() == ino);
+        if !is_mapped || meta.nlink() != 1 || Some(meta.dev()) != shm {
             continue;
         }
+        let needed =
+            data_bytes(&src, meta.len()).map_err(|source| StoreError::Read { path: h.path.clone(), source })?;
+        room_for(images, &h.path, needed, min_free)?;
         let file = ShmFile { name, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid(), size: meta.len() };
         let to = images.join(file.image_name());
-        let mut out = File::options()
+        let out = File::options()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&to)
             .map_err(|source| StoreError::Create { path: to.clone(), source })?;
-        std::io::copy(&mut src, &mut out).map_err(|source| StoreError::Write { path: to.clone(), source })?;
+        copy_sparse(&src, &h.path, &out, &to, meta.len(), deadline)?;
         kept.push(file);
     }
     Ok(kept)
+}
+
+/// Bytes of data (not holes) in the regular files of /dev/shm the tree uses, as `capture` would
+/// copy them: for the free-space estimate before a checkpoint.
+pub fn data_bytes_of(handles: &[ShmHandle]) -> u64 {
+    handles
+        .iter()
+        .filter_map(|h| open_proc_handle(&h.handle, &h.path).ok())
+        .filter_map(|(file, meta)| data_bytes(&file, meta.len()).ok())
+        .sum()
+}
+
+/// Bytes of `file` that are data, not holes (SEEK_DATA/SEEK_HOLE).
+fn data_bytes(file: &File, len: u64) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut at = 0;
+    while let Some((start, end)) = next_data(file, at, len)? {
+        total += end - start;
+        at = end;
+    }
+    Ok(total)
+}
+
+/// The next run of data at or after `at`, as [start, end), or None past the last one.
+fn next_data(file: &File, at: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+    if at >= len {
+        return Ok(None);
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own; the position is not shared with anyone reading it.
+    let start = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some(((start as u64).min(len), (end as u64).min(len))).filter(|(s, e)| s < e))
+}
+
+/// Fails unless the disk of `dir` keeps `min_free` bytes free after `needed` more.
+fn room_for(dir: &Path, path: &Path, needed: u64, min_free: u64) -> Result<(), StoreError> {
+    let v = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| StoreError::FreeSpace { path: dir.to_path_buf(), source: e.into() })?;
+    let free = v.blocks_available().saturating_mul(v.fragment_size());
+    if free < needed.saturating_add(min_free) {
+        return Err(StoreError::NoRoom { path: path.to_path_buf(), dir: dir.to_path_buf(), needed, free, min_free });
+    }
+    Ok(())
+}
+
+/// Copied at a time; each piece checks the deadline.
+const PIECE: usize = 1 << 20;
+
+/// Copies the data of `src` into `dst` at the same offsets and gives `dst` the length `len`:
+/// holes stay holes, and so does a piece of data that is all zeros. Returns the bytes written.
+fn copy_sparse(
+    src: &File,
+    from: &Path,
+    dst: &File,
+    to: &Path,
+    len: u64,
+    deadline: Option<Instant>,
+) -> Result<u64, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let read_err = |source| StoreError::Read { path: from.to_path_buf(), source };
+    let write_err = |source| StoreError::Write { path: to.to_path_buf(), source };
+    let mut buf = vec![0u8; PIECE];
+    let mut written = 0;
+    let mut at = 0;
+    while let Some((start, end)) = next_data(src, at, len).map_err(read_err)? {
+        let mut off = start;
+        while off < end {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(UnsafeFile::Deadline { path: from.to_path_buf() }.into());
+            }
+            let want = ((end - off) as usize).min(PIECE);
+            let n = src.read_at(&mut buf[..want], off).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                dst.write_all_at(&buf[..n], off).map_err(write_err)?;
+                written += n as u64;
+            }
+            off += n as u64;
+        }
+        at = end;
+    }
+    dst.set_len(len).map_err(write_err)?;
+    Ok(written)
 }
 
 /// What a restore does with a file of /dev/shm that is still there.
@@ -99,14 +216,14 @@ fn put_back_into(dir: &Path, files: &[ShmFile], images: &Path, present: Present)
             });
         }
         let from = images.join(f.image_name());
-        let mut src = File::open(&from).map_err(|source| StoreError::Read { path: from.clone(), source })?;
+        let src = File::open(&from).map_err(|source| StoreError::Read { path: from.clone(), source })?;
         if target.symlink_metadata().is_ok() {
-            if present == Present::Rewind && rewind(&target, f, &mut src, shm_dev(dir))? {
+            if present == Present::Rewind && rewind(&target, f, &src, &from, shm_dev(dir))? {
                 created.push(PutBack::Rewound(target));
             }
             continue;
         }
-        let mut out =
+        let out =
             match File::options().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&target)
             {
                 Ok(out) => out,
@@ -114,12 +231,15 @@ fn put_back_into(dir: &Path, files: &[ShmFile], images: &Path, present: Present)
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(source) => return Err(StoreError::Create { path: target, source }),
             };
-        let put = std::io::copy(&mut src, &mut out)
-            .and_then(|_| std::os::unix::fs::fchown(&out, Some(f.uid), Some(f.gid)))
-            .and_then(|_| out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(f.mode)));
-        if let Err(source) = put {
+        let len = src.metadata().map_err(|source| StoreError::Read { path: from.clone(), source })?.len();
+        let put = copy_sparse(&src, &from, &out, &target, len, None).and_then(|_| {
+            std::os::unix::fs::fchown(&out, Some(f.uid), Some(f.gid))
+                .and_then(|_| out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(f.mode)))
+                .map_err(|source| StoreError::Write { path: target.clone(), source })
+        });
+        if let Err(e) = put {
             let _ = std::fs::remove_file(&target);
-            return Err(StoreError::Write { path: target, source });
+            return Err(e);
         }
         created.push(PutBack::Created(target));
     }
@@ -129,17 +249,19 @@ fn put_back_into(dir: &Path, files: &[ShmFile], images: &Path, present: Present)
 /// Writes the copy into the live file, in place (processes that map it see the rewound
 /// contents). Only a plain single-link file of /dev/shm owned as recorded is touched; anything
 /// else (a planted link) is left for CRIU to judge. Returns whether it was rewound.
-fn rewind(target: &Path, f: &ShmFile, src: &mut File, dev: Option<u64>) -> Result<bool, StoreError> {
-    let Ok(mut out) = File::options().write(true).custom_flags(libc::O_NOFOLLOW).open(target) else {
+fn rewind(target: &Path, f: &ShmFile, src: &File, from: &Path, dev: Option<u64>) -> Result<bool, StoreError> {
+    // Non-blocking: a FIFO planted at the name must not make the start wait for a reader.
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let Ok(out) = File::options().write(true).custom_flags(flags).open(target) else {
         return Ok(false);
     };
     let meta = out.metadata().map_err(|source| StoreError::Read { path: target.to_path_buf(), source })?;
     if !meta.is_file() || meta.nlink() != 1 || meta.uid() != f.uid || Some(meta.dev()) != dev {
         return Ok(false);
     }
-    out.set_len(0)
-        .and_then(|_| std::io::copy(src, &mut out).map(|_| ()))
-        .map_err(|source| StoreError::Write { path: target.to_path_buf(), source })?;
+    out.set_len(0).map_err(|source| StoreError::Write { path: target.to_path_buf(), source })?;
+    let len = src.metadata().map_err(|source| StoreError::Read { path: from.to_path_buf(), source })?.len();
+    copy_sparse(src, from, &out, target, len, None)?;
     Ok(true)
 }
 
@@ -184,5 +306,35 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let evil = ShmFile { name: "../etc/x".into(), mode: 0o600, uid: 0, gid: 0, size: 0 };
         assert!(put_back_into(shm.path(), &[evil], images.path(), Present::Keep).is_err());
+    }
+
+    #[test]
+    fn copies_keep_their_holes_and_count_only_data() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let src_path = d.path().join("sparse");
+        let src = File::create(&src_path).unwrap();
+        src.set_len(96 << 20).unwrap();
+        src.write_all_at(b"data", 40 << 20).unwrap();
+        drop(src);
+        let src = File::open(&src_path).unwrap();
+        assert!(data_bytes(&src, 96 << 20).unwrap() <= 1 << 20, "a filesystem keeps at most a block or so");
+        let to = d.path().join("copy");
+        let out = File::create(&to).unwrap();
+        let written = copy_sparse(&src, &src_path, &out, &to, 96 << 20, None).unwrap();
+        assert!((4..=1 << 20).contains(&written), "only the data is written: {written}");
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.len(), 96 << 20);
+        assert!(meta.blocks() * 512 <= 1 << 20, "the copy stays sparse: {} blocks", meta.blocks());
+        let mut back = vec![0u8; 4];
+        File::open(&to).unwrap().read_exact_at(&mut back, 40 << 20).unwrap();
+        assert_eq!(&back, b"data");
+        let past = Some(Instant::now());
+        let out2 = File::create(d.path().join("late")).unwrap();
+        assert!(matches!(
+            copy_sparse(&src, &src_path, &out2, &d.path().join("late"), 96 << 20, past),
+            Err(StoreError::Unsafe(UnsafeFile::Deadline { .. }))
+        ));
+        assert!(matches!(room_for(d.path(), &src_path, u64::MAX / 2, 0), Err(StoreError::NoRoom { .. })));
     }
 }

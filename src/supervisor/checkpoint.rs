@@ -61,12 +61,17 @@ pub fn take_checkpoint(
 
 /// Whether the disk holding the checkpoints has room for one more, estimated from the newest
 /// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
-/// mostly that), with `min_free_bytes` to spare. Err says how much is needed and free.
+/// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
+/// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
 pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
     let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
     let estimate = match newest {
         Some(cp) => cp.manifest.size_bytes,
-        None => tree::descendants(init_pid).into_iter().map(tree::resident_bytes).sum(),
+        // The /dev/shm copies come on top (a segment only held open is in no resident set).
+        None => {
+            tree::descendants(init_pid).into_iter().map(tree::resident_bytes).sum::<u64>()
+                + crate::store::shm::data_bytes_of(&tree::shm_handles(init_pid))
+        }
     };
     // The checkpoints directory appears with the first checkpoint; until then, its parent.
     let dir = if ctx.store.dir().exists() { ctx.store.dir() } else { ctx.paths.root.as_path() };
@@ -84,6 +89,14 @@ pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `deadline` for the action hook: a little before CRIU is killed, so the hook can still say
+/// which file it gave up on.
+fn hook_deadline(deadline: Instant) -> String {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let margin = (left / 10).min(std::time::Duration::from_secs(5));
+    (action_hook::monotonic_ns() + (left - margin).as_nanos() as u64).to_string()
 }
 
 /// How often a dump refused for a passing reason (see the action hook) is tried.
@@ -127,9 +140,19 @@ fn dump(
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the
     // frozen tree's mappings against it at almost no cost.
     tracing::debug!("dump: pending checkpoint begun");
+    // The slot is held from here: everything below, reading the service's files included, ends
+    // by `dump_timeout` (CRIU gets what is left of it), so no service can keep the slot.
+    let deadline = Instant::now() + ctx.service.dump_timeout;
     let mut cache = ctx.hash_cache();
-    let executables = tree::executable_identities(init_pid, &mut cache);
+    let executables = tree::executable_identities(init_pid, &mut cache, Some(deadline));
     cache.save();
+    let executables = match executables {
+        Ok(e) => e,
+        Err(e) => {
+            pending.discard();
+            return Err(e.to_string());
+        }
+    };
     let draft = Manifest {
         format: crate::store::manifest_format(),
         id: pending.id.clone(),
@@ -176,6 +199,8 @@ fn dump(
             (action_hook::PENDING_ENV, pending.dir.display().to_string()),
             (action_hook::TREE_PID_ENV, init_pid.to_string()),
             (action_hook::HASH_CACHE_ENV, ctx.dirs.hash_cache().display().to_string()),
+            (action_hook::MIN_FREE_ENV, ctx.service.min_free_bytes.to_string()),
+            (action_hook::DEADLINE_ENV, hook_deadline(deadline)),
         ];
         // The path, never the key: the hook reads the key file itself.
         if let Some(p) = &ctx.service.encryption_key_file {
@@ -186,6 +211,8 @@ fn dump(
         vec![
             (action_hook::CHECK_ONLY_ENV, pending.dir.display().to_string()),
             (action_hook::TREE_PID_ENV, init_pid.to_string()),
+            (action_hook::MIN_FREE_ENV, ctx.service.min_free_bytes.to_string()),
+            (action_hook::DEADLINE_ENV, hook_deadline(deadline)),
         ]
     };
     let dump_started = Instant::now();
@@ -215,7 +242,8 @@ fn dump(
                 crate::store::trailing::follow(&images, listener, criu_done)
             })
         });
-        let r = ctx.criu.dump(&args, &env, ctx.service.dump_timeout);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = ctx.criu.dump(&args, &env, left);
         criu_done.store(true, std::sync::atomic::Ordering::Release);
         drop(done_tx);
         let prehashed = trailing.and_then(|h| h.join().ok()).unwrap_or_default();
@@ -350,8 +378,9 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
             }
             CriuError::Failed { action, status, log: kept_log, errors }
         }
-        CriuError::TimedOut { action, setting, after, log } => {
-            CriuError::TimedOut { action, setting, after, log: keep_log(&log) }
+        // CRIU got what was left of dump_timeout; the setting is what the user knows.
+        CriuError::TimedOut { action, setting, log, .. } => {
+            CriuError::TimedOut { action, setting, after: ctx.service.dump_timeout, log: keep_log(&log) }
         }
         other => other,
     };

@@ -250,7 +250,9 @@ fn quarantine(ctx: &Context, cp: &Checkpoint, reason: &str, explicit: bool) -> S
 fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch> {
     let mut cache = ctx.hash_cache();
     let result = match &cp.manifest.executables {
-        Some(recorded) => identity::compare(recorded, &mut cache),
+        Some(recorded) => {
+            identity::compare(recorded, &mut cache, Some(std::time::Instant::now() + ctx.service.restore_timeout))
+        }
         // Format 1: only the init binary's presence is known to matter.
         None if !cp.manifest.init_binary.is_file() => Err(identity::Mismatch {
             path: cp.manifest.init_binary.clone(),
