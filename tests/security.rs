@@ -8,10 +8,10 @@ mod common;
 use common::*;
 
 // The attacks of the doors-that-hold work, one file per door.
-#[path = "security/kill_port.rs"]
-mod kill_port;
 #[path = "security/files.rs"]
 mod files;
+#[path = "security/kill_port.rs"]
+mod kill_port;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
