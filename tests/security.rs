@@ -8,6 +8,8 @@ mod common;
 use common::*;
 
 // The attacks of the doors-that-hold work, one file per door.
+#[path = "security/hygiene.rs"]
+mod hygiene;
 #[path = "security/kill_port.rs"]
 mod kill_port;
 
