@@ -41,7 +41,7 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
         if json {
             print_json(&report);
         } else {
-            eprintln!("stasis: error: {msg}");
+            eprintln!("stasis: error: {}", crate::text::escape_lines(&msg));
         }
         return Ok(report.exit_code.unwrap_or(exit_codes::START_FAILED));
     }
@@ -56,10 +56,10 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
         how(&report)
     );
     if let Some(why) = &report.fallback_reason {
-        eprintln!("stasis: warning: {why}");
+        eprintln!("stasis: warning: {}", crate::text::escape_lines(why));
     }
     for w in &report.warnings {
-        eprintln!("stasis: warning: {w}");
+        eprintln!("stasis: warning: {}", crate::text::escape_lines(w));
     }
     Ok(exit_codes::OK)
 }

@@ -240,6 +240,8 @@ pub fn last_lines(log: &Path, n: usize) -> String {
     if lines.is_empty() {
         String::new()
     } else {
-        format!("; its last output:\n{}", lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"))
+        // The service's own bytes, about to be shown to the operator: escaped.
+        let shown: Vec<String> = lines.iter().map(|l| format!("    {}", crate::text::escape_controls(l))).collect();
+        format!("; its last output:\n{}", shown.join("\n"))
     }
 }

@@ -42,7 +42,7 @@ pub fn run(dirs: Dirs, service: Service, from: Option<String>, mut notifier: Not
         Ok(code) => code,
         Err(e) => {
             notifier.send(&StartReport::failure(&e));
-            eprintln!("stasis: {name}: {e}");
+            eprintln!("stasis: {name}: {}", crate::text::escape_lines(&e.to_string()));
             e.exit_code()
         }
     }

@@ -46,3 +46,51 @@ fn the_readiness_probe_enters_the_working_dir_as_the_service_user() {
     assert!(err.contains("ready_timeout (2s)") && err.contains("could not enter the working directory"), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
 }
+
+/// Bytes that drive a terminal: ESC, BEL, CR and the 8-bit CSI (alone, or UTF-8 encoded).
+fn drives_a_terminal(bytes: &[u8]) -> bool {
+    bytes.iter().any(|b| matches!(b, 0x1b | 0x07 | b'\r' | 0x9b))
+}
+
+/// A deleted file the service keeps open, too big for CRIU's ghost limit: the dump fails and
+/// CRIU's error (and stasis's advice) names the file, whose name is an attack on the terminal.
+#[test]
+fn an_escape_code_file_name_reaches_no_terminal_raw() {
+    let env = Env::new();
+    let [kill] = free_ports::<1>();
+    let dir = env.path().join("ghosts");
+    std::fs::create_dir(&dir).unwrap();
+    chown_to(&dir, "stasis-example");
+    env.write_service(
+        "ghostly",
+        &format!(
+            "command: [\"/usr/bin/python3\", \"{REPO}/tests/programs/ghost_name.py\"]\nuser: stasis-example\nkill_port: {kill}\nenvironment:\n  GHOST_DIR: \"{}\"\n",
+            dir.display()
+        ),
+    );
+    env.start("ghostly");
+    wait_for("the ghost file", || env.log("ghostly").contains("ready").then_some(()));
+
+    let out = env.run(&["stop", "ghostly"]);
+    assert_eq!(out.status.code(), Some(5), "the dump fails on the ghost file");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Can't dump ghost file"), "CRIU's error is quoted: {err}");
+    assert!(!drives_a_terminal(&out.stdout), "stdout: {:?}", String::from_utf8_lossy(&out.stdout));
+    assert!(!drives_a_terminal(&out.stderr), "stderr: {err:?}");
+    assert!(err.contains("evil\\x1b]0;pwned\\x07\\x1b[2K\\rOK checkpoint"), "shown escaped: {err}");
+
+    let out = env.run(&["stop", "ghostly", "--json"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(!drives_a_terminal(&out.stdout) && !drives_a_terminal(&out.stderr), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stop --json prints JSON");
+    let text = v.to_string();
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("evil\\x1b]0;pwned")), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\u{9b}'), "the strings themselves are safe: {text:?}");
+
+    let log = std::fs::read(env.service_dir("ghostly").join("service.log")).unwrap();
+    assert!(!drives_a_terminal(&log), "service.log: {:?}", String::from_utf8_lossy(&log));
+    assert!(String::from_utf8_lossy(&log).contains("evil\\x1b]0;pwned"), "the log names it, escaped");
+    let sup = std::fs::read(env.service_dir("ghostly").join("supervisor.log")).unwrap_or_default();
+    assert!(!drives_a_terminal(&sup), "supervisor.log: {:?}", String::from_utf8_lossy(&sup));
+    assert!(env.status("ghostly")["state"] == "running", "a failed dump leaves the service running");
+}
