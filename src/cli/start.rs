@@ -15,6 +15,7 @@ use crate::supervisor::{
 };
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -105,9 +106,12 @@ pub fn start_one(
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
     let open_log = || {
+        // Private whatever the caller's umask, and never written through a planted symlink.
         std::fs::OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log_path)
             .map_err(|e| Error::io("open", &log_path, e))
     };

@@ -7,6 +7,7 @@ mod checkpoint;
 mod context;
 mod error;
 mod event_loop;
+mod holder;
 pub mod lock;
 mod log_pump;
 mod peer;

@@ -92,5 +92,87 @@ fn an_escape_code_file_name_reaches_no_terminal_raw() {
     assert!(String::from_utf8_lossy(&log).contains("evil\\x1b]0;pwned"), "the log names it, escaped");
     let sup = std::fs::read(env.service_dir("ghostly").join("supervisor.log")).unwrap_or_default();
     assert!(!drives_a_terminal(&sup), "supervisor.log: {:?}", String::from_utf8_lossy(&sup));
-    assert!(env.status("ghostly")["state"] == "running", "a failed dump leaves the service running");
+    assert_eq!(env.status("ghostly")["state"], "running", "a failed dump leaves the service running");
+}
+
+/// `umask 000` in the caller's shell must not make the supervisor's files world-writable.
+#[test]
+fn the_callers_umask_does_not_reach_the_supervisors_files() {
+    let env = Env::new();
+    let [kill] = free_ports::<1>();
+    env.write_service(
+        "masked",
+        &format!(
+            "command: [\"/bin/sh\", \"-c\", \"umask; exec sleep 600\"]\nuser: stasis-example\nkill_port: {kill}\n"
+        ),
+    );
+    env.adopt("masked");
+    // `sh -c 'umask 000; exec stasis start masked'`, with the harness's directories.
+    let dirs = env.cmd(&[]);
+    let mut sh = std::process::Command::new("/bin/sh");
+    sh.envs(dirs.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .args(["-c", &format!("umask 000; exec {BIN} start masked")]);
+    let out = logged(&["start", "masked", "(umask 000)"], sh);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).map(|m| m.permissions().mode() & 0o7777).unwrap();
+    let log = env.service_dir("masked").join("supervisor.log");
+    assert_eq!(mode(&log) & 0o077, 0, "supervisor.log is root's alone: {:o}", mode(&log));
+    // The service keeps a conventional umask, not the supervisor's nor the caller's.
+    wait_for("the service's umask line", || env.log("masked").lines().any(|l| l.trim() == "0022").then_some(()));
+    env.ok(&["stop", "masked"]);
+
+    let slots: Vec<_> = walk(&env.path().join("run/slots")).into_iter().filter(|p| p.is_file()).collect();
+    assert!(!slots.is_empty(), "the stop took a dump slot");
+    for p in &slots {
+        assert_eq!(mode(p) & 0o077, 0, "{} is {:o}", p.display(), mode(p));
+    }
+    let all = walk(&env.state_dir());
+    assert!(all.len() > 3, "the state dir has files");
+    for p in all.iter().chain(&slots).filter(|p| !p.is_symlink()) {
+        assert_eq!(mode(p) & 0o022, 0, "{} is {:o}: group or others may write", p.display(), mode(p));
+    }
+}
+
+/// Every path under `dir`, directories included.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// Any user may bind a stopped service's kill port; `start` then names who did.
+#[test]
+fn a_kill_port_taken_by_another_user_names_the_holder() {
+    let env = Env::new();
+    let [kill] = free_ports::<1>();
+    let listen = format!(
+        "import socket, sys, time\ns = socket.socket()\ns.bind(('127.0.0.1', {kill}))\ns.listen()\nprint('listening', flush=True)\ntime.sleep(600)\n"
+    );
+    let mut squatter = std::process::Command::new("setpriv")
+        .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c", &listen])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.take().unwrap()), &mut first).unwrap();
+    assert_eq!(first.trim(), "listening");
+
+    env.write_service(
+        "squatted",
+        &format!("command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: {kill}\n"),
+    );
+    env.adopt("squatted");
+    let out = env.run(&["start", "squatted"]);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "a kill port in use is exit 7 (environment): {err}");
+    let said = format!("pid {} (python3) of user nobody (uid {})", squatter.id(), uid_of_user("nobody"));
+    assert!(err.contains(&said), "the holder is named ({said}): {err}");
 }
