@@ -13,6 +13,7 @@ mod paths;
 mod process;
 mod store;
 mod supervisor;
+mod text;
 mod time_fmt;
 
 fn main() {

@@ -10,6 +10,8 @@ use common::*;
 // The attacks of the doors-that-hold work, one file per door.
 #[path = "security/files.rs"]
 mod files;
+#[path = "security/hygiene.rs"]
+mod hygiene;
 #[path = "security/kill_port.rs"]
 mod kill_port;
 

@@ -92,7 +92,7 @@ fn run_all(dirs: &Dirs, verb: Verb, json: bool) -> Result<i32, Error> {
     };
     if !json {
         for r in &rows {
-            say(format!("{:<20} ERROR {}", r.name, r.error.as_deref().unwrap_or("")));
+            say(format!("{:<20} ERROR {}", r.name, crate::text::escape_lines(r.error.as_deref().unwrap_or(""))));
         }
     }
     let (tx, rx) = std::sync::mpsc::channel::<Row>();

@@ -117,17 +117,21 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                     r.kind.expect("valid rows have a kind")
                 );
                 if let Some(why) = &r.stale_reason {
-                    println!("    stale: {why}");
+                    println!("    stale: {}", crate::text::escape_lines(why));
                 }
                 if let Some(why) = &r.incompatible {
-                    println!("    incompatible: {why}");
+                    println!("    incompatible: {}", crate::text::escape_lines(why));
                 }
             }
-            Some(p) => println!("! {}  damaged: {p}", r.id),
+            Some(p) => println!("! {}  damaged: {}", r.id, crate::text::escape_lines(p)),
         }
     }
     for q in &quarantined {
-        println!("quarantined {}: {}", q.id, q.reason.as_deref().unwrap_or("no reason recorded"));
+        println!(
+            "quarantined {}: {}",
+            q.id,
+            crate::text::escape_lines(q.reason.as_deref().unwrap_or("no reason recorded"))
+        );
     }
     Ok(exit_codes::OK)
 }

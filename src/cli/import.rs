@@ -105,7 +105,7 @@ pub fn run(dirs: &Dirs, file: &str, as_name: Option<&str>, json: bool) -> Result
             cp.id, service.name, read.header.checkpoint, read.header.service, service.name
         );
         for w in &warnings {
-            eprintln!("stasis: warning: {w}");
+            eprintln!("stasis: warning: {}", crate::text::escape_lines(w));
         }
     }
     Ok(exit_codes::OK)

@@ -124,7 +124,7 @@ fn print_human(r: &Report) {
     println!("checkpoint {} of {} ({kind}, {}), {}", r.checkpoint, r.name, r.created_at, human_bytes(r.size_bytes));
     match &r.stale_reason {
         None => println!("  fresh: the next start restores it"),
-        Some(why) => println!("  stale: {why}"),
+        Some(why) => println!("  stale: {}", crate::text::escape_lines(why)),
     }
     println!(
         "  taken with CRIU {} on kernel {}; this host: CRIU {}, kernel {}",
@@ -135,7 +135,7 @@ fn print_human(r: &Report) {
     );
     match &r.misfit {
         None => println!("  fits the programs on disk now"),
-        Some(why) => println!("  does NOT fit the programs on disk now: {why}"),
+        Some(why) => println!("  does NOT fit the programs on disk now: {}", crate::text::escape_lines(why)),
     }
     let m = &r.images.memory;
     println!(
@@ -155,14 +155,14 @@ fn print_human(r: &Report) {
             "    pid {} (parent {}) {} uid {} threads {} memory {}: {}",
             p.pid,
             p.ppid,
-            p.comm,
+            crate::text::escape_controls(&p.comm),
             p.uid.map(|u| u.to_string()).unwrap_or_else(|| "?".into()),
             p.threads,
             human_bytes(p.memory_bytes),
-            p.command_line.join(" ")
+            crate::text::escape_controls(&p.command_line.join(" "))
         );
         for f in &p.files {
-            println!("      fd {}: {}", f.fd, f.what);
+            println!("      fd {}: {}", f.fd, crate::text::escape_controls(&f.what));
         }
     }
     if !r.images.sockets.is_empty() {
@@ -172,8 +172,8 @@ fn print_human(r: &Report) {
                 "    {} {} {}{}",
                 s.protocol,
                 s.state,
-                s.local,
-                s.remote.as_deref().map(|x| format!(" -> {x}")).unwrap_or_default()
+                crate::text::escape_controls(&s.local),
+                s.remote.as_deref().map(|x| format!(" -> {}", crate::text::escape_controls(x))).unwrap_or_default()
             );
         }
     }

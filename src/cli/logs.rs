@@ -37,7 +37,7 @@ pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Resul
         Some(n) => tail_offset(&text, n),
         None => 0,
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = Output::new();
     let _ = out.write_all(&text[start..]);
     let _ = out.flush();
     let Some(watch) = watch else { return Ok(exit_codes::OK) };
@@ -58,6 +58,40 @@ pub fn run(dirs: &Dirs, name: &str, lines: Option<usize>, follow: bool) -> Resul
                 return Ok(exit_codes::OK);
             }
         }
+    }
+}
+
+/// stdout for the log: a terminal sees the service's control characters escaped (they could
+/// rewrite the screen); a pipe gets the bytes as written.
+struct Output {
+    out: std::io::StdoutLock<'static>,
+    escape: bool,
+}
+
+impl Output {
+    fn new() -> Output {
+        use std::io::IsTerminal;
+        let out = std::io::stdout().lock();
+        let escape = out.is_terminal();
+        Output { out, escape }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if !self.escape {
+            return self.out.write_all(buf);
+        }
+        let text = String::from_utf8_lossy(buf);
+        self.out.write_all(crate::text::escape_lines(&text).as_bytes())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 

@@ -78,7 +78,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("stasis: error: {e}");
+            eprintln!("stasis: error: {}", crate::text::escape_lines(&e.to_string()));
             e.exit_code()
         }
     }

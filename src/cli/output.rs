@@ -1,7 +1,11 @@
 //! Printing for humans or, with --json, for scripts (one JSON document on stdout).
 
+//! Text from outside (CRIU's log, file names, a service's output) is escaped on the way out
+//! (`crate::text`), in JSON too.
+
 pub fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+    let text = serde_json::to_string_pretty(value).expect("serializable");
+    println!("{}", crate::text::escape_json(&text));
 }
 
 /// Where `Progress: ` lines go while a command waits on a dump or a restore: on a terminal one
@@ -23,7 +27,9 @@ impl ProgressLines {
         ProgressLines { bar, quiet: json }
     }
 
+    /// `line` comes from a supervisor and may quote CRIU or the service: it is escaped.
     pub fn show(&self, line: &str) {
+        let line = &*crate::text::escape_controls(line);
         match &self.bar {
             Some(b) if line.starts_with(crate::supervisor::protocol::PROGRESS_PREFIX) => {
                 b.set_message(line.to_string())

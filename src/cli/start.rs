@@ -15,6 +15,7 @@ use crate::supervisor::{
 };
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -41,7 +42,7 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
         if json {
             print_json(&report);
         } else {
-            eprintln!("stasis: error: {msg}");
+            eprintln!("stasis: error: {}", crate::text::escape_lines(&msg));
         }
         return Ok(report.exit_code.unwrap_or(exit_codes::START_FAILED));
     }
@@ -56,10 +57,10 @@ pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: 
         how(&report)
     );
     if let Some(why) = &report.fallback_reason {
-        eprintln!("stasis: warning: {why}");
+        eprintln!("stasis: warning: {}", crate::text::escape_lines(why));
     }
     for w in &report.warnings {
-        eprintln!("stasis: warning: {w}");
+        eprintln!("stasis: warning: {}", crate::text::escape_lines(w));
     }
     Ok(exit_codes::OK)
 }
@@ -105,9 +106,12 @@ pub fn start_one(
     create_dir_with_mode(&paths.root, 0o700)?;
     let log_path = paths.supervisor_log();
     let open_log = || {
+        // Private whatever the caller's umask, and never written through a planted symlink.
         std::fs::OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log_path)
             .map_err(|e| Error::io("open", &log_path, e))
     };

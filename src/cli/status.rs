@@ -160,7 +160,7 @@ fn print_one(v: &StatusView) {
         }
     }
     if let Some(why) = &v.fallback_reason {
-        println!("  fell back to a cold start: {why}");
+        println!("  fell back to a cold start: {}", crate::text::escape_lines(why));
     }
     match (&v.checkpoint, v.checkpoint_fresh) {
         (Some(id), Some(true)) => println!("  latest checkpoint: {id} (fresh: the next start restores it)"),
@@ -176,6 +176,10 @@ fn print_one(v: &StatusView) {
         println!("  restarts: {} (restart:)", v.restarts);
     }
     if let Some(m) = &v.message {
-        println!("  last event: {m}{}", v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());
+        println!(
+            "  last event: {}{}",
+            crate::text::escape_lines(m),
+            v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()
+        );
     }
 }

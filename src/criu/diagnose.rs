@@ -52,6 +52,12 @@ const HALF_STREAM_CLIENT: &str = "the service is connected to the unix stream so
 
 /// The first known cause among `errors` (CRIU's error lines), as a sentence.
 pub fn diagnose(errors: &[String]) -> Option<String> {
+    // The names quoted are the service's (files, sockets): escaped, whoever picked the lines.
+    let said = diagnose_raw(errors)?;
+    Some(crate::text::escape_lines(&said).into_owned())
+}
+
+fn diagnose_raw(errors: &[String]) -> Option<String> {
     match half_stream(errors) {
         Some(HalfStream::Server(name)) => return Some(HALF_STREAM.replace("{}", &name)),
         Some(HalfStream::Client(peer)) => return Some(HALF_STREAM_CLIENT.replace("{}", &peer)),

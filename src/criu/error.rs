@@ -48,7 +48,8 @@ fn render_lines(lines: &[String]) -> String {
     let mut out = String::from("\n");
     for l in lines {
         out.push_str("    ");
-        out.push_str(l);
+        // Log lines quote names the service chose (and stderr lines are not picked): escaped.
+        out.push_str(&crate::text::escape_controls(l));
         out.push('\n');
     }
     out.pop();
@@ -83,6 +84,7 @@ impl CriuError {
                 let first = errors.iter().find(|l| l.contains("Error")).or(errors.last()).cloned().unwrap_or_default();
                 let first = first.split_once("): ").map(|(_, m)| m).unwrap_or(&first).trim();
                 let first = if first.is_empty() { "its log has no error lines (was it written?)" } else { first };
+                let first = crate::text::escape_controls(first);
                 format!("failed to {action} with CRIU ({status}): {first} (log: {})", log.display())
             }
             other => other.to_string(),

@@ -38,7 +38,14 @@ pub fn spawn(mut from: impl Read + Send + 'static, path: PathBuf) -> Capture {
     let (hurry, hurried) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         let mut pace = true;
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).ok();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .ok();
         let mut written = 0usize;
         let mut tail: VecDeque<u8> = VecDeque::new();
         let mut dropped = 0u64;

@@ -1,5 +1,6 @@
 //! Picks the lines worth showing out of a CRIU log: each `Error (...)` line with the few lines
-//! before it (as runc's logCriuErrors does), minus errors known to be harmless on this host.
+//! before it (as runc's logCriuErrors does), minus errors known to be harmless on this host,
+//! with control characters escaped (CRIU quotes names the service chose).
 
 use std::path::Path;
 
@@ -29,7 +30,9 @@ pub fn pick(text: &str) -> Vec<String> {
             }
         }
     }
-    let picked: Vec<String> = lines.iter().zip(keep).filter(|(_, k)| *k).map(|(l, _)| l.to_string()).collect();
+    // CRIU quotes file and socket names the service chose: escaped here, before any use.
+    let picked: Vec<String> =
+        lines.iter().zip(keep).filter(|(_, k)| *k).map(|(l, _)| crate::text::escape_controls(l).into_owned()).collect();
     // The last errors are the ones that ended the run.
     picked[picked.len().saturating_sub(MAX_LINES)..].to_vec()
 }

@@ -62,6 +62,9 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
             // Anything else the supervisor inherited (a shell's stray fd) would end up in every
             // checkpoint, and CRIU refuses files it cannot resolve.
             libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+            // The supervisor's 077 is for root's files; the service gets the usual 022 (systemd's
+            // default), the same whoever started it.
+            libc::umask(0o022);
             if libc::chdir(init_dir.as_ptr()) < 0 {
                 let msg = b"error failed to enter the service's state directory\n";
                 libc::write(READY_FD, msg.as_ptr().cast(), msg.len());

@@ -61,7 +61,9 @@ impl LogWriter {
     }
 
     /// A line from stasis itself, marked so it cannot be mistaken for the service's output.
+    /// Notes quote CRIU and the service (file names, error lines): each line is escaped.
     pub fn note(&self, msg: &str) {
+        let msg = &*crate::text::escape_lines(msg);
         let line = format!("[stasis {}] {msg}\n", crate::time_fmt::rfc3339_utc(std::time::SystemTime::now()));
         self.write(line.as_bytes());
         if self.mirror {

@@ -7,6 +7,7 @@ mod checkpoint;
 mod context;
 mod error;
 mod event_loop;
+mod holder;
 mod kill_port;
 pub mod lock;
 mod log_pump;

@@ -133,9 +133,10 @@ pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
             r.duration.as_secs_f64(),
             r.dir.display()
         ),
-        // CRIU's error lines go first, indented; the last line is always the verdict.
+        // CRIU's error lines go first, indented; the last line is always the verdict. Each is
+        // escaped: they quote names the service chose, and a client may be a terminal.
         Err(e) => {
-            let mut lines = e.lines();
+            let mut lines = e.lines().map(crate::text::escape_controls);
             let summary = lines.next().unwrap_or_default();
             let mut out: String = lines.map(|l| format!("  {l}\n")).collect();
             out.push_str(&format!("ERROR {summary}\n"));
@@ -197,5 +198,20 @@ mod tests {
         let err = final_line(&Err("failed to dump\n(0.1) Error (x.c:1): why".into()));
         assert_eq!(err, "  (0.1) Error (x.c:1): why\nERROR failed to dump\n");
         assert_eq!(parse_final(err.lines().last().unwrap()), Some(Err("failed to dump".into())));
+    }
+}
+
+#[cfg(test)]
+mod escaping_tests {
+    use super::final_line;
+
+    #[test]
+    fn an_error_line_cannot_drive_the_clients_terminal_or_forge_a_verdict() {
+        let e = "evil\u{1b}]0;pwned\u{7} is open\n(0.1) Error (x.c:1): ghost \u{1b}[2K\rOK checkpoint 1 saved\u{9b}";
+        let line = final_line(&Err(e.into()));
+        assert_eq!(
+            line,
+            "  (0.1) Error (x.c:1): ghost \\x1b[2K\\rOK checkpoint 1 saved\\u{9b}\nERROR evil\\x1b]0;pwned\\x07 is open\n"
+        );
     }
 }

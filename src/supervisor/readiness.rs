@@ -66,16 +66,20 @@ pub fn wait(ctx: &Context, init_pid: Pid, ready: &Readiness, notify: Option<&Not
             None => Ok(()),
         };
     }
+    let mut last_failure = None;
     loop {
         if !crate::process::tree::alive(init_pid.as_raw()) {
             return Err(format!("it exited before it was ready ({})", describe(ready)));
         }
-        if probe(ctx, ready) {
-            return Ok(());
+        match probe(ctx, ready) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(why) => last_failure = Some(why),
         }
         if Instant::now() >= deadline {
+            let also = last_failure.map(|w| format!("; {w}")).unwrap_or_default();
             return Err(format!(
-                "it was not ready within ready_timeout ({}): {}",
+                "it was not ready within ready_timeout ({}): {}{also}",
                 crate::time_fmt::human_duration(ctx.service.ready_timeout),
                 describe(ready)
             ));
@@ -136,50 +140,92 @@ fn describe(ready: &Readiness) -> String {
     }
 }
 
-fn probe(ctx: &Context, ready: &Readiness) -> bool {
+/// One try; Err says why it did not pass, when that is more than "not yet" (a probe that could
+/// not even start), so a readiness timeout can say it.
+fn probe(ctx: &Context, ready: &Readiness) -> Result<bool, String> {
     match ready {
-        Readiness::Notify => false,
+        Readiness::Notify => Ok(false),
         Readiness::Tcp(addr) => {
             use std::net::ToSocketAddrs;
-            addr.to_socket_addrs()
+            Ok(addr
+                .to_socket_addrs()
                 .map(|mut a| a.any(|a| std::net::TcpStream::connect_timeout(&a, PROBE_TIMEOUT).is_ok()))
-                .unwrap_or(false)
+                .unwrap_or(false))
         }
-        Readiness::Exec(cmd) => {
-            let s = &ctx.service;
-            let mut c = std::process::Command::new(&cmd[0]);
-            c.args(&cmd[1..])
-                .env_clear()
-                .envs(s.environment.iter().map(|(k, v)| (k, v)))
-                .current_dir(&s.working_dir)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .process_group(0);
-            let (uid, gid, groups) = (s.uid, s.gid, s.supplementary_gids.clone());
-            // SAFETY: only async-signal-safe calls between fork and exec; the privilege drop of
-            // the service itself, in the same order (groups, gid, uid).
-            unsafe {
-                c.pre_exec(move || {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+        Readiness::Exec(cmd) => probe_exec(ctx, cmd),
+    }
+}
+
+/// The steps a probe's child takes between fork and exec, in order; on failure the child writes
+/// the step's number to a pipe so the message can name it (spawn itself only gets the errno).
+const STEPS: [&str; 4] = ["set the supplementary groups", "set the gid", "set the uid", "enter the working directory"];
+
+/// Runs the check command as the service user. The working directory is entered only after the
+/// privilege drop (not with `Command::current_dir`, which std applies before `pre_exec`): it is
+/// a path the service may control, and root must never follow it.
+fn probe_exec(ctx: &Context, cmd: &[String]) -> Result<bool, String> {
+    use std::os::fd::AsRawFd;
+    let s = &ctx.service;
+    let workdir = std::ffi::CString::new(s.working_dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("working_dir {} holds a NUL byte", s.working_dir.display()))?;
+    let (step_r, step_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| format!("failed to create a pipe for the readiness probe: {e}"))?;
+    let mut c = std::process::Command::new(&cmd[0]);
+    c.args(&cmd[1..])
+        .env_clear()
+        .envs(s.environment.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    let (uid, gid, groups) = (s.uid, s.gid, s.supplementary_gids.clone());
+    let step_fd = step_w.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec; the privilege drop of the
+    // service itself, in the same order (groups, gid, uid), then chdir as the service user.
+    unsafe {
+        c.pre_exec(move || {
+            let failed = |step: u8| {
+                let err = std::io::Error::last_os_error();
+                libc::write(step_fd, (&step as *const u8).cast(), 1);
+                Err(err)
+            };
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                return failed(0);
             }
-            let Ok(mut child) = c.spawn() else { return false };
-            if crate::process::tree::exits_within(child.id() as i32, PROBE_TIMEOUT) {
-                child.wait().is_ok_and(|st| st.success())
-            } else {
-                // SAFETY: the probe's own group (process_group(0)), our unreaped child.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                false
+            if libc::setgid(gid) != 0 {
+                return failed(1);
             }
+            if libc::setuid(uid) != 0 {
+                return failed(2);
+            }
+            if libc::chdir(workdir.as_ptr()) != 0 {
+                return failed(3);
+            }
+            Ok(())
+        });
+    }
+    let spawned = c.spawn();
+    drop(c);
+    drop(step_w);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let mut step = [0u8; 1];
+            let what = match nix::unistd::read(&step_r, &mut step) {
+                Ok(1) => STEPS.get(step[0] as usize).copied().unwrap_or("start it"),
+                _ => "start it",
+            };
+            let target = if what == STEPS[3] { format!(" {}", s.working_dir.display()) } else { String::new() };
+            return Err(format!("the probe `{}` could not {what}{target} as uid {uid}: {e}", cmd.join(" ")));
         }
+    };
+    if crate::process::tree::exits_within(child.id() as i32, PROBE_TIMEOUT) {
+        Ok(child.wait().is_ok_and(|st| st.success()))
+    } else {
+        // SAFETY: the probe's own group (process_group(0)), our unreaped child.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        Ok(false)
     }
 }
 
@@ -194,6 +240,8 @@ pub fn last_lines(log: &Path, n: usize) -> String {
     if lines.is_empty() {
         String::new()
     } else {
-        format!("; its last output:\n{}", lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"))
+        // The service's own bytes, about to be shown to the operator: escaped.
+        let shown: Vec<String> = lines.iter().map(|l| format!("    {}", crate::text::escape_controls(l))).collect();
+        format!("; its last output:\n{}", shown.join("\n"))
     }
 }

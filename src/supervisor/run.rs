@@ -37,12 +37,15 @@ fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
 /// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
 pub fn run(dirs: Dirs, service: Service, from: Option<String>, mut notifier: Notifier, foreground: bool) -> i32 {
+    // Whatever the caller's umask (`umask 000` in a shell), what the supervisor, CRIU and the
+    // hooks create (logs, locks, images) is root's alone; the service gets its own umask at launch.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let name = service.name.clone();
     match supervise(dirs, service, from.as_deref(), &mut notifier, foreground) {
         Ok(code) => code,
         Err(e) => {
             notifier.send(&StartReport::failure(&e));
-            eprintln!("stasis: {name}: {e}");
+            eprintln!("stasis: {name}: {}", crate::text::escape_lines(&e.to_string()));
             e.exit_code()
         }
     }
@@ -73,7 +76,10 @@ fn supervise(
         return Err(Error::Orphaned { service: service.name.clone(), pid });
     }
     let kill_port = std::net::TcpListener::bind(("127.0.0.1", service.kill_port)).map_err(|source| {
-        SupervisorError::KillPortInUse { port: service.kill_port, file: service.file.clone(), source }
+        // Named, so the operator sees who took it (any user may bind a stopped service's port).
+        let holder =
+            (source.kind() == std::io::ErrorKind::AddrInUse).then(|| super::holder::find(service.kill_port)).flatten();
+        SupervisorError::KillPortInUse { port: service.kill_port, file: service.file.clone(), source, holder }
     })?;
     let _ = std::fs::remove_file(&paths.control_socket);
     let control = std::os::unix::net::UnixListener::bind(&paths.control_socket)
