@@ -8,6 +8,8 @@ mod common;
 use common::*;
 
 // The attacks of the doors-that-hold work, one file per door.
+#[path = "security/config.rs"]
+mod config;
 #[path = "security/kill_port.rs"]
 mod kill_port;
 

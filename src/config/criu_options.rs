@@ -262,11 +262,12 @@ pub struct Refusal {
 }
 
 fn allowed_list() -> String {
-    ALLOWED
+    let named: Vec<String> = ALLOWED
         .iter()
+        .filter(|(n, _, _)| !n.starts_with("no-"))
         .map(|(n, v, _)| if matches!(v, Value::None) { format!("--{n}") } else { format!("--{n}=VALUE") })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    format!("{}, and --no-NAME of each switch", named.join(", "))
 }
 
 /// Resolves `--NAME` (without the dashes, up to any `=`) as glibc does: an exact name wins;
