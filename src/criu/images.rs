@@ -177,17 +177,13 @@ pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
             .as_ref()
             .and_then(|m| pages.read(m.mm_arg_start, m.mm_arg_end.saturating_sub(m.mm_arg_start).min(64 << 10)))
             .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
+                b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
             })
             .unwrap_or_default();
         let uid = core.thread_core.as_ref().and_then(|t| t.creds.as_ref()).map(|c| c.uid);
         let mut open = Vec::new();
         if let Some(ids) = &ids {
-            let fds: Vec<pb::FdinfoEntry> =
-                entries(images, &format!("fdinfo-{}.img", ids.files_id), false).unwrap_or_default();
+            let fds: Vec<pb::FdinfoEntry> = entries(images, &format!("fdinfo-{}.img", ids.files_id), false).unwrap_or_default();
             for fd in fds {
                 open.push(OpenFile { fd: fd.fd, what: by_id.get(&fd.id).map_or_else(|| "?".into(), |f| describe(f)) });
             }
@@ -253,13 +249,7 @@ fn describe(f: &pb::FileEntry) -> String {
     }
     if let Some(s) = &f.isk {
         let s = inet(s);
-        return format!(
-            "{} socket {} {}{}",
-            s.protocol,
-            s.state,
-            s.local,
-            s.remote.map(|r| format!(" -> {r}")).unwrap_or_default()
-        );
+        return format!("{} socket {} {}{}", s.protocol, s.state, s.local, s.remote.map(|r| format!(" -> {r}")).unwrap_or_default());
     }
     if let Some(u) = &f.usk {
         let name = String::from_utf8_lossy(&u.name).into_owned();
