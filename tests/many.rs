@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -122,25 +122,26 @@ fn forty_parallel_starts_on_a_busy_cpu_then_checkpoints_and_restores_five_rounds
     }
 }
 
-/// CRIU option files `hang` (the post-dump action script hangs, like a stuck disk) and `fail`
-/// (it fails), used by every later command of `env`.
-fn hanging_criu_configs(env: &Env) {
-    let dir = env.path().join("criu-configs");
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(Path::new(REPO).join("criu-configs")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-    }
-    let hang = env.path().join("hang.sh");
-    std::fs::write(&hang, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exec sleep 601\nexit 0\n").unwrap();
-    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let fail = env.path().join("fail.sh");
-    std::fs::write(&fail, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exit 1\nexit 0\n").unwrap();
-    std::fs::set_permissions(&fail, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let default = std::fs::read_to_string(dir.join("default.conf")).unwrap();
-    std::fs::write(dir.join("hang.conf"), format!("{default}\naction-script {}\n", hang.display())).unwrap();
-    std::fs::write(dir.join("fail.conf"), format!("{default}\naction-script {}\n", fail.display())).unwrap();
-    env.use_criu_configs(&dir);
+/// A CRIU for `env` that is the real one, plus an action script when it works for `service`:
+/// `hang` (its post-dump step hangs, like a stuck disk) or `fail` (it fails). No service file
+/// may name an action script (CRIU would run it as root), so the test wraps the binary, as
+/// root may, and hands it to the supervisors through STASIS_CRIU.
+fn criu_with_action_script(env: &Env, service: &str, action: &str) -> PathBuf {
+    let real = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("criu");
+    let script = env.path().join(format!("{action}.sh"));
+    let step = if action == "hang" { "exec sleep 601" } else { "exit 1" };
+    std::fs::write(&script, format!("#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && {step}\nexit 0\n"))
+        .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let wrapper = env.path().join(format!("criu-{action}"));
+    let (real, script) = (real.display(), script.display());
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\ncase \"$*\" in *'/services/{service}/'*) exec {real} \"$@\" --action-script {script} ;; esac\nexec {real} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    wrapper
 }
 
 /// Lines a running `stasis stop` prints, as they come.
@@ -174,14 +175,14 @@ fn pids_with(markers: &[&str]) -> Vec<i32> {
 #[test]
 fn a_supervisor_killed_while_it_holds_the_dump_slot_frees_it() {
     let env = Env::new();
-    hanging_criu_configs(&env);
+    let hanging = criu_with_action_script(&env, "holder", "hang");
     std::fs::write(env.path().join("stasis.yaml"), "max_concurrent_dumps: 1\n").unwrap();
-    env.write_service("holder", &notes_yaml(7970, 8970, "criu:\n  config: hang\ndump_timeout: 10m\n"));
+    env.write_service("holder", &notes_yaml(7970, 8970, "dump_timeout: 10m\n"));
     env.write_service("waiter", &notes_yaml(7971, 8971, ""));
-    for n in ["holder", "waiter"] {
-        env.adopt(n);
-        assert!(env.cmd(&["start", n]).status().unwrap().success());
-    }
+    env.adopt("holder");
+    assert!(env.cmd(&["start", "holder"]).env("STASIS_CRIU", &hanging).status().unwrap().success());
+    env.adopt("waiter");
+    assert!(env.cmd(&["start", "waiter"]).status().unwrap().success());
     wait_for("holder", || http_json(8970));
     wait_for("waiter", || http_json(8971));
     http(8971, "POST", "/notes", "kept").unwrap();
@@ -285,11 +286,15 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
 #[test]
 fn stop_all_and_start_all_keep_going_past_a_failing_service() {
     let env = Env::new();
-    hanging_criu_configs(&env);
+    let failing = criu_with_action_script(&env, "beta", "fail");
     env.write_service("alpha", &notes_yaml(7973, 8973, ""));
-    env.write_service("beta", &notes_yaml(7974, 8974, "criu:\n  config: fail\n"));
+    env.write_service("beta", &notes_yaml(7974, 8974, ""));
     env.write_service("gamma", &notes_yaml(7975, 8975, ""));
-    let run = |args: &[&str]| logged(args, env.cmd(args));
+    let run = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        c.env("STASIS_CRIU", &failing);
+        logged(args, c)
+    };
     for n in ["alpha", "beta", "gamma"] {
         env.adopt(n);
     }

@@ -195,8 +195,10 @@ fn start_sshd(env: &Env, name: &str, user: &str, owner: Option<u32>, port: u16, 
     env.write_service(
         name,
         &format!(
-            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: {user}\nkill_port: {kill_port}\n",
-            dir.display()
+            // sshd run as root (to switch to the logged-in user) says so: root needs allow_root.
+            "command: [\"/usr/sbin/sshd\", \"-D\", \"-e\", \"-f\", \"{}/sshd_config\"]\nuser: {user}\nkill_port: {kill_port}\n{}",
+            dir.display(),
+            if user == "root" { "allow_root: true\n" } else { "" }
         ),
     );
     let first = env.start(name);

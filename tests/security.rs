@@ -12,6 +12,8 @@ use common::*;
 mod files;
 #[path = "security/hygiene.rs"]
 mod hygiene;
+#[path = "security/config.rs"]
+mod config;
 #[path = "security/kill_port.rs"]
 mod kill_port;
 

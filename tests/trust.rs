@@ -454,24 +454,21 @@ fn a_truncated_init_copy_is_recreated() {
 fn a_dump_that_exceeds_dump_timeout_is_ended_and_the_service_resumed() {
     let env = Env::new();
     let (name, kill, http_port) = ("hang", 7959, 8959);
-    let criu_dir = env.path().join("criu-configs");
-    std::fs::create_dir(&criu_dir).unwrap();
-    for e in std::fs::read_dir(Path::new(REPO).join("criu-configs")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "conf") {
-            std::fs::copy(&p, criu_dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
     let hang = env.path().join("hang.sh");
     std::fs::write(&hang, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exec sleep 600\nexit 0\n").unwrap();
     std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let default = std::fs::read_to_string(criu_dir.join("default.conf")).unwrap();
-    std::fs::write(criu_dir.join("hang.conf"), format!("{default}\naction-script {}\n", hang.display())).unwrap();
-    env.write_service(name, &notes_yaml(kill, http_port, "criu:\n  config: hang\ndump_timeout: 3s\n"));
+    // No service file may name an action script (CRIU runs it as root): the test wraps the
+    // real CRIU, as root may, and hands it to the supervisor through STASIS_CRIU.
+    let real = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("criu");
+    let criu = env.path().join("criu-hang");
+    std::fs::write(&criu, format!("#!/bin/sh\nexec {} \"$@\" --action-script {}\n", real.display(), hang.display()))
+        .unwrap();
+    std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_service(name, &notes_yaml(kill, http_port, "dump_timeout: 3s\n"));
 
     let cmd = |args: &[&str]| {
         let mut c = env.cmd(args);
-        c.env("STASIS_CRIU_CONFIG_DIR", &criu_dir);
+        c.env("STASIS_CRIU", &criu);
         c
     };
     let run = |args: &[&str]| logged(args, cmd(args));

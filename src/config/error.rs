@@ -16,14 +16,15 @@ pub struct Problem {
 pub enum ConfigError {
     #[error("failed to find service {name}: {path} does not exist (create it, or pass --config-dir / set STASIS_CONFIG_DIR)")]
     NotFound { name: String, path: PathBuf },
-    #[error("failed to read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
     #[error("failed to list service files in {dir}: {source}")]
     ListDir { dir: PathBuf, source: std::io::Error },
     #[error("{}", render_invalid(path, problems))]
     Invalid { path: PathBuf, problems: Vec<Problem> },
     #[error("failed to use {path}: service file names must be NAME.yaml with NAME made of a-z, 0-9, '-', '_' or '.', starting with a letter or digit, at most 63 characters, without `..`")]
     BadFileName { path: PathBuf },
+    /// A file stasis would act on as root that is not root's alone, or not a plain file.
+    #[error(transparent)]
+    Untrusted(#[from] super::trust::TrustError),
     #[error("failed to use {name:?} as a service name: names are 1 to 63 of a-z, 0-9, '-', '_' and '.', starting with a letter or digit, without `..` or `/` (to check a file elsewhere, use `stasis validate PATH`)")]
     BadName { name: String },
 }

@@ -51,12 +51,22 @@ impl Default for HostConfig {
 
 impl HostConfig {
     pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HostConfig::default()),
-            Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        let read = match super::trust::read_file(path) {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => return Ok(HostConfig::default()),
+            Err(e) => return Err(ConfigError::Untrusted(e)),
         };
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
+        // It sets where every supervisor writes its metrics, as root: only root may say.
+        if !read.untrusted.is_empty() {
+            return Err(invalid(
+                read.untrusted
+                    .iter()
+                    .map(|e| Problem { line: None, key: String::new(), message: e.to_string() })
+                    .collect(),
+            ));
+        }
+        let text = read.text;
         let file: HostFile = if text.trim().is_empty() {
             HostFile::default()
         } else {

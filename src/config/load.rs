@@ -4,6 +4,7 @@
 use super::error::{ConfigError, Problem};
 use super::key_lines::line_of;
 use super::schema::{ServiceFile, CRIU_KEYS, TOP_LEVEL_KEYS};
+use super::trust;
 use super::validate::{validate, Service};
 use crate::paths::Dirs;
 use serde_yaml::Value;
@@ -19,15 +20,31 @@ pub fn load_service(dirs: &Dirs, target: &str) -> Result<Service, ConfigError> {
         dirs.service_file(target)
     };
     let name = service_name_from_path(&path)?;
-    let text = std::fs::read_to_string(&path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    let read = trust::read_file(&path).map_err(|e| {
+        if e.is_not_found() {
             ConfigError::NotFound { name: name.clone(), path: path.clone() }
         } else {
-            ConfigError::Read { path: path.clone(), source }
+            ConfigError::Untrusted(e)
         }
     })?;
-    let file = parse(&path, &text)?;
-    validate(dirs, &name, &path, &text, file)
+    // Reported with every other problem, so `validate` shows the whole picture; a file that is
+    // not root's alone never becomes a Service.
+    let mut untrusted: Vec<Problem> = trust::dirs_down_to(&dirs.config_dir, &path)
+        .iter()
+        .flat_map(|d| trust::check_dir(d))
+        .chain(read.untrusted)
+        .map(|e| Problem { line: None, key: String::new(), message: e.to_string() })
+        .collect();
+    let text = read.text;
+    match parse(&path, &text).and_then(|file| validate(dirs, &name, &path, &text, file)) {
+        Ok(service) if untrusted.is_empty() => Ok(service),
+        Ok(_) => Err(ConfigError::Invalid { path, problems: untrusted }),
+        Err(ConfigError::Invalid { path, problems }) => {
+            untrusted.extend(problems);
+            Err(ConfigError::Invalid { path, problems: untrusted })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Loads the service called `name` from the config dir. The name is checked first, so no

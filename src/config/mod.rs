@@ -1,11 +1,13 @@
 //! Service definitions: one YAML file per service, parsed strictly and validated into a
 //! [`Service`] that the supervisor can run without further checks.
 
+pub mod criu_options;
 mod error;
 pub mod host;
 mod key_lines;
 mod load;
 pub mod schema;
+pub mod trust;
 mod validate;
 
 pub use error::{ConfigError, Problem};

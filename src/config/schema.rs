@@ -33,6 +33,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "restart_limit",
     "compression",
     "encryption_key_file",
+    "allow_root",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -119,6 +120,9 @@ pub struct ServiceFile {
     /// A root-only file holding a 32-byte key: checkpoints' images are stored encrypted with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encryption_key_file: Option<String>,
+    /// Lets `user`/`group` be root (uid or gid 0); without it such a service is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_root: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -1,9 +1,11 @@
 //! Semantic checks of a parsed service file (users, groups, paths, ports, CRIU options),
 //! producing the [`Service`] the rest of stasis runs. Every problem is collected, not just the first.
 
+use super::criu_options;
 use super::error::{ConfigError, Problem};
 use super::key_lines::line_of;
 use super::schema::ServiceFile;
+use super::trust;
 use crate::paths::Dirs;
 use nix::unistd::{Group, User};
 use std::ffi::CString;
@@ -74,29 +76,6 @@ pub enum OnIncompatible {
     /// Keep the checkpoint and refuse to start.
     Fail,
 }
-/// Options stasis sets itself; letting a service file override them would break the store or the supervisor.
-const RESERVED_CRIU_OPTIONS: &[&str] = &[
-    "-D",
-    "--images-dir",
-    "-t",
-    "--tree",
-    "-o",
-    "--log-file",
-    "-W",
-    "--work-dir",
-    "--pidfile",
-    "-d",
-    "--restore-detached",
-    "-R",
-    "--leave-running",
-    "--leave-stopped",
-    "--action-script",
-    "--config",
-    "--inherit-fd",
-    "-s",
-    "--leave-stopped",
-    "--restore-sibling",
-];
 
 /// A validated service, ready to run.
 #[derive(Debug, Clone)]
@@ -214,6 +193,9 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         _ => Vec::new(),
     };
 
+    let group_key = if file.group.is_some() { "group" } else { "user" };
+    check_root(&mut c, user.as_ref(), (gid, group_key), &supplementary_gids, file.allow_root == Some(true));
+
     if file.kill_port == 0 {
         c.fail("kill_port", "must be a TCP port between 1 and 65535");
     }
@@ -247,14 +229,11 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
                 available_profiles(&dirs.criu_config_dir)
             ),
         );
+    } else {
+        check_criu_config(&mut c, &dirs.criu_config_dir, &criu_config);
     }
-    for (i, opt) in file.criu.options.iter().enumerate() {
-        let flag = opt.split('=').next().unwrap_or(opt);
-        if !opt.starts_with('-') {
-            c.fail(&format!("criu.options[{i}]"), format!("\"{opt}\" is not an option; write each option as it would appear on criu's command line, e.g. \"--tcp-close\""));
-        } else if RESERVED_CRIU_OPTIONS.contains(&flag) {
-            c.fail(&format!("criu.options[{i}]"), format!("{flag} is set by stasis itself and cannot be overridden"));
-        }
+    for r in criu_options::check(&file.criu.options, false) {
+        c.fail(&format!("criu.options[{}]", r.index), r.error.to_string());
     }
     let stop_timeout = match file.stop_timeout_secs {
         None => DEFAULT_STOP_TIMEOUT,
@@ -416,10 +395,13 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
         level
     });
-    // Only its form here: the file is root's and read when a checkpoint is written or restored.
+    // Its form, and whose it is when it exists: it is read when a checkpoint is written or restored.
     let encryption_key_file = file.encryption_key_file.as_deref().and_then(|p| {
         let path = PathBuf::from(p);
         if path.is_absolute() {
+            for e in trust::check_file_if_present(&path) {
+                c.fail("encryption_key_file", e.to_string());
+            }
             Some(path)
         } else {
             c.fail("encryption_key_file", format!("\"{p}\" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"));
@@ -622,6 +604,42 @@ fn check_command(c: &mut Checker, command: &[String], env: &[(String, String)], 
                 "\"{program}\" was not found in the service's PATH ({path_var}); install it or give an absolute path"
             ),
         );
+    }
+}
+
+/// A service that would run with root's uid or gid has nothing between it and the host; that
+/// must be asked for, not fallen into by naming a user who happens to be uid 0.
+/// `gid` comes with the key that chose it (`group`, or `user` for the user's primary group).
+fn check_root(c: &mut Checker, user: Option<&User>, gid: (Option<u32>, &str), groups: &[u32], allowed: bool) {
+    if allowed {
+        return;
+    }
+    const FIX: &str = "run it as its own user (`useradd --system --no-create-home --shell /usr/sbin/nologin NAME`), or add `allow_root: true` if it really needs root";
+    if let Some(u) = user.filter(|u| u.uid.is_root()) {
+        c.fail("user", format!("user \"{}\" is uid 0: the service would run as root; {FIX}", u.name));
+    } else if gid.0 == Some(0) {
+        c.fail(gid.1, format!("the service would run with gid 0 (root's group); {FIX}"));
+    } else if groups.contains(&0) {
+        c.fail("user", format!("the user is in group 0 (root's group), which the service would hold; {FIX}"));
+    }
+}
+
+/// The CRIU config a service selects, and the directory it is in, must be root's alone, and
+/// every line in it must be an option a service may add (CRIU reads it as root, as options).
+fn check_criu_config(c: &mut Checker, dir: &Path, file: &Path) {
+    for e in trust::check_dir(dir) {
+        c.fail("criu.config", e.to_string());
+    }
+    match trust::read_file(file) {
+        Err(e) => c.fail("criu.config", e.to_string()),
+        Ok(read) => {
+            for e in read.untrusted {
+                c.fail("criu.config", e.to_string());
+            }
+            for (line, why) in criu_options::check_config_text(&read.text) {
+                c.fail("criu.config", format!("{} line {line}: {why}", file.display()));
+            }
+        }
     }
 }
 

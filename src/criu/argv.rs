@@ -1,11 +1,15 @@
 //! Command lines for `criu dump` and `criu restore`. Options that stasis depends on are set
-//! here; everything tunable lives in the service's `criu-configs/*.conf` and `criu.options`.
+//! here; everything tunable lives in the service's `criu-configs/*.conf` and `criu.options`,
+//! both held to the allowlist of `config::criu_options` when the service is loaded. CRIU reads
+//! the config file before the command line, and the options after stasis's own, so a later
+//! spelling of a stasis option would win: that is what the allowlist rules out.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// Verbose logs cost little next to a dump and are what makes a failure diagnosable.
 const LOG_LEVEL: &str = "-v4";
+const NO_DEFAULT_CONFIG: &str = "--no-default-config";
 
 #[derive(Debug, Clone)]
 pub struct DumpArgs {
@@ -39,6 +43,9 @@ impl DumpArgs {
             "--log-file".into(),
             "-".into(),
             LOG_LEVEL.into(),
+            // Said outright, though `--config` implies it: /etc/criu/default.conf and
+            // ~/.criu/default.conf are nobody's choice for this service.
+            NO_DEFAULT_CONFIG.into(),
             "--config".into(),
             self.config_file.clone().into(),
         ];
@@ -77,6 +84,7 @@ impl RestoreArgs {
             "--log-file".into(),
             "-".into(),
             LOG_LEVEL.into(),
+            NO_DEFAULT_CONFIG.into(),
             "--config".into(),
             self.config_file.clone().into(),
             // Detached, so the restored root is re-parented to the supervisor (a child subreaper).
@@ -116,6 +124,7 @@ mod tests {
         assert_eq!(&v[..3], ["dump", "--tree", "42"]);
         assert!(v.contains(&"--leave-running".to_string()));
         assert_eq!(v.last().unwrap(), "--tcp-close");
+        assert!(v.contains(&"--no-default-config".to_string()));
         let i = v.iter().position(|s| s == "--action-script").unwrap();
         assert_eq!(v[i + 1], "/usr/bin/stasis");
     }
@@ -131,6 +140,7 @@ mod tests {
         };
         let v = strings(a.argv(Some(7)));
         assert!(v.contains(&"--restore-detached".to_string()));
+        assert!(v.contains(&"--no-default-config".to_string()));
         assert!(v.contains(&"fd[7]:pipe:[12345]".to_string()));
         assert!(!strings(a.argv(None)).iter().any(|s| s.contains("pipe:[")), "no pipe, no --inherit-fd");
     }

@@ -24,7 +24,7 @@ impl Criu {
     /// Dumps; past `timeout` criu and its action scripts are killed and the dump has failed.
     pub fn dump(&self, args: &DumpArgs, env: &[(&str, String)], timeout: Duration) -> Result<(), CriuError> {
         let mut cmd = self.command(args.argv());
-        for (k, v) in env {
+        for (k, v) in env.iter().filter(|(k, _)| !criu_reads(k)) {
             cmd.env(k, v);
         }
         // Its own group, so a timeout ends the action scripts it started too.
@@ -80,7 +80,8 @@ impl Criu {
         let mut cmd = Command::new(&self.path);
         cmd.args(argv)
             // A clean environment: nothing of the caller's (CRIU_CONFIG_FILE would add a config,
-            // LD_PRELOAD would run in root's CRIU).
+            // LD_PRELOAD would run in root's CRIU, POSIXLY_CORRECT would change how CRIU's
+            // getopt reads the options the allowlist judged).
             .env_clear()
             .env("PATH", crate::config::DEFAULT_PATH)
             .env("LANG", "C.UTF-8")
@@ -144,6 +145,13 @@ impl Criu {
     }
 }
 
+/// Variables CRIU itself (or the loader, as root) acts on: a config file to read besides
+/// `--config` (CRIU_CONFIG_FILE is read even then), the home whose ~/.criu/default.conf it
+/// would read, a library to preload. None is ever passed on, whoever asks.
+fn criu_reads(name: &str) -> bool {
+    name == "CRIU_CONFIG_FILE" || name == "HOME" || name.starts_with("LD_") || name == "POSIXLY_CORRECT"
+}
+
 /// A limit on how long criu may run, and the setting that sets it (for the message).
 #[derive(Clone, Copy)]
 struct Deadline {
@@ -186,5 +194,18 @@ impl Drop for InheritGuard {
     fn drop(&mut self) {
         // SAFETY: as above.
         unsafe { libc::fcntl(self.0, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::criu_reads;
+
+    #[test]
+    fn variables_criu_acts_on_are_never_passed() {
+        for v in ["CRIU_CONFIG_FILE", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "POSIXLY_CORRECT"] {
+            assert!(criu_reads(v), "{v}");
+        }
+        assert!(!criu_reads("STASIS_HOOK_SOCKET"));
     }
 }
