@@ -432,9 +432,9 @@ fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_termi
     }
 }
 
-/// A checkpoint that leaves the service running has its big memory images hashed while CRIU
-/// writes them (store::trailing): the hashes must be those of the whole files, or the restore's
-/// verification would refuse the checkpoint. 96 MiB of random memory, restored with `--from`.
+/// A checkpoint that leaves the service running has its big memory images hashed from the disk:
+/// the hashes must be those of the whole files, or the restore's verification would refuse the
+/// checkpoint. 96 MiB of random memory, restored with `--from`.
 #[test]
 fn a_big_checkpoint_hashed_while_criu_wrote_it_verifies_and_restores_the_same_memory() {
     let env = Env::new();

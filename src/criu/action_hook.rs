@@ -65,11 +65,10 @@ pub fn main() -> i32 {
         }
         None => None,
     };
-    // The supervisor hashed the memory images while CRIU wrote them; what it cannot vouch for
-    // is hashed here. Its socket is not part of the checkpoint.
-    let prehashed = crate::store::trailing::ask(&pending.dir);
-    let _ = std::fs::remove_file(pending.dir.join(crate::store::trailing::SOCKET));
-    match pending.finalize_prehashed(key.as_ref(), prehashed) {
+    // Every image is hashed here, from the bytes on disk, while the tree is still frozen: a
+    // hash is never inferred from a size, so a stopping service's checkpoint cannot be recorded
+    // with a hash its images do not have (and be quarantined at the next start, its memory lost).
+    match pending.finalize_sealed(key.as_ref()) {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("stasis: {e}");

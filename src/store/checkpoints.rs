@@ -108,17 +108,8 @@ impl PendingCheckpoint {
     }
 
     /// The same, sealing every image with `key` first when the draft asks for encryption.
+    /// Every image is hashed from its bytes on disk, in the pass that fsyncs it.
     pub fn finalize_sealed(&self, key: Option<&super::seal::Key>) -> Result<Checkpoint, StoreError> {
-        self.finalize_prehashed(key, super::trailing::Prehashed::new())
-    }
-
-    /// The same, with the hashes of images taken while CRIU wrote them (used only for images
-    /// stored as CRIU wrote them: not when they are compressed or sealed here).
-    pub fn finalize_prehashed(
-        &self,
-        key: Option<&super::seal::Key>,
-        prehashed: super::trailing::Prehashed,
-    ) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_draft(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
@@ -140,12 +131,7 @@ impl PendingCheckpoint {
                 });
             }
         }
-        let prehashed = if manifest.compression.is_none() && manifest.encryption.is_none() {
-            prehashed
-        } else {
-            super::trailing::Prehashed::new()
-        };
-        let synced = fsync_and_hash(&self.dir, IMAGES_DIR, &prehashed)?;
+        let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
         // A dump that wrote nothing is no checkpoint (and its manifest would not be a valid one).
         if synced.hashed.is_empty() {
             return Err(StoreError::NoImages { dir: self.images_dir() });

@@ -81,13 +81,9 @@ pub struct Synced {
 /// fsyncs every regular file and directory under `dir` and, in the same pass, hashes every file
 /// under `dir/hashed_subdir`: one thread reads and hashes (page cache, CPU) while this one waits
 /// for the disk, so the checksums cost next to nothing on top of the fsyncs.
-/// A file's hash is taken from `prehashed` (hashed while CRIU wrote it) when its size there is
-/// its size now.
-pub fn fsync_and_hash(
-    dir: &Path,
-    hashed_subdir: &str,
-    prehashed: &super::trailing::Prehashed,
-) -> Result<Synced, StoreError> {
+/// Each hash is of the file's bytes as read here, never taken from elsewhere on the strength
+/// of a matching size.
+pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     walk(dir, Path::new(""), &mut files, &mut dirs)?;
@@ -101,11 +97,8 @@ pub fn fsync_and_hash(
             let mut out = Vec::with_capacity(to_hash.len());
             for (rel, path) in &to_hash {
                 let size = fs::metadata(path).map_err(|source| StoreError::Read { path: path.clone(), source })?.len();
-                let hash = match prehashed.get(path) {
-                    Some((hashed, hash)) if *hashed == size => hash.clone(),
-                    _ => super::identity::hash_file(path)
-                        .map_err(|source| StoreError::Read { path: path.clone(), source })?,
-                };
+                let hash = super::identity::hash_file(path)
+                    .map_err(|source| StoreError::Read { path: path.clone(), source })?;
                 out.push(ImageFile { path: rel.clone(), size, hash });
             }
             out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -187,7 +180,7 @@ mod tests {
         fs::create_dir(d.path().join("images")).unwrap();
         fs::write(d.path().join("images/a.img"), [0u8; 100]).unwrap();
         fs::write(d.path().join("b"), [0u8; 23]).unwrap();
-        let s = fsync_and_hash(d.path(), "images", &Default::default()).unwrap();
+        let s = fsync_and_hash(d.path(), "images").unwrap();
         assert_eq!(s.total_bytes, 123);
         assert_eq!(s.hashed.len(), 1);
         assert_eq!(s.hashed[0].path, "images/a.img");

@@ -15,7 +15,6 @@ mod manifest;
 pub mod safe_open;
 pub mod seal;
 pub mod shm;
-pub mod trailing;
 pub mod verify;
 
 pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};

@@ -217,42 +217,16 @@ fn dump(
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
-    // Memory images are hashed while CRIU writes them (store::trailing), so little hashing is
-    // left after it: here for a dump that leaves the service running, in the post-dump hook
-    // (which asks through a socket in the pending directory) for a stopping one. Stored
-    // compressed or sealed, the bytes on disk differ: no following then.
-    let follow = !dry && ctx.service.compression.is_none() && key.is_none();
-    let listener = (follow && stopping)
-        .then(|| std::os::unix::net::UnixListener::bind(pending.dir.join(crate::store::trailing::SOCKET)).ok())
-        .flatten();
-    let criu_done = std::sync::atomic::AtomicBool::new(false);
-    let (dumped, prehashed) = std::thread::scope(|s| {
+    let dumped = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
-        let trailing = follow.then(|| {
-            let (images, criu_done, listener) = (pending.images_dir(), &criu_done, listener.as_ref());
-            s.spawn(move || {
-                // Spare CPU first: the service is frozen until CRIU is done, so CRIU comes first.
-                // Nice 19, not SCHED_IDLE: a busy host must not starve the thread the post-dump
-                // hook waits on (store::trailing raises it back when the hook asks).
-                // SAFETY: setpriority on this thread's own id.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-                crate::store::trailing::follow(&images, listener, criu_done)
-            })
-        });
         let left = deadline.saturating_duration_since(Instant::now());
         let r = ctx.criu.dump(&args, &env, left);
-        criu_done.store(true, std::sync::atomic::Ordering::Release);
         drop(done_tx);
-        let prehashed = trailing.and_then(|h| h.join().ok()).unwrap_or_default();
-        tracing::debug!("dump: {} images hashed while CRIU wrote them", prehashed.len());
-        (r, prehashed)
+        r
     });
-    if listener.is_some() {
-        let _ = std::fs::remove_file(pending.dir.join(crate::store::trailing::SOCKET));
-    }
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     tracing::debug!("dump: criu done");
 
@@ -287,7 +261,7 @@ fn dump(
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
         }),
-        Ok(()) => pending.finalize_prehashed(key.as_ref(), prehashed).map_err(|e| e.to_string()),
+        Ok(()) => pending.finalize_sealed(key.as_ref()).map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
             match pending.finalized() {
