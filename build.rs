@@ -1,11 +1,20 @@
-//! Compiles the CRIU image schemas `stasis inspect` reads (proto/criu, vendored) into prost
-//! types. protox is a protobuf compiler in Rust: no `protoc` on the machine is needed.
+//! Compiles the CRIU schemas (proto/criu, vendored) into prost types: the image files
+//! `stasis inspect` reads, and the RPC messages `criu swrk` speaks. protox is a protobuf compiler
+//! in Rust: no `protoc` on the machine is needed. The two sets are separate modules: both define
+//! a message named `criu_opts` (an image's and the RPC's), in no package.
 
 fn main() {
-    const READ: &[&str] =
+    const IMAGES: &[&str] =
         &["inventory.proto", "pstree.proto", "core.proto", "mm.proto", "pagemap.proto", "fdinfo.proto"];
     println!("cargo:rerun-if-changed=proto/criu");
-    let files: Vec<String> = READ.iter().map(|f| format!("proto/criu/{f}")).collect();
+    compile(IMAGES, "images");
+    compile(&["rpc.proto"], "rpc");
+}
+
+fn compile(protos: &[&str], into: &str) {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(into);
+    std::fs::create_dir_all(&out).expect("the output directory can be made");
+    let files: Vec<String> = protos.iter().map(|f| format!("proto/criu/{f}")).collect();
     let fds = protox::compile(&files, ["proto/criu"]).expect("the vendored CRIU schemas compile");
-    prost_build::Config::new().compile_fds(fds).expect("prost generates the image types");
+    prost_build::Config::new().out_dir(&out).compile_fds(fds).expect("prost generates the types");
 }

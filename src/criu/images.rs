@@ -11,7 +11,7 @@ use std::path::Path;
 
 #[allow(clippy::all, dead_code)]
 pub mod pb {
-    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+    include!(concat!(env!("OUT_DIR"), "/images/_.rs"));
 }
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;

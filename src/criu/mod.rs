@@ -11,6 +11,7 @@ pub mod images;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
+pub mod rpc;
 mod run;
 pub mod stats;
 
