@@ -177,7 +177,11 @@ pub fn render(dirs: &Dirs) -> String {
 pub fn write_file(dirs: &Dirs, host: &crate::config::host::HostConfig) {
     if let Some(path) = &host.metrics_file {
         // Atomic for node_exporter's reader; rewritten at every change, so not fsynced.
-        let _ = crate::store::durable::write_atomic_with(path, render(dirs).as_bytes(), crate::store::durable::Durability::None);
+        let _ = crate::store::durable::write_atomic_with(
+            path,
+            render(dirs).as_bytes(),
+            crate::store::durable::Durability::None,
+        );
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
     }
 }

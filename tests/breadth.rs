@@ -83,7 +83,10 @@ fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
     let out = env.run(&["doctor", "unremapped"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
-    assert!(err.contains(&format!("{state} is open but its name was removed")) && err.contains("add --link-remap"), "{err}");
+    assert!(
+        err.contains(&format!("{state} is open but its name was removed")) && err.contains("add --link-remap"),
+        "{err}"
+    );
     assert!(env.checkpoint_dirs("unremapped").is_empty());
     assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "untouched");
     let out = env.run(&["stop", "unremapped"]);

@@ -114,7 +114,10 @@ fn a_bit_flip_anywhere_in_the_archive_is_refused_and_nothing_is_added() {
         let out = env.run(&["import", &path.display().to_string()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(11), "byte {at}: {err}");
-        assert!(err.contains("failed to import") && err.contains("damaged") && err.contains("nothing was added"), "byte {at}: {err}");
+        assert!(
+            err.contains("failed to import") && err.contains("damaged") && err.contains("nothing was added"),
+            "byte {at}: {err}"
+        );
     }
     let junk = env.path().join("junk");
     std::fs::write(&junk, b"definitely not an archive").unwrap();
@@ -178,7 +181,10 @@ fn a_compressed_checkpoint_of_repetitive_memory_is_under_half_of_it_and_restores
     load_values(6499, 50_000, &"abcdefgh".repeat(125));
     env.ok(&["stop", "squeezed"]);
     let cp = env.checkpoint_dirs("squeezed").pop().unwrap();
-    let names: Vec<String> = std::fs::read_dir(cp.join("images")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(cp.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().any(|n| n.starts_with("pages-") && n.ends_with(".img.zst")), "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with("pages-") && n.ends_with(".img")), "no plain pages at rest: {names:?}");
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "squeezed", "--json"])).unwrap();
@@ -216,7 +222,10 @@ fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
     let redis = procs.iter().find(|p| p["comm"] == "redis-server").unwrap_or_else(|| panic!("no redis-server in {v}"));
     assert_eq!(redis["uid"], uid_of_user("redis"), "{redis}");
     assert!(redis["command_line"][0].as_str().unwrap().contains("redis-server"), "{redis}");
-    assert!(v["sockets"].as_array().unwrap().iter().any(|s| s["state"] == "listening" && s["local"] == "127.0.0.1:6498"), "{v}");
+    assert!(
+        v["sockets"].as_array().unwrap().iter().any(|s| s["state"] == "listening" && s["local"] == "127.0.0.1:6498"),
+        "{v}"
+    );
     let saved = v["memory"]["total"].as_u64().unwrap();
     let off = (saved as f64 - rss as f64).abs() / rss as f64;
     assert!(off < 0.10, "memory saved {saved} within 10% of the RSS {rss} ({:.1}%)", off * 100.0);
@@ -260,7 +269,10 @@ fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_
     // The control: the same service without encryption shows the secret in its images, so the
     // search below can fail.
     env.write_service("plain", &redis_yaml(6480, 7986));
-    env.write_service("vault", &format!("{}encryption_key_file: {}\ncompression: zstd\n", redis_yaml(6481, 7987), key.display()));
+    env.write_service(
+        "vault",
+        &format!("{}encryption_key_file: {}\ncompression: zstd\n", redis_yaml(6481, 7987), key.display()),
+    );
     for (name, port) in [("plain", 6480), ("vault", 6481)] {
         env.start(name);
         wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
@@ -272,7 +284,10 @@ fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_
     assert!(!found_under(&vault, secret.as_bytes()), "no plaintext of the secret anywhere in the service's state");
     let cp = env.checkpoint_dirs("vault").pop().unwrap();
     let m = std::fs::read_to_string(cp.join("manifest.json")).unwrap();
-    assert!(m.contains("xchacha20poly1305") && !m.contains(&format!("{:02x}{:02x}{:02x}", good[0], good[1], good[2])), "the key id, not the key: {m}");
+    assert!(
+        m.contains("xchacha20poly1305") && !m.contains(&format!("{:02x}{:02x}{:02x}", good[0], good[1], good[2])),
+        "the key id, not the key: {m}"
+    );
     // The right key brings it back.
     let back = env.start("vault");
     assert_eq!(back["started_from"], "checkpoint", "{back}");

@@ -59,7 +59,8 @@ fn a_service_that_never_gets_ready_fails_the_start() {
     assert!(err.contains("listening-soon"), "its last output is shown: {err}");
     let st = env.status("never");
     assert_eq!(st["state"], "failed", "{st}");
-    let bad = env.write_service("badready", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7943\nready: sometimes\n");
+    let bad =
+        env.write_service("badready", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7943\nready: sometimes\n");
     let out = env.run(&["validate", &bad.display().to_string()]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("key `ready`"), "{}", String::from_utf8_lossy(&out.stdout));
@@ -112,14 +113,18 @@ fn ready_1_from_outside_the_service_is_ignored() {
         "silent",
         "command: [\"/bin/sh\", \"-c\", \"echo never-notifies; exec sleep 600\"]\nuser: stasis-example\nkill_port: 7945\nready: notify\nready_timeout: 4s\n",
     );
-    let start = env.cmd(&["start", "silent"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = env
+        .cmd(&["start", "silent"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // The supervisor's abstract socket, as the kernel lists it; then READY=1 from this process,
     // which is not in the service's tree.
     let name = wait_for("the notify socket", || {
-        std::fs::read_to_string("/proc/net/unix")
-            .ok()?
-            .lines()
-            .find_map(|l| l.split_whitespace().last().filter(|p| p.starts_with("@stasis/silent/notify/")).map(str::to_string))
+        std::fs::read_to_string("/proc/net/unix").ok()?.lines().find_map(|l| {
+            l.split_whitespace().last().filter(|p| p.starts_with("@stasis/silent/notify/")).map(str::to_string)
+        })
     });
     let sent = std::process::Command::new("python3")
         .args(["-c", "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b'READY=1', b'\\0' + sys.argv[1].encode()[1:])", &name])

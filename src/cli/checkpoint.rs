@@ -24,15 +24,15 @@ pub fn ask(dirs: &Dirs, name: &str, command: &str, json: bool) -> Result<i32, Er
     }
     let mut stream =
         UnixStream::connect(&paths.control_socket).map_err(|e| Error::io("connect to", &paths.control_socket, e))?;
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .map_err(|e| Error::io("write to", &paths.control_socket, e))?;
+    stream.write_all(format!("{command}\n").as_bytes()).map_err(|e| Error::io("write to", &paths.control_socket, e))?;
     let (last, lines) = super::stop::relay(stream, json)?;
     match protocol::parse_final(&last) {
         Some(Ok(text)) => {
             if json {
                 let checkpoint = (command == protocol::CHECKPOINT_COMMAND).then(|| protocol::checkpoint_id(&text));
-                print_json(&serde_json::json!({ "name": service.name, "ok": true, "checkpoint": checkpoint, "lines": lines }));
+                print_json(
+                    &serde_json::json!({ "name": service.name, "ok": true, "checkpoint": checkpoint, "lines": lines }),
+                );
             }
             Ok(exit_codes::OK)
         }

@@ -16,9 +16,7 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, output: &str, json: bool) 
     let cp = match id {
         Some(id) => {
             let listed = store.get(id)?.ok_or_else(|| {
-                Error::ExportFailed(format!(
-                    "{name} has no checkpoint {id}; `stasis checkpoints {name}` lists them"
-                ))
+                Error::ExportFailed(format!("{name} has no checkpoint {id}; `stasis checkpoints {name}` lists them"))
             })?;
             listed.checkpoint().ok_or_else(|| {
                 Error::ExportFailed(format!("checkpoint {id} of {name} is damaged: its manifest cannot be read"))
@@ -30,7 +28,10 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, output: &str, json: bool) 
     };
     // A damaged checkpoint is not sent anywhere as if it were intact.
     let images = cp.manifest.images.clone().ok_or_else(|| {
-        Error::ExportFailed(format!("checkpoint {} has no image checksums (taken by an older stasis); it cannot be exported", cp.id))
+        Error::ExportFailed(format!(
+            "checkpoint {} has no image checksums (taken by an older stasis); it cannot be exported",
+            cp.id
+        ))
     })?;
     verify::verify_images(&cp.dir, &images)
         .map_err(|p| Error::ExportFailed(format!("checkpoint {} failed verification: {p}", cp.id)))?;
@@ -68,7 +69,8 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, output: &str, json: bool) 
 /// sees half an archive under the final name.
 fn write_file(cp: &crate::store::Checkpoint, path: &std::path::Path) -> Result<u64, Error> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let file_name = path.file_name().ok_or_else(|| Error::ExportFailed(format!("{} is not a file name", path.display())))?;
+    let file_name =
+        path.file_name().ok_or_else(|| Error::ExportFailed(format!("{} is not a file name", path.display())))?;
     let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
         // It holds the service's memory: only root may read it.

@@ -30,7 +30,9 @@ pub fn run(dirs: &Dirs, file: &str, as_name: Option<&str>, json: bool) -> Result
     let read = archive::read(std::io::BufReader::with_capacity(1 << 20, input), &staging.dir)
         .map_err(|e| Error::ImportRefused(format!("{}: {e}; nothing was added", shown(file))))?;
     let name = as_name.unwrap_or(&read.header.service);
-    check_name(name).map_err(|_| Error::ImportRefused(format!("the archive names service {name:?}, which is not a valid name; use --as NAME")))?;
+    check_name(name).map_err(|_| {
+        Error::ImportRefused(format!("the archive names service {name:?}, which is not a valid name; use --as NAME"))
+    })?;
     let service = load_named(dirs, name).map_err(|e| {
         Error::ImportRefused(format!(
             "{e}; a checkpoint is added to a service configured on this host: write {} first (the same command, user and directory as where it was taken), or pick one with --as NAME",
@@ -81,7 +83,8 @@ pub fn run(dirs: &Dirs, file: &str, as_name: Option<&str>, json: bool) -> Result
     };
     // Written by the import, hashed again by the commit: the two must agree.
     if cp.manifest.images != read.manifest.images {
-        let _ = store.quarantine(&cp.id, "its images on disk differ from the archive's manifest right after the import");
+        let _ =
+            store.quarantine(&cp.id, "its images on disk differ from the archive's manifest right after the import");
         return Err(Error::ImportRefused(format!(
             "{}: the images written differ from the archive's manifest; moved aside to quarantine",
             shown(file)
@@ -122,14 +125,19 @@ fn fits_this_host(dirs: &Dirs, m: &crate::store::Manifest, warnings: &mut Vec<St
     }
     let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(k) = m.kernel_version.as_deref().filter(|k| *k != kernel) {
-        warnings.push(format!("it was taken on kernel {k} and this host runs {kernel}; CRIU checks at the restore what it needs"));
+        warnings.push(format!(
+            "it was taken on kernel {k} and this host runs {kernel}; CRIU checks at the restore what it needs"
+        ));
     }
     // This host's init copy first: it is one of the files the checkpoint maps.
     let mut cache = HashCache::load(dirs.hash_cache());
     init_binary::install(&dirs.init_binaries(), &mut cache)?;
     let result = match &m.executables {
         Some(recorded) => identity::compare(recorded, &mut cache),
-        None => Err(identity::Mismatch { path: m.init_binary.clone(), detail: "the checkpoint records no executables (taken by an older stasis)".into() }),
+        None => Err(identity::Mismatch {
+            path: m.init_binary.clone(),
+            detail: "the checkpoint records no executables (taken by an older stasis)".into(),
+        }),
     };
     cache.save();
     result.map_err(|mm| {
@@ -142,7 +150,11 @@ fn fits_this_host(dirs: &Dirs, m: &crate::store::Manifest, warnings: &mut Vec<St
 }
 
 fn shown(file: &str) -> String {
-    if file == "-" { "standard input".into() } else { file.to_string() }
+    if file == "-" {
+        "standard input".into()
+    } else {
+        file.to_string()
+    }
 }
 
 /// A private directory for an archive being read; removed with everything in it when dropped.

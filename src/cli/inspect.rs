@@ -48,12 +48,16 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
     let cp = match id {
         Some(id) => store
             .get(id)?
-            .ok_or_else(|| Error::Refused(format!("{name} has no checkpoint {id}; `stasis checkpoints {name}` lists them")))?
+            .ok_or_else(|| {
+                Error::Refused(format!("{name} has no checkpoint {id}; `stasis checkpoints {name}` lists them"))
+            })?
             .checkpoint()
-            .ok_or_else(|| Error::Refused(format!("checkpoint {id} of {name} is damaged: its manifest cannot be read")))?,
-        None => store
-            .latest()?
-            .ok_or_else(|| Error::Refused(format!("{name} has no checkpoint; take one with `stasis checkpoint {name}`")))?,
+            .ok_or_else(|| {
+                Error::Refused(format!("checkpoint {id} of {name} is damaged: its manifest cannot be read"))
+            })?,
+        None => store.latest()?.ok_or_else(|| {
+            Error::Refused(format!("{name} has no checkpoint; take one with `stasis checkpoint {name}`"))
+        })?,
     };
     let m = &cp.manifest;
     // Compressed or sealed images are read from a plain copy (in RAM when sealed).
@@ -78,7 +82,9 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
     };
     let mut cache = HashCache::load(dirs.hash_cache());
     let misfit = match &m.executables {
-        Some(recorded) => identity::compare(recorded, &mut cache).err().map(|mm| format!("{} {}", mm.path.display(), mm.detail)),
+        Some(recorded) => {
+            identity::compare(recorded, &mut cache).err().map(|mm| format!("{} {}", mm.path.display(), mm.detail))
+        }
         None => Some("the checkpoint records no executables (taken by an older stasis)".into()),
     };
     cache.save();

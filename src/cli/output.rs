@@ -25,7 +25,9 @@ impl ProgressLines {
 
     pub fn show(&self, line: &str) {
         match &self.bar {
-            Some(b) if line.starts_with(crate::supervisor::protocol::PROGRESS_PREFIX) => b.set_message(line.to_string()),
+            Some(b) if line.starts_with(crate::supervisor::protocol::PROGRESS_PREFIX) => {
+                b.set_message(line.to_string())
+            }
             Some(b) => b.println(line),
             None if !self.quiet => println!("{line}"),
             None => {}

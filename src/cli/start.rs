@@ -80,8 +80,8 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
     if let Some(pid) = lock::holder(&paths.lock) {
         // A supervisor that already recorded the service as stopped is only finishing up
         // (draining output): a stop followed at once by a start waits for it instead of failing.
-        let finishing = StatusRecord::read(&paths)
-            .is_some_and(|r| matches!(r.state, ServiceState::Stopped | ServiceState::Failed));
+        let finishing =
+            StatusRecord::read(&paths).is_some_and(|r| matches!(r.state, ServiceState::Stopped | ServiceState::Failed));
         if finishing {
             lock::wait_released(&paths.lock, FINISHING_WAIT);
         }

@@ -321,21 +321,27 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
     let ready = file.ready.as_ref().and_then(|v| readiness(&mut c, v));
     let ready_timeout = timeout(&mut c, "ready_timeout", file.ready_timeout.as_ref(), DEFAULT_READY_TIMEOUT);
 
-    let checkpoint_every = file
-        .checkpoint_every
-        .as_ref()
-        .map(|v| timeout(&mut c, "checkpoint_every", Some(v), Duration::from_secs(900)));
+    let checkpoint_every =
+        file.checkpoint_every.as_ref().map(|v| timeout(&mut c, "checkpoint_every", Some(v), Duration::from_secs(900)));
     let full_every = match file.full_every {
         None => DEFAULT_FULL_EVERY,
         Some(n @ 1..=1000) => n as u32,
         Some(n) => {
-            c.fail("full_every", format!("{n} is out of range; a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})"));
+            c.fail(
+                "full_every",
+                format!(
+                    "{n} is out of range; a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})"
+                ),
+            );
             DEFAULT_FULL_EVERY
         }
     };
     let max_freeze = match file.max_freeze_ms {
         Some(0) => {
-            c.fail("max_freeze_ms", "0 would warn about every checkpoint; give the longest freeze you accept in milliseconds, e.g. 100");
+            c.fail(
+                "max_freeze_ms",
+                "0 would warn about every checkpoint; give the longest freeze you accept in milliseconds, e.g. 100",
+            );
             None
         }
         other => other.map(Duration::from_millis),

@@ -5,8 +5,8 @@
 pub mod action_hook;
 mod argv;
 mod binary;
-mod error;
 pub mod diagnose;
+mod error;
 pub mod images;
 pub mod log_capture;
 mod log_errors;

@@ -145,7 +145,10 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
         manifest.images.clone().ok_or_else(|| ArchiveError::Damaged("the manifest lists no images".into()))?;
     for img in &images {
         if !plain_image_path(&img.path) {
-            return Err(ArchiveError::Damaged(format!("the manifest names {:?}, not a plain file under images/", img.path)));
+            return Err(ArchiveError::Damaged(format!(
+                "the manifest names {:?}, not a plain file under images/",
+                img.path
+            )));
         }
     }
     for img in &images {
@@ -225,7 +228,15 @@ mod tests {
     #[test]
     fn image_paths_cannot_climb_out() {
         assert!(plain_image_path("images/pages-1.img"));
-        for bad in ["images/../../etc/passwd", "/etc/passwd", "images", "images/a/b", "x/pages-1.img", "images/.hidden", "images/.."] {
+        for bad in [
+            "images/../../etc/passwd",
+            "/etc/passwd",
+            "images",
+            "images/a/b",
+            "x/pages-1.img",
+            "images/.hidden",
+            "images/..",
+        ] {
             assert!(!plain_image_path(bad), "{bad}");
         }
     }

@@ -27,7 +27,8 @@ pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
         let write = |source| StoreError::Write { path: to.clone(), source };
         let mut input = fs::File::open(&from).map_err(|source| StoreError::Read { path: from.clone(), source })?;
         let out = fs::File::create(&to).map_err(write)?;
-        let mut z = zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, out), level).map_err(write)?;
+        let mut z =
+            zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, out), level).map_err(write)?;
         z.multithread(threads).map_err(write)?;
         std::io::copy(&mut input, &mut z).map_err(write)?;
         z.finish().map_err(write)?.into_inner().map_err(|e| write(e.into_error()))?;
@@ -44,10 +45,15 @@ pub struct PlainImages {
 }
 
 impl PlainImages {
-    pub fn new(checkpoint_dir: &Path, images: &Path, key: Option<&super::seal::Key>) -> Result<PlainImages, StoreError> {
+    pub fn new(
+        checkpoint_dir: &Path,
+        images: &Path,
+        key: Option<&super::seal::Key>,
+    ) -> Result<PlainImages, StoreError> {
         let dir = match key {
             Some(_) => {
-                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                let nanos =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
                 Path::new("/dev/shm").join(format!("stasis-restore-{}-{nanos}", std::process::id()))
             }
             None => checkpoint_dir.join(".restore-images"),
@@ -75,11 +81,15 @@ impl PlainImages {
             }
             let input = std::io::BufReader::with_capacity(1 << 20, fs::File::open(e.path()).map_err(read)?);
             let out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&to).map_err(write)?);
-            let mut sink: Box<dyn std::io::Write> =
-                if compressed { Box::new(zstd::stream::write::Decoder::new(out).map_err(write)?) } else { Box::new(out) };
+            let mut sink: Box<dyn std::io::Write> = if compressed {
+                Box::new(zstd::stream::write::Decoder::new(out).map_err(write)?)
+            } else {
+                Box::new(out)
+            };
             if sealed {
                 let key = key.ok_or_else(|| read(std::io::Error::other("it is encrypted and no key was given")))?;
-                super::seal::open(input, &mut sink, &base, key).map_err(|err| read(std::io::Error::other(err.to_string())))?;
+                super::seal::open(input, &mut sink, &base, key)
+                    .map_err(|err| read(std::io::Error::other(err.to_string())))?;
             } else {
                 // The sink decompresses.
                 let mut input = input;

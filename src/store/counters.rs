@@ -37,5 +37,6 @@ pub fn bump(service_root: &Path, f: impl FnOnce(&mut Counters)) {
     let mut c = load(service_root);
     f(&mut c);
     // Figures for metrics: not worth an fsync on every start and stop.
-    let _ = write_atomic_with(&path(service_root), &serde_json::to_vec(&c).expect("counters serialize"), Durability::None);
+    let _ =
+        write_atomic_with(&path(service_root), &serde_json::to_vec(&c).expect("counters serialize"), Durability::None);
 }

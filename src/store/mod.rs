@@ -10,11 +10,11 @@ pub mod counters;
 pub mod durable;
 mod error;
 pub mod generation;
+pub mod identity;
+mod manifest;
 pub mod seal;
 pub mod shm;
 pub mod trailing;
-pub mod identity;
-mod manifest;
 pub mod verify;
 
 pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};

@@ -24,8 +24,10 @@ impl Key {
     /// Only root may read the file: a key others can read protects nothing.
     pub fn load(path: &Path) -> Result<Key, String> {
         use std::os::unix::fs::MetadataExt;
-        let fix = format!("create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` (as root)", p = path.display());
-        let meta = std::fs::metadata(path).map_err(|e| format!("failed to read the encryption key {}: {e}; {fix}", path.display()))?;
+        let fix =
+            format!("create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` (as root)", p = path.display());
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("failed to read the encryption key {}: {e}; {fix}", path.display()))?;
         if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
             return Err(format!(
                 "the encryption key {} must be owned by root and readable by nobody else (it is uid {}, mode {:o}); `chown root {p} && chmod 600 {p}`",
@@ -35,7 +37,8 @@ impl Key {
                 p = path.display()
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("failed to read the encryption key {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("failed to read the encryption key {}: {e}", path.display()))?;
         let text = String::from_utf8_lossy(&bytes);
         let hex = text.trim();
         let raw: Option<Vec<u8>> = if bytes.len() == 32 {
@@ -45,7 +48,9 @@ impl Key {
         } else {
             None
         };
-        let raw = raw.ok_or_else(|| format!("the encryption key {} is not 32 bytes (or 64 hex digits); {fix}", path.display()))?;
+        let raw = raw.ok_or_else(|| {
+            format!("the encryption key {} is not 32 bytes (or 64 hex digits); {fix}", path.display())
+        })?;
         let mut k = [0u8; 32];
         k.copy_from_slice(&raw);
         Ok(Key(k))
@@ -116,9 +121,11 @@ pub fn seal_dir(images: &Path, key: &Key) -> Result<(), StoreError> {
 
 /// An image in `images` that is not sealed, if any.
 pub fn first_unsealed(images: &Path) -> Option<std::path::PathBuf> {
-    std::fs::read_dir(images).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-        !p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(SUFFIX))
-    })
+    std::fs::read_dir(images)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(SUFFIX)))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

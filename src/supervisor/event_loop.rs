@@ -229,7 +229,9 @@ pub async fn run_loop(
                     log.note(match kind {
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
-                        DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
+                        DumpKind::Periodic => {
+                            "periodic checkpoint (checkpoint_every): dumping, the service keeps running"
+                        }
                     });
                     super::systemd::status("saving a checkpoint");
                     let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
@@ -307,7 +309,10 @@ pub async fn run_loop(
                         }
                     }
                     match &outcome {
-                        Ok(r) if r.dry => log.note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
+                        Ok(r) if r.dry => log.note(&format!(
+                            "doctor: a checkpoint would work now ({} bytes dumped, thrown away)",
+                            r.size_bytes
+                        )),
                         Ok(r) => {
                             log.note(&format!(
                                 "checkpoint {} saved ({} bytes) in {}",

@@ -64,8 +64,8 @@ pub fn watch_dump(images: PathBuf, log: PathBuf, report: &(impl Fn(String) + Syn
         }
         next_report += EVERY;
         let bytes: u64 = files.iter().map(|(_, len)| len).sum();
-        let syncing = crate::criu::log_capture::read_tail(&log, 4096)
-            .is_ok_and(|t| t.contains("Running post-dump scripts"));
+        let syncing =
+            crate::criu::log_capture::read_tail(&log, 4096).is_ok_and(|t| t.contains("Running post-dump scripts"));
         let phase = match (syncing, bytes) {
             (true, _) => "syncing",
             (false, 0) => "freezing",

@@ -58,12 +58,7 @@ impl NotifySocket {
 /// Waits until the service is ready; Err says why it is not (timed out, or it exited). A
 /// restored service was ready when it was dumped, so `notify` (which it will not send again)
 /// counts as done for it.
-pub fn wait(
-    ctx: &Context,
-    init_pid: Pid,
-    ready: &Readiness,
-    notify: Option<&NotifySocket>,
-) -> Result<(), String> {
+pub fn wait(ctx: &Context, init_pid: Pid, ready: &Readiness, notify: Option<&NotifySocket>) -> Result<(), String> {
     let deadline = Instant::now() + ctx.service.ready_timeout;
     if *ready == Readiness::Notify {
         return match notify {

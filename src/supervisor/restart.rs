@@ -70,7 +70,13 @@ impl Restarts {
 
     /// The run that began at `began` ended with `exit` at `now`; it had been restored from a
     /// checkpoint of `restored_generation` (None: a cold start).
-    pub fn after_exit(&mut self, exit: Exit, began: Instant, now: Instant, restored_generation: Option<u64>) -> Decision {
+    pub fn after_exit(
+        &mut self,
+        exit: Exit,
+        began: Instant,
+        now: Instant,
+        restored_generation: Option<u64>,
+    ) -> Decision {
         let wanted = match self.policy {
             RestartPolicy::No => false,
             RestartPolicy::OnFailure => exit.failed(),
@@ -172,6 +178,9 @@ mod tests {
         restart(r.after_exit(Exit::Status(0), t0, t0, None));
         assert_eq!(restart(r.after_exit(Exit::Status(0), t0, t0, None)).0, Duration::from_secs(4));
         let later = t0 + Duration::from_secs(600);
-        assert_eq!(restart(r.after_exit(Exit::Status(0), later - Duration::from_secs(300), later, None)).0, Duration::from_secs(2));
+        assert_eq!(
+            restart(r.after_exit(Exit::Status(0), later - Duration::from_secs(300), later, None)).0,
+            Duration::from_secs(2)
+        );
     }
 }

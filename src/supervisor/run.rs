@@ -3,10 +3,10 @@
 
 use super::context::Context;
 use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
-use super::restart::{Decision, Exit, Restarts};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
 use super::ready::{Notifier, StartReport};
+use super::restart::{Decision, Exit, Restarts};
 use super::startup::{main_pid, start_service, Pick};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
@@ -209,7 +209,9 @@ fn supervise(
             let end = match (end, pump) {
                 (Some(failed), _) => failed,
                 // Taken only when the readiness check failed, which set `end`.
-                (None, None) => LoopEnd { state: State::Failed, message: "exited".into(), exit: None, last_outcome: None },
+                (None, None) => {
+                    LoopEnd { state: State::Failed, message: "exited".into(), exit: None, last_outcome: None }
+                }
                 (None, Some(pump)) => {
                     announce(&log, &started, first);
                     record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;

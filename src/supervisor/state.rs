@@ -62,10 +62,17 @@ pub fn next(state: State, event: Event) -> (State, Vec<Action>) {
     use Action::*;
     use Event::*;
     use State::*;
-    let dumping = |kind| Checkpointing { kind, service_gone: false, terminate_after: false, stop_after: false, dry: false };
+    let dumping =
+        |kind| Checkpointing { kind, service_gone: false, terminate_after: false, stop_after: false, dry: false };
     match (state, event) {
         (Running, DoctorRequested) => (
-            Checkpointing { kind: DumpKind::KeepRunning, service_gone: false, terminate_after: false, stop_after: false, dry: true },
+            Checkpointing {
+                kind: DumpKind::KeepRunning,
+                service_gone: false,
+                terminate_after: false,
+                stop_after: false,
+                dry: true,
+            },
             vec![StartDryRun],
         ),
         // A real dump that leaves the service running answers the question as well.
@@ -191,11 +198,17 @@ mod tests {
         assert_eq!(a, vec![StartDryRun, JoinDump, RejectRequest, ReplyToDumpWaiters]);
         // A real running checkpoint answers a doctor; a stop does not.
         assert_eq!(run(&[PeriodicDue, DoctorRequested]).1, vec![StartDump(DumpKind::Periodic), JoinDump]);
-        assert_eq!(run(&[DumpRequested(DumpKind::Stop), DoctorRequested]).1, vec![StartDump(DumpKind::Stop), RejectRequest]);
+        assert_eq!(
+            run(&[DumpRequested(DumpKind::Stop), DoctorRequested]).1,
+            vec![StartDump(DumpKind::Stop), RejectRequest]
+        );
         // A stop during a dry run waits for it, then takes a real checkpoint.
         let (s, a) = run(&[DoctorRequested, DumpRequested(DumpKind::Stop), DumpSucceeded, DumpSucceeded]);
         assert_eq!(s, State::Stopped);
-        assert_eq!(a, vec![StartDryRun, QueueRequest, ReplyToDumpWaiters, StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]);
+        assert_eq!(
+            a,
+            vec![StartDryRun, QueueRequest, ReplyToDumpWaiters, StartDump(DumpKind::Stop), ReplyToDumpWaiters, Finish]
+        );
     }
 
     #[test]
