@@ -201,7 +201,7 @@ mod heap {
         (out, PEAK.get().max(0) as usize)
     }
 }
-use heap::peak_heap;
+pub(crate) use heap::peak_heap;
 
 const MIB: usize = 1 << 20;
 
@@ -448,4 +448,271 @@ fn fuzz_criu_stats() {
             }
         },
     );
+}
+
+/// One tar member as a hostile exporter could write it: any name, type, link and size field.
+#[derive(Debug, Clone)]
+struct Member {
+    name: Vec<u8>,
+    kind: u8,
+    data: Vec<u8>,
+    /// The size field, when it lies about `data`.
+    size: Option<u64>,
+    link: Vec<u8>,
+}
+
+impl Member {
+    fn file(name: &str, data: &[u8]) -> Member {
+        Member { name: name.as_bytes().to_vec(), kind: b'0', data: data.to_vec(), size: None, link: Vec::new() }
+    }
+}
+
+/// A tar stream written byte by byte (tar::Builder refuses the names an attacker would use).
+fn tar_stream(members: &[Member]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in members {
+        let mut h = [0u8; 512];
+        let n = m.name.len().min(100);
+        h[..n].copy_from_slice(&m.name[..n]);
+        h[100..108].copy_from_slice(b"0000600\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        let size = m.size.unwrap_or(m.data.len() as u64);
+        if size < 0o77777777777 {
+            h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        } else {
+            // GNU base-256: what a size above 8 GiB looks like.
+            h[124] = 0x80;
+            h[128..136].copy_from_slice(&size.to_be_bytes());
+        }
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = m.kind;
+        let l = m.link.len().min(100);
+        h[157..157 + l].copy_from_slice(&m.link[..l]);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend(h);
+        out.extend(&m.data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    out.extend([0u8; 1024]);
+    out
+}
+
+/// How a generated archive departs from what `stasis export` writes.
+#[derive(Debug, Clone)]
+enum Tamper {
+    None,
+    /// An image named (in the manifest and the tar alike) so that it would land elsewhere.
+    Name {
+        image: usize,
+        name: usize,
+    },
+    /// An image that is a symlink or hard link (to `link`), listed with an empty file's hash.
+    Link {
+        image: usize,
+        kind: u8,
+        link: usize,
+    },
+    /// A GNU long name/link, pax or sparse member of `size` bytes before member `at`.
+    Extension {
+        at: usize,
+        kind: u8,
+        size: usize,
+    },
+    /// A size field of member `at` set to `size` (the data is not there).
+    Size {
+        at: usize,
+        size: u64,
+    },
+    /// The tar stream damaged, before compression.
+    Tar(Damage),
+    /// The compressed stream damaged.
+    Zstd(Damage),
+    /// A member the manifest does not list, at the end.
+    Extra,
+    /// An image listed, and present, twice.
+    Twice {
+        image: usize,
+    },
+    /// An image with a name over 100 bytes, in a GNU long-name member before it (as
+    /// tar::Builder writes it): a good archive still.
+    LongName {
+        image: usize,
+        len: usize,
+    },
+}
+
+fn tamper() -> impl Strategy<Value = Tamper> {
+    prop_oneof![
+        2 => Just(Tamper::None),
+        2 => (any::<usize>(), 0usize..HOSTILE_NAMES + 1).prop_map(|(image, name)| Tamper::Name { image, name }),
+        1 => (any::<usize>(), prop::sample::select(vec![b'1', b'2', b'3', b'4', b'5', b'6', b'7']), 0usize..HOSTILE_NAMES + 1)
+            .prop_map(|(image, kind, link)| Tamper::Link { image, kind, link }),
+        2 => (any::<usize>(), prop::sample::select(vec![b'L', b'K', b'x', b'g', b'S']), prop::sample::select(vec![0usize, 100, 4096, 16 << 20]))
+            .prop_map(|(at, kind, size)| Tamper::Extension { at, kind, size }),
+        1 => (any::<usize>(), prop_oneof![Just(u64::MAX), Just(u64::MAX >> 1), Just(0o77777777777u64), Just(1 << 40), 0u64..2000])
+            .prop_map(|(at, size)| Tamper::Size { at, size }),
+        2 => damage().prop_map(Tamper::Tar),
+        2 => damage().prop_map(Tamper::Zstd),
+        1 => Just(Tamper::Extra),
+        1 => any::<usize>().prop_map(|image| Tamper::Twice { image }),
+        1 => (any::<usize>(), 94usize..250).prop_map(|(image, len)| Tamper::LongName { image, len }),
+    ]
+}
+
+const HOSTILE_NAMES: usize = 9;
+
+/// Names that must never become a file outside `stage/images` (`root` is the test's directory;
+/// `stage` the one the archive is read into): the last one is absolute, into `root/outside`.
+fn hostile_name(i: usize, root: &Path) -> String {
+    [
+        "../outside/x",
+        "images/../../outside/x",
+        "images/../images/x",
+        "images/.x",
+        "images/x/",
+        "./images/x",
+        "images",
+        "images/sub/x",
+        "x",
+    ]
+    .get(i)
+    .map_or_else(|| format!("{}/outside/abs", root.display()), |n| n.to_string())
+}
+
+use std::path::Path;
+
+/// An archive as `stasis export` writes it of `images`, then `t` done to it.
+fn export_archive(images: &[Vec<u8>], t: &Tamper, root: &Path) -> Vec<u8> {
+    let hash = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+    let mut listed: Vec<(String, Vec<u8>)> =
+        images.iter().enumerate().map(|(i, data)| (format!("images/pages-{i}.img"), data.clone())).collect();
+    let mut kinds = vec![(b'0', Vec::new()); listed.len()];
+    let pick = |i: usize, n: usize| if n == 0 { None } else { Some(i % n) };
+    match *t {
+        Tamper::Name { image, name } => {
+            if let Some(i) = pick(image, listed.len()) {
+                listed[i].0 = hostile_name(name, root);
+            }
+        }
+        Tamper::Link { image, kind, link } => {
+            if let Some(i) = pick(image, listed.len()) {
+                listed[i].1.clear();
+                kinds[i] = (kind, hostile_name(link, root).into_bytes());
+            }
+        }
+        Tamper::Twice { image } => {
+            if let Some(i) = pick(image, listed.len()) {
+                listed.push(listed[i].clone());
+                kinds.push(kinds[i].clone());
+            }
+        }
+        Tamper::LongName { image, len } => {
+            if let Some(i) = pick(image, listed.len()) {
+                listed[i].0 = format!("images/shm-{}", "n".repeat(len));
+            }
+        }
+        _ => {}
+    }
+    let manifest = serde_json::json!({
+        "format": 2, "id": "00000001-x", "generation": 1, "service": "s", "kind": "stop",
+        "created_at": "t", "stasis_version": "0", "criu_version": "4.2.1", "init_binary": "/i",
+        "stdout_pipe_inode": 1, "size_bytes": 1,
+        "images": listed.iter().map(|(p, d)| serde_json::json!({"path": p, "size": d.len(), "hash": hash(d)})).collect::<Vec<_>>(),
+    });
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let header = serde_json::json!({
+        "format": 1, "service": "s", "checkpoint": "00000001-x", "manifest_blake3": hash(&manifest),
+        "stasis_version": "0", "exported_at": "t",
+    });
+    let mut members = vec![
+        Member::file(crate::store::archive::HEADER_NAME, &serde_json::to_vec(&header).unwrap()),
+        Member::file("manifest.json", &manifest),
+    ];
+    for ((name, data), (kind, link)) in listed.iter().zip(kinds) {
+        if name.len() > 100 {
+            let mut long = name.as_bytes().to_vec();
+            long.push(0);
+            members.push(Member { name: b"././@LongLink".to_vec(), kind: b'L', ..Member::file("", &long) });
+        }
+        members.push(Member { kind, link, ..Member::file(name, data) });
+    }
+    match t {
+        Tamper::Extension { at, kind, size } => {
+            let ext = Member {
+                name: b"././@LongLink".to_vec(),
+                kind: *kind,
+                data: vec![b'a'; *size],
+                size: None,
+                link: Vec::new(),
+            };
+            members.insert(at % (members.len() + 1), ext);
+        }
+        Tamper::Size { at, size } => {
+            let i = at % members.len();
+            members[i].size = Some(*size);
+        }
+        Tamper::Extra => members.push(Member::file("images/extra.img", b"more")),
+        _ => {}
+    }
+    let mut tar = tar_stream(&members);
+    if let Tamper::Tar(d) = t {
+        apply(d, &mut tar);
+    }
+    let mut z = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    z.include_checksum(true).unwrap();
+    std::io::Write::write_all(&mut z, &tar).unwrap();
+    let mut out = z.finish().unwrap();
+    if let Tamper::Zstd(d) = t {
+        apply(d, &mut out);
+    }
+    out
+}
+
+/// Every path under `root`, with whether it is a symlink.
+fn walk(root: &Path, out: &mut Vec<(std::path::PathBuf, bool)>) {
+    for e in std::fs::read_dir(root).unwrap().map(Result::unwrap) {
+        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+        out.push((e.path(), meta.file_type().is_symlink()));
+        if meta.is_dir() {
+            walk(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn fuzz_archive_import() {
+    let images = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4);
+    let strategy = (images, tamper(), prop::collection::vec(any::<u8>(), 0..300));
+    fuzz(strategy, |(images, tamper, raw): (Vec<Vec<u8>>, Tamper, Vec<u8>)| {
+        let root = tempfile::tempdir().unwrap();
+        let stage = root.path().join("stage");
+        std::fs::create_dir_all(stage.join("images")).unwrap();
+        std::fs::create_dir(root.path().join("outside")).unwrap();
+        let archive = export_archive(&images, &tamper, root.path());
+        let (result, peak) = peak_heap(|| crate::store::archive::read(archive.as_slice(), &stage));
+        // The copy buffer (1 MiB) and a manifest this size: whatever the archive says it holds.
+        assert!(peak < 4 * MIB, "import held {peak} bytes of heap for a {} byte archive ({tamper:?})", archive.len());
+        if matches!(tamper, Tamper::None | Tamper::LongName { .. }) {
+            let imported = result.unwrap_or_else(|e| panic!("a good archive was refused: {e}"));
+            let listed = imported.manifest.images.unwrap_or_default();
+            assert_eq!(listed.len(), images.len());
+            for (img, data) in listed.iter().zip(&images) {
+                assert_eq!(&std::fs::read(stage.join(&img.path)).unwrap(), data);
+            }
+        }
+        let mut found = Vec::new();
+        walk(root.path(), &mut found);
+        for (path, symlink) in found {
+            let inside = path.strip_prefix(stage.join("images")).is_ok_and(|rest| rest.components().count() == 1);
+            let expected = [stage.clone(), stage.join("images"), root.path().join("outside")].contains(&path);
+            assert!(expected || (inside && !symlink), "{} was written by an import of {tamper:?}", path.display());
+        }
+        let (_, peak) = peak_heap(|| crate::store::archive::read(raw.as_slice(), &root.path().join("raw")));
+        assert!(peak < 4 * MIB, "import held {peak} bytes of heap for {} raw bytes", raw.len());
+    });
 }
