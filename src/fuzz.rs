@@ -716,3 +716,161 @@ fn fuzz_archive_import() {
         assert!(peak < 4 * MIB, "import held {peak} bytes of heap for {} raw bytes", raw.len());
     });
 }
+
+/// What a peer on a socket sends: generated text, then maybe a long run of one byte (an endless
+/// line, endless empty lines, invalid UTF-8), then more text.
+fn peer_stream() -> impl Strategy<Value = (Vec<u8>, u8, usize, Vec<u8>)> {
+    let line = prop_oneof![
+        Just("Saving checkpoint of s and shutting down...".to_string()),
+        Just("Progress: 1.2 GiB written".to_string()),
+        Just("OK checkpoint 20261125T015053.123Z-1 saved (4.8 MiB, 0.06 s) in /x".to_string()),
+        Just("ERROR failed to dump".to_string()),
+        Just("OK".to_string()),
+        Just("OK checkpoint".to_string()),
+        "(?s).{0,40}",
+    ];
+    let text = prop::collection::vec((line, prop::sample::select(vec!["\n", "\r\n", ""])), 0..5)
+        .prop_map(|ls| ls.into_iter().flat_map(|(l, end)| format!("{l}{end}").into_bytes()).collect::<Vec<u8>>());
+    let bytes = prop_oneof![text.clone(), prop::collection::vec(any::<u8>(), 0..80)];
+    (
+        bytes,
+        prop::sample::select(vec![b'x', b'\n', 0xff, b'\r']),
+        prop::sample::select(vec![0usize, 0, 0, 0, 0, 0, 0, 0, 100, 70_000, 6 << 20]),
+        text,
+    )
+}
+
+fn stream_of(head: &[u8], fill: u8, n: usize, tail: &[u8]) -> impl std::io::Read {
+    use std::io::Read;
+    let head = std::io::Cursor::new(head.to_vec());
+    head.chain(std::io::repeat(fill).take(n as u64)).chain(std::io::Cursor::new(tail.to_vec()))
+}
+
+/// The supervisor's lines as `stasis stop` and `stasis checkpoint` read them (the kill port,
+/// the control socket), then its final line as they parse it.
+#[test]
+fn fuzz_control_replies() {
+    fuzz(peer_stream(), |(head, fill, n, tail): (Vec<u8>, u8, usize, Vec<u8>)| {
+        let (got, peak) = peak_heap(|| crate::cli::relay(stream_of(&head, fill, n, &tail), true));
+        assert!(peak < 4 * MIB, "relay held {peak} bytes of heap for {n} bytes of {fill:#x}");
+        if let Ok((last, _)) = &got {
+            if let Some(Ok(text)) = crate::supervisor::protocol::parse_final(last) {
+                let _ = crate::supervisor::protocol::checkpoint_id(&text);
+            }
+        }
+        // What fits the bounds reads as every line did before them.
+        if n < 1000 {
+            let mut all = head.clone();
+            all.extend(std::iter::repeat_n(fill, n));
+            all.extend(&tail);
+            let before = std::io::BufRead::lines(all.as_slice()).collect::<Result<Vec<String>, _>>();
+            match (before, got) {
+                (Ok(lines), Ok((last, kept))) => {
+                    assert_eq!(last, lines.last().cloned().unwrap_or_default());
+                    assert_eq!(kept, lines);
+                }
+                (Err(_), Err(_)) => {}
+                (a, b) => panic!("{a:?} became {:?}", b.map(|(l, _)| l).map_err(|e| e.to_string())),
+            }
+        }
+    });
+}
+
+/// A map of image path to (size, hash), as the supervisor answers the hook.
+fn hashes_answer() -> impl Strategy<Value = Vec<u8>> {
+    let entry = ("/[a-z/]{0,30}", edgy_u64(), "[0-9a-f]{0,64}");
+    prop::collection::btree_map("/[a-z/]{0,30}", (edgy_u64(), "[0-9a-f]{0,64}"), 0..4)
+        .prop_map(|m| serde_json::to_vec(&m).unwrap())
+        .boxed()
+        .prop_union(prop::collection::vec(entry, 0..3).prop_map(|v| format!("{v:?}").into_bytes()).boxed())
+}
+
+/// The post-dump hook asks the supervisor for the hashes it took; here a fake supervisor sends
+/// whatever it likes.
+#[test]
+fn fuzz_hook_hashes_answer() {
+    let strategy = (hashes_answer(), damage(), prop::sample::select(vec![0usize, 0, 0, 0, 0, 0, 0, 24 << 20]));
+    fuzz(strategy, |(mut answer, damage, flood): (Vec<u8>, Damage, usize)| {
+        use std::io::{Read, Write};
+        apply(&damage, &mut answer);
+        let d = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(d.path().join(crate::store::trailing::SOCKET)).unwrap();
+        let supervisor = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut asked = [0u8; 7];
+            let _ = s.read_exact(&mut asked);
+            let _ = s.write_all(&answer);
+            let _ = std::io::copy(&mut std::io::repeat(b' ').take(flood as u64), &mut s);
+        });
+        let (_, peak) = peak_heap(|| crate::store::trailing::ask(d.path()));
+        supervisor.join().unwrap();
+        assert!(peak < 16 * MIB, "the hook held {peak} bytes of heap for an answer of {flood} bytes and more");
+    });
+}
+
+/// Sealed images (`.enc`): the header and every chunk are checked; any change must fail.
+#[test]
+fn fuzz_sealed_image() {
+    let key = crate::store::seal::Key::from_bytes([7; 32]);
+    // Mostly one chunk: ChaCha20 is slow in unoptimized test builds.
+    let sizes = prop_oneof![
+        30 => prop::sample::select(vec![0usize, 1, 100, 4096]),
+        1 => prop::sample::select(vec![(1 << 20) - 1, 1 << 20, (1 << 20) + 1]),
+    ];
+    let strategy = (sizes, any::<u8>(), damage(), prop::collection::vec(any::<u8>(), 0..200));
+    fuzz(strategy, |(size, byte, damage, raw): (usize, u8, Damage, Vec<u8>)| {
+        let data = vec![byte; size];
+        let mut sealed = Vec::new();
+        crate::store::seal::seal(data.as_slice(), &mut sealed, "pages-1.img", &key).unwrap();
+        let mut damaged = sealed.clone();
+        apply(&damage, &mut damaged);
+        let mut out = Vec::new();
+        let (result, peak) = peak_heap(|| crate::store::seal::open(damaged.as_slice(), &mut out, "pages-1.img", &key));
+        // Two chunk buffers and one chunk of plaintext, beside what was written out.
+        assert!(peak < 4 * MIB + out.capacity(), "open held {peak} bytes of heap");
+        if damaged == sealed {
+            result.unwrap();
+            assert_eq!(out, data);
+        } else {
+            assert!(result.is_err(), "{damage:?} went unnoticed");
+        }
+        let (result, _) = peak_heap(|| crate::store::seal::open(raw.as_slice(), std::io::sink(), "pages-1.img", &key));
+        assert!(result.is_err());
+    });
+}
+
+/// What the CLI and the supervisor read back from the state directory (status.json,
+/// generation.json, counters.json) and the lines picked out of CRIU's logs.
+#[test]
+fn fuzz_state_files_and_criu_logs() {
+    let json = prop_oneof![
+        Just(r#"{"name":"s","state":"running","init_pid":1,"supervisor_pid":2,"started_from":"cold","restored_checkpoint":null,"fallback_reason":null,"since":"t","message":null}"#.to_string()),
+        Just(r#"{"last":18446744073709551615,"last_run":18446744073709551615}"#.to_string()),
+        Just(r#"{"restores":18446744073709551615,"checkpoints":-1}"#.to_string()),
+        "(?s).{0,120}",
+    ];
+    let log_line = prop_oneof![
+        Just("(00.1) Error (criu/files-reg.c:1): Can't create link remap for /x. Use".to_string()),
+        Just("(00.1) Error (criu/files-reg.c:1): Can't dump ghost file ".to_string()),
+        Just("Can't dump half of stream unix connection. name: ".to_string()),
+        Just("(00.1) Runaway socket: ino 1 type 1 name".to_string()),
+        Just("Error (sk-unix.c:1): External socket is used".to_string()),
+        "(?s).{0,60}",
+    ];
+    let log = prop::collection::vec((log_line, "(?s).{0,20}"), 0..40)
+        .prop_map(|ls| ls.into_iter().map(|(a, b)| format!("{a}{b}\n")).collect::<String>());
+    fuzz((json, damage(), log, edgy_u64()), |(text, damage, log, floor): (String, Damage, String, u64)| {
+        let mut bytes = text.into_bytes();
+        apply(&damage, &mut bytes);
+        let _ = serde_json::from_slice::<crate::supervisor::status::StatusRecord>(&bytes);
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(crate::store::counters::COUNTERS_FILE), &bytes).unwrap();
+        let _ = crate::store::counters::load(d.path());
+        std::fs::write(d.path().join(crate::store::generation::GENERATION_FILE), &bytes).unwrap();
+        let g = crate::store::generation::GenerationFile::new(d.path()).load(|| floor.min(u64::MAX - 1));
+        let _ = g.freshness(Some(floor), crate::store::DumpKind::Stop);
+        let picked = crate::criu::pick_log_errors(&log);
+        let _ = crate::criu::diagnose::diagnose(&picked);
+        let _ = crate::criu::diagnose::diagnose(&log.lines().map(str::to_string).collect::<Vec<_>>());
+    });
+}

@@ -89,11 +89,18 @@ pub fn ask(dir: &Path) -> Prehashed {
     // hook (the service is frozen meanwhile): hashing it all here is the fallback.
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
     let mut text = Vec::new();
-    if s.write_all(b"finish\n").is_err() || s.read_to_end(&mut text).is_err() {
+    if s.write_all(b"finish\n").is_err() || (&mut s).take(MAX_ANSWER + 1).read_to_end(&mut text).is_err() {
+        return Prehashed::new();
+    }
+    // Longer than any true answer: not one to trust, nor to keep reading.
+    if text.len() as u64 > MAX_ANSWER {
         return Prehashed::new();
     }
     serde_json::from_slice(&text).unwrap_or_default()
 }
+
+/// The longest answer the hook reads: about 5,000 followed images (each over 4 MiB).
+const MAX_ANSWER: u64 = 1 << 20;
 
 /// The supervisor's side: follows the images until `done` is set or the hook asks through
 /// `listener`, then gives every followed file's size and hash (to the hook too, if it asked).
@@ -174,6 +181,24 @@ mod tests {
         });
         assert_eq!(theirs, mine);
         assert_eq!(theirs[&images.join("pages-1.img")].1, blake3::hash(&content).to_hex().to_string());
+    }
+
+    // Found by fuzz_hook_hashes_answer: the hook read the supervisor's answer to its end, 24 MiB
+    // of it into memory, with the service frozen.
+    #[test]
+    fn an_answer_too_long_to_be_true_is_no_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let supervisor = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read_exact(&mut [0u8; 7]);
+            let _ = s.write_all(b"{\"/x\": [1, \"00\"]}");
+            let _ = std::io::copy(&mut std::io::repeat(b' ').take(24 << 20), &mut s);
+        });
+        let (answer, peak) = crate::fuzz::peak_heap(|| ask(dir.path()));
+        supervisor.join().unwrap();
+        assert!(answer.is_empty());
+        assert!(peak < 4 << 20, "{peak} bytes of heap");
     }
 
     #[test]
