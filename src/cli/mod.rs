@@ -19,6 +19,9 @@ mod status;
 mod stop;
 mod validate;
 
+#[cfg(test)]
+pub(crate) use stop::relay;
+
 use crate::error::Error;
 use crate::exit_codes;
 use crate::paths::Dirs;

@@ -107,19 +107,75 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
     }
 }
 
-/// Prints each line as it arrives (unless json) and returns the last one plus all of them.
+/// The longest line kept from the supervisor: its lines are short, and whatever holds the port
+/// (a stranger's program, once the service is stopped) must not make the CLI hold an endless one.
+const MAX_LINE: usize = 64 << 10;
+/// Bytes of lines kept for the result; the oldest go first (the last line is the verdict).
+const MAX_KEPT: usize = 1 << 20;
+
+/// Prints each line as it arrives (unless json) and returns the last one plus all of them (the
+/// last MiB of them; a line over 64 KiB is cut there).
 /// On a terminal, `Progress:` lines update one status line in place; elsewhere every line is
 /// printed as it is (no carriage returns in logs and pipes).
 pub fn relay<R: std::io::Read>(stream: R, json: bool) -> Result<(String, Vec<String>), Error> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}"));
     let shown = super::output::ProgressLines::new(json);
+    let mut reader = BufReader::new(stream);
     let mut last = String::new();
-    let mut all = Vec::new();
-    for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| Error::CheckpointFailed(format!("failed to read from the supervisor: {e}")))?;
+    let mut all = std::collections::VecDeque::new();
+    let mut kept = 0usize;
+    loop {
+        let mut bytes = Vec::new();
+        if (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut bytes).map_err(failed)? == 0 {
+            break;
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        } else if bytes.len() > MAX_LINE {
+            bytes.truncate(MAX_LINE);
+            reader.skip_until(b'\n').map_err(failed)?;
+            // Cut anywhere, maybe inside a character: only that one is replaced.
+            bytes = String::from_utf8_lossy(&bytes).into_owned().into_bytes();
+        }
+        let line = String::from_utf8(bytes).map_err(|_| {
+            failed(std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"))
+        })?;
         shown.show(&line);
         last = line.clone();
-        all.push(line);
+        kept += line.len() + std::mem::size_of::<String>();
+        all.push_back(line);
+        while kept > MAX_KEPT {
+            let Some(old) = all.pop_front() else { break };
+            kept -= old.len() + std::mem::size_of::<String>();
+        }
     }
     shown.finish();
-    Ok((last, all))
+    Ok((last, all.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    // Found by fuzz_control_replies: a flood without a newline (or of newlines) from whoever
+    // answers on the port made the CLI hold all of it (32 MiB for 24 MiB) (and a line per newline, forever).
+    #[test]
+    fn an_endless_line_or_endless_lines_are_held_within_bounds() {
+        for fill in [b'x', b'\n'] {
+            let stream = std::io::repeat(fill).take(8 << 20).chain(&b"\nOK checkpoint a saved\n"[..]);
+            let (got, peak) = crate::fuzz::peak_heap(|| relay(stream, true));
+            let (last, lines) = got.unwrap();
+            assert!(peak < 4 << 20, "{peak} bytes of heap");
+            assert_eq!(last, "OK checkpoint a saved");
+            assert!(lines.iter().map(|l| l.len() + 24).sum::<usize>() <= MAX_KEPT, "{} lines", lines.len());
+            assert!(lines.iter().all(|l| l.len() <= MAX_LINE));
+        }
+        let (last, lines) = relay(&b"Saving...\r\nOK checkpoint b saved"[..], true).unwrap();
+        assert_eq!((last.as_str(), lines.len()), ("OK checkpoint b saved", 2));
+    }
 }

@@ -162,17 +162,18 @@ pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
         if let Some(mm) = &mm {
             for (start, len) in &pages.present {
                 let kind = mm.vmas.iter().find(|v| v.start <= *start && *start < v.end).map_or(0, |v| v.status);
+                // Run sizes come from the image: damage must not wrap a sum (or panic).
                 if kind & (VMA_ANON_SHARED | VMA_FILE_SHARED) != 0 {
-                    memory.shared += len;
+                    memory.shared = memory.shared.saturating_add(*len);
                 } else if kind & VMA_FILE_PRIVATE != 0 {
-                    memory.file_backed += len;
+                    memory.file_backed = memory.file_backed.saturating_add(*len);
                 } else if kind & VMA_ANON_PRIVATE != 0 || kind == 0 {
-                    memory.anonymous += len;
+                    memory.anonymous = memory.anonymous.saturating_add(*len);
                 }
-                own += len;
+                own = len.saturating_add(own);
             }
         }
-        memory.total += own;
+        memory.total = memory.total.saturating_add(own);
         let command_line = mm
             .as_ref()
             .and_then(|m| pages.read(m.mm_arg_start, m.mm_arg_end.saturating_sub(m.mm_arg_start).min(64 << 10)))
@@ -234,14 +235,17 @@ impl Pages {
     /// `len` bytes of memory at `addr`, if they were saved (in one run).
     fn read(&self, addr: u64, len: u64) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
+        // Addresses and run sizes come from the images: a sum that overflows is damage, not a
+        // place in memory.
+        let end = addr.checked_add(len)?;
         let mut offset = 0u64;
         for (start, bytes) in &self.present {
-            if *start <= addr && addr + len <= start + bytes {
+            if *start <= addr && end <= start.checked_add(*bytes)? {
                 let mut buf = vec![0u8; len as usize];
-                self.file.as_ref()?.read_exact_at(&mut buf, offset + (addr - start)).ok()?;
+                self.file.as_ref()?.read_exact_at(&mut buf, offset.checked_add(addr - start)?).ok()?;
                 return Some(buf);
             }
-            offset += bytes;
+            offset = offset.checked_add(*bytes)?;
         }
         None
     }
@@ -315,4 +319,44 @@ fn inet(s: &pb::InetSkEntry) -> Socket {
     };
     let remote = (s.state != TCP_LISTEN && s.dst_port != 0).then(|| addr(&s.dst_addr, s.dst_port));
     Socket { protocol: protocol.into(), state, local: addr(&s.src_addr, s.src_port), remote }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn image(messages: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = IMG_COMMON_MAGIC.to_le_bytes().to_vec();
+        out.extend(0x1234_5678u32.to_le_bytes());
+        for m in messages {
+            out.extend((m.len() as u32).to_le_bytes());
+            out.extend(m);
+        }
+        out
+    }
+
+    // Found by fuzz_criu_images: addresses and run sizes near u64::MAX overflowed the sums.
+    #[test]
+    fn runs_that_wrap_around_memory_are_damage_not_a_panic() {
+        let pages = Pages { present: vec![(1 << 20, u64::MAX - 4095), (0, 4096)], file: None };
+        assert_eq!(pages.read(u64::MAX - 1, 64), None);
+        assert_eq!(pages.read(2 << 20, 1), None);
+        let d = tempfile::tempdir().unwrap();
+        let run = |vaddr| pb::PagemapEntry { vaddr, nr_pages: Some(u64::MAX), ..Default::default() }.encode_to_vec();
+        let files = [
+            ("pstree.img", image(&[pb::PstreeEntry { pid: 1, ..Default::default() }.encode_to_vec()])),
+            ("core-1.img", image(&[pb::CoreEntry::default().encode_to_vec()])),
+            (
+                "mm-1.img",
+                image(&[pb::MmEntry { mm_arg_start: 0, mm_arg_end: 16, ..Default::default() }.encode_to_vec()]),
+            ),
+            ("pagemap-1.img", image(&[pb::PagemapHead { pages_id: 1 }.encode_to_vec(), run(4096), run(0)])),
+        ];
+        for (name, bytes) in files {
+            std::fs::write(d.path().join(name), bytes).unwrap();
+        }
+        let s = summarize(d.path()).unwrap();
+        assert_eq!(s.memory.total, u64::MAX, "saturated, not wrapped");
+    }
 }

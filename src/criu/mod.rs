@@ -15,6 +15,9 @@ pub mod rpc;
 mod run;
 pub mod stats;
 
+#[cfg(test)]
+pub(crate) use log_errors::pick as pick_log_errors;
+
 pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
 pub use binary::Criu;
 pub use error::{CriuError, RestoreFailure};

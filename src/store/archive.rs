@@ -20,6 +20,8 @@ const MANIFEST_NAME: &str = "manifest.json";
 const FORMAT: u32 = 1;
 const MAX_HEADER: u64 = 64 << 10;
 const MAX_MANIFEST: u64 = 16 << 20;
+/// PATH_MAX: no name `export` writes is longer.
+const MAX_NAME: u64 = 4096;
 /// zstd level for export: fast, multi-threaded; images are mostly memory pages.
 const LEVEL: i32 = 3;
 
@@ -100,23 +102,41 @@ pub struct Imported {
 pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
     let z = zstd::stream::Decoder::new(input).map_err(|e| ArchiveError::NotAnExport(format!("not zstd: {e}")))?;
     let mut tar = tar::Archive::new(z);
-    let mut entries = tar.entries().map_err(|e| ArchiveError::Damaged(e.to_string()))?;
-    let mut next = |what: &str| -> Result<tar::Entry<'_, _>, ArchiveError> {
-        match entries.next() {
-            Some(Ok(e)) => Ok(e),
-            Some(Err(e)) => Err(ArchiveError::Damaged(format!("{e} (reading {what})"))),
-            None => Err(ArchiveError::Damaged(format!("it ends before {what}"))),
+    // Raw: the tar crate would otherwise read a GNU long name or pax member into memory whole,
+    // whatever size it claims (a few KiB of zstd can claim GiBs). `export` writes none, so each
+    // is just a member of the wrong type or name here, refused below.
+    let mut entries = tar.entries().map_err(|e| ArchiveError::Damaged(e.to_string()))?.raw(true);
+    // The next member and its name. A name over 100 bytes (an shm copy's can be) comes in a GNU
+    // long-name member before it, as tar::Builder writes it: read here, with a bound.
+    let mut next = |what: &str| -> Result<(tar::Entry<'_, _>, String), ArchiveError> {
+        let mut long_name = None;
+        loop {
+            let e = match entries.next() {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(ArchiveError::Damaged(format!("{e} (reading {what})"))),
+                None => return Err(ArchiveError::Damaged(format!("it ends before {what}"))),
+            };
+            if long_name.is_none() && e.header().entry_type().is_gnu_longname() {
+                let bytes = read_small(e, MAX_NAME, "a long name")?;
+                let name = bytes.split(|b| *b == 0).next().unwrap_or_default();
+                long_name = Some(String::from_utf8_lossy(name).into_owned());
+                continue;
+            }
+            let name = match long_name {
+                Some(n) => n,
+                None => entry_name(&e)?,
+            };
+            return Ok((e, name));
         }
     };
     let header: Header = {
         // Not even a zstd frame: some other file, not a damaged export.
-        let e = next(HEADER_NAME).map_err(|e| match e {
+        let (e, name) = next(HEADER_NAME).map_err(|e| match e {
             ArchiveError::Damaged(m) if m.contains("Unknown frame descriptor") => {
                 ArchiveError::NotAnExport("it is not a zstd stream (`stasis export` writes tar in zstd)".into())
             }
             other => other,
         })?;
-        let name = entry_name(&e)?;
         if name != HEADER_NAME {
             return Err(ArchiveError::NotAnExport(format!("its first entry is {name:?}, not {HEADER_NAME}")));
         }
@@ -130,8 +150,7 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
         )));
     }
     let manifest: Manifest = {
-        let e = next(MANIFEST_NAME)?;
-        let name = entry_name(&e)?;
+        let (e, name) = next(MANIFEST_NAME)?;
         if name != MANIFEST_NAME {
             return Err(ArchiveError::Damaged(format!("its second entry is {name:?}, not {MANIFEST_NAME}")));
         }
@@ -152,8 +171,7 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
         }
     }
     for img in &images {
-        let e = next(&img.path)?;
-        let name = entry_name(&e)?;
+        let (e, name) = next(&img.path)?;
         if name != img.path {
             return Err(ArchiveError::Damaged(format!("expected {} next, found {name:?}", img.path)));
         }
@@ -224,6 +242,72 @@ fn plain_image_path(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An archive as `write` makes one, of `images` (name under images/, content), with `extra`
+    /// (a tar header and its data) put before the manifest.
+    fn archive(images: &[(String, Vec<u8>)], extra: Option<(tar::Header, Vec<u8>)>) -> Vec<u8> {
+        let hash = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+        let listed: Vec<_> =
+            images.iter().map(|(p, d)| serde_json::json!({"path": p, "size": d.len(), "hash": hash(d)})).collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "format": 2, "id": "1-x", "generation": 1, "service": "s", "kind": "stop", "created_at": "t",
+            "stasis_version": "0", "criu_version": "4", "init_binary": "/i", "stdout_pipe_inode": 1, "size_bytes": 1,
+            "images": listed, "hash_algorithm": "blake3", "executables": [], "config_digest": "c", "kernel_version": "k",
+        }))
+        .unwrap();
+        let header = serde_json::to_vec(&serde_json::json!({
+            "format": FORMAT, "service": "s", "checkpoint": "1-x", "manifest_blake3": hash(&manifest),
+            "stasis_version": "0", "exported_at": "t",
+        }))
+        .unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        let add = |tar: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, name, data).unwrap();
+        };
+        add(&mut tar, HEADER_NAME, &header);
+        if let Some((h, data)) = extra {
+            tar.append(&h, data.as_slice()).unwrap();
+        }
+        add(&mut tar, MANIFEST_NAME, &manifest);
+        for (p, d) in images {
+            add(&mut tar, p, d);
+        }
+        zstd::encode_all(tar.into_inner().unwrap().as_slice(), 1).unwrap()
+    }
+
+    #[test]
+    fn a_name_over_100_bytes_comes_through_its_long_name_member() {
+        let long = format!("images/shm-{}", "n".repeat(200));
+        let images = [("images/pages-1.img".to_string(), b"pages".to_vec()), (long.clone(), b"shm".to_vec())];
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("images")).unwrap();
+        read(archive(&images, None).as_slice(), d.path()).unwrap();
+        assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), b"shm");
+    }
+
+    // Found by fuzz_archive_import: a 934-byte archive made the import hold 32 MiB, reading a
+    // 16 MiB GNU long-link member whole (as it would 16 GiB).
+    #[test]
+    fn a_huge_long_name_or_pax_member_is_refused_unread() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink, tar::EntryType::XHeader] {
+            let mut h = tar::Header::new_gnu();
+            h.set_path("././@LongLink").unwrap();
+            h.set_entry_type(kind);
+            h.set_size(16 << 20);
+            h.set_cksum();
+            let bytes = archive(&[("images/pages-1.img".into(), b"x".to_vec())], Some((h, vec![b'a'; 16 << 20])));
+            assert!(bytes.len() < 4096, "{} bytes", bytes.len());
+            let d = tempfile::tempdir().unwrap();
+            std::fs::create_dir(d.path().join("images")).unwrap();
+            let (result, peak) = crate::fuzz::peak_heap(|| read(bytes.as_slice(), d.path()));
+            assert!(result.is_err(), "{kind:?}");
+            assert!(peak < 4 << 20, "{kind:?}: {peak} bytes of heap");
+        }
+    }
 
     #[test]
     fn image_paths_cannot_climb_out() {

@@ -82,6 +82,11 @@ impl Key {
         id.to_hex()[..16].to_string()
     }
 
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> Key {
+        Key(bytes)
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new((&self.0).into())
     }
