@@ -84,6 +84,10 @@ pub fn install(bin_dir: &Path, cache: &mut HashCache) -> Result<Installed, Launc
         if hasher.finalize().to_hex().as_str() != me.hash {
             return Err(std::io::Error::other("the init program changed while it was copied; try again"));
         }
+        // Exactly 0755 whatever the umask (the supervisor's is 077, the CLI's the caller's): CRIU
+        // checks a mapped file's mode at restore, and a copy made by `import` on another host must
+        // match one made by a supervisor here.
+        f.set_permissions(fs::Permissions::from_mode(0o755))?;
         f.sync_all()?;
         drop(f);
         match &damage {
