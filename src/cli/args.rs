@@ -133,6 +133,7 @@ pub enum Command {
     /// whose memory is not wanted): SIGTERM to every process of the service, SIGKILL after
     /// `stop_timeout_secs`, no checkpoint. Existing checkpoints are older than the run that
     /// ended, so the next `start` cold-starts unless `restore_stale: true`; the output says so.
+    ///
     /// Example: stasis stop redis --no-checkpoint
     Stop {
         /// The service: NAME.yaml in the config dir.
@@ -159,7 +160,9 @@ pub enum Command {
     /// the checkpoint fails the service keeps running and is not restarted (exit 5). A service
     /// that is not running is started. --cold stops it without a checkpoint (SIGTERM, SIGKILL
     /// after `stop_timeout_secs`) and cold-starts it: fresh memory, checkpoints kept (stale).
+    ///
     /// Example: stasis restart redis; stasis restart redis --cold
+    ///
     /// --json: {"name", "stopped": {"checkpoint", "cold", "was_running"}, "start": {what `start --json` prints}}.
     Restart {
         /// The service: NAME.yaml in the config dir.
@@ -213,7 +216,9 @@ pub enum Command {
     /// --delete and --prune need the service stopped (its supervisor may dump or restore at any
     /// moment), release each deleted checkpoint's network-lock table, and refuse without --force
     /// to delete the only fresh checkpoint or the last good one.
+    ///
     /// Example: stasis checkpoints redis --delete 00000042-20261204T191500.123Z; stasis checkpoints redis --prune 1
+    #[command(group(clap::ArgGroup::new("doomed").args(["delete", "prune"])))]
     Checkpoints {
         /// The service: NAME.yaml in the config dir.
         name: String,
@@ -224,7 +229,7 @@ pub enum Command {
         #[arg(long, value_name = "KEEP")]
         prune: Option<usize>,
         /// With --delete or --prune: also delete the only fresh checkpoint or the last good one.
-        #[arg(long)]
+        #[arg(long, requires = "doomed")]
         force: bool,
         /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
