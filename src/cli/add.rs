@@ -8,7 +8,7 @@ use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::durable::{create_dir_with_mode, write_atomic};
 use crate::supervisor::lock;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -94,30 +94,57 @@ pub fn remove(dirs: &Dirs, name: &str, purge: bool) -> Result<i32, Error> {
     if let Some(pid) = lock::holder(&paths.lock) {
         return Err(Error::AlreadyRunning { service: name.to_string(), pid });
     }
+    // Read before the file goes, to name the working directory that is kept.
+    let working_dir = crate::config::load_named(dirs, name).ok().map(|s| s.working_dir);
     match std::fs::remove_file(&file) {
         Ok(()) => println!("removed {}", file.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("{} did not exist", file.display()),
         Err(e) => return Err(Error::io("remove", &file, e)),
     }
     if purge {
-        // Checkpoints that will never be restored must release their network locks.
-        for dir in [paths.checkpoints(), paths.quarantine()] {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                for e in rd.filter_map(Result::ok) {
-                    crate::criu::network_lock::release(&e.path().join(crate::criu::DUMP_LOG));
-                }
-            }
-        }
-        for dir in [paths.root.clone(), dirs.state_dir.join("work").join(name)] {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
-                println!("removed {}", dir.display());
-            }
+        purge_state(dirs, name)?;
+        // Only the service's own state dir is stasis's alone: a working directory (even the
+        // one `add` made under STATE/work) may be another service's too, or hold its data.
+        let default_work = dirs.state_dir.join("work").join(name);
+        let kept: BTreeSet<_> = working_dir
+            .into_iter()
+            .filter(|d| d != Path::new("/"))
+            .chain([default_work])
+            .filter(|d| d.exists())
+            .collect();
+        for d in kept {
+            println!(
+                "kept working directory {} (another service may use it; remove it by hand if none does)",
+                d.display()
+            );
         }
     } else if paths.root.exists() {
         println!("kept checkpoints and logs in {} (remove them with --purge)", paths.root.display());
     }
     Ok(exit_codes::OK)
+}
+
+/// Deletes STATE/services/NAME after releasing the network locks of its checkpoints (they will
+/// never be restored) and forgetting their owner records.
+fn purge_state(dirs: &Dirs, name: &str) -> Result<(), Error> {
+    let paths = dirs.service(name);
+    for dir in [paths.checkpoints(), paths.quarantine()] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.filter_map(Result::ok) {
+                let log = e.path().join(crate::criu::DUMP_LOG);
+                let table = crate::criu::network_lock::table_of_dump(&log);
+                crate::criu::network_lock::release(&log);
+                if let Some(t) = table.filter(|_| !crate::criu::network_lock::may_hold(&log)) {
+                    crate::criu::network_lock::forget_owner(&dirs.state_dir, &t);
+                }
+            }
+        }
+    }
+    if paths.root.exists() {
+        std::fs::remove_dir_all(&paths.root).map_err(|e| Error::io("remove", &paths.root, e))?;
+        println!("removed {}", paths.root.display());
+    }
+    Ok(())
 }
 
 fn create_system_user(user: &str, home: &Path) -> Result<(), Error> {

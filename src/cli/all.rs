@@ -170,7 +170,7 @@ fn one(dirs: &Dirs, service: &Service, verb: Verb) -> Row {
             Ok(StopOutcome::Failed { error, .. }) => row.error = Some(error),
             Err(e) => row.error = Some(e.to_string()),
         },
-        Verb::Start => match start_one(dirs, service, None, &|_| {}) {
+        Verb::Start => match start_one(dirs, service, None, false, &|_| {}) {
             Ok(r) if r.ok => {
                 row.ok = true;
                 row.bytes = r.checkpoint.as_deref().and_then(|id| checkpoint_size(dirs, &service.name, id));

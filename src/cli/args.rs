@@ -14,6 +14,8 @@ Typical use:
     telnet 127.0.0.1 7390       checkpoint and stop (same as `stasis stop redis`)
     stasis status redis --json  state, pid, where it started from, latest checkpoint
     stasis stop --all           checkpoint every running service (before a reboot)
+    stasis restart redis        checkpoint, stop and restore it (--cold: without its memory)
+    stasis checkpoints redis    its checkpoints (fresh or stale) and the quarantined ones
     stasis metrics              Prometheus text for every service
 
 Exit codes: 0 ok, 2 usage, 3 bad config, 4 already running, 5 checkpoint failed,
@@ -109,6 +111,12 @@ pub enum Command {
         /// if it cannot be restored nothing is started (exit 10).
         #[arg(long, value_name = "ID")]
         from: Option<String>,
+        /// With --from: the checkpoint may be a quarantined one. It is verified first (the
+        /// manifest's own checksum, every image against its checksum, the programs it maps
+        /// unchanged) and moved back into the store; one that fails stays quarantined and the
+        /// error says why (exit 10). Example: stasis start redis --from 00000042-20261204T191500.123Z --force
+        #[arg(long, requires = "from")]
+        force: bool,
         /// Run the supervisor in the foreground (for systemd or debugging) instead of in the background.
         #[arg(long)]
         foreground: bool,
@@ -120,6 +128,13 @@ pub enum Command {
     ///
     /// Prints the supervisor's lines as they come; exits 0 once the checkpoint is durable and the
     /// service is gone. If the dump fails the service keeps running (exit 5).
+    ///
+    /// With --no-checkpoint it is the ordinary stop instead (for a service CRIU cannot dump, or
+    /// whose memory is not wanted): SIGTERM to every process of the service, SIGKILL after
+    /// `stop_timeout_secs`, no checkpoint. Existing checkpoints are older than the run that
+    /// ended, so the next `start` cold-starts unless `restore_stale: true`; the output says so.
+    ///
+    /// Example: stasis stop redis --no-checkpoint
     Stop {
         /// The service: NAME.yaml in the config dir.
         #[arg(required_unless_present = "all")]
@@ -130,6 +145,31 @@ pub enum Command {
         /// --json {"services": [{"name", "ok", "checkpoint", "bytes", "seconds", "error"}]}.
         #[arg(long, conflicts_with = "name")]
         all: bool,
+        /// Stop without a checkpoint: SIGTERM, then SIGKILL after `stop_timeout_secs` (root only).
+        /// --json: {"name", "stopped", "checkpoint": null, "how", "newest_checkpoint",
+        /// "next_start", "note", "lines"}.
+        #[arg(long, conflicts_with = "all")]
+        no_checkpoint: bool,
+        /// Print the result as one JSON document on stdout (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a service with a checkpoint and start it again from that checkpoint.
+    ///
+    /// The same as `stasis stop NAME` then `stasis start NAME`: the service keeps its memory. If
+    /// the checkpoint fails the service keeps running and is not restarted (exit 5). A service
+    /// that is not running is started. --cold stops it without a checkpoint (SIGTERM, SIGKILL
+    /// after `stop_timeout_secs`) and cold-starts it: fresh memory, checkpoints kept (stale).
+    ///
+    /// Example: stasis restart redis; stasis restart redis --cold
+    ///
+    /// --json: {"name", "stopped": {"checkpoint", "cold", "was_running"}, "start": {what `start --json` prints}}.
+    Restart {
+        /// The service: NAME.yaml in the config dir.
+        name: String,
+        /// Without a checkpoint, and start with fresh memory.
+        #[arg(long)]
+        cold: bool,
         /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
@@ -163,16 +203,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List a service's checkpoints, oldest first, and its quarantined ones.
+    /// List a service's checkpoints, oldest first, and its quarantined ones; delete or prune them.
     ///
     /// The newest good one is marked with a star. Each is fresh (the service has not run since; `start`
     /// restores it) or stale (with the reason), and may be marked incompatible (the executables
-    /// it maps changed on disk). --json fields per checkpoint: id, generation, path, valid,
-    /// latest, fresh, stale_reason, incompatible, network_lock (the nftables table holding its TCP
-    /// connections until it is restored), created_at, kind, size_bytes, problem.
+    /// it maps changed on disk). Quarantined ones are listed with the reason; bring one back with
+    /// `stasis start NAME --from ID --force` (verified first). --json fields per checkpoint: id,
+    /// generation, path, valid, latest, fresh, stale_reason, incompatible, network_lock (the
+    /// nftables table holding its TCP connections until it is restored), created_at, kind,
+    /// size_bytes, problem; per quarantined one: id, path, reason, valid, problem.
+    ///
+    /// --delete and --prune need the service stopped (its supervisor may dump or restore at any
+    /// moment), release each deleted checkpoint's network-lock table, and refuse without --force
+    /// to delete the only fresh checkpoint or the last good one.
+    ///
+    /// Example: stasis checkpoints redis --delete 00000042-20261204T191500.123Z; stasis checkpoints redis --prune 1
+    #[command(group(clap::ArgGroup::new("doomed").args(["delete", "prune"])))]
     Checkpoints {
         /// The service: NAME.yaml in the config dir.
         name: String,
+        /// Delete this checkpoint (an id from the list; a quarantined one too).
+        #[arg(long, value_name = "ID", conflicts_with = "prune")]
+        delete: Option<String>,
+        /// Keep the KEEP newest good checkpoints and delete the older ones (damaged ones too).
+        #[arg(long, value_name = "KEEP")]
+        prune: Option<usize>,
+        /// With --delete or --prune: also delete the only fresh checkpoint or the last good one.
+        #[arg(long, requires = "doomed")]
+        force: bool,
         /// Print the result as one JSON document on stdout (for scripts).
         #[arg(long)]
         json: bool,
@@ -264,7 +322,9 @@ pub enum Command {
     Remove {
         /// The service: NAME.yaml in the config dir.
         name: String,
-        /// Also delete its checkpoints, logs and working directory under the state dir.
+        /// Also delete its state dir (STATE/services/NAME: checkpoints, quarantine, logs,
+        /// status), releasing the checkpoints' network-lock tables. Never its working directory
+        /// or anything else outside that dir (another service may use it); those are named.
         #[arg(long)]
         purge: bool,
     },
@@ -279,8 +339,11 @@ pub enum Command {
     ///
     /// Each checkpoint taken by a stop holds an nftables table `inet CRIU-...` (its TCP
     /// connections) until it is restored or deleted. Tables of checkpoints deleted by hand stay
-    /// for good and slow every later dump on the host. Retention and quarantine release their own;
-    /// this finds the rest.
+    /// for good and slow every later dump on the host. Retention, quarantine and `checkpoints
+    /// --delete` release their own; this finds the rest. A table is deleted only if this state
+    /// dir recorded it as its own (when the dump took it) and its checkpoint is gone; tables of
+    /// other state dirs or of other programs are listed as not ours and never deleted.
+    /// --json: {"orphaned_tables", "kept_tables", "not_ours_tables", "deleted"}.
     Gc {
         /// Delete the orphaned tables instead of only listing them.
         #[arg(long)]
@@ -306,5 +369,8 @@ pub enum Command {
         name: String,
         #[arg(long)]
         from: Option<String>,
+        /// Cold-start, whatever checkpoints there are (`restart --cold`).
+        #[arg(long, conflicts_with = "from")]
+        cold: bool,
     },
 }

@@ -35,9 +35,14 @@ struct Row {
 
 #[derive(Serialize)]
 struct Quarantined {
+    /// The directory's name under quarantine/ (`ID`, or `ID-N` if that id was quarantined before).
     id: String,
     path: String,
     reason: Option<String>,
+    /// Its manifest can be read and checks out (its images are verified only when it is
+    /// brought back with `start --from ID --force`).
+    valid: bool,
+    problem: Option<String>,
 }
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
@@ -76,22 +81,17 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
             id: c.id,
         })
         .collect();
-    let quarantined: Vec<Quarantined> = std::fs::read_dir(store.quarantine_dir())
-        .map(|rd| {
-            let mut q: Vec<Quarantined> = rd
-                .filter_map(Result::ok)
-                .map(|e| Quarantined {
-                    id: e.file_name().to_string_lossy().to_string(),
-                    path: e.path().display().to_string(),
-                    reason: std::fs::read_to_string(e.path().join("quarantine-reason.txt"))
-                        .ok()
-                        .map(|s| s.trim().to_string()),
-                })
-                .collect();
-            q.sort_by(|a, b| a.id.cmp(&b.id));
-            q
+    let quarantined: Vec<Quarantined> = store
+        .quarantined()
+        .into_iter()
+        .map(|q| Quarantined {
+            id: q.name,
+            path: q.dir.display().to_string(),
+            reason: q.reason,
+            valid: q.manifest.is_ok(),
+            problem: q.manifest.err(),
         })
-        .unwrap_or_default();
+        .collect();
     if json {
         print_json(&serde_json::json!({
             "name": service.name,
@@ -131,6 +131,12 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
             "quarantined {}: {}",
             q.id,
             crate::text::escape_lines(q.reason.as_deref().unwrap_or("no reason recorded"))
+        );
+    }
+    if let Some(q) = quarantined.iter().rev().find(|q| q.valid) {
+        println!(
+            "a quarantined checkpoint comes back only after it is verified again: `stasis start {} --from {} --force`",
+            service.name, q.id
         );
     }
     Ok(exit_codes::OK)

@@ -14,10 +14,15 @@ mod inspect;
 mod logs;
 mod metrics;
 mod output;
+mod prune;
+mod restart;
 mod start;
 mod status;
 mod stop;
+mod terminate;
+mod unquarantine;
 mod validate;
+mod verb_error;
 
 #[cfg(test)]
 pub(crate) use stop::relay;
@@ -54,15 +59,30 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     let dirs = Dirs::new(d.config_dir, d.state_dir, d.run_dir, d.criu_config_dir, d.host_config);
     let result = match cli.command {
         Command::Start { all: true, json, .. } => all::start_all(&dirs, json),
-        Command::Start { name, from, foreground, json, .. } => {
-            start::run(&dirs, name.as_deref().unwrap_or_default(), from.as_deref(), foreground, json)
-        }
+        Command::Start { name, from, force, foreground, json, .. } => verb_error::report(start::run(
+            &dirs,
+            name.as_deref().unwrap_or_default(),
+            from.as_deref(),
+            force,
+            foreground,
+            json,
+        )),
         Command::Stop { all: true, json, .. } => all::stop_all(&dirs, json),
+        Command::Stop { name, no_checkpoint: true, json, .. } => {
+            verb_error::report(terminate::run(&dirs, name.as_deref().unwrap_or_default(), json))
+        }
         Command::Stop { name, json, .. } => stop::run(&dirs, name.as_deref().unwrap_or_default(), json),
+        Command::Restart { name, cold, json } => verb_error::report(restart::run(&dirs, &name, cold, json)),
         Command::Checkpoint { name, json } => checkpoint::run(&dirs, &name, json),
         Command::Status { name, json } => status::run(&dirs, name.as_deref(), json),
         Command::List { json } => status::run(&dirs, None, json),
-        Command::Checkpoints { name, json } => checkpoints::run(&dirs, &name, json),
+        Command::Checkpoints { name, delete: Some(id), force, json, .. } => {
+            verb_error::report(prune::run(&dirs, &name, prune::Doomed::One { id: &id }, force, json))
+        }
+        Command::Checkpoints { name, prune: Some(keep), force, json, .. } => {
+            verb_error::report(prune::run(&dirs, &name, prune::Doomed::KeepNewest(keep), force, json))
+        }
+        Command::Checkpoints { name, json, .. } => checkpoints::run(&dirs, &name, json),
         Command::Doctor { name, json } => doctor::run(&dirs, &name, json),
         Command::Export { name, id, output, json } => export::run(&dirs, &name, id.as_deref(), &output, json),
         Command::Import { file, as_name, json } => import::run(&dirs, &file, as_name.as_deref(), json),
@@ -76,7 +96,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Command::InitScript { name } => generate::init_script(&dirs, &name),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { dir } => generate::man_pages(&dir),
-        Command::Supervise { name, from } => start::supervise(&dirs, &name, from),
+        Command::Supervise { name, from, cold } => start::supervise(&dirs, &name, from, cold),
     };
     match result {
         Ok(code) => code,

@@ -25,16 +25,28 @@ const CHILD_READY_FD: i32 = 3;
 /// How long `start` waits for a supervisor that is finishing a stop.
 const FINISHING_WAIT: Duration = Duration::from_secs(30);
 
-pub fn run(dirs: &Dirs, name: &str, from: Option<&str>, foreground: bool, json: bool) -> Result<i32, Error> {
+pub fn run(
+    dirs: &Dirs,
+    name: &str,
+    from: Option<&str>,
+    force: bool,
+    foreground: bool,
+    json: bool,
+) -> Result<i32, super::verb_error::VerbError> {
     super::require_root()?;
-    let service = load_named(dirs, name)?;
-    Criu::get_cached(&dirs.criu_version_cache())?;
+    let service = load_named(dirs, name).map_err(Error::from)?;
+    Criu::get_cached(&dirs.criu_version_cache()).map_err(Error::from)?;
+    if let Some(id) = from {
+        if let Some(note) = super::unquarantine::prepare_from(dirs, &service, id, force)? {
+            eprintln!("stasis: {}", crate::text::escape_lines(&note));
+        }
+    }
     if foreground {
         wait_for_finishing(dirs, &service)?;
-        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), Notifier::from_env(), true));
+        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), false, Notifier::from_env(), true));
     }
     let shown = super::output::ProgressLines::new(json);
-    let report = start_one(dirs, &service, from, &|line| shown.show(line));
+    let report = start_one(dirs, &service, from, false, &|line| shown.show(line));
     shown.finish();
     let report = report?;
     if !report.ok {
@@ -95,10 +107,12 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
 
 /// Starts one service's supervisor in the background and returns its report (printing nothing).
 /// `progress` hears the supervisor's `Progress: ` lines (a long verification or restore).
+/// `cold` restores no checkpoint (`restart --cold`).
 pub fn start_one(
     dirs: &Dirs,
     service: &crate::config::Service,
     from: Option<&str>,
+    cold: bool,
     progress: &dyn Fn(&str),
 ) -> Result<StartReport, Error> {
     wait_for_finishing(dirs, service)?;
@@ -138,6 +152,7 @@ pub fn start_one(
         .env("LANG", "C.UTF-8")
         .envs(["STASIS_CRIU", "STASIS_LOG"].iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
         .args(from.map(|id| ["--from", id]).into_iter().flatten())
+        .args(cold.then_some("--cold"))
         .env(READY_FD_ENV, CHILD_READY_FD.to_string())
         .stdin(Stdio::null())
         .stdout(open_log()?)
@@ -179,10 +194,10 @@ pub fn start_one(
 }
 
 /// The hidden `__supervise` command that `start` runs in the background.
-pub fn supervise(dirs: &Dirs, name: &str, from: Option<String>) -> Result<i32, Error> {
+pub fn supervise(dirs: &Dirs, name: &str, from: Option<String>, cold: bool) -> Result<i32, Error> {
     let mut notifier = Notifier::from_env();
     match load_named(dirs, name) {
-        Ok(service) => Ok(supervisor::run(dirs.clone(), service, from, notifier, false)),
+        Ok(service) => Ok(supervisor::run(dirs.clone(), service, from, cold, notifier, false)),
         Err(e) => {
             let e = Error::from(e);
             notifier.send(&StartReport::failure(&e));

@@ -201,6 +201,25 @@ impl ListedCheckpoint {
     }
 }
 
+/// One directory under `quarantine/`: a checkpoint that failed verification or its restore.
+#[derive(Debug, Clone)]
+pub struct QuarantinedCheckpoint {
+    /// The directory's name: the checkpoint's id, with `-N` when that id was quarantined before.
+    pub name: String,
+    pub dir: PathBuf,
+    /// Why it was quarantined (`quarantine-reason.txt`).
+    pub reason: Option<String>,
+    /// Read as any manifest: its own checksum and required keys checked.
+    pub manifest: Result<Manifest, String>,
+}
+
+impl QuarantinedCheckpoint {
+    /// The checkpoint's own id: the manifest's when it can be read, else the directory's name.
+    pub fn id(&self) -> &str {
+        self.manifest.as_ref().map(|m| m.id.as_str()).unwrap_or(&self.name)
+    }
+}
+
 /// The generation an id starts with (`00000042-20261204T...`), if it has one.
 pub fn generation_of_id(id: &str) -> Option<u64> {
     let (g, _) = id.split_once('-')?;
@@ -434,6 +453,61 @@ impl CheckpointStore {
         Ok(to)
     }
 
+    /// The quarantined checkpoints, oldest first, each with its reason.
+    pub fn quarantined(&self) -> Vec<QuarantinedCheckpoint> {
+        let Ok(rd) = fs::read_dir(self.quarantine_dir()) else { return Vec::new() };
+        let mut out: Vec<QuarantinedCheckpoint> = rd
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let dir = e.path();
+                Some(QuarantinedCheckpoint {
+                    reason: fs::read_to_string(dir.join(QUARANTINE_REASON_FILE)).ok().map(|s| s.trim().to_string()),
+                    manifest: read_manifest(&dir.join(MANIFEST_FILE)).map_err(|e| e.to_string()),
+                    name,
+                    dir,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (generation_of_id(&a.name).unwrap_or(0), &a.name).cmp(&(generation_of_id(&b.name).unwrap_or(0), &b.name))
+        });
+        out
+    }
+
+    /// A quarantined checkpoint by id (or by its directory's name, `ID-N`).
+    pub fn find_quarantined(&self, id: &str) -> Option<QuarantinedCheckpoint> {
+        let all = self.quarantined();
+        // The exact directory first: an id quarantined twice has `ID` and `ID-1`.
+        let exact = all.iter().position(|q| q.name == id);
+        exact.or_else(|| all.iter().rposition(|q| q.id() == id)).map(|i| all[i].clone())
+    }
+
+    /// Moves a quarantined checkpoint back into the store under its own id. The caller has
+    /// verified it (manifest, images, program); the reason it was quarantined goes with the move.
+    pub fn unquarantine(&self, q: &QuarantinedCheckpoint) -> Result<Checkpoint, StoreError> {
+        let manifest =
+            q.manifest.clone().map_err(|reason| StoreError::BadManifest { path: q.dir.join(MANIFEST_FILE), reason })?;
+        create_dir_with_mode(&self.dir, 0o700)?;
+        let to = self.dir.join(&manifest.id);
+        if to.exists() {
+            return Err(StoreError::Rename {
+                from: q.dir.clone(),
+                to,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a checkpoint with that id is in the store",
+                ),
+            });
+        }
+        fs::rename(&q.dir, &to).map_err(|source| StoreError::Rename { from: q.dir.clone(), to: to.clone(), source })?;
+        fsync_dir(&self.dir)?;
+        fsync_dir(&self.quarantine_dir)?;
+        let _ = fs::remove_file(to.join(QUARANTINE_REASON_FILE));
+        Ok(Checkpoint { id: manifest.id.clone(), dir: to, manifest })
+    }
+
     /// Every directory that may hold a dump's log: checkpoints (complete or not) and quarantine.
     pub fn all_dump_dirs(&self) -> Vec<PathBuf> {
         [&self.dir, &self.quarantine_dir]
@@ -659,6 +733,32 @@ mod tests {
         let to = s.quarantine(&c.id, "restore failed").unwrap();
         assert!(s.latest().unwrap().is_none());
         assert_eq!(fs::read_to_string(to.join(QUARANTINE_REASON_FILE)).unwrap(), "restore failed\n");
+    }
+
+    #[test]
+    fn a_quarantined_checkpoint_is_listed_with_its_reason_and_can_come_back() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let c = finalized(&s);
+        s.quarantine(&c.id, "restore failed: a directory was missing").unwrap();
+        // Quarantined twice (brought back, failed again): the newest is found by id.
+        let again = s.quarantine_dir().join(format!("{}-1", c.id));
+        fs::create_dir_all(s.quarantine_dir().join(&c.id)).unwrap();
+        fs::rename(s.quarantine_dir().join(&c.id), &again).unwrap();
+        let twin = s.quarantine_dir().join(&c.id);
+        fs::create_dir(&twin).unwrap();
+        let listed = s.quarantined();
+        assert_eq!(listed.len(), 2);
+        let q = s.find_quarantined(&format!("{}-1", c.id)).unwrap();
+        assert_eq!(q.reason.as_deref(), Some("restore failed: a directory was missing"));
+        assert_eq!(q.id(), c.id);
+        assert!(s.find_quarantined(&c.id).unwrap().manifest.is_err(), "the exact name first");
+        fs::remove_dir(&twin).unwrap();
+        let q = s.find_quarantined(&c.id).unwrap();
+        let back = s.unquarantine(&q).unwrap();
+        assert_eq!(s.latest().unwrap().unwrap().id, c.id);
+        assert!(!back.dir.join(QUARANTINE_REASON_FILE).exists());
+        assert!(s.quarantined().is_empty());
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub mod seal;
 pub mod shm;
 pub mod verify;
 
-pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};
+pub use checkpoints::{
+    generation_of_id, Checkpoint, CheckpointStore, ListedCheckpoint, PendingCheckpoint, QuarantinedCheckpoint,
+};
 pub use error::StoreError;
 pub use generation::Freshness;
 pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, Manifest, Timings};

@@ -29,6 +29,10 @@ struct Request {
     lines: mpsc::UnboundedSender<String>,
 }
 
+/// A `stop --no-checkpoint`, answered once the service is gone (Ok: how it ended) or with why
+/// it was not stopped that way.
+type TerminateReply = oneshot::Sender<Result<String, String>>;
+
 struct Waiter {
     reply: oneshot::Sender<Outcome>,
     lines: mpsc::UnboundedSender<String>,
@@ -54,6 +58,7 @@ pub struct LoopEnd {
 /// kill port and the control socket, the signals, and the count of open connections.
 pub struct Channels {
     req_rx: mpsc::Receiver<Request>,
+    term_rx: mpsc::Receiver<TerminateReply>,
     connections: OpenConnections,
     sigchld: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
@@ -64,15 +69,23 @@ impl Channels {
     /// Starts accepting on both listeners.
     pub fn open(ctx: &Context, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
         let (req_tx, req_rx) = mpsc::channel::<Request>(16);
+        let (term_tx, term_rx) = mpsc::channel::<TerminateReply>(16);
         let connections = OpenConnections::default();
         let Listeners { kill_port, control } = listeners;
         let mut allowed = vec![0, ctx.service.uid];
         allowed.extend(&ctx.service.kill_port_uids);
         let policy = Arc::new(KillPortPolicy::new(ctx.service.name.clone(), allowed, log.clone()));
         tokio::spawn(accept_kill_port(kill_port, req_tx.clone(), policy, connections.clone()));
-        tokio::spawn(accept_control(control, req_tx, ctx.service.name.clone(), connections.clone()));
+        let control_ctx = ControlContext {
+            name: ctx.service.name.clone(),
+            grace: ctx.service.stop_timeout,
+            requests: req_tx,
+            terminate: term_tx,
+        };
+        tokio::spawn(accept_control(control, control_ctx, connections.clone()));
         Ok(Channels {
             req_rx,
+            term_rx,
             connections,
             sigchld: signal(SignalKind::child())?,
             sigterm: signal(SignalKind::terminate())?,
@@ -93,6 +106,10 @@ impl Channels {
                     }
                     let _ = req.reply.send(late.clone());
                 }
+                // Whatever ended this supervisor, the service is gone, which is what was asked.
+                Some(reply) = self.term_rx.recv() => {
+                    let _ = reply.send(Ok(format!("{name} is not running any more")));
+                }
                 _ = self.connections.all_closed() => break,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
@@ -112,6 +129,10 @@ impl Channels {
                     if req.kind == DumpKind::Stop {
                         return Err(format!("stopped while waiting to restart: {why}"));
                     }
+                }
+                Some(reply) = self.term_rx.recv() => {
+                    let _ = reply.send(Ok(format!("{name} was waiting to be restarted; it will not be")));
+                    return Err("stopped without a checkpoint while waiting to restart".into());
                 }
                 _ = self.sigterm.recv() => return Err("stopped by SIGTERM while waiting to restart".into()),
                 _ = self.sigint.recv() => return Err("stopped by SIGINT while waiting to restart".into()),
@@ -136,7 +157,7 @@ pub async fn run_loop(
     on_change: impl Fn(State, Option<&str>),
     on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
-    let Channels { req_rx, sigchld, sigterm, sigint, .. } = ch;
+    let Channels { req_rx, term_rx, sigchld, sigterm, sigint, .. } = ch;
     let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
     // `checkpoint_every`: one timer, armed while the service runs; none without the setting.
@@ -159,6 +180,9 @@ pub async fn run_loop(
     // Stops that came during a dump that leaves the service running: they get the stop after it.
     let mut queued: Vec<Waiter> = Vec::new();
     let mut last_outcome: Option<Outcome> = None;
+    let mut terminators: Vec<TerminateReply> = Vec::new();
+    // Set once SIGTERM went to the service: its exit is then the stop, not a failure.
+    let mut terminated = false;
 
     loop {
         let mut request = None;
@@ -167,6 +191,11 @@ pub async fn run_loop(
                 let (kind, dry) = (req.kind, req.dry);
                 request = Some(req);
                 if dry { Event::DoctorRequested } else { Event::DumpRequested(kind) }
+            }
+            Some(reply) = term_rx.recv() => {
+                log.note("stop without a checkpoint requested (stasis stop --no-checkpoint)");
+                terminators.push(reply);
+                Event::Terminate
             }
             Some(p) = progress_rx.recv() => {
                 match p {
@@ -315,6 +344,15 @@ pub async fn run_loop(
                             r.size_bytes
                         )),
                         Ok(r) => {
+                            // Before anyone hears of it: `gc` deletes only tables recorded as ours.
+                            if let Err(e) = crate::criu::network_lock::record_owner(
+                                &ctx.dirs.state_dir,
+                                &ctx.service.name,
+                                &r.id,
+                                &r.dir.join(crate::criu::DUMP_LOG),
+                            ) {
+                                log.note(&format!("warning: {e}; `stasis gc` will not delete its table"));
+                            }
                             log.note(&format!(
                                 "checkpoint {} saved ({} bytes) in {}",
                                 r.id,
@@ -358,6 +396,7 @@ pub async fn run_loop(
                         ctx.service.stop_timeout.as_secs()
                     ));
                     let _ = kill(init_pid, Signal::SIGTERM);
+                    terminated = true;
                     grace = Some(Box::pin(tokio::time::sleep(ctx.service.stop_timeout)));
                 }
                 Action::KillService => {
@@ -373,6 +412,7 @@ pub async fn run_loop(
                     .as_ref()
                     .and_then(|o| o.as_ref().ok())
                     .map(|r| format!("stopped after checkpoint {}", r.id)),
+                State::Stopped if terminated => exit_message.as_ref().map(|m| without_checkpoint(m)),
                 State::Failed | State::Stopped => exit_message.clone(),
                 _ => None,
             };
@@ -406,6 +446,7 @@ pub async fn run_loop(
             .clone()
             .and_then(|o| o.ok())
             .map(|r| format!("stopped after checkpoint {}", r.id))
+            .or_else(|| exit_message.as_ref().filter(|_| terminated).map(|m| without_checkpoint(m)))
             .or(exit_message)
             .unwrap_or_else(|| "stopped".into()),
         _ => exit_message.unwrap_or_else(|| "exited".into()),
@@ -413,8 +454,19 @@ pub async fn run_loop(
     for w in queued {
         let _ = w.reply.send(Err(format!("{} exited before it could be stopped with a checkpoint", ctx.service.name)));
     }
+    for t in terminators {
+        let answer = match state {
+            State::Stopped => Ok(message.clone()),
+            _ => Err(format!("{} exited by itself before it could be stopped: {message}", ctx.service.name)),
+        };
+        let _ = t.send(answer);
+    }
     tracing::debug!("loop: service gone");
     Ok(LoopEnd { state, exit, last_outcome, message })
+}
+
+fn without_checkpoint(exit: &str) -> String {
+    format!("stopped without a checkpoint ({exit})")
 }
 
 /// Counts the connections being served, so the loop's end can wait for them without a timer.
@@ -494,12 +546,22 @@ async fn accept_kill_port(
     }
 }
 
-async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name: String, connections: OpenConnections) {
+/// What a control-socket connection may ask of the loop.
+#[derive(Clone)]
+struct ControlContext {
+    name: String,
+    /// `stop_timeout_secs`, for the announcement of a stop without a checkpoint.
+    grace: Duration,
+    requests: mpsc::Sender<Request>,
+    terminate: mpsc::Sender<TerminateReply>,
+}
+
+async fn accept_control(listener: UnixListener, cc: ControlContext, connections: OpenConnections) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (tx, name, open) = (tx.clone(), name.clone(), connections.open());
+        let (cc, open) = (cc.clone(), connections.open());
         tokio::spawn(async move {
             let _open = open;
             // The socket sits in the root-only run dir; its peer must be root all the same.
@@ -514,13 +576,18 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
             let dry = match line.trim() {
                 protocol::CHECKPOINT_COMMAND if matches!(read, Ok(Ok(_))) => false,
                 protocol::DOCTOR_COMMAND if matches!(read, Ok(Ok(_))) => true,
+                protocol::TERMINATE_COMMAND if matches!(read, Ok(Ok(_))) => {
+                    serve_terminate(wr, &cc).await;
+                    return;
+                }
                 other => {
                     let _ = wr
                         .write_all(
                             format!(
-                                "ERROR unknown command {other:?}; the commands are {} and {}\n",
+                                "ERROR unknown command {other:?}; the commands are {}, {} and {}\n",
                                 protocol::CHECKPOINT_COMMAND,
-                                protocol::DOCTOR_COMMAND
+                                protocol::DOCTOR_COMMAND,
+                                protocol::TERMINATE_COMMAND
                             )
                             .as_bytes(),
                         )
@@ -528,9 +595,26 @@ async fn accept_control(listener: UnixListener, tx: mpsc::Sender<Request>, name:
                     return;
                 }
             };
-            serve(wr, DumpKind::KeepRunning, dry, tx, name).await;
+            serve(wr, DumpKind::KeepRunning, dry, cc.requests, cc.name).await;
         });
     }
+}
+
+/// `stop --no-checkpoint`: the announcement at once, then how the service ended.
+async fn serve_terminate<W: tokio::io::AsyncWrite + Unpin>(mut out: W, cc: &ControlContext) {
+    let _ = out.write_all(protocol::announce_terminate(&cc.name, cc.grace).as_bytes()).await;
+    let _ = out.flush().await;
+    let (reply, rx) = oneshot::channel();
+    let outcome = match cc.terminate.send(reply).await {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
+        Err(_) => Err("the supervisor is exiting".into()),
+    };
+    let last = match outcome {
+        Ok(how) => format!("OK {}\n", crate::text::escape_controls(&how)),
+        Err(why) => format!("ERROR {}\n", crate::text::escape_controls(&why)),
+    };
+    let _ = out.write_all(last.as_bytes()).await;
+    let _ = out.shutdown().await;
 }
 
 /// One request: the announcement at once, then the outcome.

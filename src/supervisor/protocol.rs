@@ -9,6 +9,9 @@ use std::time::Duration;
 pub const CHECKPOINT_COMMAND: &str = "checkpoint";
 /// Asks the control socket for a dry-run dump (`stasis doctor`).
 pub const DOCTOR_COMMAND: &str = "doctor";
+/// Asks the control socket to stop the service without a checkpoint (`stasis stop
+/// --no-checkpoint`): SIGTERM to its tree, SIGKILL after `stop_timeout_secs`.
+pub const TERMINATE_COMMAND: &str = "stop-no-checkpoint";
 /// Lines about a dump under way start with this.
 pub const PROGRESS_PREFIX: &str = "Progress: ";
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
@@ -113,6 +116,10 @@ pub fn announce_stop(service: &str) -> String {
 
 pub fn announce_doctor(service: &str) -> String {
     format!("Trying a checkpoint of {service} that is thrown away (it keeps running)...\n")
+}
+
+pub fn announce_terminate(service: &str, grace: Duration) -> String {
+    format!("Stopping {service} without a checkpoint (SIGTERM, SIGKILL after {} s)...\n", grace.as_secs())
 }
 
 pub fn announce_checkpoint(service: &str) -> String {

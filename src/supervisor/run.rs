@@ -36,12 +36,25 @@ fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
 
 /// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
-pub fn run(dirs: Dirs, service: Service, from: Option<String>, mut notifier: Notifier, foreground: bool) -> i32 {
+/// `from` restores that checkpoint or nothing; `cold` (`restart --cold`) restores none.
+pub fn run(
+    dirs: Dirs,
+    service: Service,
+    from: Option<String>,
+    cold: bool,
+    mut notifier: Notifier,
+    foreground: bool,
+) -> i32 {
     // Whatever the caller's umask (`umask 000` in a shell), what the supervisor, CRIU and the
     // hooks create (logs, locks, images) is root's alone; the service gets its own umask at launch.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let name = service.name.clone();
-    match supervise(dirs, service, from.as_deref(), &mut notifier, foreground) {
+    let pick = match (&from, cold) {
+        (Some(id), _) => Pick::Id(id),
+        (None, true) => Pick::Cold,
+        (None, false) => Pick::Newest,
+    };
+    match supervise(dirs, service, pick, &mut notifier, foreground) {
         Ok(code) => code,
         Err(e) => {
             notifier.send(&StartReport::failure(&e));
@@ -54,7 +67,7 @@ pub fn run(dirs: Dirs, service: Service, from: Option<String>, mut notifier: Not
 fn supervise(
     dirs: Dirs,
     service: Service,
-    from: Option<&str>,
+    pick: Pick,
     notifier: &mut Notifier,
     foreground: bool,
 ) -> Result<i32, Error> {
@@ -125,7 +138,7 @@ fn supervise(
         notifier.progress(&line);
         super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
     };
-    let started = start_service(&ctx, from.map(Pick::Id).unwrap_or(Pick::Newest), &progress).and_then(|s| {
+    let started = start_service(&ctx, pick, &progress).and_then(|s| {
         // With `ready:` the readiness wait notices a command that dies at once.
         if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
             super::startup::survives_probation(&s, &ctx.service.name, &log)?;
