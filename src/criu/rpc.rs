@@ -102,7 +102,10 @@ impl Swrk {
         let (ours, theirs) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(RpcError::Socket)?;
         let mut cmd = Command::new(criu);
-        cmd.arg("swrk")
+        // No /etc/criu/default.conf, no ~/.criu: what CRIU does is what the request says (and the
+        // config file it names, checked against the same allowlist as the service's options).
+        cmd.arg("--no-default-config")
+            .arg("swrk")
             .arg(theirs.as_raw_fd().to_string())
             // A clean environment, as for every criu run (see run.rs).
             .env_clear()
