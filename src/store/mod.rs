@@ -15,8 +15,10 @@ mod manifest;
 pub mod safe_open;
 pub mod seal;
 pub mod shm;
+pub mod tmpfs;
 pub mod trailing;
 pub mod verify;
+pub mod written;
 
 pub use checkpoints::{generation_of_id, Checkpoint, CheckpointStore, PendingCheckpoint};
 pub use error::StoreError;
