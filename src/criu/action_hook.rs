@@ -1,7 +1,10 @@
 //! CRIU's action script (`--action-script`), which is this binary run with no arguments.
 //! On `post-dump` it finalizes the pending checkpoint while the service is still frozen: if
 //! making it durable fails, the hook exits non-zero and CRIU resumes the service instead of
-//! killing it, so a service is never gone without a durable checkpoint.
+//! killing it, so a service is never gone without a durable checkpoint. On every dump it also
+//! records, from the frozen tree, what the restore will need of the host: /dev/shm copies
+//! (store::shm), the socket directories and small files of /run (store::tmpfs), and the files
+//! the tree writes (store::written).
 
 /// The pending checkpoint directory to finalize; only set for dumps that stop the service.
 pub const PENDING_ENV: &str = "STASIS_PENDING_CHECKPOINT";
