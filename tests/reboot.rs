@@ -284,3 +284,37 @@ fn a_restore_failing_because_of_the_host_keeps_the_checkpoint_for_the_next_start
     assert_eq!(started["started_from"], "checkpoint", "after the fix: {started}");
     env.ok(&["stop", "reader"]);
 }
+
+#[test]
+fn a_cold_start_failing_after_a_quarantine_says_both() {
+    let env = Env::new();
+    let [kill] = free_ports::<1>();
+    let input = env.path().join("input.txt");
+    std::fs::write(&input, "the input\n").unwrap();
+    env.write_service(
+        "both",
+        &format!(
+            "command: [\"/usr/bin/python3\", \"{REPO}/tests/programs/numbered_lines.py\", \"hold\", \"{}\"]\nuser: stasis-example\nkill_port: {kill}\n",
+            input.display()
+        ),
+    );
+    env.start("both");
+    env.ok(&["stop", "both"]);
+    let cp = env.checkpoint_dirs("both").pop().unwrap();
+    let pages = std::fs::read_dir(cp.join("images"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("pages-"))
+        .unwrap();
+    let mut bytes = std::fs::read(&pages).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&pages, bytes).unwrap();
+    // The cold launch fails too: the program cannot open its input.
+    std::fs::remove_file(&input).unwrap();
+    let failed = env.run(&["start", "both"]);
+    let err = String::from_utf8_lossy(&failed.stderr).to_string();
+    assert_eq!(failed.status.code(), Some(6), "{err}");
+    assert!(err.contains("within its first second"), "the cold launch's error: {err}");
+    assert!(err.contains("quarantined it") && err.contains(cp.file_name().unwrap().to_str().unwrap()), "{err}");
+}
