@@ -16,6 +16,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "restore_stale",
     "keep_checkpoints",
     "on_incompatible",
+    "on_file_changed",
     "dump_timeout",
     "restore_timeout",
     "kill_port_users",
@@ -69,6 +70,9 @@ pub struct ServiceFile {
     /// `cold` or `fail`: what start does when the checkpoint does not fit the program on disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_incompatible: Option<String>,
+    /// `restore` or `refuse`: what start does when a file the service writes changed since the checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_file_changed: Option<String>,
     /// How long a dump may take before it is ended and the service resumed: `90s`, `10m`, `1h`, or seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump_timeout: Option<serde_yaml::Value>,

@@ -77,6 +77,16 @@ pub enum OnIncompatible {
     Fail,
 }
 
+/// What `start` does when a file the service holds open for writing changed since the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFileChanged {
+    /// Bring the file back to what the memory expects (an appended tail is kept beside it, a
+    /// changed file is put back from the copy kept with the checkpoint) or refuse when it cannot.
+    Restore,
+    /// Refuse any change: keep the checkpoint and do not start.
+    Refuse,
+}
+
 /// A validated service, ready to run.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -97,6 +107,7 @@ pub struct Service {
     pub restore_stale: bool,
     pub keep_checkpoints: usize,
     pub on_incompatible: OnIncompatible,
+    pub on_file_changed: OnFileChanged,
     pub dump_timeout: Duration,
     pub restore_timeout: Duration,
     /// uids of `kill_port_users`.
@@ -266,6 +277,17 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             OnIncompatible::Cold
         }
     };
+    let on_file_changed = match file.on_file_changed.as_deref() {
+        None | Some("restore") => OnFileChanged::Restore,
+        Some("refuse") => OnFileChanged::Refuse,
+        Some(other) => {
+            c.fail(
+                "on_file_changed",
+                format!("\"{other}\" is not a choice; use `restore` (put the file back as the checkpoint expects, keeping what was added beside it) or `refuse` (keep the checkpoint and refuse to start)"),
+            );
+            OnFileChanged::Restore
+        }
+    };
     let dump_timeout = timeout(&mut c, "dump_timeout", file.dump_timeout.as_ref(), DEFAULT_DUMP_TIMEOUT);
     let restore_timeout = timeout(&mut c, "restore_timeout", file.restore_timeout.as_ref(), DEFAULT_RESTORE_TIMEOUT);
 
@@ -429,6 +451,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             restore_stale: file.restore_stale.unwrap_or(false),
             keep_checkpoints,
             on_incompatible,
+            on_file_changed,
             dump_timeout,
             restore_timeout,
             kill_port_uids,

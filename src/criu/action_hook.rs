@@ -1,7 +1,10 @@
 //! CRIU's action script (`--action-script`), which is this binary run with no arguments.
 //! On `post-dump` it finalizes the pending checkpoint while the service is still frozen: if
 //! making it durable fails, the hook exits non-zero and CRIU resumes the service instead of
-//! killing it, so a service is never gone without a durable checkpoint.
+//! killing it, so a service is never gone without a durable checkpoint. On every dump it also
+//! records, from the frozen tree, what the restore will need of the host: /dev/shm copies
+//! (store::shm), the socket directories and small files of /run (store::tmpfs), and the files
+//! the tree writes (store::written).
 
 /// The pending checkpoint directory to finalize; only set for dumps that stop the service.
 pub const PENDING_ENV: &str = "STASIS_PENDING_CHECKPOINT";
@@ -34,7 +37,8 @@ pub fn main() -> i32 {
             return 1;
         }
         // The service runs on after this dump: its shared memory is copied now or never.
-        return match crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir)).map(|p| keep_shm_files(&p)) {
+        let pending = crate::store::PendingCheckpoint::from_dir(std::path::Path::new(&dir));
+        return match pending.map(|p| keep_shm_files(&p).map_err(|e| e.to_string()).and_then(|_| keep_open_files(&p))) {
             Some(Err(e)) => {
                 eprintln!("stasis: {e}");
                 1
@@ -54,6 +58,10 @@ pub fn main() -> i32 {
         return 1;
     }
     if let Err(e) = record_frozen_mappings(&pending).and_then(|_| keep_shm_files(&pending)) {
+        eprintln!("stasis: {e}");
+        return 1;
+    }
+    if let Err(e) = keep_open_files(&pending) {
         eprintln!("stasis: {e}");
         return 1;
     }
@@ -135,6 +143,28 @@ fn keep_shm_files(pending: &crate::store::PendingCheckpoint) -> Result<(), crate
     let mut draft = pending.read_draft()?;
     draft.shm_files = Some(kept);
     pending.write_draft(&draft)
+}
+
+/// Records what a restore needs of the files the frozen tree holds open: the directories of its
+/// unix sockets and its small files on /run or a tmpfs (store::tmpfs), and the files it writes
+/// (store::written); small ones are copied into the pending checkpoint.
+fn keep_open_files(pending: &crate::store::PendingCheckpoint) -> Result<(), String> {
+    let Some(pid) = tree_pid() else {
+        return Ok(());
+    };
+    let fds = crate::store::written::tree_fds(pid);
+    let min_free = std::env::var(MIN_FREE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let images = pending.images_dir();
+    let (dirs, files) = crate::store::tmpfs::capture(&fds, &images, min_free, deadline()).map_err(|e| e.to_string())?;
+    let written = crate::store::written::capture(&fds, &images, min_free, deadline()).map_err(|e| e.to_string())?;
+    if dirs.is_empty() && files.is_empty() && written.is_empty() {
+        return Ok(());
+    }
+    let mut draft = pending.read_draft().map_err(|e| e.to_string())?;
+    draft.tmpfs_dirs = (!dirs.is_empty()).then_some(dirs);
+    draft.tmpfs_files = (!files.is_empty()).then_some(files);
+    draft.written_files = (!written.is_empty()).then_some(written);
+    pending.write_draft(&draft).map_err(|e| e.to_string())
 }
 
 /// Host PID of the dumped tree's root, as the supervisor passed it.

@@ -27,17 +27,46 @@ pub enum RestoreFailure {
     Checkpoint,
 }
 
-/// Log phrases (errno texts) that blame the host rather than the images.
-const ENVIRONMENT_CAUSES: &[(&str, &str)] = &[
-    ("Address already in use", "an address or port the service listens on is in use by another process"),
-    ("Cannot allocate memory", "the host is out of memory"),
-    ("No space left on device", "a filesystem is full"),
-    ("Too many open files", "the host is out of file descriptors"),
-    ("Resource temporarily unavailable", "a host resource is temporarily exhausted"),
+/// Log phrases that blame the host rather than the images: every phrase of an entry must be
+/// on the same error line (CRIU 4.2.1's messages: files-reg.c, sk-unix.c, files.c, errno texts).
+const ENVIRONMENT_CAUSES: &[(&[&str], &str)] = &[
+    (&["Address already in use"], "an address or port the service listens on is in use by another process"),
+    (&["Cannot allocate memory"], "the host is out of memory"),
+    (&["No space left on device"], "a filesystem is full"),
+    (&["Too many open files"], "the host is out of file descriptors"),
+    (&["Resource temporarily unavailable"], "a host resource is temporarily exhausted"),
     // The images are fine; the other end of a unix socket the service was connected to is not.
     (
-        "unix: Can't connect",
+        &["unix: Can't connect"],
         "the server of a unix socket the service was connected to (syslog's /dev/log, a database's socket) is not listening; start it, then start the service again",
+    ),
+    (
+        &["Can't bind", "No such file or directory"],
+        "the directory of a unix socket the service binds is missing (the line names the socket); create it with the owner and mode the service needs, then start again",
+    ),
+    (
+        &["Can't change working dir", "No such file or directory"],
+        "the directory of a unix socket the service uses is missing (the line names it); create it, then start again",
+    ),
+    (
+        &["has bad size"],
+        "a file the service had open changed size since the checkpoint (the line names it, with the size the memory expects); put it back as it was, then start again",
+    ),
+    (
+        &["has bad mode"],
+        "a file the service had open changed its type or permissions since the checkpoint (the line names it); chmod it back, then start again",
+    ),
+    (
+        &["Can't open file", "No such file or directory"],
+        "a file or directory the service had open is missing (the line names it); put it back, then start again",
+    ),
+    (
+        &["Can't open file", "Permission denied"],
+        "a file the service had open can no longer be opened (its owner or mode changed, or its user no longer exists); give it back its owner and mode, then start again",
+    ),
+    (
+        &["Can't change cwd", "No such file or directory"],
+        "the service's working directory is missing; create it, then start again",
     ),
 ];
 
@@ -71,7 +100,10 @@ impl CriuError {
             .iter()
             .filter(|l| l.contains("Error"))
             .find_map(|l| {
-                ENVIRONMENT_CAUSES.iter().find(|(p, _)| l.contains(p)).map(|(_, why)| RestoreFailure::Environment(why))
+                ENVIRONMENT_CAUSES
+                    .iter()
+                    .find(|(all, _)| all.iter().all(|p| l.contains(p)))
+                    .map(|(_, why)| RestoreFailure::Environment(why))
             })
             .unwrap_or(RestoreFailure::Checkpoint)
     }
@@ -109,8 +141,26 @@ mod tests {
     fn a_port_in_use_is_the_host_not_the_checkpoint() {
         let e = failed(&["(0.1) Error (criu/sk-inet.c:1): Can't bind inet socket (id 5): Address already in use"]);
         assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains("in use")));
-        let e = failed(&["(0.1) Error (criu/files.c:1): Can't open file: No such file or directory"]);
+        let e = failed(&["(0.1) Error (criu/pagemap.c:1): Can't read mapping page 0: Input/output error"]);
         assert_eq!(e.restore_failure(), RestoreFailure::Checkpoint);
+    }
+
+    #[test]
+    fn what_a_reboot_or_a_person_changed_on_the_host_is_the_host() {
+        for (line, says) in [
+            ("Error (criu/files-reg.c:2175): File /tmp/x/out.log has bad size 4293 (expect 2601)", "changed size"),
+            ("Error (criu/files-reg.c:2294): File /tmp/x has bad mode 0100600 (expect 0100644)", "permissions"),
+            ("Error (criu/files-reg.c:2267): Can't open file tmp/x/in.txt: No such file or directory", "missing"),
+            ("Error (criu/files-reg.c:2267): Can't open file tmp/x: Permission denied", "owner or mode"),
+            (
+                "1: Error (criu/sk-unix.c:1651): Can't bind id 0x7 ino 1234 addr /run/r/redis.sock: No such file or directory",
+                "unix socket the service binds",
+            ),
+            ("Error (criu/sk-unix.c:1328): Can't change working dir /run/r: No such file or directory", "missing"),
+        ] {
+            let e = failed(&[line]);
+            assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains(says)), "{line}");
+        }
     }
 
     #[test]

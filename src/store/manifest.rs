@@ -145,6 +145,18 @@ pub struct Manifest {
     /// `images/` while it was frozen: a reboot empties /dev/shm, and CRIU reopens them by path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shm_files: Option<Vec<ShmFile>>,
+    /// Directories a reboot empties (under /run, or on a tmpfs) that hold the unix sockets the
+    /// tree bound or the small files it held open, parents first: recreated before a restore
+    /// when missing, since CRIU binds and opens by path (see store::tmpfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpfs_dirs: Option<Vec<TmpfsDir>>,
+    /// Small regular files there the tree held open, copied into `images/` while it was frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpfs_files: Option<Vec<TmpfsFile>>,
+    /// Regular files the tree held open for writing, as they were at the freeze: a restore
+    /// tells an append from a rewrite with them (see store::written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_files: Option<Vec<WrittenFile>>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,
@@ -159,6 +171,42 @@ pub struct ShmFile {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+}
+
+/// A directory of /run (or of a tmpfs) the tree's sockets or files live in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpfsDir {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A small file of /run (or of a tmpfs) the tree held open; its copy is `images/IMAGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpfsFile {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub image: String,
+}
+
+/// A regular file the tree held open for writing, at the freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenFile {
+    pub path: PathBuf,
+    pub size: u64,
+    /// BLAKE3 of its `size` bytes, hex; absent when the file was over the hashing cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The name of its copy in `images/`, for a small file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
 }
 
 /// Why a manifest's bytes cannot be trusted.

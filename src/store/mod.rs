@@ -15,7 +15,9 @@ mod manifest;
 pub mod safe_open;
 pub mod seal;
 pub mod shm;
+pub mod tmpfs;
 pub mod verify;
+pub mod written;
 
 pub use checkpoints::{
     generation_of_id, Checkpoint, CheckpointStore, ListedCheckpoint, PendingCheckpoint, QuarantinedCheckpoint,

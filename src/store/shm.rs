@@ -124,7 +124,7 @@ fn next_data(file: &File, at: u64, len: u64) -> std::io::Result<Option<(u64, u64
 }
 
 /// Fails unless the disk of `dir` keeps `min_free` bytes free after `needed` more.
-fn room_for(dir: &Path, path: &Path, needed: u64, min_free: u64) -> Result<(), StoreError> {
+pub(crate) fn room_for(dir: &Path, path: &Path, needed: u64, min_free: u64) -> Result<(), StoreError> {
     let v = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| StoreError::FreeSpace { path: dir.to_path_buf(), source: e.into() })?;
     let free = v.blocks_available().saturating_mul(v.fragment_size());

@@ -176,6 +176,9 @@ fn dump(
             .as_ref()
             .map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
         shm_files: None,
+        tmpfs_dirs: None,
+        tmpfs_files: None,
+        written_files: None,
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");

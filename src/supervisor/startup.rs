@@ -114,7 +114,12 @@ pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<St
             Err(Refusal::Stop(e)) => return Err(e),
         }
     }
-    cold(ctx, (!reasons.is_empty()).then(|| reasons.join("; then ")))
+    let fallback = (!reasons.is_empty()).then(|| reasons.join("; then "));
+    // A cold start that fails after a checkpoint was passed over says both.
+    cold(ctx, fallback.clone()).map_err(|e| match fallback {
+        Some(why) => Error::StartFailed(format!("{e}\n(it was a cold start because {why})")),
+        None => e,
+    })
 }
 
 /// `start --from ID`: that checkpoint, stale or not, or nothing at all.
@@ -215,6 +220,15 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
                 if explicit { "restorable" } else { "fresh" }
             ))))
         }
+        Err(RestoreError::Refused(why)) => {
+            let _ = ctx.store.undo_run(&before);
+            Err(Refusal::Stop(Error::RestoreRefused(format!(
+                "{why}\n(checkpoint {} is kept, not quarantined, still {}: `stasis start {}` restores it once the file is fixed)",
+                cp.id,
+                if explicit { "restorable" } else { "fresh" },
+                ctx.service.name
+            ))))
+        }
         Err(RestoreError::Other(why)) => {
             let _ = ctx.store.undo_run(&before);
             Err(Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)))
@@ -268,6 +282,9 @@ enum RestoreError {
     Criu(crate::criu::CriuError),
     /// Something of this host's (a full disk) and not of the checkpoint's.
     Host(String),
+    /// A file the service writes no longer matches the memory, and may not be put back: the
+    /// checkpoint is kept and the start fails (a cold start would rewrite the file).
+    Refused(String),
     Other(String),
 }
 
@@ -318,6 +335,7 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
             });
         }
     }
+    shm_notes.extend(put_back_files(ctx, cp, &args.images_dir)?);
     let max = ctx.host.max_concurrent_restores;
     let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
         super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
@@ -377,6 +395,30 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
         output,
         notify: None,
     })
+}
+
+/// What a reboot removed comes back (the directories of the service's unix sockets, its small
+/// files of /run), then each file the service writes is brought back to what the memory expects,
+/// or the restore is refused naming the file (the checkpoint is kept either way).
+fn put_back_files(ctx: &Context, cp: &Checkpoint, images: &std::path::Path) -> Result<Vec<String>, RestoreError> {
+    let m = &cp.manifest;
+    let (dirs, files) = (m.tmpfs_dirs.as_deref().unwrap_or_default(), m.tmpfs_files.as_deref().unwrap_or_default());
+    let mut notes = crate::store::tmpfs::put_back(dirs, files, images)
+        .map_err(|e| RestoreError::Host(format!("failed to put back what a reboot removes: {e}")))?;
+    if let Some(written) = &m.written_files {
+        let deadline = Some(std::time::Instant::now() + ctx.service.restore_timeout);
+        let s = &ctx.service;
+        let done = crate::store::written::reconcile(written, images, &cp.id, s.on_file_changed, &s.file, deadline)
+            .map_err(|e| match e.is_refusal() {
+                true => RestoreError::Refused(e.to_string()),
+                false => RestoreError::Host(e.to_string()),
+            })?;
+        notes.extend(done);
+    }
+    for n in &notes {
+        tracing::info!("{n}");
+    }
+    Ok(notes)
 }
 
 fn checkpoint_key(ctx: &Context, key_id: &str) -> Result<crate::store::seal::Key, String> {
@@ -456,8 +498,12 @@ pub fn survives_probation(s: &Started, name: &str, log: &super::log_pump::LogWri
     } else {
         format!("; its last output:\n{}", last.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"))
     };
+    let before = match &s.info.fallback_reason {
+        Some(why) => format!("\n(it was a cold start because {why})"),
+        None => String::new(),
+    };
     Err(Error::StartFailed(format!(
-        "failed to start {name}: the command {status} within its first second{shown}\n(see `stasis logs {name}`)"
+        "failed to start {name}: the command {status} within its first second{shown}{before}\n(see `stasis logs {name}`)"
     )))
 }
 
