@@ -1,0 +1,93 @@
+//! Crashes and what is said about them: the namespace init reports the command's own status
+//! (a `kill -9` of the main process is a failure whatever its children do), a resource CRIU
+//! cannot dump is named plainly at stop and doctor, and waits on a terminal are never silent.
+
+mod common;
+use common::*;
+
+/// Pids of live processes whose command line contains `marker` (a path under the test's dir),
+/// but the namespace init, whose arguments hold the command.
+fn pids_with(marker: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(marker) && !cmdline.contains("__ns-init") && !is_gone(*pid)
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn script(env: &Env, name: &str, body: &str) -> String {
+    let path = env.path().join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    path.display().to_string()
+}
+
+fn service_yaml(kill_port: u16, command: &str, extra: &str) -> String {
+    format!(
+        "command: [\"/bin/sh\", \"{command}\"]\nuser: stasis-example\nkill_port: {kill_port}\nrestart: on-failure\nrestart_backoff: 100ms\nrestart_limit: 5 in 1m\n{extra}"
+    )
+}
+
+#[test]
+fn a_kill_9_of_the_main_process_is_a_failure_even_while_a_child_ignoring_sigterm_lives_on() {
+    let env = Env::new();
+    let [kill_port] = free_ports::<1>();
+    // The child ignores SIGTERM (kept across exec, so its sleeps do too) and never ends by itself.
+    let child = script(&env, "stubborn.sh", "trap '' TERM\nwhile :; do sleep 1; done");
+    let main = script(&env, "main.sh", &format!("/bin/sh {child} &\necho started\nwhile :; do sleep 1; done"));
+    env.write_service("crashy", &service_yaml(kill_port, &main, ""));
+    env.start("crashy");
+    let first = wait_for("the main process and its child", || {
+        let (m, c) = (pids_with(&main), pids_with(&child));
+        (m.len() == 1 && c.len() == 1).then(|| (m[0], c[0]))
+    });
+    verified_kill(first.0, &[&main]);
+    let back = wait_for("the service restarted after the kill", || {
+        let s = env.status("crashy");
+        (s["restarts"] == 1 && s["state"] == "running").then_some(s)
+    });
+    let log = env.log("crashy");
+    assert!(
+        log.contains("the service exited with status 137 (its command was killed by SIGKILL); restarting it"),
+        "{log}"
+    );
+    // The crashed run's stubborn child went with it; the new run has its own.
+    wait_for("the old child gone", || is_gone(first.1).then_some(()));
+    let again = wait_for("the new run's processes", || {
+        let (m, c) = (pids_with(&main), pids_with(&child));
+        (m.len() == 1 && c.len() == 1).then(|| (m[0], c[0]))
+    });
+    assert_ne!(again, first, "{back}");
+    env.ok(&["stop", "crashy"]);
+}
+
+#[test]
+fn a_daemon_that_went_to_the_background_keeps_the_service_up_and_its_kill_9_is_a_failure() {
+    let env = Env::new();
+    let [kill_port] = free_ports::<1>();
+    let daemon = script(&env, "daemon.sh", "while :; do sleep 1; done");
+    // The command exits 0 at once, as a forking daemon's parent does.
+    let launcher = script(&env, "launcher.sh", &format!("/bin/sh {daemon} &\nexit 0"));
+    env.write_service("forking", &service_yaml(kill_port, &launcher, ""));
+    env.start("forking");
+    let pid = wait_for("the daemon alone", || {
+        let (l, d) = (pids_with(&launcher), pids_with(&daemon));
+        (l.is_empty() && d.len() == 1).then(|| d[0])
+    });
+    assert_eq!(env.status("forking")["state"], "running", "the service lives on in its daemon");
+    // The daemon's `sleep 1` is orphaned and ends with 0 after it: the service's status is still
+    // the daemon's.
+    verified_kill(pid, &[&daemon]);
+    wait_for("the service restarted after the daemon's kill", || {
+        let s = env.status("forking");
+        (s["restarts"] == 1 && s["state"] == "running").then_some(s)
+    });
+    let log = env.log("forking");
+    assert!(log.contains("exited with status 137 (its command was killed by SIGKILL)"), "{log}");
+    env.ok(&["stop", "forking"]);
+}
