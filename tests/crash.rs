@@ -91,3 +91,41 @@ fn a_daemon_that_went_to_the_background_keeps_the_service_up_and_its_kill_9_is_a
     assert!(log.contains("exited with status 137 (its command was killed by SIGKILL)"), "{log}");
     env.ok(&["stop", "forking"]);
 }
+
+#[test]
+fn an_io_uring_is_named_plainly_at_stop_and_doctor_and_the_service_keeps_running() {
+    let env = Env::new();
+    let [kill_port] = free_ports::<1>();
+    let program = env.path().join("io_uring_holder");
+    let source = format!("{REPO}/tests/programs/io_uring_holder.c");
+    let built = std::process::Command::new("gcc").arg("-O1").arg("-o").arg(&program).arg(&source).status().unwrap();
+    assert!(built.success(), "gcc {source}");
+    let program = program.display().to_string();
+    env.write_service("uring", &format!("command: [\"{program}\"]\nuser: stasis-example\nkill_port: {kill_port}\n"));
+    env.start("uring");
+    wait_for("the ring set up", || env.log("uring").contains("io_uring fd 3 ready").then_some(()));
+    let pid = pid_in(&env.status("uring")["pid"]).expect("a pid");
+    let says = |out: &std::process::Output| {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        for part in [
+            &format!("pid {pid} (`{program}`) holds an io_uring instance") as &str,
+            "CRIU cannot save an io_uring",
+            "`stasis stop uring --no-checkpoint`",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+        // CRIU's own words only after the plain ones, as detail, in the error message itself.
+        let message = text.lines().find(|l| l.contains("holds an io_uring")).unwrap();
+        let plain = message.find("holds an io_uring").unwrap();
+        assert!(message.find("Unknown shit").is_none_or(|raw| raw > plain), "{message}");
+    };
+    let stop = env.run(&["stop", "uring"]);
+    assert_eq!(stop.status.code(), Some(5), "a checkpoint that cannot be taken is exit 5");
+    says(&stop);
+    assert_eq!(env.status("uring")["state"], "running");
+    assert!(!is_gone(pid), "the service keeps running after the failed stop");
+    let doctor = env.run(&["doctor", "uring"]);
+    assert_eq!(doctor.status.code(), Some(5), "doctor: the checkpoint would fail");
+    says(&doctor);
+    assert!(!is_gone(pid));
+}
