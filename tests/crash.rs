@@ -129,3 +129,95 @@ fn an_io_uring_is_named_plainly_at_stop_and_doctor_and_the_service_keeps_running
     says(&doctor);
     assert!(!is_gone(pid));
 }
+
+#[test]
+fn a_readiness_wait_says_what_it_waits_for_each_second() {
+    let env = Env::new();
+    let [kill_port, port] = free_ports::<2>();
+    // Listens only after 3 s: the wait lasts that long.
+    let server = format!(
+        "import socket, time\ntime.sleep(3)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\nwhile True:\n    s.accept()[0].close()\n"
+    );
+    let script = env.path().join("late_listener.py");
+    std::fs::write(&script, server).unwrap();
+    let yaml = format!(
+        "command: [\"/usr/bin/python3\", \"{}\"]\nuser: stasis-example\nkill_port: {kill_port}\nready:\n  tcp: 127.0.0.1:{port}\nready_timeout: 30s\n",
+        script.display()
+    );
+    env.write_service("late", &yaml);
+    env.adopt("late");
+    let quiet = env.run(&["start", "late"]);
+    assert_eq!(quiet.status.code(), Some(0));
+    // Not on a terminal and not asked for: nothing a second in a log.
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("waiting for"), "{quiet:?}");
+    env.ok(&["stop", "late"]);
+    // The same service under another name, cold (a restore is ready at once): asked for.
+    env.write_service("late2", &yaml);
+    env.adopt("late2");
+    let mut cmd = env.cmd(&["start", "late2"]);
+    cmd.env("STASIS_PROGRESS", "1");
+    let shown = logged(&["start", "late2"], cmd);
+    assert_eq!(shown.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert!(stderr.contains(&format!("waiting for 127.0.0.1:{port} to accept connections (")), "{stderr}");
+    assert!(stderr.contains(" s of 30s)"), "{stderr}");
+    env.ok(&["stop", "late2"]);
+}
+
+/// A CRIU whose dumps of this test's services take 2 s more at `post-dump` (the service still
+/// frozen): an action script can only be added by wrapping the binary, as root may.
+fn slow_criu(env: &Env) -> std::path::PathBuf {
+    let real = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("criu");
+    let script = env.path().join("slow.sh");
+    std::fs::write(&script, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && sleep 2\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let wrapper = env.path().join("criu-slow");
+    let (real, script, state) = (real.display(), script.display(), env.state_dir().display().to_string());
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\ncase \"$*\" in *'{state}/'*dump*) exec {real} \"$@\" --action-script {script} ;; esac\nexec {real} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+#[test]
+fn ctrl_c_during_stop_says_the_checkpoint_goes_on_and_it_does() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let [kill_port, http_port] = free_ports::<2>();
+    env.write_service("notes", &notes_yaml(kill_port, http_port, ""));
+    env.adopt("notes");
+    let slow = slow_criu(&env);
+    assert!(env.cmd(&["start", "notes"]).env("STASIS_CRIU", &slow).status().unwrap().success());
+    wait_for("notes", || http_json(http_port));
+    http(http_port, "POST", "/notes", "kept through ctrl-c").unwrap();
+    let mut stop = env
+        .cmd(&["stop", "notes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(stop.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("Saving checkpoint of notes"), "{first}");
+    // Our own child: the pid is not reused before we wait for it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stop.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let done = stop.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    eprintln!("stop after ctrl-c: {:?}\n{stderr}", done.status);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("the checkpoint of notes continues"), "{stderr}");
+    assert!(stderr.contains("`stasis status notes`") && stderr.contains("`stasis logs notes`"), "{stderr}");
+    let st = wait_for("the service stopped by its supervisor", || {
+        let s = env.status("notes");
+        (s["state"] == "stopped" && s["supervisor_pid"].is_null()).then_some(s)
+    });
+    assert!(!env.checkpoint_dirs("notes").is_empty(), "{st}");
+    env.start("notes");
+    let notes = wait_for("notes back", || http_json(http_port));
+    assert!(notes.to_string().contains("kept through ctrl-c"), "{notes}");
+    env.ok(&["stop", "notes"]);
+}
