@@ -133,7 +133,7 @@ fn an_io_uring_is_named_plainly_at_stop_and_doctor_and_the_service_keeps_running
 #[test]
 fn a_readiness_wait_says_what_it_waits_for_each_second() {
     let env = Env::new();
-    let [kill_port, port] = free_ports::<2>();
+    let [kill_port, kill_port2, port] = free_ports::<3>();
     // Listens only after 3 s: the wait lasts that long.
     let server = format!(
         "import socket, time\ntime.sleep(3)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\nwhile True:\n    s.accept()[0].close()\n"
@@ -152,7 +152,10 @@ fn a_readiness_wait_says_what_it_waits_for_each_second() {
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("waiting for"), "{quiet:?}");
     env.ok(&["stop", "late"]);
     // The same service under another name, cold (a restore is ready at once): asked for.
-    env.write_service("late2", &yaml);
+    env.write_service(
+        "late2",
+        &yaml.replace(&format!("kill_port: {kill_port}\n"), &format!("kill_port: {kill_port2}\n")),
+    );
     env.adopt("late2");
     let mut cmd = env.cmd(&["start", "late2"]);
     cmd.env("STASIS_PROGRESS", "1");
