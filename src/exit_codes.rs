@@ -27,3 +27,6 @@ pub const RESTORE_REFUSED: i32 = 10;
 /// `import` refused the archive (not a stasis export, damaged, or it does not fit this host:
 /// other binaries, an older CRIU); nothing was added.
 pub const IMPORT_REFUSED: i32 = 11;
+/// `stop` interrupted (Ctrl-C) after it asked for the stop: the supervisor carries on with the
+/// checkpoint and stops the service; the message says how to follow it. 128 + SIGINT, as a shell.
+pub const INTERRUPTED: i32 = 130;

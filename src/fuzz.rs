@@ -850,7 +850,7 @@ fn fuzz_state_files_and_criu_logs() {
         let g = crate::store::generation::GenerationFile::new(d.path()).load(|| floor.min(u64::MAX - 1));
         let _ = g.freshness(Some(floor), crate::store::DumpKind::Stop);
         let picked = crate::criu::pick_log_errors(&log);
-        let _ = crate::criu::diagnose::diagnose(&picked);
-        let _ = crate::criu::diagnose::diagnose(&log.lines().map(str::to_string).collect::<Vec<_>>());
+        let _ = crate::criu::diagnose::diagnose(&picked, "svc");
+        let _ = crate::criu::diagnose::diagnose(&log.lines().map(str::to_string).collect::<Vec<_>>(), "svc");
     });
 }

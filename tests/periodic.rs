@@ -87,7 +87,12 @@ fn a_killed_service_comes_back_by_itself_from_its_newest_checkpoint() {
     wait_for("redis", || redis_cli(6491, &["PING"]).filter(|r| r == "PONG"));
     assert_eq!(redis_cli(6491, &["GET", "survivor"]).as_deref(), Some("yes"), "the memory of before the crash");
     let log = env.log("phoenix");
-    assert!(log.contains("the service exited with status 137; restarting it in 100ms (restart 1"), "{log}");
+    assert!(
+        log.contains(
+            "the service exited with status 137 (its command was killed by SIGKILL); restarting it in 100ms (restart 1"
+        ),
+        "{log}"
+    );
     assert!(env.ok(&["metrics"]).contains("stasis_restarts_total{service=\"phoenix\"} 1"));
     env.ok(&["stop", "phoenix"]);
 }

@@ -46,7 +46,12 @@ pub fn run(
         return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), false, Notifier::from_env(), true));
     }
     let shown = super::output::ProgressLines::new(json);
-    let report = start_one(dirs, &service, from, false, &|line| shown.show(line));
+    let waits = WaitLines::new(json);
+    let report = start_one(dirs, &service, from, false, &|line| {
+        if !waits.takes(line, &shown) {
+            shown.show(line)
+        }
+    });
     shown.finish();
     let report = report?;
     if !report.ok {
@@ -75,6 +80,45 @@ pub fn run(
         eprintln!("stasis: warning: {}", crate::text::escape_lines(w));
     }
     Ok(exit_codes::OK)
+}
+
+/// Where a readiness wait's `Progress: waiting for ...` lines go: the status line on a terminal,
+/// stderr when only stderr is one or when STASIS_PROGRESS=1 asks for them, else nowhere (a log
+/// or a pipe gets no line a second for the whole `ready_timeout`).
+struct WaitLines {
+    bar: bool,
+    stderr: bool,
+}
+
+/// Set to 1: readiness waits are shown on stderr even when it is not a terminal.
+pub const PROGRESS_ENV: &str = "STASIS_PROGRESS";
+
+impl WaitLines {
+    fn new(json: bool) -> WaitLines {
+        use std::io::IsTerminal;
+        let asked = std::env::var_os(PROGRESS_ENV).is_some_and(|v| v == "1");
+        WaitLines {
+            bar: !json && std::io::stdout().is_terminal(),
+            stderr: !json && (asked || std::io::stderr().is_terminal()),
+        }
+    }
+
+    /// Whether `line` was a wait line (shown or dropped here).
+    fn takes(&self, line: &str, shown: &super::output::ProgressLines) -> bool {
+        if !line.starts_with(crate::supervisor::protocol::WAITING_PREFIX) {
+            return false;
+        }
+        if self.bar {
+            shown.show(line);
+        } else if self.stderr {
+            // From the supervisor, naming the service's own check command: escaped.
+            eprintln!(
+                "{}",
+                crate::text::escape_controls(line.trim_start_matches(crate::supervisor::protocol::PROGRESS_PREFIX))
+            );
+        }
+        true
+    }
 }
 
 /// "restored from checkpoint ID" or "cold start".

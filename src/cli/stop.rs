@@ -31,6 +31,7 @@ pub enum StopOutcome {
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let service = load_named(dirs, name)?;
+    explain_interrupts(&service.name);
     match stop_one(dirs, &service, !json)? {
         StopOutcome::AlreadyStopped => {
             if json {
@@ -88,6 +89,9 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
         ))
     })?;
     // Says at once what it wants, so the supervisor need not wait to tell it from a browser.
+    // Marked first: a Ctrl-C in between had better send the operator to `status` than claim
+    // the service keeps running.
+    ASKED.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = std::io::Write::write_all(&mut stream, format!("{}\n", protocol::STOP_COMMAND).as_bytes());
     tracing::debug!("stop: connected");
     let (final_line, lines) = relay(stream, !echo)?;
@@ -112,6 +116,36 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
 const MAX_LINE: usize = 64 << 10;
 /// Bytes of lines kept for the result; the oldest go first (the last line is the verdict).
 const MAX_KEPT: usize = 1 << 20;
+
+/// Set once the supervisor has been asked to stop: from then on the stop goes on without us.
+static ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ctrl-C (SIGINT) while `stop` waits: once asked, the supervisor carries on with the
+/// checkpoint and stops the service whatever happens to this command, so say so and how to
+/// follow it, and exit with `INTERRUPTED`. SIGINT is blocked here, before any other thread
+/// exists (they inherit the mask), and taken by one thread of its own.
+fn explain_interrupts(name: &str) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    if set.thread_block().is_err() {
+        return;
+    }
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        if set.wait().is_err() {
+            return;
+        }
+        if ASKED.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!(
+                "\nstasis: interrupted; the checkpoint of {name} continues in its supervisor, which stops the service when it is saved: follow it with `stasis status {name}` or `stasis logs {name}`"
+            );
+            std::process::exit(exit_codes::INTERRUPTED);
+        }
+        eprintln!("\nstasis: interrupted before the stop was asked for; {name} keeps running");
+        std::process::exit(exit_codes::INTERRUPTED);
+    });
+}
 
 /// Prints each line as it arrives (unless json) and returns the last one plus all of them (the
 /// last MiB of them; a line over 64 KiB is cut there).

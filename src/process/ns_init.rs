@@ -84,13 +84,13 @@ pub fn main(raw: &[OsString]) -> ! {
     // SAFETY: single-threaded process.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => exec_service(&args, &env, err_w),
-        Ok(ForkResult::Parent { .. }) => {
+        Ok(ForkResult::Parent { child }) => {
             drop(err_w);
             let mut msg = String::new();
             let _ = std::io::Read::read_to_string(&mut std::fs::File::from(err_r), &mut msg);
             let line = if msg.is_empty() { "ok\n".to_string() } else { format!("error {msg}\n") };
             write_ready(&line);
-            reap_until_empty(&waited)
+            reap_until_empty(&waited, child)
         }
         Err(e) => report_and_exit(&format!("error failed to fork: {e}\n"), 1),
     }
@@ -182,28 +182,98 @@ fn exec_service(args: &Args, env: &[CString], err_w: OwnedFd) -> ! {
     fail(format!("failed to execute {}: {e}", program.to_string_lossy()))
 }
 
+/// How long the rest of the namespace gets between SIGTERM and the init's exit after the command
+/// failed; whatever is left then is SIGKILLed by the kernel when the init exits.
+const CRASH_GRACE_SECS: libc::time_t = 3;
+
+/// The command's wait status as the init's own exit code: its exit code, or 128 + N for
+/// signal N (PID 1 of a namespace cannot die of a signal it raises itself, so a shell's
+/// convention carries it; the supervisor decodes it, `supervisor::restart::Exit::from_init_code`).
+fn encode(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
 /// Reaps every child (the command and any orphan) and forwards signals, until no process is
-/// left in the namespace; then exits with the status of the last process reaped.
-fn reap_until_empty(waited: &SigSet) -> ! {
-    let mut last_code = 0;
+/// left in the namespace; then exits with the service's status (docs/how-it-works.md):
+/// - the command failed (an exit code not 0, or a signal): the service has crashed, whatever
+///   its children do. The rest of the namespace gets SIGTERM and `CRASH_GRACE_SECS` to end;
+///   the init then exits with the command's status (the kernel kills what is left). Not after
+///   a TERM, INT or QUIT the init forwarded: that is a stop, and its deadline is the
+///   supervisor's (`stop_timeout_secs`);
+/// - the command exited 0 and processes live on (a daemon that went to the background): the
+///   service lives on in them. The processes reaped here from then on are the ones whose parent
+///   is gone (the daemon itself, not the workers it reaps): the first of them to fail is the
+///   service's status when the last process is gone, else 0. Orphans that end while the
+///   command still runs are the command's business.
+fn reap_until_empty(waited: &SigSet, command: Pid) -> ! {
+    let mut command_done = false;
+    let mut failure: Option<i32> = None;
+    // Set when the command failed: by then the rest of the namespace must be gone.
+    let mut teardown: Option<libc::timespec> = None;
+    let mut stopping = false;
     loop {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => last_code = code,
-                Ok(WaitStatus::Signaled(_, sig, _)) => last_code = 128 + sig as i32,
                 Ok(WaitStatus::StillAlive) => break,
-                Ok(_) => {}
+                Ok(status) => {
+                    let Some(code) = encode(status) else { continue };
+                    if status.pid() == Some(command) {
+                        command_done = true;
+                        if code != 0 {
+                            failure = Some(code);
+                        }
+                        if code != 0 && !stopping {
+                            let now = monotonic();
+                            teardown = Some(libc::timespec { tv_sec: now.tv_sec + CRASH_GRACE_SECS, ..now });
+                            let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+                        }
+                    } else if command_done && code != 0 && failure.is_none() {
+                        failure = Some(code);
+                    }
+                }
                 Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::ECHILD) => std::process::exit(last_code),
+                Err(nix::errno::Errno::ECHILD) => std::process::exit(failure.unwrap_or(0)),
                 Err(_) => break,
             }
         }
-        match waited.wait() {
-            Ok(Signal::SIGCHLD) | Err(_) => {}
+        let sig = match teardown {
+            None => waited.wait().ok(),
+            Some(deadline) => match wait_until(waited, deadline) {
+                Err(()) => std::process::exit(failure.unwrap_or(0)),
+                Ok(sig) => sig,
+            },
+        };
+        match sig {
+            Some(Signal::SIGCHLD) | None => {}
             // -1 from a namespace's init: every process of the namespace but the init itself.
-            Ok(sig) => {
+            Some(sig) => {
+                stopping |= matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT);
                 let _ = kill(Pid::from_raw(-1), sig);
             }
         }
     }
+}
+
+/// One of `waited`, or Err once `deadline` (CLOCK_MONOTONIC) has passed.
+fn wait_until(waited: &SigSet, deadline: libc::timespec) -> Result<Option<Signal>, ()> {
+    let now = monotonic();
+    let left_ns = (deadline.tv_sec - now.tv_sec) * 1_000_000_000 + (deadline.tv_nsec - now.tv_nsec);
+    if left_ns <= 0 {
+        return Err(());
+    }
+    let timeout = libc::timespec { tv_sec: left_ns / 1_000_000_000, tv_nsec: left_ns % 1_000_000_000 };
+    // SAFETY: valid set and timeout; no siginfo wanted.
+    let n = unsafe { libc::sigtimedwait(waited.as_ref(), std::ptr::null_mut(), &timeout) };
+    Ok(if n > 0 { Signal::try_from(n).ok() } else { None })
+}
+
+fn monotonic() -> libc::timespec {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t
 }

@@ -364,7 +364,7 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
     let mut text = e.one_line();
     // A cause CRIU's log shows often, said in the service's terms with the fix, first.
     if let CriuError::Failed { errors, .. } = &e {
-        if let Some(why) = crate::criu::diagnose::diagnose(errors) {
+        if let Some(why) = crate::criu::diagnose::diagnose(errors, &ctx.service.name) {
             text = format!("{why} ({text})");
         }
     }

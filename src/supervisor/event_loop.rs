@@ -515,7 +515,13 @@ fn reap(init_pid: Pid, exit_message: &mut Option<String>, exit: &mut Option<supe
         return None;
     }
     let (msg, how) = match waitpid(init_pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => (format!("the service exited with status {code}"), Exit::Status(code)),
+        // The init exits with its command's status, a signal as 128 + N.
+        Ok(WaitStatus::Exited(_, code)) => {
+            let how = Exit::from_init_code(code);
+            let signal = matches!(how, Exit::Signal(_)).then(|| format!(" (its command {})", how.describe()));
+            (format!("the service exited with status {code}{}", signal.unwrap_or_default()), how)
+        }
+        // The init itself was killed, from outside the namespace.
         Ok(WaitStatus::Signaled(_, sig, _)) => (format!("the service was killed by {sig}"), Exit::Signal(sig as i32)),
         Ok(_) => return None,
         Err(nix::errno::Errno::ECHILD) => ("the service exited".to_string(), Exit::Unknown),

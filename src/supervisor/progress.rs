@@ -31,6 +31,17 @@ pub fn phase(phase: &str, bytes: u64) -> String {
     format!("{}{phase} {}", super::protocol::PROGRESS_PREFIX, crate::time_fmt::human_bytes(bytes))
 }
 
+/// A readiness wait under way: `Progress: waiting for WHAT (3 s of 30 s)`. `start` shows it on
+/// a terminal (or with STASIS_PROGRESS=1), so no wait is silent for more than a second.
+pub fn waiting(what: &str, waited: Duration, limit: Duration) -> String {
+    format!(
+        "{}{what} ({} s of {})",
+        super::protocol::WAITING_PREFIX,
+        waited.as_secs(),
+        crate::time_fmt::human_duration(limit)
+    )
+}
+
 /// How often, during a dump, the disk is told to start writing what CRIU has written so far.
 const WRITEBACK_EVERY: Duration = Duration::from_millis(250);
 
@@ -109,5 +120,9 @@ mod tests {
         assert!(l.starts_with("Progress: restoring, 512.0 MiB of 1.0 GiB read ("), "{l}");
         assert!(l.contains("MiB/s"), "{l}");
         assert_eq!(phase("verifying", 1 << 30), "Progress: verifying 1.0 GiB");
+        assert_eq!(
+            waiting("127.0.0.1:6379 to accept connections", Duration::from_millis(3900), Duration::from_secs(30)),
+            "Progress: waiting for 127.0.0.1:6379 to accept connections (3 s of 30s)"
+        );
     }
 }

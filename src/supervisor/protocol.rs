@@ -14,6 +14,8 @@ pub const DOCTOR_COMMAND: &str = "doctor";
 pub const TERMINATE_COMMAND: &str = "stop-no-checkpoint";
 /// Lines about a dump under way start with this.
 pub const PROGRESS_PREFIX: &str = "Progress: ";
+/// How a readiness wait's progress line begins (supervisor/progress.rs `waiting`).
+pub const WAITING_PREFIX: &str = "Progress: waiting for ";
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
 pub const STOP_COMMAND: &str = "stop";
 /// What is read of a kill-port client's first bytes: the `stop` line needs 6, and enough of

@@ -2,6 +2,8 @@
 //! or `exec: [cmd...]` (the command, run as the service user in its environment, exits 0),
 //! tried until `ready_timeout`; or `notify`: the service sends `READY=1` to `$NOTIFY_SOCKET`,
 //! as under systemd. A probe is a bounded start-up wait, never a poll of an idle service.
+//! Each second of a wait is reported (what it waits for, how long so far, of how long) to
+//! whoever started it.
 
 use super::context::Context;
 use crate::config::Readiness;
@@ -55,19 +57,56 @@ impl NotifySocket {
     }
 }
 
+/// Says each second of a wait what it waits for (a `Progress: waiting for ...` line).
+struct Ticker<'a> {
+    started: Instant,
+    next: Instant,
+    what: String,
+    limit: Duration,
+    report: &'a dyn Fn(String),
+}
+
+impl Ticker<'_> {
+    fn new<'a>(ready: &Readiness, limit: Duration, report: &'a dyn Fn(String)) -> Ticker<'a> {
+        let started = Instant::now();
+        Ticker { started, next: started + super::progress::EVERY, what: waiting_for(ready), limit, report }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if now >= self.next {
+            self.next = now + super::progress::EVERY;
+            (self.report)(super::progress::waiting(&self.what, now - self.started, self.limit));
+        }
+    }
+
+    /// How long until the next report is due.
+    fn due_in(&self) -> Duration {
+        self.next.saturating_duration_since(Instant::now())
+    }
+}
+
 /// Waits until the service is ready; Err says why it is not (timed out, or it exited). A
 /// restored service was ready when it was dumped, so `notify` (which it will not send again)
-/// counts as done for it.
-pub fn wait(ctx: &Context, init_pid: Pid, ready: &Readiness, notify: Option<&NotifySocket>) -> Result<(), String> {
+/// counts as done for it. `report` hears a line each second of the wait.
+pub fn wait(
+    ctx: &Context,
+    init_pid: Pid,
+    ready: &Readiness,
+    notify: Option<&NotifySocket>,
+    report: &dyn Fn(String),
+) -> Result<(), String> {
     let deadline = Instant::now() + ctx.service.ready_timeout;
+    let mut ticker = Ticker::new(ready, ctx.service.ready_timeout, report);
     if *ready == Readiness::Notify {
         return match notify {
-            Some(socket) => wait_for_notify(ctx, init_pid, socket, deadline),
+            Some(socket) => wait_for_notify(ctx, init_pid, socket, deadline, &mut ticker),
             None => Ok(()),
         };
     }
     let mut last_failure = None;
     loop {
+        ticker.tick();
         if !crate::process::tree::alive(init_pid.as_raw()) {
             return Err(format!("it exited before it was ready ({})", describe(ready)));
         }
@@ -89,11 +128,18 @@ pub fn wait(ctx: &Context, init_pid: Pid, ready: &Readiness, notify: Option<&Not
 }
 
 /// Sleeps in poll(2) on the socket and the service's pidfd: no timer, no probing.
-fn wait_for_notify(ctx: &Context, init_pid: Pid, socket: &NotifySocket, deadline: Instant) -> Result<(), String> {
+fn wait_for_notify(
+    ctx: &Context,
+    init_pid: Pid,
+    socket: &NotifySocket,
+    deadline: Instant,
+    ticker: &mut Ticker,
+) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let pidfd = crate::process::tree::pidfd(init_pid.as_raw());
     let mut ignored: Vec<String> = Vec::new();
     loop {
+        ticker.tick();
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let also = if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(", ")) };
@@ -106,7 +152,8 @@ fn wait_for_notify(ctx: &Context, init_pid: Pid, socket: &NotifySocket, deadline
         if let Some(fd) = &pidfd {
             fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // Woken for the next progress report too: the wait is bounded by ready_timeout anyway.
+        let ms = left.min(ticker.due_in()).as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: valid pollfds, as many as passed.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
@@ -129,6 +176,15 @@ fn wait_for_notify(ctx: &Context, init_pid: Pid, socket: &NotifySocket, deadline
         if exited || !crate::process::tree::alive(init_pid.as_raw()) {
             return Err(format!("it exited before it was ready ({})", describe(&Readiness::Notify)));
         }
+    }
+}
+
+/// What a wait waits for, after "waiting for ".
+fn waiting_for(ready: &Readiness) -> String {
+    match ready {
+        Readiness::Tcp(addr) => format!("{addr} to accept connections"),
+        Readiness::Exec(cmd) => format!("`{}` to exit 0", cmd.join(" ")),
+        Readiness::Notify => "READY=1 on $NOTIFY_SOCKET".to_string(),
     }
 }
 

@@ -55,6 +55,13 @@ impl Notifier {
         }
     }
 
+    /// A second handle on the same pipe for `Progress: ` lines from another thread (a readiness
+    /// wait); it sends nothing once this one has sent the report, which closes nothing of its
+    /// own: the copy is dropped with the wait.
+    pub fn for_progress(&self) -> Notifier {
+        Notifier(self.0.as_ref().and_then(|f| f.try_clone().ok()))
+    }
+
     pub fn send(&mut self, report: &StartReport) {
         if let Some(mut f) = self.0.take() {
             let mut line = serde_json::to_vec(report).expect("report serializes");

@@ -24,6 +24,29 @@ impl Exit {
     fn failed(self) -> bool {
         self != Exit::Status(0)
     }
+
+    /// The service's status from its namespace init's exit code, which is the command's exit
+    /// code or 128 + N when signal N killed it (src/process/ns_init.rs): the init cannot die of
+    /// that signal itself. A command that exits with 129 to 192 by itself reads as a signal, as
+    /// in a shell; a failure either way.
+    pub fn from_init_code(code: i32) -> Exit {
+        match code - 128 {
+            n @ 1..=64 => Exit::Signal(n),
+            _ => Exit::Status(code),
+        }
+    }
+
+    /// "exited with status N" / "was killed by SIGKILL", after "the service".
+    pub fn describe(self) -> String {
+        match self {
+            Exit::Status(code) => format!("exited with status {code}"),
+            Exit::Signal(n) => match nix::sys::signal::Signal::try_from(n) {
+                Ok(sig) => format!("was killed by {sig}"),
+                Err(_) => format!("was killed by signal {n}"),
+            },
+            Exit::Unknown => "exited".to_string(),
+        }
+    }
 }
 
 /// What to do once the service has exited by itself.
@@ -169,6 +192,21 @@ mod tests {
         assert!(!cold, "a cold run's crash poisons nothing");
         let mut c = Restarts::new(&service("restart: on-failure\n"));
         assert!(restart(c.after_exit(Exit::Status(1), t0, t0, None)).2, "restart_from: cold");
+    }
+
+    #[test]
+    fn the_inits_exit_code_carries_the_commands_signal() {
+        assert_eq!(Exit::from_init_code(0), Exit::Status(0));
+        assert_eq!(Exit::from_init_code(1), Exit::Status(1));
+        assert_eq!(Exit::from_init_code(128), Exit::Status(128));
+        assert_eq!(Exit::from_init_code(137), Exit::Signal(9));
+        assert_eq!(Exit::from_init_code(143), Exit::Signal(15));
+        assert_eq!(Exit::from_init_code(255), Exit::Status(255));
+        assert_eq!(Exit::Signal(9).describe(), "was killed by SIGKILL");
+        assert_eq!(Exit::Status(0).describe(), "exited with status 0");
+        let mut r = Restarts::new(&service("restart: on-failure\n"));
+        let t0 = Instant::now();
+        assert!(matches!(r.after_exit(Exit::from_init_code(137), t0, t0, None), Decision::Restart { .. }));
     }
 
     #[test]

@@ -203,8 +203,9 @@ fn supervise(
             let mut end = None;
             if let Some(ready) = ctx.service.ready.clone() {
                 let probe_ctx = ctx.clone();
+                let waits = notifier.for_progress();
                 let outcome = tokio::task::spawn_blocking(move || {
-                    super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref())
+                    super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref(), &|l| waits.progress(&l))
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
