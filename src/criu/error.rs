@@ -64,6 +64,11 @@ const ENVIRONMENT_CAUSES: &[(&[&str], &str)] = &[
         &["Can't open file", "Permission denied"],
         "a file the service had open can no longer be opened (its owner or mode changed, or its user no longer exists); give it back its owner and mode, then start again",
     ),
+    // tty.c: the pty pair is reopened under its old number, which another session now holds.
+    (
+        &["Unable to open", "with specified index"],
+        "the pseudo-terminal number the service's session had (/dev/pts/N) is now held by another session on this host; end that session (or wait for it to close), then start again",
+    ),
     (
         &["Can't change cwd", "No such file or directory"],
         "the service's working directory is missing; create it, then start again",
@@ -139,6 +144,8 @@ mod tests {
 
     #[test]
     fn a_port_in_use_is_the_host_not_the_checkpoint() {
+        let pty = failed(&["(0.2) Error (criu/tty.c:625): tty: Unable to open dev/ptmx with specified index 0"]);
+        assert!(matches!(pty.restore_failure(), RestoreFailure::Environment(w) if w.contains("pseudo-terminal")));
         let e = failed(&["(0.1) Error (criu/sk-inet.c:1): Can't bind inet socket (id 5): Address already in use"]);
         assert!(matches!(e.restore_failure(), RestoreFailure::Environment(w) if w.contains("in use")));
         let e = failed(&["(0.1) Error (criu/pagemap.c:1): Can't read mapping page 0: Input/output error"]);
