@@ -23,8 +23,5 @@ fn main() {
     if args.get(1).is_some_and(|a| a == process::ns_init::ARGV_MARKER) {
         process::ns_init::main(&args[2..]);
     }
-    if criu::action_hook::invoked_as_hook(&args) {
-        std::process::exit(criu::action_hook::main());
-    }
     std::process::exit(cli::run(args));
 }

@@ -134,9 +134,10 @@ fn an_io_uring_is_named_plainly_at_stop_and_doctor_and_the_service_keeps_running
 fn a_readiness_wait_says_what_it_waits_for_each_second() {
     let env = Env::new();
     let [kill_port, kill_port2, port] = free_ports::<3>();
-    // Listens only after 3 s: the wait lasts that long.
+    // Listens only after 3 s: the wait lasts that long. SO_REUSEADDR: the second service binds
+    // the same port while the first one's closed probe connections linger in TIME_WAIT.
     let server = format!(
-        "import socket, time\ntime.sleep(3)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\nwhile True:\n    s.accept()[0].close()\n"
+        "import socket, time\ntime.sleep(3)\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {port}))\ns.listen()\nwhile True:\n    s.accept()[0].close()\n"
     );
     let script = env.path().join("late_listener.py");
     std::fs::write(&script, server).unwrap();
@@ -178,7 +179,9 @@ fn slow_criu(env: &Env) -> std::path::PathBuf {
     let (real, script, state) = (real.display(), script.display(), env.state_dir().display().to_string());
     std::fs::write(
         &wrapper,
-        format!("#!/bin/sh\ncase \"$*\" in *'{state}/'*dump*) exec {real} \"$@\" --action-script {script} ;; esac\nexec {real} \"$@\"\n"),
+        // A dump is a `criu swrk` conversation; a wrapper has only the supervisor (its parent) to
+        // tell whose: this test's state dir is on its command line.
+        format!("#!/bin/sh\ncase \"$*\" in *swrk*) if tr '\\0' ' ' </proc/$PPID/cmdline | grep -q -- '{state} '; then exec {real} \"$@\" --action-script {script}; fi ;; esac\nexec {real} \"$@\"\n"),
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

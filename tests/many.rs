@@ -137,7 +137,9 @@ fn criu_with_action_script(env: &Env, service: &str, action: &str) -> PathBuf {
     let (real, script) = (real.display(), script.display());
     std::fs::write(
         &wrapper,
-        format!("#!/bin/sh\ncase \"$*\" in *'/services/{service}/'*) exec {real} \"$@\" --action-script {script} ;; esac\nexec {real} \"$@\"\n"),
+        // A dump is a `criu swrk` conversation; a wrapper has only the supervisor (its parent) to
+        // tell whose: `__supervise NAME` is on its command line.
+        format!("#!/bin/sh\ncase \"$*\" in *swrk*) if tr '\\0' ' ' </proc/$PPID/cmdline | grep -q -- '__supervise {service} '; then exec {real} \"$@\" --action-script {script}; fi ;; esac\nexec {real} \"$@\"\n"),
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

@@ -1,4 +1,4 @@
-//! Command lines for `criu dump` and `criu restore`. Options that stasis depends on are set
+//! What `criu dump` is asked (over RPC: criu::dump) and the command line of `criu restore`. Options that stasis depends on are set
 //! here; everything tunable lives in the service's `criu-configs/*.conf` and `criu.options`,
 //! both held to the allowlist of `config::criu_options` when the service is loaded. CRIU reads
 //! the config file before the command line, and the options after stasis's own, so a later
@@ -21,45 +21,11 @@ pub struct DumpArgs {
     pub config_file: PathBuf,
     pub options: Vec<String>,
     pub leave_running: bool,
-    /// Run by CRIU after the images are written and before the tree is killed.
-    pub action_script: Option<String>,
 }
 
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 pub const RESTORE_PIDFILE: &str = "restore.pid";
-
-impl DumpArgs {
-    pub fn argv(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec![
-            "dump".into(),
-            "--tree".into(),
-            self.pid.to_string().into(),
-            "--images-dir".into(),
-            self.images_dir.clone().into(),
-            "--work-dir".into(),
-            self.work_dir.clone().into(),
-            // The log goes to criu's stdout, which stasis writes to DUMP_LOG with a size cap.
-            "--log-file".into(),
-            "-".into(),
-            LOG_LEVEL.into(),
-            // Said outright, though `--config` implies it: /etc/criu/default.conf and
-            // ~/.criu/default.conf are nobody's choice for this service.
-            NO_DEFAULT_CONFIG.into(),
-            "--config".into(),
-            self.config_file.clone().into(),
-        ];
-        if self.leave_running {
-            a.push("--leave-running".into());
-        }
-        if let Some(s) = &self.action_script {
-            a.push("--action-script".into());
-            a.push(s.into());
-        }
-        a.extend(self.options.iter().map(OsString::from));
-        a
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct RestoreArgs {
@@ -107,26 +73,6 @@ mod tests {
 
     fn strings(v: Vec<OsString>) -> Vec<String> {
         v.into_iter().map(|s| s.into_string().unwrap()).collect()
-    }
-
-    #[test]
-    fn dump_argv_has_tree_config_and_options_last() {
-        let a = DumpArgs {
-            pid: 42,
-            images_dir: "/c/images".into(),
-            work_dir: "/c".into(),
-            config_file: "/etc/stasis/criu-configs/default.conf".into(),
-            options: vec!["--tcp-close".into()],
-            leave_running: true,
-            action_script: Some("/usr/bin/stasis".into()),
-        };
-        let v = strings(a.argv());
-        assert_eq!(&v[..3], ["dump", "--tree", "42"]);
-        assert!(v.contains(&"--leave-running".to_string()));
-        assert_eq!(v.last().unwrap(), "--tcp-close");
-        assert!(v.contains(&"--no-default-config".to_string()));
-        let i = v.iter().position(|s| s == "--action-script").unwrap();
-        assert_eq!(v[i + 1], "/usr/bin/stasis");
     }
 
     #[test]

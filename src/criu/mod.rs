@@ -2,15 +2,16 @@
 //! restore from `criu-configs/*.conf`, runs it, and turns failures into errors that quote the
 //! Error lines of CRIU's log together with the log's path.
 
-pub mod action_hook;
 mod argv;
 mod binary;
 pub mod diagnose;
+mod dump;
 mod error;
 pub mod images;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
+pub mod post_dump;
 pub mod rpc;
 mod run;
 pub mod stats;

@@ -5,10 +5,6 @@
 //! marker files) runs in the caller, and its verdict is a value. Every wait has the request's
 //! deadline: past it, criu (our child) is killed and the request has failed.
 
-// The dump and restore paths move onto this conversation in the next steps (issue 21); until
-// then only the tests use it.
-#![allow(dead_code)]
-
 /// The RPC messages (proto/criu/rpc.proto).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -20,6 +16,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long to wait for the rest of the log once criu has exited.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
 
 /// The largest message CRIU sends (a response with an error text, a notification): far below.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -92,12 +91,20 @@ pub struct Swrk {
     sock: OwnedFd,
     deadline: Instant,
     started: Instant,
+    /// CRIU's log (`log_to_stderr`), copied into a file within caps, when asked for.
+    log: Option<super::log_capture::Capture>,
 }
 
 impl Swrk {
     /// Starts `criu swrk` under `deadline`. `inherit` are descriptors criu must hold under their
-    /// own numbers (`inherit_fd` of a restore); they stay open across its exec only.
-    pub fn start(criu: &Path, inherit: &[BorrowedFd<'_>], deadline: Instant) -> Result<Swrk, RpcError> {
+    /// own numbers (`inherit_fd` of a restore); they stay open across its exec only. With `log`,
+    /// criu's stderr (where a request with `log_to_stderr` sends its log) is copied there.
+    pub fn start(
+        criu: &Path,
+        inherit: &[BorrowedFd<'_>],
+        log: Option<&Path>,
+        deadline: Instant,
+    ) -> Result<Swrk, RpcError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (ours, theirs) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(RpcError::Socket)?;
@@ -113,7 +120,7 @@ impl Swrk {
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(if log.is_some() { Stdio::piped() } else { Stdio::null() });
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // The descriptors reach criu by staying open across its exec (no pre_exec hook: that
         // would make std fork the whole supervisor instead of using posix_spawn).
@@ -123,7 +130,17 @@ impl Swrk {
         let child = cmd.spawn().map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source });
         drop(guards);
         drop(theirs);
-        Ok(Swrk { child: child?, sock: ours, deadline, started: Instant::now() })
+        let mut child = child?;
+        let log = match (log, child.stderr.take()) {
+            (Some(path), Some(stderr)) => {
+                // Best effort: a smaller pipe only means more wake-ups.
+                // SAFETY: F_SETPIPE_SZ on a pipe fd we own.
+                unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, super::log_capture::PIPE_SIZE) };
+                Some(super::log_capture::spawn(stderr, path.to_path_buf()))
+            }
+            _ => None,
+        };
+        Ok(Swrk { child, sock: ours, deadline, started: Instant::now(), log })
     }
 
     /// criu's pid (progress, and the tree a dump freezes is its tracee).
@@ -173,6 +190,12 @@ impl Swrk {
             return Err(self.kill());
         }
         self.child.wait().map_err(RpcError::Receive)
+    }
+
+    /// The end of CRIU's log once criu has exited (the last MiB, from memory: a full disk may
+    /// have refused the file its end); empty without a log.
+    pub fn take_log(&mut self) -> Vec<u8> {
+        self.log.take().map(|c| c.finish(LOG_DRAIN)).unwrap_or_default()
     }
 
     fn send(&mut self, req: &pb::CriuReq) -> Result<(), RpcError> {
@@ -290,7 +313,7 @@ mod tests {
     #[test]
     fn criu_answers_a_version_request_over_rpc() {
         let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s = Swrk::start(&criu(), &[], Instant::now() + Duration::from_secs(30)).unwrap();
+        let mut s = Swrk::start(&criu(), &[], None, Instant::now() + Duration::from_secs(30)).unwrap();
         let req = pb::CriuReq { r#type: pb::CriuReqType::Version as i32, ..Default::default() };
         let reply = s.call(&req, &mut |_| Answer::Proceed).unwrap();
         assert!(reply.resp.success, "{:?}", reply.failure());
@@ -325,7 +348,7 @@ mod tests {
                 ..Default::default()
             };
             let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
-            let mut s = Swrk::start(&criu(), &[], Instant::now() + Duration::from_secs(60)).unwrap();
+            let mut s = Swrk::start(&criu(), &[], None, Instant::now() + Duration::from_secs(60)).unwrap();
             let r = s.call(&req, &mut |n| if n.script == "post-dump" { answer.clone() } else { Answer::Proceed });
             let _ = s.finish();
             r
@@ -348,7 +371,7 @@ mod tests {
     fn a_silent_criu_is_killed_at_the_deadline() {
         let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
         // `sleep` stands in for a criu that never answers.
-        let mut s = Swrk::start(Path::new("/bin/sleep"), &[], Instant::now() + Duration::from_millis(200)).unwrap();
+        let mut s = Swrk::start(Path::new("/bin/sleep"), &[], None, Instant::now() + Duration::from_millis(200)).unwrap();
         let pid = s.pid();
         let req = pb::CriuReq { r#type: pb::CriuReqType::Version as i32, ..Default::default() };
         // sleep exits at once on its bad argument: the conversation ends or times out, never hangs.

@@ -2,7 +2,7 @@
 //! runs in its own process group under a deadline: when it passes, criu and its action scripts
 //! are killed (the dumped tree, detached from its tracer, runs on).
 
-use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG, RESTORE_PIDFILE};
+use super::argv::{RestoreArgs, RESTORE_LOG, RESTORE_PIDFILE};
 use super::log_capture;
 use super::log_errors::{error_lines, pick};
 use super::{Criu, CriuError};
@@ -21,18 +21,6 @@ pub struct RestoreOutcome {
 }
 
 impl Criu {
-    /// Dumps; past `timeout` criu and its action scripts are killed and the dump has failed.
-    pub fn dump(&self, args: &DumpArgs, env: &[(&str, String)], timeout: Duration) -> Result<(), CriuError> {
-        let mut cmd = self.command(args.argv());
-        for (k, v) in env.iter().filter(|(k, _)| !criu_reads(k)) {
-            cmd.env(k, v);
-        }
-        // Its own group, so a timeout ends the action scripts it started too.
-        cmd.process_group(0);
-        let limit = Deadline { after: timeout, setting: "dump_timeout" };
-        self.finish(cmd, "dump the service", &args.work_dir.join(DUMP_LOG), Some(limit), &|_| {})
-    }
-
     /// Restores detached; `stdout_pipe` (the write end of the service's new stdout pipe) is
     /// handed to criu under its own number for `--inherit-fd`. `spawned` hears criu's PID (for
     /// progress).
@@ -145,13 +133,6 @@ impl Criu {
     }
 }
 
-/// Variables CRIU itself (or the loader, as root) acts on: a config file to read besides
-/// `--config` (CRIU_CONFIG_FILE is read even then), the home whose ~/.criu/default.conf it
-/// would read, a library to preload. None is ever passed on, whoever asks.
-fn criu_reads(name: &str) -> bool {
-    name == "CRIU_CONFIG_FILE" || name == "HOME" || name.starts_with("LD_") || name == "POSIXLY_CORRECT"
-}
-
 /// A limit on how long criu may run, and the setting that sets it (for the message).
 #[derive(Clone, Copy)]
 struct Deadline {
@@ -194,18 +175,5 @@ impl Drop for InheritGuard {
     fn drop(&mut self) {
         // SAFETY: as above.
         unsafe { libc::fcntl(self.0, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::criu_reads;
-
-    #[test]
-    fn variables_criu_acts_on_are_never_passed() {
-        for v in ["CRIU_CONFIG_FILE", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "POSIXLY_CORRECT"] {
-            assert!(criu_reads(v), "{v}");
-        }
-        assert!(!criu_reads("STASIS_HOOK_SOCKET"));
     }
 }

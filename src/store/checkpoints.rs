@@ -77,13 +77,6 @@ pub struct PendingCheckpoint {
 }
 
 impl PendingCheckpoint {
-    /// Recovers the pending checkpoint from its directory (CRIU's action hook only has the path).
-    pub fn from_dir(dir: &Path) -> Option<Self> {
-        let name = dir.file_name()?.to_str()?;
-        let id = name.strip_prefix(INCOMPLETE_PREFIX)?.to_string();
-        Some(PendingCheckpoint { id, dir: dir.to_path_buf() })
-    }
-
     pub fn images_dir(&self) -> PathBuf {
         self.dir.join(IMAGES_DIR)
     }

@@ -95,6 +95,7 @@ impl HashCache {
     }
 
     /// A cache that is never written (for one-off checks).
+    #[cfg(test)]
     pub fn in_memory() -> HashCache {
         HashCache { path: PathBuf::new(), file: CacheFile::default(), dirty: false }
     }

@@ -1,5 +1,6 @@
-//! Taking one checkpoint. A stopping dump is finalized by CRIU's post-dump action hook while the
-//! service is frozen, so the service is killed only once the checkpoint is durable; a dump that
+//! Taking one checkpoint. A stopping dump is finalized at CRIU's post-dump notification while
+//! the service is frozen (in this process: criu::post_dump), so the service is killed only once
+//! the checkpoint is durable; a dump that
 //! keeps the service running is finalized after CRIU returns. A failed dump is discarded and
 //! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched. A dump past
 //! `dump_timeout` is killed and the service resumed. After a success, retention runs.
@@ -7,7 +8,9 @@
 use super::context::Context;
 use super::protocol::CheckpointReport;
 use super::slots::{self, SlotKind};
-use crate::criu::{action_hook, network_lock, CriuError, DumpArgs, DUMP_LOG};
+use crate::criu::post_dump::{Frozen, Refusal};
+use crate::criu::rpc::Answer;
+use crate::criu::{network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::process::tree;
 use crate::store::{DumpKind, Manifest, PendingCheckpoint};
 use std::time::{Instant, SystemTime};
@@ -89,14 +92,6 @@ pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// `deadline` for the action hook: a little before CRIU is killed, so the hook can still say
-/// which file it gave up on.
-fn hook_deadline(deadline: Instant) -> String {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let margin = (left / 10).min(std::time::Duration::from_secs(5));
-    (action_hook::monotonic_ns() + (left - margin).as_nanos() as u64).to_string()
 }
 
 /// How often a dump refused for a passing reason (see the action hook) is tried.
@@ -194,29 +189,27 @@ fn dump(
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),
         leave_running: !stopping,
-        // Both kinds: the hook checks the frozen tree; a stopping dump it also finalizes.
-        action_script: Some(action_hook::script_for(&ctx.exe)),
     };
-    let env: Vec<(&str, String)> = if stopping {
-        let mut env = vec![
-            (action_hook::PENDING_ENV, pending.dir.display().to_string()),
-            (action_hook::TREE_PID_ENV, init_pid.to_string()),
-            (action_hook::HASH_CACHE_ENV, ctx.dirs.hash_cache().display().to_string()),
-            (action_hook::MIN_FREE_ENV, ctx.service.min_free_bytes.to_string()),
-            (action_hook::DEADLINE_ENV, hook_deadline(deadline)),
-        ];
-        // The path, never the key: the hook reads the key file itself.
-        if let Some(p) = &ctx.service.encryption_key_file {
-            env.push((action_hook::KEY_FILE_ENV, p.display().to_string()));
+    let frozen = Frozen {
+        pending: &pending,
+        tree_pid: init_pid,
+        hash_cache: ctx.dirs.hash_cache(),
+        min_free: ctx.service.min_free_bytes,
+        deadline,
+    };
+    // What stasis does while CRIU holds the tree frozen, answered in this process (see
+    // criu::post_dump); a refusal makes CRIU resume the tree.
+    let mut refusal: Option<Refusal> = None;
+    let mut at_post_dump = || {
+        let done = if stopping { frozen.check_record_and_finalize(key.as_ref()).map(drop) } else { frozen.check_and_record() };
+        match done {
+            Ok(()) => Answer::Proceed,
+            Err(r) => {
+                let why = r.to_string();
+                refusal = Some(r);
+                Answer::Refuse(why)
+            }
         }
-        env
-    } else {
-        vec![
-            (action_hook::CHECK_ONLY_ENV, pending.dir.display().to_string()),
-            (action_hook::TREE_PID_ENV, init_pid.to_string()),
-            (action_hook::MIN_FREE_ENV, ctx.service.min_free_bytes.to_string()),
-            (action_hook::DEADLINE_ENV, hook_deadline(deadline)),
-        ]
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
@@ -226,7 +219,7 @@ fn dump(
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
         let left = deadline.saturating_duration_since(Instant::now());
-        let r = ctx.criu.dump(&args, &env, left);
+        let r = ctx.criu.dump(&args, left, &|_| {}, &mut at_post_dump);
         drop(done_tx);
         r
     });
@@ -253,8 +246,8 @@ fn dump(
             }
             Err(e) => {
                 resume(init_pid, &pending.dir, matches!(e, CriuError::TimedOut { .. }));
-                *retry = pending.dir.join(action_hook::RETRY_MARKER).exists();
-                let text = describe_failed_dump(ctx, &pending, e);
+                *retry = refusal.as_ref().is_some_and(Refusal::passing);
+                let text = describe_failed_dump(ctx, &pending, e, refusal.as_ref());
                 pending.discard();
                 Err(text)
             }
@@ -262,7 +255,7 @@ fn dump(
     }
     let checkpoint = match dumped {
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
-            "CRIU reported success but the checkpoint was not finalized by the post-dump hook".to_string()
+            "CRIU reported success but the checkpoint was not finalized at its post-dump notification".to_string()
         }),
         Ok(()) => pending.finalize_sealed(key.as_ref()).map_err(|e| e.to_string()),
         Err(e) => {
@@ -287,8 +280,8 @@ fn dump(
                 }
                 None => {
                     resume(init_pid, &pending.dir, killed);
-                    *retry = pending.dir.join(action_hook::RETRY_MARKER).exists();
-                    Err(describe_failed_dump(ctx, &pending, e))
+                    *retry = refusal.as_ref().is_some_and(Refusal::passing);
+                    Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
                 }
             }
         }
@@ -334,7 +327,7 @@ fn resume(init_pid: i32, dump_dir: &std::path::Path, killed: bool) {
     network_lock::release(&dump_dir.join(DUMP_LOG));
 }
 
-fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError) -> String {
+fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError, refusal: Option<&Refusal>) -> String {
     // Keep CRIU's log: the pending directory is about to be removed.
     let kept = ctx.paths.failed_dump_log();
     let keep_log = |log: &std::path::Path| {
@@ -368,11 +361,8 @@ fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError
             text = format!("{why} ({text})");
         }
     }
-    if let Ok(why) = std::fs::read_to_string(pending.dir.join(action_hook::RETRY_MARKER)) {
-        text = format!(
-            "failed to take a checkpoint that would restore: {} at the freeze (a file of a process's /proc directory names its host PID, which a restore cannot give back); {text}",
-            why.trim()
-        );
+    if let Some(r @ Refusal::ProcFileOpen { .. }) = refusal {
+        text = format!("{r}; {text}");
     }
     let dir = pending.dir.parent().unwrap_or(&pending.dir);
     if let CriuError::Failed { errors, .. } = &e {

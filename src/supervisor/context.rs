@@ -17,8 +17,6 @@ pub struct Context {
     pub criu: Criu,
     /// The content-addressed namespace init used for cold launches (verified at start).
     pub init_binary: PathBuf,
-    /// This binary, which CRIU runs as its action script.
-    pub exe: PathBuf,
     /// `uname -r`, recorded in manifests.
     pub kernel_version: String,
 }

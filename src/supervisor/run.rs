@@ -110,12 +110,11 @@ fn supervise(
         log.note(&format!("{why}; re-created it from the init program"));
     }
     let init_binary = installed.path().to_path_buf();
-    let exe = std::env::current_exe().map_err(|e| Error::io("locate", "/proc/self/exe", e))?;
     let store = CheckpointStore::new(&paths);
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, exe, kernel_version });
+    let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, kernel_version });
     let name = ctx.service.name.clone();
 
     let restart_count = std::cell::Cell::new(0u32);
