@@ -16,8 +16,8 @@ fn bad_service_files_are_reported_with_file_line_and_key() {
     );
     let nouser =
         env.write_service("nouser", &format!("command: [\"/bin/true\"]\nuser: no-such-user-xyz\nkill_port: {p3}\n"));
-    // ports: allow (out of range on purpose)
-    let badport = env.write_service("badport", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 99999\n");
+    let badport = "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 99999\n"; // ports: allow (out of range)
+    let badport = env.write_service("badport", badport);
     let noprog = env
         .write_service("noprog", &format!("command: [\"definitely-not-a-program\"]\nuser: nobody\nkill_port: {p4}\n"));
 
