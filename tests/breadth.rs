@@ -2,7 +2,7 @@
 //! criu-configs/), and a dump that fails for a known reason says which file or socket and the
 //! option that fixes it.
 //!
-//! Ports: kill ports 7890-7893, http 8890-8892, memcached 11392.
+//! Every port is picked free at run time (`free_ports`).
 
 mod common;
 use common::*;
@@ -45,9 +45,10 @@ fn service_dir(env: &Env, name: &str) -> std::path::PathBuf {
 fn a_file_open_after_its_name_was_removed_survives_stop_and_start_with_the_defaults() {
     let env = Env::new();
     let dir = service_dir(&env, "remapped");
-    env.write_service("remapped", &unlinked_yaml(7890, 8890, &dir));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("remapped", &unlinked_yaml(kill, http_port, &dir));
     env.start("remapped");
-    wait_for("the service", || http(8890, "GET", "/", "").filter(|b| b == "payload"));
+    wait_for("the service", || http(http_port, "GET", "/", "").filter(|b| b == "payload"));
     // doctor: a dump would work; it is thrown away, the service untouched.
     let pid = env.status("remapped")["pid"].as_i64().unwrap();
     let out = env.ok(&["doctor", "remapped"]);
@@ -57,7 +58,7 @@ fn a_file_open_after_its_name_was_removed_survives_stop_and_start_with_the_defau
     env.ok(&["stop", "remapped"]);
     let back = env.start("remapped");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(http(8890, "GET", "/", "").as_deref(), Some("payload"), "still reads through the open file");
+    assert_eq!(http(http_port, "GET", "/", "").as_deref(), Some("payload"), "still reads through the open file");
     env.ok(&["stop", "remapped"]);
     env.start("remapped");
     env.ok(&["stop", "remapped"]);
@@ -75,9 +76,10 @@ fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
     std::fs::write(configs.join("default.conf"), without).unwrap();
     env.use_criu_configs(&configs);
     let dir = service_dir(&env, "unremapped");
-    env.write_service("unremapped", &unlinked_yaml(7891, 8891, &dir));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("unremapped", &unlinked_yaml(kill, http_port, &dir));
     env.start("unremapped");
-    wait_for("the service", || http(8891, "GET", "/", "").filter(|b| b == "payload"));
+    wait_for("the service", || http(http_port, "GET", "/", "").filter(|b| b == "payload"));
     let state = format!("{}/state", dir.display());
     // doctor says so without stopping anything.
     let out = env.run(&["doctor", "unremapped"]);
@@ -88,13 +90,13 @@ fn without_link_remap_the_failed_dump_names_the_file_and_the_option() {
         "{err}"
     );
     assert!(env.checkpoint_dirs("unremapped").is_empty());
-    assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "untouched");
+    assert_eq!(http(http_port, "GET", "/", "").as_deref(), Some("payload"), "untouched");
     let out = env.run(&["stop", "unremapped"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains(&format!("{state} is open but its name was removed")), "names the file: {err}");
     assert!(err.contains("add --link-remap to criu.options"), "and the fix: {err}");
-    assert_eq!(http(8891, "GET", "/", "").as_deref(), Some("payload"), "the service keeps running");
+    assert_eq!(http(http_port, "GET", "/", "").as_deref(), Some("payload"), "the service keeps running");
 }
 
 /// One request on a plain TCP text protocol (memcached's): what the server answered.
@@ -112,44 +114,46 @@ fn ask(port: u16, request: &str) -> Option<String> {
 #[test]
 fn memcached_keeps_its_items_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "cache",
-        "command: [\"/usr/bin/memcached\", \"-p\", \"11392\", \"-l\", \"127.0.0.1\", \"-U\", \"0\", \"-m\", \"64\"]\nuser: memcache\nkill_port: 7892\n",
+        &format!("command: [\"/usr/bin/memcached\", \"-p\", \"{port}\", \"-l\", \"127.0.0.1\", \"-U\", \"0\", \"-m\", \"64\"]\nuser: memcache\nkill_port: {kill}\n"),
     );
     env.start("cache");
-    wait_for("memcached", || ask(11392, "version\r\n").filter(|r| r.starts_with("VERSION")));
-    assert!(ask(11392, "set warm 0 0 5\r\nhello\r\n").unwrap().contains("STORED"));
+    wait_for("memcached", || ask(port, "version\r\n").filter(|r| r.starts_with("VERSION")));
+    assert!(ask(port, "set warm 0 0 5\r\nhello\r\n").unwrap().contains("STORED"));
     env.ok(&["stop", "cache"]);
     let back = env.start("cache");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert!(ask(11392, "get warm\r\n").unwrap().contains("VALUE warm 0 5\r\nhello"), "the item came back");
+    assert!(ask(port, "get warm\r\n").unwrap().contains("VALUE warm 0 5\r\nhello"), "the item came back");
     env.ok(&["stop", "cache"]);
 }
 
 #[test]
 fn nginx_with_a_master_and_two_workers_serves_after_stop_and_start() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     let dir = service_dir_for(&env, "web", "www-data");
     std::fs::create_dir(dir.join("html")).unwrap();
     std::fs::write(dir.join("html/index.html"), "served by nginx\n").unwrap();
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 127.0.0.1:8892; root {d}/html; }}\n}}\n",
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 127.0.0.1:{http_port}; root {d}/html; }}\n}}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     env.write_service(
         "web",
         &format!(
-            "command: [\"/usr/sbin/nginx\", \"-c\", \"{}/nginx.conf\", \"-e\", \"stderr\"]\nuser: www-data\nkill_port: 7893\n",
+            "command: [\"/usr/sbin/nginx\", \"-c\", \"{}/nginx.conf\", \"-e\", \"stderr\"]\nuser: www-data\nkill_port: {kill}\n",
             dir.display()
         ),
     );
     env.start("web");
-    wait_for("nginx", || http(8892, "GET", "/", "").filter(|b| b == "served by nginx\n"));
+    wait_for("nginx", || http(http_port, "GET", "/", "").filter(|b| b == "served by nginx\n"));
     env.ok(&["stop", "web"]);
     let back = env.start("web");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(http(8892, "GET", "/", "").as_deref(), Some("served by nginx\n"));
+    assert_eq!(http(http_port, "GET", "/", "").as_deref(), Some("served by nginx\n"));
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "web", "--json"])).unwrap();
     let workers = v["processes"].as_array().unwrap().iter().filter(|p| p["comm"] == "nginx").count();
     assert_eq!(workers, 3, "the master and its two workers, all restored: {v}");

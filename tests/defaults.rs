@@ -2,9 +2,7 @@
 //! (no `criu:` section: the defaults in criu-configs/default.conf): POSIX and SysV shared
 //! memory shared by two processes of the tree, file locks, eventfd/memfd/timerfd/signalfd/
 //! inotify, and a datagram socket connected to a syslog-like server outside the service.
-//! The service programs are in tests/programs/.
-//!
-//! Ports: kill ports 7141-7146, http 6141-6146.
+//! The service programs are in tests/programs/. Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -74,12 +72,13 @@ fn shm_counter(path: &Path) -> u64 {
 #[test]
 fn a_posix_shm_segment_shared_by_two_processes_survives_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let name = format!("stasis-test-{}-posix-shm", std::process::id());
     let seg = ShmSegment(Path::new("/dev/shm").join(&name));
-    env.write_service("shm", &program_yaml("posix_shm.py", 7141, &[("PORT", "6141".into()), ("SHM_NAME", name)]));
+    env.write_service("shm", &program_yaml("posix_shm.py", kill, &[("PORT", port.to_string()), ("SHM_NAME", name)]));
     env.start("shm");
-    wait_for("the child counting in the segment", || http_json(6141).filter(|v| v["counter"].as_u64() > Some(2)));
-    post(6141, "/text", "changed before the stop");
+    wait_for("the child counting in the segment", || http_json(port).filter(|v| v["counter"].as_u64() > Some(2)));
+    post(port, "/text", "changed before the stop");
     let content = std::fs::read(&seg.0).unwrap();
     assert!(String::from_utf8_lossy(&content).contains("changed before the stop"), "the text is in /dev/shm");
 
@@ -90,14 +89,14 @@ fn a_posix_shm_segment_shared_by_two_processes_survives_stop_and_start() {
     let back = env.start("shm");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
 
-    let v = get(6141);
+    let v = get(port);
     assert_eq!(v["text"], "changed before the stop", "{v}");
     assert!(n(&v, "counter") >= frozen, "the counter continues from {frozen}: {v}");
     assert_eq!(v["child_alive"], true, "{v}");
     // Both processes still share the segment: the child's counting reaches the parent.
-    wait_for("the child to keep counting", || http_json(6141).filter(|v| v["counter"].as_u64() > Some(frozen + 5)));
+    wait_for("the child to keep counting", || http_json(port).filter(|v| v["counter"].as_u64() > Some(frozen + 5)));
     // And the parent's mapping is still the file in /dev/shm.
-    post(6141, "/text", "changed after the start");
+    post(port, "/text", "changed after the start");
     let content = std::fs::read(&seg.0).unwrap();
     assert!(String::from_utf8_lossy(&content).contains("changed after the start"));
     env.ok(&["stop", "shm"]);
@@ -109,25 +108,26 @@ fn a_posix_shm_segment_shared_by_two_processes_survives_stop_and_start() {
 #[test]
 fn a_posix_shm_segment_is_put_back_after_a_reboot_and_rewound_with_an_older_checkpoint() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let name = format!("stasis-test-{}-posix-shm-kept", std::process::id());
     let seg = ShmSegment(Path::new("/dev/shm").join(&name));
     // Three: the on-demand checkpoint must outlive the two stops' under retention.
-    let yaml = program_yaml("posix_shm.py", 7147, &[("PORT", "6147".into()), ("SHM_NAME", name)]);
+    let yaml = program_yaml("posix_shm.py", kill, &[("PORT", port.to_string()), ("SHM_NAME", name)]);
     env.write_service("shmk", &format!("{yaml}keep_checkpoints: 3\n"));
     env.start("shmk");
-    wait_for("the child counting in the segment", || http_json(6147).filter(|v| v["counter"].as_u64() > Some(2)));
-    post(6147, "/text", "at the checkpoint");
+    wait_for("the child counting in the segment", || http_json(port).filter(|v| v["counter"].as_u64() > Some(2)));
+    post(port, "/text", "at the checkpoint");
     env.ok(&["checkpoint", "shmk"]);
     let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "shmk", "--json"])).unwrap();
     let kept = list["checkpoints"].as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_string();
-    post(6147, "/text", "after the checkpoint");
+    post(port, "/text", "after the checkpoint");
 
     // A reboot: the stop's checkpoint, /dev/shm emptied, the segment put back from the copy.
     env.ok(&["stop", "shmk"]);
     std::fs::remove_file(&seg.0).unwrap();
     let back = env.start("shmk");
     assert_eq!(back["started_from"], "checkpoint", "restored although /dev/shm was emptied: {back}");
-    assert_eq!(get(6147)["text"], "after the checkpoint", "the segment as it was at the stop");
+    assert_eq!(get(port)["text"], "after the checkpoint", "the segment as it was at the stop");
     wait_for("the child counting in the put-back segment", || {
         let c = shm_counter(&seg.0);
         std::thread::sleep(Duration::from_millis(200));
@@ -139,30 +139,31 @@ fn a_posix_shm_segment_is_put_back_after_a_reboot_and_rewound_with_an_older_chec
     assert!(String::from_utf8_lossy(&std::fs::read(&seg.0).unwrap()).contains("after the checkpoint"));
     let back: Value = serde_json::from_str(&env.ok(&["start", "shmk", "--from", &kept, "--json"])).unwrap();
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(get(6147)["text"], "at the checkpoint", "the segment rewound to the checkpoint's moment");
+    assert_eq!(get(port)["text"], "at the checkpoint", "the segment rewound to the checkpoint's moment");
     env.ok(&["stop", "shmk"]);
 }
 
 #[test]
 fn sysv_shared_memory_and_a_semaphore_shared_by_two_processes_survive_stop_and_start() {
     let env = Env::new();
-    env.write_service("sysv", &program_yaml("sysv_ipc.py", 7142, &[("PORT", "6142".into())]));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("sysv", &program_yaml("sysv_ipc.py", kill, &[("PORT", port.to_string())]));
     env.start("sysv");
-    wait_for("the child counting in the segment", || http_json(6142).filter(|v| v["counter"].as_u64() > Some(2)));
-    post(6142, "/text", "changed before the stop");
-    let before = get(6142);
+    wait_for("the child counting in the segment", || http_json(port).filter(|v| v["counter"].as_u64() > Some(2)));
+    post(port, "/text", "changed before the stop");
+    let before = get(port);
     assert_eq!(before["text"], "changed before the stop");
 
     stop_and_start(&env, "sysv");
-    let v = get(6142);
+    let v = get(port);
     assert_eq!(v["text"], "changed before the stop", "the segment's content came back: {v}");
     assert!(n(&v, "counter") >= n(&before, "counter"), "the counter continues: {before} then {v}");
     assert_eq!((&v["shmid"], &v["semid"]), (&before["shmid"], &before["semid"]), "the same ids");
     let now = n(&v, "counter");
     // The child still increments under the semaphore: the semaphore was not left taken.
-    wait_for("the child to keep counting", || http_json(6142).filter(|v| v["counter"].as_u64() > Some(now + 5)));
-    post(6142, "/text", "changed after the start");
-    assert_eq!(get(6142)["text"], "changed after the start");
+    wait_for("the child to keep counting", || http_json(port).filter(|v| v["counter"].as_u64() > Some(now + 5)));
+    post(port, "/text", "changed after the start");
+    assert_eq!(get(port)["text"], "changed after the start");
     env.ok(&["stop", "sysv"]);
 }
 
@@ -189,18 +190,19 @@ fn lock_is_free(path: &Path, kind: &str) -> bool {
 #[test]
 fn flock_posix_and_ofd_locks_are_still_held_after_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let dir = owned_dir(&env, "locks");
     env.write_service(
         "locks",
-        &program_yaml("file_locks.py", 7143, &[("PORT", "6143".into()), ("LOCK_DIR", dir.display().to_string())]),
+        &program_yaml("file_locks.py", kill, &[("PORT", port.to_string()), ("LOCK_DIR", dir.display().to_string())]),
     );
     env.start("locks");
-    wait_for("the service", || http_json(6143));
+    wait_for("the service", || http_json(port));
     let kinds = [("flock", "flock.lock"), ("posix", "posix.lock"), ("ofd", "ofd.lock")];
     for (kind, file) in kinds {
         assert!(!lock_is_free(&dir.join(file), kind), "the service holds its {kind} lock");
     }
-    let before = n(&get(6143), "requests");
+    let before = n(&get(port), "requests");
 
     env.ok(&["stop", "locks"]);
     for (kind, file) in kinds {
@@ -211,7 +213,7 @@ fn flock_posix_and_ofd_locks_are_still_held_after_stop_and_start() {
     for (kind, file) in kinds {
         assert!(!lock_is_free(&dir.join(file), kind), "the restored service holds its {kind} lock again");
     }
-    assert_eq!(n(&get(6143), "requests"), before + 1, "the in-memory count continues");
+    assert_eq!(n(&get(port), "requests"), before + 1, "the in-memory count continues");
     env.ok(&["stop", "locks"]);
 }
 
@@ -227,40 +229,41 @@ fn watched_dir(env: &Env) -> PathBuf {
 #[test]
 fn eventfd_memfd_signalfd_and_inotify_keep_working_after_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let watched = watched_dir(&env);
-    env.write_service("fds", &fd_kinds_yaml(7144, 6144, &watched));
+    env.write_service("fds", &fd_kinds_yaml(kill, port, &watched));
     env.start("fds");
-    wait_for("the service", || http_json(6144));
-    post(6144, "/eventfd", "5");
-    post(6144, "/memfd", "changed before the stop");
-    post(6144, "/signal", "");
-    post(6144, "/queue", "");
+    wait_for("the service", || http_json(port));
+    post(port, "/eventfd", "5");
+    post(port, "/memfd", "changed before the stop");
+    post(port, "/signal", "");
+    post(port, "/queue", "");
     std::fs::write(watched.join("before"), "").unwrap();
     let before = wait_for("the signal and the inotify event", || {
-        http_json(6144).filter(|v| v["usr1"] == 1 && v["created"] == serde_json::json!(["before"]))
+        http_json(port).filter(|v| v["usr1"] == 1 && v["created"] == serde_json::json!(["before"]))
     });
     assert_eq!((&before["eventfd"], &before["memfd"]), (&Value::from(5), &Value::from("changed before the stop")));
 
     stop_and_start(&env, "fds");
-    let v = get(6144);
+    let v = get(port);
     assert_eq!(v["eventfd"], 5, "the eventfd's count: {v}");
     assert_eq!(v["memfd"], "changed before the stop", "the memfd's content, read through its mapping: {v}");
     assert_eq!(v["usr1"], 1, "{v}");
     assert_eq!(v["created"], serde_json::json!(["before"]), "{v}");
 
     // Each keeps working.
-    post(6144, "/signal", "");
-    wait_for("the signalfd to count a new signal", || http_json(6144).filter(|v| v["usr1"] == 2));
+    post(port, "/signal", "");
+    wait_for("the signalfd to count a new signal", || http_json(port).filter(|v| v["usr1"] == 2));
     std::fs::write(watched.join("after"), "").unwrap();
     wait_for("inotify to report a file created after the start", || {
-        http_json(6144).filter(|v| v["created"] == serde_json::json!(["before", "after"]))
+        http_json(port).filter(|v| v["created"] == serde_json::json!(["before", "after"]))
     });
-    post(6144, "/eventfd", "2");
-    assert_eq!(get(6144)["eventfd"], 7);
-    post(6144, "/memfd", "changed after the start");
-    assert_eq!(get(6144)["memfd"], "changed after the start");
+    post(port, "/eventfd", "2");
+    assert_eq!(get(port)["eventfd"], 7);
+    post(port, "/memfd", "changed after the start");
+    assert_eq!(get(port)["memfd"], "changed after the start");
     // The SIGUSR2 sent before the stop stayed pending through the checkpoint.
-    assert_eq!(post(6144, "/drain", "")["drained"], 1, "the signal queued before the stop");
+    assert_eq!(post(port, "/drain", "")["drained"], 1, "the signal queued before the stop");
     env.ok(&["stop", "fds"]);
 }
 
@@ -271,21 +274,22 @@ fn eventfd_memfd_signalfd_and_inotify_keep_working_after_stop_and_start() {
 #[test]
 fn a_periodic_timerfd_keeps_ticking_after_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let watched = watched_dir(&env);
-    env.write_service("timer", &fd_kinds_yaml(7146, 6146, &watched));
+    env.write_service("timer", &fd_kinds_yaml(kill, port, &watched));
     env.start("timer");
-    wait_for("the timerfd ticking", || http_json(6146).filter(|v| v["ticks"].as_u64() > Some(5)));
-    let before = n(&get(6146), "ticks");
+    wait_for("the timerfd ticking", || http_json(port).filter(|v| v["ticks"].as_u64() > Some(5)));
+    let before = n(&get(port), "ticks");
     stop_and_start(&env, "timer");
-    let ticks = n(&get(6146), "ticks");
+    let ticks = n(&get(port), "ticks");
     assert!(ticks >= before, "the tick count continues from {before}: {ticks}");
     // 20 periods: a timer left disarmed never gets there.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while n(&get(6146), "ticks") < ticks + 20 {
+    while n(&get(port), "ticks") < ticks + 20 {
         assert!(
             Instant::now() < deadline,
             "the timerfd stopped ticking after the restore ({} ticks)",
-            n(&get(6146), "ticks")
+            n(&get(port), "ticks")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -307,6 +311,7 @@ fn received(server: &std::os::unix::net::UnixDatagram) -> Vec<u64> {
 #[test]
 fn a_datagram_socket_connected_to_a_syslog_server_outside_the_service_keeps_sending_after_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     // The "syslog daemon": this test, bound to a socket the service connects to, as to /dev/log.
     let path = env.path().join("log.sock");
     let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
@@ -314,7 +319,11 @@ fn a_datagram_socket_connected_to_a_syslog_server_outside_the_service_keeps_send
     server.set_nonblocking(true).unwrap();
     env.write_service(
         "logger",
-        &program_yaml("syslog_client.py", 7145, &[("PORT", "6145".into()), ("LOG_SOCKET", path.display().to_string())]),
+        &program_yaml(
+            "syslog_client.py",
+            kill,
+            &[("PORT", port.to_string()), ("LOG_SOCKET", path.display().to_string())],
+        ),
     );
     env.start("logger");
     let mut all = Vec::new();
@@ -333,7 +342,7 @@ fn a_datagram_socket_connected_to_a_syslog_server_outside_the_service_keeps_send
     });
     let expected: Vec<u64> = (1..=*all.last().unwrap()).collect();
     assert_eq!(all, expected, "every message once, in order, numbering continued from {last}");
-    assert_eq!(get(6145)["failed"], 0, "no send failed");
+    assert_eq!(get(port)["failed"], 0, "no send failed");
     env.ok(&["stop", "logger"]);
     // The server is gone at the restore (syslog not up yet): the host's problem, not the
     // checkpoint's. The start fails saying so, and the checkpoint is kept for the next try.

@@ -1,5 +1,5 @@
 //! Bad input and failing steps: each must give a clear error naming the file, key or path, a
-//! documented exit code, and lose no checkpoint.
+//! documented exit code, and lose no checkpoint. Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -8,15 +8,18 @@ use std::process::Command;
 #[test]
 fn bad_service_files_are_reported_with_file_line_and_key() {
     let env = Env::new();
+    let [p1, p2, p3, p4] = free_ports::<4>();
     let malformed = env.write_service("malformed", "command: [\"/bin/true\"\nuser: nobody\n");
     let unknown = env.write_service(
         "unknown",
-        "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7901\nkillport: 7902\ncriu:\n  confg: default\n",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {p1}\nkillport: {p2}\ncriu:\n  confg: default\n"),
     );
-    let nouser = env.write_service("nouser", "command: [\"/bin/true\"]\nuser: no-such-user-xyz\nkill_port: 7903\n");
-    let badport = env.write_service("badport", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 99999\n");
-    let noprog =
-        env.write_service("noprog", "command: [\"definitely-not-a-program\"]\nuser: nobody\nkill_port: 7904\n");
+    let nouser =
+        env.write_service("nouser", &format!("command: [\"/bin/true\"]\nuser: no-such-user-xyz\nkill_port: {p3}\n"));
+    let badport = "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 99999\n"; // ports: allow (out of range)
+    let badport = env.write_service("badport", badport);
+    let noprog = env
+        .write_service("noprog", &format!("command: [\"definitely-not-a-program\"]\nuser: nobody\nkill_port: {p4}\n"));
 
     let out = env.run(&["validate"]);
     assert_eq!(out.status.code(), Some(3), "invalid files: exit 3");
@@ -52,13 +55,16 @@ fn bad_service_files_are_reported_with_file_line_and_key() {
 #[test]
 fn a_busy_kill_port_is_named_with_its_key_and_file() {
     let env = Env::new();
-    let _taken = std::net::TcpListener::bind(("127.0.0.1", 7905)).unwrap();
-    let file = env.write_service("busy", &notes_yaml(7905, 8905, ""));
+    let [kill, http_port] = free_ports::<2>();
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", kill)).unwrap();
+    let file = env.write_service("busy", &notes_yaml(kill, http_port, ""));
     let out = env.run(&["start", "busy"]);
     assert_eq!(out.status.code(), Some(7), "port in use: exit 7");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("127.0.0.1:7905") && err.contains("kill_port") && err.contains(&file.display().to_string()),
+        err.contains(&format!("127.0.0.1:{kill}"))
+            && err.contains("kill_port")
+            && err.contains(&file.display().to_string()),
         "{err}"
     );
     assert_eq!(env.status("busy")["state"], "stopped", "nothing was started");
@@ -67,7 +73,7 @@ fn a_busy_kill_port_is_named_with_its_key_and_file() {
 #[test]
 fn a_damaged_checkpoint_is_quarantined_and_the_service_cold_starts() {
     let env = Env::new();
-    let (kill, http_port) = (7906, 8906);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("damaged", &notes_yaml(kill, http_port, ""));
     env.start("damaged");
     wait_for("service", || http_json(http_port));
@@ -121,7 +127,7 @@ fn a_damaged_checkpoint_is_quarantined_and_the_service_cold_starts() {
 #[test]
 fn a_failed_dump_keeps_the_service_and_the_previous_checkpoint() {
     let env = Env::new();
-    let (kill, http_port) = (7907, 8907);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("full", &notes_yaml(kill, http_port, ""));
     let checkpoints = env.service_dir("full").join("checkpoints");
     std::fs::create_dir_all(&checkpoints).unwrap();
@@ -195,6 +201,7 @@ fn a_failed_dump_keeps_the_service_and_the_previous_checkpoint() {
 #[test]
 fn a_command_that_cannot_start_leaves_the_service_failed_with_the_reason() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     let secret = env.path().join("secret");
     std::fs::create_dir(&secret).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -202,7 +209,7 @@ fn a_command_that_cannot_start_leaves_the_service_failed_with_the_reason() {
     env.write_service(
         "denied",
         &format!(
-            "command: [\"/bin/sleep\", \"100\"]\nuser: stasis-example\nkill_port: 7908\nworking_dir: {}\n",
+            "command: [\"/bin/sleep\", \"100\"]\nuser: stasis-example\nkill_port: {kill}\nworking_dir: {}\n",
             secret.display()
         ),
     );
@@ -221,9 +228,10 @@ fn a_command_that_cannot_start_leaves_the_service_failed_with_the_reason() {
 #[test]
 fn a_process_holding_its_proc_files_open_is_not_checkpointed_unrestorable() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "procfd",
-        "command: [\"/usr/bin/python3\", \"-c\", \"import time; f = open('/proc/self/stat'); print('holding', flush=True); time.sleep(600)\"]\nuser: stasis-example\nkill_port: 7909\n",
+        &format!("command: [\"/usr/bin/python3\", \"-c\", \"import time; f = open('/proc/self/stat'); print('holding', flush=True); time.sleep(600)\"]\nuser: stasis-example\nkill_port: {kill}\n"),
     );
     env.start("procfd");
     wait_for("the file to be open", || env.log("procfd").contains("holding").then_some(()));

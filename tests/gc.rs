@@ -10,9 +10,10 @@ use std::process::{Command, Stdio};
 #[test]
 fn gc_finds_and_drops_the_lock_tables_of_checkpoints_deleted_by_hand() {
     let env = Env::new();
-    env.write_service("gc", &notes_yaml(7976, 8976, ""));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("gc", &notes_yaml(kill, http_port, ""));
     env.start("gc");
-    wait_for("service", || http_json(8976));
+    wait_for("service", || http_json(http_port));
     let stopped: Value = serde_json::from_str(&env.ok(&["stop", "gc", "--json"])).unwrap();
     let id = stopped["checkpoint"].as_str().unwrap().to_string();
     let list: Value = serde_json::from_str(&env.ok(&["checkpoints", "gc", "--json"])).unwrap();

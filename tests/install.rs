@@ -8,6 +8,7 @@ use std::process::Command;
 #[test]
 fn add_writes_a_valid_service_and_creates_its_user_and_dirs() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     let user = "stasis-t-add";
     let _ = Command::new("userdel").arg(user).status();
     struct DelUser(&'static str);
@@ -24,9 +25,9 @@ fn add_writes_a_valid_service_and_creates_its_user_and_dirs() {
         user,
         "--create-user",
         "--kill-port",
-        "7831",
+        &kill.to_string(),
         "--env",
-        "NOTES_PORT=8831",
+        &format!("NOTES_PORT={http_port}"),
         "--",
         "/usr/bin/python3",
         &format!("{REPO}/examples/notes/notes.py"),
@@ -38,11 +39,11 @@ fn add_writes_a_valid_service_and_creates_its_user_and_dirs() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&work).unwrap().uid(), passwd.uid.as_raw(), "working dir owned by the user");
     env.ok(&["validate", "adder"]);
-    let again = env.run(&["add", "adder", "--user", user, "--kill-port", "7831", "--", "/bin/true"]);
+    let again = env.run(&["add", "adder", "--user", user, "--kill-port", &kill.to_string(), "--", "/bin/true"]);
     assert_eq!(again.status.code(), Some(3), "an existing file is not replaced without --force");
 
     env.start("adder");
-    let st = wait_for("service", || http_json(8831));
+    let st = wait_for("service", || http_json(http_port));
     assert_eq!(st["uid"], passwd.uid.as_raw());
     env.ok(&["stop", "adder"]);
     assert_eq!(env.checkpoint_dirs("adder").len(), 1);
@@ -58,7 +59,7 @@ fn add_writes_a_valid_service_and_creates_its_user_and_dirs() {
 #[test]
 fn the_init_script_starts_restores_and_stops_through_the_kill_port() {
     let env = Env::new();
-    let (kill, http_port) = (7832, 8832);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("lsb", &notes_yaml(kill, http_port, ""));
     let script = env.path().join("stasis-lsb");
     std::fs::write(&script, env.ok(&["init-script", "lsb"])).unwrap();
@@ -98,7 +99,7 @@ impl Drop for StartedGuard<'_> {
 #[test]
 fn an_upgraded_binary_restores_checkpoints_of_the_old_one() {
     let env = Env::new();
-    let (kill, http_port) = (7833, 8833);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("upgrade", &notes_yaml(kill, http_port, ""));
     // "Old" and "new" stasis: the same program, but different files (different content).
     let old = env.path().join("stasis-old");

@@ -8,7 +8,7 @@ use common::*;
 #[test]
 fn notes_state_survives_kill_port_and_restore() {
     let env = Env::new();
-    let (kill, http_port) = (7811, 8811);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("notes", &notes_yaml(kill, http_port, ""));
 
     let started = env.start("notes");
@@ -77,7 +77,7 @@ fn notes_state_survives_kill_port_and_restore() {
 #[test]
 fn checkpoint_keeps_the_service_running() {
     let env = Env::new();
-    let (kill, http_port) = (7812, 8812);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("keep", &notes_yaml(kill, http_port, ""));
     env.start("keep");
     wait_for("service", || http_json(http_port));
@@ -109,7 +109,7 @@ fn checkpoint_keeps_the_service_running() {
 #[test]
 fn start_and_stop_refuse_politely() {
     let env = Env::new();
-    let (kill, http_port) = (7813, 8813);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("twice", &notes_yaml(kill, http_port, ""));
     let out = env.ok(&["stop", "twice"]);
     assert!(out.contains("already stopped"), "{out}");
@@ -131,10 +131,11 @@ fn start_and_stop_refuse_politely() {
 #[test]
 fn a_service_that_exits_by_itself_is_failed() {
     let env = Env::new();
+    let [kill_instant, kill_oneshot] = free_ports::<2>();
     // At once: the start itself fails, with the exit status and the last output.
     env.write_service(
         "instant",
-        "command: [\"/bin/sh\", \"-c\", \"echo first; echo bye; exit 3\"]\nuser: stasis-example\nkill_port: 7818\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo first; echo bye; exit 3\"]\nuser: stasis-example\nkill_port: {kill_instant}\n"),
     );
     let out = env.run(&["start", "instant"]);
     assert_eq!(out.status.code(), Some(6), "a command that dies at once is a failed start");
@@ -144,7 +145,7 @@ fn a_service_that_exits_by_itself_is_failed() {
     // Later: the start worked, then the service failed.
     env.write_service(
         "oneshot",
-        "command: [\"/bin/sh\", \"-c\", \"echo bye; sleep 2; exit 3\"]\nuser: stasis-example\nkill_port: 7814\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo bye; sleep 2; exit 3\"]\nuser: stasis-example\nkill_port: {kill_oneshot}\n"),
     );
     env.start("oneshot");
     let st = wait_for("state failed", || {
@@ -158,7 +159,7 @@ fn a_service_that_exits_by_itself_is_failed() {
 #[test]
 fn two_kill_port_connections_share_one_checkpoint() {
     let env = Env::new();
-    let (kill, http_port) = (7815, 8815);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("pair", &notes_yaml(kill, http_port, ""));
     env.start("pair");
     wait_for("service", || http_json(http_port));
@@ -183,7 +184,7 @@ fn two_kill_port_connections_share_one_checkpoint() {
 #[test]
 fn a_tree_orphaned_by_a_dead_supervisor_is_not_started_twice() {
     let env = Env::new();
-    let (kill, http_port) = (7816, 8816);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("orphan", &notes_yaml(kill, http_port, ""));
     env.start("orphan");
     wait_for("service", || http_json(http_port));
@@ -210,7 +211,7 @@ fn a_tree_orphaned_by_a_dead_supervisor_is_not_started_twice() {
 #[test]
 fn stray_descriptors_of_the_caller_do_not_reach_the_service() {
     let env = Env::new();
-    let (kill, http_port) = (7817, 8817);
+    let [kill, http_port] = free_ports::<2>();
     env.write_service("stray", &notes_yaml(kill, http_port, ""));
     let stray = std::fs::File::open("/etc/passwd").unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stray);
@@ -262,7 +263,11 @@ fn context_switches(pid: i32) -> u64 {
 #[test]
 fn an_idle_supervisor_does_not_wake_up() {
     let env = Env::new();
-    env.write_service("idle", "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: 7819\n");
+    let [kill] = free_ports::<1>();
+    env.write_service(
+        "idle",
+        &format!("command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: {kill}\n"),
+    );
     env.start("idle");
     let sup = pid_in(&env.status("idle")["supervisor_pid"]).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -279,17 +284,18 @@ fn an_idle_supervisor_does_not_wake_up() {
         .collect::<Vec<_>>();
     assert_eq!(after, before, "the idle supervisor woke up {} times in 5 s: {threads:?}", after.saturating_sub(before));
     // ...and still hears its kill port.
-    assert!(kill_port(7819).last().unwrap().starts_with("OK checkpoint"));
+    assert!(kill_port(kill).last().unwrap().starts_with("OK checkpoint"));
 }
 
 #[test]
 fn checkpoints_record_their_timings_and_sizes_and_metrics_show_them() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     let prom = env.path().join("metrics.prom");
     std::fs::write(env.path().join("stasis.yaml"), format!("metrics_file: {}\n", prom.display())).unwrap();
-    env.write_service("timed", &notes_yaml(7809, 8809, ""));
+    env.write_service("timed", &notes_yaml(kill, http_port, ""));
     env.start("timed");
-    wait_for("service", || http_json(8809));
+    wait_for("service", || http_json(http_port));
     let stopped: serde_json::Value = serde_json::from_str(&env.ok(&["stop", "timed", "--json"])).unwrap();
     let id = stopped["checkpoint"].as_str().unwrap().to_string();
     let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "timed", "--json"])).unwrap();
@@ -323,7 +329,11 @@ fn checkpoints_record_their_timings_and_sizes_and_metrics_show_them() {
 #[test]
 fn the_namespace_init_is_the_small_init_program() {
     let env = Env::new();
-    env.write_service("tiny", "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: 7808\n");
+    let [kill] = free_ports::<1>();
+    env.write_service(
+        "tiny",
+        &format!("command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: {kill}\n"),
+    );
     env.start("tiny");
     let init = pid_in(&env.status("tiny")["init_pid"]).unwrap();
     let exe = std::fs::read_link(format!("/proc/{init}/exe")).unwrap();
@@ -340,9 +350,10 @@ fn the_namespace_init_is_the_small_init_program() {
 #[test]
 fn logs_follow_keeps_up_across_rotations_without_gaps() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "chatty",
-        "command: [\"/usr/bin/python3\", \"-c\", \"import time\\nfor i in range(1000000): print('line', i, 'x' * 10000, flush=True); time.sleep(0.002)\"]\nuser: stasis-example\nkill_port: 7807\nlog_max_bytes: 1048576\nlog_keep: 2\n",
+        &format!("command: [\"/usr/bin/python3\", \"-c\", \"import time\\nfor i in range(1000000): print('line', i, 'x' * 10000, flush=True); time.sleep(0.002)\"]\nuser: stasis-example\nkill_port: {kill}\nlog_max_bytes: 1048576\nlog_keep: 2\n"),
     );
     env.start("chatty");
     let mut child = env.cmd(&["logs", "chatty", "-f"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
@@ -381,7 +392,8 @@ fn big_yaml(kill_port: u16) -> String {
 #[test]
 fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_terminal() {
     let env = Env::new();
-    for (name, port) in [("bigpipe", 7806), ("bigtty", 7805)] {
+    let [kill_pipe, kill_tty] = free_ports::<2>();
+    for (name, port) in [("bigpipe", kill_pipe), ("bigtty", kill_tty)] {
         env.write_service(name, &big_yaml(port));
         env.start(name);
         wait_for("2 GiB touched", || env.log(name).contains("ready").then_some(()));
@@ -438,14 +450,15 @@ fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_termi
 #[test]
 fn a_big_checkpoint_hashed_while_criu_wrote_it_verifies_and_restores_the_same_memory() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "big",
         &format!(
-            "command: [\"/usr/bin/python3\", \"{REPO}/tests/programs/big_memory.py\"]\nuser: stasis-example\nkill_port: 7153\nkeep_checkpoints: 3\nenvironment:\n  MIB: \"96\"\n  PORT: \"6153\"\n"
+            "command: [\"/usr/bin/python3\", \"{REPO}/tests/programs/big_memory.py\"]\nuser: stasis-example\nkill_port: {kill}\nkeep_checkpoints: 3\nenvironment:\n  MIB: \"96\"\n  PORT: \"{port}\"\n"
         ),
     );
     env.start("big");
-    let before = wait_for("the service", || http(6153, "GET", "/", ""));
+    let before = wait_for("the service", || http(port, "GET", "/", ""));
     env.ok(&["checkpoint", "big"]);
     let list: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoints", "big", "--json"])).unwrap();
     let row = list["checkpoints"].as_array().unwrap().last().unwrap().clone();
@@ -454,6 +467,6 @@ fn a_big_checkpoint_hashed_while_criu_wrote_it_verifies_and_restores_the_same_me
     env.ok(&["stop", "big"]);
     let back: serde_json::Value = serde_json::from_str(&env.ok(&["start", "big", "--from", &id, "--json"])).unwrap();
     assert_eq!(back["started_from"], "checkpoint", "the images verified: {back}");
-    assert_eq!(http(6153, "GET", "/", "").as_deref(), Some(before.as_str()), "the same memory");
+    assert_eq!(http(port, "GET", "/", "").as_deref(), Some(before.as_str()), "the same memory");
     env.ok(&["stop", "big"]);
 }

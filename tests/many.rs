@@ -3,7 +3,7 @@
 //! freed when its holder is SIGKILLed; a hung restore ends after `restore_timeout` with a bounded
 //! log; `stop --all` / `start --all` with one failing service.
 //!
-//! Ports: redis 6400-6439 with kill ports 7400-7439; notes kill ports 7970-7979, http 8970-8979.
+//! Every port is picked free at run time (`free_ports`).
 
 mod common;
 use common::*;
@@ -17,11 +17,9 @@ use std::sync::Arc;
 const SERVICES: u16 = 40;
 const ROUNDS: usize = 5;
 
-fn redis_yaml(i: u16) -> String {
+fn redis_yaml(port: u16, kill_port: u16) -> String {
     format!(
-        "command: [\"/usr/bin/redis-server\", \"--port\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"no\"]\nuser: redis\nkill_port: {}\n",
-        6400 + i,
-        7400 + i
+        "command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"no\"]\nuser: redis\nkill_port: {kill_port}\n"
     )
 }
 
@@ -75,9 +73,12 @@ fn forty_parallel_starts_on_a_busy_cpu_then_checkpoints_and_restores_five_rounds
         eprintln!("=== round {round}");
         // Each round from an empty state dir, so every start races to install the init copy.
         let env = Env::new();
+        // Redis ports first, then the kill ports.
+        let ports = free_ports::<{ 2 * SERVICES as usize }>();
+        let redis_port = |i: u16| ports[i as usize];
         let names: Vec<String> = (0..SERVICES).map(|i| format!("r{i:02}")).collect();
         for (i, n) in names.iter().enumerate() {
-            env.write_service(n, &redis_yaml(i as u16));
+            env.write_service(n, &redis_yaml(ports[i], ports[SERVICES as usize + i]));
             env.adopt(n);
         }
         let (code, started) = {
@@ -88,7 +89,7 @@ fn forty_parallel_starts_on_a_busy_cpu_then_checkpoints_and_restores_five_rounds
         assert_eq!(rows(&started).len(), SERVICES as usize);
         assert!(rows(&started).iter().all(|r| r["ok"] == true && r["started_from"] == "cold"), "{started}");
         for i in 0..SERVICES {
-            let port = 6400 + i;
+            let port = redis_port(i);
             wait_for("redis", || redis(port, &["PING"]).filter(|p| p == "PONG"));
             assert_eq!(redis(port, &["SET", "owner", &names[i as usize]]).as_deref(), Some("OK"));
         }
@@ -100,14 +101,14 @@ fn forty_parallel_starts_on_a_busy_cpu_then_checkpoints_and_restores_five_rounds
             assert!(r["ok"] == true && r["checkpoint"].is_string() && r["bytes"].as_u64() > Some(0), "{r}");
         }
         for i in 0..SERVICES {
-            assert!(redis(6400 + i, &["PING"]).is_none(), "r{i:02} is stopped");
+            assert!(redis(redis_port(i), &["PING"]).is_none(), "r{i:02} is stopped");
         }
 
         let (code, restored) = all_json(&env, &["start", "--all", "--json"]);
         assert_eq!(code, 0, "every restore works: {restored}");
         assert!(rows(&restored).iter().all(|r| r["ok"] == true && r["started_from"] == "checkpoint"), "{restored}");
         for i in 0..SERVICES {
-            let port = 6400 + i;
+            let port = redis_port(i);
             wait_for("restored redis", || redis(port, &["PING"]).filter(|p| p == "PONG"));
             assert_eq!(
                 redis(port, &["GET", "owner"]),
@@ -179,15 +180,16 @@ fn a_supervisor_killed_while_it_holds_the_dump_slot_frees_it() {
     let env = Env::new();
     let hanging = criu_with_action_script(&env, "holder", "hang");
     std::fs::write(env.path().join("stasis.yaml"), "max_concurrent_dumps: 1\n").unwrap();
-    env.write_service("holder", &notes_yaml(7970, 8970, "dump_timeout: 10m\n"));
-    env.write_service("waiter", &notes_yaml(7971, 8971, ""));
+    let [holder_kill, holder_http, waiter_kill, waiter_http] = free_ports::<4>();
+    env.write_service("holder", &notes_yaml(holder_kill, holder_http, "dump_timeout: 10m\n"));
+    env.write_service("waiter", &notes_yaml(waiter_kill, waiter_http, ""));
     env.adopt("holder");
     assert!(env.cmd(&["start", "holder"]).env("STASIS_CRIU", &hanging).status().unwrap().success());
     env.adopt("waiter");
     assert!(env.cmd(&["start", "waiter"]).status().unwrap().success());
-    wait_for("holder", || http_json(8970));
-    wait_for("waiter", || http_json(8971));
-    http(8971, "POST", "/notes", "kept").unwrap();
+    wait_for("holder", || http_json(holder_http));
+    wait_for("waiter", || http_json(waiter_http));
+    http(waiter_http, "POST", "/notes", "kept").unwrap();
 
     // Whatever happens, the hung CRIU of the holder ends with the test (criu leads its own group,
     // which holds its action script too).
@@ -222,7 +224,7 @@ fn a_supervisor_killed_while_it_holds_the_dump_slot_frees_it() {
     assert!(queued_stop.wait().unwrap().success(), "the slot came free when its holder died");
     let restored = env.start("waiter");
     assert_eq!(restored["started_from"], "checkpoint");
-    assert_eq!(wait_for("restored", || http_json(8971))["notes"], serde_json::json!(["kept"]));
+    assert_eq!(wait_for("restored", || http_json(waiter_http))["notes"], serde_json::json!(["kept"]));
 
     drop(hung);
     let _ = holder_stop.wait();
@@ -245,7 +247,8 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
     )
     .unwrap();
     std::fs::set_permissions(&standin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    env.write_service("hung", &notes_yaml(7972, 8972, "restore_timeout: 3s\n"));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("hung", &notes_yaml(kill, http_port, "restore_timeout: 3s\n"));
     let run = |args: &[&str]| {
         let mut c = env.cmd(args);
         c.env("STASIS_CRIU", &standin);
@@ -253,8 +256,8 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
     };
     env.adopt("hung");
     assert!(run(&["start", "hung"]).status.success());
-    wait_for("service", || http_json(8972));
-    http(8972, "POST", "/notes", "lost").unwrap();
+    wait_for("service", || http_json(http_port));
+    http(http_port, "POST", "/notes", "lost").unwrap();
     assert!(run(&["stop", "hung"]).status.success());
     let id = env.checkpoint_dirs("hung").pop().unwrap().file_name().unwrap().to_string_lossy().to_string();
 
@@ -264,7 +267,7 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
     assert_eq!(v["started_from"], "cold", "a hung restore ends in a cold start");
     let reason = v["fallback_reason"].as_str().unwrap();
     assert!(reason.contains(&id) && reason.contains("restore_timeout"), "{reason}");
-    assert_eq!(wait_for("cold service", || http_json(8972))["notes"], serde_json::json!([]));
+    assert_eq!(wait_for("cold service", || http_json(http_port))["notes"], serde_json::json!([]));
     let q = env.service_dir("hung").join("quarantine").join(&id);
     let log = q.join("restore.log");
     let size = std::fs::metadata(&log).expect("the restore log is kept").len();
@@ -289,9 +292,10 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
 fn stop_all_and_start_all_keep_going_past_a_failing_service() {
     let env = Env::new();
     let failing = criu_with_action_script(&env, "beta", "fail");
-    env.write_service("alpha", &notes_yaml(7973, 8973, ""));
-    env.write_service("beta", &notes_yaml(7974, 8974, ""));
-    env.write_service("gamma", &notes_yaml(7975, 8975, ""));
+    let [alpha_kill, alpha_http, beta_kill, beta_http, gamma_kill, gamma_http] = free_ports::<6>();
+    env.write_service("alpha", &notes_yaml(alpha_kill, alpha_http, ""));
+    env.write_service("beta", &notes_yaml(beta_kill, beta_http, ""));
+    env.write_service("gamma", &notes_yaml(gamma_kill, gamma_http, ""));
     let run = |args: &[&str]| {
         let mut c = env.cmd(args);
         c.env("STASIS_CRIU", &failing);
@@ -307,7 +311,7 @@ fn stop_all_and_start_all_keep_going_past_a_failing_service() {
         assert!(text.lines().any(|l| l.starts_with(n) && l.contains("OK") && l.contains("cold start")), "{text}");
     }
     assert!(text.contains("started 3 of 3 services"), "{text}");
-    for (port, note) in [(8973, "a"), (8974, "b"), (8975, "c")] {
+    for (port, note) in [(alpha_http, "a"), (beta_http, "b"), (gamma_http, "c")] {
         wait_for("service", || http_json(port));
         http(port, "POST", "/notes", note).unwrap();
     }
@@ -324,7 +328,7 @@ fn stop_all_and_start_all_keep_going_past_a_failing_service() {
     let b = by_name("beta");
     assert_eq!(b["ok"], false, "{b}");
     assert!(b["error"].as_str().is_some_and(|e| e.contains("keeps running")), "{b}");
-    assert_eq!(http_json(8974).expect("beta still runs")["notes"], serde_json::json!(["b"]));
+    assert_eq!(http_json(beta_http).expect("beta still runs")["notes"], serde_json::json!(["b"]));
 
     let out = run(&["stop", "--all"]);
     assert_eq!(out.status.code(), Some(5));
@@ -336,7 +340,7 @@ fn stop_all_and_start_all_keep_going_past_a_failing_service() {
     let names: Vec<&str> = rows(&v).iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["alpha", "gamma"], "only the stopped ones are started");
     assert!(rows(&v).iter().all(|r| r["started_from"] == "checkpoint"), "{v}");
-    assert_eq!(wait_for("alpha", || http_json(8973))["notes"], serde_json::json!(["a"]));
-    assert_eq!(wait_for("gamma", || http_json(8975))["notes"], serde_json::json!(["c"]));
+    assert_eq!(wait_for("alpha", || http_json(alpha_http))["notes"], serde_json::json!(["a"]));
+    assert_eq!(wait_for("gamma", || http_json(gamma_http))["notes"], serde_json::json!(["c"]));
     assert_eq!(env.status("beta")["state"], "running", "beta kept running through both failed stops");
 }

@@ -2,9 +2,7 @@
 //! (Java 17, run from source by the JRE's source launcher) and Node.js, each an HTTP server
 //! holding an in-memory map filled at its start and changed by requests. The programs are
 //! tests/programs/StateServer.java and tests/programs/state_server.js; they answer the same
-//! requests, so one check serves both.
-//!
-//! Ports: kill ports 7150-7151, http 6150-6151.
+//! requests, so one check serves both. Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -65,28 +63,30 @@ fn check_state_survives(env: &Env, name: &str, port: u16) {
 #[test]
 fn a_jvm_keeps_its_in_memory_map_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     // -XX:-UsePerfData: without it the JVM maps /tmp/hsperfdata_USER/PID, a file it keeps
     // writing and deletes at its exit, and every service's JVM has the same PID (2) in its
     // namespace, so they would share that file.
     env.write_service(
         "jvm",
         &format!(
-            "command: [\"/usr/bin/java\", \"-XX:-UsePerfData\", \"-Xmx256m\", \"{REPO}/tests/programs/StateServer.java\"]\nuser: stasis-example\nkill_port: 7150\nenvironment:\n  PORT: \"6150\"\n"
+            "command: [\"/usr/bin/java\", \"-XX:-UsePerfData\", \"-Xmx256m\", \"{REPO}/tests/programs/StateServer.java\"]\nuser: stasis-example\nkill_port: {kill}\nenvironment:\n  PORT: \"{port}\"\n"
         ),
     );
     env.start("jvm");
-    check_state_survives(&env, "jvm", 6150);
+    check_state_survives(&env, "jvm", port);
 }
 
 #[test]
 fn node_keeps_its_in_memory_map_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "node",
         &format!(
-            "command: [\"/usr/bin/node\", \"{REPO}/tests/programs/state_server.js\"]\nuser: stasis-example\nkill_port: 7151\nenvironment:\n  PORT: \"6151\"\n"
+            "command: [\"/usr/bin/node\", \"{REPO}/tests/programs/state_server.js\"]\nuser: stasis-example\nkill_port: {kill}\nenvironment:\n  PORT: \"{port}\"\n"
         ),
     );
     env.start("node");
-    check_state_survives(&env, "node", 6151);
+    check_state_survives(&env, "node", port);
 }

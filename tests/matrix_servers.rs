@@ -2,7 +2,7 @@
 //! each checkpointed and restored through stasis with the plain service file (no `criu:`
 //! section), each checked to come back as the same running program with its state.
 //!
-//! Ports: kill ports 7101-7102, service ports 6101-6102.
+//! Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -154,38 +154,40 @@ impl Lines {
 #[test]
 fn postgresql_keeps_its_rows_and_its_running_server_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let dir = owned_dir(&env, "pg", "postgres");
     let data = initdb(&dir);
     let sock = owned_dir(&env, "pg/sock", "postgres");
     env.write_service(
         "pg",
         &format!(
-            "command: [\"{PG_BIN}/postgres\", \"-D\", \"{}\", \"-p\", \"6101\", \"-k\", \"{}\", \"-c\", \"listen_addresses=127.0.0.1\"]\nuser: postgres\nkill_port: 7101\n",
+            "command: [\"{PG_BIN}/postgres\", \"-D\", \"{}\", \"-p\", \"{port}\", \"-k\", \"{}\", \"-c\", \"listen_addresses=127.0.0.1\"]\nuser: postgres\nkill_port: {kill}\n",
             data.display(),
             sock.display()
         ),
     );
     let shm = ShmSegments { env: &env, name: "pg", seen: Default::default() };
     env.start("pg");
-    wait_for("postgres", || psql(6101, "select 1").filter(|r| r == "1"));
+    wait_for("postgres", || psql(port, "select 1").filter(|r| r == "1"));
     shm.note();
     assert!(!shm.seen.borrow().is_empty(), "postgres maps its dynamic shared memory from /dev/shm");
     // Rows in a logged table, and rows in an unlogged one: crash recovery (what a cold start
     // after the kill would do) empties unlogged tables, a restore keeps the running server's.
     psql(
-        6101,
+        port,
         "create table kept (id int primary key, v text);\
          insert into kept select g, 'row ' || g from generate_series(1, 10000) g;\
          create unlogged table volatile_rows (id int);\
          insert into volatile_rows select generate_series(1, 500);",
     )
     .expect("load rows");
-    let started_at = psql(6101, "select pg_postmaster_start_time()").expect("start time");
+    let started_at = psql(port, "select pg_postmaster_start_time()").expect("start time");
     // A client session held open across the stop and start: its backend, its TCP connection
     // and its temporary table must come back with the server.
+    let p = port.to_string();
     let mut session = Client(
         Command::new(format!("{PG_BIN}/psql"))
-            .args(["-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", "6101", "-U", "postgres", "-d", "postgres"])
+            .args(["-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", &p, "-U", "postgres", "-d", "postgres"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -197,23 +199,23 @@ fn postgresql_keeps_its_rows_and_its_running_server_across_stop_and_start() {
     writeln!(session_in, "create temp table mine as select 42 as answer;\nselect 'before', pg_backend_pid();").unwrap();
     let backend = session_out.next().expect("the session answers");
     assert!(backend.starts_with("before|"), "{backend}");
-    let before = psql(6101, "select count(*), sum(id) from kept").unwrap();
+    let before = psql(port, "select count(*), sum(id) from kept").unwrap();
     assert_eq!(before, "10000|50005000");
     let t = Instant::now();
     env.ok(&["stop", "pg"]);
     eprintln!("TIMING postgres stop: {:.2}s", t.elapsed().as_secs_f64());
-    assert!(psql(6101, "select 1").is_none(), "postgres is down after the stop");
+    assert!(psql(port, "select 1").is_none(), "postgres is down after the stop");
     let t = Instant::now();
     let back = env.start("pg");
     eprintln!("TIMING postgres start: {:.2}s", t.elapsed().as_secs_f64());
     assert_eq!(back["started_from"], "checkpoint", "{back}");
     // A new client connects and queries the restored server.
-    let after = wait_for("postgres after the restore", || psql(6101, "select count(*), sum(id) from kept"));
+    let after = wait_for("postgres after the restore", || psql(port, "select count(*), sum(id) from kept"));
     shm.note();
     assert_eq!(after, before, "the rows survived");
-    assert_eq!(psql(6101, "select count(*) from volatile_rows").as_deref(), Some("500"), "no crash recovery ran");
+    assert_eq!(psql(port, "select count(*) from volatile_rows").as_deref(), Some("500"), "no crash recovery ran");
     assert_eq!(
-        psql(6101, "select pg_postmaster_start_time()").as_deref(),
+        psql(port, "select pg_postmaster_start_time()").as_deref(),
         Some(started_at.as_str()),
         "the same postmaster, restored, not started again"
     );
@@ -226,8 +228,8 @@ fn postgresql_keeps_its_rows_and_its_running_server_across_stop_and_start() {
     drop(session_in);
     assert!(session.0.wait().unwrap().success(), "psql ended cleanly");
     // It keeps working: a write after the restore.
-    psql(6101, "insert into kept values (10001, 'after')").expect("write after the restore");
-    assert_eq!(psql(6101, "select v from kept where id = 10001").as_deref(), Some("after"));
+    psql(port, "insert into kept values (10001, 'after')").expect("write after the restore");
+    assert_eq!(psql(port, "select v from kept where id = 10001").as_deref(), Some("after"));
     shm.note();
     // A reboot empties /dev/shm, where PostgreSQL keeps its dynamic shared memory by default:
     // CRIU would fail to reopen the segments. The checkpoint carries them and puts them back.
@@ -246,9 +248,9 @@ fn postgresql_keeps_its_rows_and_its_running_server_across_stop_and_start() {
     for f in &mapped {
         assert!(f.exists(), "{} was put back", f.display());
     }
-    let rows = wait_for("postgres after the second restore", || psql(6101, "select count(*) from kept"));
+    let rows = wait_for("postgres after the second restore", || psql(port, "select count(*) from kept"));
     assert_eq!(rows, "10001");
-    assert_eq!(psql(6101, "select count(*) from volatile_rows").as_deref(), Some("500"), "no crash recovery ran");
+    assert_eq!(psql(port, "select count(*) from volatile_rows").as_deref(), Some("500"), "no crash recovery ran");
     shm.note();
     env.ok(&["stop", "pg"]);
 }
@@ -275,25 +277,30 @@ fn mqtt_publish(port: u16, topic: &str, payload: &str, retain: bool) -> bool {
 #[test]
 fn mosquitto_keeps_a_retained_message_and_a_connected_subscriber_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let dir = owned_dir(&env, "mqtt", "mosquitto");
     let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, "listener 6102 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
-        .unwrap();
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+    )
+    .unwrap();
     env.write_service(
         "mqtt",
         &format!(
-            "command: [\"/usr/sbin/mosquitto\", \"-c\", \"{}\"]\nuser: mosquitto\nkill_port: 7102\n",
+            "command: [\"/usr/sbin/mosquitto\", \"-c\", \"{}\"]\nuser: mosquitto\nkill_port: {kill}\n",
             conf.display()
         ),
     );
     env.start("mqtt");
     let payload = format!("retained before the stop {}", std::process::id());
-    wait_for("mosquitto", || mqtt_publish(6102, "stasis/retained", &payload, true).then_some(()));
-    assert_eq!(mqtt_get(6102, "stasis/retained").as_deref(), Some(payload.as_str()), "retained before the stop");
+    wait_for("mosquitto", || mqtt_publish(port, "stasis/retained", &payload, true).then_some(()));
+    assert_eq!(mqtt_get(port, "stasis/retained").as_deref(), Some(payload.as_str()), "retained before the stop");
     // A subscriber that stays connected across the stop and start.
+    let p = port.to_string();
     let mut sub = Client(
         Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", "6102", "-t", "stasis/live", "-q", "1", "-i", "stasis-held-subscriber"])
+            .args(["-h", "127.0.0.1", "-p", &p, "-t", "stasis/live", "-q", "1", "-i", "stasis-held-subscriber"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -301,7 +308,7 @@ fn mosquitto_keeps_a_retained_message_and_a_connected_subscriber_across_stop_and
     );
     let held = Lines::of(&mut sub.0);
     wait_for("the held subscriber to get a message", || {
-        assert!(mqtt_publish(6102, "stasis/live", "before", false));
+        assert!(mqtt_publish(port, "stasis/live", "before", false));
         held.within(std::time::Duration::from_secs(1)).filter(|l| l == "before")
     });
     let t = Instant::now();
@@ -313,11 +320,11 @@ fn mosquitto_keeps_a_retained_message_and_a_connected_subscriber_across_stop_and
     assert_eq!(back["started_from"], "checkpoint", "{back}");
     // persistence is off: only the restored broker's memory can still hold the message.
     assert_eq!(
-        mqtt_get(6102, "stasis/retained").as_deref(),
+        mqtt_get(port, "stasis/retained").as_deref(),
         Some(payload.as_str()),
         "a new subscriber gets the retained message"
     );
-    assert!(mqtt_publish(6102, "stasis/live", "after", false));
+    assert!(mqtt_publish(port, "stasis/live", "after", false));
     let got = std::iter::from_fn(|| held.next()).find(|l| l != "before");
     assert_eq!(
         got.as_deref(),

@@ -2,8 +2,7 @@
 //! across `stasis stop` + `stasis start`, with the plain service file (the defaults in
 //! criu-configs/: tcp-established and the nftables network lock).
 //!
-//! Ports (this file may use kill ports 7121-7139, service ports 6121-6139): asyncio 7121/6121,
-//! sshd as root 7122/6122, tmux 7123, tmux with an attached client 7124, sshd as a user 7125/6125.
+//! Every port is picked free at run time.
 //! Needs: python3, openssh-server + openssh-client, tmux, `script` (bsdutils); the user
 //! `stasis-ssh` (see SSH_USER). sshd as root needs /run/sshd: created here if missing, removed after.
 
@@ -57,13 +56,14 @@ fn asyncio_yaml(kill_port: u16, port: u16) -> String {
 #[test]
 fn asyncio_server_keeps_its_established_client_connections_and_their_state() {
     let env = Env::new();
-    env.write_service("aio", &asyncio_yaml(7121, 6121));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("aio", &asyncio_yaml(kill, port));
     let first = env.start("aio");
     assert_eq!(first["started_from"], "cold", "{first}");
-    let mut a = wait_for("the asyncio server", || LineClient::connect(6121));
+    let mut a = wait_for("the asyncio server", || LineClient::connect(port));
     // Each answers once, so the server has accepted both before the counts are checked.
     assert_eq!(a.ask("state"), "conn=1 lines=0 sum=0 total=0 conns=1");
-    let mut b = LineClient::connect(6121).expect("a second client");
+    let mut b = LineClient::connect(port).expect("a second client");
     assert_eq!(b.ask("state"), "conn=2 lines=0 sum=0 total=0 conns=2");
     assert_eq!(a.ask("add 5"), "conn=1 lines=1 sum=5 total=5 conns=2");
     assert_eq!(b.ask("add 7"), "conn=2 lines=1 sum=7 total=12 conns=2");
@@ -86,7 +86,7 @@ fn asyncio_server_keeps_its_established_client_connections_and_their_state() {
     eprintln!("first reply after the restore {:?}", t.elapsed());
     assert_eq!(a.ask("state"), "conn=1 lines=2 sum=6 total=23 conns=2", "a's connection continues");
     // A new client is the third the server ever accepted: its counter came back too.
-    let mut c = LineClient::connect(6121).expect("a new client after the restore");
+    let mut c = LineClient::connect(port).expect("a new client after the restore");
     assert_eq!(c.ask("add 2"), "conn=3 lines=1 sum=2 total=25 conns=3");
     drop(c);
 
@@ -246,12 +246,13 @@ fn ssh(key: &std::path::Path, port: u16, user: &str) -> std::process::Command {
 #[test]
 fn sshd_keeps_an_open_session_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let _privsep = PrivsepDir::ensure();
-    let key = start_sshd(&env, "sshd", "root", None, 6122, 7122);
+    let key = start_sshd(&env, "sshd", "root", None, port, kill);
 
     // One session: a shell reading commands from the client's stdin.
     let mut client = Spawned(
-        ssh(&key, 6122, "root")
+        ssh(&key, port, "root")
             .arg("exec /bin/bash")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -284,7 +285,7 @@ fn sshd_keeps_an_open_session_across_stop_and_start() {
     assert!(comms.contains(&"bash") && comms.iter().filter(|c| **c == "sshd").count() >= 2, "{comms:?}");
 
     // The restored listener takes new sessions too.
-    let fresh = ssh(&key, 6122, "root").arg("echo fresh:$((2+3))").output().expect("run ssh");
+    let fresh = ssh(&key, port, "root").arg("echo fresh:$((2+3))").output().expect("run ssh");
     assert_eq!(String::from_utf8_lossy(&fresh.stdout).trim(), "fresh:5", "{}", String::from_utf8_lossy(&fresh.stderr));
 
     // A second cycle, with a command typed while sshd is stopped: the network lock holds the
@@ -354,7 +355,8 @@ fn tmux_service_with_a_session(env: &Env, name: &str, kill_port: u16) -> (std::p
 #[test]
 fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
     let env = Env::new();
-    let (sock, one) = tmux_service_with_a_session(&env, "tmux", 7123);
+    let [kill] = free_ports::<1>();
+    let (sock, one) = tmux_service_with_a_session(&env, "tmux", kill);
     let shell_pid = tmux_ok(&sock, &["display-message", "-p", "-t", "work:edit", "#{pane_pid}"]);
     assert_eq!(one, format!("one:{shell_pid}:before-stop:42"), "the pane's shell answered");
 
@@ -392,7 +394,8 @@ fn tmux_keeps_its_session_window_and_shell_across_stop_and_start() {
 #[test]
 fn tmux_with_an_attached_client_refuses_the_stop_and_keeps_running_until_it_detaches() {
     let env = Env::new();
-    let (sock, one) = tmux_service_with_a_session(&env, "tmux-attached", 7124);
+    let [kill] = free_ports::<1>();
+    let (sock, one) = tmux_service_with_a_session(&env, "tmux-attached", kill);
     // An attached client needs a terminal: `script` gives it one.
     let mut attached = Spawned(
         std::process::Command::new("script")
@@ -442,13 +445,14 @@ const SSH_USER: &str = "stasis-ssh";
 #[test]
 fn sshd_as_a_user_keeps_an_interactive_pty_session_across_stop_and_start() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     let user = nix::unistd::User::from_name(SSH_USER)
         .unwrap()
         .unwrap_or_else(|| panic!("user {SSH_USER} is missing: scripts/setup creates it (shell /bin/bash, group tty)"));
-    let key = start_sshd(&env, "sshd-tty", SSH_USER, Some(user.uid.as_raw()), 6125, 7125);
+    let key = start_sshd(&env, "sshd-tty", SSH_USER, Some(user.uid.as_raw()), port, kill);
 
     let mut client = Spawned(
-        ssh(&key, 6125, SSH_USER)
+        ssh(&key, port, SSH_USER)
             .arg("-tt")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

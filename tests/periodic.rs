@@ -2,8 +2,7 @@
 //! a service that dies comes back from minutes ago, not from zero; a checkpoint whose restored
 //! service dies again is passed over for an older one, then a cold start; past `restart_limit`
 //! the supervisor gives up and says so; a disk without room skips the periodic checkpoint.
-//!
-//! Ports: kill ports 7990-7999, redis 6490-6499, http 8990-8999.
+//! Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -23,11 +22,12 @@ fn checkpoints(env: &Env, name: &str) -> Vec<serde_json::Value> {
 #[test]
 fn periodic_checkpoints_are_taken_while_the_service_keeps_its_pid_and_answers() {
     let env = Env::new();
-    env.write_service("ticker", &redis_yaml(6490, 7990, "checkpoint_every: 1s\n"));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("ticker", &redis_yaml(port, kill, "checkpoint_every: 1s\n"));
     env.start("ticker");
-    wait_for("redis", || redis_cli(6490, &["PING"]).filter(|r| r == "PONG"));
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
     let pid = env.status("ticker")["pid"].as_i64().unwrap();
-    redis_cli(6490, &["SET", "answer", "42"]).unwrap();
+    redis_cli(port, &["SET", "answer", "42"]).unwrap();
     let taken = wait_for("two periodic checkpoints", || {
         let c = checkpoints(&env, "ticker");
         (c.len() >= 2).then_some(c)
@@ -41,7 +41,7 @@ fn periodic_checkpoints_are_taken_while_the_service_keeps_its_pid_and_answers() 
         );
     }
     assert_eq!(env.status("ticker")["pid"].as_i64().unwrap(), pid, "the service kept its pid");
-    assert_eq!(redis_cli(6490, &["GET", "answer"]).as_deref(), Some("42"), "and answers");
+    assert_eq!(redis_cli(port, &["GET", "answer"]).as_deref(), Some("42"), "and answers");
     // Incremental dumps need soft-dirty tracking; the log says what each periodic one is.
     let log = env.log("ticker");
     assert!(log.contains("periodic checkpoints every 1s: each one a full dump"), "{log}");
@@ -51,24 +51,25 @@ fn periodic_checkpoints_are_taken_while_the_service_keeps_its_pid_and_answers() 
     env.ok(&["stop", "ticker"]);
     let back = env.start("ticker");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(redis_cli(6490, &["GET", "answer"]).as_deref(), Some("42"));
+    assert_eq!(redis_cli(port, &["GET", "answer"]).as_deref(), Some("42"));
     env.ok(&["stop", "ticker"]);
 }
 
 #[test]
 fn a_killed_service_comes_back_by_itself_from_its_newest_checkpoint() {
     let env = Env::new();
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "phoenix",
         &redis_yaml(
-            6491,
-            7991,
+            port,
+            kill,
             "checkpoint_every: 1s\nrestart: on-failure\nrestart_from: checkpoint\nrestart_backoff: 100ms\n",
         ),
     );
     env.start("phoenix");
-    wait_for("redis", || redis_cli(6491, &["PING"]).filter(|r| r == "PONG"));
-    redis_cli(6491, &["SET", "survivor", "yes"]).unwrap();
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    redis_cli(port, &["SET", "survivor", "yes"]).unwrap();
     // A checkpoint begun after the write holds it.
     let before: Vec<serde_json::Value> = checkpoints(&env, "phoenix").iter().map(|c| c["id"].clone()).collect();
     let newest = wait_for("a periodic checkpoint after the write", || {
@@ -76,7 +77,7 @@ fn a_killed_service_comes_back_by_itself_from_its_newest_checkpoint() {
     });
     let st = env.status("phoenix");
     let pid = pid_in(&st["pid"]).unwrap();
-    verified_kill(pid, &["redis-server", "127.0.0.1:6491"]);
+    verified_kill(pid, &["redis-server", &format!("127.0.0.1:{port}")]);
     let back = wait_for("the service back after the kill", || {
         let s = env.status("phoenix");
         (s["restarts"] == 1 && s["state"] == "running").then_some(s)
@@ -84,8 +85,8 @@ fn a_killed_service_comes_back_by_itself_from_its_newest_checkpoint() {
     assert_eq!(back["started_from"], "checkpoint", "{back}");
     assert_ne!(pid_in(&back["pid"]), Some(pid));
     assert!(back["restored_checkpoint"].as_str() >= newest["id"].as_str(), "{back} vs {newest}");
-    wait_for("redis", || redis_cli(6491, &["PING"]).filter(|r| r == "PONG"));
-    assert_eq!(redis_cli(6491, &["GET", "survivor"]).as_deref(), Some("yes"), "the memory of before the crash");
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    assert_eq!(redis_cli(port, &["GET", "survivor"]).as_deref(), Some("yes"), "the memory of before the crash");
     let log = env.log("phoenix");
     assert!(
         log.contains(
@@ -136,13 +137,14 @@ fn state_of(port: u16) -> Option<String> {
 #[test]
 fn a_checkpoint_whose_restore_dies_again_is_passed_over_for_the_previous_then_cold() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     let poison = env.path().join("poison");
-    env.write_service("fragile", &poisonable_yaml(7992, 8992, &poison));
+    env.write_service("fragile", &poisonable_yaml(kill, http_port, &poison));
     env.start("fragile");
-    wait_for("the service", || state_of(8992).filter(|s| s == "cold"));
-    http(8992, "POST", "/alpha", "").unwrap();
+    wait_for("the service", || state_of(http_port).filter(|s| s == "cold"));
+    http(http_port, "POST", "/alpha", "").unwrap();
     env.ok(&["checkpoint", "fragile"]);
-    http(8992, "POST", "/beta", "").unwrap();
+    http(http_port, "POST", "/beta", "").unwrap();
     env.ok(&["checkpoint", "fragile"]);
     let ids: Vec<String> = checkpoints(&env, "fragile").iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids.len(), 2);
@@ -153,7 +155,7 @@ fn a_checkpoint_whose_restore_dies_again_is_passed_over_for_the_previous_then_co
         (s["state"] == "running" && s["restored_checkpoint"] == ids[0].as_str()).then_some(s)
     });
     assert_eq!(st["restarts"], 2, "one restart on beta, one on alpha: {st}");
-    assert_eq!(state_of(8992).as_deref(), Some("alpha"));
+    assert_eq!(state_of(http_port).as_deref(), Some("alpha"));
     // Now alpha is poison too: its restored run dies, and the next restart is cold.
     std::fs::write(&poison, "alpha beta").unwrap();
     let st = wait_for("back cold", || {
@@ -161,7 +163,7 @@ fn a_checkpoint_whose_restore_dies_again_is_passed_over_for_the_previous_then_co
         (s["state"] == "running" && s["started_from"] == "cold").then_some(s)
     });
     assert_eq!(st["restarts"], 3, "{st}");
-    assert_eq!(state_of(8992).as_deref(), Some("cold"));
+    assert_eq!(state_of(http_port).as_deref(), Some("cold"));
     let log = env.log("fragile");
     assert!(log.contains("was restored before and the service exited again; skipped it"), "{log}");
     std::fs::remove_file(&poison).unwrap();
@@ -171,9 +173,10 @@ fn a_checkpoint_whose_restore_dies_again_is_passed_over_for_the_previous_then_co
 #[test]
 fn past_restart_limit_the_supervisor_gives_up_and_says_so() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "flaky",
-        "command: [\"/bin/sh\", \"-c\", \"echo up; sleep 1.2; echo down; exit 1\"]\nuser: stasis-example\nkill_port: 7993\nrestart: on-failure\nrestart_backoff: 100ms\nrestart_limit: 2 in 1m\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo up; sleep 1.2; echo down; exit 1\"]\nuser: stasis-example\nkill_port: {kill}\nrestart: on-failure\nrestart_backoff: 100ms\nrestart_limit: 2 in 1m\n"),
     );
     env.start("flaky");
     let st = wait_for("the supervisor to give up", || {
@@ -192,9 +195,10 @@ fn past_restart_limit_the_supervisor_gives_up_and_says_so() {
 #[test]
 fn a_clean_exit_under_on_failure_is_not_restarted() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "done",
-        "command: [\"/bin/sh\", \"-c\", \"sleep 1.2; exit 0\"]\nuser: stasis-example\nkill_port: 7994\nrestart: on-failure\nrestart_backoff: 100ms\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"sleep 1.2; exit 0\"]\nuser: stasis-example\nkill_port: {kill}\nrestart: on-failure\nrestart_backoff: 100ms\n"),
     );
     env.start("done");
     let st = wait_for("the service to end", || {
@@ -249,10 +253,11 @@ impl Drop for SmallDisk {
 fn a_disk_without_room_skips_the_periodic_checkpoint_and_leaves_the_service_alone() {
     let disk = SmallDisk::new(48);
     let env = disk.env();
+    let [kill] = free_ports::<1>();
     // 64 MiB of touched memory: its checkpoint cannot fit in 48 MiB.
     env.write_service(
         "hoarder",
-        "command: [\"/usr/bin/python3\", \"-c\", \"import os, time\\nb = bytearray(os.urandom(1 << 20)) * 64\\nprint('ready', flush=True)\\ntime.sleep(100000)\"]\nuser: stasis-example\nkill_port: 7995\ncheckpoint_every: 1s\nmin_free_bytes: 1048576\n",
+        &format!("command: [\"/usr/bin/python3\", \"-c\", \"import os, time\\nb = bytearray(os.urandom(1 << 20)) * 64\\nprint('ready', flush=True)\\ntime.sleep(100000)\"]\nuser: stasis-example\nkill_port: {kill}\ncheckpoint_every: 1s\nmin_free_bytes: 1048576\n"),
     );
     env.start("hoarder");
     wait_for("64 MiB touched", || env.log("hoarder").contains("ready").then_some(()));
@@ -278,10 +283,11 @@ fn a_disk_without_room_skips_the_periodic_checkpoint_and_leaves_the_service_alon
 #[test]
 fn a_stop_during_a_periodic_checkpoint_waits_for_it_then_stops_with_its_own() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     // 512 MiB, so that each periodic dump takes long enough to be caught under way.
     env.write_service(
         "busy",
-        "command: [\"/usr/bin/python3\", \"-c\", \"import os, time\\nb = bytearray(os.urandom(1 << 20)) * 512\\nprint('ready', flush=True)\\ntime.sleep(100000)\"]\nuser: stasis-example\nkill_port: 7996\ncheckpoint_every: 1s\n",
+        &format!("command: [\"/usr/bin/python3\", \"-c\", \"import os, time\\nb = bytearray(os.urandom(1 << 20)) * 512\\nprint('ready', flush=True)\\ntime.sleep(100000)\"]\nuser: stasis-example\nkill_port: {kill}\ncheckpoint_every: 1s\n"),
     );
     env.start("busy");
     wait_for("512 MiB touched", || env.log("busy").contains("ready").then_some(()));
@@ -304,9 +310,10 @@ fn a_stop_during_a_periodic_checkpoint_waits_for_it_then_stops_with_its_own() {
 #[test]
 fn a_checkpoint_over_max_freeze_ms_is_warned_about_and_counted() {
     let env = Env::new();
-    env.write_service("budget", &redis_yaml(6152, 7152, "max_freeze_ms: 1\n"));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("budget", &redis_yaml(port, kill, "max_freeze_ms: 1\n"));
     env.start("budget");
-    wait_for("redis", || redis_cli(6152, &["ping"]).filter(|r| r == "PONG"));
+    wait_for("redis", || redis_cli(port, &["ping"]).filter(|r| r == "PONG"));
     let counted = |env: &Env| {
         env.ok(&["metrics"])
             .lines()
@@ -327,6 +334,6 @@ fn a_checkpoint_over_max_freeze_ms_is_warned_about_and_counted() {
     });
     assert_eq!(counted(&env), 1, "counted once");
     assert_eq!(env.status("budget")["pid"], pid, "the service runs on");
-    assert_eq!(redis_cli(6152, &["ping"]).as_deref(), Some("PONG"));
+    assert_eq!(redis_cli(port, &["ping"]).as_deref(), Some("PONG"));
     env.ok(&["stop", "budget"]);
 }

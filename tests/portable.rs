@@ -1,8 +1,7 @@
 //! Portable checkpoints: `export` writes one checksummed archive, `import` checks all of it and
 //! adds it as the newest checkpoint, and a host that has the same binaries at the same paths
 //! restores it: here a second network namespace with its own loopback stands for that host.
-//!
-//! Ports: redis 6495-6499 and 6480-6481, kill ports 7997-7999 and 7986-7989.
+//! Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -60,10 +59,11 @@ impl Drop for OtherHost {
 #[test]
 fn an_exported_checkpoint_restores_on_another_host_with_its_data_and_port() {
     let env = Env::new();
-    env.write_service("mover", &redis_yaml(6495, 7997));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("mover", &redis_yaml(port, kill));
     env.start("mover");
-    wait_for("redis", || redis_cli(6495, &["PING"]).filter(|r| r == "PONG"));
-    redis_cli(6495, &["SET", "warm", "from-host-a"]).unwrap();
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    redis_cli(port, &["SET", "warm", "from-host-a"]).unwrap();
     env.ok(&["stop", "mover"]);
     let archive = env.path().join("mover.tar.zst");
     let out = env.ok(&["export", "mover", "-o", &archive.display().to_string()]);
@@ -87,9 +87,9 @@ fn an_exported_checkpoint_restores_on_another_host_with_its_data_and_port() {
     let s: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
     assert_eq!(s["started_from"], "checkpoint", "{s}");
     assert_eq!(s["checkpoint"], v["checkpoint"], "{s}");
-    wait_for("redis on host B", || b.redis_cli(6495, &["PING"]).filter(|r| r == "PONG"));
-    assert_eq!(b.redis_cli(6495, &["GET", "warm"]).as_deref(), Some("from-host-a"), "the data came along");
-    assert!(redis_cli(6495, &["PING"]).is_none(), "and the port is host B's, not host A's");
+    wait_for("redis on host B", || b.redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    assert_eq!(b.redis_cli(port, &["GET", "warm"]).as_deref(), Some("from-host-a"), "the data came along");
+    assert!(redis_cli(port, &["PING"]).is_none(), "and the port is host B's, not host A's");
     let stopped = b.stasis(&env, &["stop", "mover"]);
     assert!(stopped.status.success(), "{}", String::from_utf8_lossy(&stopped.stderr));
 }
@@ -97,9 +97,10 @@ fn an_exported_checkpoint_restores_on_another_host_with_its_data_and_port() {
 #[test]
 fn a_bit_flip_anywhere_in_the_archive_is_refused_and_nothing_is_added() {
     let env = Env::new();
-    env.write_service("flip", &redis_yaml(6496, 7998));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("flip", &redis_yaml(port, kill));
     env.start("flip");
-    wait_for("redis", || redis_cli(6496, &["PING"]).filter(|r| r == "PONG"));
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
     env.ok(&["stop", "flip"]);
     let good = env.path().join("flip.tar.zst");
     env.ok(&["export", "flip", "-o", &good.display().to_string()]);
@@ -134,11 +135,13 @@ fn a_bit_flip_anywhere_in_the_archive_is_refused_and_nothing_is_added() {
 #[test]
 fn export_streams_through_a_pipe_into_import_as_another_service() {
     let env = Env::new();
-    env.write_service("source", &redis_yaml(6497, 7999));
-    env.write_service("copy", &redis_yaml(6497, 7999));
+    let [kill, port] = free_ports::<2>();
+    // The copy has the source's ports: it is restored from the source's checkpoint.
+    env.write_service("source", &redis_yaml(port, kill));
+    env.write_service("copy", &redis_yaml(port, kill));
     env.start("source");
-    wait_for("redis", || redis_cli(6497, &["PING"]).filter(|r| r == "PONG"));
-    redis_cli(6497, &["SET", "k", "v"]).unwrap();
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    redis_cli(port, &["SET", "k", "v"]).unwrap();
     env.ok(&["stop", "source"]);
     let export = env.cmd(&["export", "source", "-o", "-"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let import = env.cmd(&["import", "-", "--as", "copy", "--json"]).stdin(export.stdout.unwrap()).output().unwrap();
@@ -149,7 +152,7 @@ fn export_streams_through_a_pipe_into_import_as_another_service() {
     // The copy restores with the data (the source is stopped, so the port is free).
     let s = env.start("copy");
     assert_eq!(s["started_from"], "checkpoint", "{s}");
-    assert_eq!(redis_cli(6497, &["GET", "k"]).as_deref(), Some("v"));
+    assert_eq!(redis_cli(port, &["GET", "k"]).as_deref(), Some("v"));
     env.ok(&["stop", "copy"]);
     release_criu_tables(&env.state_dir());
 }
@@ -175,10 +178,11 @@ fn load_values(port: u16, n: usize, value: &str) {
 #[test]
 fn a_compressed_checkpoint_of_repetitive_memory_is_under_half_of_it_and_restores() {
     let env = Env::new();
-    env.write_service("squeezed", &format!("{}compression: zstd\n", redis_yaml(6499, 7988)));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("squeezed", &format!("{}compression: zstd\n", redis_yaml(port, kill)));
     env.start("squeezed");
-    wait_for("redis", || redis_cli(6499, &["PING"]).filter(|r| r == "PONG"));
-    load_values(6499, 50_000, &"abcdefgh".repeat(125));
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
+    load_values(port, 50_000, &"abcdefgh".repeat(125));
     env.ok(&["stop", "squeezed"]);
     let cp = env.checkpoint_dirs("squeezed").pop().unwrap();
     let names: Vec<String> = std::fs::read_dir(cp.join("images"))
@@ -196,7 +200,7 @@ fn a_compressed_checkpoint_of_repetitive_memory_is_under_half_of_it_and_restores
     assert_eq!(m["compression"]["algorithm"], "zstd");
     let back = env.start("squeezed");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(redis_cli(6499, &["DBSIZE"]).as_deref(), Some("50000"));
+    assert_eq!(redis_cli(port, &["DBSIZE"]).as_deref(), Some("50000"));
     assert!(!cp.join(".restore-images").exists(), "the plain copy is gone after the restore");
     env.ok(&["stop", "squeezed"]);
 }
@@ -204,11 +208,12 @@ fn a_compressed_checkpoint_of_repetitive_memory_is_under_half_of_it_and_restores
 #[test]
 fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
     let env = Env::new();
-    env.write_service("looked", &redis_yaml(6498, 7989));
+    let [kill, port] = free_ports::<2>();
+    env.write_service("looked", &redis_yaml(port, kill));
     env.start("looked");
-    wait_for("redis", || redis_cli(6498, &["PING"]).filter(|r| r == "PONG"));
+    wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
     // About 100 MiB of values, so the libraries' pages (not saved) are a small part of the RSS.
-    load_values(6498, 100_000, &"x".repeat(1000));
+    load_values(port, 100_000, &"x".repeat(1000));
     let pid = env.status("looked")["pid"].as_i64().unwrap();
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -223,7 +228,11 @@ fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
     assert_eq!(redis["uid"], uid_of_user("redis"), "{redis}");
     assert!(redis["command_line"][0].as_str().unwrap().contains("redis-server"), "{redis}");
     assert!(
-        v["sockets"].as_array().unwrap().iter().any(|s| s["state"] == "listening" && s["local"] == "127.0.0.1:6498"),
+        v["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["state"] == "listening" && s["local"] == format!("127.0.0.1:{port}")),
         "{v}"
     );
     let saved = v["memory"]["total"].as_u64().unwrap();
@@ -235,7 +244,7 @@ fn inspect_reads_the_images_the_port_the_process_and_the_memory() {
     assert!(v["namespaces"]["pid"].as_u64().is_some(), "its own PID namespace: {}", v["namespaces"]);
     // The human form says the same in words.
     let text = env.ok(&["inspect", "looked"]);
-    assert!(text.contains("tcp listening 127.0.0.1:6498") && text.contains("redis-server"), "{text}");
+    assert!(text.contains(&format!("tcp listening 127.0.0.1:{port}")) && text.contains("redis-server"), "{text}");
     env.ok(&["stop", "looked"]);
 }
 
@@ -254,6 +263,7 @@ fn found_under(dir: &std::path::Path, needle: &[u8]) -> bool {
 #[test]
 fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_but_kept() {
     let env = Env::new();
+    let [plain_kill, plain_port, vault_kill, vault_port] = free_ports::<4>();
     let keys = env.path().join("keys");
     std::fs::create_dir(&keys).unwrap();
     let key = keys.join("vault.key");
@@ -268,12 +278,12 @@ fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_
     let secret = format!("TOPSECRET-{}", std::process::id());
     // The control: the same service without encryption shows the secret in its images, so the
     // search below can fail.
-    env.write_service("plain", &redis_yaml(6480, 7986));
+    env.write_service("plain", &redis_yaml(plain_port, plain_kill));
     env.write_service(
         "vault",
-        &format!("{}encryption_key_file: {}\ncompression: zstd\n", redis_yaml(6481, 7987), key.display()),
+        &format!("{}encryption_key_file: {}\ncompression: zstd\n", redis_yaml(vault_port, vault_kill), key.display()),
     );
-    for (name, port) in [("plain", 6480), ("vault", 6481)] {
+    for (name, port) in [("plain", plain_port), ("vault", vault_port)] {
         env.start(name);
         wait_for("redis", || redis_cli(port, &["PING"]).filter(|r| r == "PONG"));
         redis_cli(port, &["SET", "secret", &secret]).unwrap();
@@ -291,9 +301,12 @@ fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_
     // The right key brings it back.
     let back = env.start("vault");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
-    assert_eq!(redis_cli(6481, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
+    assert_eq!(redis_cli(vault_port, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
     let looked: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "vault", "--json"])).unwrap();
-    assert!(looked["sockets"].as_array().unwrap().iter().any(|s| s["local"] == "127.0.0.1:6481"), "{looked}");
+    assert!(
+        looked["sockets"].as_array().unwrap().iter().any(|s| s["local"] == format!("127.0.0.1:{vault_port}")),
+        "{looked}"
+    );
     env.ok(&["stop", "vault"]);
     // A wrong key: a clear error, the checkpoint kept and not quarantined.
     let before = env.checkpoint_dirs("vault");
@@ -306,7 +319,7 @@ fn an_encrypted_checkpoint_holds_no_plaintext_memory_and_a_wrong_key_is_refused_
     write_key(&good);
     let again = env.start("vault");
     assert_eq!(again["started_from"], "checkpoint", "{again}");
-    assert_eq!(redis_cli(6481, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
+    assert_eq!(redis_cli(vault_port, &["GET", "secret"]).as_deref(), Some(secret.as_str()));
     env.ok(&["stop", "vault"]);
     release_criu_tables(&env.state_dir());
 }

@@ -1,8 +1,6 @@
 //! `ready:`: `start` returns once the service answers (tcp), a check command passes (exec) or
 //! the service sends READY=1 (notify), and a service that never gets ready fails the start
-//! with the reason and its last output.
-//!
-//! Ports: kill 7940-7946, http 8940-8942.
+//! with the reason and its last output. Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -10,21 +8,23 @@ use common::*;
 #[test]
 fn start_waits_for_a_tcp_port() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     // The notes service, two seconds slow to come up.
-    let yaml = notes_yaml(7940, 8940, "ready:\n  tcp: \"127.0.0.1:8940\"\n").replacen(
+    let yaml = notes_yaml(kill, http_port, &format!("ready:\n  tcp: \"127.0.0.1:{http_port}\"\n")).replacen(
         "command: [\"/usr/bin/python3\", \"",
         "command: [\"/bin/sh\", \"-c\", \"sleep 2; exec /usr/bin/python3 \\\"$0\\\"\", \"",
         1,
     );
     env.write_service("slow", &yaml);
     env.start("slow");
-    assert!(http_json(8940).is_some(), "the service answers as soon as start returns");
+    assert!(http_json(http_port).is_some(), "the service answers as soon as start returns");
     env.ok(&["stop", "slow"]);
 }
 
 #[test]
 fn start_waits_for_a_check_command() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     let flag = env.path().join("flags/ready");
     std::fs::create_dir(env.path().join("flags")).unwrap();
     nix::unistd::chown(
@@ -36,7 +36,7 @@ fn start_waits_for_a_check_command() {
     env.write_service(
         "flagged",
         &format!(
-            "command: [\"/bin/sh\", \"-c\", \"sleep 1.5; touch {f}; exec sleep 600\"]\nuser: stasis-example\nkill_port: 7941\nready:\n  exec: [\"/usr/bin/test\", \"-e\", \"{f}\"]\n",
+            "command: [\"/bin/sh\", \"-c\", \"sleep 1.5; touch {f}; exec sleep 600\"]\nuser: stasis-example\nkill_port: {kill}\nready:\n  exec: [\"/usr/bin/test\", \"-e\", \"{f}\"]\n",
             f = flag.display()
         ),
     );
@@ -48,19 +48,23 @@ fn start_waits_for_a_check_command() {
 #[test]
 fn a_service_that_never_gets_ready_fails_the_start() {
     let env = Env::new();
+    // Nothing listens on `idle`.
+    let [kill, idle, kill_bad] = free_ports::<3>();
     env.write_service(
         "never",
-        "command: [\"/bin/sh\", \"-c\", \"echo listening-soon; exec sleep 600\"]\nuser: stasis-example\nkill_port: 7942\nready:\n  tcp: \"127.0.0.1:8942\"\nready_timeout: 2s\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo listening-soon; exec sleep 600\"]\nuser: stasis-example\nkill_port: {kill}\nready:\n  tcp: \"127.0.0.1:{idle}\"\nready_timeout: 2s\n"),
     );
     let out = env.run(&["start", "never"]);
     assert_eq!(out.status.code(), Some(6), "not ready in time: a failed start");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ready_timeout (2s)") && err.contains("127.0.0.1:8942"), "{err}");
+    assert!(err.contains("ready_timeout (2s)") && err.contains(&format!("127.0.0.1:{idle}")), "{err}");
     assert!(err.contains("listening-soon"), "its last output is shown: {err}");
     let st = env.status("never");
     assert_eq!(st["state"], "failed", "{st}");
-    let bad =
-        env.write_service("badready", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7943\nready: sometimes\n");
+    let bad = env.write_service(
+        "badready",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {kill_bad}\nready: sometimes\n"),
+    );
     let out = env.run(&["validate", &bad.display().to_string()]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("key `ready`"), "{}", String::from_utf8_lossy(&out.stdout));
@@ -88,8 +92,9 @@ fn flags_dir(env: &Env) -> std::path::PathBuf {
 #[test]
 fn start_waits_for_ready_1_from_the_service_and_a_restore_does_not_wait_again() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     let flag = flags_dir(&env).join("notified");
-    env.write_service("notifier", &notifier_yaml(7944, &flag, "ready_timeout: 20s\n"));
+    env.write_service("notifier", &notifier_yaml(kill, &flag, "ready_timeout: 20s\n"));
     let started = env.start("notifier");
     assert_eq!(started["started_from"], "cold", "{started}");
     assert!(flag.exists(), "start returned only after the service sent READY=1");
@@ -100,7 +105,7 @@ fn start_waits_for_ready_1_from_the_service_and_a_restore_does_not_wait_again() 
     assert!(socket.starts_with("@stasis/notifier/notify/"), "{socket}");
     env.ok(&["stop", "notifier"]);
     // Restored: it does not notify again, and start must not wait for it to (5 s would fail).
-    env.write_service("notifier", &notifier_yaml(7944, &flag, "ready_timeout: 5s\n"));
+    env.write_service("notifier", &notifier_yaml(kill, &flag, "ready_timeout: 5s\n"));
     let restored = env.start("notifier");
     assert_eq!(restored["started_from"], "checkpoint", "{restored}");
     env.ok(&["stop", "notifier"]);
@@ -109,9 +114,10 @@ fn start_waits_for_ready_1_from_the_service_and_a_restore_does_not_wait_again() 
 #[test]
 fn ready_1_from_outside_the_service_is_ignored() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "silent",
-        "command: [\"/bin/sh\", \"-c\", \"echo never-notifies; exec sleep 600\"]\nuser: stasis-example\nkill_port: 7945\nready: notify\nready_timeout: 4s\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo never-notifies; exec sleep 600\"]\nuser: stasis-example\nkill_port: {kill}\nready: notify\nready_timeout: 4s\n"),
     );
     let start = env
         .cmd(&["start", "silent"])
@@ -142,9 +148,10 @@ fn ready_1_from_outside_the_service_is_ignored() {
 #[test]
 fn a_notify_service_that_dies_before_it_is_ready_fails_the_start_at_once() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     env.write_service(
         "quitter",
-        "command: [\"/bin/sh\", \"-c\", \"echo giving-up; exit 3\"]\nuser: stasis-example\nkill_port: 7946\nready: notify\nready_timeout: 10m\n",
+        &format!("command: [\"/bin/sh\", \"-c\", \"echo giving-up; exit 3\"]\nuser: stasis-example\nkill_port: {kill}\nready: notify\nready_timeout: 10m\n"),
     );
     // With a 10 minute ready_timeout, only noticing the exit ends this start.
     let out = env.run(&["start", "quitter"]);

@@ -52,10 +52,10 @@ fn cycle(env: &Env, name: &str, port: u16, keys: usize) {
 #[test]
 fn redis_keeps_10000_keys_across_stop_and_start() {
     let env = Env::new();
-    let port = 6821;
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "redis",
-        &format!("command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: 7821\n"),
+        &format!("command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: {kill}\n"),
     );
     cycle(&env, "redis", port, 10_000);
 }
@@ -63,14 +63,14 @@ fn redis_keeps_10000_keys_across_stop_and_start() {
 #[test]
 fn daemonizing_redis_works_the_same_way() {
     let env = Env::new();
-    let port = 6822;
+    let [kill, port] = free_ports::<2>();
     let dir = env.path().join("redis-d");
     std::fs::create_dir(&dir).unwrap();
     nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid_of_user("redis"))), None).unwrap();
     env.write_service(
         "redisd",
         &format!(
-            "command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"yes\", \"--pidfile\", \"{d}/redis.pid\", \"--logfile\", \"{d}/redis.log\"]\nuser: redis\nkill_port: 7822\nworking_dir: {d}\n",
+            "command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"yes\", \"--pidfile\", \"{d}/redis.pid\", \"--logfile\", \"{d}/redis.log\"]\nuser: redis\nkill_port: {kill}\nworking_dir: {d}\n",
             d = dir.display()
         ),
     );
@@ -83,10 +83,10 @@ fn daemonizing_redis_works_the_same_way() {
 #[test]
 fn a_connection_made_during_the_freeze_does_not_fail_the_stop() {
     let env = Env::new();
-    let port = 6823;
+    let [kill, port] = free_ports::<2>();
     env.write_service(
         "inflight",
-        &format!("command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: 7823\n"),
+        &format!("command: [\"/usr/bin/redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\"]\nuser: redis\nkill_port: {kill}\n"),
     );
     env.start("inflight");
     wait_ping(port);

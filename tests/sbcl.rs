@@ -37,7 +37,7 @@ fn swank_eval(port: u16, expr: &str) -> Option<String> {
 #[test]
 fn an_sbcl_image_with_swank_keeps_its_memory_across_stop_and_start() {
     let env = Env::new();
-    let (kill, swank) = (7841, 4841);
+    let [kill, swank] = free_ports::<2>();
     let work = env.path().join("lisp-work");
     std::fs::create_dir(&work).unwrap();
     nix::unistd::chown(&work, Some(nix::unistd::Uid::from_raw(uid_of_user("stasis-example"))), None).unwrap();

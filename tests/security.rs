@@ -1,19 +1,18 @@
 //! Played as an attacker would: another local user on the kill port, a browser's request, 100
 //! connections at once, a hand-run namespace init, names that are paths, a planted symlink, a
 //! preload library through `environment`, an output flood, and commands piped into `head -c1`.
-//!
-//! Ports: kill ports 7980-7989, http 8980-8989.
+//! Every port is picked free at run time.
 
 mod common;
 use common::*;
 
 // The attacks of the doors-that-hold work, one file per door.
+#[path = "security/config.rs"]
+mod config;
 #[path = "security/files.rs"]
 mod files;
 #[path = "security/hygiene.rs"]
 mod hygiene;
-#[path = "security/config.rs"]
-mod config;
 #[path = "security/kill_port.rs"]
 mod kill_port;
 
@@ -44,24 +43,25 @@ fn uid(user: &str) -> u32 {
 #[test]
 fn only_root_the_service_user_and_kill_port_users_may_stop_a_service() {
     let env = Env::new();
-    env.write_service("guarded", &notes_yaml(7980, 8980, ""));
+    let [kill, http_port, shared_kill, shared_http] = free_ports::<4>();
+    env.write_service("guarded", &notes_yaml(kill, http_port, ""));
     env.start("guarded");
-    wait_for("service", || http_json(8980));
+    wait_for("service", || http_json(http_port));
 
-    let lines = kill_port_as("nobody", 7980);
+    let lines = kill_port_as("nobody", kill);
     assert_eq!(lines, [format!("refused: uid {} may not stop guarded", uid("nobody"))]);
-    assert!(http_json(8980).is_some(), "the service still runs");
+    assert!(http_json(http_port).is_some(), "the service still runs");
     assert_eq!(checkpoint_count(&env, "guarded"), 0, "nothing was dumped");
     let log = env.log("guarded");
     assert!(log.contains(&format!("refused a kill-port connection from uid {} (pid ", uid("nobody"))), "{log}");
 
     // A browser's request (here from root, who may otherwise stop it) is refused too.
-    let mut s = TcpStream::connect(("127.0.0.1", 7980)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:7980\r\n\r\n").unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", kill)).unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{kill}\r\n\r\n").as_bytes()).unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("refused: this is the kill port of guarded"), "{reply}");
-    assert!(http_json(8980).is_some(), "the service still runs after an HTTP request");
+    assert!(http_json(http_port).is_some(), "the service still runs after an HTTP request");
     assert_eq!(checkpoint_count(&env, "guarded"), 0);
 
     // The CLI: stop as another user is refused before anything is sent; checkpoint needs root.
@@ -79,24 +79,25 @@ fn only_root_the_service_user_and_kill_port_users_may_stop_a_service() {
     assert_eq!(std::fs::metadata(run.join("guarded.lock")).unwrap().permissions().mode() & 0o777, 0o600);
 
     // Root with telnet's silence still stops it, exactly as before.
-    let lines = kill_port(7980);
+    let lines = kill_port(kill);
     assert!(lines.last().unwrap().starts_with("OK checkpoint"), "{lines:?}");
 
     // kill_port_users lets a named user in.
-    env.write_service("shared", &notes_yaml(7981, 8981, "kill_port_users: [nobody]\n"));
+    env.write_service("shared", &notes_yaml(shared_kill, shared_http, "kill_port_users: [nobody]\n"));
     env.start("shared");
-    wait_for("service", || http_json(8981));
-    let lines = kill_port_as("nobody", 7981);
+    wait_for("service", || http_json(shared_http));
+    let lines = kill_port_as("nobody", shared_kill);
     assert!(lines.last().is_some_and(|l| l.starts_with("OK checkpoint")), "{lines:?}");
 }
 
 #[test]
 fn a_hundred_connections_at_once_make_one_checkpoint() {
     let env = Env::new();
-    env.write_service("crowd", &notes_yaml(7982, 8982, ""));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("crowd", &notes_yaml(kill, http_port, ""));
     env.start("crowd");
-    wait_for("service", || http_json(8982));
-    let streams: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(("127.0.0.1", 7982)).unwrap()).collect();
+    wait_for("service", || http_json(http_port));
+    let streams: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(("127.0.0.1", kill)).unwrap()).collect();
     let readers: Vec<_> = streams
         .into_iter()
         .map(|s| std::thread::spawn(move || BufReader::new(s).lines().map_while(Result::ok).collect::<Vec<_>>()))
@@ -119,9 +120,10 @@ fn a_hundred_connections_at_once_make_one_checkpoint() {
 #[test]
 fn a_hand_run_namespace_init_signals_nothing() {
     let env = Env::new();
-    env.write_service("initcopy", &notes_yaml(7983, 8983, ""));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("initcopy", &notes_yaml(kill, http_port, ""));
     env.start("initcopy");
-    wait_for("service", || http_json(8983));
+    wait_for("service", || http_json(http_port));
     let init = std::fs::read_dir(env.state_dir().join("bin")).unwrap().next().unwrap().unwrap().path();
     // As PID 3 of a new namespace, beside a marker process that a kill(-1) would hit.
     let script = format!(
@@ -146,8 +148,10 @@ fn a_hand_run_namespace_init_signals_nothing() {
 #[test]
 fn names_that_are_paths_and_planted_symlinks_change_nothing() {
     let env = Env::new();
+    let [kill_x, kill_planted] = free_ports::<2>();
     let outside = env.path().join("x.yaml");
-    let add = env.run(&["add", "../x", "--user", "nobody", "--kill-port", "7984", "--", "/bin/sleep", "100"]);
+    let add =
+        env.run(&["add", "../x", "--user", "nobody", "--kill-port", &kill_x.to_string(), "--", "/bin/sleep", "100"]);
     assert_eq!(add.status.code(), Some(3), "{}", String::from_utf8_lossy(&add.stderr));
     assert!(String::from_utf8_lossy(&add.stderr).contains("as a service name"));
     assert!(!outside.exists(), "nothing was written outside the config dir");
@@ -159,7 +163,18 @@ fn names_that_are_paths_and_planted_symlinks_change_nothing() {
     let target = env.path().join("precious");
     std::fs::write(&target, "do not touch\n").unwrap();
     std::os::unix::fs::symlink(&target, env.path().join("conf/planted.yaml")).unwrap();
-    env.ok(&["add", "planted", "--user", "nobody", "--kill-port", "7985", "--force", "--", "/bin/sleep", "100"]);
+    env.ok(&[
+        "add",
+        "planted",
+        "--user",
+        "nobody",
+        "--kill-port",
+        &kill_planted.to_string(),
+        "--force",
+        "--",
+        "/bin/sleep",
+        "100",
+    ]);
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "do not touch\n");
     assert!(!std::fs::symlink_metadata(env.path().join("conf/planted.yaml")).unwrap().file_type().is_symlink());
 }
@@ -167,6 +182,7 @@ fn names_that_are_paths_and_planted_symlinks_change_nothing() {
 #[test]
 fn the_environment_of_a_service_reaches_only_the_service() {
     let env = Env::new();
+    let [kill] = free_ports::<1>();
     let dir = env.path();
     let marker = dir.join("preloaded");
     std::fs::write(&marker, "").unwrap();
@@ -187,7 +203,7 @@ fn the_environment_of_a_service_reaches_only_the_service() {
     env.write_service(
         "preload",
         &format!(
-            "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: 7986\nenvironment:\n  LD_PRELOAD: \"{}\"\n",
+            "command: [\"/bin/sleep\", \"600\"]\nuser: stasis-example\nkill_port: {kill}\nenvironment:\n  LD_PRELOAD: \"{}\"\n",
             lib.display()
         ),
     );
@@ -206,8 +222,9 @@ fn the_environment_of_a_service_reaches_only_the_service() {
 #[test]
 fn an_output_flood_keeps_the_supervisor_small_and_the_log_bounded() {
     let env = Env::new();
+    let [kill, http_port] = free_ports::<2>();
     let mib = 1u64 << 20;
-    env.write_service("flood", &notes_yaml(7987, 8987, &format!("log_max_bytes: {}\nlog_keep: 2\n", 16 * mib)));
+    env.write_service("flood", &notes_yaml(kill, http_port, &format!("log_max_bytes: {}\nlog_keep: 2\n", 16 * mib)));
     // 400 MiB without a single newline first, then the notes example.
     let yaml = std::fs::read_to_string(env.path().join("conf/flood.yaml")).unwrap();
     let yaml = yaml.replacen(
@@ -218,7 +235,7 @@ fn an_output_flood_keeps_the_supervisor_small_and_the_log_bounded() {
     std::fs::write(env.path().join("conf/flood.yaml"), yaml).unwrap();
     env.start("flood");
     let sup = pid_in(&env.status("flood")["supervisor_pid"]).unwrap();
-    wait_for("the flood to pass and the service to answer", || http_json(8987));
+    wait_for("the flood to pass and the service to answer", || http_json(http_port));
     let status = std::fs::read_to_string(format!("/proc/{sup}/status")).unwrap();
     let peak_kb: u64 = status
         .lines()
@@ -236,14 +253,15 @@ fn an_output_flood_keeps_the_supervisor_small_and_the_log_bounded() {
     assert!(logs.iter().all(|(_, n)| *n <= 16 * mib + 128 * 1024), "{logs:?}");
     let total: u64 = logs.iter().map(|(_, n)| n).sum();
     assert!(total > 16 * mib, "the flood did reach the log: {logs:?}");
-    let lines = kill_port(7987);
+    let lines = kill_port(kill);
     assert!(lines.last().unwrap().starts_with("OK checkpoint"), "the kill port still answers: {lines:?}");
 }
 
 #[test]
 fn commands_piped_into_head_end_quietly_and_json_numbers_are_numbers() {
     let env = Env::new();
-    env.write_service("piped", &notes_yaml(7988, 8988, ""));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("piped", &notes_yaml(kill, http_port, ""));
     env.start("piped");
     for args in
         [&["status", "piped"][..], &["status", "piped", "--json"], &["list"], &["checkpoints", "piped", "--json"]]
@@ -265,9 +283,10 @@ fn commands_piped_into_head_end_quietly_and_json_numbers_are_numbers() {
 #[test]
 fn a_checkpoint_dir_someone_else_owns_is_not_trusted() {
     let env = Env::new();
-    env.write_service("owned", &notes_yaml(7989, 8989, ""));
+    let [kill, http_port] = free_ports::<2>();
+    env.write_service("owned", &notes_yaml(kill, http_port, ""));
     env.start("owned");
-    wait_for("service", || http_json(8989));
+    wait_for("service", || http_json(http_port));
     env.ok(&["stop", "owned"]);
     let dir = env.service_dir("owned").join("checkpoints");
     let nobody = nix::unistd::Uid::from_raw(uid("nobody"));
@@ -276,7 +295,7 @@ fn a_checkpoint_dir_someone_else_owns_is_not_trusted() {
     assert_eq!(out.status.code(), Some(6), "refused to start from an untrusted store");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&dir.display().to_string()) && err.contains("chown root:root"), "{err}");
-    assert!(http_json(8989).is_none(), "nothing was restored");
+    assert!(http_json(http_port).is_none(), "nothing was restored");
     nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
     assert_eq!(env.start("owned")["started_from"], "checkpoint");
     env.ok(&["stop", "owned"]);

@@ -3,6 +3,9 @@
 //! run as `stasis@redis`, checkpointed by `systemctl reboot` and restored at boot with every
 //! key; a good stop leaves the unit inactive; a failing dump fails the stop visibly and the
 //! service is still stopped.
+//!
+//! Its ports (redis 6390, kill port 7390) are fixed: they are the container's own, behind
+//! `--private-network`, where nothing of the host can hold them.
 
 mod common;
 use common::*;

@@ -4,9 +4,7 @@
 //! `start --from`, rollback to the previous checkpoint, retention (`keep_checkpoints`, with the
 //! nftables locks and init copies of deleted checkpoints), a restore failure that is not the
 //! images' fault keeps the checkpoint, a damaged init copy is re-created, `dump_timeout`, and
-//! `validate` of the new keys.
-//!
-//! Ports: kill ports 7950-7963, http ports 8950-8959.
+//! `validate` of the new keys. Every port is picked free at run time.
 
 mod common;
 use common::*;
@@ -20,7 +18,7 @@ use std::process::{Command, Stdio};
 #[test]
 fn every_kind_of_image_damage_is_caught_before_criu() {
     let env = Env::new();
-    let (name, kill, http_port) = ("damage", 7950, 8950);
+    let (name, [kill, http_port]) = ("damage", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     assert_eq!(env.start(name)["started_from"], "cold");
 
@@ -155,7 +153,7 @@ fn rename_key(m: &mut Value, from: &str, to: &str) {
 #[test]
 fn a_changed_executable_or_library_is_refused() {
     let env = Env::new();
-    let (name, kill) = ("native", 7951);
+    let (name, [kill]) = ("native", free_ports::<1>());
     let dir = env.path().canonicalize().unwrap();
     let lib = dir.join("libstasistest.so");
     let prog = dir.join("prog");
@@ -254,7 +252,7 @@ fn a_changed_executable_or_library_is_refused() {
 #[test]
 fn killing_the_supervisor_after_a_restore_makes_the_next_start_cold_with_the_reason() {
     let env = Env::new();
-    let (name, kill, http_port) = ("crashed", 7952, 8952);
+    let (name, [kill, http_port]) = ("crashed", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     env.start(name);
     wait_for("service", || http_json(http_port));
@@ -295,7 +293,7 @@ fn killing_the_supervisor_after_a_restore_makes_the_next_start_cold_with_the_rea
 #[test]
 fn restore_stale_allows_a_stale_checkpoint() {
     let env = Env::new();
-    let (name, kill, http_port) = ("stale", 7953, 8953);
+    let (name, [kill, http_port]) = ("stale", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, "restore_stale: true\n"));
     env.start(name);
     wait_for("service", || http_json(http_port));
@@ -318,7 +316,7 @@ fn restore_stale_allows_a_stale_checkpoint() {
 #[test]
 fn a_damaged_newest_checkpoint_rolls_back_to_the_previous_one() {
     let env = Env::new();
-    let (name, kill, http_port) = ("rollback", 7954, 8954);
+    let (name, [kill, http_port]) = ("rollback", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, "restore_stale: true\n"));
     env.start(name);
     wait_for("service", || http_json(http_port));
@@ -345,7 +343,7 @@ fn a_damaged_newest_checkpoint_rolls_back_to_the_previous_one() {
 #[test]
 fn retention_keeps_the_newest_checkpoints_and_drops_unused_init_copies() {
     let env = Env::new();
-    let (name, kill, http_port) = ("retention", 7955, 8955);
+    let (name, [kill, http_port]) = ("retention", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, "keep_checkpoints: 2\n"));
     env.start(name);
     let fake = env.state_dir().join("bin").join("stasis-init-000000000000000000000000");
@@ -394,7 +392,7 @@ fn retention_keeps_the_newest_checkpoints_and_drops_unused_init_copies() {
 #[test]
 fn a_port_in_use_restore_failure_keeps_the_checkpoint() {
     let env = Env::new();
-    let (name, kill, http_port) = ("busyport", 7956, 8956);
+    let (name, [kill, http_port]) = ("busyport", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     env.start(name);
     wait_for("service", || http_json(http_port));
@@ -422,7 +420,7 @@ fn a_port_in_use_restore_failure_keeps_the_checkpoint() {
 #[test]
 fn a_truncated_init_copy_is_recreated() {
     let env = Env::new();
-    let (name, kill, http_port) = ("initcopy", 7957, 8957);
+    let (name, [kill, http_port]) = ("initcopy", free_ports::<2>());
     let full = std::fs::metadata(INIT_BIN).unwrap().len();
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     env.start(name);
@@ -441,7 +439,7 @@ fn a_truncated_init_copy_is_recreated() {
     // Nothing may map the copy while it is damaged again.
     env.ok(&["stop", name]);
 
-    let (other, kill2, http2) = ("initcopy2", 7958, 8958);
+    let (other, [kill2, http2]) = ("initcopy2", free_ports::<2>());
     env.write_service(other, &notes_yaml(kill2, http2, ""));
     truncate_to_half(&init);
     assert_eq!(env.start(other)["started_from"], "cold");
@@ -453,7 +451,7 @@ fn a_truncated_init_copy_is_recreated() {
 #[test]
 fn a_dump_that_exceeds_dump_timeout_is_ended_and_the_service_resumed() {
     let env = Env::new();
-    let (name, kill, http_port) = ("hang", 7959, 8959);
+    let (name, [kill, http_port]) = ("hang", free_ports::<2>());
     let hang = env.path().join("hang.sh");
     std::fs::write(&hang, "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && exec sleep 600\nexit 0\n").unwrap();
     std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -512,20 +510,21 @@ fn a_dump_that_exceeds_dump_timeout_is_ended_and_the_service_resumed() {
 #[test]
 fn validate_reports_the_new_keys() {
     let env = Env::new();
+    let [kill_good, kill_seconds, kill_bad, kill_badtype] = free_ports::<4>();
     env.write_service(
         "good",
-        "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7960\nrestore_stale: true\nkeep_checkpoints: 5\non_incompatible: fail\ndump_timeout: \"2s\"\n",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {kill_good}\nrestore_stale: true\nkeep_checkpoints: 5\non_incompatible: fail\ndump_timeout: \"2s\"\n"),
     );
     env.write_service(
         "seconds",
-        "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7963\nkeep_checkpoints: 1000\non_incompatible: cold\ndump_timeout: 90\n",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {kill_seconds}\nkeep_checkpoints: 1000\non_incompatible: cold\ndump_timeout: 90\n"),
     );
     env.ok(&["validate", "good"]);
     env.ok(&["validate", "seconds"]);
 
     env.write_service(
         "bad",
-        "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7961\nkeep_checkpoints: 0\non_incompatible: maybe\ndump_timeout: \"soon\"\n",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {kill_bad}\nkeep_checkpoints: 0\non_incompatible: maybe\ndump_timeout: \"soon\"\n"),
     );
     let v: Value = serde_json::from_str(&env.expect_code(&["validate", "bad", "--json"], 3)).unwrap();
     assert_eq!(v[0]["ok"], false);
@@ -537,7 +536,10 @@ fn validate_reports_the_new_keys() {
     assert_eq!(keys, BTreeSet::from(["keep_checkpoints", "on_incompatible", "dump_timeout"]), "{problems:?}");
     assert!(problems.iter().all(|p| !p["message"].as_str().unwrap_or("").is_empty()), "{problems:?}");
 
-    env.write_service("badtype", "command: [\"/bin/true\"]\nuser: nobody\nkill_port: 7962\nrestore_stale: \"yes\"\n");
+    env.write_service(
+        "badtype",
+        &format!("command: [\"/bin/true\"]\nuser: nobody\nkill_port: {kill_badtype}\nrestore_stale: \"yes\"\n"),
+    );
     let v: Value = serde_json::from_str(&env.expect_code(&["validate", "badtype", "--json"], 3)).unwrap();
     let problems = v[0]["problems"].as_array().expect("problems");
     assert!(problems.iter().any(|p| p["key"] == "restore_stale"), "the type error names restore_stale: {problems:?}");
@@ -546,7 +548,7 @@ fn validate_reports_the_new_keys() {
 #[test]
 fn a_hundred_mixed_cycles_leave_no_lock_table_of_a_checkpoint_that_will_not_be_restored() {
     let env = Env::new();
-    let (name, kill, http_port) = ("mixed", 7964, 8960);
+    let (name, [kill, http_port]) = ("mixed", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     env.start(name);
     // Every table any dump made, including those of checkpoints since deleted.
