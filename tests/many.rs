@@ -236,12 +236,15 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
     let env = Env::new();
     let real = which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("criu");
     // A stand-in whose restore spins forever, logging as fast as it can, as CRIU's restorer did
-    // at EOF of a truncated pages image; everything else is the real CRIU.
+    // at EOF of a truncated pages image; everything else is the real CRIU. A dump and a restore
+    // are both a `criu swrk` conversation, so the test says when restores begin (a marker file).
     let standin = env.path().join("criu");
+    let restoring = env.path().join("restoring");
     std::fs::write(
         &standin,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = restore ]; then exec yes '(00.100000) pie: 1: re-reading the pages image at EOF'; fi\nexec {} \"$@\"\n",
+            "#!/bin/sh\nif [ -e {} ]; then exec yes '(00.100000) pie: 1: re-reading the pages image at EOF' >&2; fi\nexec {} \"$@\"\n",
+            restoring.display(),
             real.display()
         ),
     )
@@ -260,6 +263,7 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
     http(http_port, "POST", "/notes", "lost").unwrap();
     assert!(run(&["stop", "hung"]).status.success());
     let id = env.checkpoint_dirs("hung").pop().unwrap().file_name().unwrap().to_string_lossy().to_string();
+    std::fs::write(&restoring, b"").unwrap();
 
     let out = run(&["start", "hung", "--json"]);
     assert!(out.status.success());
@@ -285,6 +289,8 @@ fn a_hung_restore_ends_after_restore_timeout_with_a_cold_start_and_a_bounded_log
         .unwrap();
     assert!(peak_kb < 128 * 1024, "the supervisor never held the log in memory: peak RSS {peak_kb} kB");
     assert!(pids_with(&["yes", "re-reading the pages image"]).is_empty(), "the stand-in restore was killed");
+    // Restores are over: the stop's dump goes to the real CRIU again.
+    std::fs::remove_file(&restoring).unwrap();
     assert!(run(&["stop", "hung"]).status.success());
 }
 

@@ -709,7 +709,12 @@ fn hang_sleeps() -> BTreeSet<i32> {
 /// The nftables table (`CRIU-<first 21 chars of the run id>`) a checkpoint's dump left.
 fn nft_table_of(checkpoint_dir: &Path) -> Option<String> {
     let log = std::fs::read_to_string(checkpoint_dir.join("dump.log")).ok()?;
-    let id = log.lines().find_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))?;
+    // Over RPC the log names criu's own run id first, then the request's, which names the table.
+    let id = log
+        .lines()
+        .filter(|l| !l.contains("Dump CRIU run id"))
+        .filter_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))
+        .last()?;
     Some(format!("CRIU-{}", id.chars().take(21).collect::<String>()))
 }
 

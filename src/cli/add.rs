@@ -103,9 +103,15 @@ pub fn remove(dirs: &Dirs, name: &str, purge: bool) -> Result<i32, Error> {
     }
     if purge {
         purge_state(dirs, name)?;
-        // Only the service's own state dir is stasis's alone: a working directory (even the
-        // one `add` made under STATE/work) may be another service's too, or hold its data.
+        // What stasis created for this service alone goes: its state dir, and the working
+        // directory `add` made under STATE/work unless another service works in it (or a
+        // service file cannot be read to tell). A working directory the service file names may
+        // be another service's too, or hold its data: it is kept.
         let default_work = dirs.state_dir.join("work").join(name);
+        if default_work.is_dir() && !used_by_another(dirs, name, &default_work) {
+            std::fs::remove_dir_all(&default_work).map_err(|e| Error::io("remove", &default_work, e))?;
+            println!("removed {}", default_work.display());
+        }
         let kept: BTreeSet<_> = working_dir
             .into_iter()
             .filter(|d| d != Path::new("/"))
@@ -122,6 +128,17 @@ pub fn remove(dirs: &Dirs, name: &str, purge: bool) -> Result<i32, Error> {
         println!("kept checkpoints and logs in {} (remove them with --purge)", paths.root.display());
     }
     Ok(exit_codes::OK)
+}
+
+/// Whether a service other than `name` has its working directory in `dir`, or may have: a
+/// service file that cannot be read counts as one.
+fn used_by_another(dirs: &Dirs, name: &str, dir: &Path) -> bool {
+    let Ok(files) = crate::config::discover(dirs) else { return true };
+    files.iter().any(|f| match crate::config::service_name_from_path(f) {
+        Ok(other) if other == name => false,
+        Ok(other) => crate::config::load_named(dirs, &other).map_or(true, |s| s.working_dir.starts_with(dir)),
+        Err(_) => true,
+    })
 }
 
 /// Deletes STATE/services/NAME after releasing the network locks of its checkpoints (they will

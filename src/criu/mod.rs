@@ -1,19 +1,19 @@
-//! The CRIU adapter: finds and version-checks the `criu` binary once, builds argv for dump and
-//! restore from `criu-configs/*.conf`, runs it, and turns failures into errors that quote the
-//! Error lines of CRIU's log together with the log's path.
+//! The CRIU adapter: finds and version-checks the `criu` binary once, talks to it over RPC
+//! (`criu swrk`: rpc.rs, requests.rs) for dumps and restores, does the post-dump work at its
+//! notification (post_dump.rs), and turns failures into errors that quote the Error lines of
+//! CRIU's log together with the log's path.
 
 mod argv;
 mod binary;
 pub mod diagnose;
-mod dump;
 mod error;
 pub mod images;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
 pub mod post_dump;
+mod requests;
 pub mod rpc;
-mod run;
 pub mod stats;
 
 #[cfg(test)]

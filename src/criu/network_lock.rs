@@ -23,7 +23,13 @@ pub fn table_of_dump(dump_log: &Path) -> Option<String> {
     std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(dump_log).ok()?, 64 * 1024), &mut head)
         .ok()?;
     let text = String::from_utf8_lossy(&head);
-    let id = text.lines().find_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))?;
+    // Over RPC the log names two: criu's own at its start, then the request's, which the dump
+    // names its table after (the restore's log says so: `Dump CRIU run id = ...`). The last one.
+    let id = text
+        .lines()
+        .filter(|l| !l.contains("Dump CRIU run id"))
+        .filter_map(|l| l.split_once("CRIU run id = ").map(|(_, id)| id.trim().to_string()))
+        .last()?;
     Some(format!("CRIU-{}", id.chars().take(RUN_ID_CHARS).collect::<String>()))
 }
 
@@ -195,6 +201,10 @@ mod tests {
         let log = d.path().join("dump.log");
         std::fs::write(&log, "(00.000010) CRIU run id = 678ec589-7bdb-4e19-bd2f-0123456789ab\n").unwrap();
         assert_eq!(table_of_dump(&log).unwrap(), "CRIU-678ec589-7bdb-4e19-bd");
+        // Over RPC: criu's own id first, then the request's, which names the table.
+        let rpc = "(00.000000) CRIU run id = 1452730e-f38f-44aa-9ba7-256d96c4137f\n(00.000000) CRIU run id = 9fdf66af-0498-4825-ba4b-8a858ef6489e\n";
+        std::fs::write(&log, rpc).unwrap();
+        assert_eq!(table_of_dump(&log).unwrap(), "CRIU-9fdf66af-0498-4825-ba");
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub struct Reply {
 
 impl Reply {
     /// CRIU's own error text and errno, for a request it failed.
+    #[cfg(test)]
     pub fn failure(&self) -> Option<String> {
         (!self.resp.success).then(|| {
             let msg = self.resp.cr_errmsg.clone().unwrap_or_default();

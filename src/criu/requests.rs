@@ -1,0 +1,228 @@
+//! `criu dump` and `criu restore`, each as one RPC conversation (criu::rpc): the options a
+//! service may set reach CRIU as one config file (its `criu.config` then its `criu.options`, in
+//! the command line's order of precedence), CRIU's log is copied into `dump.log` or
+//! `restore.log` within caps, and the notifications are answered by the caller, in its own
+//! process. At a dump's `post-dump` (the images written, the tree still frozen) a refusal makes
+//! CRIU resume the tree instead of ending it. A restore is detached, as RPC restores always are:
+//! CRIU exits after answering, and the restored root is re-parented to the supervisor (a child
+//! subreaper).
+
+use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG};
+use super::log_errors::{error_lines, pick};
+use super::rpc::{pb, Answer, RpcError, Swrk};
+use super::{Criu, CriuError};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const ACTION: &str = "dump the service";
+/// Verbose logs cost little next to a dump and are what makes a failure diagnosable.
+const LOG_LEVEL: i32 = 4;
+/// The config file CRIU reads for a dump, beside its log.
+pub const RPC_CONFIG: &str = "criu-dump.conf";
+/// The config file CRIU reads for a restore, beside its log.
+pub const RESTORE_CONFIG: &str = "criu-restore.conf";
+const RESTORE: &str = "restore the checkpoint";
+
+/// A restored tree: the host PID of its root (the namespace init).
+#[derive(Debug)]
+pub struct RestoreOutcome {
+    pub pid: i32,
+}
+
+impl Criu {
+    /// Dumps the tree of `args.pid` over RPC within `timeout`; `at_post_dump` decides whether
+    /// the dump stands (see the module doc). `spawned` hears criu's pid (progress).
+    pub fn dump(
+        &self,
+        args: &DumpArgs,
+        timeout: Duration,
+        spawned: &dyn Fn(i32),
+        at_post_dump: &mut dyn FnMut() -> Answer,
+    ) -> Result<(), CriuError> {
+        let deadline = Instant::now() + timeout;
+        let log = args.work_dir.join(DUMP_LOG);
+        let config = args.work_dir.join(RPC_CONFIG);
+        write_config(&config, &args.config_file, &args.options)
+            .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
+        // CRIU opens the work dir through /proc/OUR_PID/fd/N: it must stay open meanwhile.
+        let work = std::fs::File::open(&args.work_dir)
+            .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
+        let opts = pb::CriuOpts {
+            images_dir_fd: -1,
+            images_dir: Some(args.images_dir.display().to_string()),
+            work_dir_fd: Some(work.as_raw_fd()),
+            pid: Some(args.pid),
+            leave_running: Some(args.leave_running),
+            notify_scripts: Some(true),
+            log_to_stderr: Some(true),
+            log_level: Some(LOG_LEVEL),
+            config_file: Some(config.display().to_string()),
+            ..Default::default()
+        };
+        let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
+        let mut swrk = Swrk::start(&self.path, &[], Some(&log), deadline)
+            .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        spawned(swrk.pid());
+        let reply = swrk.call(&req, &mut |n| if n.script == "post-dump" { at_post_dump() } else { Answer::Proceed });
+        let recent = swrk.take_log();
+        let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
+        match reply {
+            Ok(r) if r.resp.success => {
+                tracing::debug!("dump: criu notified {:?}", r.notified);
+                drop(work);
+                match swrk.finish() {
+                    Err(RpcError::TimedOut { .. }) => {
+                        Err(CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log })
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Ok(r) => Err(failed(answered_failure(&r), None)),
+            Err(RpcError::TimedOut { .. }) => {
+                Err(CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log })
+            }
+            Err(RpcError::Refused { script, refused }) => {
+                Err(failed(format!("refused at {script}"), Some(format!("stasis refused the dump: {refused}"))))
+            }
+            Err(e) => Err(failed(e.to_string(), None)),
+        }
+    }
+}
+
+impl Criu {
+    /// Restores detached within `timeout`; `stdout_pipe` (the write end of the service's new
+    /// stdout pipe) is handed to criu under its own number for `inherit_fd`. `spawned` hears
+    /// criu's PID (for progress).
+    pub fn restore(
+        &self,
+        args: &RestoreArgs,
+        stdout_pipe: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+        spawned: &dyn Fn(i32),
+    ) -> Result<RestoreOutcome, CriuError> {
+        let deadline = Instant::now() + timeout;
+        let log = args.work_dir.join(RESTORE_LOG);
+        let config = args.work_dir.join(RESTORE_CONFIG);
+        write_config(&config, &args.config_file, &args.options)
+            .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
+        let work = std::fs::File::open(&args.work_dir)
+            .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
+        let inherit_fd = match (args.stdout_pipe_inode, stdout_pipe) {
+            (Some(inode), Some(fd)) => {
+                vec![pb::InheritFd { key: format!("pipe:[{inode}]"), fd: fd.as_raw_fd() }]
+            }
+            _ => Vec::new(),
+        };
+        let opts = pb::CriuOpts {
+            images_dir_fd: -1,
+            images_dir: Some(args.images_dir.display().to_string()),
+            work_dir_fd: Some(work.as_raw_fd()),
+            notify_scripts: Some(true),
+            log_to_stderr: Some(true),
+            log_level: Some(LOG_LEVEL),
+            config_file: Some(config.display().to_string()),
+            inherit_fd,
+            ..Default::default()
+        };
+        let req = pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() };
+        let inherit: Vec<BorrowedFd<'_>> = stdout_pipe.into_iter().collect();
+        let mut swrk = Swrk::start(&self.path, &inherit, Some(&log), deadline)
+            .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        let criu = swrk.pid();
+        spawned(criu);
+        let reply = swrk.call(&req, &mut |_| Answer::Proceed);
+        let timed_out = || {
+            // The trees criu was creating are its children until it exits: each is the init of
+            // its own PID namespace, so killing it ends the namespace. (criu itself is gone.)
+            for pid in crate::process::tree::children_of(criu) {
+                crate::process::tree::kill_if_child_of(pid, criu, libc::SIGKILL);
+            }
+            CriuError::TimedOut { action: RESTORE, setting: "restore_timeout", after: timeout, log: log.clone() }
+        };
+        let reply = match reply {
+            Err(RpcError::TimedOut { .. }) => return Err(timed_out()),
+            other => other,
+        };
+        let recent = swrk.take_log();
+        let failed = |status: String| failure(RESTORE, status, &recent, &log, None);
+        let r = reply.map_err(|e| failed(e.to_string()))?;
+        if !r.resp.success {
+            return Err(failed(answered_failure(&r)));
+        }
+        tracing::debug!("restore: criu notified {:?}", r.notified);
+        drop(work);
+        // A detached restore: criu exits after its answer, leaving the tree to the supervisor.
+        match swrk.finish() {
+            Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+            _ => match r.resp.restore.map(|x| x.pid) {
+                Some(pid) if pid > 0 => Ok(RestoreOutcome { pid }),
+                other => Err(failed(format!("it answered with no restored pid ({other:?})"))),
+            },
+        }
+    }
+}
+
+/// The status of a request CRIU answered as failed. Its own error text is the last error it
+/// logged, which may be one known to be harmless here (the rlimit one every run prints): the
+/// log's picked lines say what failed; the errno, when CRIU gives one, goes here.
+fn answered_failure(r: &super::rpc::Reply) -> String {
+    match r.resp.cr_errno {
+        Some(e) if e != 0 => format!("it answered that the request failed: {}", std::io::Error::from_raw_os_error(e)),
+        _ => "it answered that the request failed".to_string(),
+    }
+}
+
+/// A failed request: CRIU's error lines (from the log's end in memory, else the file), after
+/// `first` when stasis has its own word to put first.
+fn failure(action: &'static str, status: String, recent: &[u8], log: &Path, first: Option<String>) -> CriuError {
+    let mut errors: Vec<String> = first.into_iter().collect();
+    let mut from_log = pick(&String::from_utf8_lossy(recent));
+    if from_log.is_empty() {
+        from_log = error_lines(log);
+    }
+    errors.extend(from_log);
+    CriuError::Failed { action, status, log: log.to_path_buf(), errors }
+}
+
+/// Writes the one config file CRIU reads for this dump: the service's config file, then each
+/// of its `criu.options` as a line (`name value`), so an option overrides the file as it does
+/// on a command line. Both were held to the allowlist when the service was loaded.
+fn write_config(to: &Path, config_file: &Path, options: &[String]) -> std::io::Result<()> {
+    let mut text = std::fs::read_to_string(config_file)?;
+    text.push('\n');
+    let refused = crate::config::criu_options::check(options, false);
+    let (uses, _) = crate::config::criu_options::parse(options, false);
+    if let Some(r) = refused.first() {
+        // Validated at load; a service file changed since is not read again here.
+        return Err(std::io::Error::other(format!("criu.options[{}]: {}", r.index, r.error)));
+    }
+    for (_, u) in uses {
+        match u.value {
+            Some(v) => text.push_str(&format!("{} {v}\n", u.name)),
+            None => text.push_str(&format!("{}\n", u.name)),
+        }
+    }
+    // CRIU reads it once, now: a crash before leaves nothing anyone reads again.
+    crate::store::durable::write_atomic_with(to, text.as_bytes(), crate::store::durable::Durability::None)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_follow_the_config_file_as_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("default.conf");
+        std::fs::write(&conf, "tcp-established\nnetwork-lock nftables\n").unwrap();
+        let out = d.path().join(RPC_CONFIG);
+        write_config(&out, &conf, &["--tcp-close".into(), "--network-lock=skip".into(), "--ghost-limit".into(), "2M".into()])
+            .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("tcp-established\nnetwork-lock nftables\n"), "{text}");
+        assert!(text.ends_with("tcp-close\nnetwork-lock skip\nghost-limit 2M\n"), "{text}");
+        assert!(write_config(&out, &conf, &["--action-script=/x".into()]).is_err(), "never an option the allowlist refuses");
+    }
+}
