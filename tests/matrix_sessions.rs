@@ -417,6 +417,11 @@ fn tmux_with_an_attached_client_refuses_the_stop_and_keeps_running_until_it_deta
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "the dump fails: {err}");
     assert!(err.contains("unix stream socket") && err.contains("disconnect"), "names the cause and the fix: {err}");
+    // The client is named by its pid and command, and the way to stop anyway is said.
+    let client_pid = tmux_ok(&sock, &["list-clients", "-t", "work", "-F", "#{client_pid}"]).trim().to_string();
+    assert!(!client_pid.is_empty(), "tmux names its client's pid");
+    assert!(err.contains(&format!("pid {client_pid}")) && err.contains("tmux"), "names the client process: {err}");
+    assert!(err.contains("--no-checkpoint"), "says how to stop anyway: {err}");
     assert!(!err.contains("add --ext-unix-sk"), "an option that cannot help is not offered: {err}");
     assert_eq!(env.status("tmux-attached")["pid"], pid, "the service keeps running");
     tmux_ok(&sock, &["has-session", "-t", "work"]);

@@ -121,10 +121,18 @@ fn half_stream(errors: &[String]) -> Option<HalfStream> {
     for (i, line) in errors.iter().enumerate() {
         if let Some(rest) = line.split("Can't dump half of stream unix connection. name: ").nth(1) {
             let (name, peer) = rest.split_once("; peer name: ").unwrap_or((rest, ""));
+            // Its debug line just before (`Ext stream not supported: ino ..`) describes the
+            // outside end: its inode finds the process that holds it.
+            let peer_ino = errors[..i]
+                .iter()
+                .rev()
+                .take(3)
+                .find(|l| l.contains("Ext stream not supported:"))
+                .and_then(|l| l.split_whitespace().skip_while(|w| *w != "ino").nth(1)?.parse().ok());
             return Some(match (name.trim(), peer.trim()) {
                 // The service's end has no name: it is the client, of a server outside at `peer`.
                 ("(null)", peer) => HalfStream::Client(peer.to_string()),
-                (name, _) => HalfStream::Server(name.to_string(), None),
+                (name, _) => HalfStream::Server(name.to_string(), peer_ino),
             });
         }
         if !line.contains("External socket is used") {
@@ -419,6 +427,15 @@ mod tests {
         assert!(!said.contains("add --ext-unix-sk"), "{said}");
         let with_option = vec!["(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: /run/x.sock; peer name: (null)".to_string()];
         assert!(diagnose(&with_option).unwrap().contains("/run/x.sock"));
+        // With --ext-unix-sk (the default config), CRIU's debug line before describes the
+        // outside end (seen with an attached tmux client): its inode names the client.
+        let ext = vec![
+            "(00.061) \tExt stream not supported: ino 51233 peer_ino 51234 family    1 type    1 state  1 name null"
+                .to_string(),
+            "(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: /tmp/t/tmux.sock; peer name: (null)".to_string(),
+        ];
+        let said = diagnose(&ext).unwrap();
+        assert!(said.contains("outside the service (pid 77, `tmux attach`) is connected"), "{said}");
         let client = vec!["(00.1) Error (criu/sk-unix.c:881): Can't dump half of stream unix connection. name: (null); peer name: /run/db.sock".to_string()];
         let said = diagnose(&client).unwrap();
         assert!(said.contains("the service is connected to the unix stream socket /run/db.sock"), "{said}");
