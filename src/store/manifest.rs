@@ -234,32 +234,23 @@ impl std::fmt::Display for ManifestDamage {
     }
 }
 
-/// What each format requires beyond the fields every manifest has (serde checks those), and of
-/// what kind: a key renamed by damage must not read as "not recorded".
-fn required(format: u64) -> &'static [(&'static str, fn(&serde_json::Value) -> bool)] {
-    use serde_json::Value;
-    const V2: &[(&str, fn(&Value) -> bool)] = &[
-        ("generation", Value::is_u64),
-        ("hash_algorithm", |v| v.as_str() == Some(HASH_ALGORITHM)),
-        ("images", |v| v.as_array().is_some_and(|a| !a.is_empty())),
-        ("executables", Value::is_array),
-        ("config_digest", Value::is_string),
-        ("kernel_version", Value::is_string),
-    ];
-    const V3: &[(&str, fn(&Value) -> bool)] = &[
-        ("generation", Value::is_u64),
-        ("hash_algorithm", |v| v.as_str() == Some(HASH_ALGORITHM)),
-        ("images", |v| v.as_array().is_some_and(|a| !a.is_empty())),
-        ("executables", Value::is_array),
-        ("config_digest", Value::is_string),
-        ("kernel_version", Value::is_string),
-        (CHECKSUM_KEY, Value::is_string),
-    ];
-    match format {
-        0 | 1 => &[],
-        2 => V2,
-        _ => V3,
-    }
+/// What format 2 and later require beyond the fields every manifest has (serde checks those),
+/// and of what kind: a key renamed by damage must not read as "not recorded".
+const REQUIRED_SINCE_2: &[(&str, fn(&serde_json::Value) -> bool)] = &[
+    ("generation", serde_json::Value::is_u64),
+    ("hash_algorithm", |v| v.as_str() == Some(HASH_ALGORITHM)),
+    ("images", |v| v.as_array().is_some_and(|a| !a.is_empty())),
+    ("executables", serde_json::Value::is_array),
+    ("config_digest", serde_json::Value::is_string),
+    ("kernel_version", serde_json::Value::is_string),
+];
+
+/// The keys `format` requires, with the test each value must pass.
+fn required(format: u64) -> impl Iterator<Item = (&'static str, fn(&serde_json::Value) -> bool)> {
+    let since_2: &[(&str, fn(&serde_json::Value) -> bool)] = if format >= 2 { REQUIRED_SINCE_2 } else { &[] };
+    let since_3: &[(&str, fn(&serde_json::Value) -> bool)] =
+        if format >= 3 { &[(CHECKSUM_KEY, serde_json::Value::is_string)] } else { &[] };
+    since_2.iter().chain(since_3).copied()
 }
 
 /// The JSON text of `v` with every object's keys sorted: the same value always gives the same
@@ -320,7 +311,7 @@ impl Manifest {
         let obj = v.as_object_mut().ok_or_else(|| ManifestDamage::Unreadable("not a JSON object".into()))?;
         let format = obj.get("format").and_then(serde_json::Value::as_u64).unwrap_or(0);
         for (key, fits) in required(format) {
-            if !obj.get(*key).is_some_and(fits) {
+            if !obj.get(key).is_some_and(fits) {
                 return Err(ManifestDamage::Missing { format, key });
             }
         }

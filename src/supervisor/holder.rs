@@ -4,7 +4,7 @@
 //! but TIME_WAIT, which has no owner); the socket's inode is then found among the fds in /proc.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 /// A socket bound to the port, and what is known of its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +42,6 @@ pub fn find(port: u16) -> Option<Holder> {
     Some(Holder { uid, inode, listening, process })
 }
 
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -60,30 +59,7 @@ const MAX_REPLIES: usize = 64;
 /// (listening, uid, inode) of each TCP socket of `family` bound to `port` on an address that
 /// covers 127.0.0.1.
 fn dump(family: u8, port: u16) -> std::io::Result<Vec<(bool, u32, u64)>> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = request(family);
-    // SAFETY: a valid buffer of its length; the destination is the kernel (zeroed sockaddr_nl).
-    let sent = unsafe {
-        let mut to: libc::sockaddr_nl = std::mem::zeroed();
-        to.nl_family = libc::AF_NETLINK as u16;
-        libc::sendto(
-            fd.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&to as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent != req.len() as isize {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = super::peer::ask_sock_diag(&request(family))?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     for _ in 0..MAX_REPLIES {

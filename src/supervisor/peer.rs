@@ -45,9 +45,8 @@ const REQ_LEN: usize = 56;
 /// struct inet_diag_msg up to idiag_inode (uid at 64, inode at 68).
 const MSG_LEN: usize = 72;
 
-/// One exact lookup through NETLINK_SOCK_DIAG: the TCP socket whose local end is `peer` and
-/// whose remote end is `local`. Ok(None): the kernel has no such socket (the client is gone).
-fn sock_diag(local: SocketAddrV4, peer: SocketAddrV4) -> std::io::Result<Option<Peer>> {
+/// A NETLINK_SOCK_DIAG socket that has sent `req` to the kernel; the replies are read from it.
+pub(super) fn ask_sock_diag(req: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: plain socket(2); the descriptor is owned at once.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
@@ -56,7 +55,6 @@ fn sock_diag(local: SocketAddrV4, peer: SocketAddrV4) -> std::io::Result<Option<
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = request(local, peer);
     // SAFETY: the buffer is valid for its length; the kernel is the destination (zeroed sockaddr_nl).
     let sent = unsafe {
         let mut to: libc::sockaddr_nl = std::mem::zeroed();
@@ -73,6 +71,14 @@ fn sock_diag(local: SocketAddrV4, peer: SocketAddrV4) -> std::io::Result<Option<
     if sent != req.len() as isize {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(fd)
+}
+
+/// One exact lookup through NETLINK_SOCK_DIAG: the TCP socket whose local end is `peer` and
+/// whose remote end is `local`. Ok(None): the kernel has no such socket (the client is gone).
+fn sock_diag(local: SocketAddrV4, peer: SocketAddrV4) -> std::io::Result<Option<Peer>> {
+    use std::os::fd::AsRawFd;
+    let fd = ask_sock_diag(&request(local, peer))?;
     let mut buf = [0u8; 512];
     // SAFETY: recv into a buffer we own, within its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
