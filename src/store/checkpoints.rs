@@ -132,11 +132,12 @@ impl PendingCheckpoint {
         manifest.hash_algorithm = Some(HASH_ALGORITHM.to_string());
         let bytes_written = synced.hashed.iter().map(|f| f.size).sum();
         manifest.images = Some(synced.hashed);
-        manifest.timings = Some(super::manifest::Timings {
-            fsync_ms: Some(t0.elapsed().as_millis() as u64),
-            bytes_written: Some(bytes_written),
-            ..Default::default()
-        });
+        // Figures the caller put in the draft (a dump that left the service running knows its
+        // own before this) stay: the manifest is complete the moment the checkpoint appears.
+        let mut timings = manifest.timings.take().unwrap_or_default();
+        timings.fsync_ms = Some(t0.elapsed().as_millis() as u64);
+        timings.bytes_written = Some(bytes_written);
+        manifest.timings = Some(timings);
         manifest.format = super::manifest::FORMAT;
         let bytes = manifest.to_sealed_bytes();
         manifest.size_bytes = synced.total_bytes + bytes.len() as u64;

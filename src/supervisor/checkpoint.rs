@@ -257,7 +257,9 @@ fn dump(
         Ok(()) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized at its post-dump notification".to_string()
         }),
-        Ok(()) => pending.finalize_sealed(key.as_ref()).map_err(|e| e.to_string()),
+        Ok(()) => record_dump_figures(&pending, dump_ms)
+            .and_then(|_| pending.finalize_sealed(key.as_ref()))
+            .map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
             match pending.finalized() {
@@ -313,6 +315,18 @@ fn dump(
             Err(e)
         }
     }
+}
+
+/// A dump that left the service running: its figures go into the draft, so the checkpoint's
+/// manifest has them the moment it appears (a listing never sees one without them).
+fn record_dump_figures(pending: &PendingCheckpoint, dump_ms: u64) -> Result<(), crate::store::StoreError> {
+    let stats = crate::criu::stats::dump_stats(&pending.dir);
+    let mut draft = pending.read_draft()?;
+    let t = draft.timings.get_or_insert_with(Default::default);
+    t.dump_ms = Some(dump_ms);
+    t.freeze_ms = stats.map(|s| s.frozen_us / 1000);
+    t.pages = stats.map(|s| s.pages_written);
+    pending.write_draft(&draft)
 }
 
 /// After a dump that failed: the connections CRIU held with its network lock are let go (a
