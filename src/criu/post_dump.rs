@@ -5,7 +5,7 @@
 //! a stopping dump make the checkpoint durable. Any failure is a refusal: CRIU then resumes the
 //! tree instead of ending it, so a service is never gone without a durable checkpoint.
 
-use crate::store::{Checkpoint, PendingCheckpoint, StoreError};
+use crate::store::{Checkpoint, Manifest, PendingCheckpoint, StoreError};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -50,17 +50,22 @@ impl Frozen<'_> {
     /// checkpoint is finalized after CRIU returns.
     pub fn check_and_record(&self) -> Result<(), Refusal> {
         self.refuse_unrestorable()?;
-        self.keep_shm_files()?;
-        self.keep_open_files()
+        let mut draft = self.pending.read_draft()?;
+        self.keep_shm_files(&mut draft)?;
+        self.keep_open_files(&mut draft)?;
+        Ok(self.pending.write_draft(&draft)?)
     }
 
     /// Everything of a stopping dump: the checks, the records, the frozen tree's mappings, and
-    /// the checkpoint made durable, every image hashed from the disk (never inferred).
+    /// the checkpoint made durable, every image hashed from the disk (never inferred). The
+    /// draft is read and written once: the tree is frozen meanwhile.
     pub fn check_record_and_finalize(&self, key: Option<&crate::store::seal::Key>) -> Result<Checkpoint, Refusal> {
         self.refuse_unrestorable()?;
-        self.record_frozen_mappings()?;
-        self.keep_shm_files()?;
-        self.keep_open_files()?;
+        let mut draft = self.pending.read_draft()?;
+        self.record_frozen_mappings(&mut draft)?;
+        self.keep_shm_files(&mut draft)?;
+        self.keep_open_files(&mut draft)?;
+        self.pending.write_draft(&draft)?;
         Ok(self.pending.finalize_sealed(key)?)
     }
 
@@ -73,47 +78,38 @@ impl Frozen<'_> {
 
     /// The tree is frozen now, so its mappings are exactly what the images hold; the list taken
     /// while it ran is replaced. Hashes come from the cache the supervisor just filled.
-    fn record_frozen_mappings(&self) -> Result<(), Refusal> {
+    fn record_frozen_mappings(&self, draft: &mut Manifest) -> Result<(), Refusal> {
         let mut cache = crate::store::identity::HashCache::load(self.hash_cache.clone());
-        let mut draft = self.pending.read_draft()?;
         draft.executables =
             Some(crate::process::tree::executable_identities(self.tree_pid, &mut cache, Some(self.deadline))?);
-        Ok(self.pending.write_draft(&draft)?)
+        Ok(())
     }
 
     /// Copies the /dev/shm files the frozen tree uses into the checkpoint (store::shm).
-    fn keep_shm_files(&self) -> Result<(), Refusal> {
+    fn keep_shm_files(&self, draft: &mut Manifest) -> Result<(), Refusal> {
         let handles = crate::process::tree::shm_handles(self.tree_pid);
         if handles.is_empty() {
             return Ok(());
         }
         let images = self.pending.images_dir();
         let kept = crate::store::shm::capture(&handles, &images, self.min_free, Some(self.deadline))?;
-        if kept.is_empty() {
-            return Ok(());
-        }
-        let mut draft = self.pending.read_draft()?;
-        draft.shm_files = Some(kept);
-        Ok(self.pending.write_draft(&draft)?)
+        draft.shm_files = (!kept.is_empty()).then_some(kept);
+        Ok(())
     }
 
     /// Records what a restore needs of the files the frozen tree holds open: the directories of
     /// its unix sockets and its small files on /run or a tmpfs (store::tmpfs), and the files it
     /// writes (store::written); small ones are copied into the checkpoint.
-    fn keep_open_files(&self) -> Result<(), Refusal> {
+    fn keep_open_files(&self, draft: &mut Manifest) -> Result<(), Refusal> {
         let fds = crate::store::written::tree_fds(self.tree_pid);
         let images = self.pending.images_dir();
         let deadline = Some(self.deadline);
         let files = |e: &dyn std::fmt::Display| Refusal::Files(e.to_string());
         let (dirs, tmp) = crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         let written = crate::store::written::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
-        if dirs.is_empty() && tmp.is_empty() && written.is_empty() {
-            return Ok(());
-        }
-        let mut draft = self.pending.read_draft()?;
         draft.tmpfs_dirs = (!dirs.is_empty()).then_some(dirs);
         draft.tmpfs_files = (!tmp.is_empty()).then_some(tmp);
         draft.written_files = (!written.is_empty()).then_some(written);
-        Ok(self.pending.write_draft(&draft)?)
+        Ok(())
     }
 }

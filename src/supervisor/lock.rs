@@ -23,15 +23,7 @@ pub fn acquire(path: &Path) -> std::io::Result<Acquired> {
         // control socket, which lives in the same directory.
         crate::store::durable::create_dir_with_mode(dir, 0o700).map_err(std::io::Error::other)?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let file = open_lock_file(path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             lock.set_len(0)?;
@@ -74,4 +66,18 @@ fn read_pid(file: &mut File) -> String {
     } else {
         s
     }
+}
+
+/// A lock file of root's (0600 whatever the umask), never through a symlink planted in its place.
+pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(file)
 }

@@ -7,7 +7,7 @@
 //! slot their place in the queue points at: no polling.
 
 use nix::fcntl::{Flock, FlockArg};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,15 +44,7 @@ impl Drop for Ticket {
 }
 
 fn open(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    super::lock::open_lock_file(path)
 }
 
 fn lock(file: File, arg: FlockArg) -> Result<Flock<File>, nix::errno::Errno> {
