@@ -107,8 +107,8 @@ impl Swrk {
         deadline: Instant,
     ) -> Result<Swrk, RpcError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (ours, theirs) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(RpcError::Socket)?;
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(RpcError::Socket)?;
         let mut cmd = Command::new(criu);
         // No /etc/criu/default.conf, no ~/.criu: what CRIU does is what the request says (and the
         // config file it names, checked against the same allowlist as the service's options).
@@ -125,7 +125,8 @@ impl Swrk {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // The descriptors reach criu by staying open across its exec (no pre_exec hook: that
         // would make std fork the whole supervisor instead of using posix_spawn).
-        let fds: Vec<RawFd> = std::iter::once(theirs.as_raw_fd()).chain(inherit.iter().map(|f| f.as_raw_fd())).collect();
+        let fds: Vec<RawFd> =
+            std::iter::once(theirs.as_raw_fd()).chain(inherit.iter().map(|f| f.as_raw_fd())).collect();
         let guards = fds.iter().map(|&fd| Inherit::new(fd)).collect::<std::io::Result<Vec<_>>>();
         let guards = guards.map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source })?;
         let child = cmd.spawn().map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source });
@@ -180,7 +181,11 @@ impl Swrk {
             if let Answer::Refuse(why) = answer {
                 refused.get_or_insert((note.script, why));
             }
-            self.send(&pb::CriuReq { r#type: pb::CriuReqType::Notify as i32, notify_success: Some(ok), ..Default::default() })?;
+            self.send(&pb::CriuReq {
+                r#type: pb::CriuReqType::Notify as i32,
+                notify_success: Some(ok),
+                ..Default::default()
+            })?;
         }
     }
 
@@ -231,7 +236,9 @@ impl Swrk {
         }
         let n = n as usize;
         if n > buf.len() {
-            return Err(RpcError::Receive(std::io::Error::other(format!("a message of {n} bytes (at most {MAX_MESSAGE})"))));
+            return Err(RpcError::Receive(std::io::Error::other(format!(
+                "a message of {n} bytes (at most {MAX_MESSAGE})"
+            ))));
         }
         Ok(pb::CriuResp::decode(&buf[..n])?)
     }
@@ -308,7 +315,8 @@ mod tests {
     static SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn criu() -> PathBuf {
-        which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("CRIU is installed (scripts/setup)")
+        which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/")
+            .expect("CRIU is installed (scripts/setup)")
     }
 
     #[test]
@@ -355,24 +363,128 @@ mod tests {
             r
         };
         let ok = dump(&dir.path().join("a"), Answer::Proceed).unwrap();
-        assert!(ok.resp.success, "{:?}\n{}", ok.failure(), std::fs::read_to_string(dir.path().join("a/dump.log")).unwrap_or_default());
+        assert!(
+            ok.resp.success,
+            "{:?}\n{}",
+            ok.failure(),
+            std::fs::read_to_string(dir.path().join("a/dump.log")).unwrap_or_default()
+        );
         let pre = ok.notified.iter().position(|n| n == "pre-dump").expect("pre-dump notified");
         let post = ok.notified.iter().position(|n| n == "post-dump").expect("post-dump notified");
         assert!(pre < post, "{:?}", ok.notified);
         assert!(dir.path().join("a").join("inventory.img").is_file(), "CRIU wrote the images");
 
         let refused = dump(&dir.path().join("b"), Answer::Refuse("not today".into())).unwrap_err();
-        assert!(matches!(&refused, RpcError::Refused { script, refused } if script == "post-dump" && refused == "not today"), "{refused}");
+        assert!(
+            matches!(&refused, RpcError::Refused { script, refused } if script == "post-dump" && refused == "not today"),
+            "{refused}"
+        );
         assert!(sleeper.try_wait().unwrap().is_none(), "the process runs on after a refused dump");
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
+    }
+
+    /// CRIU resumes a restored tree whatever the answer to `pre-resume` (it only logs a
+    /// refusal), so `Criu::restore` kills the tree itself before it answers one: the tree never
+    /// runs again. With a `proceed` it does.
+    #[test]
+    fn a_refused_pre_resume_leaves_no_process_that_runs() {
+        use std::os::unix::process::CommandExt;
+        let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let (images, ticks) = (dir.path().join("images"), dir.path().join("ticks"));
+        std::fs::create_dir(&images).unwrap();
+        let mut ticker = Command::new("/bin/sh");
+        let script = format!("while :; do date +%s%N > {}; sleep 0.05; done", ticks.display());
+        ticker.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe.
+        unsafe { ticker.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from)) };
+        let mut ticker = ticker.spawn().unwrap();
+        let pid = ticker.id() as i32;
+        while std::fs::read_to_string(&ticks).unwrap_or_default().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let opts = pb::CriuOpts {
+            images_dir_fd: -1,
+            images_dir: Some(images.display().to_string()),
+            pid: Some(pid),
+            log_file: Some("dump.log".into()),
+            log_level: Some(4),
+            ..Default::default()
+        };
+        let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
+        let mut s = Swrk::start(&criu(), &[], None, Instant::now() + Duration::from_secs(60)).unwrap();
+        let dumped = s.call(&req, &mut |_| Answer::Proceed).unwrap();
+        let _ = s.finish();
+        assert!(dumped.resp.success, "{:?}", dumped.failure());
+        ticker.wait().unwrap();
+        // Its pid is free once nothing of its session is left (its children were killed too,
+        // and are reaped by whoever inherited them).
+        let session_ends = || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let in_session = || {
+                let all = procfs::process::all_processes().unwrap();
+                all.filter_map(Result::ok).any(|p| p.stat().is_ok_and(|s| s.session == pid || s.pgrp == pid))
+            };
+            while in_session() {
+                assert!(Instant::now() < deadline, "the session of {pid} ends");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        session_ends();
+        let at_dump = std::fs::read_to_string(&ticks).unwrap();
+        let conf = dir.path().join("empty.conf");
+        std::fs::write(&conf, "").unwrap();
+        let args = crate::criu::RestoreArgs {
+            images_dir: images.clone(),
+            work_dir: dir.path().to_path_buf(),
+            config_file: conf,
+            options: Vec::new(),
+            stdout_pipe_inode: None,
+            streamed_from: None,
+        };
+        let criu = crate::criu::Criu { path: criu(), version: "4.2.1".into() };
+        let mut seen = Vec::new();
+        let refused = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |n| {
+            seen.push(n.script.clone());
+            if n.script == "pre-resume" {
+                Answer::Refuse("not this one".into())
+            } else {
+                Answer::Proceed
+            }
+        });
+        let log = std::fs::read_to_string(dir.path().join(super::super::argv::RESTORE_LOG)).unwrap_or_default();
+        let err = refused.expect_err("a refused restore fails");
+        assert_eq!(seen, ["post-restore", "pre-resume"], "the gate hears both: {err}\n{log}");
+        assert!(log.contains("Pre-resume script ret code"), "CRIU went on after the refusal:\n{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(std::fs::read_to_string(&ticks).unwrap(), at_dump, "the restored tree never ran");
+        assert!(!crate::process::tree::alive(pid), "no process of it is left");
+
+        // The same images, the gate proceeding: the tree runs on.
+        session_ends();
+        let restored = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |_| Answer::Proceed).unwrap();
+        assert_eq!(restored.pid, pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&ticks).unwrap_or_default() == at_dump {
+            assert!(Instant::now() < deadline, "the restored tree runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Ours: just restored with this pid, in a session of its own running our script.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmdline).contains(&ticks.display().to_string()));
+        for p in crate::process::tree::descendants(pid).into_iter().rev() {
+            // SAFETY: kill(2); the tree restored just above.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
     }
 
     #[test]
     fn a_silent_criu_is_killed_at_the_deadline() {
         let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
         // `sleep` stands in for a criu that never answers.
-        let mut s = Swrk::start(Path::new("/bin/sleep"), &[], None, Instant::now() + Duration::from_millis(200)).unwrap();
+        let mut s =
+            Swrk::start(Path::new("/bin/sleep"), &[], None, Instant::now() + Duration::from_millis(200)).unwrap();
         let pid = s.pid();
         let req = pb::CriuReq { r#type: pb::CriuReqType::Version as i32, ..Default::default() };
         // sleep exits at once on its bad argument: the conversation ends or times out, never hangs.

@@ -5,6 +5,7 @@
 
 pub mod archive;
 mod checkpoints;
+pub mod chunks;
 pub mod compress;
 pub mod counters;
 pub mod durable;
@@ -24,7 +25,7 @@ pub use checkpoints::{
 };
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, Manifest, Timings};
+pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, ImageFile, Manifest, Timings};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT
