@@ -163,7 +163,7 @@ struct Serving {
 #[derive(Default)]
 struct State {
     serving: Vec<Serving>,
-    /// Plain names whose stored bytes were all checked.
+    /// Images (by the manifest's path) whose stored bytes were all checked.
     checked: BTreeSet<String>,
     problems: Vec<ImageProblem>,
     requested: Vec<(String, bool)>,
@@ -190,8 +190,15 @@ pub struct Streamer {
     dir_file: std::fs::File,
     shared: Arc<Shared>,
     control: Option<JoinHandle<()>>,
-    /// Whether stasis's own files were written into the directory (decrypted).
-    own_here: bool,
+}
+
+/// Why stasis's own files could not be had.
+#[derive(Debug)]
+pub enum OwnFilesError {
+    /// One of them is not what the manifest says.
+    Damaged(ImageProblem),
+    /// Writing its plaintext failed (a full `/dev/shm`): this host's, not the checkpoint's.
+    Host(String),
 }
 
 /// What CRIU asks for that is stasis's, never CRIU's.
@@ -241,7 +248,7 @@ impl Streamer {
         });
         let s = shared.clone();
         let control = std::thread::Builder::new().name("stasis-streamer".into()).spawn(move || s.control(listener))?;
-        Ok(Streamer { dir, dir_file, shared, control: Some(control), own_here: false })
+        Ok(Streamer { dir, dir_file, shared, control: Some(control) })
     }
 
     /// The directory CRIU is given (it holds only the socket, and CRIU's own local files).
@@ -257,27 +264,29 @@ impl Streamer {
     /// Checks stasis's own files (`stasis-*`: what a reboot removes, files the service writes,
     /// shared memory), which CRIU never asks for and the restore reads before CRIU runs. Sealed
     /// ones are decrypted into the private directory. Returns the directory to read them from.
-    pub fn own_files(&mut self, images: &Path) -> Result<PathBuf, ImageProblem> {
+    pub fn own_files(&mut self, images: &Path) -> Result<PathBuf, OwnFilesError> {
         let own: Vec<(String, Source)> =
             self.shared.sources.iter().filter(|(n, _)| is_own(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
         let sealed = own.iter().any(|(_, Source::Stored { name, .. })| name.sealed_as.is_some());
         for (plain, source) in own {
-            let (mut reader, failure) =
-                source.plain(&self.shared.checkpoint_dir, self.shared.key.as_ref(), &self.shared.notes)?;
+            let (mut reader, failure) = source
+                .plain(&self.shared.checkpoint_dir, self.shared.key.as_ref(), &self.shared.notes)
+                .map_err(OwnFilesError::Damaged)?;
+            let path = self.dir.join(&plain);
+            let host = |e: std::io::Error| OwnFilesError::Host(format!("failed to write {}: {e}", path.display()));
             let result = if sealed {
-                let path = self.dir.join(&plain);
-                let out =
-                    std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
-                        ImageProblem::Unreadable { path: path.display().to_string(), error: e.to_string() }
-                    })?;
+                let out = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(host)?;
                 copy(&mut reader, std::io::BufWriter::new(out))
             } else {
                 copy(&mut reader, std::io::sink())
             };
-            result.map_err(|e| source.problem(e, &failure))?;
-            self.shared.lock().checked.insert(plain);
+            match result {
+                Ok(_) => {}
+                Err(Copy::Read(e)) => return Err(OwnFilesError::Damaged(source.problem(e, &failure))),
+                Err(Copy::Write(e)) => return Err(host(e)),
+            }
+            self.shared.lock().checked.insert(source.label().to_string());
         }
-        self.own_here = sealed;
         Ok(if sealed { self.dir.clone() } else { images.to_path_buf() })
     }
 
@@ -293,30 +302,27 @@ impl Streamer {
                 return Err(p.clone());
             }
             let asked: BTreeSet<&str> = st.requested.iter().map(|(n, _)| n.as_str()).collect();
-            self.shared
-                .sources
-                .iter()
-                .filter(|(n, _)| !st.checked.contains(*n) && !asked.contains(n.as_str()))
-                .map(|(_, s)| s.clone())
-                .chain(self.shared.unnamed.iter().cloned())
-                .collect()
+            let named = self.shared.sources.iter().filter(|(n, _)| !asked.contains(n.as_str())).map(|(_, s)| s);
+            named.chain(self.shared.unnamed.iter()).filter(|s| !st.checked.contains(s.label())).cloned().collect()
         };
         for source in unchecked {
-            let Source::Stored { name, .. } = &source;
-            let checked = source
-                .stored(&self.shared.checkpoint_dir, &self.shared.notes)
-                .and_then(|mut c| copy(&mut c, std::io::sink()).map(drop).map_err(|e| source.problem(e, &c.failure)));
+            let checked = source.stored(&self.shared.checkpoint_dir, &self.shared.notes).and_then(|mut c| {
+                copy(&mut c, std::io::sink()).map(drop).map_err(|e| match e {
+                    Copy::Read(e) | Copy::Write(e) => source.problem(e, &c.failure),
+                })
+            });
+            let mut st = self.shared.lock();
             match checked {
                 Ok(()) => {
-                    self.shared.lock().checked.insert(name.plain.clone());
+                    st.checked.insert(source.label().to_string());
                 }
-                Err(problem) => {
-                    self.shared.lock().problems.push(problem.clone());
-                    return Err(problem);
-                }
+                Err(problem) => st.problems.push(problem),
             }
         }
-        // A file opened while the above ran is served as any other and judged at the next call.
+        // Whatever CRIU opened meanwhile (nothing, this late in a restore) is judged too.
+        while !self.shared.lock().serving.is_empty() {
+            self.shared.drain_and_join();
+        }
         match self.shared.lock().problems.first() {
             Some(p) => Err(p.clone()),
             None => Ok(()),
@@ -328,11 +334,11 @@ impl Streamer {
     pub fn finish(mut self) -> Outcome {
         self.stop();
         let st = std::mem::take(&mut *self.shared.lock());
-        Outcome {
-            problem: st.problems.into_iter().next(),
-            notes: std::mem::take(&mut *self.shared.notes.lock().unwrap_or_else(|p| p.into_inner())),
-            requested: st.requested,
-        }
+        let mut notes = std::mem::take(&mut *self.shared.notes.lock().unwrap_or_else(|p| p.into_inner()));
+        // A file CRIU asked for twice is said once.
+        let mut seen = BTreeSet::new();
+        notes.retain(|n| seen.insert(n.clone()));
+        Outcome { problem: st.problems.into_iter().next(), notes, requested: st.requested }
     }
 
     fn stop(&mut self) {
@@ -354,7 +360,13 @@ impl Drop for Streamer {
     }
 }
 
-fn copy(reader: &mut dyn Read, mut out: impl Write) -> std::io::Result<u64> {
+/// Which side of a copy failed.
+enum Copy {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+fn copy(reader: &mut dyn Read, mut out: impl Write) -> Result<u64, Copy> {
     let mut buf = vec![0u8; chunks::GROUP];
     let mut n = 0u64;
     loop {
@@ -362,12 +374,12 @@ fn copy(reader: &mut dyn Read, mut out: impl Write) -> std::io::Result<u64> {
             Ok(0) => break,
             Ok(k) => k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Copy::Read(e)),
         };
-        out.write_all(&buf[..got])?;
+        out.write_all(&buf[..got]).map_err(Copy::Write)?;
         n += got as u64;
     }
-    out.flush()?;
+    out.flush().map_err(Copy::Write)?;
     Ok(n)
 }
 
@@ -504,7 +516,7 @@ impl Shared {
         let mut st = self.lock();
         match result {
             Ok(()) => {
-                st.checked.insert(name.to_string());
+                st.checked.insert(source.label().to_string());
             }
             Err(p) => {
                 tracing::warn!("image streamer: {p}");

@@ -13,7 +13,7 @@ use super::slots::{self, SlotKind};
 use super::status::StartedFrom;
 use crate::config::OnIncompatible;
 use crate::criu::rpc::{Answer, Notification};
-use crate::criu::streamer::Streamer;
+use crate::criu::streamer::{OwnFilesError, Streamer};
 use crate::criu::{RestoreArgs, RestoreFailure};
 use crate::error::Error;
 use crate::process::{cold_launch, tree, LaunchSpec};
@@ -365,7 +365,10 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
     // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
     let own = match &mut streamer {
-        Some(s) => s.own_files(&cp.images_dir()).map_err(RestoreError::Damaged)?,
+        Some(s) => s.own_files(&cp.images_dir()).map_err(|e| match e {
+            OwnFilesError::Damaged(problem) => RestoreError::Damaged(problem),
+            OwnFilesError::Host(why) => RestoreError::Host(why),
+        })?,
         None => plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
     };
     let args = RestoreArgs {
