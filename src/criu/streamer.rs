@@ -175,6 +175,14 @@ impl Read for Checked {
 }
 
 impl Checked {
+    fn next_group_into(&mut self, out: &mut [u8]) -> std::io::Result<Option<usize>> {
+        let r = self.inner.next_group_into(out);
+        if let Err(e) = &r {
+            self.record(e);
+        }
+        r
+    }
+
     fn next_group(&mut self) -> std::io::Result<Option<&[u8]>> {
         match self.inner.next_group() {
             Ok(Some(_)) => {}
@@ -240,6 +248,8 @@ struct Shared {
     conn: Mutex<Option<UnixStream>>,
     state: Mutex<State>,
     notes: Mutex<Vec<String>>,
+    /// Buffers handed to CRIU's pipes by reference: freed with the streamer, once CRIU is gone.
+    spliced: Mutex<Vec<PageBuf>>,
 }
 
 /// The image streamer of one restore. Dropping it ends its threads and removes its directory.
@@ -303,6 +313,7 @@ impl Streamer {
             conn: Mutex::new(None),
             state: Mutex::new(State::default()),
             notes: Mutex::new(Vec::new()),
+            spliced: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let control = std::thread::Builder::new().name("stasis-streamer".into()).spawn(move || s.control(listener))?;
@@ -544,6 +555,11 @@ impl Shared {
         let mut writer = Some(PipeWriter::new(pipe));
         let result = (|| -> Result<(), ImageProblem> {
             let (mut reader, failure) = source.plain(&self.checkpoint_dir, self.key.as_ref(), &self.notes)?;
+            if let Plain::Direct(checked) = &mut reader {
+                if writer.as_ref().is_some_and(PipeWriter::splices) {
+                    return self.serve_spliced(name, source, checked, &mut writer, drain);
+                }
+            }
             loop {
                 if self.abandon.load(Ordering::SeqCst) {
                     return Ok(());
@@ -582,6 +598,103 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Serves a plain image group by group, each checked group handed to the pipe by reference
+    /// (vmsplice) instead of copied into it: CRIU reads it from our pages. Two buffers take
+    /// turns: the pipe holds at most one group (its capacity is one group at most), so once
+    /// group k+1 is all in it, group k has been read out and its buffer may be filled again.
+    /// Buffers the pipe may still refer to are never reused or freed while it can be read:
+    /// they are kept until the streamer ends (after CRIU has exited). This relies on CRIU
+    /// copying what it reads from an image (read(2); splice only into a regular file, for a
+    /// ghost file, which copies too): no page of ours is moved on into another pipe.
+    fn serve_spliced(
+        &self,
+        name: &str,
+        source: &Source,
+        checked: &mut Checked,
+        writer: &mut Option<PipeWriter>,
+        drain: &AtomicBool,
+    ) -> Result<(), ImageProblem> {
+        let mut bufs = [PageBuf::new(chunks::GROUP), PageBuf::new(chunks::GROUP)];
+        let mut turn = 0;
+        let result = loop {
+            if self.abandon.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            let len = match checked.next_group_into(&mut bufs[turn]) {
+                Ok(None) => break Ok(()),
+                Ok(Some(len)) => len,
+                Err(e) => {
+                    *writer = None;
+                    break Err(source.problem(e, &checked.failure));
+                }
+            };
+            let Some(w) = writer else { continue };
+            let piece = &bufs[turn][..len];
+            let sent = if len == chunks::GROUP {
+                w.splice_all(piece, drain, &self.abandon)
+            } else {
+                w.write_all(piece, drain, &self.abandon)
+            };
+            if let Err(why) = sent {
+                tracing::debug!("image streamer: {name}: {why}; checking the rest unwritten");
+                *writer = None;
+                // The pipe may still refer to both buffers: the rest goes through new ones.
+                self.spliced.lock().unwrap_or_else(|p| p.into_inner()).extend(bufs);
+                bufs = [PageBuf::new(chunks::GROUP), PageBuf::new(chunks::GROUP)];
+            }
+            turn ^= 1;
+        };
+        self.spliced.lock().unwrap_or_else(|p| p.into_inner()).extend(bufs);
+        result
+    }
+}
+
+/// Page-aligned memory for one group, so that a group spliced into a pipe takes exactly its
+/// pages' worth of the pipe's slots.
+struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by the value.
+unsafe impl Send for PageBuf {}
+
+impl PageBuf {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> PageBuf {
+        let layout = std::alloc::Layout::from_size_align(len, Self::ALIGN).expect("a valid layout");
+        // SAFETY: a layout of non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        PageBuf { ptr, len }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialized bytes owned by the value.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably once.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, Self::ALIGN).expect("a valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
 /// The write end of CRIU's pipe, written without blocking for good: a write that waits looks
 /// every [`POLL`] whether to stop.
 struct PipeWriter {
@@ -597,6 +710,37 @@ impl PipeWriter {
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
         PipeWriter { fd }
+    }
+
+    /// Whether a group may be spliced: the pipe holds one group at most.
+    fn splices(&self) -> bool {
+        // SAFETY: fcntl on a descriptor we own.
+        let size = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        size > 0 && size as usize <= chunks::GROUP
+    }
+
+    /// Hands `bytes` (page-aligned, whole pages) to the pipe by reference.
+    fn splice_all(&mut self, mut bytes: &[u8], drain: &AtomicBool, abandon: &AtomicBool) -> Result<(), String> {
+        while !bytes.is_empty() {
+            if drain.load(Ordering::SeqCst) || abandon.load(Ordering::SeqCst) {
+                return Err("the restore read no more of it".into());
+            }
+            let iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+            // SAFETY: one iovec over memory the caller keeps unchanged while the pipe refers to it.
+            let n = unsafe { libc::vmsplice(self.fd.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+            match n {
+                n if n >= 0 => bytes = &bytes[n as usize..],
+                _ => match nix::errno::Errno::last() {
+                    nix::errno::Errno::EAGAIN => {
+                        let _ = wait_for(self.fd.as_fd(), libc::POLLOUT, POLL);
+                    }
+                    nix::errno::Errno::EINTR => {}
+                    nix::errno::Errno::EPIPE => return Err("CRIU closed it".into()),
+                    e => return Err(format!("splicing into CRIU's pipe failed: {e}")),
+                },
+            }
+        }
+        Ok(())
     }
 
     fn write_all(&mut self, mut bytes: &[u8], drain: &AtomicBool, abandon: &AtomicBool) -> Result<(), String> {
@@ -883,6 +1027,31 @@ mod tests {
             assert!(out.notes.is_empty(), "the chunk hashes were there: {:?}", out.notes);
             assert_eq!(out.requested.iter().filter(|(_, e)| *e).count(), 3);
         }
+    }
+
+    /// Groups handed to the pipe by reference are never overwritten before they are read: a
+    /// slow reader, in small reads, gets every byte right.
+    #[test]
+    fn a_slow_reader_gets_every_byte_of_a_spliced_image() {
+        let d = tempfile::tempdir().unwrap();
+        let big = pages(9 * M + 5);
+        let cp = checkpoint(d.path(), &[("pages-1.img", big.clone())], false, None);
+        let s = Streamer::start(&cp, None).unwrap();
+        let mut criu = FakeCriu::connect(&s);
+        let mut pipe = criu.open("pages-1.img").unwrap();
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 3000]);
+        loop {
+            let n = pipe.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() % (256 << 10) < n {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert!(got == big, "{} bytes, the same: {}", got.len(), got == big);
+        assert_eq!(s.check(), Ok(()));
     }
 
     #[test]

@@ -418,13 +418,38 @@ impl<R: Read> VerifiedReader<R> {
         &self.buf
     }
 
+    /// The next group, checked, into `out` (at least [`GROUP`] bytes): its length, or none at
+    /// the end. For a caller that keeps several groups of its own at once.
+    pub fn next_group_into(&mut self, out: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if let Some(m) = &self.failed {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, m.clone()));
+        }
+        if self.next >= self.verifier.groups() {
+            return Ok(None);
+        }
+        let len = self.verifier.group_len(self.next);
+        self.read_group(&mut out[..len])?;
+        self.handed_on += len as u64;
+        Ok(Some(len))
+    }
+
     fn fill(&mut self) -> std::io::Result<()> {
         let len = self.verifier.group_len(self.next);
-        self.buf.resize(len, 0);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(len, 0);
         self.pos = 0;
+        let r = self.read_group(&mut buf);
+        if r.is_ok() {
+            self.buf = buf;
+        }
+        r
+    }
+
+    /// Reads group `next` into `out` (its length) and checks it.
+    fn read_group(&mut self, out: &mut [u8]) -> std::io::Result<()> {
         let mut got = 0;
-        while got < len {
-            match self.inner.read(&mut self.buf[got..]) {
+        while got < out.len() {
+            match self.inner.read(&mut out[got..]) {
                 Ok(0) => {
                     let offset = self.next * GROUP as u64 + got as u64;
                     return Err(std::io::Error::new(
@@ -437,8 +462,7 @@ impl<R: Read> VerifiedReader<R> {
                 Err(e) => return Err(e),
             }
         }
-        if let Err(m) = self.verifier.verify(self.next, &self.buf) {
-            self.buf.clear();
+        if let Err(m) = self.verifier.verify(self.next, out) {
             self.failed = Some(m.clone());
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, m));
         }
