@@ -85,7 +85,7 @@ impl Source {
         dir: &Path,
         key: Option<&seal::Key>,
         notes: &Mutex<Vec<String>>,
-    ) -> Result<(Plain, Arc<Mutex<Option<ImageProblem>>>), ImageProblem> {
+    ) -> Result<(Plain, Failure), ImageProblem> {
         let Source::Stored { image, name } = self;
         let checked = self.stored(dir, notes)?;
         let failure = checked.failure.clone();
@@ -122,6 +122,9 @@ impl Source {
         ImageProblem::Undecodable { path: self.label().to_string(), error }
     }
 }
+
+/// Where a checked reader leaves what went wrong with the stored bytes.
+type Failure = Arc<Mutex<Option<ImageProblem>>>;
 
 /// An image's plain bytes, piece by piece, each handed out only once checked.
 enum Plain {
@@ -160,7 +163,7 @@ impl Plain {
 /// reader is wrapped in a decryption and a decompression.
 struct Checked {
     inner: VerifiedReader<std::fs::File>,
-    failure: Arc<Mutex<Option<ImageProblem>>>,
+    failure: Failure,
     path: String,
 }
 

@@ -97,7 +97,8 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreEr
     std::thread::scope(|s| {
         // Each hash comes with the chunk hashes (CVs) it is made of, for the sidecars that let a
         // restore check the images as it reads them (store::chunks).
-        let hasher = s.spawn(|| -> Result<(Vec<ImageFile>, Vec<(String, Vec<super::chunks::Cv>)>), StoreError> {
+        type Hashed = (Vec<ImageFile>, Vec<(String, Vec<super::chunks::Cv>)>);
+        let hasher = s.spawn(|| -> Result<Hashed, StoreError> {
             let mut out = Vec::with_capacity(to_hash.len());
             let mut cvs = Vec::new();
             for (rel, path) in &to_hash {
