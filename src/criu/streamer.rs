@@ -150,6 +150,26 @@ impl Plain {
         }
     }
 
+    /// The next piece into `out`, as much as fills it (all but the last piece fill it): its
+    /// length, or none at the end.
+    fn next_into(&mut self, out: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self {
+            Plain::Direct(c) => c.next_group_into(out),
+            Plain::Decoded(r, _) => {
+                let mut got = 0;
+                while got < out.len() {
+                    match r.read(&mut out[got..]) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((got > 0).then_some(got))
+            }
+        }
+    }
+
     /// All of it into `out`.
     fn copy_to(&mut self, mut out: impl Write) -> Result<(), Copy> {
         while let Some(piece) = self.next().map_err(Copy::Read)? {
@@ -558,10 +578,8 @@ impl Shared {
         let mut writer = Some(PipeWriter::new(pipe));
         let result = (|| -> Result<(), ImageProblem> {
             let (mut reader, failure) = source.plain(&self.checkpoint_dir, self.key.as_ref(), &self.notes)?;
-            if let Plain::Direct(checked) = &mut reader {
-                if writer.as_ref().is_some_and(PipeWriter::splices) {
-                    return self.serve_spliced(name, source, checked, &mut writer, drain);
-                }
+            if writer.as_ref().is_some_and(PipeWriter::splices) {
+                return self.serve_spliced(name, source, &mut reader, &failure, &mut writer, drain);
             }
             loop {
                 if self.abandon.load(Ordering::SeqCst) {
@@ -602,10 +620,12 @@ impl Shared {
 }
 
 impl Shared {
-    /// Serves a plain image group by group, each checked group handed to the pipe by reference
-    /// (vmsplice) instead of copied into it: CRIU reads it from our pages. Two buffers take
-    /// turns: the pipe holds at most one group (its capacity is one group at most), so once
-    /// group k+1 is all in it, group k has been read out and its buffer may be filled again.
+    /// Serves an image in pieces of one group's size (checked stored groups, or what they
+    /// decrypt and decompress to), each handed to the pipe by reference (vmsplice) instead of
+    /// copied into it: CRIU reads it from our pages. Two buffers take turns: the pipe holds at
+    /// most one group (its capacity is one group at most), so once piece k+1 is all in it,
+    /// piece k has been read out and its buffer may be filled again. The last, shorter piece
+    /// is copied.
     /// Buffers the pipe may still refer to are never reused or freed while it can be read:
     /// they are kept until the streamer ends (after CRIU has exited). This relies on CRIU
     /// copying what it reads from an image (read(2); splice only into a regular file, for a
@@ -614,7 +634,8 @@ impl Shared {
         &self,
         name: &str,
         source: &Source,
-        checked: &mut Checked,
+        plain: &mut Plain,
+        failure: &Failure,
         writer: &mut Option<PipeWriter>,
         drain: &AtomicBool,
     ) -> Result<(), ImageProblem> {
@@ -624,12 +645,12 @@ impl Shared {
             if self.abandon.load(Ordering::SeqCst) {
                 break Ok(());
             }
-            let len = match checked.next_group_into(&mut bufs[turn]) {
+            let len = match plain.next_into(&mut bufs[turn]) {
                 Ok(None) => break Ok(()),
                 Ok(Some(len)) => len,
                 Err(e) => {
                     *writer = None;
-                    break Err(source.problem(e, &checked.failure));
+                    break Err(source.problem(e, failure));
                 }
             };
             let Some(w) = writer else { continue };
@@ -1036,25 +1057,28 @@ mod tests {
     /// slow reader, in small reads, gets every byte right.
     #[test]
     fn a_slow_reader_gets_every_byte_of_a_spliced_image() {
-        let d = tempfile::tempdir().unwrap();
-        let big = pages(9 * M + 5);
-        let cp = checkpoint(d.path(), &[("pages-1.img", big.clone())], false, None);
-        let s = Streamer::start(&cp, None).unwrap();
-        let mut criu = FakeCriu::connect(&s);
-        let mut pipe = criu.open("pages-1.img").unwrap();
-        let (mut got, mut buf) = (Vec::new(), vec![0u8; 3000]);
-        loop {
-            let n = pipe.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
+        for (compress, sealed) in [(false, false), (true, false), (false, true), (true, true)] {
+            let d = tempfile::tempdir().unwrap();
+            let key = seal::Key::from_bytes([9; 32]);
+            let big = pages(9 * M + 5);
+            let cp = checkpoint(d.path(), &[("pages-1.img", big.clone())], compress, sealed.then_some(&key));
+            let s = Streamer::start(&cp, sealed.then(|| seal::Key::from_bytes([9; 32]))).unwrap();
+            let mut criu = FakeCriu::connect(&s);
+            let mut pipe = criu.open("pages-1.img").unwrap();
+            let (mut got, mut buf) = (Vec::new(), vec![0u8; 3000]);
+            loop {
+                let n = pipe.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if got.len() % (256 << 10) < n {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
             }
-            got.extend_from_slice(&buf[..n]);
-            if got.len() % (256 << 10) < n {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            assert!(got == big, "{compress} {sealed}: {} bytes, the same: {}", got.len(), got == big);
+            assert_eq!(s.check(), Ok(()));
         }
-        assert!(got == big, "{} bytes, the same: {}", got.len(), got == big);
-        assert_eq!(s.check(), Ok(()));
     }
 
     #[test]
