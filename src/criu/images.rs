@@ -208,6 +208,18 @@ pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
     Ok(ImageSummary { processes, memory, sockets, namespaces })
 }
 
+/// A pagemap image's pages file number and its runs: (address, pages, flags).
+#[cfg(test)]
+pub(crate) fn pagemap_runs(images: &Path, name: &str) -> Result<(u32, Vec<(u64, u64, u32)>), ImageError> {
+    let head: pb::PagemapHead = one(images, name)?;
+    let runs: Vec<pb::PagemapEntry> = entries(images, name, true)?;
+    let runs = runs
+        .iter()
+        .map(|e| (e.vaddr, e.nr_pages.unwrap_or(e.compat_nr_pages as u64), e.flags.unwrap_or(PE_PRESENT)))
+        .collect();
+    Ok((head.pages_id, runs))
+}
+
 /// One process's saved pages: where they are in memory and in its pages file.
 struct Pages {
     /// (virtual address, bytes) of each run of present pages, in file order.

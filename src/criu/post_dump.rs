@@ -59,14 +59,18 @@ impl Frozen<'_> {
     /// Everything of a stopping dump: the checks, the records, the frozen tree's mappings, and
     /// the checkpoint made durable, every image hashed from the disk (never inferred). The
     /// draft is read and written once: the tree is frozen meanwhile.
-    pub fn check_record_and_finalize(&self, key: Option<&crate::store::seal::Key>) -> Result<Checkpoint, Refusal> {
+    pub fn check_record_and_finalize(
+        &self,
+        key: Option<&crate::store::seal::Key>,
+        received: &crate::criu::page_server::Received,
+    ) -> Result<Checkpoint, Refusal> {
         self.refuse_unrestorable()?;
         let mut draft = self.pending.read_draft()?;
         self.record_frozen_mappings(&mut draft)?;
         self.keep_shm_files(&mut draft)?;
         self.keep_open_files(&mut draft)?;
         self.pending.write_draft(&draft)?;
-        Ok(self.pending.finalize_sealed(key)?)
+        Ok(self.pending.finalize_sealed(key, &received.images)?)
     }
 
     fn refuse_unrestorable(&self) -> Result<(), Refusal> {

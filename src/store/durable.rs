@@ -83,7 +83,9 @@ pub struct Synced {
 /// for the disk, so the checksums cost next to nothing on top of the fsyncs.
 /// Each hash is of the file's bytes as read here, never taken from elsewhere on the strength
 /// of a matching size.
-pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreError> {
+/// Images in `known` were hashed as they were written (store::stored): they are fsynced, not
+/// read again, once their size on disk is the size written (a file changed since is read).
+pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[ImageFile]) -> Result<Synced, StoreError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     walk(dir, Path::new(""), &mut files, &mut dirs)?;
@@ -97,6 +99,10 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreEr
             let mut out = Vec::with_capacity(to_hash.len());
             for (rel, path) in &to_hash {
                 let size = fs::metadata(path).map_err(|source| StoreError::Read { path: path.clone(), source })?.len();
+                if let Some(k) = known.iter().find(|k| &k.path == rel && k.size == size) {
+                    out.push(k.clone());
+                    continue;
+                }
                 let hash = super::identity::hash_file(path)
                     .map_err(|source| StoreError::Read { path: path.clone(), source })?;
                 out.push(ImageFile { path: rel.clone(), size, hash });
@@ -180,7 +186,7 @@ mod tests {
         fs::create_dir(d.path().join("images")).unwrap();
         fs::write(d.path().join("images/a.img"), [0u8; 100]).unwrap();
         fs::write(d.path().join("b"), [0u8; 23]).unwrap();
-        let s = fsync_and_hash(d.path(), "images").unwrap();
+        let s = fsync_and_hash(d.path(), "images", &[]).unwrap();
         assert_eq!(s.total_bytes, 123);
         assert_eq!(s.hashed.len(), 1);
         assert_eq!(s.hashed[0].path, "images/a.img");

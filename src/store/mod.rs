@@ -15,6 +15,7 @@ mod manifest;
 pub mod safe_open;
 pub mod seal;
 pub mod shm;
+pub mod stored;
 pub mod tmpfs;
 pub mod verify;
 pub mod written;
@@ -24,7 +25,7 @@ pub use checkpoints::{
 };
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, Manifest, Timings};
+pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, ImageFile, Manifest, Timings};
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

@@ -200,8 +200,12 @@ fn dump(
     // What stasis does while CRIU holds the tree frozen, answered in this process (see
     // criu::post_dump); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
-    let mut at_post_dump = || {
-        let done = if stopping { frozen.check_record_and_finalize(key.as_ref()).map(drop) } else { frozen.check_and_record() };
+    let mut at_post_dump = |received: &crate::criu::page_server::Received| {
+        let done = if stopping {
+            frozen.check_record_and_finalize(key.as_ref(), received).map(drop)
+        } else {
+            frozen.check_and_record()
+        };
         match done {
             Ok(()) => Answer::Proceed,
             Err(r) => {
@@ -219,7 +223,8 @@ fn dump(
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
         let left = deadline.saturating_duration_since(Instant::now());
-        let r = ctx.criu.dump(&args, left, &|_| {}, &mut at_post_dump);
+        let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: key.as_ref() };
+        let r = ctx.criu.dump(&args, &transform, left, &|_| {}, &mut at_post_dump);
         drop(done_tx);
         r
     });
@@ -232,7 +237,7 @@ fn dump(
             .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0);
         return match dumped {
-            Ok(()) => {
+            Ok(_) => {
                 pending.discard();
                 Ok(CheckpointReport {
                     id: String::new(),
@@ -254,11 +259,11 @@ fn dump(
         };
     }
     let checkpoint = match dumped {
-        Ok(()) if stopping => pending.finalized().ok_or_else(|| {
+        Ok(_) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized at its post-dump notification".to_string()
         }),
-        Ok(()) => record_dump_figures(&pending, dump_ms)
-            .and_then(|_| pending.finalize_sealed(key.as_ref()))
+        Ok(received) => record_dump_figures(&pending, dump_ms)
+            .and_then(|_| pending.finalize_sealed(key.as_ref(), &received.images))
             .map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
