@@ -10,6 +10,7 @@ mod exit_codes;
 mod fuzz;
 mod metrics;
 mod paths;
+mod proc_maps;
 mod process;
 mod store;
 mod supervisor;

@@ -14,13 +14,16 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/images/_.rs"));
 }
 
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 /// No entry of the images read here comes near this.
 const MAX_ENTRY: usize = 64 << 20;
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 /// pagemap entry flags (criu/include/pagemap.h).
-const PE_PRESENT: u32 = 1 << 2;
+pub(crate) const PE_PARENT: u32 = 1 << 0;
+pub(crate) const PE_LAZY: u32 = 1 << 1;
+pub(crate) const PE_PRESENT: u32 = 1 << 2;
 /// VMA status bits (criu/include/image.h).
 const VMA_FILE_PRIVATE: u32 = 1 << 6;
 const VMA_FILE_SHARED: u32 = 1 << 7;

@@ -15,6 +15,7 @@
 //! under the dump's deadline. An error closes the socket, so CRIU's dump fails and the tree is
 //! resumed.
 
+use super::images::{IMG_COMMON_MAGIC, PAGE, PAGEMAP_MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::stored::{StoredWriter, Transform};
 use crate::store::{ImageFile, StoreError};
 use prost::Message;
@@ -35,13 +36,6 @@ const PS_CMD_BITS: u32 = 16;
 const PS_TYPE_BITS: u32 = 8;
 const PS_TYPE_PID: u64 = 1;
 const PS_TYPE_SHMEM: u64 = 2;
-/// pagemap entry flags (criu/include/pagemap.h).
-const PE_PARENT: u32 = 1 << 0;
-const PE_LAZY: u32 = 1 << 1;
-const PE_PRESENT: u32 = 1 << 2;
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
-const PAGE: u64 = 4096;
 /// `struct page_server_iov`: u32 cmd, 4 bytes of padding, u64 nr_pages, vaddr, dst_id.
 const IOV_SIZE: usize = 32;
 /// No single run of pages is larger than a process's address space; this bounds what one
@@ -107,7 +101,12 @@ struct Open {
 /// Receives one dump's pages from `sock` into `images` until CRIU says it is done, and
 /// answers that only once every image is written, so by CRIU's `post-dump` notification
 /// everything is on the disk (to be fsynced by the checkpoint's finalize).
-pub fn serve(sock: UnixStream, images: &Path, t: &Transform<'_>, deadline: Instant) -> Result<Received, PageServerError> {
+pub fn serve(
+    sock: UnixStream,
+    images: &Path,
+    t: &Transform<'_>,
+    deadline: Instant,
+) -> Result<Received, PageServerError> {
     let mut session = Session { sock, images, t, deadline, next_pages_id: 1, open: None, done: Received::default() };
     let mut buf = vec![0u8; BUFFER];
     loop {
@@ -312,7 +311,10 @@ mod tests {
         let got = server.join().unwrap().unwrap();
         assert_eq!(got.pages, 3);
         let names: Vec<&str> = got.images.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(names, ["images/pages-1.img", "images/pagemap-1.img", "images/pages-2.img", "images/pagemap-shmem-7.img"]);
+        assert_eq!(
+            names,
+            ["images/pages-1.img", "images/pagemap-1.img", "images/pages-2.img", "images/pagemap-shmem-7.img"]
+        );
         assert_eq!(std::fs::read(d.path().join("pages-1.img")).unwrap(), [page(1), page(2)].concat());
         // The pagemap reads back as CRIU's (the reader stasis inspect uses).
         let summary = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();

@@ -105,11 +105,12 @@ impl Frozen<'_> {
     /// its unix sockets and its small files on /run or a tmpfs (store::tmpfs), and the files it
     /// writes (store::written); small ones are copied into the checkpoint.
     fn keep_open_files(&self, draft: &mut Manifest) -> Result<(), Refusal> {
-        let fds = crate::store::written::tree_fds(self.tree_pid);
+        let fds = crate::process::tree::tree_fds(self.tree_pid);
         let images = self.pending.images_dir();
         let deadline = Some(self.deadline);
         let files = |e: &dyn std::fmt::Display| Refusal::Files(e.to_string());
-        let (dirs, tmp) = crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
+        let (dirs, tmp) =
+            crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         let written = crate::store::written::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         draft.tmpfs_dirs = (!dirs.is_empty()).then_some(dirs);
         draft.tmpfs_files = (!tmp.is_empty()).then_some(tmp);

@@ -53,7 +53,8 @@ impl Criu {
         // CRIU opens the work dir through /proc/OUR_PID/fd/N: it must stay open meanwhile.
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
-        let (ours, theirs) = page_server_pair().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
+        let (ours, theirs) =
+            page_server_pair().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
         let opts = pb::CriuOpts {
             images_dir_fd: -1,
             images_dir: Some(args.images_dir.display().to_string()),
@@ -98,7 +99,8 @@ impl Criu {
                 }
             });
             let recent = swrk.take_log();
-            let timed_out = || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
+            let timed_out =
+                || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
             let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
             let dumped = match reply {
                 Ok(r) if r.resp.success => {
@@ -283,11 +285,18 @@ mod tests {
         let conf = d.path().join("default.conf");
         std::fs::write(&conf, "tcp-established\nnetwork-lock nftables\n").unwrap();
         let out = d.path().join(RPC_CONFIG);
-        write_config(&out, &conf, &["--tcp-close".into(), "--network-lock=skip".into(), "--ghost-limit".into(), "2M".into()])
-            .unwrap();
+        write_config(
+            &out,
+            &conf,
+            &["--tcp-close".into(), "--network-lock=skip".into(), "--ghost-limit".into(), "2M".into()],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         assert!(text.starts_with("tcp-established\nnetwork-lock nftables\n"), "{text}");
         assert!(text.ends_with("tcp-close\nnetwork-lock skip\nghost-limit 2M\n"), "{text}");
-        assert!(write_config(&out, &conf, &["--action-script=/x".into()]).is_err(), "never an option the allowlist refuses");
+        assert!(
+            write_config(&out, &conf, &["--action-script=/x".into()]).is_err(),
+            "never an option the allowlist refuses"
+        );
     }
 }

@@ -107,8 +107,8 @@ impl Swrk {
         deadline: Instant,
     ) -> Result<Swrk, RpcError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (ours, theirs) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(RpcError::Socket)?;
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(RpcError::Socket)?;
         let mut cmd = Command::new(criu);
         // No /etc/criu/default.conf, no ~/.criu: what CRIU does is what the request says (and the
         // config file it names, checked against the same allowlist as the service's options).
@@ -125,7 +125,8 @@ impl Swrk {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // The descriptors reach criu by staying open across its exec (no pre_exec hook: that
         // would make std fork the whole supervisor instead of using posix_spawn).
-        let fds: Vec<RawFd> = std::iter::once(theirs.as_raw_fd()).chain(inherit.iter().map(|f| f.as_raw_fd())).collect();
+        let fds: Vec<RawFd> =
+            std::iter::once(theirs.as_raw_fd()).chain(inherit.iter().map(|f| f.as_raw_fd())).collect();
         let guards = fds.iter().map(|&fd| Inherit::new(fd)).collect::<std::io::Result<Vec<_>>>();
         let guards = guards.map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source })?;
         let child = cmd.spawn().map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source });
@@ -180,7 +181,11 @@ impl Swrk {
             if let Answer::Refuse(why) = answer {
                 refused.get_or_insert((note.script, why));
             }
-            self.send(&pb::CriuReq { r#type: pb::CriuReqType::Notify as i32, notify_success: Some(ok), ..Default::default() })?;
+            self.send(&pb::CriuReq {
+                r#type: pb::CriuReqType::Notify as i32,
+                notify_success: Some(ok),
+                ..Default::default()
+            })?;
         }
     }
 
@@ -231,7 +236,9 @@ impl Swrk {
         }
         let n = n as usize;
         if n > buf.len() {
-            return Err(RpcError::Receive(std::io::Error::other(format!("a message of {n} bytes (at most {MAX_MESSAGE})"))));
+            return Err(RpcError::Receive(std::io::Error::other(format!(
+                "a message of {n} bytes (at most {MAX_MESSAGE})"
+            ))));
         }
         Ok(pb::CriuResp::decode(&buf[..n])?)
     }
@@ -308,7 +315,8 @@ mod tests {
     static SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn criu() -> PathBuf {
-        which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/").expect("CRIU is installed (scripts/setup)")
+        which::which_in("criu", Some("/usr/local/sbin:/usr/sbin:/sbin"), "/")
+            .expect("CRIU is installed (scripts/setup)")
     }
 
     #[test]
@@ -355,14 +363,22 @@ mod tests {
             r
         };
         let ok = dump(&dir.path().join("a"), Answer::Proceed).unwrap();
-        assert!(ok.resp.success, "{:?}\n{}", ok.failure(), std::fs::read_to_string(dir.path().join("a/dump.log")).unwrap_or_default());
+        assert!(
+            ok.resp.success,
+            "{:?}\n{}",
+            ok.failure(),
+            std::fs::read_to_string(dir.path().join("a/dump.log")).unwrap_or_default()
+        );
         let pre = ok.notified.iter().position(|n| n == "pre-dump").expect("pre-dump notified");
         let post = ok.notified.iter().position(|n| n == "post-dump").expect("post-dump notified");
         assert!(pre < post, "{:?}", ok.notified);
         assert!(dir.path().join("a").join("inventory.img").is_file(), "CRIU wrote the images");
 
         let refused = dump(&dir.path().join("b"), Answer::Refuse("not today".into())).unwrap_err();
-        assert!(matches!(&refused, RpcError::Refused { script, refused } if script == "post-dump" && refused == "not today"), "{refused}");
+        assert!(
+            matches!(&refused, RpcError::Refused { script, refused } if script == "post-dump" && refused == "not today"),
+            "{refused}"
+        );
         assert!(sleeper.try_wait().unwrap().is_none(), "the process runs on after a refused dump");
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
@@ -372,7 +388,8 @@ mod tests {
     fn a_silent_criu_is_killed_at_the_deadline() {
         let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
         // `sleep` stands in for a criu that never answers.
-        let mut s = Swrk::start(Path::new("/bin/sleep"), &[], None, Instant::now() + Duration::from_millis(200)).unwrap();
+        let mut s =
+            Swrk::start(Path::new("/bin/sleep"), &[], None, Instant::now() + Duration::from_millis(200)).unwrap();
         let pid = s.pid();
         let req = pb::CriuReq { r#type: pb::CriuReqType::Version as i32, ..Default::default() };
         // sleep exits at once on its bad argument: the conversation ends or times out, never hangs.

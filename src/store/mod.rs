@@ -17,6 +17,7 @@ pub mod seal;
 pub mod shm;
 pub mod stored;
 pub mod tmpfs;
+pub mod tree_files;
 pub mod verify;
 pub mod written;
 

@@ -174,7 +174,14 @@ impl<W: Write> Sealer<W> {
         }
         out.write_all(MAGIC)?;
         out.write_all(&prefix)?;
-        Ok(Sealer { out, cipher: key.cipher(), prefix, aad_name: name.to_string(), held: Vec::with_capacity(CHUNK), n: 0 })
+        Ok(Sealer {
+            out,
+            cipher: key.cipher(),
+            prefix,
+            aad_name: name.to_string(),
+            held: Vec::with_capacity(CHUNK),
+            n: 0,
+        })
     }
 
     fn seal_held(&mut self, last: bool) -> std::io::Result<()> {

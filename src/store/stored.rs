@@ -3,8 +3,8 @@
 //! disk, so no image is read back to be hashed, compressed or sealed. Writeback starts as the
 //! file grows, so the fsync that makes the checkpoint durable mostly finds nothing left to do.
 
-use super::seal::{Key, Sealer};
 use super::manifest::ImageFile;
+use super::seal::{Key, Sealer};
 use super::StoreError;
 use std::fs::File;
 use std::io::Write;
@@ -114,7 +114,9 @@ impl StoredWriter {
             (false, None) => Chain::Plain(disk),
             (false, Some(k)) => Chain::Sealed(Sealer::new(disk, &sealed_name, k).map_err(write)?),
             (true, None) => Chain::Compressed(encoder(disk, level).map_err(write)?),
-            (true, Some(k)) => Chain::Both(encoder(Sealer::new(disk, &sealed_name, k).map_err(write)?, level).map_err(write)?),
+            (true, Some(k)) => {
+                Chain::Both(encoder(Sealer::new(disk, &sealed_name, k).map_err(write)?, level).map_err(write)?)
+            }
         };
         let rel = format!("{}/{stored}", super::checkpoints::IMAGES_DIR);
         Ok(StoredWriter { chain, rel })
