@@ -56,16 +56,21 @@ impl Frozen<'_> {
         Ok(self.pending.write_draft(&draft)?)
     }
 
-    /// Everything of a stopping dump: the checks, the records, the frozen tree's mappings, and
-    /// the checkpoint made durable, every image hashed from the disk (never inferred). The
-    /// draft is read and written once: the tree is frozen meanwhile.
-    pub fn check_record_and_finalize(&self, key: Option<&crate::store::seal::Key>) -> Result<Checkpoint, Refusal> {
+    /// Everything of a stopping dump before it is made durable: the checks, the records and
+    /// the frozen tree's mappings. The draft is read and written once: the tree is frozen
+    /// meanwhile. [`Self::finalize`] follows, unless the caller refuses first.
+    pub fn check_and_record_frozen(&self) -> Result<(), Refusal> {
         self.refuse_unrestorable()?;
         let mut draft = self.pending.read_draft()?;
         self.record_frozen_mappings(&mut draft)?;
         self.keep_shm_files(&mut draft)?;
         self.keep_open_files(&mut draft)?;
-        self.pending.write_draft(&draft)?;
+        Ok(self.pending.write_draft(&draft)?)
+    }
+
+    /// The checkpoint of a stopping dump made durable, every image hashed from the disk (never
+    /// inferred).
+    pub fn finalize(&self, key: Option<&crate::store::seal::Key>) -> Result<Checkpoint, Refusal> {
         Ok(self.pending.finalize_sealed(key)?)
     }
 
@@ -105,7 +110,8 @@ impl Frozen<'_> {
         let images = self.pending.images_dir();
         let deadline = Some(self.deadline);
         let files = |e: &dyn std::fmt::Display| Refusal::Files(e.to_string());
-        let (dirs, tmp) = crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
+        let (dirs, tmp) =
+            crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         let written = crate::store::written::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         draft.tmpfs_dirs = (!dirs.is_empty()).then_some(dirs);
         draft.tmpfs_files = (!tmp.is_empty()).then_some(tmp);
