@@ -1,11 +1,13 @@
 //! Taking one checkpoint. A stopping dump is finalized at CRIU's post-dump notification while
 //! the service is frozen (in this process: criu::post_dump), so the service is killed only once
-//! the checkpoint is durable; a dump that
+//! the checkpoint is durable, and only if the stop is still asked for then (a kill-port client
+//! admitted for its silence may have spoken or left since: kill_port::StopGate); a dump that
 //! keeps the service running is finalized after CRIU returns. A failed dump is discarded and
 //! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched. A dump past
 //! `dump_timeout` is killed and the service resumed. After a success, retention runs.
 
 use super::context::Context;
+use super::kill_port::StopGate;
 use super::protocol::CheckpointReport;
 use super::slots::{self, SlotKind};
 use crate::criu::post_dump::{Frozen, Refusal};
@@ -29,12 +31,14 @@ pub enum DumpProgress {
     Progress(String),
 }
 
-/// `progress` hears when the dump has to queue for a host slot, and when it got one.
+/// `progress` hears when the dump has to queue for a host slot, and when it got one. A stop
+/// stands only if `gate` (who asked for it) still says so at `post-dump`.
 pub fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
+    gate: Option<&StopGate>,
     progress: impl Fn(DumpProgress) + Sync,
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
@@ -42,7 +46,7 @@ pub fn take_checkpoint(
     let outcome = loop {
         attempt += 1;
         let mut retry = false;
-        match dump(ctx, init_pid, kind, dry, &progress, &mut retry) {
+        match dump(ctx, init_pid, kind, dry, gate, &progress, &mut retry) {
             Err(why) if retry && attempt < DUMP_ATTEMPTS => {
                 tracing::info!("dump refused, retrying: {why}");
                 std::thread::sleep(RETRY_PAUSE);
@@ -104,6 +108,7 @@ fn dump(
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
+    gate: Option<&StopGate>,
     progress: &(impl Fn(DumpProgress) + Sync),
     retry: &mut bool,
 ) -> Result<CheckpointReport, String> {
@@ -201,19 +206,7 @@ fn dump(
     // criu::post_dump); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
     let mut at_post_dump = |received: &crate::criu::page_server::Received| {
-        let done = if stopping {
-            frozen.check_record_and_finalize(key.as_ref(), received).map(drop)
-        } else {
-            frozen.check_and_record()
-        };
-        match done {
-            Ok(()) => Answer::Proceed,
-            Err(r) => {
-                let why = r.to_string();
-                refusal = Some(r);
-                Answer::Refuse(why)
-            }
-        }
+        answer_post_dump(&frozen, received, stopping, key.as_ref(), gate, &mut refusal)
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
@@ -287,8 +280,14 @@ fn dump(
                 }
                 None => {
                     resume(init_pid, &pending.dir, killed);
-                    *retry = refusal.as_ref().is_some_and(Refusal::passing);
-                    Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
+                    match gate.and_then(StopGate::called_off) {
+                        // Not a failed dump: CRIU's log is not kept as the last failed one.
+                        Some(withdrawn) => Err(withdrawn.to_string()),
+                        None => {
+                            *retry = refusal.as_ref().is_some_and(Refusal::passing);
+                            Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
+                        }
+                    }
                 }
             }
         }
@@ -318,6 +317,39 @@ fn dump(
         Err(e) => {
             pending.discard();
             Err(e)
+        }
+    }
+}
+
+/// What the dump's `post-dump` answers while CRIU holds the tree frozen. A dump that keeps the
+/// service running: the checks and records. A stopping one: the same, then the stop asked
+/// again of whoever asked for it (`gate`: the last moment before CRIU ends the service), then
+/// the checkpoint made durable. `refusal` keeps the cause of a refusal of criu::post_dump's.
+fn answer_post_dump(
+    frozen: &Frozen,
+    received: &crate::criu::page_server::Received,
+    stopping: bool,
+    key: Option<&crate::store::seal::Key>,
+    gate: Option<&StopGate>,
+    refusal: &mut Option<Refusal>,
+) -> Answer {
+    let done = if stopping {
+        frozen.check_and_record_frozen().map(|()| gate.map_or(Ok(()), StopGate::check))
+    } else {
+        frozen.check_and_record().map(Ok)
+    };
+    let done = match done {
+        Ok(Err(withdrawn)) => return Answer::Refuse(withdrawn.to_string()),
+        Ok(Ok(())) if stopping => frozen.finalize(key, received).map(drop),
+        Ok(Ok(())) => Ok(()),
+        Err(r) => Err(r),
+    };
+    match done {
+        Ok(()) => Answer::Proceed,
+        Err(r) => {
+            let why = r.to_string();
+            *refusal = Some(r);
+            Answer::Refuse(why)
         }
     }
 }
