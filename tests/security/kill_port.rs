@@ -82,20 +82,23 @@ fn tls_hellos_and_any_http_verb_are_refused_even_from_the_service_user() {
             ),
         )
     };
+    // A client paused for more than the 5 ms silence between its connect and its first bytes
+    // (a loaded machine) is refused later, at post-dump, with the stop called off: as safe.
+    let refused = |reply: &str, first: &str| reply.starts_with(first) || reply.starts_with("ERROR the stop was called off");
     // What `curl -k https://127.0.0.1:PORT/` sends first: a TLS record of type handshake.
     let tls = send("bytes([0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]) + bytes(160)");
-    assert!(tls.starts_with("refused: this is the kill port of browsed"), "{tls}");
+    assert!(refused(&tls, "refused: this is the kill port of browsed"), "{tls}");
     for request in [
         "b'PURGE / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'",
         "b'PROPFIND / HTTP/1.1\\r\\n\\r\\n'",
         "b'GET / HTTP/1.1\\r\\n\\r\\n'",
     ] {
         let reply = send(request);
-        assert!(reply.starts_with("refused: this is the kill port of browsed"), "{request}: {reply}");
+        assert!(refused(&reply, "refused: this is the kill port of browsed"), "{request}: {reply}");
     }
     for other in ["b'\\xff\\xfd\\x18'", "b'\\r\\n'", "b'stop now\\n'", "b'STOP\\n'", "b'sto'"] {
         let reply = send(other);
-        assert!(reply.starts_with("refused: the kill port of browsed takes only"), "{other}: {reply}");
+        assert!(refused(&reply, "refused: the kill port of browsed takes only"), "{other}: {reply}");
     }
     assert!(http_json(http).is_some(), "the service still runs");
     assert_eq!(checkpoints(&env, "browsed"), 0, "nothing was dumped");
