@@ -84,7 +84,8 @@ fn tls_hellos_and_any_http_verb_are_refused_even_from_the_service_user() {
     };
     // A client paused for more than the 5 ms silence between its connect and its first bytes
     // (a loaded machine) is refused later, at post-dump, with the stop called off: as safe.
-    let refused = |reply: &str, first: &str| reply.starts_with(first) || reply.starts_with("ERROR the stop was called off");
+    let refused =
+        |reply: &str, first: &str| reply.starts_with(first) || reply.starts_with("ERROR the stop was called off");
     // What `curl -k https://127.0.0.1:PORT/` sends first: a TLS record of type handshake.
     let tls = send("bytes([0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]) + bytes(160)");
     assert!(refused(&tls, "refused: this is the kill port of browsed"), "{tls}");
