@@ -216,4 +216,168 @@ mod tests {
         }
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
+
+    const PINNED: &str = r#"# HELP stasis_up Whether the service runs under its supervisor (1) or not (0).
+# TYPE stasis_up gauge
+stasis_up{service="redis"} 1
+stasis_up{service="we\"ird\\name"} 0
+# HELP stasis_checkpoint_age_seconds Age of the newest good checkpoint.
+# TYPE stasis_checkpoint_age_seconds gauge
+stasis_checkpoint_age_seconds{service="redis"} AGE
+# HELP stasis_checkpoint_fresh Whether the newest checkpoint is fresh (the next start restores it).
+# TYPE stasis_checkpoint_fresh gauge
+stasis_checkpoint_fresh{service="redis"} 1
+# HELP stasis_checkpoint_bytes Size of the newest good checkpoint.
+# TYPE stasis_checkpoint_bytes gauge
+stasis_checkpoint_bytes{service="redis"} 4096
+# HELP stasis_checkpoint_freeze_seconds How long the service was frozen for the newest checkpoint.
+# TYPE stasis_checkpoint_freeze_seconds gauge
+stasis_checkpoint_freeze_seconds{service="redis"} 0.012
+# HELP stasis_checkpoint_dump_seconds Duration of the dump of the newest checkpoint.
+# TYPE stasis_checkpoint_dump_seconds gauge
+stasis_checkpoint_dump_seconds{service="redis"} 0.345
+# HELP stasis_checkpoint_fsync_seconds Time to make the newest checkpoint durable.
+# TYPE stasis_checkpoint_fsync_seconds gauge
+stasis_checkpoint_fsync_seconds{service="redis"} 0.006
+# HELP stasis_checkpoint_restore_seconds Duration of the last restore of the newest checkpoint.
+# TYPE stasis_checkpoint_restore_seconds gauge
+stasis_checkpoint_restore_seconds{service="redis"} 1.5
+# HELP stasis_checkpoints Checkpoints kept.
+# TYPE stasis_checkpoints gauge
+stasis_checkpoints{service="redis"} 1
+stasis_checkpoints{service="we\"ird\\name"} 0
+# HELP stasis_restores_total Starts that restored a checkpoint.
+# TYPE stasis_restores_total counter
+stasis_restores_total{service="redis"} 1
+stasis_restores_total{service="we\"ird\\name"} 0
+# HELP stasis_cold_starts_total Starts that cold-launched the service.
+# TYPE stasis_cold_starts_total counter
+stasis_cold_starts_total{service="redis"} 2
+stasis_cold_starts_total{service="we\"ird\\name"} 0
+# HELP stasis_restore_fallbacks_total Starts that did not restore the newest checkpoint (stale, damaged, incompatible, failed).
+# TYPE stasis_restore_fallbacks_total counter
+stasis_restore_fallbacks_total{service="redis"} 3
+stasis_restore_fallbacks_total{service="we\"ird\\name"} 0
+# HELP stasis_checkpoints_total Checkpoints taken.
+# TYPE stasis_checkpoints_total counter
+stasis_checkpoints_total{service="redis"} 4
+stasis_checkpoints_total{service="we\"ird\\name"} 0
+# HELP stasis_checkpoint_failures_total Checkpoints that failed.
+# TYPE stasis_checkpoint_failures_total counter
+stasis_checkpoint_failures_total{service="redis"} 5
+stasis_checkpoint_failures_total{service="we\"ird\\name"} 0
+# HELP stasis_periodic_checkpoints_skipped_total Periodic checkpoints skipped for lack of disk space (min_free_bytes).
+# TYPE stasis_periodic_checkpoints_skipped_total counter
+stasis_periodic_checkpoints_skipped_total{service="redis"} 6
+stasis_periodic_checkpoints_skipped_total{service="we\"ird\\name"} 0
+# HELP stasis_freeze_over_budget_total Checkpoints that froze the service longer than max_freeze_ms.
+# TYPE stasis_freeze_over_budget_total counter
+stasis_freeze_over_budget_total{service="redis"} 7
+stasis_freeze_over_budget_total{service="we\"ird\\name"} 0
+# HELP stasis_restarts_total Times the supervisor brought the service back after it exited (restart).
+# TYPE stasis_restarts_total counter
+stasis_restarts_total{service="redis"} 8
+stasis_restarts_total{service="we\"ird\\name"} 0
+"#;
+
+    /// A service up under its supervisor with one good checkpoint and every counter set, and one
+    /// with nothing but a state directory (and a name that needs escaping): the whole text, byte
+    /// for byte, save the age, which moves with the clock.
+    #[test]
+    fn exposition_is_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(
+            d.path().join("c"),
+            d.path().join("s"),
+            d.path().join("r"),
+            Some(d.path().into()),
+            d.path().join("h"),
+        );
+        let paths = dirs.service("redis");
+        std::fs::create_dir_all(&paths.root).unwrap();
+        std::fs::create_dir_all(dirs.service("we\"ird\\name").root).unwrap();
+        let _held = match lock::acquire(&paths.lock).unwrap() {
+            lock::Acquired::Yes(l) => l,
+            lock::Acquired::HeldBy(pid) => panic!("held by {pid}"),
+        };
+        StatusRecord {
+            name: "redis".into(),
+            state: crate::supervisor::status::ServiceState::Running,
+            init_pid: None,
+            supervisor_pid: None,
+            started_from: None,
+            restored_checkpoint: None,
+            fallback_reason: None,
+            since: "2026-01-01T00:00:00Z".into(),
+            message: None,
+            restore_ms: None,
+            restarts: 0,
+        }
+        .write(&paths)
+        .unwrap();
+        let store = CheckpointStore::new(&paths);
+        let pending = store.begin(store.take_generation().unwrap()).unwrap();
+        std::fs::write(pending.images_dir().join("pages-1.img"), b"pages").unwrap();
+        pending
+            .write_draft(&crate::store::Manifest {
+                format: crate::store::manifest_format(),
+                id: pending.id.clone(),
+                generation: Some(1),
+                service: "redis".into(),
+                kind: crate::store::DumpKind::Stop,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                stasis_version: "0".into(),
+                criu_version: "4.2.1".into(),
+                kernel_version: Some("6.18".into()),
+                config_digest: Some("c".into()),
+                init_binary: "/x".into(),
+                stdout_pipe_inode: Some(7),
+                size_bytes: 0,
+                hash_algorithm: None,
+                images: None,
+                executables: Some(Vec::new()),
+                timings: None,
+                compression: None,
+                encryption: None,
+                shm_files: None,
+                tmpfs_dirs: None,
+                tmpfs_files: None,
+                written_files: None,
+                unknown: Default::default(),
+            })
+            .unwrap();
+        let mut cp = pending.finalize().unwrap();
+        // The size finalize measures holds the fsync time it took, in digits: pinned instead.
+        cp.manifest.size_bytes = 4096;
+        cp.record_timings(|t| {
+            t.freeze_ms = Some(12);
+            t.dump_ms = Some(345);
+            t.fsync_ms = Some(6);
+            t.restore_ms = Some(1500);
+        })
+        .unwrap();
+        counters::bump(&paths.root, |c| {
+            *c = counters::Counters {
+                restores: 1,
+                cold_starts: 2,
+                restore_fallbacks: 3,
+                checkpoints: 4,
+                checkpoint_failures: 5,
+                periodic_skipped: 6,
+                freeze_over_budget: 7,
+                restarts: 8,
+            }
+        });
+        let text: String = render(&dirs)
+            .lines()
+            .map(|l| match l.strip_prefix("stasis_checkpoint_age_seconds{service=\"redis\"} ") {
+                Some(age) => {
+                    assert!(age.parse::<f64>().unwrap() > 0.0, "{l}");
+                    "stasis_checkpoint_age_seconds{service=\"redis\"} AGE\n".to_string()
+                }
+                None => format!("{l}\n"),
+            })
+            .collect();
+        assert_eq!(text, PINNED);
+    }
 }
