@@ -1,25 +1,122 @@
 //! Prometheus text exposition of every service of the host (`stasis metrics`, and the
 //! `metrics_file` of the host config, rewritten atomically by the supervisors for
 //! node_exporter's textfile collector).
+//!
+//! It is the supervisor's: every figure in it is one the supervisors keep (their locks, status
+//! records, counters and checkpoints), and they rewrite the file at every change. The CLI, above,
+//! only prints what this renders; were it above the supervisor, the supervisor would import up.
 
-use crate::paths::Dirs;
-use crate::store::{counters, CheckpointStore};
-use crate::supervisor::{lock, status::StatusRecord};
+use super::{lock, status::StatusRecord};
+use crate::paths::{Dirs, ServicePaths};
+use crate::store::counters::{self, Counters};
+use crate::store::{CheckpointStore, Freshness, Manifest, Timings};
 use std::fmt::Write;
 use std::time::SystemTime;
 
-/// One sample: a metric name, the service it is about, its value.
-struct Sample {
-    service: String,
-    value: f64,
+/// What the exposition says of one service, read once for every family.
+struct Reading {
+    up: bool,
+    newest: Option<Newest>,
+    /// Checkpoints whose manifest can be read.
+    kept: usize,
+    counters: Counters,
 }
 
+/// The newest good checkpoint of a service.
+struct Newest {
+    /// None when its creation time cannot be read.
+    age_seconds: Option<f64>,
+    fresh: bool,
+    bytes: u64,
+    timings: Timings,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        }
+    }
+}
+
+/// A metric family: a service without a value (no checkpoint, say) has no sample in it, and a
+/// family without samples is left out.
 struct Family {
     name: &'static str,
-    kind: &'static str,
+    kind: Kind,
     help: &'static str,
-    samples: Vec<Sample>,
+    value: fn(&Reading) -> Option<f64>,
 }
+
+const fn gauge(name: &'static str, help: &'static str, value: fn(&Reading) -> Option<f64>) -> Family {
+    Family { name, kind: Kind::Gauge, help, value }
+}
+
+const fn counter(name: &'static str, help: &'static str, value: fn(&Reading) -> Option<f64>) -> Family {
+    Family { name, kind: Kind::Counter, help, value }
+}
+
+fn flag(b: bool) -> f64 {
+    f64::from(u8::from(b))
+}
+
+fn seconds(ms: Option<u64>) -> Option<f64> {
+    ms.map(|ms| ms as f64 / 1000.0)
+}
+
+/// Every family, in the order of the text.
+const FAMILIES: [Family; 17] = [
+    gauge("stasis_up", "Whether the service runs under its supervisor (1) or not (0).", |r| Some(flag(r.up))),
+    gauge("stasis_checkpoint_age_seconds", "Age of the newest good checkpoint.", |r| r.newest.as_ref()?.age_seconds),
+    gauge("stasis_checkpoint_fresh", "Whether the newest checkpoint is fresh (the next start restores it).", |r| {
+        Some(flag(r.newest.as_ref()?.fresh))
+    }),
+    gauge("stasis_checkpoint_bytes", "Size of the newest good checkpoint.", |r| Some(r.newest.as_ref()?.bytes as f64)),
+    gauge("stasis_checkpoint_freeze_seconds", "How long the service was frozen for the newest checkpoint.", |r| {
+        seconds(r.newest.as_ref()?.timings.freeze_ms)
+    }),
+    gauge("stasis_checkpoint_dump_seconds", "Duration of the dump of the newest checkpoint.", |r| {
+        seconds(r.newest.as_ref()?.timings.dump_ms)
+    }),
+    gauge("stasis_checkpoint_fsync_seconds", "Time to make the newest checkpoint durable.", |r| {
+        seconds(r.newest.as_ref()?.timings.fsync_ms)
+    }),
+    gauge("stasis_checkpoint_restore_seconds", "Duration of the last restore of the newest checkpoint.", |r| {
+        seconds(r.newest.as_ref()?.timings.restore_ms)
+    }),
+    gauge("stasis_checkpoints", "Checkpoints kept.", |r| Some(r.kept as f64)),
+    counter("stasis_restores_total", "Starts that restored a checkpoint.", |r| Some(r.counters.restores as f64)),
+    counter("stasis_cold_starts_total", "Starts that cold-launched the service.", |r| {
+        Some(r.counters.cold_starts as f64)
+    }),
+    counter(
+        "stasis_restore_fallbacks_total",
+        "Starts that did not restore the newest checkpoint (stale, damaged, incompatible, failed).",
+        |r| Some(r.counters.restore_fallbacks as f64),
+    ),
+    counter("stasis_checkpoints_total", "Checkpoints taken.", |r| Some(r.counters.checkpoints as f64)),
+    counter("stasis_checkpoint_failures_total", "Checkpoints that failed.", |r| {
+        Some(r.counters.checkpoint_failures as f64)
+    }),
+    counter(
+        "stasis_periodic_checkpoints_skipped_total",
+        "Periodic checkpoints skipped for lack of disk space (min_free_bytes).",
+        |r| Some(r.counters.periodic_skipped as f64),
+    ),
+    counter("stasis_freeze_over_budget_total", "Checkpoints that froze the service longer than max_freeze_ms.", |r| {
+        Some(r.counters.freeze_over_budget as f64)
+    }),
+    counter("stasis_restarts_total", "Times the supervisor brought the service back after it exited (restart).", |r| {
+        Some(r.counters.restarts as f64)
+    }),
+];
 
 /// Label values are quoted; backslash, quote and newline are escaped as the format says.
 fn escape(v: &str) -> String {
@@ -27,149 +124,58 @@ fn escape(v: &str) -> String {
 }
 
 pub fn render(dirs: &Dirs) -> String {
-    let mut families = vec![
-        Family {
-            name: "stasis_up",
-            kind: "gauge",
-            help: "Whether the service runs under its supervisor (1) or not (0).",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_age_seconds",
-            kind: "gauge",
-            help: "Age of the newest good checkpoint.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_fresh",
-            kind: "gauge",
-            help: "Whether the newest checkpoint is fresh (the next start restores it).",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_bytes",
-            kind: "gauge",
-            help: "Size of the newest good checkpoint.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_freeze_seconds",
-            kind: "gauge",
-            help: "How long the service was frozen for the newest checkpoint.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_dump_seconds",
-            kind: "gauge",
-            help: "Duration of the dump of the newest checkpoint.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_fsync_seconds",
-            kind: "gauge",
-            help: "Time to make the newest checkpoint durable.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_checkpoint_restore_seconds",
-            kind: "gauge",
-            help: "Duration of the last restore of the newest checkpoint.",
-            samples: vec![],
-        },
-        Family { name: "stasis_checkpoints", kind: "gauge", help: "Checkpoints kept.", samples: vec![] },
-        Family {
-            name: "stasis_restores_total",
-            kind: "counter",
-            help: "Starts that restored a checkpoint.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_cold_starts_total",
-            kind: "counter",
-            help: "Starts that cold-launched the service.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_restore_fallbacks_total",
-            kind: "counter",
-            help: "Starts that did not restore the newest checkpoint (stale, damaged, incompatible, failed).",
-            samples: vec![],
-        },
-        Family { name: "stasis_checkpoints_total", kind: "counter", help: "Checkpoints taken.", samples: vec![] },
-        Family {
-            name: "stasis_checkpoint_failures_total",
-            kind: "counter",
-            help: "Checkpoints that failed.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_periodic_checkpoints_skipped_total",
-            kind: "counter",
-            help: "Periodic checkpoints skipped for lack of disk space (min_free_bytes).",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_freeze_over_budget_total",
-            kind: "counter",
-            help: "Checkpoints that froze the service longer than max_freeze_ms.",
-            samples: vec![],
-        },
-        Family {
-            name: "stasis_restarts_total",
-            kind: "counter",
-            help: "Times the supervisor brought the service back after it exited (restart).",
-            samples: vec![],
-        },
-    ];
+    let readings = read_services(dirs);
+    let mut out = String::new();
+    for family in &FAMILIES {
+        write_family(&mut out, family, &readings);
+    }
+    out
+}
+
+/// Every service with a state directory, by name.
+fn read_services(dirs: &Dirs) -> Vec<(String, Reading)> {
     let mut names = dirs.services_with_state();
     names.sort();
     let now = SystemTime::now();
-    for name in names {
-        let paths = dirs.service(&name);
-        let mut put = |i: usize, value: f64| families[i].samples.push(Sample { service: name.clone(), value });
-        let up = lock::holder(&paths.lock).is_some() && StatusRecord::read(&paths).is_some_and(|r| r.state.is_up());
-        put(0, f64::from(u8::from(up)));
-        let store = CheckpointStore::new(&paths);
+    names.into_iter().map(|name| (name.clone(), Reading::of(&dirs.service(&name), now))).collect()
+}
+
+impl Reading {
+    fn of(paths: &ServicePaths, now: SystemTime) -> Reading {
+        // A status record outlives its supervisor: up only while the lock is held.
+        let up = lock::holder(&paths.lock).is_some() && StatusRecord::read(paths).is_some_and(|r| r.state.is_up());
+        let store = CheckpointStore::new(paths);
         let listed = store.list().unwrap_or_default();
-        if let Some(cp) = listed.iter().rev().find_map(|c| c.checkpoint()) {
-            let m = &cp.manifest;
-            if let Some(t) = crate::time_fmt::parse_rfc3339_utc(&m.created_at) {
-                put(1, now.duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0));
-            }
-            let fresh = store.generations().freshness(m.generation, m.kind) == crate::store::Freshness::Fresh;
-            put(2, f64::from(u8::from(fresh)));
-            put(3, m.size_bytes as f64);
-            let t = m.timings.clone().unwrap_or_default();
-            for (i, ms) in [(4, t.freeze_ms), (5, t.dump_ms), (6, t.fsync_ms), (7, t.restore_ms)] {
-                if let Some(ms) = ms {
-                    put(i, ms as f64 / 1000.0);
-                }
-            }
-        }
-        put(8, listed.iter().filter(|c| c.manifest.is_ok()).count() as f64);
-        let c = counters::load(&paths.root);
-        for (i, v) in [
-            (9, c.restores),
-            (10, c.cold_starts),
-            (11, c.restore_fallbacks),
-            (12, c.checkpoints),
-            (13, c.checkpoint_failures),
-            (14, c.periodic_skipped),
-            (15, c.freeze_over_budget),
-            (16, c.restarts),
-        ] {
-            put(i, v as f64);
+        let newest = listed.iter().rev().find_map(|c| c.checkpoint()).map(|cp| Newest::of(&store, &cp.manifest, now));
+        let kept = listed.iter().filter(|c| c.manifest.is_ok()).count();
+        Reading { up, newest, kept, counters: counters::load(&paths.root) }
+    }
+}
+
+impl Newest {
+    fn of(store: &CheckpointStore, m: &Manifest, now: SystemTime) -> Newest {
+        let age_seconds = crate::time_fmt::parse_rfc3339_utc(&m.created_at)
+            .map(|t| now.duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        Newest {
+            age_seconds,
+            fresh: store.generations().freshness(m.generation, m.kind) == Freshness::Fresh,
+            bytes: m.size_bytes,
+            timings: m.timings.clone().unwrap_or_default(),
         }
     }
-    let mut out = String::new();
-    for f in families.iter().filter(|f| !f.samples.is_empty()) {
-        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
-        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
-        for s in &f.samples {
-            let _ = writeln!(out, "{}{{service=\"{}\"}} {}", f.name, escape(&s.service), s.value);
-        }
+}
+
+fn write_family(out: &mut String, f: &Family, readings: &[(String, Reading)]) {
+    let samples: Vec<(&str, f64)> =
+        readings.iter().filter_map(|(name, r)| Some((name.as_str(), (f.value)(r)?))).collect();
+    if samples.is_empty() {
+        return;
     }
-    out
+    let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+    let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.as_str());
+    for (service, value) in samples {
+        let _ = writeln!(out, "{}{{service=\"{}\"}} {}", f.name, escape(service), value);
+    }
 }
 
 /// Rewrites the host's `metrics_file`, if one is configured (best effort: metrics never fail a
