@@ -707,4 +707,218 @@ mod tests {
         assert_eq!(parse_restart_limit("5 per 10m"), None);
         assert_eq!(parse_restart_limit("3 in 500ms"), None, "a window under a second is a typo");
     }
+
+    const PINNED_MANY: &str = r#"invalid service file /nonexistent/fuzz.yaml:
+  line 2, key `user`: user "no-such-user-xyz" does not exist; create it with `useradd --system --no-create-home --shell /usr/sbin/nologin no-such-user-xyz` or name an existing user
+  line 3, key `group`: group "no-such-group-xyz" does not exist; create it with `groupadd --system no-such-group-xyz` or remove the key to use the user's primary group
+  line 4, key `kill_port`: must be a TCP port between 1 and 65535
+  line 5, key `working_dir`: must be an absolute path, not "relative/dir"
+  line 7, key `environment.A=B`: variable names must be non-empty without '=' and values without NUL bytes
+  line 1, key `command[0]`: /nonexistent/prog does not exist or is not a file
+  line 9, key `criu.config`: "bad name" is not a config name (letters, digits, '-', '_'): it names a file in DIR
+  line 10, key `criu.options[0]`: "--bogus-option" is not an option of CRIU 4.2.1; remove it (options a service may add: --tcp-established, --tcp-close, --network-lock=VALUE, --file-locks, --skip-in-flight, --link-remap, --ext-unix-sk, --ghost-limit=VALUE, --allow-uprobes, and --no-NAME of each switch)
+  line 11, key `stop_timeout_secs`: 0 is out of range; use 1 to 3600 seconds
+  line 12, key `keep_checkpoints`: 0 is out of range; keep 1 to 1000 checkpoints (default 2)
+  line 13, key `on_incompatible`: "maybe" is not a choice; use `cold` (keep the checkpoint and cold-start) or `fail` (keep it and refuse to start)
+  line 14, key `on_file_changed`: "maybe" is not a choice; use `restore` (put the file back as the checkpoint expects, keeping what was added beside it) or `refuse` (keep the checkpoint and refuse to start)
+  line 15, key `dump_timeout`: soon is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 10m)
+  line 16, key `restore_timeout`: 0 is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 5m)
+  line 17, key `kill_port_users[0]`: user "no-such-user-xyz" does not exist; list existing users who may stop this service through its kill port
+  line 18, key `log_max_bytes`: 10 is too small; use at least 1048576 (1 MiB); the default is 64 MiB
+  line 19, key `log_keep`: 101 is out of range; keep 0 to 100 rotated logs (default 3)
+  key `ready.tcp`: "nope" is not HOST:PORT; write `ready: {tcp: "127.0.0.1:6390"}` (a connection is accepted), `ready: {exec: ["redis-cli", "-p", "6390", "ping"]}` (the command exits 0) or `ready: notify` (the service sends READY=1 to $NOTIFY_SOCKET)
+  line 21, key `ready_timeout`: 25h is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 1m)
+  line 22, key `checkpoint_every`: 0 is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 15m)
+  line 23, key `full_every`: 0 is out of range; a full dump after 1 to 1000 incremental ones (default 8)
+  line 24, key `max_freeze_ms`: 0 would warn about every checkpoint; give the longest freeze you accept in milliseconds, e.g. 100
+  line 25, key `restart`: sometimes is not a choice; use `no`, `on-failure` (after a non-zero exit or a signal) or `always`
+  line 26, key `restart_from`: "nowhere" is not a choice; use `cold` (a fresh launch) or `checkpoint` (the newest checkpoint, then older ones, then cold)
+  line 27, key `restart_backoff`: 1ms is not a duration between 100ms and 60s; write e.g. `1s` or `500ms` (the first restart's delay; each next one doubles, up to 60s)
+  line 28, key `restart_limit`: "lots" is not `COUNT in DURATION`; write e.g. `5 in 10m` (at most 5 restarts in any 10 minutes)
+  line 29, key `compression`: gzip is not a compression; write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)
+  line 30, key `encryption_key_file`: "relative.key" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"#;
+
+    const PINNED_ROOT: &str = r#"invalid service file /nonexistent/fuzz.yaml:
+  line 2, key `user`: user "root" is uid 0: the service would run as root; run it as its own user (`useradd --system --no-create-home --shell /usr/sbin/nologin NAME`), or add `allow_root: true` if it really needs root
+  key `criu.config`: DIR/missing.conf does not exist; pick one of default or pass --criu-config-dir
+  key `ready.exec`: must be a non-empty list of strings; write `ready: {tcp: "127.0.0.1:6390"}` (a connection is accepted), `ready: {exec: ["redis-cli", "-p", "6390", "ping"]}` (the command exits 0) or `ready: notify` (the service sends READY=1 to $NOTIFY_SOCKET)
+  line 7, key `compression`: zstd: 20 is not a compression; write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)
+  line 6, key `restart_from`: has no effect without `restart: on-failure` or `restart: always`"#;
+
+    const PINNED_ALL: &str = r#"Service {
+    name: "fuzz",
+    file: "/nonexistent/fuzz.yaml",
+    command: [
+        "sh",
+        "-c",
+        "sleep 1",
+    ],
+    uid: 0,
+    gid: 0,
+    supplementary_gids: [],
+    kill_port: 7000,
+    working_dir: "/tmp",
+    environment: [
+        (
+            "PATH",
+            "/bin",
+        ),
+        (
+            "USER",
+            "root",
+        ),
+        (
+            "LOGNAME",
+            "root",
+        ),
+        (
+            "A",
+            "b",
+        ),
+    ],
+    criu_config: "DIR/default.conf",
+    criu_options: [
+        "--tcp-established",
+    ],
+    stop_timeout: 7s,
+    restore_stale: true,
+    keep_checkpoints: 4,
+    on_incompatible: Fail,
+    on_file_changed: Refuse,
+    dump_timeout: 90s,
+    restore_timeout: 120s,
+    kill_port_uids: [
+        0,
+    ],
+    log_max_bytes: 2097152,
+    log_keep: 5,
+    ready: Some(
+        Tcp(
+            "127.0.0.1:7001",
+        ),
+    ),
+    ready_timeout: 30s,
+    checkpoint_every: Some(
+        900s,
+    ),
+    full_every: 3,
+    max_freeze: Some(
+        250ms,
+    ),
+    min_free_bytes: 1000,
+    restart: OnFailure,
+    restart_from: Checkpoint,
+    restart_backoff: 500ms,
+    restart_limit: RestartLimit {
+        count: 3,
+        within: 60s,
+    },
+    compression: Some(
+        9,
+    ),
+    encryption_key_file: Some(
+        "/nonexistent/stasis.key",
+    ),
+}"#;
+
+    /// A criu config dir of root's with an empty `default.conf`, and the text validate reports
+    /// (or the service it makes, with what depends on the host's root account left out), with
+    /// the temporary directory's path as DIR.
+    fn report(text: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("default.conf"), "").unwrap();
+        let dirs = crate::paths::Dirs::new("/c".into(), "/s".into(), "/r".into(), Some(d.path().into()), "/h".into());
+        let out = match crate::config::parse_and_validate_for_fuzzing(&dirs, text) {
+            Ok(mut s) => {
+                s.environment.retain(|(k, _)| k != "HOME" && k != "SHELL");
+                s.supplementary_gids.clear();
+                format!("{s:#?}")
+            }
+            Err(e) => e.to_string(),
+        };
+        out.replace(&d.path().display().to_string(), "DIR")
+    }
+
+    /// Every problem, in order: the report is pinned, so splitting or reordering the checks
+    /// cannot change it unnoticed.
+    #[test]
+    fn problems_are_reported_in_order() {
+        let text = r#"command: ["/nonexistent/prog", "a"]
+user: no-such-user-xyz
+group: no-such-group-xyz
+kill_port: 0
+working_dir: relative/dir
+environment:
+  "A=B": x
+criu:
+  config: "bad name"
+  options: ["--bogus-option"]
+stop_timeout_secs: 0
+keep_checkpoints: 0
+on_incompatible: maybe
+on_file_changed: maybe
+dump_timeout: soon
+restore_timeout: 0
+kill_port_users: [no-such-user-xyz]
+log_max_bytes: 10
+log_keep: 101
+ready: {tcp: "nope"}
+ready_timeout: 25h
+checkpoint_every: 0
+full_every: 0
+max_freeze_ms: 0
+restart: sometimes
+restart_from: nowhere
+restart_backoff: 1ms
+restart_limit: lots
+compression: gzip
+encryption_key_file: relative.key
+"#;
+        assert_eq!(report(text), PINNED_MANY);
+        let text = r#"command: [sh]
+user: root
+kill_port: 7000
+criu: {config: missing}
+ready: {exec: []}
+restart_from: checkpoint
+compression: {zstd: 20}
+"#;
+        assert_eq!(report(text), PINNED_ROOT);
+    }
+
+    /// A service with every key set: each value lands in its own field.
+    #[test]
+    fn every_key_lands_in_its_field() {
+        let text = r#"command: [sh, -c, "sleep 1"]
+user: root
+allow_root: true
+kill_port: 7000
+working_dir: /tmp
+environment: {A: b, PATH: /bin}
+criu: {options: ["--tcp-established"]}
+stop_timeout_secs: 7
+restore_stale: true
+keep_checkpoints: 4
+on_incompatible: fail
+on_file_changed: refuse
+dump_timeout: 90s
+restore_timeout: 2m
+kill_port_users: [root]
+log_max_bytes: 2097152
+log_keep: 5
+ready: {tcp: "127.0.0.1:7001"}
+ready_timeout: 30
+checkpoint_every: 15m
+full_every: 3
+max_freeze_ms: 250
+min_free_bytes: 1000
+restart: on-failure
+restart_from: checkpoint
+restart_backoff: 500ms
+restart_limit: 3 in 1m
+compression: {zstd: 9}
+encryption_key_file: /nonexistent/stasis.key
+"#;
+        assert_eq!(report(text), PINNED_ALL);
+    }
 }
