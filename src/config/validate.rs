@@ -339,14 +339,9 @@ struct CheckpointPolicy {
 fn checkpoint_policy(c: &mut Checker, file: &ServiceFile) -> CheckpointPolicy {
     let stop_timeout = in_range(c, "stop_timeout_secs", file.stop_timeout_secs, 1..=3600, "use 1 to 3600 seconds")
         .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
-    let keep_checkpoints = in_range(
-        c,
-        "keep_checkpoints",
-        file.keep_checkpoints,
-        1..=MAX_KEEP_CHECKPOINTS,
-        &format!("keep 1 to {MAX_KEEP_CHECKPOINTS} checkpoints (default {DEFAULT_KEEP_CHECKPOINTS})"),
-    )
-    .map_or(DEFAULT_KEEP_CHECKPOINTS, |n| n as usize);
+    let fix = format!("keep 1 to {MAX_KEEP_CHECKPOINTS} checkpoints (default {DEFAULT_KEEP_CHECKPOINTS})");
+    let keep_checkpoints = in_range(c, "keep_checkpoints", file.keep_checkpoints, 1..=MAX_KEEP_CHECKPOINTS, &fix)
+        .map_or(DEFAULT_KEEP_CHECKPOINTS, |n| n as usize);
     let on_incompatible = choice(
         c,
         "on_incompatible",
@@ -400,14 +395,8 @@ fn log_rotation(c: &mut Checker, file: &ServiceFile) -> LogRotation {
             DEFAULT_LOG_MAX_BYTES
         }
     };
-    let keep = in_range(
-        c,
-        "log_keep",
-        file.log_keep,
-        0..=100,
-        &format!("keep 0 to 100 rotated logs (default {DEFAULT_LOG_KEEP})"),
-    )
-    .map_or(DEFAULT_LOG_KEEP, |n| n as usize);
+    let fix = format!("keep 0 to 100 rotated logs (default {DEFAULT_LOG_KEEP})");
+    let keep = in_range(c, "log_keep", file.log_keep, 0..=100, &fix).map_or(DEFAULT_LOG_KEEP, |n| n as usize);
     LogRotation { max_bytes, keep }
 }
 
@@ -422,14 +411,9 @@ struct Periodic {
 fn periodic(c: &mut Checker, file: &ServiceFile) -> Periodic {
     let every =
         file.checkpoint_every.as_ref().map(|v| timeout(c, "checkpoint_every", Some(v), Duration::from_secs(900)));
-    let full_every = in_range(
-        c,
-        "full_every",
-        file.full_every,
-        1..=1000,
-        &format!("a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})"),
-    )
-    .map_or(DEFAULT_FULL_EVERY, |n| n as u32);
+    let fix = format!("a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})");
+    let full_every =
+        in_range(c, "full_every", file.full_every, 1..=1000, &fix).map_or(DEFAULT_FULL_EVERY, |n| n as u32);
     let max_freeze = match file.max_freeze_ms {
         Some(0) => {
             c.fail(

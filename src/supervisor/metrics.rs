@@ -31,36 +31,50 @@ struct Newest {
     timings: Timings,
 }
 
+/// Where a family's figure comes from, which also says its type: what `counters.json` counts is
+/// a counter, the rest are gauges.
 #[derive(Clone, Copy)]
-enum Kind {
-    Gauge,
-    Counter,
+enum Source {
+    Service(fn(&Reading) -> f64),
+    /// A service without a checkpoint, or a checkpoint without the figure, has no sample.
+    Newest(fn(&Newest) -> Option<f64>),
+    Counter(fn(&Counters) -> u64),
 }
 
-impl Kind {
-    fn as_str(self) -> &'static str {
+impl Source {
+    fn value(self, r: &Reading) -> Option<f64> {
         match self {
-            Kind::Gauge => "gauge",
-            Kind::Counter => "counter",
+            Source::Service(f) => Some(f(r)),
+            Source::Newest(f) => f(r.newest.as_ref()?),
+            Source::Counter(f) => Some(f(&r.counters) as f64),
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Source::Counter(_) => "counter",
+            Source::Service(_) | Source::Newest(_) => "gauge",
         }
     }
 }
 
-/// A metric family: a service without a value (no checkpoint, say) has no sample in it, and a
-/// family without samples is left out.
+/// A family without samples is left out.
 struct Family {
     name: &'static str,
-    kind: Kind,
     help: &'static str,
-    value: fn(&Reading) -> Option<f64>,
+    source: Source,
 }
 
-const fn gauge(name: &'static str, help: &'static str, value: fn(&Reading) -> Option<f64>) -> Family {
-    Family { name, kind: Kind::Gauge, help, value }
+const fn service(name: &'static str, help: &'static str, f: fn(&Reading) -> f64) -> Family {
+    Family { name, help, source: Source::Service(f) }
 }
 
-const fn counter(name: &'static str, help: &'static str, value: fn(&Reading) -> Option<f64>) -> Family {
-    Family { name, kind: Kind::Counter, help, value }
+const fn newest(name: &'static str, help: &'static str, f: fn(&Newest) -> Option<f64>) -> Family {
+    Family { name, help, source: Source::Newest(f) }
+}
+
+const fn counter(name: &'static str, help: &'static str, f: fn(&Counters) -> u64) -> Family {
+    Family { name, help, source: Source::Counter(f) }
 }
 
 fn flag(b: bool) -> f64 {
@@ -73,48 +87,44 @@ fn seconds(ms: Option<u64>) -> Option<f64> {
 
 /// Every family, in the order of the text.
 const FAMILIES: [Family; 17] = [
-    gauge("stasis_up", "Whether the service runs under its supervisor (1) or not (0).", |r| Some(flag(r.up))),
-    gauge("stasis_checkpoint_age_seconds", "Age of the newest good checkpoint.", |r| r.newest.as_ref()?.age_seconds),
-    gauge("stasis_checkpoint_fresh", "Whether the newest checkpoint is fresh (the next start restores it).", |r| {
-        Some(flag(r.newest.as_ref()?.fresh))
+    service("stasis_up", "Whether the service runs under its supervisor (1) or not (0).", |r| flag(r.up)),
+    newest("stasis_checkpoint_age_seconds", "Age of the newest good checkpoint.", |n| n.age_seconds),
+    newest("stasis_checkpoint_fresh", "Whether the newest checkpoint is fresh (the next start restores it).", |n| {
+        Some(flag(n.fresh))
     }),
-    gauge("stasis_checkpoint_bytes", "Size of the newest good checkpoint.", |r| Some(r.newest.as_ref()?.bytes as f64)),
-    gauge("stasis_checkpoint_freeze_seconds", "How long the service was frozen for the newest checkpoint.", |r| {
-        seconds(r.newest.as_ref()?.timings.freeze_ms)
+    newest("stasis_checkpoint_bytes", "Size of the newest good checkpoint.", |n| Some(n.bytes as f64)),
+    newest("stasis_checkpoint_freeze_seconds", "How long the service was frozen for the newest checkpoint.", |n| {
+        seconds(n.timings.freeze_ms)
     }),
-    gauge("stasis_checkpoint_dump_seconds", "Duration of the dump of the newest checkpoint.", |r| {
-        seconds(r.newest.as_ref()?.timings.dump_ms)
+    newest("stasis_checkpoint_dump_seconds", "Duration of the dump of the newest checkpoint.", |n| {
+        seconds(n.timings.dump_ms)
     }),
-    gauge("stasis_checkpoint_fsync_seconds", "Time to make the newest checkpoint durable.", |r| {
-        seconds(r.newest.as_ref()?.timings.fsync_ms)
+    newest("stasis_checkpoint_fsync_seconds", "Time to make the newest checkpoint durable.", |n| {
+        seconds(n.timings.fsync_ms)
     }),
-    gauge("stasis_checkpoint_restore_seconds", "Duration of the last restore of the newest checkpoint.", |r| {
-        seconds(r.newest.as_ref()?.timings.restore_ms)
+    newest("stasis_checkpoint_restore_seconds", "Duration of the last restore of the newest checkpoint.", |n| {
+        seconds(n.timings.restore_ms)
     }),
-    gauge("stasis_checkpoints", "Checkpoints kept.", |r| Some(r.kept as f64)),
-    counter("stasis_restores_total", "Starts that restored a checkpoint.", |r| Some(r.counters.restores as f64)),
-    counter("stasis_cold_starts_total", "Starts that cold-launched the service.", |r| {
-        Some(r.counters.cold_starts as f64)
-    }),
+    service("stasis_checkpoints", "Checkpoints kept.", |r| r.kept as f64),
+    counter("stasis_restores_total", "Starts that restored a checkpoint.", |c| c.restores),
+    counter("stasis_cold_starts_total", "Starts that cold-launched the service.", |c| c.cold_starts),
     counter(
         "stasis_restore_fallbacks_total",
         "Starts that did not restore the newest checkpoint (stale, damaged, incompatible, failed).",
-        |r| Some(r.counters.restore_fallbacks as f64),
+        |c| c.restore_fallbacks,
     ),
-    counter("stasis_checkpoints_total", "Checkpoints taken.", |r| Some(r.counters.checkpoints as f64)),
-    counter("stasis_checkpoint_failures_total", "Checkpoints that failed.", |r| {
-        Some(r.counters.checkpoint_failures as f64)
-    }),
+    counter("stasis_checkpoints_total", "Checkpoints taken.", |c| c.checkpoints),
+    counter("stasis_checkpoint_failures_total", "Checkpoints that failed.", |c| c.checkpoint_failures),
     counter(
         "stasis_periodic_checkpoints_skipped_total",
         "Periodic checkpoints skipped for lack of disk space (min_free_bytes).",
-        |r| Some(r.counters.periodic_skipped as f64),
+        |c| c.periodic_skipped,
     ),
-    counter("stasis_freeze_over_budget_total", "Checkpoints that froze the service longer than max_freeze_ms.", |r| {
-        Some(r.counters.freeze_over_budget as f64)
+    counter("stasis_freeze_over_budget_total", "Checkpoints that froze the service longer than max_freeze_ms.", |c| {
+        c.freeze_over_budget
     }),
-    counter("stasis_restarts_total", "Times the supervisor brought the service back after it exited (restart).", |r| {
-        Some(r.counters.restarts as f64)
+    counter("stasis_restarts_total", "Times the supervisor brought the service back after it exited (restart).", |c| {
+        c.restarts
     }),
 ];
 
@@ -167,12 +177,12 @@ impl Newest {
 
 fn write_family(out: &mut String, f: &Family, readings: &[(String, Reading)]) {
     let samples: Vec<(&str, f64)> =
-        readings.iter().filter_map(|(name, r)| Some((name.as_str(), (f.value)(r)?))).collect();
+        readings.iter().filter_map(|(name, r)| Some((name.as_str(), f.source.value(r)?))).collect();
     if samples.is_empty() {
         return;
     }
     let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
-    let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.as_str());
+    let _ = writeln!(out, "# TYPE {} {}", f.name, f.source.kind());
     for (service, value) in samples {
         let _ = writeln!(out, "{}{{service=\"{}\"}} {}", f.name, escape(service), value);
     }
@@ -196,16 +206,14 @@ pub fn write_file(dirs: &Dirs, host: &crate::config::host::HostConfig) {
 mod tests {
     use super::*;
 
+    fn dirs_in(d: &std::path::Path) -> Dirs {
+        Dirs::new(d.join("c"), d.join("s"), d.join("r"), Some(d.into()), d.join("h"))
+    }
+
     #[test]
     fn exposition_format() {
         let d = tempfile::tempdir().unwrap();
-        let dirs = Dirs::new(
-            d.path().join("c"),
-            d.path().join("s"),
-            d.path().join("r"),
-            Some(d.path().into()),
-            d.path().join("h"),
-        );
+        let dirs = dirs_in(d.path());
         std::fs::create_dir_all(d.path().join("s/services/redis")).unwrap();
         counters::bump(&d.path().join("s/services/redis"), |c| c.cold_starts += 2);
         let text = render(&dirs);
@@ -292,13 +300,7 @@ stasis_restarts_total{service="we\"ird\\name"} 0
     #[test]
     fn exposition_is_pinned() {
         let d = tempfile::tempdir().unwrap();
-        let dirs = Dirs::new(
-            d.path().join("c"),
-            d.path().join("s"),
-            d.path().join("r"),
-            Some(d.path().into()),
-            d.path().join("h"),
-        );
+        let dirs = dirs_in(d.path());
         let paths = dirs.service("redis");
         std::fs::create_dir_all(&paths.root).unwrap();
         std::fs::create_dir_all(dirs.service("we\"ird\\name").root).unwrap();
@@ -325,32 +327,16 @@ stasis_restarts_total{service="we\"ird\\name"} 0
         let pending = store.begin(store.take_generation().unwrap()).unwrap();
         std::fs::write(pending.images_dir().join("pages-1.img"), b"pages").unwrap();
         pending
-            .write_draft(&crate::store::Manifest {
-                format: crate::store::manifest_format(),
-                id: pending.id.clone(),
-                generation: Some(1),
-                service: "redis".into(),
-                kind: crate::store::DumpKind::Stop,
-                created_at: "2026-01-01T00:00:00Z".into(),
-                stasis_version: "0".into(),
-                criu_version: "4.2.1".into(),
-                kernel_version: Some("6.18".into()),
-                config_digest: Some("c".into()),
-                init_binary: "/x".into(),
-                stdout_pipe_inode: Some(7),
-                size_bytes: 0,
-                hash_algorithm: None,
-                images: None,
-                executables: Some(Vec::new()),
-                timings: None,
-                compression: None,
-                encryption: None,
-                shm_files: None,
-                tmpfs_dirs: None,
-                tmpfs_files: None,
-                written_files: None,
-                unknown: Default::default(),
-            })
+            .write_draft(
+                &serde_json::from_value(serde_json::json!({
+                    "format": crate::store::manifest_format(), "id": pending.id, "generation": 1,
+                    "service": "redis", "kind": "stop", "created_at": "2026-01-01T00:00:00Z",
+                    "stasis_version": "0", "criu_version": "4.2.1", "kernel_version": "6.18",
+                    "config_digest": "c", "init_binary": "/x", "stdout_pipe_inode": 7, "size_bytes": 0,
+                    "executables": [],
+                }))
+                .unwrap(),
+            )
             .unwrap();
         let mut cp = pending.finalize().unwrap();
         // The size finalize measures holds the fsync time it took, in digits: pinned instead.
