@@ -3,8 +3,9 @@
 //! node_exporter's textfile collector).
 //!
 //! It is the supervisor's: every figure in it is one the supervisors keep (their locks, status
-//! records, counters and checkpoints), and they rewrite the file at every change. The CLI, above,
-//! only prints what this renders; were it above the supervisor, the supervisor would import up.
+//! records, counters and checkpoints), and they rewrite the file at every change; the CLI, above,
+//! only prints what this renders. It is not split into a reader here and a renderer lower down:
+//! the table of families names the very figures the reading gathers, and nothing else renders them.
 
 use super::{lock, status::StatusRecord};
 use crate::paths::{Dirs, ServicePaths};
