@@ -8,7 +8,6 @@ mod error;
 mod exit_codes;
 #[cfg(test)]
 mod fuzz;
-mod metrics;
 mod paths;
 mod proc_maps;
 mod process;

@@ -239,7 +239,7 @@ pub async fn run_loop(
                     Err(why) => {
                         log.note(&format!("periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"));
                         crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
-                        crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                        super::metrics::write_file(&ctx.dirs, &ctx.host);
                         periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
                         continue;
                     }
@@ -348,7 +348,7 @@ pub async fn run_loop(
                             c.checkpoint_failures += 1
                         }
                     });
-                    crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                    super::metrics::write_file(&ctx.dirs, &ctx.host);
                     match &outcome {
                         Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
                         Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
