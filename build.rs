@@ -1,5 +1,5 @@
 //! Compiles the CRIU schemas (proto/criu, vendored) into prost types: the image files
-//! `stasis inspect` reads, and the RPC messages `criu swrk` speaks. protox is a protobuf compiler
+//! `stasis inspect` reads, the RPC messages `criu swrk` speaks, and the image streamer's. protox is a protobuf compiler
 //! in Rust: no `protoc` on the machine is needed. The two sets are separate modules: both define
 //! a message named `criu_opts` (an image's and the RPC's), in no package.
 
@@ -8,7 +8,7 @@ fn main() {
         &["inventory.proto", "pstree.proto", "core.proto", "mm.proto", "pagemap.proto", "fdinfo.proto"];
     println!("cargo:rerun-if-changed=proto/criu");
     compile(IMAGES, "images");
-    compile(&["rpc.proto"], "rpc");
+    compile(&["rpc.proto", "img-streamer.proto"], "rpc");
 }
 
 fn compile(protos: &[&str], into: &str) {

@@ -426,9 +426,10 @@ fn a_long_dump_reports_progress_as_plain_lines_in_a_pipe_and_in_place_on_a_termi
         "redrawn in place on a terminal: {text:?}"
     );
     assert!(text.contains("OK checkpoint"), "{text:?}");
-    // A big restore: its phases as they begin, then bytes read each second.
+    // A big restore: its phase as it begins, then bytes read each second. No verifying phase:
+    // the images are checked as CRIU reads them.
     let out = env.ok(&["start", "bigpipe"]);
-    assert!(out.contains("Progress: verifying 2.0 GiB") && out.contains("Progress: restoring 2.0 GiB"), "{out}");
+    assert!(!out.contains("Progress: verifying") && out.contains("Progress: restoring 2.0 GiB"), "{out}");
     assert!(!out.contains('\r') && out.lines().last().unwrap().contains("restored from checkpoint"), "{out}");
     let tty = std::process::Command::new("script")
         .args(["-qec", &format!("{BIN} start bigtty"), "/dev/null"])

@@ -58,6 +58,11 @@ pub fn run(dirs: &Dirs, file: &str, as_name: Option<&str>, json: bool) -> Result
         std::fs::remove_dir(pending.images_dir()).map_err(|e| Error::io("prepare", pending.images_dir(), e))?;
         std::fs::rename(staging.dir.join("images"), pending.images_dir())
             .map_err(|e| Error::io("move the images into", pending.images_dir(), e))?;
+        let chunks = staging.dir.join(crate::store::chunks::DIR);
+        if chunks.is_dir() {
+            let to = pending.dir.join(crate::store::chunks::DIR);
+            std::fs::rename(&chunks, &to).map_err(|e| Error::io("move the chunk hashes into", &to, e))?;
+        }
         let mut draft = read.manifest.clone();
         draft.id = pending.id.clone();
         draft.generation = Some(generation);

@@ -31,4 +31,8 @@ pub struct RestoreArgs {
     pub options: Vec<String>,
     /// The inode of the pipe the dumped service wrote its stdout/stderr to.
     pub stdout_pipe_inode: Option<u64>,
+    /// Images served by stasis's image streamer (criu::streamer) instead of read from
+    /// `images_dir`: its private directory, open as this descriptor, which CRIU is given as
+    /// `/proc/OUR_PID/fd/N` with `stream` in its config file.
+    pub streamed_from: Option<std::os::fd::RawFd>,
 }

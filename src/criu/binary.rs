@@ -91,7 +91,7 @@ struct CachedVersion {
 }
 
 /// Changes whenever the file at `path` is replaced or rewritten.
-fn file_key(path: &Path) -> Option<String> {
+pub(super) fn file_key(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some(format!(

@@ -16,6 +16,7 @@ pub mod post_dump;
 mod requests;
 pub mod rpc;
 pub mod stats;
+pub mod streamer;
 
 #[cfg(test)]
 pub(crate) use log_errors::pick as pick_log_errors;

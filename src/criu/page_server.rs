@@ -16,8 +16,8 @@
 //! resumed.
 
 use super::images::{IMG_COMMON_MAGIC, PAGE, PAGEMAP_MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT};
-use crate::store::stored::{StoredWriter, Transform};
-use crate::store::{ImageFile, StoreError};
+use crate::store::stored::{Stored, StoredWriter, Transform};
+use crate::store::StoreError;
 use prost::Message;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -62,7 +62,7 @@ pub enum PageServerError {
 /// What came through: the images written, and how many pages they hold.
 #[derive(Debug, Default)]
 pub struct Received {
-    pub images: Vec<ImageFile>,
+    pub images: Vec<Stored>,
     pub pages: u64,
 }
 
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(i32::from_le_bytes(status), 0);
         let got = server.join().unwrap().unwrap();
         assert_eq!(got.pages, 3);
-        let names: Vec<&str> = got.images.iter().map(|f| f.path.as_str()).collect();
+        let names: Vec<&str> = got.images.iter().map(|f| f.file.path.as_str()).collect();
         assert_eq!(
             names,
             ["images/pages-1.img", "images/pagemap-1.img", "images/pages-2.img", "images/pagemap-shmem-7.img"]

@@ -5,12 +5,15 @@
 //! process. At a dump's `post-dump` (the images written, the tree still frozen) a refusal makes
 //! CRIU resume the tree instead of ending it. A restore is detached, as RPC restores always are:
 //! CRIU exits after answering, and the restored root is re-parented to the supervisor (a child
-//! subreaper).
+//! subreaper). A restore's `post-restore` and `pre-resume` are the caller's gate: a refusal at
+//! `post-restore` makes CRIU kill the tree (cr-restore.c: "Aborting restore due to post-restore
+//! script"), but CRIU only logs one at `pre-resume` and resumes the tree anyway ("Pre-resume
+//! script ret code"), so there the tree is killed here, before the answer.
 
 use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG};
 use super::log_errors::{error_lines, pick};
 use super::page_server::{PageServerError, Received};
-use super::rpc::{pb, Answer, RpcError, Swrk};
+use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
 use super::{Criu, CriuError};
 use crate::store::stored::Transform;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -160,18 +163,20 @@ const PAGE_SOCKET_BUFFER: usize = 4 << 20;
 impl Criu {
     /// Restores detached within `timeout`; `stdout_pipe` (the write end of the service's new
     /// stdout pipe) is handed to criu under its own number for `inherit_fd`. `spawned` hears
-    /// criu's PID (for progress).
+    /// criu's PID (for progress). `gate` answers `post-restore` and `pre-resume` (see the
+    /// module doc): the tree resumes only if it proceeds at both.
     pub fn restore(
         &self,
         args: &RestoreArgs,
         stdout_pipe: Option<BorrowedFd<'_>>,
         timeout: Duration,
         spawned: &dyn Fn(i32),
+        gate: &mut dyn FnMut(&Notification) -> Answer,
     ) -> Result<RestoreOutcome, CriuError> {
         let deadline = Instant::now() + timeout;
         let log = args.work_dir.join(RESTORE_LOG);
         let config = args.work_dir.join(RESTORE_CONFIG);
-        write_config(&config, &args.config_file, &args.options)
+        write_config_with(&config, &args.config_file, &args.options, args.streamed_from.is_some())
             .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
@@ -182,8 +187,10 @@ impl Criu {
             _ => Vec::new(),
         };
         let opts = pb::CriuOpts {
-            images_dir_fd: -1,
-            images_dir: Some(args.images_dir.display().to_string()),
+            // A streamer's directory by descriptor: CRIU connects to `/proc/OUR_PID/fd/N/...`,
+            // which fits in a socket address whatever the directory's path.
+            images_dir_fd: args.streamed_from.unwrap_or(-1),
+            images_dir: args.streamed_from.is_none().then(|| args.images_dir.display().to_string()),
             work_dir_fd: Some(work.as_raw_fd()),
             notify_scripts: Some(true),
             log_to_stderr: Some(true),
@@ -198,7 +205,35 @@ impl Criu {
             .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
         let criu = swrk.pid();
         spawned(criu);
-        let reply = swrk.call(&req, &mut |_| Answer::Proceed);
+        // The tree's root, from `post-restore`: what a refused `pre-resume` kills.
+        let mut root: Option<i32> = None;
+        let mut killed = false;
+        let reply = swrk.call(&req, &mut |n| match n.script.as_str() {
+            "post-restore" => {
+                root = n.pid.or(root);
+                gate(n)
+            }
+            "pre-resume" => {
+                let answer = gate(n);
+                if answer != Answer::Proceed {
+                    // CRIU would resume the tree whatever the answer: no process of it may run.
+                    if let Some(pid) = root {
+                        kill_stopped_tree(pid, criu);
+                        killed = true;
+                    }
+                }
+                answer
+            }
+            _ => Answer::Proceed,
+        });
+        if killed || matches!(&reply, Err(RpcError::Refused { .. })) {
+            // A tree CRIU left behind after a refusal (it answers once it has given up) is
+            // re-parented to us once criu exits: it must not live on.
+            if let Some(pid) = root {
+                let _ = swrk_wait(&mut swrk);
+                crate::process::tree::kill_if_child_of(pid, std::process::id() as i32, libc::SIGKILL);
+            }
+        }
         let timed_out = || {
             // The trees criu was creating are its children until it exits: each is the init of
             // its own PID namespace, so killing it ends the namespace. (criu itself is gone.)
@@ -230,6 +265,45 @@ impl Criu {
     }
 }
 
+/// Kills a restored tree that CRIU holds stopped (at `pre-resume` every task is stopped under
+/// ptrace, before `rt_sigreturn`): SIGKILL to every process of it, the root (a child of `criu`)
+/// last, and waits for the root to die. A stopped task woken by SIGKILL dies before it returns to
+/// user space, so none of them runs again; the rest of its PID namespace dies with the root.
+fn kill_stopped_tree(root: i32, criu: i32) {
+    use crate::process::tree;
+    if !tree::children_of(criu).contains(&root) {
+        tracing::warn!("restore: {root} is not a child of criu ({criu}); not killed");
+        return;
+    }
+    let Some(fd) = tree::pidfd(root) else { return };
+    for pid in tree::descendants(root).into_iter().rev() {
+        // Its processes, stopped by CRIU: none can reap a child, so no pid here is reused.
+        if pid != root {
+            // SAFETY: kill(2) with no memory arguments.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    // SAFETY: signals the process the pidfd refers to, verified above to be criu's child.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd we own; the pidfd is readable once the process has exited.
+    unsafe { libc::poll(&mut p, 1, 5000) };
+    tracing::info!("restore: killed the restored tree of {root} before it resumed");
+}
+
+/// Waits a little for criu to exit after its answer, so what it leaves is re-parented to us.
+fn swrk_wait(swrk: &mut Swrk) -> bool {
+    crate::process::tree::exits_within(swrk.pid(), Duration::from_secs(5))
+}
+
 /// The status of a request CRIU answered as failed. Its own error text is the last error it
 /// logged, which may be one known to be harmless here (the rlimit one every run prints): the
 /// log's picked lines say what failed; the errno, when CRIU gives one, goes here.
@@ -256,6 +330,11 @@ fn failure(action: &'static str, status: String, recent: &[u8], log: &Path, firs
 /// of its `criu.options` as a line (`name value`), so an option overrides the file as it does
 /// on a command line. Both were held to the allowlist when the service was loaded.
 fn write_config(to: &Path, config_file: &Path, options: &[String]) -> std::io::Result<()> {
+    write_config_with(to, config_file, options, false)
+}
+
+/// The same, with `stream` (images from stasis's image streamer) last when asked.
+fn write_config_with(to: &Path, config_file: &Path, options: &[String], stream: bool) -> std::io::Result<()> {
     let mut text = std::fs::read_to_string(config_file)?;
     text.push('\n');
     let refused = crate::config::criu_options::check(options, false);
@@ -269,6 +348,10 @@ fn write_config(to: &Path, config_file: &Path, options: &[String]) -> std::io::R
             Some(v) => text.push_str(&format!("{} {v}\n", u.name)),
             None => text.push_str(&format!("{}\n", u.name)),
         }
+    }
+    // Last, so nothing can turn it off (no service may set it: see the allowlist).
+    if stream {
+        text.push_str("stream\n");
     }
     // CRIU reads it once, now: a crash before leaves nothing anyone reads again.
     crate::store::durable::write_atomic_with(to, text.as_bytes(), crate::store::durable::Durability::None)
@@ -298,5 +381,7 @@ mod tests {
             write_config(&out, &conf, &["--action-script=/x".into()]).is_err(),
             "never an option the allowlist refuses"
         );
+        write_config_with(&out, &conf, &["--tcp-close".into()], true).unwrap();
+        assert!(std::fs::read_to_string(&out).unwrap().ends_with("tcp-close\nstream\n"), "stream comes last");
     }
 }

@@ -384,6 +384,101 @@ mod tests {
         sleeper.wait().unwrap();
     }
 
+    /// CRIU resumes a restored tree whatever the answer to `pre-resume` (it only logs a
+    /// refusal), so `Criu::restore` kills the tree itself before it answers one: the tree never
+    /// runs again. With a `proceed` it does.
+    #[test]
+    fn a_refused_pre_resume_leaves_no_process_that_runs() {
+        use std::os::unix::process::CommandExt;
+        let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let (images, ticks) = (dir.path().join("images"), dir.path().join("ticks"));
+        std::fs::create_dir(&images).unwrap();
+        let mut ticker = Command::new("/bin/sh");
+        let script = format!("while :; do date +%s%N > {}; sleep 0.05; done", ticks.display());
+        ticker.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe.
+        unsafe { ticker.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from)) };
+        let mut ticker = ticker.spawn().unwrap();
+        let pid = ticker.id() as i32;
+        while std::fs::read_to_string(&ticks).unwrap_or_default().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let opts = pb::CriuOpts {
+            images_dir_fd: -1,
+            images_dir: Some(images.display().to_string()),
+            pid: Some(pid),
+            log_file: Some("dump.log".into()),
+            log_level: Some(4),
+            ..Default::default()
+        };
+        let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
+        let mut s = Swrk::start(&criu(), &[], None, Instant::now() + Duration::from_secs(60)).unwrap();
+        let dumped = s.call(&req, &mut |_| Answer::Proceed).unwrap();
+        let _ = s.finish();
+        assert!(dumped.resp.success, "{:?}", dumped.failure());
+        ticker.wait().unwrap();
+        // Its pid is free once nothing of its session is left (its children were killed too,
+        // and are reaped by whoever inherited them).
+        let session_ends = || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let in_session = || {
+                let all = procfs::process::all_processes().unwrap();
+                all.filter_map(Result::ok).any(|p| p.stat().is_ok_and(|s| s.session == pid || s.pgrp == pid))
+            };
+            while in_session() {
+                assert!(Instant::now() < deadline, "the session of {pid} ends");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        session_ends();
+        let at_dump = std::fs::read_to_string(&ticks).unwrap();
+        let conf = dir.path().join("empty.conf");
+        std::fs::write(&conf, "").unwrap();
+        let args = crate::criu::RestoreArgs {
+            images_dir: images.clone(),
+            work_dir: dir.path().to_path_buf(),
+            config_file: conf,
+            options: Vec::new(),
+            stdout_pipe_inode: None,
+            streamed_from: None,
+        };
+        let criu = crate::criu::Criu { path: criu(), version: "4.2.1".into() };
+        let mut seen = Vec::new();
+        let refused = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |n| {
+            seen.push(n.script.clone());
+            if n.script == "pre-resume" {
+                Answer::Refuse("not this one".into())
+            } else {
+                Answer::Proceed
+            }
+        });
+        let log = std::fs::read_to_string(dir.path().join(super::super::argv::RESTORE_LOG)).unwrap_or_default();
+        let err = refused.expect_err("a refused restore fails");
+        assert_eq!(seen, ["post-restore", "pre-resume"], "the gate hears both: {err}\n{log}");
+        assert!(log.contains("Pre-resume script ret code"), "CRIU went on after the refusal:\n{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(std::fs::read_to_string(&ticks).unwrap(), at_dump, "the restored tree never ran");
+        assert!(!crate::process::tree::alive(pid), "no process of it is left");
+
+        // The same images, the gate proceeding: the tree runs on.
+        session_ends();
+        let restored = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |_| Answer::Proceed).unwrap();
+        assert_eq!(restored.pid, pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&ticks).unwrap_or_default() == at_dump {
+            assert!(Instant::now() < deadline, "the restored tree runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Ours: just restored with this pid, in a session of its own running our script.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmdline).contains(&ticks.display().to_string()));
+        for p in crate::process::tree::descendants(pid).into_iter().rev() {
+            // SAFETY: kill(2); the tree restored just above.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+
     #[test]
     fn a_silent_criu_is_killed_at_the_deadline() {
         let _one = SPAWNS.lock().unwrap_or_else(|p| p.into_inner());

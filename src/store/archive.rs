@@ -91,7 +91,8 @@ pub fn write(cp: &Checkpoint, out: impl Write) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
-/// What reading an archive gives: its header and manifest, the images written under `dir`.
+/// What reading an archive gives: its header and manifest, the images written under `dir` (and
+/// their chunk hashes under `dir/chunks`).
 pub struct Imported {
     pub header: Header,
     pub manifest: Manifest,
@@ -170,6 +171,7 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
             )));
         }
     }
+    let mut sidecars = Vec::new();
     for img in &images {
         let (e, name) = next(&img.path)?;
         if name != img.path {
@@ -184,7 +186,8 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
             .create_new(true)
             .open(&path)
             .map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
-        let mut hasher = blake3::Hasher::new();
+        // The chunk hashes come with the hash, for the restore to check the image as it reads it.
+        let mut hasher = super::chunks::ChunkHasher::new();
         let mut reader = e.take(img.size);
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
@@ -197,10 +200,16 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
             f.write_all(&buf[..n]).map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
             got += n as u64;
         }
-        if got != img.size || hasher.finalize().to_hex().as_str() != img.hash {
+        let (hash, cvs) = hasher.finalize();
+        if got != img.size || hash.to_hex().as_str() != img.hash {
             return Err(ArchiveError::Damaged(format!("{} does not match its checksum", img.path)));
         }
+        sidecars.push((img.path.clone(), cvs));
     }
+    super::chunks::write_sidecars(dir, &sidecars).map_err(|e| ArchiveError::Write {
+        path: dir.join(super::chunks::DIR),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     match entries.next() {
         None => {}
         Some(Ok(e)) => {

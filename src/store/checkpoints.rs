@@ -106,7 +106,7 @@ impl PendingCheckpoint {
     pub fn finalize_sealed(
         &self,
         key: Option<&super::seal::Key>,
-        received: &[super::manifest::ImageFile],
+        received: &[super::stored::Stored],
     ) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_draft(&draft_path)?;

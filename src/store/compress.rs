@@ -37,6 +37,30 @@ pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What a stored image is: `pages-1.img.zst.enc` is `pages-1.img`, compressed, then sealed
+/// as `pages-1.img.zst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredName {
+    /// The name CRIU knows it by.
+    pub plain: String,
+    /// The name bound into its sealed chunks, when it is sealed.
+    pub sealed_as: Option<String>,
+    pub compressed: bool,
+}
+
+impl StoredName {
+    pub fn of(stored: &str) -> StoredName {
+        let (base, sealed_as) = match stored.strip_suffix(super::seal::SUFFIX) {
+            Some(b) => (b, Some(b.to_string())),
+            None => (stored, None),
+        };
+        match base.strip_suffix(SUFFIX) {
+            Some(raw) if is_pages(raw) => StoredName { plain: raw.to_string(), sealed_as, compressed: true },
+            _ => StoredName { plain: base.to_string(), sealed_as, compressed: false },
+        }
+    }
+}
+
 /// A directory of plain images for CRIU to restore from, removed when dropped: sealed images
 /// decrypted into it, compressed pages decompressed, every other image hard-linked. Plaintext of
 /// a sealed checkpoint goes to RAM (`/dev/shm`), never to the disk the checkpoint is on.
@@ -64,13 +88,10 @@ impl PlainImages {
         for e in fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })? {
             let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let (base, sealed) = match name.strip_suffix(super::seal::SUFFIX) {
-                Some(b) => (b.to_string(), true),
+            let StoredName { plain: raw, sealed_as, compressed } = StoredName::of(&name);
+            let (base, sealed) = match sealed_as {
+                Some(b) => (b, true),
                 None => (name.clone(), false),
-            };
-            let (raw, compressed) = match base.strip_suffix(SUFFIX) {
-                Some(r) if is_pages(r) => (r.to_string(), true),
-                _ => (base.clone(), false),
             };
             let to = plain.dir.join(&raw);
             let write = |source| StoreError::Write { path: to.clone(), source };
@@ -110,6 +131,21 @@ impl Drop for PlainImages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_names_say_what_was_done_to_them() {
+        let n = StoredName::of("pages-1.img.zst.enc");
+        assert_eq!(
+            (n.plain.as_str(), n.sealed_as.as_deref(), n.compressed),
+            ("pages-1.img", Some("pages-1.img.zst"), true)
+        );
+        assert_eq!(
+            StoredName::of("core-1.img"),
+            StoredName { plain: "core-1.img".into(), sealed_as: None, compressed: false }
+        );
+        assert!(!StoredName::of("core-1.img.zst").compressed, "only pages are compressed");
+        assert_eq!(StoredName::of("core-1.img.enc").sealed_as.as_deref(), Some("core-1.img"));
+    }
 
     #[test]
     fn pages_round_trip_and_other_images_stay_as_they_are() {

@@ -85,30 +85,37 @@ pub struct Synced {
 /// of a matching size.
 /// Images in `known` were hashed as they were written (store::stored): they are fsynced, not
 /// read again, once their size on disk is the size written (a file changed since is read).
-pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[ImageFile]) -> Result<Synced, StoreError> {
+pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[super::stored::Stored]) -> Result<Synced, StoreError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     walk(dir, Path::new(""), &mut files, &mut dirs)?;
+    // Chunk hashes already there (an import's) are written again below, with the hashes.
+    files.retain(|(rel, _)| !rel.starts_with(&format!("{}/", super::chunks::DIR)));
     let to_hash: Vec<(String, PathBuf)> = files
         .iter()
         .filter(|(rel, _)| rel.starts_with(&format!("{hashed_subdir}/")))
         .map(|(rel, p)| (rel.clone(), p.clone()))
         .collect();
     std::thread::scope(|s| {
-        let hasher = s.spawn(|| -> Result<Vec<ImageFile>, StoreError> {
+        // Each hash comes with the chunk hashes (CVs) it is made of, for the sidecars that let a
+        // restore check the images as it reads them (store::chunks).
+        type Hashed = (Vec<ImageFile>, Vec<(String, Vec<super::chunks::Cv>)>);
+        let hasher = s.spawn(|| -> Result<Hashed, StoreError> {
             let mut out = Vec::with_capacity(to_hash.len());
+            let mut cvs = Vec::new();
             for (rel, path) in &to_hash {
-                let size = fs::metadata(path).map_err(|source| StoreError::Read { path: path.clone(), source })?.len();
-                if let Some(k) = known.iter().find(|k| &k.path == rel && k.size == size) {
-                    out.push(k.clone());
+                if let Some(k) = known.iter().find(|k| &k.file.path == rel && fs::metadata(path).is_ok_and(|m| m.len() == k.file.size)) {
+                    out.push(k.file.clone());
+                    cvs.push((rel.clone(), k.cvs.clone()));
                     continue;
                 }
-                let hash = super::identity::hash_file(path)
-                    .map_err(|source| StoreError::Read { path: path.clone(), source })?;
-                out.push(ImageFile { path: rel.clone(), size, hash });
+                let (size, hash, chunks) =
+                    super::chunks::hash_file(path).map_err(|source| StoreError::Read { path: path.clone(), source })?;
+                out.push(ImageFile { path: rel.clone(), size, hash: hash.to_hex().to_string() });
+                cvs.push((rel.clone(), chunks));
             }
             out.sort_by(|a, b| a.path.cmp(&b.path));
-            Ok(out)
+            Ok((out, cvs))
         });
         let mut total = 0;
         let mut open = Vec::with_capacity(files.len());
@@ -128,7 +135,8 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[ImageFile]) -> R
         for d in dirs.iter().rev() {
             fsync_dir(d)?;
         }
-        let hashed = hasher.join().expect("the hashing thread does not panic")?;
+        let (hashed, cvs) = hasher.join().expect("the hashing thread does not panic")?;
+        total += super::chunks::write_sidecars(dir, &cvs)?;
         Ok(Synced { total_bytes: total, hashed })
     })
 }
@@ -178,6 +186,26 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn fsync_and_hash_writes_the_chunk_hashes_of_large_images() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("images")).unwrap();
+        let big: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
+        fs::write(d.path().join("images/pages-1.img"), &big).unwrap();
+        fs::write(d.path().join("images/core-1.img"), [1u8; 10]).unwrap();
+        let s = fsync_and_hash(d.path(), "images", &[]).unwrap();
+        let pages = s.hashed.iter().find(|f| f.path == "images/pages-1.img").unwrap();
+        assert_eq!(pages.hash, blake3::hash(&big).to_hex().to_string());
+        let (v, why) = super::super::chunks::verifier(d.path(), pages).unwrap();
+        assert_eq!(why, None, "the sidecar is there and adds up");
+        assert_eq!(v.groups(), 4);
+        assert!(!d.path().join("chunks/core-1.img.cv").exists(), "one group needs none");
+        let sidecar = fs::metadata(d.path().join("chunks/pages-1.img.cv")).unwrap().len();
+        assert_eq!(s.total_bytes, big.len() as u64 + 10 + sidecar);
+        // Again (an import's sidecars are there already): counted once.
+        assert_eq!(fsync_and_hash(d.path(), "images", &[]).unwrap().total_bytes, s.total_bytes);
     }
 
     #[test]

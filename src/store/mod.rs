@@ -5,6 +5,7 @@
 
 pub mod archive;
 mod checkpoints;
+pub mod chunks;
 pub mod compress;
 pub mod counters;
 pub mod durable;

@@ -236,33 +236,137 @@ pub enum OpenError {
     Tag,
 }
 
-pub fn open(mut input: impl Read, mut out: impl Write, name: &str, key: &Key) -> Result<(), OpenError> {
-    let mut head = [0u8; 24];
-    if read_full(&mut input, &mut head)? != 24 || &head[..8] != MAGIC {
-        return Err(OpenError::NotSealed);
-    }
-    let mut prefix = [0u8; 16];
-    prefix.copy_from_slice(&head[8..]);
-    let cipher = key.cipher();
-    let (mut held, mut next) = (vec![0u8; CHUNK + TAG], vec![0u8; CHUNK + TAG]);
-    let mut held_len = read_full(&mut input, &mut held)?;
-    let mut n = 0u64;
+pub fn open(input: impl Read, mut out: impl Write, name: &str, key: &Key) -> Result<(), OpenError> {
+    let mut opener = Opener::new(input, name, key);
+    let mut buf = vec![0u8; 64 << 10];
     loop {
-        let next_len = if held_len == CHUNK + TAG { read_full(&mut input, &mut next)? } else { 0 };
-        let last = next_len == 0;
-        let pt = cipher
-            .decrypt(&nonce(&prefix, n), Payload { msg: &held[..held_len], aad: &aad(name, last) })
-            .map_err(|_| OpenError::Tag)?;
-        out.write_all(&pt)?;
-        if last {
-            break;
-        }
-        std::mem::swap(&mut held, &mut next);
-        held_len = next_len;
-        n += 1;
+        let n = match opener.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(OpenError::from_io(e)),
+        };
+        out.write_all(&buf[..n])?;
     }
     out.flush()?;
     Ok(())
+}
+
+impl OpenError {
+    /// What an [`Opener`]'s read error was.
+    pub fn from_io(e: std::io::Error) -> OpenError {
+        match e.get_ref().and_then(|i| i.downcast_ref::<OpenError>()) {
+            Some(OpenError::NotSealed) => OpenError::NotSealed,
+            Some(OpenError::Tag) => OpenError::Tag,
+            _ => OpenError::Io(e),
+        }
+    }
+
+    fn into_io(self) -> std::io::Error {
+        match self {
+            OpenError::Io(e) => e,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// A sealed file's plaintext as a reader: each chunk is decrypted, and its tag checked, before
+/// any of its bytes is handed on; the last one is known by reading one chunk ahead. Errors are
+/// `std::io::Error`s carrying an [`OpenError`] ([`OpenError::from_io`]); after one, every
+/// read fails.
+pub struct Opener<R> {
+    input: R,
+    name: String,
+    cipher: XChaCha20Poly1305,
+    prefix: Option<[u8; 16]>,
+    held: Vec<u8>,
+    held_len: usize,
+    next: Vec<u8>,
+    n: u64,
+    plain: Vec<u8>,
+    pos: usize,
+    done: bool,
+    failed: bool,
+}
+
+impl<R: Read> Opener<R> {
+    /// `name` is the plain file's name (bound into every chunk).
+    pub fn new(input: R, name: &str, key: &Key) -> Opener<R> {
+        Opener {
+            input,
+            name: name.to_string(),
+            cipher: key.cipher(),
+            prefix: None,
+            held: Vec::new(),
+            held_len: 0,
+            next: Vec::new(),
+            n: 0,
+            plain: Vec::new(),
+            pos: 0,
+            done: false,
+            failed: false,
+        }
+    }
+
+    /// Decrypts the next chunk into `plain`; false at the end.
+    fn advance(&mut self) -> Result<bool, OpenError> {
+        if self.done {
+            return Ok(false);
+        }
+        let prefix = match self.prefix {
+            Some(p) => p,
+            None => {
+                let mut head = [0u8; 24];
+                if read_full(&mut self.input, &mut head)? != 24 || &head[..8] != MAGIC {
+                    return Err(OpenError::NotSealed);
+                }
+                let mut p = [0u8; 16];
+                p.copy_from_slice(&head[8..]);
+                self.prefix = Some(p);
+                self.held = vec![0u8; CHUNK + TAG];
+                self.next = vec![0u8; CHUNK + TAG];
+                self.held_len = read_full(&mut self.input, &mut self.held)?;
+                p
+            }
+        };
+        let next_len = if self.held_len == CHUNK + TAG { read_full(&mut self.input, &mut self.next)? } else { 0 };
+        let last = next_len == 0;
+        self.plain = self
+            .cipher
+            .decrypt(&nonce(&prefix, self.n), Payload { msg: &self.held[..self.held_len], aad: &aad(&self.name, last) })
+            .map_err(|_| OpenError::Tag)?;
+        self.pos = 0;
+        if last {
+            self.done = true;
+        } else {
+            std::mem::swap(&mut self.held, &mut self.next);
+            self.held_len = next_len;
+            self.n += 1;
+        }
+        Ok(true)
+    }
+}
+
+impl<R: Read> Read for Opener<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Err(OpenError::Io(std::io::Error::other("an earlier chunk failed")).into_io());
+        }
+        while self.pos == self.plain.len() {
+            match self.advance() {
+                Ok(true) => {}
+                Ok(false) => return Ok(0),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e.into_io());
+                }
+            }
+        }
+        let n = out.len().min(self.plain.len() - self.pos);
+        out[..n].copy_from_slice(&self.plain[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ impl Transform<'_> {
 struct Disk {
     file: File,
     path: PathBuf,
-    hasher: blake3::Hasher,
+    hasher: super::chunks::ChunkHasher,
     written: u64,
     writeback_from: u64,
 }
@@ -91,6 +91,14 @@ fn encoder<W: Write>(w: W, level: i32) -> std::io::Result<zstd::stream::write::E
     Ok(z)
 }
 
+/// An image as it was stored: its manifest entry, and the chunk hashes its restore checks
+/// each 1 MiB against (store::chunks).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub file: ImageFile,
+    pub cvs: Vec<super::chunks::Cv>,
+}
+
 /// One image being written; [`StoredWriter::finish`] says what was stored.
 pub struct StoredWriter {
     chain: Chain,
@@ -106,7 +114,8 @@ impl StoredWriter {
         let path = images.join(&stored);
         let write = |source| StoreError::Write { path: path.clone(), source };
         let file = File::options().write(true).create_new(true).open(&path).map_err(write)?;
-        let disk = Disk { file, path: path.clone(), hasher: blake3::Hasher::new(), written: 0, writeback_from: 0 };
+        let disk =
+            Disk { file, path: path.clone(), hasher: super::chunks::ChunkHasher::new(), written: 0, writeback_from: 0 };
         // The sealed bytes are bound to the name of what was sealed (the compressed file's).
         let sealed_name = stored.strip_suffix(super::seal::SUFFIX).unwrap_or(&stored).to_string();
         let level = t.compression.unwrap_or(3);
@@ -144,7 +153,7 @@ impl StoredWriter {
 
     /// Ends every stage and says what is on the disk (not yet fsynced: the checkpoint's
     /// finalize does that for every file at once).
-    pub fn finish(self) -> Result<ImageFile, StoreError> {
+    pub fn finish(self) -> Result<Stored, StoreError> {
         let path = self.path();
         let write = |source| StoreError::Write { path: path.clone(), source };
         let disk = match self.chain {
@@ -153,7 +162,8 @@ impl StoredWriter {
             Chain::Compressed(z) => z.finish().map_err(write)?,
             Chain::Both(z) => z.finish().and_then(Sealer::finish).map_err(write)?,
         };
-        Ok(ImageFile { path: self.rel, size: disk.written, hash: disk.hasher.finalize().to_hex().to_string() })
+        let (hash, cvs) = disk.hasher.finalize();
+        Ok(Stored { file: ImageFile { path: self.rel, size: disk.written, hash: hash.to_hex().to_string() }, cvs })
     }
 }
 
@@ -162,6 +172,13 @@ mod tests {
     use super::*;
 
     fn written(t: &Transform<'_>, plain: &str, data: &[u8]) -> (tempfile::TempDir, ImageFile) {
+        let (d, s) = stored(t, plain, data);
+        let (_, _, cvs) = super::super::chunks::hash_file(&d.path().join(s.file.path.trim_start_matches("images/"))).unwrap();
+        assert_eq!(s.cvs, cvs, "the chunk hashes are those of the bytes on disk");
+        (d, s.file)
+    }
+
+    fn stored(t: &Transform<'_>, plain: &str, data: &[u8]) -> (tempfile::TempDir, Stored) {
         let d = tempfile::tempdir().unwrap();
         let mut w = StoredWriter::create(d.path(), plain, t).unwrap();
         for piece in data.chunks(65536 + 3) {

@@ -10,9 +10,26 @@ use std::path::Path;
 pub enum ImageProblem {
     Missing(String),
     Extra(String),
-    Size { path: String, expected: u64, found: u64 },
+    Size {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
     Checksum(String),
-    Unreadable { path: String, error: String },
+    Unreadable {
+        path: String,
+        error: String,
+    },
+    /// A group of the file is not what was hashed into the manifest, found as it was read.
+    ChunkChecksum {
+        path: String,
+        at: super::chunks::ChunkMismatch,
+    },
+    /// Its bytes are the ones in the manifest, and do not decrypt or decompress.
+    Undecodable {
+        path: String,
+        error: String,
+    },
 }
 
 impl fmt::Display for ImageProblem {
@@ -25,6 +42,12 @@ impl fmt::Display for ImageProblem {
             }
             ImageProblem::Checksum(p) => write!(f, "{p} does not match its checksum (its content was damaged)"),
             ImageProblem::Unreadable { path, error } => write!(f, "{path} cannot be read ({error})"),
+            ImageProblem::ChunkChecksum { path, at } => {
+                write!(f, "{path} does not match its checksum in {at} (its content was damaged)")
+            }
+            ImageProblem::Undecodable { path, error } => {
+                write!(f, "{path} matches its checksum but cannot be decrypted or decompressed ({error})")
+            }
         }
     }
 }
@@ -32,6 +55,20 @@ impl fmt::Display for ImageProblem {
 /// Checks every file under `dir/images/` against `expected`. Sizes are checked for all files
 /// before any content is read, so a truncated file is reported cheaply.
 pub fn verify_images(dir: &Path, expected: &[ImageFile]) -> Result<(), ImageProblem> {
+    check_listing(dir, expected)?;
+    for f in expected {
+        let hash = super::identity::hash_file(&dir.join(&f.path))
+            .map_err(|e| ImageProblem::Unreadable { path: f.path.clone(), error: e.to_string() })?;
+        if hash != f.hash {
+            return Err(ImageProblem::Checksum(f.path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The part of [`verify_images`] that reads no content: every file there, none extra, each of
+/// its size. A restore that checks the content as it reads it checks this first.
+pub fn check_listing(dir: &Path, expected: &[ImageFile]) -> Result<(), ImageProblem> {
     let mut on_disk: BTreeMap<String, u64> = BTreeMap::new();
     list(&dir.join("images"), "images", &mut on_disk)
         .map_err(|e| ImageProblem::Unreadable { path: "images".into(), error: e.to_string() })?;
@@ -46,13 +83,6 @@ pub fn verify_images(dir: &Path, expected: &[ImageFile]) -> Result<(), ImageProb
     }
     if let Some(extra) = on_disk.keys().find(|p| !expected.iter().any(|f| &f.path == *p)) {
         return Err(ImageProblem::Extra(extra.clone()));
-    }
-    for f in expected {
-        let hash = super::identity::hash_file(&dir.join(&f.path))
-            .map_err(|e| ImageProblem::Unreadable { path: f.path.clone(), error: e.to_string() })?;
-        if hash != f.hash {
-            return Err(ImageProblem::Checksum(f.path.clone()));
-        }
     }
     Ok(())
 }

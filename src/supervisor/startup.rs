@@ -1,17 +1,23 @@
 //! Restore-or-cold start, and the proof a restore needs. Candidates are tried newest first; each
-//! must be fresh (or allowed stale), have every image intact, and fit the program on disk, all
-//! checked before CRIU sees it. Damaged images and checkpoint-related CRIU failures quarantine
-//! the checkpoint and the next allowed one is tried; a checkpoint that does not fit is kept and
-//! marked; a CRIU failure caused by the host keeps the checkpoint and fails the start. The run
-//! is recorded (making every checkpoint stale) durably before the service runs.
+//! must be fresh (or allowed stale), have every image intact, and fit the program on disk. The
+//! images' listing and sizes are checked before CRIU runs; their content is checked as CRIU
+//! reads it (criu::streamer), and the restored tree resumes only once every byte it was given
+//! checked out (with a CRIU that cannot stream images, in a pass before CRIU runs). Damaged
+//! images and checkpoint-related CRIU failures quarantine the checkpoint and the next allowed
+//! one is tried; a checkpoint that does not fit is kept and marked; a CRIU failure caused by
+//! the host keeps the checkpoint and fails the start. The run is recorded (making every
+//! checkpoint stale) durably before the service runs.
 
 use super::context::Context;
 use super::slots::{self, SlotKind};
 use super::status::StartedFrom;
 use crate::config::OnIncompatible;
+use crate::criu::rpc::{Answer, Notification};
+use crate::criu::streamer::{OwnFilesError, Streamer};
 use crate::criu::{RestoreArgs, RestoreFailure};
 use crate::error::Error;
 use crate::process::{cold_launch, tree, LaunchSpec};
+use crate::store::verify::ImageProblem;
 use crate::store::{identity, verify, Checkpoint, Freshness};
 use nix::unistd::Pid;
 use std::os::fd::{AsFd, OwnedFd};
@@ -149,9 +155,6 @@ fn start_from(ctx: &Context, id: &str, progress: Progress) -> Result<Started, Er
 fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
     tracing::debug!("restore: verifying");
     let big = cp.manifest.size_bytes >= super::progress::BIG;
-    if big {
-        progress(super::progress::phase("verifying", cp.manifest.size_bytes));
-    }
     let Some(images) = &cp.manifest.images else {
         // Format 1 recorded no checksums: nothing proves these are the bytes that were dumped.
         return Err(Refusal::Skip(format!(
@@ -161,7 +164,22 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
             cp.dir.display()
         )));
     };
-    if let Err(problem) = verify::verify_images(&cp.dir, images) {
+    // Every file there, nothing else, each of its size: no content is read for that.
+    let stream = streams(ctx);
+    let listed = verify::check_listing(&cp.dir, images);
+    let checked = match (listed, stream) {
+        (Err(problem), _) => Err(problem),
+        // The content as CRIU reads it.
+        (Ok(()), true) => Ok(()),
+        // A CRIU that cannot be served its images: all of them read first, as before.
+        (Ok(()), false) => {
+            if big {
+                progress(super::progress::phase("verifying", cp.manifest.size_bytes));
+            }
+            verify::verify_images(&cp.dir, images)
+        }
+    };
+    if let Err(problem) = checked {
         let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
         return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
     }
@@ -194,8 +212,17 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
     if big {
         progress(super::progress::phase("restoring", cp.manifest.size_bytes));
     }
-    match restore(ctx, cp, progress) {
+    match restore(ctx, cp, stream, progress) {
         Ok(started) => Ok(started),
+        Err(RestoreError::Damaged(problem)) => {
+            // The tree never ran: the run did not happen.
+            let _ = ctx.store.undo_run(&before);
+            let reason = format!(
+                "checkpoint {} failed verification during the restore: {problem}; the restored processes were killed before they ran",
+                cp.id
+            );
+            Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)))
+        }
         Err(RestoreError::Criu(e)) => {
             // CRIU failed before the service ran: the run did not happen.
             let _ = ctx.store.undo_run(&before);
@@ -280,6 +307,8 @@ fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch
 
 enum RestoreError {
     Criu(crate::criu::CriuError),
+    /// An image's bytes are not the ones in the manifest (found as they were read).
+    Damaged(ImageProblem),
     /// Something of this host's (a full disk) and not of the checkpoint's.
     Host(String),
     /// A file the service writes no longer matches the memory, and may not be put back: the
@@ -288,33 +317,71 @@ enum RestoreError {
     Other(String),
 }
 
-fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started, RestoreError> {
+/// Whether this CRIU can be served the images (criu::streamer); said once per supervisor when not.
+fn streams(ctx: &Context) -> bool {
+    let cache = ctx.dirs.criu_version_cache().with_file_name("criu-streams.json");
+    let yes = ctx.criu.streams_restores(&cache);
+    if !yes {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                "{} cannot be served images over RPC (CRIU without scripts/criu-patches/0003-rpc-image-streamer.patch): images are verified in a pass of their own before each restore",
+                ctx.criu.path.display()
+            )
+        });
+    }
+    yes
+}
+
+fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
-    // CRIU reads plain images: compressed or sealed ones are written out for it first.
-    let plain = match (&cp.manifest.compression, &cp.manifest.encryption) {
-        (None, None) => None,
-        (_, encryption) => {
-            let key = match encryption {
-                Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
-                None => None,
-            };
-            progress(super::progress::phase(
-                if key.is_some() { "decrypting" } else { "decompressing" },
-                cp.manifest.size_bytes,
-            ));
-            Some(
-                crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
-                    .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
-            )
-        }
+    let key = match &cp.manifest.encryption {
+        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
+        None => None,
+    };
+    // Served to CRIU, checked as it reads them; or, for a CRIU that cannot be, written out plain
+    // for it first when compressed or sealed.
+    let (mut streamer, plain) = if stream {
+        let s = Streamer::start(cp, key)
+            .map_err(|e| RestoreError::Host(format!("failed to set up serving its images to CRIU: {e}")))?;
+        (Some(s), None)
+    } else {
+        let plain = match (&cp.manifest.compression, &key) {
+            (None, None) => None,
+            (_, key) => {
+                progress(super::progress::phase(
+                    if key.is_some() { "decrypting" } else { "decompressing" },
+                    cp.manifest.size_bytes,
+                ));
+                Some(
+                    crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
+                        .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
+                )
+            }
+        };
+        (None, plain)
+    };
+    // stasis's own files (what a reboot removed, files the service writes, shared memory), which
+    // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
+    let own = match &mut streamer {
+        Some(s) => s.own_files(&cp.images_dir()).map_err(|e| match e {
+            OwnFilesError::Damaged(problem) => RestoreError::Damaged(problem),
+            OwnFilesError::Host(why) => RestoreError::Host(why),
+        })?,
+        None => plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
     };
     let args = RestoreArgs {
-        images_dir: plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
+        images_dir: match (&streamer, &plain) {
+            (Some(s), _) => s.dir().to_path_buf(),
+            (None, Some(p)) => p.dir.clone(),
+            (None, None) => cp.images_dir(),
+        },
         work_dir: cp.dir.clone(),
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
+        streamed_from: streamer.as_ref().map(|s| s.dir_fd()),
     };
     // POSIX shared memory: back from the (verified) copy when a reboot emptied /dev/shm, or CRIU
     // cannot reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
@@ -322,7 +389,7 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
     if let Some(files) = &cp.manifest.shm_files {
         use crate::store::shm::{Present, PutBack};
         let present = if cp.manifest.kind.leaves_running() { Present::Rewind } else { Present::Keep };
-        let put = crate::store::shm::put_back(files, &args.images_dir, present)
+        let put = crate::store::shm::put_back(files, &own, present)
             .map_err(|e| RestoreError::Host(format!("failed to put back the service's shared memory files: {e}")))?;
         for done in put {
             shm_notes.push(match done {
@@ -335,7 +402,7 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
             });
         }
     }
-    shm_notes.extend(put_back_files(ctx, cp, &args.images_dir)?);
+    shm_notes.extend(put_back_files(ctx, cp, &own)?);
     let max = ctx.host.max_concurrent_restores;
     let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
         super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
@@ -346,18 +413,42 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
     let restore_started = std::time::Instant::now();
     tracing::debug!("restore: running criu");
     let criu_pid = std::sync::OnceLock::new();
+    // The gate: the tree resumes only if every byte CRIU was given checked out, and every image
+    // it did not ask for too.
+    let mut gate = |n: &Notification| match (&streamer, n.script.as_str()) {
+        (Some(s), "post-restore" | "pre-resume") => match s.check() {
+            Ok(()) => Answer::Proceed,
+            Err(problem) => Answer::Refuse(format!("checkpoint {} failed verification: {problem}", cp.id)),
+        },
+        _ => Answer::Proceed,
+    };
     let outcome = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let total = cp.manifest.size_bytes;
         let pid = &criu_pid;
         s.spawn(move || super::progress::watch_restore(pid, total, &progress, done_rx));
-        let r = ctx.criu.restore(&args, Some(stdout_w.as_fd()), ctx.service.restore_timeout, &|pid| {
-            let _ = criu_pid.set(pid);
-        });
+        let r = ctx.criu.restore(
+            &args,
+            Some(stdout_w.as_fd()),
+            ctx.service.restore_timeout,
+            &|pid| {
+                let _ = criu_pid.set(pid);
+            },
+            &mut gate,
+        );
         drop(done_tx);
         r
-    })
-    .map_err(RestoreError::Criu)?;
+    });
+    let served = streamer.map(Streamer::finish);
+    if let Some(problem) = served.as_ref().and_then(|o| o.problem.clone()) {
+        // Damage wins over whatever CRIU made of the pipe it closed. A tree that exists despite
+        // the refusal (it cannot: see criu::requests) is ended all the same.
+        if let Ok(o) = &outcome {
+            crate::process::tree::kill_if_child_of(o.pid, std::process::id() as i32, libc::SIGKILL);
+        }
+        return Err(RestoreError::Damaged(problem));
+    }
+    let outcome = outcome.map_err(RestoreError::Criu)?;
     let restore_ms = restore_started.elapsed().as_millis() as u64;
     tracing::debug!("restore: criu done");
     drop(slot);
@@ -373,6 +464,10 @@ fn restore(ctx: &Context, cp: &Checkpoint, progress: Progress) -> Result<Started
         )));
     }
     let mut notes = shm_notes;
+    if let Some(served) = &served {
+        tracing::debug!("restore: CRIU asked for {:?}", served.requested);
+        notes.extend(served.notes.iter().cloned());
+    }
     if cp.manifest.config_digest.as_deref().is_some_and(|d| d != ctx.service.digest()) {
         notes.push(format!(
             "{} changed since checkpoint {} was taken; the restored process keeps the command, user, directory and environment it had then (they apply at the next cold start)",
