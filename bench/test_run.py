@@ -44,8 +44,32 @@ class Table(unittest.TestCase):
         self.assertIn("B/A **1.500**", durable[3])
         self.assertEqual(durable[4], ">= 1.0: met")
         self.assertTrue(idle[4].endswith(": met"))
-        rows = run.table(self.out([0.104], [0.100]))
-        self.assertEqual(rows[0][4], "<= 1.05: met", "4% over raw CRIU is within the goal")
+        rows = run.table(self.out([0.108], [0.100]))
+        self.assertEqual(rows[0][4], "<= 1.10: met", "8% over raw CRIU is within the goal")
+        rows = run.table(self.out([0.112], [0.100]))
+        self.assertEqual(rows[0][4], "<= 1.10: **not met**")
+
+    def test_the_silent_client_has_its_row_and_the_same_goal(self):
+        out = self.out([0.105], [0.100])
+        out["redis_small"].update(stasis_silent_client_start_s=s(0.115), ratio_silent=1.15)
+        rows = run.table(out)
+        self.assertEqual(len(rows), 4)
+        silent = rows[1]
+        self.assertIn("silent kill-port client", silent[0])
+        self.assertIn("T/B **1.150**", silent[3])
+        self.assertEqual(silent[4], "<= 1.10: **not met**")
+        self.assertEqual(rows[0][4], "<= 1.10: met", "the stop in words has its own verdict")
+
+    def test_a_gibibyte_of_redis_must_beat_raw_criu(self):
+        out = self.out([0.2], [0.1])
+        out["redis_big"] = {"holds": "1024 MiB", "stasis_stop_start_s": s(1.8), "raw_criu_dump_sync_restore_s": s(2.0),
+                            "ratio": 0.9}
+        big = [r for r in run.table(out) if r[0].startswith("redis holding 1024 MiB")]
+        self.assertEqual(len(big), 1)
+        self.assertEqual(big[0][4], "<= 0.90: met")
+        out["redis_big"]["ratio"] = 0.95
+        big = [r for r in run.table(out) if r[0].startswith("redis holding 1024 MiB")]
+        self.assertEqual(big[0][4], "<= 0.90: **not met**")
 
     def test_raw_criu_is_shown_beside_the_durable_row(self):
         out = self.out([0.2], [0.1])

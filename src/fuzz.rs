@@ -787,7 +787,6 @@ fn fuzz_control_replies() {
     });
 }
 
-
 /// Sealed images (`.enc`): the header and every chunk are checked; any change must fail.
 #[test]
 fn fuzz_sealed_image() {

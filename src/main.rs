@@ -1,27 +1,13 @@
-//! `stasis`: process checkpoint manager. The binary is also the namespace init and CRIU's
-//! action script; those hidden roles are dispatched before anything else starts.
-
-mod cli;
-mod config;
-mod criu;
-mod error;
-mod exit_codes;
-#[cfg(test)]
-mod fuzz;
-mod metrics;
-mod paths;
-mod process;
-mod store;
-mod supervisor;
-mod text;
-mod time_fmt;
+//! `stasis`: process checkpoint manager, a thin binary over the library (src/lib.rs). It is
+//! also the namespace init of a tree started without the small `stasis-init` copy; that hidden
+//! role is dispatched before anything else starts.
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The namespace init must stay tiny and must not start a runtime: it becomes part of
     // every checkpoint image.
-    if args.get(1).is_some_and(|a| a == process::ns_init::ARGV_MARKER) {
-        process::ns_init::main(&args[2..]);
+    if args.get(1).is_some_and(|a| a == stasis::process::ns_init::ARGV_MARKER) {
+        stasis::process::ns_init::main(&args[2..]);
     }
-    std::process::exit(cli::run(args));
+    std::process::exit(stasis::cli::run(args));
 }

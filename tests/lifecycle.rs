@@ -213,6 +213,8 @@ fn stray_descriptors_of_the_caller_do_not_reach_the_service() {
     let env = Env::new();
     let [kill, http_port] = free_ports::<2>();
     env.write_service("stray", &notes_yaml(kill, http_port, ""));
+    // Known to the harness, so a failing stop below still leaves no service behind.
+    env.adopt("stray");
     let stray = std::fs::File::open("/etc/passwd").unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stray);
     let mut cmd = env.cmd(&["start", "stray"]);

@@ -60,7 +60,9 @@ fn only_root_the_service_user_and_kill_port_users_may_stop_a_service() {
     s.write_all(format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{kill}\r\n\r\n").as_bytes()).unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("refused: this is the kill port of guarded"), "{reply}");
+    // (Paused past the 5 ms silence on a loaded machine, it is called off at post-dump instead.)
+    let refused = reply.starts_with("refused: this is the kill port of guarded");
+    assert!(refused || reply.starts_with("ERROR the stop was called off"), "{reply}");
     assert!(http_json(http_port).is_some(), "the service still runs after an HTTP request");
     assert_eq!(checkpoint_count(&env, "guarded"), 0);
 

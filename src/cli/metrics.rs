@@ -1,4 +1,4 @@
-//! `stasis metrics`: the Prometheus text exposition of every service (see `crate::metrics`).
+//! `stasis metrics`: the Prometheus text exposition of every service (see `crate::supervisor::metrics`).
 
 use crate::error::Error;
 use crate::exit_codes;
@@ -7,6 +7,6 @@ use crate::paths::Dirs;
 pub fn run(dirs: &Dirs) -> Result<i32, Error> {
     // The state is root-only: without root every service would look absent.
     super::require_root()?;
-    print!("{}", crate::metrics::render(dirs));
+    print!("{}", crate::supervisor::metrics::render(dirs));
     Ok(exit_codes::OK)
 }

@@ -1,5 +1,8 @@
-//! Semantic checks of a parsed service file (users, groups, paths, ports, CRIU options),
-//! producing the [`Service`] the rest of stasis runs. Every problem is collected, not just the first.
+//! Semantic checks of a parsed service file, producing the [`Service`] the rest of stasis runs:
+//! who it runs as (user, groups, never root by accident), its command, directory and environment,
+//! its ports, its CRIU options, how it is stopped and its checkpoints kept and restored, its logs,
+//! readiness, periodic checkpoints, restarts, compression and encryption. Every problem is
+//! collected, not just the first, in the order of the checks.
 
 use super::criu_options;
 use super::error::{ConfigError, Problem};
@@ -9,6 +12,7 @@ use super::trust;
 use crate::paths::Dirs;
 use nix::unistd::{Group, User};
 use std::ffi::CString;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -166,24 +170,83 @@ impl Checker<'_> {
 
 pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceFile) -> Result<Service, ConfigError> {
     let mut c = Checker { text, problems: Vec::new() };
+    // Problems are reported in the order they are found: the order of these checks is the report's.
+    let identity = identity(&mut c, &file);
+    if file.kill_port == 0 {
+        c.fail("kill_port", "must be a TCP port between 1 and 65535");
+    }
+    let working_dir = working_dir(&mut c, file.working_dir.as_deref());
+    let environment = build_environment(&mut c, identity.user.as_ref(), &file);
+    check_command(&mut c, &file.command, &environment, &working_dir);
+    let criu_config = criu_config(&mut c, dirs, file.criu.config.as_deref());
+    for r in criu_options::check(&file.criu.options, false) {
+        c.fail(&format!("criu.options[{}]", r.index), r.error.to_string());
+    }
+    let policy = checkpoint_policy(&mut c, &file);
+    let kill_port_uids = kill_port_uids(&mut c, &file.kill_port_users);
+    let logs = log_rotation(&mut c, &file);
+    let ready = file.ready.as_ref().and_then(|v| readiness(&mut c, v));
+    let ready_timeout = timeout(&mut c, "ready_timeout", file.ready_timeout.as_ref(), DEFAULT_READY_TIMEOUT);
+    let periodic = periodic(&mut c, &file);
+    let restart = restart(&mut c, &file);
+    let compression = file.compression.as_ref().and_then(|v| compression(&mut c, v));
+    let encryption_key_file = file.encryption_key_file.as_deref().and_then(|p| encryption_key_file(&mut c, p));
+    if restart.from == RestartFrom::Checkpoint && restart.policy == RestartPolicy::No {
+        c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
+    }
 
-    let user = match User::from_name(&file.user) {
-        Ok(Some(u)) => Some(u),
-        Ok(None) => {
-            c.fail(
-                "user",
-                format!(
-                    "user \"{0}\" does not exist; create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {0}` or name an existing user",
-                    file.user
-                ),
-            );
-            None
-        }
-        Err(e) => {
-            c.fail("user", format!("failed to look up user \"{}\": {e}", file.user));
-            None
-        }
-    };
+    match (c.problems.is_empty(), identity.user, identity.gid) {
+        (true, Some(u), Some(gid)) => Ok(Service {
+            name: name.to_string(),
+            file: path.to_path_buf(),
+            command: file.command,
+            uid: u.uid.as_raw(),
+            gid,
+            supplementary_gids: identity.supplementary_gids,
+            kill_port: file.kill_port,
+            working_dir,
+            environment,
+            criu_config,
+            criu_options: file.criu.options,
+            stop_timeout: policy.stop_timeout,
+            restore_stale: file.restore_stale.unwrap_or(false),
+            keep_checkpoints: policy.keep_checkpoints,
+            on_incompatible: policy.on_incompatible,
+            on_file_changed: policy.on_file_changed,
+            dump_timeout: policy.dump_timeout,
+            restore_timeout: policy.restore_timeout,
+            kill_port_uids,
+            log_max_bytes: logs.max_bytes,
+            log_keep: logs.keep,
+            ready,
+            ready_timeout,
+            checkpoint_every: periodic.every,
+            full_every: periodic.full_every,
+            max_freeze: periodic.max_freeze,
+            min_free_bytes: periodic.min_free_bytes,
+            restart: restart.policy,
+            restart_from: restart.from,
+            restart_backoff: restart.backoff,
+            restart_limit: restart.limit,
+            compression,
+            encryption_key_file,
+        }),
+        _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
+    }
+}
+
+/// Who the service runs as. `user` and `gid` are None when they do not exist (a problem is
+/// reported), and the other checks go on without them.
+struct Identity {
+    user: Option<User>,
+    gid: Option<u32>,
+    supplementary_gids: Vec<u32>,
+}
+
+/// `user`, `group` (the user's primary group when absent), the user's other groups, and whether
+/// any of them is root's.
+fn identity(c: &mut Checker, file: &ServiceFile) -> Identity {
+    let user = lookup_user(c, &file.user);
     let gid = match (&file.group, &user) {
         (Some(g), _) => match Group::from_name(g) {
             Ok(Some(g)) => Some(g.gid.as_raw()),
@@ -203,25 +266,42 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             .unwrap_or_else(|| vec![g]),
         _ => Vec::new(),
     };
-
     let group_key = if file.group.is_some() { "group" } else { "user" };
-    check_root(&mut c, user.as_ref(), (gid, group_key), &supplementary_gids, file.allow_root == Some(true));
+    check_root(c, user.as_ref(), (gid, group_key), &supplementary_gids, file.allow_root == Some(true));
+    Identity { user, gid, supplementary_gids }
+}
 
-    if file.kill_port == 0 {
-        c.fail("kill_port", "must be a TCP port between 1 and 65535");
+fn lookup_user(c: &mut Checker, name: &str) -> Option<User> {
+    match User::from_name(name) {
+        Ok(Some(u)) => Some(u),
+        Ok(None) => {
+            c.fail(
+                "user",
+                format!("user \"{name}\" does not exist; create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {name}` or name an existing user"),
+            );
+            None
+        }
+        Err(e) => {
+            c.fail("user", format!("failed to look up user \"{name}\": {e}"));
+            None
+        }
     }
+}
 
-    let working_dir = PathBuf::from(file.working_dir.as_deref().unwrap_or("/"));
+/// `working_dir`, `/` when absent as systemd has it.
+fn working_dir(c: &mut Checker, value: Option<&str>) -> PathBuf {
+    let working_dir = PathBuf::from(value.unwrap_or("/"));
     if !working_dir.is_absolute() {
         c.fail("working_dir", format!("must be an absolute path, not \"{}\"", working_dir.display()));
     } else if !working_dir.is_dir() {
         c.fail("working_dir", format!("{} is not a directory; create it or change the key", working_dir.display()));
     }
+    working_dir
+}
 
-    let environment = build_environment(&mut c, user.as_ref(), &file);
-    check_command(&mut c, &file.command, &environment, &working_dir);
-
-    let profile = file.criu.config.clone().unwrap_or_else(|| "default".to_string());
+/// `criu.config`: the name of a file in the CRIU config directory, never a path.
+fn criu_config(c: &mut Checker, dirs: &Dirs, value: Option<&str>) -> PathBuf {
+    let profile = value.unwrap_or("default");
     let criu_config = dirs.criu_config_dir.join(format!("{profile}.conf"));
     if profile.is_empty() || !profile.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
         c.fail(
@@ -241,68 +321,73 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             ),
         );
     } else {
-        check_criu_config(&mut c, &dirs.criu_config_dir, &criu_config);
+        check_criu_config(c, &dirs.criu_config_dir, &criu_config);
     }
-    for r in criu_options::check(&file.criu.options, false) {
-        c.fail(&format!("criu.options[{}]", r.index), r.error.to_string());
+    criu_config
+}
+
+/// How a service is stopped, and what is done with its checkpoints.
+struct CheckpointPolicy {
+    stop_timeout: Duration,
+    keep_checkpoints: usize,
+    on_incompatible: OnIncompatible,
+    on_file_changed: OnFileChanged,
+    dump_timeout: Duration,
+    restore_timeout: Duration,
+}
+
+fn checkpoint_policy(c: &mut Checker, file: &ServiceFile) -> CheckpointPolicy {
+    let stop_timeout = in_range(c, "stop_timeout_secs", file.stop_timeout_secs, 1..=3600, "use 1 to 3600 seconds")
+        .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let fix = format!("keep 1 to {MAX_KEEP_CHECKPOINTS} checkpoints (default {DEFAULT_KEEP_CHECKPOINTS})");
+    let keep_checkpoints = in_range(c, "keep_checkpoints", file.keep_checkpoints, 1..=MAX_KEEP_CHECKPOINTS, &fix)
+        .map_or(DEFAULT_KEEP_CHECKPOINTS, |n| n as usize);
+    let on_incompatible = choice(
+        c,
+        "on_incompatible",
+        file.on_incompatible.as_deref(),
+        &[("cold", OnIncompatible::Cold), ("fail", OnIncompatible::Fail)],
+        "use `cold` (keep the checkpoint and cold-start) or `fail` (keep it and refuse to start)",
+    );
+    let on_file_changed = choice(
+        c,
+        "on_file_changed",
+        file.on_file_changed.as_deref(),
+        &[("restore", OnFileChanged::Restore), ("refuse", OnFileChanged::Refuse)],
+        "use `restore` (put the file back as the checkpoint expects, keeping what was added beside it) or `refuse` (keep the checkpoint and refuse to start)",
+    );
+    CheckpointPolicy {
+        stop_timeout,
+        keep_checkpoints,
+        on_incompatible,
+        on_file_changed,
+        dump_timeout: timeout(c, "dump_timeout", file.dump_timeout.as_ref(), DEFAULT_DUMP_TIMEOUT),
+        restore_timeout: timeout(c, "restore_timeout", file.restore_timeout.as_ref(), DEFAULT_RESTORE_TIMEOUT),
     }
-    let stop_timeout = match file.stop_timeout_secs {
-        None => DEFAULT_STOP_TIMEOUT,
-        Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
-        Some(s) => {
-            c.fail("stop_timeout_secs", format!("{s} is out of range; use 1 to 3600 seconds"));
-            DEFAULT_STOP_TIMEOUT
-        }
-    };
+}
 
-    let keep_checkpoints = match file.keep_checkpoints {
-        None => DEFAULT_KEEP_CHECKPOINTS,
-        Some(n) if (1..=MAX_KEEP_CHECKPOINTS).contains(&n) => n as usize,
-        Some(n) => {
-            c.fail(
-                "keep_checkpoints",
-                format!("{n} is out of range; keep 1 to {MAX_KEEP_CHECKPOINTS} checkpoints (default {DEFAULT_KEEP_CHECKPOINTS})"),
-            );
-            DEFAULT_KEEP_CHECKPOINTS
-        }
-    };
-    let on_incompatible = match file.on_incompatible.as_deref() {
-        None | Some("cold") => OnIncompatible::Cold,
-        Some("fail") => OnIncompatible::Fail,
-        Some(other) => {
-            c.fail(
-                "on_incompatible",
-                format!("\"{other}\" is not a choice; use `cold` (keep the checkpoint and cold-start) or `fail` (keep it and refuse to start)"),
-            );
-            OnIncompatible::Cold
-        }
-    };
-    let on_file_changed = match file.on_file_changed.as_deref() {
-        None | Some("restore") => OnFileChanged::Restore,
-        Some("refuse") => OnFileChanged::Refuse,
-        Some(other) => {
-            c.fail(
-                "on_file_changed",
-                format!("\"{other}\" is not a choice; use `restore` (put the file back as the checkpoint expects, keeping what was added beside it) or `refuse` (keep the checkpoint and refuse to start)"),
-            );
-            OnFileChanged::Restore
-        }
-    };
-    let dump_timeout = timeout(&mut c, "dump_timeout", file.dump_timeout.as_ref(), DEFAULT_DUMP_TIMEOUT);
-    let restore_timeout = timeout(&mut c, "restore_timeout", file.restore_timeout.as_ref(), DEFAULT_RESTORE_TIMEOUT);
-
-    let mut kill_port_uids = Vec::new();
-    for (i, name) in file.kill_port_users.iter().enumerate() {
+/// `kill_port_users`: the uids of those, besides root and the service user, who may stop it.
+fn kill_port_uids(c: &mut Checker, names: &[String]) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for (i, name) in names.iter().enumerate() {
         match User::from_name(name) {
-            Ok(Some(u)) => kill_port_uids.push(u.uid.as_raw()),
+            Ok(Some(u)) => uids.push(u.uid.as_raw()),
             _ => c.fail(
                 &format!("kill_port_users[{i}]"),
                 format!("user \"{name}\" does not exist; list existing users who may stop this service through its kill port"),
             ),
         }
     }
+    uids
+}
 
-    let log_max_bytes = match file.log_max_bytes {
+struct LogRotation {
+    max_bytes: u64,
+    keep: usize,
+}
+
+fn log_rotation(c: &mut Checker, file: &ServiceFile) -> LogRotation {
+    let max_bytes = match file.log_max_bytes {
         None => DEFAULT_LOG_MAX_BYTES,
         Some(n) if n >= 1 << 20 => n,
         Some(n) => {
@@ -310,33 +395,25 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             DEFAULT_LOG_MAX_BYTES
         }
     };
-    let log_keep = match file.log_keep {
-        None => DEFAULT_LOG_KEEP,
-        Some(n) if n <= 100 => n as usize,
-        Some(n) => {
-            c.fail("log_keep", format!("{n} is out of range; keep 0 to 100 rotated logs (default {DEFAULT_LOG_KEEP})"));
-            DEFAULT_LOG_KEEP
-        }
-    };
+    let fix = format!("keep 0 to 100 rotated logs (default {DEFAULT_LOG_KEEP})");
+    let keep = in_range(c, "log_keep", file.log_keep, 0..=100, &fix).map_or(DEFAULT_LOG_KEEP, |n| n as usize);
+    LogRotation { max_bytes, keep }
+}
 
-    let ready = file.ready.as_ref().and_then(|v| readiness(&mut c, v));
-    let ready_timeout = timeout(&mut c, "ready_timeout", file.ready_timeout.as_ref(), DEFAULT_READY_TIMEOUT);
+/// Checkpoints taken while the service runs.
+struct Periodic {
+    every: Option<Duration>,
+    full_every: u32,
+    max_freeze: Option<Duration>,
+    min_free_bytes: u64,
+}
 
-    let checkpoint_every =
-        file.checkpoint_every.as_ref().map(|v| timeout(&mut c, "checkpoint_every", Some(v), Duration::from_secs(900)));
-    let full_every = match file.full_every {
-        None => DEFAULT_FULL_EVERY,
-        Some(n @ 1..=1000) => n as u32,
-        Some(n) => {
-            c.fail(
-                "full_every",
-                format!(
-                    "{n} is out of range; a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})"
-                ),
-            );
-            DEFAULT_FULL_EVERY
-        }
-    };
+fn periodic(c: &mut Checker, file: &ServiceFile) -> Periodic {
+    let every =
+        file.checkpoint_every.as_ref().map(|v| timeout(c, "checkpoint_every", Some(v), Duration::from_secs(900)));
+    let fix = format!("a full dump after 1 to 1000 incremental ones (default {DEFAULT_FULL_EVERY})");
+    let full_every =
+        in_range(c, "full_every", file.full_every, 1..=1000, &fix).map_or(DEFAULT_FULL_EVERY, |n| n as u32);
     let max_freeze = match file.max_freeze_ms {
         Some(0) => {
             c.fail(
@@ -347,39 +424,27 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
         }
         other => other.map(Duration::from_millis),
     };
-    let min_free_bytes = file.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES);
-    let restart = match &file.restart {
-        None => RestartPolicy::No,
-        // YAML 1.1 readers take a bare `no` for false; accept both spellings.
-        Some(serde_yaml::Value::Bool(false)) => RestartPolicy::No,
-        Some(v) => match v.as_str() {
-            Some("no") => RestartPolicy::No,
-            Some("on-failure") => RestartPolicy::OnFailure,
-            Some("always") => RestartPolicy::Always,
-            _ => {
-                c.fail(
-                    "restart",
-                    format!(
-                        "{} is not a choice; use `no`, `on-failure` (after a non-zero exit or a signal) or `always`",
-                        serde_yaml::to_string(v).unwrap_or_default().trim()
-                    ),
-                );
-                RestartPolicy::No
-            }
-        },
-    };
-    let restart_from = match file.restart_from.as_deref() {
-        None | Some("cold") => RestartFrom::Cold,
-        Some("checkpoint") => RestartFrom::Checkpoint,
-        Some(other) => {
-            c.fail(
-                "restart_from",
-                format!("\"{other}\" is not a choice; use `cold` (a fresh launch) or `checkpoint` (the newest checkpoint, then older ones, then cold)"),
-            );
-            RestartFrom::Cold
-        }
-    };
-    let restart_backoff = match &file.restart_backoff {
+    Periodic { every, full_every, max_freeze, min_free_bytes: file.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES) }
+}
+
+/// Whether, when and how often a service that exits by itself is brought back.
+struct Restart {
+    policy: RestartPolicy,
+    from: RestartFrom,
+    backoff: Duration,
+    limit: RestartLimit,
+}
+
+fn restart(c: &mut Checker, file: &ServiceFile) -> Restart {
+    let policy = file.restart.as_ref().map_or(RestartPolicy::No, |v| restart_policy(c, v));
+    let from = choice(
+        c,
+        "restart_from",
+        file.restart_from.as_deref(),
+        &[("cold", RestartFrom::Cold), ("checkpoint", RestartFrom::Checkpoint)],
+        "use `cold` (a fresh launch) or `checkpoint` (the newest checkpoint, then older ones, then cold)",
+    );
+    let backoff = match &file.restart_backoff {
         None => DEFAULT_RESTART_BACKOFF,
         Some(v) => match parse_duration(v) {
             Some(d) if d >= Duration::from_millis(100) && d <= MAX_RESTART_BACKOFF => d,
@@ -388,90 +453,104 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
                     "restart_backoff",
                     format!(
                         "{} is not a duration between 100ms and 60s; write e.g. `1s` or `500ms` (the first restart's delay; each next one doubles, up to 60s)",
-                        serde_yaml::to_string(v).unwrap_or_default().trim()
+                        shown(v)
                     ),
                 );
                 DEFAULT_RESTART_BACKOFF
             }
         },
     };
-    let restart_limit = match file.restart_limit.as_deref() {
+    let limit = match file.restart_limit.as_deref() {
         None => DEFAULT_RESTART_LIMIT,
         Some(text) => parse_restart_limit(text).unwrap_or_else(|| {
             c.fail("restart_limit", format!("\"{text}\" is not `COUNT in DURATION`; write e.g. `5 in 10m` (at most 5 restarts in any 10 minutes)"));
             DEFAULT_RESTART_LIMIT
         }),
     };
-    let compression = file.compression.as_ref().and_then(|v| {
-        const HOW: &str = "write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)";
-        let level = match v {
-            serde_yaml::Value::String(s) if s == "zstd" => Some(3),
-            serde_yaml::Value::Mapping(m) if m.len() == 1 => match m.get("zstd").and_then(|l| l.as_i64()) {
-                Some(l @ 1..=19) => Some(l as i32),
-                _ => None,
-            },
-            _ => None,
-        };
-        if level.is_none() {
-            c.fail("compression", format!("{} is not a compression; {HOW}", serde_yaml::to_string(v).unwrap_or_default().trim()));
-        }
-        level
-    });
-    // Its form, and whose it is when it exists: it is read when a checkpoint is written or restored.
-    let encryption_key_file = file.encryption_key_file.as_deref().and_then(|p| {
-        let path = PathBuf::from(p);
-        if path.is_absolute() {
-            for e in trust::check_file_if_present(&path) {
-                c.fail("encryption_key_file", e.to_string());
-            }
-            Some(path)
-        } else {
-            c.fail("encryption_key_file", format!("\"{p}\" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"));
-            None
-        }
-    });
-    if restart_from == RestartFrom::Checkpoint && restart == RestartPolicy::No {
-        c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
-    }
+    Restart { policy, from, backoff, limit }
+}
 
-    match (c.problems.is_empty(), user, gid) {
-        (true, Some(u), Some(gid)) => Ok(Service {
-            name: name.to_string(),
-            file: path.to_path_buf(),
-            command: file.command,
-            uid: u.uid.as_raw(),
-            gid,
-            supplementary_gids,
-            kill_port: file.kill_port,
-            working_dir,
-            environment,
-            criu_config,
-            criu_options: file.criu.options,
-            stop_timeout,
-            restore_stale: file.restore_stale.unwrap_or(false),
-            keep_checkpoints,
-            on_incompatible,
-            on_file_changed,
-            dump_timeout,
-            restore_timeout,
-            kill_port_uids,
-            log_max_bytes,
-            log_keep,
-            ready,
-            ready_timeout,
-            checkpoint_every,
-            full_every,
-            max_freeze,
-            min_free_bytes,
-            restart,
-            restart_from,
-            restart_backoff,
-            restart_limit,
-            compression,
-            encryption_key_file,
-        }),
-        _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
+fn restart_policy(c: &mut Checker, v: &serde_yaml::Value) -> RestartPolicy {
+    // YAML 1.1 readers take a bare `no` for false; accept both spellings.
+    if let serde_yaml::Value::Bool(false) = v {
+        return RestartPolicy::No;
     }
+    match v.as_str() {
+        Some("no") => RestartPolicy::No,
+        Some("on-failure") => RestartPolicy::OnFailure,
+        Some("always") => RestartPolicy::Always,
+        _ => {
+            c.fail(
+                "restart",
+                format!(
+                    "{} is not a choice; use `no`, `on-failure` (after a non-zero exit or a signal) or `always`",
+                    shown(v)
+                ),
+            );
+            RestartPolicy::No
+        }
+    }
+}
+
+/// `compression: zstd` or `compression: {zstd: LEVEL}`: the zstd level.
+fn compression(c: &mut Checker, v: &serde_yaml::Value) -> Option<i32> {
+    const HOW: &str =
+        "write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)";
+    let level = match v {
+        serde_yaml::Value::String(s) if s == "zstd" => Some(3),
+        serde_yaml::Value::Mapping(m) if m.len() == 1 => match m.get("zstd").and_then(|l| l.as_i64()) {
+            Some(l @ 1..=19) => Some(l as i32),
+            _ => None,
+        },
+        _ => None,
+    };
+    if level.is_none() {
+        c.fail("compression", format!("{} is not a compression; {HOW}", shown(v)));
+    }
+    level
+}
+
+/// Its form, and whose it is when it exists: it is read when a checkpoint is written or restored.
+fn encryption_key_file(c: &mut Checker, p: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(p);
+    if path.is_absolute() {
+        for e in trust::check_file_if_present(&path) {
+            c.fail("encryption_key_file", e.to_string());
+        }
+        Some(path)
+    } else {
+        c.fail("encryption_key_file", format!("\"{p}\" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"));
+        None
+    }
+}
+
+/// A number key: `value` when it is in `range`; absent, or out of range (reported with `fix`), None.
+fn in_range(c: &mut Checker, key: &str, value: Option<u64>, range: RangeInclusive<u64>, fix: &str) -> Option<u64> {
+    let n = value?;
+    if range.contains(&n) {
+        return Some(n);
+    }
+    c.fail(key, format!("{n} is out of range; {fix}"));
+    None
+}
+
+/// A key of a few words, the first of `choices` when absent; an unknown word is reported with
+/// `fix` and taken as the first.
+fn choice<T: Copy>(c: &mut Checker, key: &str, value: Option<&str>, choices: &[(&str, T)], fix: &str) -> T {
+    let default = choices[0].1;
+    let Some(word) = value else { return default };
+    match choices.iter().find(|(w, _)| *w == word) {
+        Some((_, t)) => *t,
+        None => {
+            c.fail(key, format!("\"{word}\" is not a choice; {fix}"));
+            default
+        }
+    }
+}
+
+/// A YAML value as the file wrote it, for a message.
+fn shown(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).unwrap_or_default().trim().to_string()
 }
 
 /// `ready: {tcp: "HOST:PORT"}`, `ready: {exec: [cmd, args...]}` or `ready: notify`.
@@ -522,7 +601,7 @@ fn timeout(c: &mut Checker, key: &str, value: Option<&serde_yaml::Value>, defaul
                 key,
                 format!(
                     "{} is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default {})",
-                    serde_yaml::to_string(v).unwrap_or_default().trim(),
+                    shown(v),
                     crate::time_fmt::human_duration(default)
                 ),
             );
@@ -706,5 +785,219 @@ mod tests {
         assert_eq!(parse_restart_limit("0 in 10m"), None, "a limit of nothing is not a limit");
         assert_eq!(parse_restart_limit("5 per 10m"), None);
         assert_eq!(parse_restart_limit("3 in 500ms"), None, "a window under a second is a typo");
+    }
+
+    const PINNED_MANY: &str = r#"invalid service file /nonexistent/fuzz.yaml:
+  line 2, key `user`: user "no-such-user-xyz" does not exist; create it with `useradd --system --no-create-home --shell /usr/sbin/nologin no-such-user-xyz` or name an existing user
+  line 3, key `group`: group "no-such-group-xyz" does not exist; create it with `groupadd --system no-such-group-xyz` or remove the key to use the user's primary group
+  line 4, key `kill_port`: must be a TCP port between 1 and 65535
+  line 5, key `working_dir`: must be an absolute path, not "relative/dir"
+  line 7, key `environment.A=B`: variable names must be non-empty without '=' and values without NUL bytes
+  line 1, key `command[0]`: /nonexistent/prog does not exist or is not a file
+  line 9, key `criu.config`: "bad name" is not a config name (letters, digits, '-', '_'): it names a file in DIR
+  line 10, key `criu.options[0]`: "--bogus-option" is not an option of CRIU 4.2.1; remove it (options a service may add: --tcp-established, --tcp-close, --network-lock=VALUE, --file-locks, --skip-in-flight, --link-remap, --ext-unix-sk, --ghost-limit=VALUE, --allow-uprobes, and --no-NAME of each switch)
+  line 11, key `stop_timeout_secs`: 0 is out of range; use 1 to 3600 seconds
+  line 12, key `keep_checkpoints`: 0 is out of range; keep 1 to 1000 checkpoints (default 2)
+  line 13, key `on_incompatible`: "maybe" is not a choice; use `cold` (keep the checkpoint and cold-start) or `fail` (keep it and refuse to start)
+  line 14, key `on_file_changed`: "maybe" is not a choice; use `restore` (put the file back as the checkpoint expects, keeping what was added beside it) or `refuse` (keep the checkpoint and refuse to start)
+  line 15, key `dump_timeout`: soon is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 10m)
+  line 16, key `restore_timeout`: 0 is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 5m)
+  line 17, key `kill_port_users[0]`: user "no-such-user-xyz" does not exist; list existing users who may stop this service through its kill port
+  line 18, key `log_max_bytes`: 10 is too small; use at least 1048576 (1 MiB); the default is 64 MiB
+  line 19, key `log_keep`: 101 is out of range; keep 0 to 100 rotated logs (default 3)
+  key `ready.tcp`: "nope" is not HOST:PORT; write `ready: {tcp: "127.0.0.1:6390"}` (a connection is accepted), `ready: {exec: ["redis-cli", "-p", "6390", "ping"]}` (the command exits 0) or `ready: notify` (the service sends READY=1 to $NOTIFY_SOCKET)
+  line 21, key `ready_timeout`: 25h is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 1m)
+  line 22, key `checkpoint_every`: 0 is not a duration between 1s and 24h; write e.g. `90s`, `10m`, `1h` or a number of seconds (default 15m)
+  line 23, key `full_every`: 0 is out of range; a full dump after 1 to 1000 incremental ones (default 8)
+  line 24, key `max_freeze_ms`: 0 would warn about every checkpoint; give the longest freeze you accept in milliseconds, e.g. 100
+  line 25, key `restart`: sometimes is not a choice; use `no`, `on-failure` (after a non-zero exit or a signal) or `always`
+  line 26, key `restart_from`: "nowhere" is not a choice; use `cold` (a fresh launch) or `checkpoint` (the newest checkpoint, then older ones, then cold)
+  line 27, key `restart_backoff`: 1ms is not a duration between 100ms and 60s; write e.g. `1s` or `500ms` (the first restart's delay; each next one doubles, up to 60s)
+  line 28, key `restart_limit`: "lots" is not `COUNT in DURATION`; write e.g. `5 in 10m` (at most 5 restarts in any 10 minutes)
+  line 29, key `compression`: gzip is not a compression; write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)
+  line 30, key `encryption_key_file`: "relative.key" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"#;
+
+    const PINNED_ROOT: &str = r#"invalid service file /nonexistent/fuzz.yaml:
+  line 2, key `user`: user "root" is uid 0: the service would run as root; run it as its own user (`useradd --system --no-create-home --shell /usr/sbin/nologin NAME`), or add `allow_root: true` if it really needs root
+  key `criu.config`: DIR/missing.conf does not exist; pick one of default or pass --criu-config-dir
+  key `ready.exec`: must be a non-empty list of strings; write `ready: {tcp: "127.0.0.1:6390"}` (a connection is accepted), `ready: {exec: ["redis-cli", "-p", "6390", "ping"]}` (the command exits 0) or `ready: notify` (the service sends READY=1 to $NOTIFY_SOCKET)
+  line 7, key `compression`: zstd: 20 is not a compression; write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)
+  line 6, key `restart_from`: has no effect without `restart: on-failure` or `restart: always`"#;
+
+    const PINNED_ALL: &str = r#"Service {
+    name: "fuzz",
+    file: "/nonexistent/fuzz.yaml",
+    command: [
+        "sh",
+        "-c",
+        "sleep 1",
+    ],
+    uid: 0,
+    gid: 0,
+    supplementary_gids: [],
+    kill_port: 7000,
+    working_dir: "/tmp",
+    environment: [
+        (
+            "PATH",
+            "/bin",
+        ),
+        (
+            "USER",
+            "root",
+        ),
+        (
+            "LOGNAME",
+            "root",
+        ),
+        (
+            "A",
+            "b",
+        ),
+    ],
+    criu_config: "DIR/default.conf",
+    criu_options: [
+        "--tcp-established",
+    ],
+    stop_timeout: 7s,
+    restore_stale: true,
+    keep_checkpoints: 4,
+    on_incompatible: Fail,
+    on_file_changed: Refuse,
+    dump_timeout: 90s,
+    restore_timeout: 120s,
+    kill_port_uids: [
+        0,
+    ],
+    log_max_bytes: 2097152,
+    log_keep: 5,
+    ready: Some(
+        Tcp(
+            "127.0.0.1:7001",
+        ),
+    ),
+    ready_timeout: 30s,
+    checkpoint_every: Some(
+        900s,
+    ),
+    full_every: 3,
+    max_freeze: Some(
+        250ms,
+    ),
+    min_free_bytes: 1000,
+    restart: OnFailure,
+    restart_from: Checkpoint,
+    restart_backoff: 500ms,
+    restart_limit: RestartLimit {
+        count: 3,
+        within: 60s,
+    },
+    compression: Some(
+        9,
+    ),
+    encryption_key_file: Some(
+        "/nonexistent/stasis.key",
+    ),
+}"#;
+
+    /// A criu config dir of root's with an empty `default.conf`, and the text validate reports
+    /// (or the service it makes, with what depends on the host's root account left out), with
+    /// the temporary directory's path as DIR.
+    fn report(text: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("default.conf"), "").unwrap();
+        let dirs = crate::paths::Dirs::new("/c".into(), "/s".into(), "/r".into(), Some(d.path().into()), "/h".into());
+        let out = match crate::config::parse_and_validate_for_fuzzing(&dirs, text) {
+            Ok(mut s) => {
+                s.environment.retain(|(k, _)| k != "HOME" && k != "SHELL");
+                s.supplementary_gids.clear();
+                format!("{s:#?}")
+            }
+            Err(e) => e.to_string(),
+        };
+        out.replace(&d.path().display().to_string(), "DIR")
+    }
+
+    /// Every problem, in order: the report is pinned, so splitting or reordering the checks
+    /// cannot change it unnoticed.
+    #[test]
+    fn problems_are_reported_in_order() {
+        let text = r#"command: ["/nonexistent/prog", "a"]
+user: no-such-user-xyz
+group: no-such-group-xyz
+kill_port: 0
+working_dir: relative/dir
+environment:
+  "A=B": x
+criu:
+  config: "bad name"
+  options: ["--bogus-option"]
+stop_timeout_secs: 0
+keep_checkpoints: 0
+on_incompatible: maybe
+on_file_changed: maybe
+dump_timeout: soon
+restore_timeout: 0
+kill_port_users: [no-such-user-xyz]
+log_max_bytes: 10
+log_keep: 101
+ready: {tcp: "nope"}
+ready_timeout: 25h
+checkpoint_every: 0
+full_every: 0
+max_freeze_ms: 0
+restart: sometimes
+restart_from: nowhere
+restart_backoff: 1ms
+restart_limit: lots
+compression: gzip
+encryption_key_file: relative.key
+"#;
+        assert_eq!(report(text), PINNED_MANY);
+        let text = r#"command: [sh]
+user: root
+kill_port: 7000
+criu: {config: missing}
+ready: {exec: []}
+restart_from: checkpoint
+compression: {zstd: 20}
+"#;
+        assert_eq!(report(text), PINNED_ROOT);
+    }
+
+    /// A service with every key set: each value lands in its own field.
+    #[test]
+    fn every_key_lands_in_its_field() {
+        let text = r#"command: [sh, -c, "sleep 1"]
+user: root
+allow_root: true
+kill_port: 7000
+working_dir: /tmp
+environment: {A: b, PATH: /bin}
+criu: {options: ["--tcp-established"]}
+stop_timeout_secs: 7
+restore_stale: true
+keep_checkpoints: 4
+on_incompatible: fail
+on_file_changed: refuse
+dump_timeout: 90s
+restore_timeout: 2m
+kill_port_users: [root]
+log_max_bytes: 2097152
+log_keep: 5
+ready: {tcp: "127.0.0.1:7001"}
+ready_timeout: 30
+checkpoint_every: 15m
+full_every: 3
+max_freeze_ms: 250
+min_free_bytes: 1000
+restart: on-failure
+restart_from: checkpoint
+restart_backoff: 500ms
+restart_limit: 3 in 1m
+compression: {zstd: 9}
+encryption_key_file: /nonexistent/stasis.key
+"#;
+        assert_eq!(report(text), PINNED_ALL);
     }
 }

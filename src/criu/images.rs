@@ -14,13 +14,16 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/images/_.rs"));
 }
 
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 /// No entry of the images read here comes near this.
 const MAX_ENTRY: usize = 64 << 20;
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 /// pagemap entry flags (criu/include/pagemap.h).
-const PE_PRESENT: u32 = 1 << 2;
+pub(crate) const PE_PARENT: u32 = 1 << 0;
+pub(crate) const PE_LAZY: u32 = 1 << 1;
+pub(crate) const PE_PRESENT: u32 = 1 << 2;
 /// VMA status bits (criu/include/image.h).
 const VMA_FILE_PRIVATE: u32 = 1 << 6;
 const VMA_FILE_SHARED: u32 = 1 << 7;
@@ -206,6 +209,18 @@ pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
     }
     let sockets = files.iter().filter_map(|f| f.isk.as_ref()).map(inet).collect();
     Ok(ImageSummary { processes, memory, sockets, namespaces })
+}
+
+/// A pagemap image's pages file number and its runs: (address, pages, flags).
+#[cfg(test)]
+pub(crate) fn pagemap_runs(images: &Path, name: &str) -> Result<(u32, Vec<(u64, u64, u32)>), ImageError> {
+    let head: pb::PagemapHead = one(images, name)?;
+    let runs: Vec<pb::PagemapEntry> = entries(images, name, true)?;
+    let runs = runs
+        .iter()
+        .map(|e| (e.vaddr, e.nr_pages.unwrap_or(e.compat_nr_pages as u64), e.flags.unwrap_or(PE_PRESENT)))
+        .collect();
+    Ok((head.pages_id, runs))
 }
 
 /// One process's saved pages: where they are in memory and in its pages file.

@@ -11,6 +11,7 @@ pub mod images;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
+pub mod page_server;
 pub mod post_dump;
 mod requests;
 pub mod rpc;

@@ -56,17 +56,26 @@ impl Frozen<'_> {
         Ok(self.pending.write_draft(&draft)?)
     }
 
-    /// Everything of a stopping dump: the checks, the records, the frozen tree's mappings, and
-    /// the checkpoint made durable, every image hashed from the disk (never inferred). The
-    /// draft is read and written once: the tree is frozen meanwhile.
-    pub fn check_record_and_finalize(&self, key: Option<&crate::store::seal::Key>) -> Result<Checkpoint, Refusal> {
+    /// Everything of a stopping dump before it is made durable: the checks, the records and
+    /// the frozen tree's mappings. The draft is read and written once: the tree is frozen
+    /// meanwhile. [`Self::finalize`] follows, unless the caller refuses first.
+    pub fn check_and_record_frozen(&self) -> Result<(), Refusal> {
         self.refuse_unrestorable()?;
         let mut draft = self.pending.read_draft()?;
         self.record_frozen_mappings(&mut draft)?;
         self.keep_shm_files(&mut draft)?;
         self.keep_open_files(&mut draft)?;
-        self.pending.write_draft(&draft)?;
-        Ok(self.pending.finalize_sealed(key)?)
+        Ok(self.pending.write_draft(&draft)?)
+    }
+
+    /// The checkpoint of a stopping dump made durable: the images the page server wrote were
+    /// hashed as they were written, every other one is hashed from the disk (never inferred).
+    pub fn finalize(
+        &self,
+        key: Option<&crate::store::seal::Key>,
+        received: &crate::criu::page_server::Received,
+    ) -> Result<Checkpoint, Refusal> {
+        Ok(self.pending.finalize_sealed(key, &received.images)?)
     }
 
     fn refuse_unrestorable(&self) -> Result<(), Refusal> {
@@ -101,11 +110,12 @@ impl Frozen<'_> {
     /// its unix sockets and its small files on /run or a tmpfs (store::tmpfs), and the files it
     /// writes (store::written); small ones are copied into the checkpoint.
     fn keep_open_files(&self, draft: &mut Manifest) -> Result<(), Refusal> {
-        let fds = crate::store::written::tree_fds(self.tree_pid);
+        let fds = crate::process::tree::tree_fds(self.tree_pid);
         let images = self.pending.images_dir();
         let deadline = Some(self.deadline);
         let files = |e: &dyn std::fmt::Display| Refusal::Files(e.to_string());
-        let (dirs, tmp) = crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
+        let (dirs, tmp) =
+            crate::store::tmpfs::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         let written = crate::store::written::capture(&fds, &images, self.min_free, deadline).map_err(|e| files(&e))?;
         draft.tmpfs_dirs = (!dirs.is_empty()).then_some(dirs);
         draft.tmpfs_files = (!tmp.is_empty()).then_some(tmp);

@@ -12,9 +12,11 @@
 
 use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG};
 use super::log_errors::{error_lines, pick};
+use super::page_server::{PageServerError, Received};
 use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
 use super::{Criu, CriuError};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use crate::store::stored::Transform;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -34,15 +36,18 @@ pub struct RestoreOutcome {
 }
 
 impl Criu {
-    /// Dumps the tree of `args.pid` over RPC within `timeout`; `at_post_dump` decides whether
-    /// the dump stands (see the module doc). `spawned` hears criu's pid (progress).
+    /// Dumps the tree of `args.pid` over RPC within `timeout`, its memory pages received in
+    /// this process (criu::page_server) and stored through `t`; `at_post_dump` decides whether
+    /// the dump stands (see the module doc), knowing what was received. `spawned` hears criu's
+    /// pid (progress).
     pub fn dump(
         &self,
         args: &DumpArgs,
+        t: &Transform<'_>,
         timeout: Duration,
         spawned: &dyn Fn(i32),
-        at_post_dump: &mut dyn FnMut() -> Answer,
-    ) -> Result<(), CriuError> {
+        at_post_dump: &mut dyn FnMut(&Received) -> Answer,
+    ) -> Result<Received, CriuError> {
         let deadline = Instant::now() + timeout;
         let log = args.work_dir.join(DUMP_LOG);
         let config = args.work_dir.join(RPC_CONFIG);
@@ -51,6 +56,8 @@ impl Criu {
         // CRIU opens the work dir through /proc/OUR_PID/fd/N: it must stay open meanwhile.
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
+        let (ours, theirs) =
+            page_server_pair().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
         let opts = pb::CriuOpts {
             images_dir_fd: -1,
             images_dir: Some(args.images_dir.display().to_string()),
@@ -61,37 +68,97 @@ impl Criu {
             log_to_stderr: Some(true),
             log_level: Some(LOG_LEVEL),
             config_file: Some(config.display().to_string()),
+            ps: Some(pb::CriuPageServerInfo { fd: Some(theirs.as_raw_fd()), ..Default::default() }),
             ..Default::default()
         };
         let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
-        let mut swrk = Swrk::start(&self.path, &[], Some(&log), deadline)
+        let mut swrk = Swrk::start(&self.path, &[theirs.as_fd()], Some(&log), deadline)
             .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        // Only criu holds its end now: if it dies, the page server hears the end of the stream.
+        drop(theirs);
         spawned(swrk.pid());
-        let reply = swrk.call(&req, &mut |n| if n.script == "post-dump" { at_post_dump() } else { Answer::Proceed });
-        let recent = swrk.take_log();
-        let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
-        match reply {
-            Ok(r) if r.resp.success => {
-                tracing::debug!("dump: criu notified {:?}", r.notified);
-                drop(work);
-                match swrk.finish() {
-                    Err(RpcError::TimedOut { .. }) => {
-                        Err(CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log })
-                    }
-                    _ => Ok(()),
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let images = args.images_dir.clone();
+            s.spawn(move || {
+                let _ = tx.send(super::page_server::serve(ours, &images, t, deadline));
+            });
+            let mut pages: Option<Result<Received, PageServerError>> = None;
+            let take = |pages: &mut Option<_>| {
+                if pages.is_none() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    *pages = Some(rx.recv_timeout(left).unwrap_or(Err(PageServerError::TimedOut)));
                 }
+            };
+            let reply = swrk.call(&req, &mut |n| {
+                if n.script != "post-dump" {
+                    return Answer::Proceed;
+                }
+                // CRIU has said it sent every page (and heard they were stored) by now.
+                take(&mut pages);
+                match pages.as_ref().expect("taken") {
+                    Ok(received) => at_post_dump(received),
+                    Err(e) => Answer::Refuse(e.to_string()),
+                }
+            });
+            let recent = swrk.take_log();
+            let timed_out =
+                || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
+            let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
+            let dumped = match reply {
+                Ok(r) if r.resp.success => {
+                    tracing::debug!("dump: criu notified {:?}", r.notified);
+                    match swrk.finish() {
+                        Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+                        _ => Ok(()),
+                    }
+                }
+                other => {
+                    // criu must be gone before the page server can hear the end of its stream.
+                    drop(swrk);
+                    match other {
+                        Ok(r) => Err(failed(answered_failure(&r), None)),
+                        Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+                        Err(RpcError::Refused { script, refused }) => Err(failed(
+                            format!("refused at {script}"),
+                            Some(format!("stasis refused the dump: {refused}")),
+                        )),
+                        Err(e) => Err(failed(e.to_string(), None)),
+                    }
+                }
+            };
+            take(&mut pages);
+            drop(work);
+            match (dumped, pages.expect("taken")) {
+                (Ok(()), Ok(received)) => Ok(received),
+                (Ok(()), Err(e)) => Err(failed("its pages did not all arrive".into(), Some(e.to_string()))),
+                // The page server's own word first: CRIU's is only that the socket broke.
+                (Err(CriuError::Failed { action, status, log, errors }), Err(e))
+                    if !matches!(e, PageServerError::Closed) =>
+                {
+                    let errors = std::iter::once(e.to_string()).chain(errors).collect();
+                    Err(CriuError::Failed { action, status, log, errors })
+                }
+                (Err(e), _) => Err(e),
             }
-            Ok(r) => Err(failed(answered_failure(&r), None)),
-            Err(RpcError::TimedOut { .. }) => {
-                Err(CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log })
-            }
-            Err(RpcError::Refused { script, refused }) => {
-                Err(failed(format!("refused at {script}"), Some(format!("stasis refused the dump: {refused}"))))
-            }
-            Err(e) => Err(failed(e.to_string(), None)),
-        }
+        })
     }
 }
+
+/// The socket pair pages come through: stream sockets with large buffers, so CRIU's splices
+/// rarely wait for the receiver. Only our end is close-on-exec; criu's is handed over.
+fn page_server_pair() -> std::io::Result<(std::os::unix::net::UnixStream, OwnedFd)> {
+    use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    // Best effort (root may force sizes past the sysctl limits): smaller only means more wake-ups.
+    let _ = setsockopt(&ours, sockopt::RcvBufForce, &PAGE_SOCKET_BUFFER);
+    let _ = setsockopt(&theirs, sockopt::SndBufForce, &PAGE_SOCKET_BUFFER);
+    Ok((ours.into(), theirs))
+}
+
+/// Bytes each page-server socket buffers.
+const PAGE_SOCKET_BUFFER: usize = 4 << 20;
 
 impl Criu {
     /// Restores detached within `timeout`; `stdout_pipe` (the write end of the service's new

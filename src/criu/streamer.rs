@@ -971,7 +971,7 @@ mod tests {
             draft.encryption = Some(crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() });
         }
         pending.write_draft(&draft).unwrap();
-        pending.finalize_sealed(key).unwrap()
+        pending.finalize_sealed(key, &[]).unwrap()
     }
 
     /// What CRIU does: one connection, a request per image, a pipe per image that exists.

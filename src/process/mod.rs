@@ -5,7 +5,6 @@
 mod error;
 pub mod init_binary;
 mod launch;
-pub mod maps;
 pub mod ns_init;
 pub mod tree;
 

@@ -1,7 +1,8 @@
 //! Reading the service's process tree from /proc.
 
-use super::maps;
+use crate::proc_maps as maps;
 use crate::store::safe_open::{open_mapped, UnsafeFile};
+use crate::store::tree_files::{ShmHandle, TreeFd};
 
 /// The inode of the pipe that is fd 1 of `pid`, if fd 1 is a pipe.
 pub fn stdout_pipe_inode(pid: i32) -> Option<u64> {
@@ -68,17 +69,6 @@ pub fn executable_mappings(root: i32) -> Vec<(i32, maps::Mapping)> {
     out.sort_by(|a, b| a.1.path.cmp(&b.1.path));
     out.dedup_by(|a, b| a.1.path == b.1.path);
     out
-}
-
-/// A file of /dev/shm the tree uses, and where root reaches the very object the process holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShmHandle {
-    /// The path the process knows it by.
-    pub path: std::path::PathBuf,
-    /// `/proc/PID/map_files/RANGE` or `/proc/PID/fd/N`.
-    pub handle: std::path::PathBuf,
-    /// (device, inode) from maps, for a mapping; an fd is the object itself.
-    pub expect: Option<(u64, u64)>,
 }
 
 /// Files under /dev/shm that the tree under `root` maps or holds open (POSIX shared memory),
@@ -237,4 +227,26 @@ pub fn executable_identities(
         }
     }
     Ok(out)
+}
+
+/// Every descriptor of every process of the tree under `root`.
+pub fn tree_fds(root: i32) -> Vec<TreeFd> {
+    let mut out = Vec::new();
+    for pid in descendants(root) {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for e in entries.filter_map(Result::ok) {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(target) = std::fs::read_link(e.path()) else { continue };
+            let Some(flags) = fd_flags(pid, fd) else { continue };
+            out.push(TreeFd { pid, fd, target, flags });
+        }
+    }
+    out
+}
+
+/// The `flags:` line of `/proc/PID/fdinfo/FD` (octal).
+fn fd_flags(pid: i32, fd: u32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let v = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(v.trim(), 8).ok()
 }

@@ -17,7 +17,7 @@ const INCOMPLETE_PREFIX: &str = ".incomplete-";
 /// A checkpoint taken out of the store whose files are still to be deleted.
 const REMOVED_PREFIX: &str = ".incomplete-removed-";
 const DRAFT_FILE: &str = "manifest.draft.json";
-const IMAGES_DIR: &str = "images";
+pub(crate) const IMAGES_DIR: &str = "images";
 pub const QUARANTINE_REASON_FILE: &str = "quarantine-reason.txt";
 /// Written into a checkpoint that does not fit the program on disk; it is kept, not deleted.
 pub const INCOMPATIBLE_FILE: &str = "incompatible.txt";
@@ -97,12 +97,17 @@ impl PendingCheckpoint {
 
     /// fsyncs everything, writes the manifest (from the draft) and makes the checkpoint visible.
     pub fn finalize(&self) -> Result<Checkpoint, StoreError> {
-        self.finalize_sealed(None)
+        self.finalize_sealed(None, &[])
     }
 
     /// The same, sealing every image with `key` first when the draft asks for encryption.
-    /// Every image is hashed from its bytes on disk, in the pass that fsyncs it.
-    pub fn finalize_sealed(&self, key: Option<&super::seal::Key>) -> Result<Checkpoint, StoreError> {
+    /// Every image is hashed from its bytes on disk, in the pass that fsyncs it, except those in
+    /// `received`: written (compressed, sealed) and hashed in one pass as they arrived.
+    pub fn finalize_sealed(
+        &self,
+        key: Option<&super::seal::Key>,
+        received: &[super::stored::Stored],
+    ) -> Result<Checkpoint, StoreError> {
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_draft(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
@@ -124,7 +129,7 @@ impl PendingCheckpoint {
                 });
             }
         }
-        let synced = fsync_and_hash(&self.dir, IMAGES_DIR)?;
+        let synced = fsync_and_hash(&self.dir, IMAGES_DIR, received)?;
         // A dump that wrote nothing is no checkpoint (and its manifest would not be a valid one).
         if synced.hashed.is_empty() {
             return Err(StoreError::NoImages { dir: self.images_dir() });

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 pub const SUFFIX: &str = ".zst";
 
-fn is_pages(name: &str) -> bool {
+pub(crate) fn is_pages(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
 }
 

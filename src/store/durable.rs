@@ -83,7 +83,9 @@ pub struct Synced {
 /// for the disk, so the checksums cost next to nothing on top of the fsyncs.
 /// Each hash is of the file's bytes as read here, never taken from elsewhere on the strength
 /// of a matching size.
-pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreError> {
+/// Images in `known` were hashed as they were written (store::stored): they are fsynced, not
+/// read again, once their size on disk is the size written (a file changed since is read).
+pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[super::stored::Stored]) -> Result<Synced, StoreError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     walk(dir, Path::new(""), &mut files, &mut dirs)?;
@@ -102,6 +104,11 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str) -> Result<Synced, StoreEr
             let mut out = Vec::with_capacity(to_hash.len());
             let mut cvs = Vec::new();
             for (rel, path) in &to_hash {
+                if let Some(k) = known.iter().find(|k| &k.file.path == rel && fs::metadata(path).is_ok_and(|m| m.len() == k.file.size)) {
+                    out.push(k.file.clone());
+                    cvs.push((rel.clone(), k.cvs.clone()));
+                    continue;
+                }
                 let (size, hash, chunks) =
                     super::chunks::hash_file(path).map_err(|source| StoreError::Read { path: path.clone(), source })?;
                 out.push(ImageFile { path: rel.clone(), size, hash: hash.to_hex().to_string() });
@@ -188,7 +195,7 @@ mod tests {
         let big: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
         fs::write(d.path().join("images/pages-1.img"), &big).unwrap();
         fs::write(d.path().join("images/core-1.img"), [1u8; 10]).unwrap();
-        let s = fsync_and_hash(d.path(), "images").unwrap();
+        let s = fsync_and_hash(d.path(), "images", &[]).unwrap();
         let pages = s.hashed.iter().find(|f| f.path == "images/pages-1.img").unwrap();
         assert_eq!(pages.hash, blake3::hash(&big).to_hex().to_string());
         let (v, why) = super::super::chunks::verifier(d.path(), pages).unwrap();
@@ -198,7 +205,7 @@ mod tests {
         let sidecar = fs::metadata(d.path().join("chunks/pages-1.img.cv")).unwrap().len();
         assert_eq!(s.total_bytes, big.len() as u64 + 10 + sidecar);
         // Again (an import's sidecars are there already): counted once.
-        assert_eq!(fsync_and_hash(d.path(), "images").unwrap().total_bytes, s.total_bytes);
+        assert_eq!(fsync_and_hash(d.path(), "images", &[]).unwrap().total_bytes, s.total_bytes);
     }
 
     #[test]
@@ -207,7 +214,7 @@ mod tests {
         fs::create_dir(d.path().join("images")).unwrap();
         fs::write(d.path().join("images/a.img"), [0u8; 100]).unwrap();
         fs::write(d.path().join("b"), [0u8; 23]).unwrap();
-        let s = fsync_and_hash(d.path(), "images").unwrap();
+        let s = fsync_and_hash(d.path(), "images", &[]).unwrap();
         assert_eq!(s.total_bytes, 123);
         assert_eq!(s.hashed.len(), 1);
         assert_eq!(s.hashed[0].path, "images/a.img");

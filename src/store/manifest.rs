@@ -326,9 +326,12 @@ impl Manifest {
     }
 }
 
+/// /dev/shm copies are named `images/stasis-shm.NAME`: flat, and never a name CRIU uses.
+pub const SHM_IMAGE_PREFIX: &str = "stasis-shm.";
+
 impl ShmFile {
     pub fn image_name(&self) -> String {
-        format!("{}{}", super::shm::IMAGE_PREFIX, self.name)
+        format!("{SHM_IMAGE_PREFIX}{}", self.name)
     }
 }
 

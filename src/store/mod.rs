@@ -16,7 +16,9 @@ mod manifest;
 pub mod safe_open;
 pub mod seal;
 pub mod shm;
+pub mod stored;
 pub mod tmpfs;
+pub mod tree_files;
 pub mod verify;
 pub mod written;
 

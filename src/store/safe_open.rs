@@ -90,7 +90,7 @@ pub fn open_proc_handle(handle: &Path, label: &Path) -> Result<(File, Metadata),
 }
 
 /// Opens the file `pid` maps as `mapping` through `map_files`, checking it is that file.
-pub fn open_mapped(pid: i32, mapping: &crate::process::maps::Mapping) -> Result<(File, Metadata), UnsafeFile> {
+pub fn open_mapped(pid: i32, mapping: &crate::proc_maps::Mapping) -> Result<(File, Metadata), UnsafeFile> {
     let label = mapping.path.clone().unwrap_or_else(|| PathBuf::from(mapping.map_files_entry()));
     let handle = PathBuf::from(format!("/proc/{pid}/map_files/{}", mapping.map_files_entry()));
     let (file, meta) = open_proc_handle(&handle, &label)?;
@@ -224,6 +224,51 @@ pub fn read_bounded(
     }
 }
 
+/// An absolute path of plain components without control characters: the only kind a path
+/// read from a service's /proc files (or a manifest) may be before root opens anything by it.
+pub fn plain_path(path: &Path) -> bool {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    path.is_absolute()
+        && bytes.len() < 4096
+        && !bytes.iter().any(|&b| b < 0x20 || b == 0x7f)
+        && path.components().skip(1).all(|c| matches!(c, Component::Normal(_)))
+        && path.components().count() > 1
+}
+
+pub fn cstr(name: &std::ffi::OsStr) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name.as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+/// Opens the directory `name` of `dir` without following a symbolic link.
+pub fn open_in(dir: &File, name: &std::ffi::OsStr) -> std::io::Result<File> {
+    let c = cstr(name)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated name relative to a directory fd we own.
+    owned(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) }.into())
+}
+
+/// Opens the directory at `path` (absolute, plain), each component `O_NOFOLLOW`: a symbolic
+/// link anywhere on the way fails (ELOOP or ENOTDIR).
+pub fn open_dir(path: &Path) -> std::io::Result<File> {
+    if !(path == Path::new("/") || plain_path(path)) {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let mut dir = File::open("/")?;
+    for part in path.components().skip(1) {
+        dir = open_in(&dir, part.as_os_str())?;
+    }
+    Ok(dir)
+}
+
+/// Creates the regular file `name` in `dir`: only a new one (`O_EXCL`), never through a link,
+/// mode 0600 until its owner sets it.
+pub fn create_in(dir: &File, name: &std::ffi::OsStr) -> std::io::Result<File> {
+    let c = cstr(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: as in open_in, with a mode for the new file.
+    owned(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, 0o600 as libc::c_uint) }.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +317,7 @@ mod tests {
     #[test]
     fn a_mapping_is_opened_as_the_very_file_mapped() {
         let me = std::process::id() as i32;
-        let maps = crate::process::maps::parse(&std::fs::read("/proc/self/maps").unwrap());
+        let maps = crate::proc_maps::parse(&std::fs::read("/proc/self/maps").unwrap());
         let exe = std::fs::canonicalize("/proc/self/exe").unwrap();
         let m = maps.iter().find(|m| m.executable() && m.path.as_deref() == Some(exe.as_path())).unwrap();
         let (_, meta) = open_mapped(me, m).unwrap();

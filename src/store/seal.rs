@@ -147,34 +147,81 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// `name` is the plain file's name (bound into every chunk).
-pub fn seal(mut input: impl Read, mut out: impl Write, name: &str, key: &Key) -> std::io::Result<()> {
-    let mut prefix = [0u8; 16];
-    // SAFETY: fills the buffer it is given.
-    if unsafe { libc::getrandom(prefix.as_mut_ptr().cast(), prefix.len(), 0) } != prefix.len() as isize {
-        return Err(std::io::Error::last_os_error());
-    }
-    out.write_all(MAGIC)?;
-    out.write_all(&prefix)?;
-    let cipher = key.cipher();
-    let (mut held, mut next) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut held_len = read_full(&mut input, &mut held)?;
-    let mut n = 0u64;
-    loop {
-        // One chunk of look-ahead: the last one is known only when the input has ended.
-        let next_len = if held_len == CHUNK { read_full(&mut input, &mut next)? } else { 0 };
-        let last = next_len == 0;
-        let ct = cipher
-            .encrypt(&nonce(&prefix, n), Payload { msg: &held[..held_len], aad: &aad(name, last) })
-            .map_err(|_| std::io::Error::other("encryption failed"))?;
-        out.write_all(&ct)?;
-        if last {
-            break;
+pub fn seal(mut input: impl Read, out: impl Write, name: &str, key: &Key) -> std::io::Result<()> {
+    let mut sealer = Sealer::new(out, name, key)?;
+    std::io::copy(&mut input, &mut sealer)?;
+    sealer.finish()?.flush()
+}
+
+/// Seals what is written through it, chunk by chunk, into `out`: the same bytes [`seal`]
+/// writes, for a writer that gets its input in pieces (the pages CRIU sends as it dumps).
+pub struct Sealer<W: Write> {
+    out: W,
+    cipher: XChaCha20Poly1305,
+    prefix: [u8; 16],
+    aad_name: String,
+    /// The chunk being filled; it is sealed only when more input shows it is not the last.
+    held: Vec<u8>,
+    n: u64,
+}
+
+impl<W: Write> Sealer<W> {
+    pub fn new(mut out: W, name: &str, key: &Key) -> std::io::Result<Sealer<W>> {
+        let mut prefix = [0u8; 16];
+        // SAFETY: fills the buffer it is given.
+        if unsafe { libc::getrandom(prefix.as_mut_ptr().cast(), prefix.len(), 0) } != prefix.len() as isize {
+            return Err(std::io::Error::last_os_error());
         }
-        std::mem::swap(&mut held, &mut next);
-        held_len = next_len;
-        n += 1;
+        out.write_all(MAGIC)?;
+        out.write_all(&prefix)?;
+        Ok(Sealer {
+            out,
+            cipher: key.cipher(),
+            prefix,
+            aad_name: name.to_string(),
+            held: Vec::with_capacity(CHUNK),
+            n: 0,
+        })
     }
-    out.flush()
+
+    fn seal_held(&mut self, last: bool) -> std::io::Result<()> {
+        let ct = self
+            .cipher
+            .encrypt(&nonce(&self.prefix, self.n), Payload { msg: &self.held, aad: &aad(&self.aad_name, last) })
+            .map_err(|_| std::io::Error::other("encryption failed"))?;
+        self.out.write_all(&ct)?;
+        self.held.clear();
+        self.n += 1;
+        Ok(())
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
+    /// Seals the last chunk (empty when the input was) and hands the writer back.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.seal_held(true)?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for Sealer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.held.len() == CHUNK {
+            self.seal_held(false)?;
+        }
+        let take = buf.len().min(CHUNK - self.held.len());
+        self.held.extend_from_slice(&buf[..take]);
+        Ok(take)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Why a sealed file could not be opened.
@@ -339,6 +386,23 @@ mod tests {
             let mut plain = Vec::new();
             open(sealed.as_slice(), &mut plain, "pages-1.img", &key(7)).unwrap();
             assert_eq!(plain, data, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_sealer_fed_in_pieces_opens_as_the_whole() {
+        for len in [0, 7, CHUNK, CHUNK + 5, 3 * CHUNK - 1] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let mut s = Sealer::new(Vec::new(), "pages-2.img.zst", &key(3)).unwrap();
+            for piece in data.chunks(4096 * 3 + 17) {
+                s.write_all(piece).unwrap();
+            }
+            let sealed = s.finish().unwrap();
+            let mut plain = Vec::new();
+            open(sealed.as_slice(), &mut plain, "pages-2.img.zst", &key(3)).unwrap();
+            assert_eq!(plain, data, "{len} bytes");
+            let chunks = len.div_ceil(CHUNK).max(1);
+            assert_eq!(sealed.len(), 24 + len + chunks * TAG, "{len} bytes: one tag per chunk");
         }
     }
 

@@ -9,8 +9,8 @@
 
 use super::manifest::ShmFile;
 use super::safe_open::{open_proc_handle, UnsafeFile};
+use super::tree_files::ShmHandle;
 use super::StoreError;
-use crate::process::tree::ShmHandle;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -18,8 +18,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub const SHM_DIR: &str = "/dev/shm";
-/// Copies are named `images/stasis-shm.NAME`: flat, and never a name CRIU uses.
-pub const IMAGE_PREFIX: &str = "stasis-shm.";
 
 /// A name that is one plain entry of /dev/shm (the path comes from a service's /proc files).
 fn plain_name(path: &Path) -> Option<String> {

@@ -12,13 +12,13 @@
 //! component at a time, and every file created `O_EXCL`: never through a symbolic link.
 
 use super::manifest::{TmpfsDir, TmpfsFile};
+use super::safe_open::{create_in, cstr, open_dir, open_in, plain_path};
 use super::safe_open::{open_no_symlinks, open_proc_handle, read_bounded, UnsafeFile};
-use super::written::{plain_path, TreeFd};
+use super::tree_files::TreeFd;
 use super::StoreError;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,48 +44,6 @@ pub enum TmpfsError {
     PutFile { path: PathBuf, source: std::io::Error },
     #[error("failed to use the checkpoint's copy of {path}: {why}; the checkpoint is damaged")]
     BadRecord { path: PathBuf, why: String },
-}
-
-fn cstr(name: &OsStr) -> std::io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput.into())
-}
-
-fn owned(fd: i32) -> std::io::Result<File> {
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
-}
-
-/// Opens the directory `name` of `dir` without following a symbolic link.
-fn open_in(dir: &File, name: &OsStr) -> std::io::Result<File> {
-    let c = cstr(name)?;
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: a NUL-terminated name relative to a directory fd we own.
-    owned(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) })
-}
-
-/// Opens the directory at `path` (absolute, plain), each component `O_NOFOLLOW`: a symbolic
-/// link anywhere on the way fails (ELOOP or ENOTDIR).
-pub fn open_dir(path: &Path) -> std::io::Result<File> {
-    if !(path == Path::new("/") || plain_path(path)) {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    }
-    let mut dir = File::open("/")?;
-    for part in path.components().skip(1) {
-        dir = open_in(&dir, part.as_os_str())?;
-    }
-    Ok(dir)
-}
-
-/// Creates the regular file `name` in `dir`: only a new one (`O_EXCL`), never through a link,
-/// mode 0600 until its owner sets it.
-pub fn create_in(dir: &File, name: &OsStr) -> std::io::Result<File> {
-    let c = cstr(name)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: as in open_in, with a mode for the new file.
-    owned(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, 0o600 as libc::c_uint) })
 }
 
 fn on_tmpfs(f: &File) -> bool {

@@ -12,13 +12,15 @@
 //! file owned as recorded, reached without following any symbolic link.
 
 use super::manifest::WrittenFile;
+use super::safe_open::plain_path;
 use super::safe_open::{open_no_symlinks, open_proc_handle, UnsafeFile};
+use super::tree_files::TreeFd;
 use super::StoreError;
 use crate::config::OnFileChanged;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Copies are named `images/stasis-written.N`: flat, and never a name CRIU uses.
@@ -32,61 +34,6 @@ pub const HASH_CAP: u64 = 256 << 20;
 /// Bytes hashed for one checkpoint, over every file.
 pub const HASHED_CAP: u64 = 1 << 30;
 const PIECE: usize = 1 << 20;
-
-/// One descriptor the tree holds, as /proc shows it.
-#[derive(Debug, Clone)]
-pub struct TreeFd {
-    pub pid: i32,
-    pub fd: u32,
-    /// What `/proc/PID/fd/N` links to (a path, `socket:[INODE]`, `pipe:[INODE]`, ...).
-    pub target: PathBuf,
-    /// The open flags from `/proc/PID/fdinfo/N`.
-    pub flags: i32,
-}
-
-impl TreeFd {
-    /// `/proc/PID/fd/N`: the kernel hands over the very object, no path is walked.
-    pub fn handle(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", self.pid, self.fd))
-    }
-
-    pub fn writes(&self) -> bool {
-        self.flags & libc::O_ACCMODE != libc::O_RDONLY || self.flags & libc::O_APPEND != 0
-    }
-}
-
-/// Every descriptor of every process of the tree under `root`.
-pub fn tree_fds(root: i32) -> Vec<TreeFd> {
-    let mut out = Vec::new();
-    for pid in crate::process::tree::descendants(root) {
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for e in entries.filter_map(Result::ok) {
-            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            let Ok(target) = std::fs::read_link(e.path()) else { continue };
-            let Some(flags) = fd_flags(pid, fd) else { continue };
-            out.push(TreeFd { pid, fd, target, flags });
-        }
-    }
-    out
-}
-
-/// The `flags:` line of `/proc/PID/fdinfo/FD` (octal).
-fn fd_flags(pid: i32, fd: u32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
-    let v = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
-    i32::from_str_radix(v.trim(), 8).ok()
-}
-
-/// An absolute path of plain components without control characters: the only kind a path
-/// read from a service's /proc files (or a manifest) may be before root opens anything by it.
-pub fn plain_path(path: &Path) -> bool {
-    let bytes = path.as_os_str().as_encoded_bytes();
-    path.is_absolute()
-        && bytes.len() < 4096
-        && !bytes.iter().any(|&b| b < 0x20 || b == 0x7f)
-        && path.components().skip(1).all(|c| matches!(c, Component::Normal(_)))
-        && path.components().count() > 1
-}
 
 /// A path an open file of the tree may be recorded by: a plain path, not under /proc, /sys or
 /// /dev (the kernel's; /dev/shm is store::shm's), and not a deleted file (CRIU keeps those).
@@ -352,7 +299,7 @@ fn judge(f: &WrittenFile, deadline: Option<Instant>) -> Result<Found, WrittenErr
 /// `NAME.SUFFIX.2`, ...: never over an existing file), owned and moded as recorded, durable.
 fn keep_beside(f: &WrittenFile, file: &File, from: u64, to: u64, suffix: &str) -> Result<PathBuf, WrittenError> {
     let (dir_path, name) = (f.path.parent().unwrap_or(Path::new("/")), f.path.file_name().unwrap_or_default());
-    let dir = super::tmpfs::open_dir(dir_path).map_err(|source| WrittenError::Io {
+    let dir = super::safe_open::open_dir(dir_path).map_err(|source| WrittenError::Io {
         action: "open the directory of",
         path: f.path.clone(),
         source,
@@ -361,7 +308,7 @@ fn keep_beside(f: &WrittenFile, file: &File, from: u64, to: u64, suffix: &str) -
         .map(|n| {
             let mut beside = name.to_os_string();
             beside.push(if n == 1 { format!(".{suffix}") } else { format!(".{suffix}.{n}") });
-            (super::tmpfs::create_in(&dir, &beside), dir_path.join(beside))
+            (super::safe_open::create_in(&dir, &beside), dir_path.join(beside))
         })
         .find(|(r, _)| !matches!(r, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists))
         .ok_or_else(|| WrittenError::Io {
@@ -439,9 +386,9 @@ fn put_back(
             (out, Some(kept))
         }
         None => {
-            let dir = super::tmpfs::open_dir(f.path.parent().unwrap_or(Path::new("/")))
+            let dir = super::safe_open::open_dir(f.path.parent().unwrap_or(Path::new("/")))
                 .map_err(|source| WrittenError::Io { action: "open the directory of", path: f.path.clone(), source })?;
-            let out = super::tmpfs::create_in(&dir, f.path.file_name().unwrap_or_default())
+            let out = super::safe_open::create_in(&dir, f.path.file_name().unwrap_or_default())
                 .map_err(|source| WrittenError::Io { action: "create", path: f.path.clone(), source })?;
             let io = |source| WrittenError::Io { action: "create", path: f.path.clone(), source };
             std::os::unix::fs::fchown(&out, Some(f.uid), Some(f.gid)).map_err(io)?;

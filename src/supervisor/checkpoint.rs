@@ -1,11 +1,13 @@
 //! Taking one checkpoint. A stopping dump is finalized at CRIU's post-dump notification while
 //! the service is frozen (in this process: criu::post_dump), so the service is killed only once
-//! the checkpoint is durable; a dump that
+//! the checkpoint is durable, and only if the stop is still asked for then (a kill-port client
+//! admitted for its silence may have spoken or left since: kill_port::StopGate); a dump that
 //! keeps the service running is finalized after CRIU returns. A failed dump is discarded and
 //! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched. A dump past
 //! `dump_timeout` is killed and the service resumed. After a success, retention runs.
 
 use super::context::Context;
+use super::kill_port::StopGate;
 use super::protocol::CheckpointReport;
 use super::slots::{self, SlotKind};
 use crate::criu::post_dump::{Frozen, Refusal};
@@ -29,12 +31,14 @@ pub enum DumpProgress {
     Progress(String),
 }
 
-/// `progress` hears when the dump has to queue for a host slot, and when it got one.
+/// `progress` hears when the dump has to queue for a host slot, and when it got one. A stop
+/// stands only if `gate` (who asked for it) still says so at `post-dump`.
 pub fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
+    gate: Option<&StopGate>,
     progress: impl Fn(DumpProgress) + Sync,
 ) -> Result<CheckpointReport, String> {
     // The first line is the summary; CRIU's error lines, if any, follow it.
@@ -42,7 +46,7 @@ pub fn take_checkpoint(
     let outcome = loop {
         attempt += 1;
         let mut retry = false;
-        match dump(ctx, init_pid, kind, dry, &progress, &mut retry) {
+        match dump(ctx, init_pid, kind, dry, gate, &progress, &mut retry) {
             Err(why) if retry && attempt < DUMP_ATTEMPTS => {
                 tracing::info!("dump refused, retrying: {why}");
                 std::thread::sleep(RETRY_PAUSE);
@@ -104,6 +108,7 @@ fn dump(
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
+    gate: Option<&StopGate>,
     progress: &(impl Fn(DumpProgress) + Sync),
     retry: &mut bool,
 ) -> Result<CheckpointReport, String> {
@@ -200,16 +205,8 @@ fn dump(
     // What stasis does while CRIU holds the tree frozen, answered in this process (see
     // criu::post_dump); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
-    let mut at_post_dump = || {
-        let done = if stopping { frozen.check_record_and_finalize(key.as_ref()).map(drop) } else { frozen.check_and_record() };
-        match done {
-            Ok(()) => Answer::Proceed,
-            Err(r) => {
-                let why = r.to_string();
-                refusal = Some(r);
-                Answer::Refuse(why)
-            }
-        }
+    let mut at_post_dump = |received: &crate::criu::page_server::Received| {
+        answer_post_dump(&frozen, received, stopping, key.as_ref(), gate, &mut refusal)
     };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
@@ -219,7 +216,8 @@ fn dump(
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
         let left = deadline.saturating_duration_since(Instant::now());
-        let r = ctx.criu.dump(&args, left, &|_| {}, &mut at_post_dump);
+        let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: key.as_ref() };
+        let r = ctx.criu.dump(&args, &transform, left, &|_| {}, &mut at_post_dump);
         drop(done_tx);
         r
     });
@@ -232,7 +230,7 @@ fn dump(
             .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0);
         return match dumped {
-            Ok(()) => {
+            Ok(_) => {
                 pending.discard();
                 Ok(CheckpointReport {
                     id: String::new(),
@@ -254,11 +252,11 @@ fn dump(
         };
     }
     let checkpoint = match dumped {
-        Ok(()) if stopping => pending.finalized().ok_or_else(|| {
+        Ok(_) if stopping => pending.finalized().ok_or_else(|| {
             "CRIU reported success but the checkpoint was not finalized at its post-dump notification".to_string()
         }),
-        Ok(()) => record_dump_figures(&pending, dump_ms)
-            .and_then(|_| pending.finalize_sealed(key.as_ref()))
+        Ok(received) => record_dump_figures(&pending, dump_ms)
+            .and_then(|_| pending.finalize_sealed(key.as_ref(), &received.images))
             .map_err(|e| e.to_string()),
         Err(e) => {
             let killed = matches!(e, CriuError::TimedOut { .. });
@@ -282,8 +280,14 @@ fn dump(
                 }
                 None => {
                     resume(init_pid, &pending.dir, killed);
-                    *retry = refusal.as_ref().is_some_and(Refusal::passing);
-                    Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
+                    match gate.and_then(StopGate::called_off) {
+                        // Not a failed dump: CRIU's log is not kept as the last failed one.
+                        Some(withdrawn) => Err(withdrawn.to_string()),
+                        None => {
+                            *retry = refusal.as_ref().is_some_and(Refusal::passing);
+                            Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
+                        }
+                    }
                 }
             }
         }
@@ -313,6 +317,39 @@ fn dump(
         Err(e) => {
             pending.discard();
             Err(e)
+        }
+    }
+}
+
+/// What the dump's `post-dump` answers while CRIU holds the tree frozen. A dump that keeps the
+/// service running: the checks and records. A stopping one: the same, then the stop asked
+/// again of whoever asked for it (`gate`: the last moment before CRIU ends the service), then
+/// the checkpoint made durable. `refusal` keeps the cause of a refusal of criu::post_dump's.
+fn answer_post_dump(
+    frozen: &Frozen,
+    received: &crate::criu::page_server::Received,
+    stopping: bool,
+    key: Option<&crate::store::seal::Key>,
+    gate: Option<&StopGate>,
+    refusal: &mut Option<Refusal>,
+) -> Answer {
+    let done = if stopping {
+        frozen.check_and_record_frozen().map(|()| gate.map_or(Ok(()), StopGate::check))
+    } else {
+        frozen.check_and_record().map(Ok)
+    };
+    let done = match done {
+        Ok(Err(withdrawn)) => return Answer::Refuse(withdrawn.to_string()),
+        Ok(Ok(())) if stopping => frozen.finalize(key, received).map(drop),
+        Ok(Ok(())) => Ok(()),
+        Err(r) => Err(r),
+    };
+    match done {
+        Ok(()) => Answer::Proceed,
+        Err(r) => {
+            let why = r.to_string();
+            *refusal = Some(r);
+            Answer::Refuse(why)
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::checkpoint::{take_checkpoint, DumpProgress};
 use super::context::Context;
-use super::kill_port::{admit, KillPortPolicy};
+use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;
 use super::protocol::{self, CheckpointReport};
 use super::state::{next, Action, Event, State};
@@ -27,6 +27,9 @@ struct Request {
     reply: oneshot::Sender<Outcome>,
     /// Lines for the requester while it waits (a place in the host's dump queue).
     lines: mpsc::UnboundedSender<String>,
+    /// How it asked: a stop asked for by a kill-port client's silence alone is asked again at
+    /// the dump's `post-dump` (kill_port::StopGate).
+    ask: Ask,
 }
 
 /// A `stop --no-checkpoint`, answered once the service is gone (Ok: how it ended) or with why
@@ -179,6 +182,9 @@ pub async fn run_loop(
     let mut waiters: Vec<Waiter> = Vec::new();
     // Stops that came during a dump that leaves the service running: they get the stop after it.
     let mut queued: Vec<Waiter> = Vec::new();
+    let mut queued_asks: Vec<Ask> = Vec::new();
+    // Who asked for the stopping dump under way, asked again at its post-dump.
+    let mut gate: Option<Arc<StopGate>> = None;
     let mut last_outcome: Option<Outcome> = None;
     let mut terminators: Vec<TerminateReply> = Vec::new();
     // Set once SIGTERM went to the service: its exit is then the stop, not a failure.
@@ -233,7 +239,7 @@ pub async fn run_loop(
                     Err(why) => {
                         log.note(&format!("periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"));
                         crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
-                        crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                        super::metrics::write_file(&ctx.dirs, &ctx.host);
                         periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
                         continue;
                     }
@@ -252,10 +258,13 @@ pub async fn run_loop(
             match action {
                 Action::StartDump(kind) => {
                     tracing::debug!("loop: dump requested");
+                    let mut asks = std::mem::take(&mut queued_asks);
                     if let Some(req) = request.take() {
+                        asks.push(req.ask);
                         waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                     waiters.append(&mut queued);
+                    gate = (kind == DumpKind::Stop).then(|| Arc::new(StopGate::new(asks)));
                     log.note(match kind {
                         DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
                         DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
@@ -264,12 +273,14 @@ pub async fn run_loop(
                         }
                     });
                     super::systemd::status("saving a checkpoint");
-                    let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
+                    let (ctx, tx, progress, gate) = (ctx.clone(), dump_tx.clone(), progress_tx.clone(), gate.clone());
                     tokio::task::spawn_blocking(move || {
                         let report = |p: DumpProgress| {
                             let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, report);
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report);
+                        // The clients' second descriptors close before they hear the outcome.
+                        drop(gate);
                         let _ = tx.blocking_send(outcome);
                     });
                 }
@@ -283,7 +294,8 @@ pub async fn run_loop(
                         let report = |p: DumpProgress| {
                             let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, report);
+                        let outcome =
+                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report);
                         let _ = tx.blocking_send(outcome);
                     });
                 }
@@ -293,12 +305,16 @@ pub async fn run_loop(
                             "Waiting: a checkpoint of {} that keeps it running is under way; the stop follows it",
                             ctx.service.name
                         ));
+                        queued_asks.push(req.ask);
                         queued.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                 }
                 Action::JoinDump => {
                     if let Some(req) = request.take() {
                         let _ = req.lines.send(protocol::joined(&ctx.service.name));
+                        if let Some(g) = &gate {
+                            g.add(req.ask);
+                        }
                         waiters.push(Waiter { reply: req.reply, lines: req.lines });
                     }
                 }
@@ -319,9 +335,11 @@ pub async fn run_loop(
                     let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
                     let ok = outcome.is_ok();
                     let dry = outcome.as_ref().is_ok_and(|r| r.dry);
+                    // A stop its silent client called off is a refusal, logged as one by the gate.
+                    let called_off = gate.take().and_then(|g| g.called_off()).is_some();
                     // A dry run is not a checkpoint, and its failure is what was asked about.
                     crate::store::counters::bump(&ctx.paths.root, |c| {
-                        if dry {
+                        if dry || called_off {
                             return;
                         }
                         if ok {
@@ -330,10 +348,13 @@ pub async fn run_loop(
                             c.checkpoint_failures += 1
                         }
                     });
-                    crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                    super::metrics::write_file(&ctx.dirs, &ctx.host);
                     match &outcome {
                         Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
                         Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
+                        Err(_) if called_off => {
+                            super::systemd::status("running: a stop through the kill port was called off")
+                        }
                         Err(e) => {
                             super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or("")))
                         }
@@ -374,6 +395,7 @@ pub async fn run_loop(
                                 }
                             }
                         }
+                        Err(_) if called_off => {}
                         Err(e) => log.note(&format!("checkpoint failed: {e}")),
                     }
                     if new_state == State::Running {
@@ -543,8 +565,12 @@ async fn accept_kill_port(
             tracing::debug!("kill port: accepted");
             let (tx, policy, open) = (tx.clone(), policy.clone(), connections.open());
             tokio::spawn(async move {
-                if let Some(stream) = admit(stream, peer, &policy).await {
-                    serve(stream, DumpKind::Stop, false, tx, policy.name.clone()).await;
+                if let Some((mut stream, ask)) = admit(stream, peer, &policy).await {
+                    let outcome = serve(&mut stream, DumpKind::Stop, false, ask, tx, policy.name.clone()).await;
+                    // A client whose stop was called off may have sent bytes nobody read.
+                    if outcome.is_err() {
+                        kill_port::drain(&mut stream).await;
+                    }
                 }
                 drop(open);
             });
@@ -601,7 +627,7 @@ async fn accept_control(listener: UnixListener, cc: ControlContext, connections:
                     return;
                 }
             };
-            serve(wr, DumpKind::KeepRunning, dry, cc.requests, cc.name).await;
+            let _ = serve(wr, DumpKind::KeepRunning, dry, Ask::Said, cc.requests, cc.name).await;
         });
     }
 }
@@ -623,14 +649,15 @@ async fn serve_terminate<W: tokio::io::AsyncWrite + Unpin>(mut out: W, cc: &Cont
     let _ = out.shutdown().await;
 }
 
-/// One request: the announcement at once, then the outcome.
+/// One request: the announcement at once, then the outcome, which is returned.
 async fn serve<W: tokio::io::AsyncWrite + Unpin>(
     mut out: W,
     kind: DumpKind,
     dry: bool,
+    ask: Ask,
     tx: mpsc::Sender<Request>,
     name: String,
-) {
+) -> Outcome {
     let first = match kind {
         _ if dry => protocol::announce_doctor(&name),
         DumpKind::Stop => protocol::announce_stop(&name),
@@ -640,7 +667,7 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(
     let _ = out.flush().await;
     let (reply, mut rx) = oneshot::channel();
     let (lines, mut lines_rx) = mpsc::unbounded_channel();
-    let outcome = match tx.send(Request { kind, dry, reply, lines }).await {
+    let outcome = match tx.send(Request { kind, dry, reply, lines, ask }).await {
         Ok(()) => loop {
             tokio::select! {
                 Some(line) = lines_rx.recv() => {
@@ -660,4 +687,5 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(
     };
     let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
     let _ = out.shutdown().await;
+    outcome
 }

@@ -11,6 +11,7 @@ mod holder;
 mod kill_port;
 pub mod lock;
 mod log_pump;
+pub mod metrics;
 mod peer;
 mod progress;
 pub mod protocol;

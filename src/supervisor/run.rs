@@ -253,7 +253,7 @@ fn supervise(
                             c.restarts += 1;
                         }
                     });
-                    crate::metrics::write_file(&ctx.dirs, &ctx.host);
+                    super::metrics::write_file(&ctx.dirs, &ctx.host);
                     tracing::debug!("supervisor: reporting");
                     let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
                     notifier.send(&StartReport {
@@ -362,7 +362,7 @@ fn supervise(
         Ok::<_, Error>(end)
     })?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
-    crate::metrics::write_file(&ctx.dirs, &ctx.host);
+    super::metrics::write_file(&ctx.dirs, &ctx.host);
     // `stop` returns once the lock is free; the kill port and control socket close with the
     // runtime first, so a supervisor started right away can bind them. Deleting the files of
     // checkpoints retention took away is nobody's wait.

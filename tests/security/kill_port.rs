@@ -82,20 +82,24 @@ fn tls_hellos_and_any_http_verb_are_refused_even_from_the_service_user() {
             ),
         )
     };
+    // A client paused for more than the 5 ms silence between its connect and its first bytes
+    // (a loaded machine) is refused later, at post-dump, with the stop called off: as safe.
+    let refused =
+        |reply: &str, first: &str| reply.starts_with(first) || reply.starts_with("ERROR the stop was called off");
     // What `curl -k https://127.0.0.1:PORT/` sends first: a TLS record of type handshake.
     let tls = send("bytes([0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]) + bytes(160)");
-    assert!(tls.starts_with("refused: this is the kill port of browsed"), "{tls}");
+    assert!(refused(&tls, "refused: this is the kill port of browsed"), "{tls}");
     for request in [
         "b'PURGE / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'",
         "b'PROPFIND / HTTP/1.1\\r\\n\\r\\n'",
         "b'GET / HTTP/1.1\\r\\n\\r\\n'",
     ] {
         let reply = send(request);
-        assert!(reply.starts_with("refused: this is the kill port of browsed"), "{request}: {reply}");
+        assert!(refused(&reply, "refused: this is the kill port of browsed"), "{request}: {reply}");
     }
     for other in ["b'\\xff\\xfd\\x18'", "b'\\r\\n'", "b'stop now\\n'", "b'STOP\\n'", "b'sto'"] {
         let reply = send(other);
-        assert!(reply.starts_with("refused: the kill port of browsed takes only"), "{other}: {reply}");
+        assert!(refused(&reply, "refused: the kill port of browsed takes only"), "{other}: {reply}");
     }
     assert!(http_json(http).is_some(), "the service still runs");
     assert_eq!(checkpoints(&env, "browsed"), 0, "nothing was dumped");
@@ -109,19 +113,24 @@ fn tls_hellos_and_any_http_verb_are_refused_even_from_the_service_user() {
 }
 
 #[test]
-fn a_silent_client_that_leaves_during_the_wait_stops_nothing() {
+fn a_silent_client_that_leaves_before_its_stop_is_done_stops_nothing() {
     let env = Env::new();
     let (kill, http) = started(&env, "leaver", "");
-    for _ in 0..5 {
-        let s = TcpStream::connect(("127.0.0.1", kill)).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    // Admitted for its silence (the announcement says the dump began), then gone: the stop is
+    // asked again at post-dump, before the service ends, and called off.
+    for left in 1..=3 {
+        let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", kill)).unwrap());
+        let mut first = String::new();
+        s.read_line(&mut first).unwrap();
+        assert!(first.starts_with("Saving checkpoint of leaver"), "{first}");
         drop(s);
+        wait_for("the stop to be called off", || {
+            (env.log("leaver").matches("closed the connection during the dump").count() == left).then_some(())
+        });
+        wait_for("the service to run again", || (env.status("leaver")["state"] == "running").then_some(()));
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(http_json(http).is_some(), "the service still runs");
     assert_eq!(checkpoints(&env, "leaver"), 0);
-    let log = env.log("leaver");
-    assert!(log.contains("closed without asking for anything"), "{log}");
     // A client that stays is the operator: it is answered in full.
     let lines: Vec<String> =
         BufReader::new(TcpStream::connect(("127.0.0.1", kill)).unwrap()).lines().map_while(Result::ok).collect();
