@@ -117,7 +117,7 @@ fn a_damaged_manifest_is_never_trusted() {
             m["images"][0]["hash"] = "".into();
         }),
     ];
-    for (i, (what, damage)) in cases.into_iter().enumerate() {
+    for (what, damage) in cases {
         eprintln!("--- {what}");
         wait_for("service", || http_json(http_port));
         http(http_port, "POST", "/notes", what).expect("post a note");
