@@ -4,7 +4,9 @@
 //! rewrites the previous one before that. IDs start with the service's generation, so "newest"
 //! never depends on the clock. Retention removes old checkpoints only after a newer one is durable.
 
-use super::durable::{create_dir_with_mode, fsync_and_hash, fsync_dir, write_atomic, write_atomic_with, Durability};
+use super::durable::{create_dir_with_mode, fsync_dir, write_atomic, write_atomic_with, Durability};
+use super::finalize::fsync_and_hash;
+use super::manifest::IMAGES_DIR;
 use super::generation::{GenerationFile, Generations};
 use super::manifest::{Manifest, HASH_ALGORITHM, MANIFEST_FILE};
 use super::StoreError;
@@ -17,7 +19,6 @@ const INCOMPLETE_PREFIX: &str = ".incomplete-";
 /// A checkpoint taken out of the store whose files are still to be deleted.
 const REMOVED_PREFIX: &str = ".incomplete-removed-";
 const DRAFT_FILE: &str = "manifest.draft.json";
-pub(crate) const IMAGES_DIR: &str = "images";
 pub const QUARANTINE_REASON_FILE: &str = "quarantine-reason.txt";
 /// Written into a checkpoint that does not fit the program on disk; it is kept, not deleted.
 pub const INCOMPATIBLE_FILE: &str = "incompatible.txt";

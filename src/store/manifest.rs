@@ -38,6 +38,9 @@ impl DumpKind {
 }
 
 /// One file of the checkpoint, as it was when the checkpoint became durable.
+/// Images live here, in a checkpoint's directory; an [`ImageFile`]'s path starts with it.
+pub const IMAGES_DIR: &str = "images";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageFile {
     /// Relative to the checkpoint directory, e.g. `images/pages-1.img`.

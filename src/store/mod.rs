@@ -9,6 +9,7 @@ pub mod chunks;
 pub mod compress;
 pub mod counters;
 pub mod durable;
+pub mod finalize;
 mod error;
 pub mod generation;
 pub mod identity;

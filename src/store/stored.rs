@@ -127,7 +127,7 @@ impl StoredWriter {
                 Chain::Both(encoder(Sealer::new(disk, &sealed_name, k).map_err(write)?, level).map_err(write)?)
             }
         };
-        let rel = format!("{}/{stored}", super::checkpoints::IMAGES_DIR);
+        let rel = format!("{}/{stored}", super::manifest::IMAGES_DIR);
         Ok(StoredWriter { chain, rel })
     }
 
