@@ -1,10 +1,10 @@
 //! `stasis checkpoint`: asks the supervisor, over its root-only control socket, for a dump that
 //! leaves the service running.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::supervisor::{lock, protocol};
 use std::io::Write;

@@ -1,10 +1,10 @@
 //! `stasis stop`: connects to the kill port, exactly as an init script or telnet would, relays
 //! what the supervisor says, and waits until the supervisor is gone.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::supervisor::{lock, protocol};
 use std::io::{BufRead, BufReader};

@@ -4,10 +4,10 @@
 //! exits; no checkpoint is taken. Also says what the next `start` will do with the checkpoints
 //! there are, since all of them are older than the run that just ended.
 
+use super::exit_codes;
 use super::output::print_json;
 use super::verb_error::VerbError;
 use crate::config::{load_named, Service};
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness};
 use crate::supervisor::{lock, protocol};
@@ -32,7 +32,7 @@ pub enum Terminated {
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, VerbError> {
     super::require_root()?;
-    let service = load_named(dirs, name).map_err(crate::error::Error::from)?;
+    let service = load_named(dirs, name).map_err(super::error::Error::from)?;
     let outcome = stop_without_checkpoint(dirs, &service, !json)?;
     let next = next_start(dirs, &service);
     let (stopped, how, lines) = match outcome {
