@@ -278,7 +278,8 @@ pub async fn run_loop(
                         let report = |p: DumpProgress| {
                             let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report);
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report)
+                            .map_err(|e| e.to_string());
                         // The clients' second descriptors close before they hear the outcome.
                         drop(gate);
                         let _ = tx.blocking_send(outcome);
@@ -295,7 +296,8 @@ pub async fn run_loop(
                             let _ = progress.send(p);
                         };
                         let outcome =
-                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report);
+                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report)
+                                .map_err(|e| e.to_string());
                         let _ = tx.blocking_send(outcome);
                     });
                 }
