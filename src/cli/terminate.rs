@@ -10,7 +10,8 @@ use super::verb_error::VerbError;
 use crate::config::{load_named, Service};
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness};
-use crate::supervisor::{lock, protocol};
+use crate::supervisor::lock;
+use crate::supervisor::protocol::{self, Asked, Verdict};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -74,8 +75,8 @@ pub fn stop_without_checkpoint(dirs: &Dirs, service: &Service, echo: bool) -> Re
     stream.write_all(format!("{}\n", protocol::TERMINATE_COMMAND).as_bytes()).map_err(socket_error)?;
     let (last, lines) = super::stop::relay(stream, !echo)?;
     let failed = |why: String| VerbError::StopFailed { service: service.name.clone(), why };
-    match protocol::parse_final(&last) {
-        Some(Ok(how)) => {
+    match Verdict::parse(&last, Asked::Terminate) {
+        Some(Verdict::Ended(how)) => {
             if !lock::wait_released(&paths.lock, EXIT_WAIT) {
                 return Err(failed(format!(
                     "the service is gone but its supervisor still runs after {} s; see `stasis logs {}`",
@@ -85,8 +86,8 @@ pub fn stop_without_checkpoint(dirs: &Dirs, service: &Service, echo: bool) -> Re
             }
             Ok(Terminated::Stopped { how, lines })
         }
-        Some(Err(why)) => Err(failed(why)),
-        None => Err(failed(format!(
+        Some(Verdict::Failed(why)) => Err(failed(why)),
+        Some(Verdict::Saved { .. } | Verdict::DryRun { .. }) | None => Err(failed(format!(
             "the supervisor closed the connection without a result; see `stasis logs {}`",
             service.name
         ))),
