@@ -108,8 +108,12 @@ fn fuzz_manifest_reader() {
 #[test]
 fn fuzz_kill_port_protocol() {
     fuzz(("(?s).{0,120}", prop::collection::vec(any::<u8>(), 0..64)), |(line, raw): (String, Vec<u8>)| {
-        if let Some(Ok(text)) = crate::supervisor::protocol::parse_final(&line) {
-            let _ = crate::supervisor::protocol::checkpoint_id(&text);
+        use crate::supervisor::protocol::{Asked, Verdict};
+        for asked in [Asked::Checkpoint, Asked::DryRun, Asked::Terminate] {
+            // Whatever it reads, it shows as the very line it read.
+            if let Some(verdict) = Verdict::parse(&line, asked) {
+                assert_eq!(verdict.to_string(), line);
+            }
         }
         if !raw.is_empty() {
             let request = crate::supervisor::protocol::classify(&raw);
@@ -121,7 +125,7 @@ fn fuzz_kill_port_protocol() {
         let rendered = crate::supervisor::protocol::final_line(&Err(line.clone()));
         // Whatever the error text, the verdict is the last line and it parses as an error.
         let last = rendered.lines().last().unwrap_or_default();
-        assert!(matches!(crate::supervisor::protocol::parse_final(last), Some(Err(_))), "{rendered:?}");
+        assert!(matches!(Verdict::parse(last, Asked::Checkpoint), Some(Verdict::Failed(_))), "{rendered:?}");
     });
 }
 
@@ -765,9 +769,8 @@ fn fuzz_control_replies() {
         let (got, peak) = peak_heap(|| crate::cli::relay(stream_of(&head, fill, n, &tail), true));
         assert!(peak < 4 * MIB, "relay held {peak} bytes of heap for {n} bytes of {fill:#x}");
         if let Ok((last, _)) = &got {
-            if let Some(Ok(text)) = crate::supervisor::protocol::parse_final(last) {
-                let _ = crate::supervisor::protocol::checkpoint_id(&text);
-            }
+            use crate::supervisor::protocol::{Asked, Verdict};
+            let _ = Verdict::parse(last, Asked::Checkpoint);
         }
         // What fits the bounds reads as every line did before them.
         if n < 1000 {

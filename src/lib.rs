@@ -12,8 +12,6 @@
 pub mod cli;
 pub mod config;
 pub mod criu;
-pub mod error;
-pub mod exit_codes;
 #[cfg(test)]
 mod fuzz;
 pub mod paths;

@@ -2,9 +2,9 @@
 //! it away again, without ever deleting checkpoints unless asked to.
 
 use super::args::AddArgs;
+use super::error::Error;
+use super::exit_codes;
 use crate::config::{check_name, load_service, CriuSection, ServiceFile};
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::durable::{create_dir_with_mode, write_atomic};
 use crate::supervisor::lock;

@@ -4,12 +4,12 @@
 //! host-wide slots decide how many dumps and restores really run at once. A progress bar on a
 //! terminal, a line per service as it finishes, a summary, and `--json`.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use super::start::start_one;
 use super::stop::{stop_one, StopOutcome};
 use crate::config::{discover, load_service, service_name_from_path, Service};
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::supervisor::lock;
 use crate::time_fmt::human_bytes;

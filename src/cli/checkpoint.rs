@@ -1,12 +1,13 @@
 //! `stasis checkpoint`: asks the supervisor, over its root-only control socket, for a dump that
 //! leaves the service running.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
-use crate::supervisor::{lock, protocol};
+use crate::supervisor::lock;
+use crate::supervisor::protocol::{self, Asked, Verdict};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
@@ -26,17 +27,21 @@ pub fn ask(dirs: &Dirs, name: &str, command: &str, json: bool) -> Result<i32, Er
         UnixStream::connect(&paths.control_socket).map_err(|e| Error::io("connect to", &paths.control_socket, e))?;
     stream.write_all(format!("{command}\n").as_bytes()).map_err(|e| Error::io("write to", &paths.control_socket, e))?;
     let (last, lines) = super::stop::relay(stream, json)?;
-    match protocol::parse_final(&last) {
-        Some(Ok(text)) => {
+    let asked = if command == protocol::DOCTOR_COMMAND { Asked::DryRun } else { Asked::Checkpoint };
+    match Verdict::parse(&last, asked) {
+        Some(verdict @ (Verdict::Saved { .. } | Verdict::DryRun { .. })) => {
             if json {
-                let checkpoint = (command == protocol::CHECKPOINT_COMMAND).then(|| protocol::checkpoint_id(&text));
+                let checkpoint = match verdict {
+                    Verdict::Saved { id, .. } => Some(id),
+                    _ => None,
+                };
                 print_json(
                     &serde_json::json!({ "name": service.name, "ok": true, "checkpoint": checkpoint, "lines": lines }),
                 );
             }
             Ok(exit_codes::OK)
         }
-        Some(Err(e)) => {
+        Some(Verdict::Failed(e)) => {
             if json {
                 print_json(&serde_json::json!({ "name": service.name, "ok": false, "error": e, "lines": lines }));
                 return Ok(exit_codes::CHECKPOINT_FAILED);
@@ -44,6 +49,8 @@ pub fn ask(dirs: &Dirs, name: &str, command: &str, json: bool) -> Result<i32, Er
             let what = if command == protocol::DOCTOR_COMMAND { "try a checkpoint of" } else { "checkpoint" };
             Err(Error::CheckpointFailed(format!("failed to {what} {}: {e}", service.name)))
         }
-        None => Err(Error::CheckpointFailed(format!("the supervisor of {} gave no result", service.name))),
+        Some(Verdict::Ended(_)) | None => {
+            Err(Error::CheckpointFailed(format!("the supervisor of {} gave no result", service.name)))
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! `stasis checkpoints NAME`: the service's checkpoints, oldest first, and the quarantined ones.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness};
 use crate::time_fmt::human_bytes;

@@ -1,7 +1,7 @@
 //! `stasis doctor NAME`: a dry-run dump through the supervisor, which throws it away: whether
 //! the service can be checkpointed now, and if not, what blocks it and the fix.
 
-use crate::error::Error;
+use super::error::Error;
 use crate::paths::Dirs;
 use crate::supervisor::protocol;
 

@@ -1,9 +1,9 @@
 //! `stasis export NAME [ID] -o FILE`: one checkpoint, verified, as one archive (see
 //! `store::archive`), to a file (written aside, fsynced, renamed) or to standard output.
 
+use super::error::Error;
+use super::exit_codes;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::{archive, verify, CheckpointStore};
 use crate::time_fmt::human_bytes;

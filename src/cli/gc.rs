@@ -6,10 +6,10 @@
 //! dumps from before such records, or of programs other than stasis are listed as not ours
 //! and never deleted.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::criu::network_lock::{self, Owner};
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::CheckpointStore;
 use serde::Serialize;

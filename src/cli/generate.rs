@@ -1,10 +1,10 @@
 //! Generated artifacts: the LSB init script of a service, shell completions and man pages
 //! (the last two straight from the clap definitions, so they never drift from `--help`).
 
+use super::error::Error;
+use super::exit_codes;
 use super::Cli;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use clap::CommandFactory;
 use std::path::Path;

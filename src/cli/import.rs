@@ -4,11 +4,11 @@
 //! service's store through the usual commit protocol (pending directory, fsync, manifest,
 //! rename); a refusal leaves nothing behind.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::{check_name, load_named};
 use crate::criu::Criu;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::process::init_binary;
 use crate::store::durable::create_dir_with_mode;

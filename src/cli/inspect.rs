@@ -2,12 +2,12 @@
 //! (processes, memory by kind, open files, sockets, namespaces), with its versions, its
 //! freshness, and whether it fits the programs on disk now.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
 use crate::criu::images::{self, ImageSummary};
 use crate::criu::Criu;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::identity::{self, HashCache};
 use crate::store::{CheckpointStore, Freshness};

@@ -1,8 +1,8 @@
 //! `stasis logs NAME`: the service's output and the supervisor's notes, from `service.log`.
 
+use super::error::Error;
+use super::exit_codes;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;

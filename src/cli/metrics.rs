@@ -1,7 +1,7 @@
 //! `stasis metrics`: the Prometheus text exposition of every service (see `crate::supervisor::metrics`).
 
-use crate::error::Error;
-use crate::exit_codes;
+use super::error::Error;
+use super::exit_codes;
 use crate::paths::Dirs;
 
 pub fn run(dirs: &Dirs) -> Result<i32, Error> {

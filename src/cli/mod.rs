@@ -6,6 +6,8 @@ mod args;
 mod checkpoint;
 mod checkpoints;
 mod doctor;
+pub mod error;
+pub mod exit_codes;
 mod export;
 mod gc;
 mod generate;
@@ -27,12 +29,11 @@ mod verb_error;
 #[cfg(test)]
 pub(crate) use stop::relay;
 
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 pub use args::Cli;
 use args::Command;
 use clap::Parser;
+use error::Error;
 
 pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
     let cli = match Cli::try_parse_from(argv) {
@@ -102,7 +103,7 @@ pub fn run(argv: Vec<std::ffi::OsString>) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("stasis: error: {}", crate::text::escape_lines(&e.to_string()));
-            e.exit_code()
+            exit_codes::of(&e)
         }
     }
 }

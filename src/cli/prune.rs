@@ -4,11 +4,11 @@
 //! --force. Each deleted checkpoint's network-lock table is released first (it would otherwise
 //! hold the connections it saved for good), then the checkpoint is taken out of the store.
 
+use super::exit_codes;
 use super::output::print_json;
 use super::verb_error::VerbError;
 use crate::config::{load_named, Service};
 use crate::criu::{network_lock, DUMP_LOG};
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness, ListedCheckpoint};
 use crate::supervisor::lock::{self, Acquired, ServiceLock};
@@ -32,7 +32,7 @@ struct Deleted {
 
 pub fn run(dirs: &Dirs, name: &str, what: Doomed, force: bool, json: bool) -> Result<i32, VerbError> {
     super::require_root()?;
-    let service = load_named(dirs, name).map_err(crate::error::Error::from)?;
+    let service = load_named(dirs, name).map_err(super::error::Error::from)?;
     let _lock = hold_lock(dirs, &service)?;
     let store = CheckpointStore::new(&dirs.service(&service.name));
     let deleted = match what {
@@ -82,7 +82,7 @@ fn delete_one(
         })?;
         // Quarantined: never restored by `start`, so no freshness to protect.
         let table = release(dirs, &q.dir);
-        std::fs::remove_dir_all(&q.dir).map_err(|e| crate::error::Error::io("remove", &q.dir, e))?;
+        std::fs::remove_dir_all(&q.dir).map_err(|e| super::error::Error::io("remove", &q.dir, e))?;
         return Ok(Deleted { id: q.name, path: q.dir.display().to_string(), quarantined: true, network_lock: table });
     };
     if !force {

@@ -3,14 +3,14 @@
 //! service keeps running and is not restarted. `--cold` stops without a checkpoint (SIGTERM,
 //! SIGKILL after the grace period) and starts with fresh memory, whatever checkpoints exist.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use super::stop::{stop_one, StopOutcome};
 use super::terminate::{stop_without_checkpoint, Terminated};
 use super::verb_error::VerbError;
 use crate::config::load_named;
 use crate::criu::Criu;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 
 pub fn run(dirs: &Dirs, name: &str, cold: bool, json: bool) -> Result<i32, VerbError> {

@@ -1,11 +1,11 @@
 //! `stasis start`: runs a supervisor in the background (or the foreground) and returns once the
 //! service runs, saying whether it was restored or cold-launched, and why.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
 use crate::criu::Criu;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::durable::create_dir_with_mode;
 use crate::supervisor::{
@@ -43,7 +43,7 @@ pub fn run(
     }
     if foreground {
         wait_for_finishing(dirs, &service)?;
-        return Ok(supervisor::run(dirs.clone(), service, from.map(str::to_string), false, Notifier::from_env(), true));
+        return Ok(supervise_here(dirs, service, from.map(str::to_string), false, &mut Notifier::from_env(), true));
     }
     let shown = super::output::ProgressLines::new(json);
     let waits = WaitLines::new(json);
@@ -241,11 +241,33 @@ pub fn start_one(
 pub fn supervise(dirs: &Dirs, name: &str, from: Option<String>, cold: bool) -> Result<i32, Error> {
     let mut notifier = Notifier::from_env();
     match load_named(dirs, name) {
-        Ok(service) => Ok(supervisor::run(dirs.clone(), service, from, cold, notifier, false)),
+        Ok(service) => Ok(supervise_here(dirs, service, from, cold, &mut notifier, false)),
         Err(e) => {
             let e = Error::from(e);
-            notifier.send(&StartReport::failure(&e));
+            notifier.send(&StartReport::failure(e.to_string(), exit_codes::of(&e)));
             Err(e)
+        }
+    }
+}
+
+/// Runs the supervisor in this process; returns its exit status. A failed start is told to the
+/// waiting `start` (with the code it exits with) and to stderr (the journal, or the log).
+fn supervise_here(
+    dirs: &Dirs,
+    service: crate::config::Service,
+    from: Option<String>,
+    cold: bool,
+    notifier: &mut Notifier,
+    foreground: bool,
+) -> i32 {
+    let name = service.name.clone();
+    match supervisor::run(dirs.clone(), service, from, cold, notifier, foreground) {
+        Ok(ended) => exit_codes::of_ended(ended),
+        Err(e) => {
+            let code = exit_codes::of_start(&e);
+            notifier.send(&StartReport::failure(e.to_string(), code));
+            eprintln!("stasis: {name}: {}", crate::text::escape_lines(&e.to_string()));
+            code
         }
     }
 }

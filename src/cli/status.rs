@@ -1,10 +1,10 @@
 //! `stasis status` and `stasis list`: the supervisor's last record, checked against whether a
 //! supervisor actually holds the lock, plus the latest good checkpoint from the store.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::{discover, load_named, load_service, service_name_from_path};
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::process::tree;
 use crate::store::CheckpointStore;

@@ -1,12 +1,13 @@
 //! `stasis stop`: connects to the kill port, exactly as an init script or telnet would, relays
 //! what the supervisor says, and waits until the supervisor is gone.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::load_named;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
-use crate::supervisor::{lock, protocol};
+use crate::supervisor::lock;
+use crate::supervisor::protocol::{self, Asked, Verdict};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -96,15 +97,15 @@ pub fn stop_one(dirs: &Dirs, service: &crate::config::Service, echo: bool) -> Re
     tracing::debug!("stop: connected");
     let (final_line, lines) = relay(stream, !echo)?;
     tracing::debug!("stop: final line");
-    match protocol::parse_final(&final_line) {
-        Some(Ok(text)) => {
+    match Verdict::parse(&final_line, Asked::Checkpoint) {
+        Some(Verdict::Saved { id, .. }) => {
             if root {
                 lock::wait_released(&paths.lock, EXIT_WAIT);
             }
-            Ok(StopOutcome::Checkpointed { id: protocol::checkpoint_id(&text).map(str::to_string), lines })
+            Ok(StopOutcome::Checkpointed { id: Some(id), lines })
         }
-        Some(Err(error)) => Ok(StopOutcome::Failed { error, lines }),
-        None => Err(Error::CheckpointFailed(format!(
+        Some(Verdict::Failed(error)) => Ok(StopOutcome::Failed { error, lines }),
+        Some(Verdict::DryRun { .. } | Verdict::Ended(_)) | None => Err(Error::CheckpointFailed(format!(
             "the supervisor of {} closed the connection without a result; see `stasis logs {}`",
             service.name, service.name
         ))),

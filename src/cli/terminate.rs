@@ -4,13 +4,14 @@
 //! exits; no checkpoint is taken. Also says what the next `start` will do with the checkpoints
 //! there are, since all of them are older than the run that just ended.
 
+use super::exit_codes;
 use super::output::print_json;
 use super::verb_error::VerbError;
 use crate::config::{load_named, Service};
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness};
-use crate::supervisor::{lock, protocol};
+use crate::supervisor::lock;
+use crate::supervisor::protocol::{self, Asked, Verdict};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -32,7 +33,7 @@ pub enum Terminated {
 
 pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, VerbError> {
     super::require_root()?;
-    let service = load_named(dirs, name).map_err(crate::error::Error::from)?;
+    let service = load_named(dirs, name).map_err(super::error::Error::from)?;
     let outcome = stop_without_checkpoint(dirs, &service, !json)?;
     let next = next_start(dirs, &service);
     let (stopped, how, lines) = match outcome {
@@ -74,8 +75,8 @@ pub fn stop_without_checkpoint(dirs: &Dirs, service: &Service, echo: bool) -> Re
     stream.write_all(format!("{}\n", protocol::TERMINATE_COMMAND).as_bytes()).map_err(socket_error)?;
     let (last, lines) = super::stop::relay(stream, !echo)?;
     let failed = |why: String| VerbError::StopFailed { service: service.name.clone(), why };
-    match protocol::parse_final(&last) {
-        Some(Ok(how)) => {
+    match Verdict::parse(&last, Asked::Terminate) {
+        Some(Verdict::Ended(how)) => {
             if !lock::wait_released(&paths.lock, EXIT_WAIT) {
                 return Err(failed(format!(
                     "the service is gone but its supervisor still runs after {} s; see `stasis logs {}`",
@@ -85,8 +86,8 @@ pub fn stop_without_checkpoint(dirs: &Dirs, service: &Service, echo: bool) -> Re
             }
             Ok(Terminated::Stopped { how, lines })
         }
-        Some(Err(why)) => Err(failed(why)),
-        None => Err(failed(format!(
+        Some(Verdict::Failed(why)) => Err(failed(why)),
+        Some(Verdict::Saved { .. } | Verdict::DryRun { .. }) | None => Err(failed(format!(
             "the supervisor closed the connection without a result; see `stasis logs {}`",
             service.name
         ))),

@@ -1,10 +1,10 @@
 //! `stasis validate`: checks service files (all in the config dir, or those named) without
 //! starting anything, reporting every problem with file, line and key; also kill ports used twice.
 
+use super::error::Error;
+use super::exit_codes;
 use super::output::print_json;
 use crate::config::{discover, load_service, ConfigError, Problem};
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use serde::Serialize;
 use std::collections::BTreeMap;

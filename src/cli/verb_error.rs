@@ -2,8 +2,8 @@
 //! `--prune`, `start --from ID --force` of a quarantined checkpoint) refused or failed, one
 //! variant per step, each with the exit code it maps to.
 
-use crate::error::Error;
-use crate::exit_codes;
+use super::error::Error;
+use super::exit_codes;
 use crate::store::StoreError;
 use std::path::PathBuf;
 
@@ -38,8 +38,8 @@ pub enum VerbError {
 impl VerbError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            VerbError::Stasis(e) => e.exit_code(),
-            VerbError::Store(e) => e.exit_code(),
+            VerbError::Stasis(e) => exit_codes::of(e),
+            VerbError::Store(_) => exit_codes::STORE,
             VerbError::Running { .. } => exit_codes::ALREADY_RUNNING,
             VerbError::Lock { .. } | VerbError::ControlSocket { .. } | VerbError::StopFailed { .. } => {
                 exit_codes::INTERNAL

@@ -1,4 +1,3 @@
-use crate::exit_codes;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,13 +90,6 @@ fn render_lines(lines: &[String]) -> String {
 }
 
 impl CriuError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            CriuError::Failed { .. } | CriuError::TimedOut { .. } => exit_codes::CHECKPOINT_FAILED,
-            _ => exit_codes::ENVIRONMENT,
-        }
-    }
-
     /// Classifies a failed restore by its first error lines.
     pub fn restore_failure(&self) -> RestoreFailure {
         let CriuError::Failed { errors, .. } = self else { return RestoreFailure::Checkpoint };

@@ -1,4 +1,3 @@
-use crate::exit_codes;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,11 +31,5 @@ fn space_hint(e: &std::io::Error) -> &'static str {
         " (the disk is full: free space, or point --state-dir at a larger filesystem)"
     } else {
         ""
-    }
-}
-
-impl StoreError {
-    pub fn exit_code(&self) -> i32 {
-        exit_codes::STORE
     }
 }

@@ -7,15 +7,19 @@
 //! `dump_timeout` is killed and the service resumed. After a success, retention runs.
 
 use super::context::Context;
-use super::kill_port::StopGate;
+use super::kill_port::{StopGate, Withdrawn};
 use super::protocol::CheckpointReport;
 use super::slots::{self, SlotKind};
+use crate::criu::page_server::Received;
 use crate::criu::post_dump::{Frozen, Refusal};
 use crate::criu::rpc::Answer;
 use crate::criu::{network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::process::tree;
-use crate::store::{DumpKind, Manifest, PendingCheckpoint};
-use std::time::{Instant, SystemTime};
+use crate::store::safe_open::UnsafeFile;
+use crate::store::seal::Key;
+use crate::store::{Checkpoint, DumpKind, Manifest, PendingCheckpoint, StoreError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Less free space than this after a failed dump means the dump ran out of it.
 const NEARLY_FULL: u64 = 1 << 20;
@@ -31,33 +35,182 @@ pub enum DumpProgress {
     Progress(String),
 }
 
+/// Why a checkpoint was not taken, one variant per step that can fail. Its text is a summary
+/// line (saying that the service keeps running and earlier checkpoints are untouched), then
+/// CRIU's error lines, if any: `protocol::final_line` sends it that way.
+#[derive(Debug)]
+pub(super) enum DumpError {
+    /// The host's dump slots could not be used.
+    Slot { dir: PathBuf, source: std::io::Error },
+    /// The encryption key could not be read (the text names the file, says why and how to fix it).
+    Key(String),
+    /// The pending checkpoint could not be begun, written or finalized.
+    Store(StoreError),
+    /// An executable the service maps could not be read safely to record its identity.
+    Identities(UnsafeFile),
+    /// CRIU failed, or was refused at `post-dump`.
+    Criu(Box<FailedDump>),
+    /// CRIU said it dumped a stopping service, but `post-dump` never made the checkpoint durable.
+    NotFinalized,
+    /// CRIU failed after `post-dump` made the checkpoint durable and the service was resumed:
+    /// the checkpoint is kept, marked stale (`marking` is why it could not be).
+    AfterWrite { criu: CriuError, id: String, marking: Option<StoreError> },
+    /// Whoever asked for the stop withdrew before it was carried out.
+    Withdrawn(Withdrawn),
+}
+
+/// A dump CRIU failed, with what its log says in the service's terms.
+#[derive(Debug)]
+pub(super) struct FailedDump {
+    /// Its log is the kept `last-failed-dump.log`.
+    error: CriuError,
+    /// A cause CRIU's log shows often, with the fix.
+    diagnosis: Option<String>,
+    /// Why `post-dump` refused it, if it did.
+    refusal: Option<Refusal>,
+    /// The directory whose full disk failed it.
+    full_disk: Option<PathBuf>,
+}
+
+impl DumpError {
+    /// Whether the same dump may well work a moment later (a refusal for a passing reason).
+    fn may_pass(&self) -> bool {
+        matches!(self, DumpError::Criu(f) if f.refusal.as_ref().is_some_and(Refusal::passing))
+    }
+
+    fn summary(&self) -> String {
+        match self {
+            DumpError::Slot { dir, source } => format!("failed to take a dump slot in {}: {source}", dir.display()),
+            DumpError::Key(why) => why.clone(),
+            DumpError::Store(e) => e.to_string(),
+            DumpError::Identities(e) => e.to_string(),
+            DumpError::Criu(f) => f.summary(),
+            DumpError::NotFinalized => {
+                "CRIU reported success but the checkpoint was not finalized at its post-dump notification".into()
+            }
+            DumpError::AfterWrite { criu, id, marking } => {
+                let note = match marking {
+                    None => format!("checkpoint {id} was saved but is stale"),
+                    Some(m) => format!("checkpoint {id} was saved, and marking it stale failed ({m})"),
+                };
+                format!("{} after the checkpoint was written; the service was resumed; {note}", criu.one_line())
+            }
+            DumpError::Withdrawn(w) => w.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for DumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; the service keeps running and earlier checkpoints are untouched", self.summary())?;
+        if let DumpError::Criu(failed) = self {
+            if let CriuError::Failed { errors, .. } = &failed.error {
+                for line in errors {
+                    write!(f, "\n{line}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DumpError {}
+
+impl From<StoreError> for DumpError {
+    fn from(e: StoreError) -> Self {
+        DumpError::Store(e)
+    }
+}
+
+impl FailedDump {
+    /// Keeps CRIU's log as the last failed dump's (the pending directory is about to go) and
+    /// reads what it says.
+    fn new(ctx: &Context, pending: &PendingCheckpoint, e: CriuError, refusal: Option<Refusal>) -> FailedDump {
+        let error = keep_log(ctx, e);
+        let CriuError::Failed { errors, .. } = &error else {
+            return FailedDump { error, diagnosis: None, refusal, full_disk: None };
+        };
+        let diagnosis = crate::criu::diagnose::diagnose(errors, &ctx.service.name);
+        let dir = pending.dir.parent().unwrap_or(&pending.dir);
+        let says_full =
+            errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"));
+        // A full disk may not even leave room for CRIU's log, so ask the filesystem as well.
+        let is_full = nix::sys::statvfs::statvfs(dir)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()) < NEARLY_FULL)
+            .unwrap_or(false);
+        let full_disk = (says_full || is_full).then(|| dir.to_path_buf());
+        FailedDump { error, diagnosis, refusal, full_disk }
+    }
+
+    fn summary(&self) -> String {
+        let mut text = self.error.one_line();
+        // A cause CRIU's log shows often, said in the service's terms with the fix, first.
+        if let Some(why) = &self.diagnosis {
+            text = format!("{why} ({text})");
+        }
+        if let Some(r @ Refusal::ProcFileOpen { .. }) = &self.refusal {
+            text = format!("{r}; {text}");
+        }
+        if let Some(dir) = &self.full_disk {
+            text.push_str(&format!(
+                "; the disk holding {} is full (No space left on device): free space or move --state-dir to a larger filesystem",
+                dir.display()
+            ));
+        }
+        text
+    }
+}
+
+/// Moves CRIU's log to `last-failed-dump.log` and returns the error naming it there.
+fn keep_log(ctx: &Context, e: CriuError) -> CriuError {
+    let kept = ctx.paths.failed_dump_log();
+    let keep = |log: &Path| {
+        // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
+        let moved = std::fs::rename(log, &kept).is_ok() || std::fs::copy(log, &kept).is_ok();
+        if moved {
+            kept.clone()
+        } else {
+            log.to_path_buf()
+        }
+    };
+    match e {
+        CriuError::Failed { action, status, log, errors } => {
+            let kept_log = keep(&log);
+            // A full disk can leave the log file short: keep at least the lines quoted here.
+            if std::fs::metadata(&kept_log).map(|m| m.len() == 0).unwrap_or(true) && !errors.is_empty() {
+                let _ = std::fs::write(&kept_log, format!("{}\n", errors.join("\n")));
+            }
+            CriuError::Failed { action, status, log: kept_log, errors }
+        }
+        // CRIU got what was left of dump_timeout; the setting is what the user knows.
+        CriuError::TimedOut { action, setting, log, .. } => {
+            CriuError::TimedOut { action, setting, after: ctx.service.dump_timeout, log: keep(&log) }
+        }
+        other => other,
+    }
+}
+
 /// `progress` hears when the dump has to queue for a host slot, and when it got one. A stop
 /// stands only if `gate` (who asked for it) still says so at `post-dump`.
-pub fn take_checkpoint(
+pub(super) fn take_checkpoint(
     ctx: &Context,
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
     gate: Option<&StopGate>,
     progress: impl Fn(DumpProgress) + Sync,
-) -> Result<CheckpointReport, String> {
-    // The first line is the summary; CRIU's error lines, if any, follow it.
+) -> Result<CheckpointReport, DumpError> {
     let mut attempt = 0;
-    let outcome = loop {
+    let mut outcome = loop {
         attempt += 1;
-        let mut retry = false;
-        match dump(ctx, init_pid, kind, dry, gate, &progress, &mut retry) {
-            Err(why) if retry && attempt < DUMP_ATTEMPTS => {
-                tracing::info!("dump refused, retrying: {why}");
+        match dump(ctx, init_pid, kind, dry, gate, &progress) {
+            Err(why) if why.may_pass() && attempt < DUMP_ATTEMPTS => {
+                tracing::info!("dump refused, retrying: {}", why.summary());
                 std::thread::sleep(RETRY_PAUSE);
             }
             other => break other,
         }
     };
-    let mut outcome = outcome.map_err(|e: String| {
-        let (summary, details) = e.split_once('\n').map(|(s, d)| (s, format!("\n{d}"))).unwrap_or((&e, String::new()));
-        format!("{summary}; the service keeps running and earlier checkpoints are untouched{details}")
-    });
     if let Some(report) = outcome.as_mut().ok().filter(|r| !r.dry) {
         tracing::debug!("dump: retention");
         report.notes = super::retention::apply(ctx);
@@ -100,9 +253,27 @@ pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
 
 /// How often a dump refused for a passing reason (see the action hook) is tried.
 const DUMP_ATTEMPTS: u32 = 5;
-const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// On failure, `retry` says whether trying again soon may work.
+/// What the steps of one dump share once its pending checkpoint is begun.
+struct Run<'a> {
+    ctx: &'a Context,
+    init_pid: i32,
+    /// A stopping dump: the service ends with it.
+    stopping: bool,
+    key: Option<&'a Key>,
+    pending: &'a PendingCheckpoint,
+    /// Everything from the draft on, reading the service's files included, ends by `dump_timeout`.
+    deadline: Instant,
+}
+
+/// What CRIU came to, and what `post-dump` refused (if it did).
+struct Dumped {
+    result: Result<Received, CriuError>,
+    refusal: Option<Refusal>,
+    dump_ms: u64,
+}
+
 fn dump(
     ctx: &Context,
     init_pid: i32,
@@ -110,52 +281,75 @@ fn dump(
     dry: bool,
     gate: Option<&StopGate>,
     progress: &(impl Fn(DumpProgress) + Sync),
-    retry: &mut bool,
-) -> Result<CheckpointReport, String> {
+) -> Result<CheckpointReport, DumpError> {
     // Extending systemd's timeout covers the wait for a slot too.
     let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
-    let name = &ctx.service.name;
-    let mut waited = false;
-    let _slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Dump, ctx.host.max_concurrent_dumps, |ahead| {
-        waited = true;
-        progress(DumpProgress::Queued(format!(
-            "Waiting: {ahead} checkpoint{} ahead of {name} (max_concurrent_dumps: {})",
-            if ahead == 1 { "" } else { "s" },
-            ctx.host.max_concurrent_dumps
-        )))
-    })
-    .map_err(|e| format!("failed to take a dump slot in {}: {e}", ctx.dirs.slots().display()))?;
-    if waited {
-        progress(DumpProgress::Dumping);
-    }
+    let _slot = take_slot(ctx, progress)?;
     tracing::debug!("dump: slot taken");
     // Read now, so a missing or unsafe key fails the dump before CRIU freezes anything.
     let key = match &ctx.service.encryption_key_file {
-        Some(p) => Some(crate::store::seal::Key::load(p)?),
+        Some(path) => Some(Key::load(path).map_err(DumpError::Key)?),
         None => None,
     };
-    let generation = ctx.store.take_generation().map_err(|e| e.to_string())?;
-    let pending = ctx.store.begin(generation).map_err(|e| e.to_string())?;
+    let generation = ctx.store.take_generation()?;
+    let pending = ctx.store.begin(generation)?;
+    tracing::debug!("dump: pending checkpoint begun");
+    // The slot is held from here: everything below ends by `dump_timeout` (CRIU gets what is
+    // left of it), so no service can keep the slot.
+    let deadline = Instant::now() + ctx.service.dump_timeout;
+    let stopping = !kind.leaves_running();
+    let run = Run { ctx, init_pid, stopping, key: key.as_ref(), pending: &pending, deadline };
+    let outcome = write_draft(&run, kind, generation).and_then(|()| {
+        let dumped = run_criu(&run, gate, progress);
+        let dump_ms = dumped.dump_ms;
+        if dry {
+            dry_report(&run, dumped, started)
+        } else {
+            settle(&run, dumped, gate).map(|cp| report(cp, stopping, started, dump_ms))
+        }
+    });
+    match &outcome {
+        // It is a checkpoint now (stale), not a pending one.
+        Err(DumpError::AfterWrite { .. }) => {}
+        // A dry run keeps nothing.
+        Err(_) | Ok(CheckpointReport { dry: true, .. }) => pending.discard(),
+        Ok(_) => {}
+    }
+    outcome
+}
+
+fn take_slot(ctx: &Context, progress: &(impl Fn(DumpProgress) + Sync)) -> Result<slots::Slot, DumpError> {
+    let mut waited = false;
+    let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Dump, ctx.host.max_concurrent_dumps, |ahead| {
+        waited = true;
+        progress(DumpProgress::Queued(format!(
+            "Waiting: {ahead} checkpoint{} ahead of {} (max_concurrent_dumps: {})",
+            if ahead == 1 { "" } else { "s" },
+            ctx.service.name,
+            ctx.host.max_concurrent_dumps
+        )))
+    })
+    .map_err(|source| DumpError::Slot { dir: ctx.dirs.slots(), source })?;
+    if waited {
+        progress(DumpProgress::Dumping);
+    }
+    Ok(slot)
+}
+
+/// The manifest as far as it is known before CRIU runs, with the identity of every executable
+/// the tree maps.
+fn write_draft(run: &Run, kind: DumpKind, generation: u64) -> Result<(), DumpError> {
+    let (ctx, init_pid) = (run.ctx, run.init_pid);
     // Hashing here, while the service still runs, fills the cache; the hook re-checks the
     // frozen tree's mappings against it at almost no cost.
-    tracing::debug!("dump: pending checkpoint begun");
-    // The slot is held from here: everything below, reading the service's files included, ends
-    // by `dump_timeout` (CRIU gets what is left of it), so no service can keep the slot.
-    let deadline = Instant::now() + ctx.service.dump_timeout;
     let mut cache = ctx.hash_cache();
-    let executables = tree::executable_identities(init_pid, &mut cache, Some(deadline));
+    let executables = tree::executable_identities(init_pid, &mut cache, Some(run.deadline));
     cache.save();
-    let executables = match executables {
-        Ok(e) => e,
-        Err(e) => {
-            pending.discard();
-            return Err(e.to_string());
-        }
-    };
+    let executables = executables.map_err(DumpError::Identities)?;
     let draft = Manifest {
         format: crate::store::manifest_format(),
-        id: pending.id.clone(),
+        id: run.pending.id.clone(),
         generation: Some(generation),
         service: ctx.service.name.clone(),
         kind,
@@ -172,9 +366,7 @@ fn dump(
         executables: Some(executables),
         timings: None,
         compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
-        encryption: key
-            .as_ref()
-            .map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
+        encryption: run.key.map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
         shm_files: None,
         tmpfs_dirs: None,
         tmpfs_files: None,
@@ -182,142 +374,126 @@ fn dump(
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");
-    if let Err(e) = pending.write_draft(&draft) {
-        pending.discard();
-        return Err(e.to_string());
-    }
-    let stopping = !kind.leaves_running();
+    Ok(run.pending.write_draft(&draft)?)
+}
+
+/// Runs CRIU's dump, answering its `post-dump` in this process, with a line about it now and
+/// then for whoever waits.
+fn run_criu(run: &Run, gate: Option<&StopGate>, progress: &(impl Fn(DumpProgress) + Sync)) -> Dumped {
+    let (ctx, pending) = (run.ctx, run.pending);
     let args = DumpArgs {
-        pid: init_pid,
+        pid: run.init_pid,
         images_dir: pending.images_dir(),
         work_dir: pending.dir.clone(),
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),
-        leave_running: !stopping,
+        leave_running: !run.stopping,
     };
     let frozen = Frozen {
-        pending: &pending,
-        tree_pid: init_pid,
+        pending,
+        tree_pid: run.init_pid,
         hash_cache: ctx.dirs.hash_cache(),
         min_free: ctx.service.min_free_bytes,
-        deadline,
+        deadline: run.deadline,
     };
     // What stasis does while CRIU holds the tree frozen, answered in this process (see
     // criu::post_dump); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
-    let mut at_post_dump = |received: &crate::criu::page_server::Received| {
-        answer_post_dump(&frozen, received, stopping, key.as_ref(), gate, &mut refusal)
-    };
+    let mut at_post_dump =
+        |received: &Received| answer_post_dump(&frozen, received, run.stopping, run.key, gate, &mut refusal);
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
-    let dumped = std::thread::scope(|s| {
+    let result = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
         let report = |line: String| progress(DumpProgress::Progress(line));
         s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
-        let left = deadline.saturating_duration_since(Instant::now());
-        let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: key.as_ref() };
+        let left = run.deadline.saturating_duration_since(Instant::now());
+        let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: run.key };
         let r = ctx.criu.dump(&args, &transform, left, &|_| {}, &mut at_post_dump);
         drop(done_tx);
         r
     });
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     tracing::debug!("dump: criu done");
+    Dumped { result, refusal, dump_ms }
+}
 
-    if dry {
-        // Everything a checkpoint would need was written; none of it is kept.
-        let bytes = std::fs::read_dir(pending.images_dir())
-            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0);
-        return match dumped {
-            Ok(_) => {
-                pending.discard();
-                Ok(CheckpointReport {
-                    id: String::new(),
-                    size_bytes: bytes,
-                    duration: started.elapsed(),
-                    dir: pending.dir.clone(),
-                    notes: Vec::new(),
-                    freeze: None,
-                    dry: true,
-                })
-            }
-            Err(e) => {
-                resume(init_pid, &pending.dir, matches!(e, CriuError::TimedOut { .. }));
-                *retry = refusal.as_ref().is_some_and(Refusal::passing);
-                let text = describe_failed_dump(ctx, &pending, e, refusal.as_ref());
-                pending.discard();
-                Err(text)
-            }
-        };
-    }
-    let checkpoint = match dumped {
-        Ok(_) if stopping => pending.finalized().ok_or_else(|| {
-            "CRIU reported success but the checkpoint was not finalized at its post-dump notification".to_string()
+/// A dry run: everything a checkpoint would need was written; none of it is kept.
+fn dry_report(run: &Run, dumped: Dumped, started: Instant) -> Result<CheckpointReport, DumpError> {
+    let bytes = std::fs::read_dir(run.pending.images_dir())
+        .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    match dumped.result {
+        Ok(_) => Ok(CheckpointReport {
+            id: String::new(),
+            size_bytes: bytes,
+            duration: started.elapsed(),
+            dir: run.pending.dir.clone(),
+            notes: Vec::new(),
+            freeze: None,
+            dry: true,
         }),
-        Ok(received) => record_dump_figures(&pending, dump_ms)
-            .and_then(|_| pending.finalize_sealed(key.as_ref(), &received.images))
-            .map_err(|e| e.to_string()),
         Err(e) => {
-            let killed = matches!(e, CriuError::TimedOut { .. });
-            match pending.finalized() {
-                // The hook made it durable, CRIU failed after that, and the service is gone: the
-                // checkpoint is exactly the service's last memory.
-                Some(cp) if !tree::alive(init_pid) => Ok(cp),
-                // ...but if the service was resumed it runs on, so that checkpoint is already stale.
-                Some(cp) => {
-                    resume(init_pid, &cp.dir, killed);
-                    let marked =
-                        ctx.store.record_run(&format!("resumed after the failed dump of checkpoint {}", cp.id));
-                    let note = match marked {
-                        Ok(_) => format!("checkpoint {} was saved but is stale", cp.id),
-                        Err(m) => format!("checkpoint {} was saved, and marking it stale failed ({m})", cp.id),
-                    };
-                    return Err(format!(
-                        "{} after the checkpoint was written; the service was resumed; {note}",
-                        e.one_line()
-                    ));
-                }
-                None => {
-                    resume(init_pid, &pending.dir, killed);
-                    match gate.and_then(StopGate::called_off) {
-                        // Not a failed dump: CRIU's log is not kept as the last failed one.
-                        Some(withdrawn) => Err(withdrawn.to_string()),
-                        None => {
-                            *retry = refusal.as_ref().is_some_and(Refusal::passing);
-                            Err(describe_failed_dump(ctx, &pending, e, refusal.as_ref()))
-                        }
-                    }
-                }
-            }
+            resume(run.init_pid, &run.pending.dir, matches!(e, CriuError::TimedOut { .. }));
+            Err(DumpError::Criu(Box::new(FailedDump::new(run.ctx, run.pending, e, dumped.refusal))))
         }
+    }
+}
+
+/// The checkpoint CRIU's dump came to: finalized at `post-dump` (a stopping dump) or now.
+fn settle(run: &Run, dumped: Dumped, gate: Option<&StopGate>) -> Result<Checkpoint, DumpError> {
+    let (ctx, init_pid, pending) = (run.ctx, run.init_pid, run.pending);
+    let e = match dumped.result {
+        Ok(_) if run.stopping => return pending.finalized().ok_or(DumpError::NotFinalized),
+        Ok(received) => {
+            record_dump_figures(pending, dumped.dump_ms)?;
+            return Ok(pending.finalize_sealed(run.key, &received.images)?);
+        }
+        Err(e) => e,
     };
-    match checkpoint {
-        Ok(mut cp) => {
-            if !stopping {
-                // CRIU unlocks the network itself when the service is left running.
-                network_lock::mark_released(&cp.dir.join(DUMP_LOG));
+    let killed = matches!(e, CriuError::TimedOut { .. });
+    match pending.finalized() {
+        // The hook made it durable, CRIU failed after that, and the service is gone: the
+        // checkpoint is exactly the service's last memory.
+        Some(cp) if !tree::alive(init_pid) => Ok(cp),
+        // ...but if the service was resumed it runs on, so that checkpoint is already stale.
+        Some(cp) => {
+            resume(init_pid, &cp.dir, killed);
+            let marking = ctx.store.record_run(&format!("resumed after the failed dump of checkpoint {}", cp.id)).err();
+            Err(DumpError::AfterWrite { criu: e, id: cp.id, marking })
+        }
+        None => {
+            resume(init_pid, &pending.dir, killed);
+            match gate.and_then(StopGate::called_off) {
+                // Not a failed dump: CRIU's log is not kept as the last failed one.
+                Some(withdrawn) => Err(DumpError::Withdrawn(withdrawn)),
+                None => Err(DumpError::Criu(Box::new(FailedDump::new(ctx, pending, e, dumped.refusal)))),
             }
-            let stats = crate::criu::stats::dump_stats(&cp.dir);
-            let _ = cp.record_timings(|t| {
-                t.dump_ms = Some(dump_ms);
-                t.freeze_ms = stats.map(|s| s.frozen_us / 1000);
-                t.pages = stats.map(|s| s.pages_written);
-            });
-            Ok(CheckpointReport {
-                id: cp.id,
-                size_bytes: cp.manifest.size_bytes,
-                duration: started.elapsed(),
-                dir: cp.dir,
-                notes: Vec::new(),
-                freeze: stats.map(|s| std::time::Duration::from_micros(s.frozen_us)),
-                dry: false,
-            })
         }
-        Err(e) => {
-            pending.discard();
-            Err(e)
-        }
+    }
+}
+
+/// What a dump that made checkpoint `cp` reports, once its figures are recorded.
+fn report(mut cp: Checkpoint, stopping: bool, started: Instant, dump_ms: u64) -> CheckpointReport {
+    if !stopping {
+        // CRIU unlocks the network itself when the service is left running.
+        network_lock::mark_released(&cp.dir.join(DUMP_LOG));
+    }
+    let stats = crate::criu::stats::dump_stats(&cp.dir);
+    let _ = cp.record_timings(|t| {
+        t.dump_ms = Some(dump_ms);
+        t.freeze_ms = stats.map(|s| s.frozen_us / 1000);
+        t.pages = stats.map(|s| s.pages_written);
+    });
+    CheckpointReport {
+        id: cp.id,
+        size_bytes: cp.manifest.size_bytes,
+        duration: started.elapsed(),
+        dir: cp.dir,
+        notes: Vec::new(),
+        freeze: stats.map(|s| Duration::from_micros(s.frozen_us)),
+        dry: false,
     }
 }
 
@@ -327,9 +503,9 @@ fn dump(
 /// the checkpoint made durable. `refusal` keeps the cause of a refusal of criu::post_dump's.
 fn answer_post_dump(
     frozen: &Frozen,
-    received: &crate::criu::page_server::Received,
+    received: &Received,
     stopping: bool,
-    key: Option<&crate::store::seal::Key>,
+    key: Option<&Key>,
     gate: Option<&StopGate>,
     refusal: &mut Option<Refusal>,
 ) -> Answer {
@@ -369,7 +545,7 @@ fn record_dump_figures(pending: &PendingCheckpoint, dump_ms: u64) -> Result<(), 
 /// After a dump that failed: the connections CRIU held with its network lock are let go (a
 /// killed CRIU cannot), and after a killed one every process of the tree runs again (the dead
 /// tracer leaves them detached; SIGCONT ends any stop it left).
-fn resume(init_pid: i32, dump_dir: &std::path::Path, killed: bool) {
+fn resume(init_pid: i32, dump_dir: &Path, killed: bool) {
     if killed && tree::alive(init_pid) {
         for pid in tree::descendants(init_pid) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
@@ -378,61 +554,35 @@ fn resume(init_pid: i32, dump_dir: &std::path::Path, killed: bool) {
     network_lock::release(&dump_dir.join(DUMP_LOG));
 }
 
-fn describe_failed_dump(ctx: &Context, pending: &PendingCheckpoint, e: CriuError, refusal: Option<&Refusal>) -> String {
-    // Keep CRIU's log: the pending directory is about to be removed.
-    let kept = ctx.paths.failed_dump_log();
-    let keep_log = |log: &std::path::Path| {
-        // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
-        let moved = std::fs::rename(log, &kept).is_ok() || std::fs::copy(log, &kept).is_ok();
-        if moved {
-            kept.clone()
-        } else {
-            log.to_path_buf()
-        }
-    };
-    let e = match e {
-        CriuError::Failed { action, status, log, errors } => {
-            let kept_log = keep_log(&log);
-            // A full disk can leave the log file short: keep at least the lines quoted here.
-            if std::fs::metadata(&kept_log).map(|m| m.len() == 0).unwrap_or(true) && !errors.is_empty() {
-                let _ = std::fs::write(&kept_log, format!("{}\n", errors.join("\n")));
-            }
-            CriuError::Failed { action, status, log: kept_log, errors }
-        }
-        // CRIU got what was left of dump_timeout; the setting is what the user knows.
-        CriuError::TimedOut { action, setting, log, .. } => {
-            CriuError::TimedOut { action, setting, after: ctx.service.dump_timeout, log: keep_log(&log) }
-        }
-        other => other,
-    };
-    let mut text = e.one_line();
-    // A cause CRIU's log shows often, said in the service's terms with the fix, first.
-    if let CriuError::Failed { errors, .. } = &e {
-        if let Some(why) = crate::criu::diagnose::diagnose(errors, &ctx.service.name) {
-            text = format!("{why} ({text})");
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_dump_says_what_it_leaves_on_its_first_line_and_crius_lines_after() {
+        let e = DumpError::Criu(Box::new(FailedDump {
+            error: CriuError::Failed {
+                action: "dump",
+                status: "exit status 1".into(),
+                log: "/s/last-failed-dump.log".into(),
+                errors: vec!["(0.1) Error (x.c:1): why".into(), "(0.2) Error (y.c:2): unwinding".into()],
+            },
+            diagnosis: None,
+            refusal: None,
+            full_disk: Some("/s".into()),
+        }));
+        assert_eq!(
+            e.to_string(),
+            "failed to dump with CRIU (exit status 1): why (log: /s/last-failed-dump.log); the disk holding /s is full (No space left on device): free space or move --state-dir to a larger filesystem; the service keeps running and earlier checkpoints are untouched\n(0.1) Error (x.c:1): why\n(0.2) Error (y.c:2): unwinding"
+        );
+        let e = DumpError::AfterWrite {
+            criu: CriuError::Failed { action: "dump", status: "killed".into(), log: "/l".into(), errors: vec![] },
+            id: "20261125T015053.123Z".into(),
+            marking: None,
+        };
+        assert_eq!(
+            e.to_string(),
+            "failed to dump with CRIU (killed): its log has no error lines (was it written?) (log: /l) after the checkpoint was written; the service was resumed; checkpoint 20261125T015053.123Z was saved but is stale; the service keeps running and earlier checkpoints are untouched"
+        );
     }
-    if let Some(r @ Refusal::ProcFileOpen { .. }) = refusal {
-        text = format!("{r}; {text}");
-    }
-    let dir = pending.dir.parent().unwrap_or(&pending.dir);
-    if let CriuError::Failed { errors, .. } = &e {
-        let says_full =
-            errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"));
-        // A full disk may not even leave room for CRIU's log, so ask the filesystem as well.
-        let is_full = nix::sys::statvfs::statvfs(dir)
-            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()) < NEARLY_FULL)
-            .unwrap_or(false);
-        if says_full || is_full {
-            text.push_str(&format!(
-                "; the disk holding {} is full (No space left on device): free space or move --state-dir to a larger filesystem",
-                dir.display()
-            ));
-        }
-        for line in errors {
-            text.push('\n');
-            text.push_str(line);
-        }
-    }
-    text
 }

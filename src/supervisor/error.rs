@@ -1,13 +1,17 @@
-use crate::exit_codes;
+//! Why a supervisor could not start or keep its service: its own failures to set up
+//! (`SupervisorError`) and everything a start can come to (`StartError`). The CLI turns them
+//! into exit codes.
+
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("failed to listen on kill port 127.0.0.1:{port} (key `kill_port` in {file}): {source}; {}", held_by(holder, *port))]
-    KillPortInUse { port: u16, file: std::path::PathBuf, source: std::io::Error, holder: Option<super::holder::Holder> },
+    KillPortInUse { port: u16, file: PathBuf, source: std::io::Error, holder: Option<super::holder::Holder> },
     #[error("failed to listen on control socket {path}: {source}")]
-    ControlSocket { path: std::path::PathBuf, source: std::io::Error },
+    ControlSocket { path: PathBuf, source: std::io::Error },
     #[error("failed to take the lock {path}: {source}")]
-    Lock { path: std::path::PathBuf, source: std::io::Error },
+    Lock { path: PathBuf, source: std::io::Error },
     #[error("failed to become a child subreaper: {0}")]
     Subreaper(nix::Error),
     #[error("failed to start the event loop: {0}")]
@@ -21,13 +25,44 @@ fn held_by(holder: &Option<super::holder::Holder>, port: u16) -> String {
     }
 }
 
-impl SupervisorError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            SupervisorError::KillPortInUse { .. }
-            | SupervisorError::ControlSocket { .. }
-            | SupervisorError::Lock { .. } => exit_codes::ENVIRONMENT,
-            _ => exit_codes::INTERNAL,
-        }
+/// Why the supervisor did not get its service running (or keep it up through its first start).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Launch(#[from] crate::process::LaunchError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
+    AlreadyRunning { service: String, pid: String },
+    #[error("an earlier run of {service} is still running without a supervisor (its supervisor died; namespace init pid {pid}); starting another copy could corrupt its state: stop it with `kill -TERM {pid}` (then -KILL if it stays), then start {service} again")]
+    Orphaned { service: String, pid: i32 },
+    #[error("failed to {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    /// Neither restored nor cold-launched, or it died at once.
+    #[error("{0}")]
+    StartFailed(String),
+    /// The checkpoint to restore cannot be proven right, and the settings say not to cold-start.
+    #[error("{0}")]
+    RestoreRefused(String),
+}
+
+impl StartError {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StartError::Io { action, path: path.into(), source }
     }
+}
+
+/// How a supervisor that got its service running ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped on request (with or without a checkpoint).
+    Stopped,
+    /// The service failed and was not (or no longer) restarted.
+    Failed,
 }

@@ -278,7 +278,8 @@ pub async fn run_loop(
                         let report = |p: DumpProgress| {
                             let _ = progress.send(p);
                         };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report);
+                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report)
+                            .map_err(|e| e.to_string());
                         // The clients' second descriptors close before they hear the outcome.
                         drop(gate);
                         let _ = tx.blocking_send(outcome);
@@ -295,7 +296,8 @@ pub async fn run_loop(
                             let _ = progress.send(p);
                         };
                         let outcome =
-                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report);
+                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report)
+                                .map_err(|e| e.to_string());
                         let _ = tx.blocking_send(outcome);
                     });
                 }
@@ -599,7 +601,8 @@ async fn accept_control(listener: UnixListener, cc: ControlContext, connections:
             // The socket sits in the root-only run dir; its peer must be root all the same.
             if stream.peer_cred().map(|c| c.uid()).ok() != Some(0) {
                 let (_, mut wr) = stream.into_split();
-                let _ = wr.write_all(b"ERROR refused: only root may ask for a checkpoint\n").await;
+                let refused = protocol::Verdict::failed("refused: only root may ask for a checkpoint");
+                let _ = wr.write_all(format!("{refused}\n").as_bytes()).await;
                 return;
             }
             let (rd, mut wr) = stream.into_split();
@@ -616,10 +619,13 @@ async fn accept_control(listener: UnixListener, cc: ControlContext, connections:
                     let _ = wr
                         .write_all(
                             format!(
-                                "ERROR unknown command {other:?}; the commands are {}, {} and {}\n",
-                                protocol::CHECKPOINT_COMMAND,
-                                protocol::DOCTOR_COMMAND,
-                                protocol::TERMINATE_COMMAND
+                                "{}\n",
+                                protocol::Verdict::failed(&format!(
+                                    "unknown command {other:?}; the commands are {}, {} and {}",
+                                    protocol::CHECKPOINT_COMMAND,
+                                    protocol::DOCTOR_COMMAND,
+                                    protocol::TERMINATE_COMMAND
+                                ))
                             )
                             .as_bytes(),
                         )
@@ -642,8 +648,8 @@ async fn serve_terminate<W: tokio::io::AsyncWrite + Unpin>(mut out: W, cc: &Cont
         Err(_) => Err("the supervisor is exiting".into()),
     };
     let last = match outcome {
-        Ok(how) => format!("OK {}\n", crate::text::escape_controls(&how)),
-        Err(why) => format!("ERROR {}\n", crate::text::escape_controls(&why)),
+        Ok(how) => format!("{}\n", protocol::Verdict::ended(&how)),
+        Err(why) => format!("{}\n", protocol::Verdict::failed(&why)),
     };
     let _ = out.write_all(last.as_bytes()).await;
     let _ = out.shutdown().await;

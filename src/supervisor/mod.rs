@@ -26,7 +26,7 @@ pub mod state;
 pub mod status;
 mod systemd;
 
-pub use error::SupervisorError;
+pub use error::{Ended, StartError, SupervisorError};
 pub use run::run;
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The text protocol of the kill port and the control socket. A connection gets a first line
-//! at once, then exactly one final line that starts with `OK` or `ERROR`.
+//! at once, then exactly one final line, the `Verdict`, that starts with `OK` or `ERROR`.
 
 use crate::time_fmt::human_bytes;
 use std::path::PathBuf;
@@ -128,43 +128,134 @@ pub fn announce_checkpoint(service: &str) -> String {
     format!("Saving checkpoint of {service} (it keeps running)...\n")
 }
 
+/// The reply's end: CRIU's error lines first, indented, then the verdict, always last. Each is
+/// escaped: they quote names the service chose, and a client may be a terminal.
 pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
-    match outcome {
-        Ok(r) if r.dry => format!(
-            "OK it can be checkpointed now: CRIU dumped {} in {:.2} s (a dry run; nothing was kept)\n",
-            human_bytes(r.size_bytes),
-            r.duration.as_secs_f64()
-        ),
-        Ok(r) => format!(
-            "OK checkpoint {} saved ({}, {:.2} s) in {}\n",
-            r.id,
-            human_bytes(r.size_bytes),
-            r.duration.as_secs_f64(),
-            r.dir.display()
-        ),
-        // CRIU's error lines go first, indented; the last line is always the verdict. Each is
-        // escaped: they quote names the service chose, and a client may be a terminal.
-        Err(e) => {
-            let mut lines = e.lines().map(crate::text::escape_controls);
-            let summary = lines.next().unwrap_or_default();
-            let mut out: String = lines.map(|l| format!("  {l}\n")).collect();
-            out.push_str(&format!("ERROR {summary}\n"));
-            out
+    let details = match outcome {
+        Ok(_) => "".lines(),
+        Err(e) => e.lines(),
+    };
+    let mut out: String = details.skip(1).map(|l| format!("  {}\n", crate::text::escape_controls(l))).collect();
+    out.push_str(&format!("{}\n", Verdict::of(outcome)));
+    out
+}
+
+/// The last line of every reply on the kill port and the control socket: what a telnet user
+/// reads, built by the supervisor from this (`Display`), and what `stasis stop`, `checkpoint`,
+/// `doctor` and `stop --no-checkpoint` read back into it (`parse`). Texts are as sent (escaped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `OK checkpoint ID saved (SIZE, SECONDS s) in DIR`: the checkpoint is durable.
+    Saved { id: String, size: String, seconds: String, dir: String },
+    /// `OK it can be checkpointed now: ...`: a dry run dumped, and kept nothing.
+    DryRun { size: String, seconds: String },
+    /// `OK HOW`: stopped without a checkpoint; how the service ended.
+    Ended(String),
+    /// `ERROR WHY`: the request failed (the summary; CRIU's lines came before it).
+    Failed(String),
+}
+
+/// What a client asked for, which says which `OK` it may get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// A checkpoint: `stop` on the kill port, `checkpoint` on the control socket.
+    Checkpoint,
+    /// `doctor`'s dry run.
+    DryRun,
+    /// `stop --no-checkpoint`.
+    Terminate,
+}
+
+const SAVED: &str = "checkpoint ";
+const DRY_RUN: &str = "it can be checkpointed now: CRIU dumped ";
+
+impl Verdict {
+    /// The verdict on a dump; an error's first line is its summary.
+    pub fn of(outcome: &Result<CheckpointReport, String>) -> Verdict {
+        let seconds = |d: &Duration| format!("{:.2}", d.as_secs_f64());
+        match outcome {
+            Ok(r) if r.dry => Verdict::DryRun { size: human_bytes(r.size_bytes), seconds: seconds(&r.duration) },
+            Ok(r) => Verdict::Saved {
+                id: r.id.clone(),
+                size: human_bytes(r.size_bytes),
+                seconds: seconds(&r.duration),
+                dir: r.dir.display().to_string(),
+            },
+            Err(e) => Verdict::failed(e.lines().next().unwrap_or_default()),
+        }
+    }
+
+    pub fn ended(how: &str) -> Verdict {
+        Verdict::Ended(crate::text::escape_controls(how).into_owned())
+    }
+
+    pub fn failed(why: &str) -> Verdict {
+        Verdict::Failed(crate::text::escape_controls(why).into_owned())
+    }
+
+    /// Reads a reply's last line (without its line end) as the verdict on what was `asked`;
+    /// None for anything else, a malformed `OK` line included.
+    pub fn parse(line: &str, asked: Asked) -> Option<Verdict> {
+        if let Some(why) = line.strip_prefix("ERROR ") {
+            return Some(Verdict::Failed(why.to_string()));
+        }
+        let ok = line.strip_prefix("OK ")?;
+        match asked {
+            Asked::Checkpoint => {
+                let (id, rest) = ok.strip_prefix(SAVED)?.split_once(" saved (")?;
+                let (size, rest) = rest.split_once(", ")?;
+                let (seconds, dir) = rest.split_once(" s) in ")?;
+                let id_ok = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+                (id_ok && is_size(size) && is_seconds(seconds) && !dir.is_empty()).then(|| Verdict::Saved {
+                    id: id.to_string(),
+                    size: size.to_string(),
+                    seconds: seconds.to_string(),
+                    dir: dir.to_string(),
+                })
+            }
+            Asked::DryRun => {
+                let (size, rest) = ok.strip_prefix(DRY_RUN)?.split_once(" in ")?;
+                let seconds = rest.strip_suffix(" s (a dry run; nothing was kept)")?;
+                (is_size(size) && is_seconds(seconds))
+                    .then(|| Verdict::DryRun { size: size.to_string(), seconds: seconds.to_string() })
+            }
+            Asked::Terminate => Some(Verdict::Ended(ok.to_string())),
         }
     }
 }
 
-/// Parses a final line: Ok(text after OK) or Err(text after ERROR).
-pub fn parse_final(line: &str) -> Option<Result<String, String>> {
-    if let Some(rest) = line.strip_prefix("OK") {
-        return Some(Ok(rest.trim().to_string()));
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Saved { id, size, seconds, dir } => {
+                write!(f, "OK {SAVED}{id} saved ({size}, {seconds} s) in {dir}")
+            }
+            Verdict::DryRun { size, seconds } => {
+                write!(f, "OK {DRY_RUN}{size} in {seconds} s (a dry run; nothing was kept)")
+            }
+            Verdict::Ended(how) => write!(f, "OK {how}"),
+            Verdict::Failed(why) => write!(f, "ERROR {why}"),
+        }
     }
-    line.strip_prefix("ERROR").map(|rest| Err(rest.trim().to_string()))
 }
 
-/// The checkpoint id in an OK line.
-pub fn checkpoint_id(ok_text: &str) -> Option<&str> {
-    ok_text.strip_prefix("checkpoint ")?.split_whitespace().next()
+/// A size as `human_bytes` writes it: a number and a unit.
+fn is_size(s: &str) -> bool {
+    s.split_once(' ').is_some_and(|(n, unit)| {
+        !n.is_empty()
+            && n.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && !unit.is_empty()
+            && unit.chars().all(|c| c.is_ascii_alphabetic())
+    })
+}
+
+/// Seconds with two decimals.
+fn is_seconds(s: &str) -> bool {
+    s.split_once('.').is_some_and(|(whole, hundredths)| {
+        !whole.is_empty()
+            && hundredths.len() == 2
+            && (whole.chars().chain(hundredths.chars())).all(|c| c.is_ascii_digit())
+    })
 }
 
 #[cfg(test)]
@@ -201,12 +292,65 @@ mod tests {
             dry: false,
         };
         let line = final_line(&Ok(r));
-        assert!(line.starts_with("OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s)"), "{line}");
-        let ok = parse_final(line.trim()).unwrap().unwrap();
-        assert_eq!(checkpoint_id(&ok), Some("20261125T015053.123Z"));
+        assert_eq!(line, "OK checkpoint 20261125T015053.123Z saved (4.8 MiB, 0.06 s) in /x\n");
+        let Some(Verdict::Saved { id, size, dir, .. }) = Verdict::parse(line.trim_end(), Asked::Checkpoint) else {
+            panic!("{line}")
+        };
+        assert_eq!((id.as_str(), size.as_str(), dir.as_str()), ("20261125T015053.123Z", "4.8 MiB", "/x"));
         let err = final_line(&Err("failed to dump\n(0.1) Error (x.c:1): why".into()));
         assert_eq!(err, "  (0.1) Error (x.c:1): why\nERROR failed to dump\n");
-        assert_eq!(parse_final(err.lines().last().unwrap()), Some(Err("failed to dump".into())));
+        assert_eq!(
+            Verdict::parse(err.lines().last().unwrap(), Asked::Checkpoint),
+            Some(Verdict::Failed("failed to dump".into()))
+        );
+        let dry = CheckpointReport { dry: true, size_bytes: 2048, duration: Duration::from_millis(1234), ..r_dry() };
+        assert_eq!(
+            final_line(&Ok(dry)),
+            "OK it can be checkpointed now: CRIU dumped 2.0 KiB in 1.23 s (a dry run; nothing was kept)\n"
+        );
+        for bad in ["OK", "OK checkpoint", "OK checkpoint a saved", "OK checkpoint a b saved (1 B, 0.00 s) in /x", "ok"]
+        {
+            assert_eq!(Verdict::parse(bad, Asked::Checkpoint), None, "{bad}");
+        }
+    }
+
+    fn r_dry() -> CheckpointReport {
+        CheckpointReport {
+            id: String::new(),
+            size_bytes: 0,
+            duration: Duration::ZERO,
+            dir: "/p".into(),
+            notes: Vec::new(),
+            freeze: None,
+            dry: true,
+        }
+    }
+
+    proptest::proptest! {
+        /// What the supervisor sends is what the CLI reads, field for field.
+        #[test]
+        fn every_verdict_reads_back_as_itself(
+            id in "[0-9]{8}T[0-9]{6}\\.[0-9]{3}Z(-[0-9]{1,3})?",
+            bytes in proptest::prelude::any::<u64>(),
+            millis in 0u64..10_000_000,
+            dir in "/[^\n]{0,40}",
+            text in "(?s).{0,60}",
+        ) {
+            let duration = Duration::from_millis(millis);
+            let saved = CheckpointReport { id, size_bytes: bytes, duration, dir: dir.into(), dry: false, ..r_dry() };
+            let dry = CheckpointReport { size_bytes: bytes, duration, ..r_dry() };
+            for (verdict, asked) in [
+                (Verdict::of(&Ok(saved)), Asked::Checkpoint),
+                (Verdict::of(&Ok(dry)), Asked::DryRun),
+                (Verdict::ended(&text), Asked::Terminate),
+                (Verdict::failed(&text), Asked::Checkpoint),
+                (Verdict::of(&Err(text.clone())), Asked::DryRun),
+            ] {
+                let line = verdict.to_string();
+                proptest::prop_assert!(!line.contains('\n'), "{line:?}");
+                proptest::prop_assert_eq!(Verdict::parse(&line, asked), Some(verdict));
+            }
+        }
     }
 }
 

@@ -23,15 +23,16 @@ pub struct StartReport {
 }
 
 impl StartReport {
-    pub fn failure(e: &crate::error::Error) -> StartReport {
+    /// `exit_code` is the one `stasis start` exits with (the CLI's to choose).
+    pub fn failure(error: String, exit_code: i32) -> StartReport {
         StartReport {
             ok: false,
             pid: None,
             started_from: None,
             checkpoint: None,
             fallback_reason: None,
-            error: Some(e.to_string()),
-            exit_code: Some(e.exit_code()),
+            error: Some(error),
+            exit_code: Some(exit_code),
             warnings: Vec::new(),
         }
     }

@@ -10,11 +10,9 @@ use super::restart::{Decision, Exit, Restarts};
 use super::startup::{main_pid, start_service, Pick};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
-use super::SupervisorError;
+use super::{Ended, StartError as Error, SupervisorError};
 use crate::config::Service;
 use crate::criu::Criu;
-use crate::error::Error;
-use crate::exit_codes;
 use crate::paths::Dirs;
 use crate::process::init_binary;
 use crate::store::durable::create_dir_with_mode;
@@ -34,7 +32,8 @@ fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
     (is_init && cwd == paths.root).then_some(pid)
 }
 
-/// Runs the supervisor in this process until the service is stopped or gone; returns the exit code.
+/// Runs the supervisor in this process until the service is stopped or gone. A start that
+/// failed is the caller's to report, on `notifier` too (the report was not sent).
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
 /// `from` restores that checkpoint or nothing; `cold` (`restart --cold`) restores none.
 pub fn run(
@@ -42,26 +41,18 @@ pub fn run(
     service: Service,
     from: Option<String>,
     cold: bool,
-    mut notifier: Notifier,
+    notifier: &mut Notifier,
     foreground: bool,
-) -> i32 {
+) -> Result<Ended, Error> {
     // Whatever the caller's umask (`umask 000` in a shell), what the supervisor, CRIU and the
     // hooks create (logs, locks, images) is root's alone; the service gets its own umask at launch.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let name = service.name.clone();
     let pick = match (&from, cold) {
         (Some(id), _) => Pick::Id(id),
         (None, true) => Pick::Cold,
         (None, false) => Pick::Newest,
     };
-    match supervise(dirs, service, pick, &mut notifier, foreground) {
-        Ok(code) => code,
-        Err(e) => {
-            notifier.send(&StartReport::failure(&e));
-            eprintln!("stasis: {name}: {}", crate::text::escape_lines(&e.to_string()));
-            e.exit_code()
-        }
-    }
+    supervise(dirs, service, pick, notifier, foreground)
 }
 
 fn supervise(
@@ -70,7 +61,7 @@ fn supervise(
     pick: Pick,
     notifier: &mut Notifier,
     foreground: bool,
-) -> Result<i32, Error> {
+) -> Result<Ended, Error> {
     tracing::debug!("supervisor: begin");
     let criu = Criu::get_cached(&dirs.criu_version_cache())?;
     tracing::debug!("supervisor: criu found");
@@ -370,8 +361,8 @@ fn supervise(
     drop(_lock);
     ctx.store.purge_removed();
     Ok(match end.state {
-        State::Stopped => exit_codes::OK,
-        _ => exit_codes::START_FAILED,
+        State::Stopped => Ended::Stopped,
+        _ => Ended::Failed,
     })
 }
 

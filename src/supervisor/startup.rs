@@ -11,11 +11,11 @@
 use super::context::Context;
 use super::slots::{self, SlotKind};
 use super::status::StartedFrom;
+use super::StartError as Error;
 use crate::config::OnIncompatible;
 use crate::criu::rpc::{Answer, Notification};
 use crate::criu::streamer::{OwnFilesError, Streamer};
 use crate::criu::{RestoreArgs, RestoreFailure};
-use crate::error::Error;
 use crate::process::{cold_launch, tree, LaunchSpec};
 use crate::store::verify::ImageProblem;
 use crate::store::{identity, verify, Checkpoint, Freshness};

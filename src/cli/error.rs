@@ -1,6 +1,6 @@
-//! The top-level error of a command: wraps each module's error and maps it to an exit code.
+//! The top-level error of a command: wraps each layer's error (`exit_codes::of` maps it to an
+//! exit code).
 
-use crate::exit_codes;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,11 +14,9 @@ pub enum Error {
     #[error(transparent)]
     Launch(#[from] crate::process::LaunchError),
     #[error(transparent)]
-    Supervisor(#[from] crate::supervisor::SupervisorError),
+    Start(#[from] crate::supervisor::StartError),
     #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
     AlreadyRunning { service: String, pid: String },
-    #[error("an earlier run of {service} is still running without a supervisor (its supervisor died; namespace init pid {pid}); starting another copy could corrupt its state: stop it with `kill -TERM {pid}` (then -KILL if it stays), then start {service} again")]
-    Orphaned { service: String, pid: i32 },
     #[error("{service} is not running; start it with `stasis start {service}`")]
     NotRunning { service: String },
     #[error("stasis must run as root (CRIU and the root-only state directory need it); try `sudo stasis ...`")]
@@ -32,9 +30,6 @@ pub enum Error {
     CheckpointFailed(String),
     #[error("{0}")]
     StartFailed(String),
-    /// The checkpoint to restore cannot be proven right, and the settings say not to cold-start.
-    #[error("{0}")]
-    RestoreRefused(String),
     /// A request that cannot be carried out as given (the message says what to change).
     #[error("{0}")]
     Refused(String),
@@ -49,25 +44,5 @@ pub enum Error {
 impl Error {
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { action, path: path.into(), source }
-    }
-
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Config(_) => exit_codes::CONFIG,
-            Error::Criu(e) => e.exit_code(),
-            Error::Store(e) => e.exit_code(),
-            Error::Launch(_) => exit_codes::START_FAILED,
-            Error::Supervisor(e) => e.exit_code(),
-            Error::AlreadyRunning { .. } | Error::Orphaned { .. } => exit_codes::ALREADY_RUNNING,
-            Error::NotRunning { .. } => exit_codes::NOT_RUNNING,
-            Error::NotRoot | Error::NotAllowed(_) => exit_codes::ENVIRONMENT,
-            Error::Io { .. } => exit_codes::INTERNAL,
-            Error::CheckpointFailed(_) => exit_codes::CHECKPOINT_FAILED,
-            Error::StartFailed(_) => exit_codes::START_FAILED,
-            Error::RestoreRefused(_) => exit_codes::RESTORE_REFUSED,
-            Error::Refused(_) => exit_codes::CONFIG,
-            Error::ImportRefused(_) => exit_codes::IMPORT_REFUSED,
-            Error::ExportFailed(_) => exit_codes::STORE,
-        }
     }
 }
