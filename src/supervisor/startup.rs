@@ -155,7 +155,30 @@ fn start_from(ctx: &Context, id: &str, progress: Progress) -> Result<Started, Er
 /// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
 fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
     tracing::debug!("restore: verifying");
-    let big = cp.manifest.size_bytes >= super::progress::BIG;
+    let stream = verify_before(ctx, cp, explicit, progress)?;
+    tracing::debug!("restore: verified");
+    check_fits(ctx, cp, explicit)?;
+    cp.clear_incompatible();
+    tracing::debug!("restore: fits");
+    let before = ctx
+        .store
+        .record_run(&format!("restored from checkpoint {}", cp.id))
+        .map_err(|e| Refusal::Stop(Error::from(e)))?;
+    if cp.manifest.size_bytes >= super::progress::BIG {
+        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+    }
+    restore(ctx, cp, stream, progress).map_err(|e| {
+        // The tree never ran (CRIU failed before the service did, or its images were refused):
+        // the run did not happen.
+        let _ = ctx.store.undo_run(&before);
+        refusal(ctx, cp, explicit, e)
+    })
+}
+
+/// What can be proved before CRIU runs: every image is there, nothing else, each of its size;
+/// for a CRIU that cannot be served its images, their content too. Ok: whether CRIU is served
+/// them (and checks them as it reads).
+fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<bool, Refusal> {
     let Some(images) = &cp.manifest.images else {
         // Format 1 recorded no checksums: nothing proves these are the bytes that were dumped.
         return Err(Refusal::Skip(format!(
@@ -174,7 +197,7 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
         (Ok(()), true) => Ok(()),
         // A CRIU that cannot be served its images: all of them read first, as before.
         (Ok(()), false) => {
-            if big {
+            if cp.manifest.size_bytes >= super::progress::BIG {
                 progress(super::progress::phase("verifying", cp.manifest.size_bytes));
             }
             verify::verify_images(&cp.dir, images)
@@ -184,83 +207,66 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
         let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
         return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
     }
-    tracing::debug!("restore: verified");
-    if let Err(m) = fits_program(ctx, cp) {
-        let reason = format!(
-            "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
-            cp.id,
-            m.path.display(),
-            m.detail
-        );
-        if explicit {
-            return Err(Refusal::Skip(format!("{reason}; it is kept")));
-        }
-        let _ = cp.mark_incompatible(&reason);
-        if ctx.service.on_incompatible == OnIncompatible::Fail {
-            return Err(Refusal::Stop(Error::RestoreRefused(format!(
-                "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
-                ctx.service.file.display()
-            ))));
-        }
-        return Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")));
+    Ok(stream)
+}
+
+/// Refuses a checkpoint of a program that changed on disk since (and marks it, unless explicit).
+fn check_fits(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<(), Refusal> {
+    let Err(m) = fits_program(ctx, cp) else {
+        return Ok(());
+    };
+    let reason = format!(
+        "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
+        cp.id,
+        m.path.display(),
+        m.detail
+    );
+    if explicit {
+        return Err(Refusal::Skip(format!("{reason}; it is kept")));
     }
-    cp.clear_incompatible();
-    tracing::debug!("restore: fits");
-    let before = ctx
-        .store
-        .record_run(&format!("restored from checkpoint {}", cp.id))
-        .map_err(|e| Refusal::Stop(Error::from(e)))?;
-    if big {
-        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+    let _ = cp.mark_incompatible(&reason);
+    if ctx.service.on_incompatible == OnIncompatible::Fail {
+        return Err(Refusal::Stop(Error::RestoreRefused(format!(
+            "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
+            ctx.service.file.display()
+        ))));
     }
-    match restore(ctx, cp, stream, progress) {
-        Ok(started) => Ok(started),
-        Err(RestoreError::Damaged(problem)) => {
-            // The tree never ran: the run did not happen.
-            let _ = ctx.store.undo_run(&before);
+    Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")))
+}
+
+/// What a failed restore of `cp` means for the start: try the next checkpoint, or stop.
+fn refusal(ctx: &Context, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refusal {
+    let still = if explicit { "restorable" } else { "fresh" };
+    match e {
+        RestoreError::Damaged(problem) => {
             let reason = format!(
                 "checkpoint {} failed verification during the restore: {problem}; the restored processes were killed before they ran",
                 cp.id
             );
-            Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)))
+            Refusal::Skip(quarantine(ctx, cp, &reason, explicit))
         }
-        Err(RestoreError::Criu(e)) => {
-            // CRIU failed before the service ran: the run did not happen.
-            let _ = ctx.store.undo_run(&before);
+        RestoreError::Criu(e) => {
             let (one_line, details) = (e.one_line(), e_lines(&e));
             match e.restore_failure() {
-                RestoreFailure::Environment(why) => Err(Refusal::Stop(Error::StartFailed(format!(
-                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {}): fix that and start again{details}",
-                    cp.id,
-                    if explicit { "restorable" } else { "fresh" }
-                )))),
+                RestoreFailure::Environment(why) => Refusal::Stop(Error::StartFailed(format!(
+                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {still}): fix that and start again{details}",
+                    cp.id
+                ))),
                 RestoreFailure::Checkpoint => {
                     let reason = format!("restore of checkpoint {} failed: {one_line}", cp.id);
-                    Err(Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit)))
+                    Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit))
                 }
             }
         }
-        Err(RestoreError::Host(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Stop(Error::StartFailed(format!(
-                "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {}): fix that and start again",
-                cp.id,
-                if explicit { "restorable" } else { "fresh" }
-            ))))
-        }
-        Err(RestoreError::Refused(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Stop(Error::RestoreRefused(format!(
-                "{why}\n(checkpoint {} is kept, not quarantined, still {}: `stasis start {}` restores it once the file is fixed)",
-                cp.id,
-                if explicit { "restorable" } else { "fresh" },
-                ctx.service.name
-            ))))
-        }
-        Err(RestoreError::Other(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)))
-        }
+        RestoreError::Host(why) => Refusal::Stop(Error::StartFailed(format!(
+            "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {still}): fix that and start again",
+            cp.id
+        ))),
+        RestoreError::Refused(why) => Refusal::Stop(Error::RestoreRefused(format!(
+            "{why}\n(checkpoint {} is kept, not quarantined, still {still}: `stasis start {}` restores it once the file is fixed)",
+            cp.id, ctx.service.name
+        ))),
+        RestoreError::Other(why) => Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)),
     }
 }
 
