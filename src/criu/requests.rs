@@ -201,26 +201,7 @@ impl Criu {
             .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
-        let inherit_fd = match (args.stdout_pipe_inode, stdout_pipe) {
-            (Some(inode), Some(fd)) => {
-                vec![pb::InheritFd { key: format!("pipe:[{inode}]"), fd: fd.as_raw_fd() }]
-            }
-            _ => Vec::new(),
-        };
-        let opts = pb::CriuOpts {
-            // A streamer's directory by descriptor: CRIU connects to `/proc/OUR_PID/fd/N/...`,
-            // which fits in a socket address whatever the directory's path.
-            images_dir_fd: args.streamed_from.unwrap_or(-1),
-            images_dir: args.streamed_from.is_none().then(|| args.images_dir.display().to_string()),
-            work_dir_fd: Some(work.as_raw_fd()),
-            notify_scripts: Some(true),
-            log_to_stderr: Some(true),
-            log_level: Some(LOG_LEVEL),
-            config_file: Some(config.display().to_string()),
-            inherit_fd,
-            ..Default::default()
-        };
-        let req = pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() };
+        let req = restore_request(args, &work, &config, stdout_pipe);
         let inherit: Vec<BorrowedFd<'_>> = stdout_pipe.into_iter().collect();
         let mut swrk = Swrk::start(&self.path, &inherit, Some(&log), deadline)
             .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
@@ -284,6 +265,36 @@ impl Criu {
             },
         }
     }
+}
+
+/// The request: the images from `args.images_dir` or its streamer's directory; the service's
+/// new stdout as the pipe the dump recorded.
+fn restore_request(
+    args: &RestoreArgs,
+    work: &std::fs::File,
+    config: &Path,
+    stdout_pipe: Option<BorrowedFd<'_>>,
+) -> pb::CriuReq {
+    let inherit_fd = match (args.stdout_pipe_inode, stdout_pipe) {
+        (Some(inode), Some(fd)) => {
+            vec![pb::InheritFd { key: format!("pipe:[{inode}]"), fd: fd.as_raw_fd() }]
+        }
+        _ => Vec::new(),
+    };
+    let opts = pb::CriuOpts {
+        // A streamer's directory by descriptor: CRIU connects to `/proc/OUR_PID/fd/N/...`,
+        // which fits in a socket address whatever the directory's path.
+        images_dir_fd: args.streamed_from.unwrap_or(-1),
+        images_dir: args.streamed_from.is_none().then(|| args.images_dir.display().to_string()),
+        work_dir_fd: Some(work.as_raw_fd()),
+        notify_scripts: Some(true),
+        log_to_stderr: Some(true),
+        log_level: Some(LOG_LEVEL),
+        config_file: Some(config.display().to_string()),
+        inherit_fd,
+        ..Default::default()
+    };
+    pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() }
 }
 
 /// Kills a restored tree that CRIU holds stopped (at `pre-resume` every task is stopped under
