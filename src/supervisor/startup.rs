@@ -188,8 +188,8 @@ fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progr
             cp.dir.display()
         )));
     };
-    // Every file there, nothing else, each of its size: no content is read for that.
     let stream = streams(ctx);
+    // Every file there, nothing else, each of its size: no content is read for that.
     let listed = verify::check_listing(&cp.dir, images);
     let checked = match (listed, stream) {
         (Err(problem), _) => Err(problem),
