@@ -58,20 +58,7 @@ impl Criu {
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
         let (ours, theirs) =
             page_server_pair().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
-        let opts = pb::CriuOpts {
-            images_dir_fd: -1,
-            images_dir: Some(args.images_dir.display().to_string()),
-            work_dir_fd: Some(work.as_raw_fd()),
-            pid: Some(args.pid),
-            leave_running: Some(args.leave_running),
-            notify_scripts: Some(true),
-            log_to_stderr: Some(true),
-            log_level: Some(LOG_LEVEL),
-            config_file: Some(config.display().to_string()),
-            ps: Some(pb::CriuPageServerInfo { fd: Some(theirs.as_raw_fd()), ..Default::default() }),
-            ..Default::default()
-        };
-        let req = pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() };
+        let req = dump_request(args, &work, &config, &theirs);
         let mut swrk = Swrk::start(&self.path, &[theirs.as_fd()], Some(&log), deadline)
             .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
         // Only criu holds its end now: if it dies, the page server hears the end of the stream.
@@ -105,43 +92,77 @@ impl Criu {
             let timed_out =
                 || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
             let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
-            let dumped = match reply {
-                Ok(r) if r.resp.success => {
-                    tracing::debug!("dump: criu notified {:?}", r.notified);
-                    match swrk.finish() {
-                        Err(RpcError::TimedOut { .. }) => Err(timed_out()),
-                        _ => Ok(()),
-                    }
-                }
-                other => {
-                    // criu must be gone before the page server can hear the end of its stream.
-                    drop(swrk);
-                    match other {
-                        Ok(r) => Err(failed(answered_failure(&r), None)),
-                        Err(RpcError::TimedOut { .. }) => Err(timed_out()),
-                        Err(RpcError::Refused { script, refused }) => Err(failed(
-                            format!("refused at {script}"),
-                            Some(format!("stasis refused the dump: {refused}")),
-                        )),
-                        Err(e) => Err(failed(e.to_string(), None)),
-                    }
-                }
-            };
+            let dumped = dump_answer(reply, swrk, timed_out, &failed);
             take(&mut pages);
             drop(work);
-            match (dumped, pages.expect("taken")) {
-                (Ok(()), Ok(received)) => Ok(received),
-                (Ok(()), Err(e)) => Err(failed("its pages did not all arrive".into(), Some(e.to_string()))),
-                // The page server's own word first: CRIU's is only that the socket broke.
-                (Err(CriuError::Failed { action, status, log, errors }), Err(e))
-                    if !matches!(e, PageServerError::Closed) =>
-                {
-                    let errors = std::iter::once(e.to_string()).chain(errors).collect();
-                    Err(CriuError::Failed { action, status, log, errors })
-                }
-                (Err(e), _) => Err(e),
-            }
+            with_pages(dumped, pages.expect("taken"), &failed)
         })
+    }
+}
+
+/// The request: the images into `args.images_dir`, the pages to our page server through `theirs`.
+fn dump_request(args: &DumpArgs, work: &std::fs::File, config: &Path, theirs: &OwnedFd) -> pb::CriuReq {
+    let opts = pb::CriuOpts {
+        images_dir_fd: -1,
+        images_dir: Some(args.images_dir.display().to_string()),
+        work_dir_fd: Some(work.as_raw_fd()),
+        pid: Some(args.pid),
+        leave_running: Some(args.leave_running),
+        notify_scripts: Some(true),
+        log_to_stderr: Some(true),
+        log_level: Some(LOG_LEVEL),
+        config_file: Some(config.display().to_string()),
+        ps: Some(pb::CriuPageServerInfo { fd: Some(theirs.as_raw_fd()), ..Default::default() }),
+        ..Default::default()
+    };
+    pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() }
+}
+
+/// What CRIU's answer to a dump means; `swrk` is gone on return.
+fn dump_answer(
+    reply: Result<super::rpc::Reply, RpcError>,
+    swrk: Swrk,
+    timed_out: impl Fn() -> CriuError,
+    failed: &dyn Fn(String, Option<String>) -> CriuError,
+) -> Result<(), CriuError> {
+    match reply {
+        Ok(r) if r.resp.success => {
+            tracing::debug!("dump: criu notified {:?}", r.notified);
+            match swrk.finish() {
+                Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+                _ => Ok(()),
+            }
+        }
+        other => {
+            // criu must be gone before the page server can hear the end of its stream.
+            drop(swrk);
+            match other {
+                Ok(r) => Err(failed(answered_failure(&r), None)),
+                Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+                Err(RpcError::Refused { script, refused }) => {
+                    Err(failed(format!("refused at {script}"), Some(format!("stasis refused the dump: {refused}"))))
+                }
+                Err(e) => Err(failed(e.to_string(), None)),
+            }
+        }
+    }
+}
+
+/// The dump's outcome from CRIU's and the page server's.
+fn with_pages(
+    dumped: Result<(), CriuError>,
+    pages: Result<Received, PageServerError>,
+    failed: &dyn Fn(String, Option<String>) -> CriuError,
+) -> Result<Received, CriuError> {
+    match (dumped, pages) {
+        (Ok(()), Ok(received)) => Ok(received),
+        (Ok(()), Err(e)) => Err(failed("its pages did not all arrive".into(), Some(e.to_string()))),
+        // The page server's own word first: CRIU's is only that the socket broke.
+        (Err(CriuError::Failed { action, status, log, errors }), Err(e)) if !matches!(e, PageServerError::Closed) => {
+            let errors = std::iter::once(e.to_string()).chain(errors).collect();
+            Err(CriuError::Failed { action, status, log, errors })
+        }
+        (Err(e), _) => Err(e),
     }
 }
 
@@ -180,26 +201,7 @@ impl Criu {
             .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
-        let inherit_fd = match (args.stdout_pipe_inode, stdout_pipe) {
-            (Some(inode), Some(fd)) => {
-                vec![pb::InheritFd { key: format!("pipe:[{inode}]"), fd: fd.as_raw_fd() }]
-            }
-            _ => Vec::new(),
-        };
-        let opts = pb::CriuOpts {
-            // A streamer's directory by descriptor: CRIU connects to `/proc/OUR_PID/fd/N/...`,
-            // which fits in a socket address whatever the directory's path.
-            images_dir_fd: args.streamed_from.unwrap_or(-1),
-            images_dir: args.streamed_from.is_none().then(|| args.images_dir.display().to_string()),
-            work_dir_fd: Some(work.as_raw_fd()),
-            notify_scripts: Some(true),
-            log_to_stderr: Some(true),
-            log_level: Some(LOG_LEVEL),
-            config_file: Some(config.display().to_string()),
-            inherit_fd,
-            ..Default::default()
-        };
-        let req = pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() };
+        let req = restore_request(args, &work, &config, stdout_pipe);
         let inherit: Vec<BorrowedFd<'_>> = stdout_pipe.into_iter().collect();
         let mut swrk = Swrk::start(&self.path, &inherit, Some(&log), deadline)
             .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
@@ -263,6 +265,36 @@ impl Criu {
             },
         }
     }
+}
+
+/// The request: the images from `args.images_dir` or its streamer's directory; the service's
+/// new stdout as the pipe the dump recorded.
+fn restore_request(
+    args: &RestoreArgs,
+    work: &std::fs::File,
+    config: &Path,
+    stdout_pipe: Option<BorrowedFd<'_>>,
+) -> pb::CriuReq {
+    let inherit_fd = match (args.stdout_pipe_inode, stdout_pipe) {
+        (Some(inode), Some(fd)) => {
+            vec![pb::InheritFd { key: format!("pipe:[{inode}]"), fd: fd.as_raw_fd() }]
+        }
+        _ => Vec::new(),
+    };
+    let opts = pb::CriuOpts {
+        // A streamer's directory by descriptor: CRIU connects to `/proc/OUR_PID/fd/N/...`,
+        // which fits in a socket address whatever the directory's path.
+        images_dir_fd: args.streamed_from.unwrap_or(-1),
+        images_dir: args.streamed_from.is_none().then(|| args.images_dir.display().to_string()),
+        work_dir_fd: Some(work.as_raw_fd()),
+        notify_scripts: Some(true),
+        log_to_stderr: Some(true),
+        log_level: Some(LOG_LEVEL),
+        config_file: Some(config.display().to_string()),
+        inherit_fd,
+        ..Default::default()
+    };
+    pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() }
 }
 
 /// Kills a restored tree that CRIU holds stopped (at `pre-resume` every task is stopped under

@@ -107,104 +107,12 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
     // whatever size it claims (a few KiB of zstd can claim GiBs). `export` writes none, so each
     // is just a member of the wrong type or name here, refused below.
     let mut entries = tar.entries().map_err(|e| ArchiveError::Damaged(e.to_string()))?.raw(true);
-    // The next member and its name. A name over 100 bytes (an shm copy's can be) comes in a GNU
-    // long-name member before it, as tar::Builder writes it: read here, with a bound.
-    let mut next = |what: &str| -> Result<(tar::Entry<'_, _>, String), ArchiveError> {
-        let mut long_name = None;
-        loop {
-            let e = match entries.next() {
-                Some(Ok(e)) => e,
-                Some(Err(e)) => return Err(ArchiveError::Damaged(format!("{e} (reading {what})"))),
-                None => return Err(ArchiveError::Damaged(format!("it ends before {what}"))),
-            };
-            if long_name.is_none() && e.header().entry_type().is_gnu_longname() {
-                let bytes = read_small(e, MAX_NAME, "a long name")?;
-                let name = bytes.split(|b| *b == 0).next().unwrap_or_default();
-                long_name = Some(String::from_utf8_lossy(name).into_owned());
-                continue;
-            }
-            let name = match long_name {
-                Some(n) => n,
-                None => entry_name(&e)?,
-            };
-            return Ok((e, name));
-        }
-    };
-    let header: Header = {
-        // Not even a zstd frame: some other file, not a damaged export.
-        let (e, name) = next(HEADER_NAME).map_err(|e| match e {
-            ArchiveError::Damaged(m) if m.contains("Unknown frame descriptor") => {
-                ArchiveError::NotAnExport("it is not a zstd stream (`stasis export` writes tar in zstd)".into())
-            }
-            other => other,
-        })?;
-        if name != HEADER_NAME {
-            return Err(ArchiveError::NotAnExport(format!("its first entry is {name:?}, not {HEADER_NAME}")));
-        }
-        let bytes = read_small(e, MAX_HEADER, HEADER_NAME)?;
-        serde_json::from_slice(&bytes).map_err(|e| ArchiveError::NotAnExport(format!("{HEADER_NAME}: {e}")))?
-    };
-    if header.format != FORMAT {
-        return Err(ArchiveError::NotAnExport(format!(
-            "export format {} (this stasis reads format {FORMAT}; use a matching version)",
-            header.format
-        )));
-    }
-    let manifest: Manifest = {
-        let (e, name) = next(MANIFEST_NAME)?;
-        if name != MANIFEST_NAME {
-            return Err(ArchiveError::Damaged(format!("its second entry is {name:?}, not {MANIFEST_NAME}")));
-        }
-        let bytes = read_small(e, MAX_MANIFEST, MANIFEST_NAME)?;
-        if blake3::hash(&bytes).to_hex().as_str() != header.manifest_blake3 {
-            return Err(ArchiveError::Damaged(format!("{MANIFEST_NAME} does not match the checksum in {HEADER_NAME}")));
-        }
-        Manifest::from_sealed_bytes(&bytes).map_err(|e| ArchiveError::Damaged(format!("{MANIFEST_NAME}: {e}")))?
-    };
-    let images: Vec<ImageFile> =
-        manifest.images.clone().ok_or_else(|| ArchiveError::Damaged("the manifest lists no images".into()))?;
-    for img in &images {
-        if !plain_image_path(&img.path) {
-            return Err(ArchiveError::Damaged(format!(
-                "the manifest names {:?}, not a plain file under images/",
-                img.path
-            )));
-        }
-    }
+    let header = read_header(&mut entries)?;
+    let manifest = read_manifest(&mut entries, &header)?;
+    let images = listed_images(&manifest)?;
     let mut sidecars = Vec::new();
     for img in &images {
-        let (e, name) = next(&img.path)?;
-        if name != img.path {
-            return Err(ArchiveError::Damaged(format!("expected {} next, found {name:?}", img.path)));
-        }
-        if e.header().entry_type() != tar::EntryType::Regular || e.size() != img.size {
-            return Err(ArchiveError::Damaged(format!("{} is not a regular file of {} bytes", img.path, img.size)));
-        }
-        let path = dir.join(&img.path);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
-        // The chunk hashes come with the hash, for the restore to check the image as it reads it.
-        let mut hasher = super::chunks::ChunkHasher::new();
-        let mut reader = e.take(img.size);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0u64;
-        loop {
-            let n = reader.read(&mut buf).map_err(|e| ArchiveError::Damaged(format!("{}: {e}", img.path)))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            f.write_all(&buf[..n]).map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
-            got += n as u64;
-        }
-        let (hash, cvs) = hasher.finalize();
-        if got != img.size || hash.to_hex().as_str() != img.hash {
-            return Err(ArchiveError::Damaged(format!("{} does not match its checksum", img.path)));
-        }
-        sidecars.push((img.path.clone(), cvs));
+        sidecars.push((img.path.clone(), read_image(&mut entries, dir, img)?));
     }
     super::chunks::write_sidecars(dir, &sidecars).map_err(|e| ArchiveError::Write {
         path: dir.join(super::chunks::DIR),
@@ -222,6 +130,125 @@ pub fn read(input: impl Read, dir: &Path) -> Result<Imported, ArchiveError> {
     let mut rest = tar.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| ArchiveError::Damaged(format!("its end: {e}")))?;
     Ok(Imported { header, manifest })
+}
+
+/// The next member and its name. A name over 100 bytes (an shm copy's can be) comes in a GNU
+/// long-name member before it, as tar::Builder writes it: read here, with a bound.
+fn next_member<'a, R: Read>(
+    entries: &mut tar::Entries<'a, R>,
+    what: &str,
+) -> Result<(tar::Entry<'a, R>, String), ArchiveError> {
+    let mut long_name = None;
+    loop {
+        let e = match entries.next() {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => return Err(ArchiveError::Damaged(format!("{e} (reading {what})"))),
+            None => return Err(ArchiveError::Damaged(format!("it ends before {what}"))),
+        };
+        if long_name.is_none() && e.header().entry_type().is_gnu_longname() {
+            let bytes = read_small(e, MAX_NAME, "a long name")?;
+            let name = bytes.split(|b| *b == 0).next().unwrap_or_default();
+            long_name = Some(String::from_utf8_lossy(name).into_owned());
+            continue;
+        }
+        let name = match long_name {
+            Some(n) => n,
+            None => entry_name(&e)?,
+        };
+        return Ok((e, name));
+    }
+}
+
+/// The first member, in a format this stasis reads.
+fn read_header<R: Read>(entries: &mut tar::Entries<'_, R>) -> Result<Header, ArchiveError> {
+    // Not even a zstd frame: some other file, not a damaged export.
+    let (e, name) = next_member(entries, HEADER_NAME).map_err(|e| match e {
+        ArchiveError::Damaged(m) if m.contains("Unknown frame descriptor") => {
+            ArchiveError::NotAnExport("it is not a zstd stream (`stasis export` writes tar in zstd)".into())
+        }
+        other => other,
+    })?;
+    if name != HEADER_NAME {
+        return Err(ArchiveError::NotAnExport(format!("its first entry is {name:?}, not {HEADER_NAME}")));
+    }
+    let bytes = read_small(e, MAX_HEADER, HEADER_NAME)?;
+    let header: Header =
+        serde_json::from_slice(&bytes).map_err(|e| ArchiveError::NotAnExport(format!("{HEADER_NAME}: {e}")))?;
+    if header.format != FORMAT {
+        return Err(ArchiveError::NotAnExport(format!(
+            "export format {} (this stasis reads format {FORMAT}; use a matching version)",
+            header.format
+        )));
+    }
+    Ok(header)
+}
+
+/// The second member, which must hash to what `header` says.
+fn read_manifest<R: Read>(entries: &mut tar::Entries<'_, R>, header: &Header) -> Result<Manifest, ArchiveError> {
+    let (e, name) = next_member(entries, MANIFEST_NAME)?;
+    if name != MANIFEST_NAME {
+        return Err(ArchiveError::Damaged(format!("its second entry is {name:?}, not {MANIFEST_NAME}")));
+    }
+    let bytes = read_small(e, MAX_MANIFEST, MANIFEST_NAME)?;
+    if blake3::hash(&bytes).to_hex().as_str() != header.manifest_blake3 {
+        return Err(ArchiveError::Damaged(format!("{MANIFEST_NAME} does not match the checksum in {HEADER_NAME}")));
+    }
+    Manifest::from_sealed_bytes(&bytes).map_err(|e| ArchiveError::Damaged(format!("{MANIFEST_NAME}: {e}")))
+}
+
+/// The manifest's images, each a plain file under `images/` before any is written.
+fn listed_images(manifest: &Manifest) -> Result<Vec<ImageFile>, ArchiveError> {
+    let images: Vec<ImageFile> =
+        manifest.images.clone().ok_or_else(|| ArchiveError::Damaged("the manifest lists no images".into()))?;
+    for img in &images {
+        if !plain_image_path(&img.path) {
+            return Err(ArchiveError::Damaged(format!(
+                "the manifest names {:?}, not a plain file under images/",
+                img.path
+            )));
+        }
+    }
+    Ok(images)
+}
+
+/// Writes the next member, which must be `img`, under `dir`; returns its chunk hashes.
+fn read_image<R: Read>(
+    entries: &mut tar::Entries<'_, R>,
+    dir: &Path,
+    img: &ImageFile,
+) -> Result<Vec<super::chunks::Cv>, ArchiveError> {
+    let (e, name) = next_member(entries, &img.path)?;
+    if name != img.path {
+        return Err(ArchiveError::Damaged(format!("expected {} next, found {name:?}", img.path)));
+    }
+    if e.header().entry_type() != tar::EntryType::Regular || e.size() != img.size {
+        return Err(ArchiveError::Damaged(format!("{} is not a regular file of {} bytes", img.path, img.size)));
+    }
+    let path = dir.join(&img.path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
+    // The chunk hashes come with the hash, for the restore to check the image as it reads it.
+    let mut hasher = super::chunks::ChunkHasher::new();
+    let mut reader = e.take(img.size);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| ArchiveError::Damaged(format!("{}: {e}", img.path)))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        f.write_all(&buf[..n]).map_err(|source| ArchiveError::Write { path: path.clone(), source })?;
+        got += n as u64;
+    }
+    let (hash, cvs) = hasher.finalize();
+    if got != img.size || hash.to_hex().as_str() != img.hash {
+        return Err(ArchiveError::Damaged(format!("{} does not match its checksum", img.path)));
+    }
+    Ok(cvs)
 }
 
 fn entry_name<R: Read>(e: &tar::Entry<'_, R>) -> Result<String, ArchiveError> {

@@ -160,333 +160,490 @@ pub async fn run_loop(
     on_change: impl Fn(State, Option<&str>),
     on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
-    let Channels { req_rx, term_rx, sigchld, sigterm, sigint, .. } = ch;
-    let (dump_tx, mut dump_rx) = mpsc::channel::<Outcome>(1);
-    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
-    // `checkpoint_every`: one timer, armed while the service runs; none without the setting.
-    let every = ctx.service.checkpoint_every;
-    let mut periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
-    // The service's exit, as an event: a pidfd of its init becomes readable when it exits. SIGCHLD
-    // alone can race with a restored root becoming our child; neither needs a timer, so an idle
-    // supervisor never wakes up.
-    let exited = crate::process::tree::pidfd(init_pid.as_raw())
-        // SAFETY: the AsyncFd owns the pidfd, which nothing else uses or closes.
-        .and_then(|fd| {
-            unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
-        });
-    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-
-    let mut state = State::Running;
-    let mut exit_message: Option<String> = None;
-    let mut exit: Option<super::restart::Exit> = None;
-    let mut waiters: Vec<Waiter> = Vec::new();
-    // Stops that came during a dump that leaves the service running: they get the stop after it.
-    let mut queued: Vec<Waiter> = Vec::new();
-    let mut queued_asks: Vec<Ask> = Vec::new();
-    // Who asked for the stopping dump under way, asked again at its post-dump.
-    let mut gate: Option<Arc<StopGate>> = None;
-    let mut last_outcome: Option<Outcome> = None;
-    let mut terminators: Vec<TerminateReply> = Vec::new();
-    // Set once SIGTERM went to the service: its exit is then the stop, not a failure.
-    let mut terminated = false;
-
+    let report = Reporter { ctx: ctx.clone(), log, on_change: &on_change, on_queued: &on_queued };
+    let mut run = Run::new(ctx, init_pid, report);
     loop {
-        let mut request = None;
-        let event = tokio::select! {
-            Some(req) = req_rx.recv() => {
-                let (kind, dry) = (req.kind, req.dry);
-                request = Some(req);
-                if dry { Event::DoctorRequested } else { Event::DumpRequested(kind) }
+        let (event, request) = run.next_event(ch).await;
+        if run.apply(event, request) {
+            break;
+        }
+    }
+    Ok(run.finish(&mut ch.sigchld, pump).await)
+}
+
+/// The event loop's own reports of what happened: the service log, the status record (through
+/// the caller's `on_change` and `on_queued`), the counters and metrics file, and systemd's
+/// status line. Each outcome is reported here, in one place.
+struct Reporter<'a> {
+    ctx: Arc<Context>,
+    log: LogWriter,
+    on_change: &'a dyn Fn(State, Option<&str>),
+    on_queued: &'a dyn Fn(bool),
+}
+
+impl Reporter<'_> {
+    fn state_changed(&self, state: State, message: Option<&str>) {
+        (self.on_change)(state, message);
+    }
+
+    fn terminate_requested(&self) {
+        self.log.note("stop without a checkpoint requested (stasis stop --no-checkpoint)");
+    }
+
+    /// The dump waits for its place in the host's queue.
+    fn queued(&self, line: &str) {
+        self.log.note(line);
+        super::systemd::status(line);
+        (self.on_queued)(true);
+    }
+
+    fn dumping(&self) {
+        (self.on_queued)(false);
+    }
+
+    fn progress(&self, line: &str) {
+        super::systemd::status(line);
+    }
+
+    fn periodic_skipped(&self, why: &str) {
+        let ctx = &self.ctx;
+        self.log.note(&format!(
+            "periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"
+        ));
+        crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
+        super::metrics::write_file(&ctx.dirs, &ctx.host);
+    }
+
+    fn dump_started(&self, kind: DumpKind) {
+        self.log.note(match kind {
+            DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
+            DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
+            DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
+        });
+        super::systemd::status("saving a checkpoint");
+    }
+
+    fn dry_run_started(&self) {
+        self.log.note("doctor: a dry-run dump (the service keeps running; nothing is kept)");
+    }
+
+    /// `called_off`: a stop its silent client called off, a refusal the gate logged as one.
+    fn dump_finished(&self, outcome: &Outcome, called_off: bool) {
+        let ctx = &self.ctx;
+        let dry = outcome.as_ref().is_ok_and(|r| r.dry);
+        // A dry run is not a checkpoint, and its failure is what was asked about.
+        crate::store::counters::bump(&ctx.paths.root, |c| {
+            if dry || called_off {
+                return;
             }
-            Some(reply) = term_rx.recv() => {
-                log.note("stop without a checkpoint requested (stasis stop --no-checkpoint)");
-                terminators.push(reply);
-                Event::Terminate
+            if outcome.is_ok() {
+                c.checkpoints += 1
+            } else {
+                c.checkpoint_failures += 1
             }
-            Some(p) = progress_rx.recv() => {
-                match p {
-                    DumpProgress::Queued(line) => {
-                        log.note(&line);
-                        super::systemd::status(&line);
-                        on_queued(true);
-                        for w in &waiters {
-                            let _ = w.lines.send(line.clone());
-                        }
-                    }
-                    DumpProgress::Dumping => on_queued(false),
-                    DumpProgress::Progress(line) => {
-                        super::systemd::status(&line);
-                        for w in &waiters {
-                            let _ = w.lines.send(line.clone());
-                        }
-                    }
+        });
+        super::metrics::write_file(&ctx.dirs, &ctx.host);
+        match outcome {
+            Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
+            Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
+            Err(_) if called_off => super::systemd::status("running: a stop through the kill port was called off"),
+            Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or(""))),
+        }
+        match outcome {
+            Ok(r) if r.dry => self
+                .log
+                .note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
+            Ok(r) => self.checkpoint_saved(r),
+            Err(_) if called_off => {}
+            Err(e) => self.log.note(&format!("checkpoint failed: {e}")),
+        }
+    }
+
+    fn checkpoint_saved(&self, r: &CheckpointReport) {
+        let (ctx, log) = (&self.ctx, &self.log);
+        // Before anyone hears of it: `gc` deletes only tables recorded as ours.
+        if let Err(e) = crate::criu::network_lock::record_owner(
+            &ctx.dirs.state_dir,
+            &ctx.service.name,
+            &r.id,
+            &r.dir.join(crate::criu::DUMP_LOG),
+        ) {
+            log.note(&format!("warning: {e}; `stasis gc` will not delete its table"));
+        }
+        log.note(&format!("checkpoint {} saved ({} bytes) in {}", r.id, r.size_bytes, r.dir.display()));
+        for n in &r.notes {
+            log.note(n);
+        }
+        if let (Some(max), Some(froze)) = (ctx.service.max_freeze, r.freeze) {
+            if froze > max {
+                log.note(&format!(
+                    "warning: checkpoint {} froze the service for {} ms, more than max_freeze_ms ({} ms)",
+                    r.id,
+                    froze.as_millis(),
+                    max.as_millis()
+                ));
+                crate::store::counters::bump(&ctx.paths.root, |c| c.freeze_over_budget += 1);
+            }
+        }
+    }
+
+    fn terminating(&self) {
+        super::systemd::stopping("stopping without a checkpoint");
+        self.log.note(&format!(
+            "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
+            self.ctx.service.stop_timeout.as_secs()
+        ));
+    }
+
+    fn killing(&self) {
+        self.log.note("grace period over: SIGKILL");
+    }
+
+    fn output_cut_short(&self) {
+        self.log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
+    }
+}
+
+type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
+
+/// The loop's state between events: the state machine's, plus what carries out its actions.
+struct Run<'a> {
+    ctx: Arc<Context>,
+    init_pid: Pid,
+    report: Reporter<'a>,
+    dump_tx: mpsc::Sender<Outcome>,
+    dump_rx: mpsc::Receiver<Outcome>,
+    progress_tx: mpsc::UnboundedSender<DumpProgress>,
+    progress_rx: mpsc::UnboundedReceiver<DumpProgress>,
+    /// The service's exit, as an event: see [`Run::new`].
+    exited: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    /// `checkpoint_every`: one timer, armed while the service runs; none without the setting.
+    periodic: Option<Timer>,
+    grace: Option<Timer>,
+    state: State,
+    exit_message: Option<String>,
+    exit: Option<super::restart::Exit>,
+    waiters: Vec<Waiter>,
+    /// Stops that came during a dump that leaves the service running: they get the stop after it.
+    queued: Vec<Waiter>,
+    queued_asks: Vec<Ask>,
+    /// Who asked for the stopping dump under way, asked again at its post-dump.
+    gate: Option<Arc<StopGate>>,
+    last_outcome: Option<Outcome>,
+    terminators: Vec<TerminateReply>,
+    /// Set once SIGTERM went to the service: its exit is then the stop, not a failure.
+    terminated: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(ctx: Arc<Context>, init_pid: Pid, report: Reporter<'a>) -> Run<'a> {
+        let (dump_tx, dump_rx) = mpsc::channel::<Outcome>(1);
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
+        // A pidfd of the service's init becomes readable when it exits. SIGCHLD alone can race
+        // with a restored root becoming our child; neither needs a timer, so an idle supervisor
+        // never wakes up.
+        let exited = crate::process::tree::pidfd(init_pid.as_raw())
+            // SAFETY: the AsyncFd owns the pidfd, which nothing else uses or closes.
+            .and_then(|fd| {
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+            });
+        let periodic = ctx.service.checkpoint_every.map(|d| Box::pin(tokio::time::sleep(d)));
+        Run {
+            ctx,
+            init_pid,
+            report,
+            dump_tx,
+            dump_rx,
+            progress_tx,
+            progress_rx,
+            exited,
+            periodic,
+            grace: None,
+            state: State::Running,
+            exit_message: None,
+            exit: None,
+            waiters: Vec::new(),
+            queued: Vec::new(),
+            queued_asks: Vec::new(),
+            gate: None,
+            last_outcome: None,
+            terminators: Vec::new(),
+            terminated: false,
+        }
+    }
+
+    /// Waits for the next event for the state machine, with the request that brought it.
+    async fn next_event(&mut self, ch: &mut Channels) -> (Event, Option<Request>) {
+        loop {
+            let (periodic, grace, exited) = (&mut self.periodic, &mut self.grace, &self.exited);
+            let waiting_for_exit = exited.is_some() && self.exit_message.is_none();
+            let running = periodic.is_some() && self.state == State::Running;
+            let event = tokio::select! {
+                Some(req) = ch.req_rx.recv() => {
+                    let event = if req.dry { Event::DoctorRequested } else { Event::DumpRequested(req.kind) };
+                    return (event, Some(req));
                 }
-                continue;
-            }
-            Some(outcome) = dump_rx.recv() => {
-                let ok = outcome.is_ok();
-                last_outcome = Some(outcome);
-                if ok { Event::DumpSucceeded } else { Event::DumpFailed }
-            }
-            _ = sigchld.recv() => match reap(init_pid, &mut exit_message, &mut exit) { Some(e) => e, None => continue },
-            _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() && exit_message.is_none() => {
-                match reap(init_pid, &mut exit_message, &mut exit) { Some(e) => e, None => continue }
-            }
-            _ = async { periodic.as_mut().expect("guarded").await }, if periodic.is_some() && state == State::Running => {
-                periodic = None;
-                match super::checkpoint::room_for_periodic(&ctx, init_pid.as_raw()) {
-                    Ok(()) => Event::PeriodicDue,
-                    Err(why) => {
-                        log.note(&format!("periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"));
-                        crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
-                        super::metrics::write_file(&ctx.dirs, &ctx.host);
-                        periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
-                        continue;
-                    }
+                Some(reply) = ch.term_rx.recv() => {
+                    self.report.terminate_requested();
+                    self.terminators.push(reply);
+                    Some(Event::Terminate)
                 }
+                Some(p) = self.progress_rx.recv() => {
+                    self.dump_progress(p);
+                    None
+                }
+                Some(outcome) = self.dump_rx.recv() => {
+                    let ok = outcome.is_ok();
+                    self.last_outcome = Some(outcome);
+                    Some(if ok { Event::DumpSucceeded } else { Event::DumpFailed })
+                }
+                _ = ch.sigchld.recv() => self.reap(),
+                _ = exit_of(exited), if waiting_for_exit => self.reap(),
+                _ = async { periodic.as_mut().expect("guarded").await }, if running => self.periodic_due(),
+                _ = ch.sigterm.recv() => Some(Event::Terminate),
+                _ = ch.sigint.recv() => Some(Event::Terminate),
+                _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    self.grace = None;
+                    Some(Event::GraceExpired)
+                }
+            };
+            if let Some(event) = event {
+                return (event, None);
             }
-            _ = sigterm.recv() => Event::Terminate,
-            _ = sigint.recv() => Event::Terminate,
-            _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
-                grace = None;
-                Event::GraceExpired
+        }
+    }
+
+    fn dump_progress(&self, p: DumpProgress) {
+        let line = match p {
+            DumpProgress::Queued(line) => {
+                self.report.queued(&line);
+                line
+            }
+            DumpProgress::Dumping => return self.report.dumping(),
+            DumpProgress::Progress(line) => {
+                self.report.progress(&line);
+                line
             }
         };
-        let (new_state, actions) = next(state, event);
+        for w in &self.waiters {
+            let _ = w.lines.send(line.clone());
+        }
+    }
+
+    fn reap(&mut self) -> Option<Event> {
+        reap(self.init_pid, &mut self.exit_message, &mut self.exit)
+    }
+
+    fn periodic_due(&mut self) -> Option<Event> {
+        self.periodic = None;
+        match super::checkpoint::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
+            Ok(()) => Some(Event::PeriodicDue),
+            Err(why) => {
+                self.report.periodic_skipped(&why);
+                self.arm_periodic();
+                None
+            }
+        }
+    }
+
+    fn arm_periodic(&mut self) {
+        self.periodic = self.ctx.service.checkpoint_every.map(|d| Box::pin(tokio::time::sleep(d)));
+    }
+
+    /// Runs `event` through the state machine and carries out its actions; true once the loop
+    /// is to finish.
+    fn apply(&mut self, event: Event, mut request: Option<Request>) -> bool {
+        let (new_state, actions) = next(self.state, event);
         let mut finish = false;
         for action in actions {
             match action {
-                Action::StartDump(kind) => {
-                    tracing::debug!("loop: dump requested");
-                    let mut asks = std::mem::take(&mut queued_asks);
-                    if let Some(req) = request.take() {
-                        asks.push(req.ask);
-                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
-                    }
-                    waiters.append(&mut queued);
-                    gate = (kind == DumpKind::Stop).then(|| Arc::new(StopGate::new(asks)));
-                    log.note(match kind {
-                        DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
-                        DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
-                        DumpKind::Periodic => {
-                            "periodic checkpoint (checkpoint_every): dumping, the service keeps running"
-                        }
-                    });
-                    super::systemd::status("saving a checkpoint");
-                    let (ctx, tx, progress, gate) = (ctx.clone(), dump_tx.clone(), progress_tx.clone(), gate.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let report = |p: DumpProgress| {
-                            let _ = progress.send(p);
-                        };
-                        let outcome = take_checkpoint(&ctx, init_pid.as_raw(), kind, false, gate.as_deref(), report)
-                            .map_err(|e| e.to_string());
-                        // The clients' second descriptors close before they hear the outcome.
-                        drop(gate);
-                        let _ = tx.blocking_send(outcome);
-                    });
-                }
-                Action::StartDryRun => {
-                    if let Some(req) = request.take() {
-                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
-                    }
-                    log.note("doctor: a dry-run dump (the service keeps running; nothing is kept)");
-                    let (ctx, tx, progress) = (ctx.clone(), dump_tx.clone(), progress_tx.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let report = |p: DumpProgress| {
-                            let _ = progress.send(p);
-                        };
-                        let outcome =
-                            take_checkpoint(&ctx, init_pid.as_raw(), DumpKind::KeepRunning, true, None, report)
-                                .map_err(|e| e.to_string());
-                        let _ = tx.blocking_send(outcome);
-                    });
-                }
-                Action::QueueRequest => {
-                    if let Some(req) = request.take() {
-                        let _ = req.lines.send(format!(
-                            "Waiting: a checkpoint of {} that keeps it running is under way; the stop follows it",
-                            ctx.service.name
-                        ));
-                        queued_asks.push(req.ask);
-                        queued.push(Waiter { reply: req.reply, lines: req.lines });
-                    }
-                }
-                Action::JoinDump => {
-                    if let Some(req) = request.take() {
-                        let _ = req.lines.send(protocol::joined(&ctx.service.name));
-                        if let Some(g) = &gate {
-                            g.add(req.ask);
-                        }
-                        waiters.push(Waiter { reply: req.reply, lines: req.lines });
-                    }
-                }
-                Action::RejectRequest => {
-                    if let Some(req) = request.take() {
-                        let why = match state {
-                            State::Checkpointing { .. } => format!(
-                                "a checkpoint of {} is already in progress; try again when it finishes",
-                                ctx.service.name
-                            ),
-                            _ => format!("{} is shutting down", ctx.service.name),
-                        };
-                        let _ = req.reply.send(Err(why));
-                    }
-                }
-                Action::ReplyToDumpWaiters => {
-                    tracing::debug!("loop: dump finished");
-                    let outcome = last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
-                    let ok = outcome.is_ok();
-                    let dry = outcome.as_ref().is_ok_and(|r| r.dry);
-                    // A stop its silent client called off is a refusal, logged as one by the gate.
-                    let called_off = gate.take().and_then(|g| g.called_off()).is_some();
-                    // A dry run is not a checkpoint, and its failure is what was asked about.
-                    crate::store::counters::bump(&ctx.paths.root, |c| {
-                        if dry || called_off {
-                            return;
-                        }
-                        if ok {
-                            c.checkpoints += 1
-                        } else {
-                            c.checkpoint_failures += 1
-                        }
-                    });
-                    super::metrics::write_file(&ctx.dirs, &ctx.host);
-                    match &outcome {
-                        Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
-                        Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
-                        Err(_) if called_off => {
-                            super::systemd::status("running: a stop through the kill port was called off")
-                        }
-                        Err(e) => {
-                            super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or("")))
-                        }
-                    }
-                    match &outcome {
-                        Ok(r) if r.dry => log.note(&format!(
-                            "doctor: a checkpoint would work now ({} bytes dumped, thrown away)",
-                            r.size_bytes
-                        )),
-                        Ok(r) => {
-                            // Before anyone hears of it: `gc` deletes only tables recorded as ours.
-                            if let Err(e) = crate::criu::network_lock::record_owner(
-                                &ctx.dirs.state_dir,
-                                &ctx.service.name,
-                                &r.id,
-                                &r.dir.join(crate::criu::DUMP_LOG),
-                            ) {
-                                log.note(&format!("warning: {e}; `stasis gc` will not delete its table"));
-                            }
-                            log.note(&format!(
-                                "checkpoint {} saved ({} bytes) in {}",
-                                r.id,
-                                r.size_bytes,
-                                r.dir.display()
-                            ));
-                            for n in &r.notes {
-                                log.note(n);
-                            }
-                            if let (Some(max), Some(froze)) = (ctx.service.max_freeze, r.freeze) {
-                                if froze > max {
-                                    log.note(&format!(
-                                        "warning: checkpoint {} froze the service for {} ms, more than max_freeze_ms ({} ms)",
-                                        r.id,
-                                        froze.as_millis(),
-                                        max.as_millis()
-                                    ));
-                                    crate::store::counters::bump(&ctx.paths.root, |c| c.freeze_over_budget += 1);
-                                }
-                            }
-                        }
-                        Err(_) if called_off => {}
-                        Err(e) => log.note(&format!("checkpoint failed: {e}")),
-                    }
-                    if new_state == State::Running {
-                        periodic = every.map(|d| Box::pin(tokio::time::sleep(d)));
-                    }
-                    for w in waiters.drain(..) {
-                        let _ = w.reply.send(outcome.clone());
-                    }
-                    // A stopping supervisor purges once it has let go of its lock.
-                    if new_state == State::Running {
-                        let purge = ctx.clone();
-                        std::thread::spawn(move || purge.store.purge_removed());
-                    }
-                    tracing::debug!("loop: replied");
-                }
-                Action::TerminateService => {
-                    super::systemd::stopping("stopping without a checkpoint");
-                    log.note(&format!(
-                        "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
-                        ctx.service.stop_timeout.as_secs()
-                    ));
-                    let _ = kill(init_pid, Signal::SIGTERM);
-                    terminated = true;
-                    grace = Some(Box::pin(tokio::time::sleep(ctx.service.stop_timeout)));
-                }
+                Action::StartDump(kind) => self.start_dump(kind, request.take()),
+                Action::StartDryRun => self.start_dry_run(request.take()),
+                Action::QueueRequest => self.queue(request.take()),
+                Action::JoinDump => self.join(request.take()),
+                Action::RejectRequest => self.reject(request.take()),
+                Action::ReplyToDumpWaiters => self.reply_to_waiters(new_state),
+                Action::TerminateService => self.terminate_service(),
                 Action::KillService => {
-                    log.note("grace period over: SIGKILL");
-                    let _ = kill(init_pid, Signal::SIGKILL);
+                    self.report.killing();
+                    let _ = kill(self.init_pid, Signal::SIGKILL);
                 }
                 Action::Finish => finish = true,
             }
         }
-        if new_state != state {
-            let msg = match new_state {
-                State::Stopped if matches!(state, State::Checkpointing { .. }) => last_outcome
-                    .as_ref()
-                    .and_then(|o| o.as_ref().ok())
-                    .map(|r| format!("stopped after checkpoint {}", r.id)),
-                State::Stopped if terminated => exit_message.as_ref().map(|m| without_checkpoint(m)),
-                State::Failed | State::Stopped => exit_message.clone(),
-                _ => None,
-            };
-            on_change(new_state, msg.as_deref());
+        if new_state != self.state {
+            let msg = self.change_message(new_state);
+            self.report.state_changed(new_state, msg.as_deref());
         }
-        state = new_state;
-        if finish {
-            break;
+        self.state = new_state;
+        finish
+    }
+
+    fn start_dump(&mut self, kind: DumpKind, request: Option<Request>) {
+        tracing::debug!("loop: dump requested");
+        let mut asks = std::mem::take(&mut self.queued_asks);
+        if let Some(req) = request {
+            asks.push(req.ask);
+            self.waiters.push(Waiter { reply: req.reply, lines: req.lines });
+        }
+        self.waiters.append(&mut self.queued);
+        self.gate = (kind == DumpKind::Stop).then(|| Arc::new(StopGate::new(asks)));
+        self.report.dump_started(kind);
+        self.spawn_dump(kind, false, self.gate.clone());
+    }
+
+    fn start_dry_run(&mut self, request: Option<Request>) {
+        if let Some(req) = request {
+            self.waiters.push(Waiter { reply: req.reply, lines: req.lines });
+        }
+        self.report.dry_run_started();
+        self.spawn_dump(DumpKind::KeepRunning, true, None);
+    }
+
+    /// Takes the checkpoint on a blocking thread; its progress and outcome come back as events.
+    fn spawn_dump(&self, kind: DumpKind, dry: bool, gate: Option<Arc<StopGate>>) {
+        let (ctx, tx, progress, pid) =
+            (self.ctx.clone(), self.dump_tx.clone(), self.progress_tx.clone(), self.init_pid);
+        tokio::task::spawn_blocking(move || {
+            let report = |p: DumpProgress| {
+                let _ = progress.send(p);
+            };
+            let outcome =
+                take_checkpoint(&ctx, pid.as_raw(), kind, dry, gate.as_deref(), report).map_err(|e| e.to_string());
+            // The clients' second descriptors close before they hear the outcome.
+            drop(gate);
+            let _ = tx.blocking_send(outcome);
+        });
+    }
+
+    fn queue(&mut self, request: Option<Request>) {
+        if let Some(req) = request {
+            let _ = req.lines.send(format!(
+                "Waiting: a checkpoint of {} that keeps it running is under way; the stop follows it",
+                self.ctx.service.name
+            ));
+            self.queued_asks.push(req.ask);
+            self.queued.push(Waiter { reply: req.reply, lines: req.lines });
         }
     }
 
-    // The service may still be on its way out (CRIU kills it after the hook) and its last
-    // output in the pipe: wait for both, so nothing is lost and no zombie stays.
-    let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
-    while reap(init_pid, &mut exit_message, &mut exit).is_none() && exit_message.is_none() {
-        tokio::select! {
-            _ = async { exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready()) }, if exited.is_some() => {}
-            _ = sigchld.recv() => {}
-            _ = tokio::time::sleep_until(deadline) => break,
+    fn join(&mut self, request: Option<Request>) {
+        if let Some(req) = request {
+            let _ = req.lines.send(protocol::joined(&self.ctx.service.name));
+            if let Some(g) = &self.gate {
+                g.add(req.ask);
+            }
+            self.waiters.push(Waiter { reply: req.reply, lines: req.lines });
         }
     }
-    if exit_message.is_none() {
-        let _ = kill(init_pid, Signal::SIGKILL);
-        let _ = waitpid(init_pid, None);
+
+    fn reject(&self, request: Option<Request>) {
+        if let Some(req) = request {
+            let name = &self.ctx.service.name;
+            let why = match self.state {
+                State::Checkpointing { .. } => {
+                    format!("a checkpoint of {name} is already in progress; try again when it finishes")
+                }
+                _ => format!("{name} is shutting down"),
+            };
+            let _ = req.reply.send(Err(why));
+        }
     }
-    if tokio::time::timeout(FINISH_TIMEOUT, pump).await.is_err() {
-        log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
+
+    fn reply_to_waiters(&mut self, new_state: State) {
+        tracing::debug!("loop: dump finished");
+        let outcome = self.last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+        let called_off = self.gate.take().and_then(|g| g.called_off()).is_some();
+        self.report.dump_finished(&outcome, called_off);
+        if new_state == State::Running {
+            self.arm_periodic();
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(outcome.clone());
+        }
+        // A stopping supervisor purges once it has let go of its lock.
+        if new_state == State::Running {
+            let purge = self.ctx.clone();
+            std::thread::spawn(move || purge.store.purge_removed());
+        }
+        tracing::debug!("loop: replied");
     }
-    let message: String = match state {
-        State::Stopped => last_outcome
-            .clone()
-            .and_then(|o| o.ok())
-            .map(|r| format!("stopped after checkpoint {}", r.id))
-            .or_else(|| exit_message.as_ref().filter(|_| terminated).map(|m| without_checkpoint(m)))
-            .or(exit_message)
-            .unwrap_or_else(|| "stopped".into()),
-        _ => exit_message.unwrap_or_else(|| "exited".into()),
-    };
-    for w in queued {
-        let _ = w.reply.send(Err(format!("{} exited before it could be stopped with a checkpoint", ctx.service.name)));
+
+    fn terminate_service(&mut self) {
+        self.report.terminating();
+        let _ = kill(self.init_pid, Signal::SIGTERM);
+        self.terminated = true;
+        self.grace = Some(Box::pin(tokio::time::sleep(self.ctx.service.stop_timeout)));
     }
-    for t in terminators {
-        let answer = match state {
-            State::Stopped => Ok(message.clone()),
-            _ => Err(format!("{} exited by itself before it could be stopped: {message}", ctx.service.name)),
-        };
-        let _ = t.send(answer);
+
+    /// What the status record says on entering `new_state`.
+    fn change_message(&self, new_state: State) -> Option<String> {
+        match new_state {
+            State::Stopped if matches!(self.state, State::Checkpointing { .. }) => self
+                .last_outcome
+                .as_ref()
+                .and_then(|o| o.as_ref().ok())
+                .map(|r| format!("stopped after checkpoint {}", r.id)),
+            State::Stopped if self.terminated => self.exit_message.as_ref().map(|m| without_checkpoint(m)),
+            State::Failed | State::Stopped => self.exit_message.clone(),
+            _ => None,
+        }
     }
-    tracing::debug!("loop: service gone");
-    Ok(LoopEnd { state, exit, last_outcome, message })
+
+    /// The service may still be on its way out (CRIU kills it after the hook) and its last
+    /// output in the pipe: waits for both, so nothing is lost and no zombie stays; then answers
+    /// whoever still waits.
+    async fn finish(mut self, sigchld: &mut tokio::signal::unix::Signal, pump: tokio::task::JoinHandle<()>) -> LoopEnd {
+        let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
+        while self.reap().is_none() && self.exit_message.is_none() {
+            tokio::select! {
+                _ = exit_of(&self.exited), if self.exited.is_some() => {}
+                _ = sigchld.recv() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if self.exit_message.is_none() {
+            let _ = kill(self.init_pid, Signal::SIGKILL);
+            let _ = waitpid(self.init_pid, None);
+        }
+        if tokio::time::timeout(FINISH_TIMEOUT, pump).await.is_err() {
+            self.report.output_cut_short();
+        }
+        let message = self.end_message();
+        let name = &self.ctx.service.name;
+        for w in self.queued {
+            let _ = w.reply.send(Err(format!("{name} exited before it could be stopped with a checkpoint")));
+        }
+        for t in self.terminators {
+            let answer = match self.state {
+                State::Stopped => Ok(message.clone()),
+                _ => Err(format!("{name} exited by itself before it could be stopped: {message}")),
+            };
+            let _ = t.send(answer);
+        }
+        tracing::debug!("loop: service gone");
+        LoopEnd { state: self.state, exit: self.exit, last_outcome: self.last_outcome, message }
+    }
+
+    fn end_message(&self) -> String {
+        let exit_message = self.exit_message.clone();
+        match self.state {
+            State::Stopped => self
+                .last_outcome
+                .clone()
+                .and_then(|o| o.ok())
+                .map(|r| format!("stopped after checkpoint {}", r.id))
+                .or_else(|| exit_message.as_ref().filter(|_| self.terminated).map(|m| without_checkpoint(m)))
+                .or(exit_message)
+                .unwrap_or_else(|| "stopped".into()),
+            _ => exit_message.unwrap_or_else(|| "exited".into()),
+        }
+    }
+}
+
+/// Ready once the service's init has exited (its pidfd is readable).
+async fn exit_of(exited: &Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>) {
+    let _ = exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready());
 }
 
 fn without_checkpoint(exit: &str) -> String {

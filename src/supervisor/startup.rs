@@ -17,6 +17,7 @@ use crate::criu::rpc::{Answer, Notification};
 use crate::criu::streamer::{OwnFilesError, Streamer};
 use crate::criu::{RestoreArgs, RestoreFailure};
 use crate::process::{cold_launch, tree, LaunchSpec};
+use crate::store::compress::PlainImages;
 use crate::store::verify::ImageProblem;
 use crate::store::{identity, verify, Checkpoint, Freshness};
 use nix::unistd::Pid;
@@ -154,7 +155,30 @@ fn start_from(ctx: &Context, id: &str, progress: Progress) -> Result<Started, Er
 /// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
 fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
     tracing::debug!("restore: verifying");
-    let big = cp.manifest.size_bytes >= super::progress::BIG;
+    let stream = verify_before(ctx, cp, explicit, progress)?;
+    tracing::debug!("restore: verified");
+    check_fits(ctx, cp, explicit)?;
+    cp.clear_incompatible();
+    tracing::debug!("restore: fits");
+    let before = ctx
+        .store
+        .record_run(&format!("restored from checkpoint {}", cp.id))
+        .map_err(|e| Refusal::Stop(Error::from(e)))?;
+    if cp.manifest.size_bytes >= super::progress::BIG {
+        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+    }
+    restore(ctx, cp, stream, progress).map_err(|e| {
+        // The tree never ran (CRIU failed before the service did, or its images were refused):
+        // the run did not happen.
+        let _ = ctx.store.undo_run(&before);
+        refusal(ctx, cp, explicit, e)
+    })
+}
+
+/// What can be proved before CRIU runs: every image is there, nothing else, each of its size;
+/// for a CRIU that cannot be served its images, their content too. Ok: whether CRIU is served
+/// them (and checks them as it reads).
+fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<bool, Refusal> {
     let Some(images) = &cp.manifest.images else {
         // Format 1 recorded no checksums: nothing proves these are the bytes that were dumped.
         return Err(Refusal::Skip(format!(
@@ -164,8 +188,8 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
             cp.dir.display()
         )));
     };
-    // Every file there, nothing else, each of its size: no content is read for that.
     let stream = streams(ctx);
+    // Every file there, nothing else, each of its size: no content is read for that.
     let listed = verify::check_listing(&cp.dir, images);
     let checked = match (listed, stream) {
         (Err(problem), _) => Err(problem),
@@ -173,7 +197,7 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
         (Ok(()), true) => Ok(()),
         // A CRIU that cannot be served its images: all of them read first, as before.
         (Ok(()), false) => {
-            if big {
+            if cp.manifest.size_bytes >= super::progress::BIG {
                 progress(super::progress::phase("verifying", cp.manifest.size_bytes));
             }
             verify::verify_images(&cp.dir, images)
@@ -183,83 +207,66 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
         let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
         return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
     }
-    tracing::debug!("restore: verified");
-    if let Err(m) = fits_program(ctx, cp) {
-        let reason = format!(
-            "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
-            cp.id,
-            m.path.display(),
-            m.detail
-        );
-        if explicit {
-            return Err(Refusal::Skip(format!("{reason}; it is kept")));
-        }
-        let _ = cp.mark_incompatible(&reason);
-        if ctx.service.on_incompatible == OnIncompatible::Fail {
-            return Err(Refusal::Stop(Error::RestoreRefused(format!(
-                "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
-                ctx.service.file.display()
-            ))));
-        }
-        return Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")));
+    Ok(stream)
+}
+
+/// Refuses a checkpoint of a program that changed on disk since (and marks it, unless explicit).
+fn check_fits(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<(), Refusal> {
+    let Err(m) = fits_program(ctx, cp) else {
+        return Ok(());
+    };
+    let reason = format!(
+        "checkpoint {} does not fit the program on disk: {} changed ({}); restoring it would run old memory on new code",
+        cp.id,
+        m.path.display(),
+        m.detail
+    );
+    if explicit {
+        return Err(Refusal::Skip(format!("{reason}; it is kept")));
     }
-    cp.clear_incompatible();
-    tracing::debug!("restore: fits");
-    let before = ctx
-        .store
-        .record_run(&format!("restored from checkpoint {}", cp.id))
-        .map_err(|e| Refusal::Stop(Error::from(e)))?;
-    if big {
-        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+    let _ = cp.mark_incompatible(&reason);
+    if ctx.service.on_incompatible == OnIncompatible::Fail {
+        return Err(Refusal::Stop(Error::RestoreRefused(format!(
+            "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
+            ctx.service.file.display()
+        ))));
     }
-    match restore(ctx, cp, stream, progress) {
-        Ok(started) => Ok(started),
-        Err(RestoreError::Damaged(problem)) => {
-            // The tree never ran: the run did not happen.
-            let _ = ctx.store.undo_run(&before);
+    Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")))
+}
+
+/// What a failed restore of `cp` means for the start: try the next checkpoint, or stop.
+fn refusal(ctx: &Context, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refusal {
+    let still = if explicit { "restorable" } else { "fresh" };
+    match e {
+        RestoreError::Damaged(problem) => {
             let reason = format!(
                 "checkpoint {} failed verification during the restore: {problem}; the restored processes were killed before they ran",
                 cp.id
             );
-            Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)))
+            Refusal::Skip(quarantine(ctx, cp, &reason, explicit))
         }
-        Err(RestoreError::Criu(e)) => {
-            // CRIU failed before the service ran: the run did not happen.
-            let _ = ctx.store.undo_run(&before);
+        RestoreError::Criu(e) => {
             let (one_line, details) = (e.one_line(), e_lines(&e));
             match e.restore_failure() {
-                RestoreFailure::Environment(why) => Err(Refusal::Stop(Error::StartFailed(format!(
-                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {}): fix that and start again{details}",
-                    cp.id,
-                    if explicit { "restorable" } else { "fresh" }
-                )))),
+                RestoreFailure::Environment(why) => Refusal::Stop(Error::StartFailed(format!(
+                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {still}): fix that and start again{details}",
+                    cp.id
+                ))),
                 RestoreFailure::Checkpoint => {
                     let reason = format!("restore of checkpoint {} failed: {one_line}", cp.id);
-                    Err(Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit)))
+                    Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit))
                 }
             }
         }
-        Err(RestoreError::Host(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Stop(Error::StartFailed(format!(
-                "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {}): fix that and start again",
-                cp.id,
-                if explicit { "restorable" } else { "fresh" }
-            ))))
-        }
-        Err(RestoreError::Refused(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Stop(Error::RestoreRefused(format!(
-                "{why}\n(checkpoint {} is kept, not quarantined, still {}: `stasis start {}` restores it once the file is fixed)",
-                cp.id,
-                if explicit { "restorable" } else { "fresh" },
-                ctx.service.name
-            ))))
-        }
-        Err(RestoreError::Other(why)) => {
-            let _ = ctx.store.undo_run(&before);
-            Err(Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)))
-        }
+        RestoreError::Host(why) => Refusal::Stop(Error::StartFailed(format!(
+            "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {still}): fix that and start again",
+            cp.id
+        ))),
+        RestoreError::Refused(why) => Refusal::Stop(Error::RestoreRefused(format!(
+            "{why}\n(checkpoint {} is kept, not quarantined, still {still}: `stasis start {}` restores it once the file is fixed)",
+            cp.id, ctx.service.name
+        ))),
+        RestoreError::Other(why) => Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)),
     }
 }
 
@@ -336,32 +343,7 @@ fn streams(ctx: &Context) -> bool {
 fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
-    let key = match &cp.manifest.encryption {
-        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
-        None => None,
-    };
-    // Served to CRIU, checked as it reads them; or, for a CRIU that cannot be, written out plain
-    // for it first when compressed or sealed.
-    let (mut streamer, plain) = if stream {
-        let s = Streamer::start(cp, key)
-            .map_err(|e| RestoreError::Host(format!("failed to set up serving its images to CRIU: {e}")))?;
-        (Some(s), None)
-    } else {
-        let plain = match (&cp.manifest.compression, &key) {
-            (None, None) => None,
-            (_, key) => {
-                progress(super::progress::phase(
-                    if key.is_some() { "decrypting" } else { "decompressing" },
-                    cp.manifest.size_bytes,
-                ));
-                Some(
-                    crate::store::compress::PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
-                        .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
-                )
-            }
-        };
-        (None, plain)
-    };
+    let (mut streamer, plain) = image_source(ctx, cp, stream, progress)?;
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
     // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
     let own = match &mut streamer {
@@ -371,110 +353,29 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
         })?,
         None => plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
     };
-    let args = RestoreArgs {
-        images_dir: match (&streamer, &plain) {
-            (Some(s), _) => s.dir().to_path_buf(),
-            (None, Some(p)) => p.dir.clone(),
-            (None, None) => cp.images_dir(),
-        },
-        work_dir: cp.dir.clone(),
-        config_file: ctx.service.criu_config.clone(),
-        options: ctx.service.criu_options.clone(),
-        stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
-        streamed_from: streamer.as_ref().map(|s| s.dir_fd()),
-    };
-    // POSIX shared memory: back from the (verified) copy when a reboot emptied /dev/shm, or CRIU
-    // cannot reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
-    let mut shm_notes = Vec::new();
-    if let Some(files) = &cp.manifest.shm_files {
-        use crate::store::shm::{Present, PutBack};
-        let present = if cp.manifest.kind.leaves_running() { Present::Rewind } else { Present::Keep };
-        let put = crate::store::shm::put_back(files, &own, present)
-            .map_err(|e| RestoreError::Host(format!("failed to put back the service's shared memory files: {e}")))?;
-        for done in put {
-            shm_notes.push(match done {
-                PutBack::Created(p) => {
-                    format!("{} was missing (a reboot empties /dev/shm); put back from the checkpoint", p.display())
-                }
-                PutBack::Rewound(p) => {
-                    format!("{} rewound to its contents at the checkpoint (the service ran on after it)", p.display())
-                }
-            });
-        }
-    }
+    let args = restore_args(ctx, cp, &streamer, &plain);
+    let mut shm_notes = put_back_shm(cp, &own)?;
     shm_notes.extend(put_back_files(ctx, cp, &own)?);
-    let max = ctx.host.max_concurrent_restores;
-    let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
-        super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
-    })
-    .map_err(|e| {
-        RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display()))
-    })?;
+    let slot = restore_slot(ctx)?;
     let restore_started = std::time::Instant::now();
     tracing::debug!("restore: running criu");
-    let criu_pid = std::sync::OnceLock::new();
-    // The gate: the tree resumes only if every byte CRIU was given checked out, and every image
-    // it did not ask for too.
-    let mut gate = |n: &Notification| match (&streamer, n.script.as_str()) {
-        (Some(s), "post-restore" | "pre-resume") => match s.check() {
-            Ok(()) => Answer::Proceed,
-            Err(problem) => Answer::Refuse(format!("checkpoint {} failed verification: {problem}", cp.id)),
-        },
-        _ => Answer::Proceed,
-    };
-    let outcome = std::thread::scope(|s| {
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let total = cp.manifest.size_bytes;
-        let pid = &criu_pid;
-        s.spawn(move || super::progress::watch_restore(pid, total, &progress, done_rx));
-        let r = ctx.criu.restore(
-            &args,
-            Some(stdout_w.as_fd()),
-            ctx.service.restore_timeout,
-            &|pid| {
-                let _ = criu_pid.set(pid);
-            },
-            &mut gate,
-        );
-        drop(done_tx);
-        r
-    });
+    let outcome = run_criu(ctx, cp, &args, &streamer, &stdout_w, progress);
     let served = streamer.map(Streamer::finish);
     if let Some(problem) = served.as_ref().and_then(|o| o.problem.clone()) {
         // Damage wins over whatever CRIU made of the pipe it closed. A tree that exists despite
         // the refusal (it cannot: see criu::requests) is ended all the same.
-        if let Ok(o) = &outcome {
-            crate::process::tree::kill_if_child_of(o.pid, std::process::id() as i32, libc::SIGKILL);
+        if let Ok(pid) = &outcome {
+            crate::process::tree::kill_if_child_of(*pid, std::process::id() as i32, libc::SIGKILL);
         }
         return Err(RestoreError::Damaged(problem));
     }
-    let outcome = outcome.map_err(RestoreError::Criu)?;
+    let restored = outcome.map_err(RestoreError::Criu)?;
     let restore_ms = restore_started.elapsed().as_millis() as u64;
     tracing::debug!("restore: criu done");
     drop(slot);
     drop(stdout_w);
-    let pid = Pid::from_raw(outcome.pid);
-    // The restored root must be our child (we are its subreaper), or we could not supervise it.
-    let parent = procfs::process::Process::new(outcome.pid).ok().and_then(|p| p.stat().ok()).map(|s| s.ppid);
-    if parent != Some(std::process::id() as i32) {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        return Err(RestoreError::Other(format!(
-            "the restored process {} is not a child of the supervisor (parent {parent:?})",
-            outcome.pid
-        )));
-    }
-    let mut notes = shm_notes;
-    if let Some(served) = &served {
-        tracing::debug!("restore: CRIU asked for {:?}", served.requested);
-        notes.extend(served.notes.iter().cloned());
-    }
-    if cp.manifest.config_digest.as_deref().is_some_and(|d| d != ctx.service.digest()) {
-        notes.push(format!(
-            "{} changed since checkpoint {} was taken; the restored process keeps the command, user, directory and environment it had then (they apply at the next cold start)",
-            ctx.service.file.display(),
-            cp.id
-        ));
-    }
+    let pid = our_child(restored)?;
+    let notes = restore_notes(ctx, cp, shm_notes, served.as_ref());
     // A restore that succeeded has removed the dump's network lock.
     crate::criu::network_lock::mark_released(&cp.dir.join(crate::criu::DUMP_LOG));
     let _ = cp.clone().record_timings(|t| t.restore_ms = Some(restore_ms));
@@ -490,6 +391,161 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
         output,
         notify: None,
     })
+}
+
+/// Served to CRIU, checked as it reads them; or, for a CRIU that cannot be, written out plain
+/// for it first when compressed or sealed.
+fn image_source(
+    ctx: &Context,
+    cp: &Checkpoint,
+    stream: bool,
+    progress: Progress,
+) -> Result<(Option<Streamer>, Option<PlainImages>), RestoreError> {
+    let key = match &cp.manifest.encryption {
+        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
+        None => None,
+    };
+    if stream {
+        let s = Streamer::start(cp, key)
+            .map_err(|e| RestoreError::Host(format!("failed to set up serving its images to CRIU: {e}")))?;
+        return Ok((Some(s), None));
+    }
+    let plain = match (&cp.manifest.compression, &key) {
+        (None, None) => None,
+        (_, key) => {
+            progress(super::progress::phase(
+                if key.is_some() { "decrypting" } else { "decompressing" },
+                cp.manifest.size_bytes,
+            ));
+            Some(
+                PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
+                    .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
+            )
+        }
+    };
+    Ok((None, plain))
+}
+
+fn restore_args(
+    ctx: &Context,
+    cp: &Checkpoint,
+    streamer: &Option<Streamer>,
+    plain: &Option<PlainImages>,
+) -> RestoreArgs {
+    RestoreArgs {
+        images_dir: match (streamer, plain) {
+            (Some(s), _) => s.dir().to_path_buf(),
+            (None, Some(p)) => p.dir.clone(),
+            (None, None) => cp.images_dir(),
+        },
+        work_dir: cp.dir.clone(),
+        config_file: ctx.service.criu_config.clone(),
+        options: ctx.service.criu_options.clone(),
+        stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
+        streamed_from: streamer.as_ref().map(|s| s.dir_fd()),
+    }
+}
+
+/// POSIX shared memory: back from the (verified) copy in `own` when a reboot emptied /dev/shm,
+/// or CRIU cannot reopen it. A failure here is this host's (a full /dev/shm), not the checkpoint's.
+fn put_back_shm(cp: &Checkpoint, own: &std::path::Path) -> Result<Vec<String>, RestoreError> {
+    use crate::store::shm::{Present, PutBack};
+    let Some(files) = &cp.manifest.shm_files else {
+        return Ok(Vec::new());
+    };
+    let present = if cp.manifest.kind.leaves_running() { Present::Rewind } else { Present::Keep };
+    let put = crate::store::shm::put_back(files, own, present)
+        .map_err(|e| RestoreError::Host(format!("failed to put back the service's shared memory files: {e}")))?;
+    Ok(put
+        .into_iter()
+        .map(|done| match done {
+            PutBack::Created(p) => {
+                format!("{} was missing (a reboot empties /dev/shm); put back from the checkpoint", p.display())
+            }
+            PutBack::Rewound(p) => {
+                format!("{} rewound to its contents at the checkpoint (the service ran on after it)", p.display())
+            }
+        })
+        .collect())
+}
+
+fn restore_slot(ctx: &Context) -> Result<slots::Slot, RestoreError> {
+    let max = ctx.host.max_concurrent_restores;
+    slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
+        super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
+    })
+    .map_err(|e| RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display())))
+}
+
+/// Runs CRIU's restore, its progress watched; returns the restored root's pid.
+fn run_criu(
+    ctx: &Context,
+    cp: &Checkpoint,
+    args: &RestoreArgs,
+    streamer: &Option<Streamer>,
+    stdout_w: &OwnedFd,
+    progress: Progress,
+) -> Result<i32, crate::criu::CriuError> {
+    let criu_pid = std::sync::OnceLock::new();
+    // The gate: the tree resumes only if every byte CRIU was given checked out, and every image
+    // it did not ask for too.
+    let mut gate = |n: &Notification| match (streamer, n.script.as_str()) {
+        (Some(s), "post-restore" | "pre-resume") => match s.check() {
+            Ok(()) => Answer::Proceed,
+            Err(problem) => Answer::Refuse(format!("checkpoint {} failed verification: {problem}", cp.id)),
+        },
+        _ => Answer::Proceed,
+    };
+    std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let total = cp.manifest.size_bytes;
+        let pid = &criu_pid;
+        s.spawn(move || super::progress::watch_restore(pid, total, &progress, done_rx));
+        let r = ctx.criu.restore(
+            args,
+            Some(stdout_w.as_fd()),
+            ctx.service.restore_timeout,
+            &|pid| {
+                let _ = criu_pid.set(pid);
+            },
+            &mut gate,
+        );
+        drop(done_tx);
+        r.map(|o| o.pid)
+    })
+}
+
+/// The restored root must be our child (we are its subreaper), or we could not supervise it.
+fn our_child(restored: i32) -> Result<Pid, RestoreError> {
+    let pid = Pid::from_raw(restored);
+    let parent = procfs::process::Process::new(restored).ok().and_then(|p| p.stat().ok()).map(|s| s.ppid);
+    if parent != Some(std::process::id() as i32) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        return Err(RestoreError::Other(format!(
+            "the restored process {restored} is not a child of the supervisor (parent {parent:?})"
+        )));
+    }
+    Ok(pid)
+}
+
+fn restore_notes(
+    ctx: &Context,
+    cp: &Checkpoint,
+    mut notes: Vec<String>,
+    served: Option<&crate::criu::streamer::Outcome>,
+) -> Vec<String> {
+    if let Some(served) = served {
+        tracing::debug!("restore: CRIU asked for {:?}", served.requested);
+        notes.extend(served.notes.iter().cloned());
+    }
+    if cp.manifest.config_digest.as_deref().is_some_and(|d| d != ctx.service.digest()) {
+        notes.push(format!(
+            "{} changed since checkpoint {} was taken; the restored process keeps the command, user, directory and environment it had then (they apply at the next cold start)",
+            ctx.service.file.display(),
+            cp.id
+        ));
+    }
+    notes
 }
 
 /// What a reboot removed comes back (the directories of the service's unix sockets, its small
