@@ -32,9 +32,32 @@ fn rootfs() {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
         require_host();
+        destroy_abandoned();
         assert!(nspawn("build-rootfs", &[]).status.success(), "build-rootfs failed");
         assert!(nspawn("install-host-criu", &[]).status.success(), "install-host-criu failed");
     });
+}
+
+/// Containers of this suite (`st-TEST-PID`) whose test process is gone: a run killed before its
+/// drops ran left them mounted, and a rootfs in use as an overlay's lower dir cannot be given
+/// the host's CRIU. Only names of this suite's form whose pid no longer runs a test binary.
+fn destroy_abandoned() {
+    let dir = std::env::var("STASIS_NSPAWN_DIR").unwrap_or_else(|_| "/var/tmp/stasis-nspawn".into());
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) =
+            name.strip_prefix("st-").and_then(|r| r.rsplit_once('-')).and_then(|(_, p)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let ours_running = exe.file_name().is_some_and(|f| f.to_string_lossy().starts_with("systemd-"));
+        if !ours_running {
+            eprintln!("destroying the abandoned container {name} (its test process {pid} is gone)");
+            let _ = nspawn("destroy", &["--kill", &name]);
+        }
+    }
 }
 
 struct Container(String);

@@ -39,6 +39,8 @@ pub const SOCKET: &str = "streamer-serve.sock";
 const MAX_REQUEST: usize = 4096;
 /// A pipe as large as a group: one write per group.
 const PIPE_SIZE: i32 = 1 << 20;
+/// An image this small (stored) is served by the thread that answers CRIU's requests.
+const SMALL_IMAGE: u64 = 32 << 10;
 /// How often a blocked wait looks whether it should stop.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -57,6 +59,13 @@ impl Source {
         match self {
             Source::Stored { image, .. } => &image.path,
         }
+    }
+
+    /// Whether the plain image surely fits an empty pipe of the default size (64 KiB) at once:
+    /// stored neither compressed (its plain size is unknown until read) nor over half of it.
+    fn fits_a_pipe(&self) -> bool {
+        let Source::Stored { image, name } = self;
+        !name.compressed && image.size <= SMALL_IMAGE
     }
 
     /// The stored bytes, each group checked before it is handed on.
@@ -560,6 +569,14 @@ impl Shared {
                 continue;
             };
             let pipe = receive_fd(conn)?;
+            if source.fits_a_pipe() {
+                // Most images are a few KiB: written whole into the empty pipe, they cannot block,
+                // so the request is served here, without a thread or group-sized buffers (a
+                // restore asks for dozens of them one after another).
+                self.lock().requested.push((name.clone(), true));
+                self.serve(&name, &source, pipe, &AtomicBool::new(false));
+                continue;
+            }
             let drain = Arc::new(AtomicBool::new(false));
             let (me, d, n) = (self.clone(), drain.clone(), name.clone());
             let handle = std::thread::Builder::new()
@@ -575,10 +592,11 @@ impl Shared {
     /// Serves one file into CRIU's pipe, each group checked before it is written. What CRIU
     /// does not read (it closed the pipe, or the gate drains) is checked unwritten.
     fn serve(&self, name: &str, source: &Source, pipe: OwnedFd, drain: &AtomicBool) {
-        let mut writer = Some(PipeWriter::new(pipe));
+        let small = source.fits_a_pipe();
+        let mut writer = Some(if small { PipeWriter::as_it_is(pipe) } else { PipeWriter::new(pipe) });
         let result = (|| -> Result<(), ImageProblem> {
             let (mut reader, failure) = source.plain(&self.checkpoint_dir, self.key.as_ref(), &self.notes)?;
-            if writer.as_ref().is_some_and(PipeWriter::splices) {
+            if !small && writer.as_ref().is_some_and(PipeWriter::splices) {
                 return self.serve_spliced(name, source, &mut reader, &failure, &mut writer, drain);
             }
             loop {
@@ -726,6 +744,16 @@ struct PipeWriter {
 }
 
 impl PipeWriter {
+    /// A pipe left at its size (a small image fits), non-blocking all the same.
+    fn as_it_is(fd: OwnedFd) -> PipeWriter {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        PipeWriter { fd }
+    }
+
     fn new(fd: OwnedFd) -> PipeWriter {
         // SAFETY: fcntl on a descriptor we own; a smaller pipe only means more writes.
         unsafe {

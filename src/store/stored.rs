@@ -42,11 +42,78 @@ impl Transform<'_> {
     }
 }
 
+/// Pieces in flight to a hashing thread: enough to keep it busy while the writer waits on
+/// the socket or the disk.
+const HASH_QUEUE: usize = 4;
+
+/// Where the bytes written are hashed: here, or (a memory image: nearly all the bytes) on a
+/// thread of its own, so that hashing overlaps receiving and writing on another CPU instead
+/// of adding to the time the service is frozen.
+enum Hashing {
+    Here(super::chunks::ChunkHasher),
+    Beside {
+        pieces: std::sync::mpsc::SyncSender<Vec<u8>>,
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        in_flight: usize,
+        done: std::thread::JoinHandle<super::chunks::ChunkHasher>,
+    },
+}
+
+impl Hashing {
+    fn beside() -> std::io::Result<Hashing> {
+        let (pieces, todo) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        // Room for every piece there is: one coming back never waits, and none is dropped.
+        let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(2 * HASH_QUEUE);
+        let done = std::thread::Builder::new().name("stasis-hash".into()).spawn(move || {
+            let mut h = super::chunks::ChunkHasher::new();
+            for piece in todo {
+                h.update(&piece);
+                let _ = back.try_send(piece);
+            }
+            h
+        })?;
+        Ok(Hashing::Beside { pieces, spare, in_flight: 0, done })
+    }
+
+    fn update(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Hashing::Here(h) => {
+                h.update(bytes);
+            }
+            Hashing::Beside { pieces, spare, in_flight, .. } => {
+                // A spare piece when one came back; a new one while fewer than the queue exist.
+                let mut piece = match spare.try_recv() {
+                    Ok(p) => p,
+                    Err(_) if *in_flight < 2 * HASH_QUEUE => {
+                        *in_flight += 1;
+                        Vec::with_capacity(bytes.len())
+                    }
+                    Err(_) => spare.recv().map_err(|_| std::io::Error::other("the hashing thread ended"))?,
+                };
+                piece.clear();
+                piece.extend_from_slice(bytes);
+                pieces.send(piece).map_err(|_| std::io::Error::other("the hashing thread ended"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> std::io::Result<super::chunks::ChunkHasher> {
+        match self {
+            Hashing::Here(h) => Ok(h),
+            Hashing::Beside { pieces, done, .. } => {
+                drop(pieces);
+                done.join().map_err(|_| std::io::Error::other("the hashing thread panicked"))
+            }
+        }
+    }
+}
+
 /// The end of every chain: the file, and the hash of what went into it.
 struct Disk {
     file: File,
     path: PathBuf,
-    hasher: super::chunks::ChunkHasher,
+    hasher: Hashing,
     written: u64,
     writeback_from: u64,
 }
@@ -54,7 +121,7 @@ struct Disk {
 impl Write for Disk {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.hasher.update(&buf[..n])?;
         self.written += n as u64;
         if self.written - self.writeback_from >= WRITEBACK_EVERY {
             // SAFETY: a valid fd; the call only starts writeback of a range and touches no memory.
@@ -114,8 +181,12 @@ impl StoredWriter {
         let path = images.join(&stored);
         let write = |source| StoreError::Write { path: path.clone(), source };
         let file = File::options().write(true).create_new(true).open(&path).map_err(write)?;
-        let disk =
-            Disk { file, path: path.clone(), hasher: super::chunks::ChunkHasher::new(), written: 0, writeback_from: 0 };
+        let hasher = if super::compress::is_pages(plain) {
+            Hashing::beside().map_err(write)?
+        } else {
+            Hashing::Here(super::chunks::ChunkHasher::new())
+        };
+        let disk = Disk { file, path: path.clone(), hasher, written: 0, writeback_from: 0 };
         // The sealed bytes are bound to the name of what was sealed (the compressed file's).
         let sealed_name = stored.strip_suffix(super::seal::SUFFIX).unwrap_or(&stored).to_string();
         let level = t.compression.unwrap_or(3);
@@ -162,7 +233,7 @@ impl StoredWriter {
             Chain::Compressed(z) => z.finish().map_err(write)?,
             Chain::Both(z) => z.finish().and_then(Sealer::finish).map_err(write)?,
         };
-        let (hash, cvs) = disk.hasher.finalize();
+        let (hash, cvs) = disk.hasher.finish().map_err(write)?.finalize();
         Ok(Stored { file: ImageFile { path: self.rel, size: disk.written, hash: hash.to_hex().to_string() }, cvs })
     }
 }
@@ -173,7 +244,8 @@ mod tests {
 
     fn written(t: &Transform<'_>, plain: &str, data: &[u8]) -> (tempfile::TempDir, ImageFile) {
         let (d, s) = stored(t, plain, data);
-        let (_, _, cvs) = super::super::chunks::hash_file(&d.path().join(s.file.path.trim_start_matches("images/"))).unwrap();
+        let (_, _, cvs) =
+            super::super::chunks::hash_file(&d.path().join(s.file.path.trim_start_matches("images/"))).unwrap();
         assert_eq!(s.cvs, cvs, "the chunk hashes are those of the bytes on disk");
         (d, s.file)
     }
