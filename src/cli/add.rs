@@ -148,12 +148,8 @@ fn purge_state(dirs: &Dirs, name: &str) -> Result<(), Error> {
     for dir in [paths.checkpoints(), paths.quarantine()] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.filter_map(Result::ok) {
-                let log = e.path().join(crate::criu::DUMP_LOG);
-                let table = crate::criu::network_lock::table_of_dump(&log);
-                crate::criu::network_lock::release(&log);
-                if let Some(t) = table.filter(|_| !crate::criu::network_lock::may_hold(&log)) {
-                    crate::criu::network_lock::forget_owner(&dirs.state_dir, &t);
-                }
+                let never = crate::criu::network_lock::LockEnd::NeverRestored;
+                let _ = crate::criu::network_lock::end(&dirs.state_dir, &e.path(), never);
             }
         }
     }

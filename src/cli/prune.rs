@@ -8,12 +8,11 @@ use super::exit_codes;
 use super::output::print_json;
 use super::verb_error::VerbError;
 use crate::config::{load_named, Service};
-use crate::criu::{network_lock, DUMP_LOG};
+use crate::criu::network_lock;
 use crate::paths::Dirs;
 use crate::store::{CheckpointStore, Freshness, ListedCheckpoint};
 use crate::supervisor::lock::{self, Acquired, ServiceLock};
 use serde::Serialize;
-use std::path::PathBuf;
 
 /// What to delete.
 pub enum Doomed<'a> {
@@ -150,19 +149,14 @@ fn remove(dirs: &Dirs, store: &CheckpointStore, c: &ListedCheckpoint) -> Result<
 /// Releases the network-lock table of the checkpoint in `dir` (it will never be restored) and
 /// forgets its owner record; returns the table's name if it still held one.
 fn release(dirs: &Dirs, dir: &std::path::Path) -> Option<String> {
-    let log: PathBuf = dir.join(DUMP_LOG);
-    let table = network_lock::may_hold(&log).then(|| network_lock::table_of_dump(&log)).flatten();
-    network_lock::release(&log);
-    let released = !network_lock::may_hold(&log);
-    if let Some(t) = &table {
-        if released {
-            network_lock::forget_owner(&dirs.state_dir, t);
-        } else {
+    match network_lock::end(&dirs.state_dir, dir, network_lock::LockEnd::NeverRestored) {
+        Ok(table) => table,
+        Err(t) => {
             eprintln!(
                 "stasis: warning: failed to delete the network-lock table inet {t} of {}; `stasis gc --yes` deletes it later",
                 dir.display()
             );
+            None
         }
     }
-    table.filter(|_| released)
 }

@@ -71,7 +71,7 @@ fn marker(dump_log: &Path) -> Option<std::path::PathBuf> {
 }
 
 /// Records that the dump's table is gone; best effort (without it, `release` asks nft again).
-pub fn mark_released(dump_log: &Path) {
+fn mark_released(dump_log: &Path) {
     if let Some(m) = marker(dump_log) {
         let _ = std::fs::write(m, b"");
     }
@@ -83,7 +83,7 @@ pub fn may_hold(dump_log: &Path) -> bool {
 }
 
 /// Deletes the dump's table if it still exists; best effort (no nft, no table: nothing to do).
-pub fn release(dump_log: &Path) {
+fn release(dump_log: &Path) {
     if !may_hold(dump_log) {
         return;
     }
@@ -94,6 +94,40 @@ pub fn release(dump_log: &Path) {
     if gone {
         mark_released(dump_log);
     }
+}
+
+/// How the network lock of a checkpoint (or of a dump that made none) ends. Every place where a
+/// checkpoint leaves the store, or a dump ends, says which through [`end`], the one owner of
+/// what happens to the table and its owner record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockEnd {
+    /// CRIU removed the table itself: the checkpoint was restored, or the dump left the
+    /// service running.
+    RemovedByCriu,
+    /// Nothing will ever restore it (deleted, pruned, beyond retention, quarantined, purged,
+    /// stale after a start, a dump that failed or was cut short): its table is deleted now, or
+    /// it would hold the service's connections for good.
+    NeverRestored,
+}
+
+/// Ends the lock of the dump whose log is in `dir`. For a table deleted, the owner record in
+/// `state_dir` goes too. Returns the table's name when it was still held and is gone now;
+/// Err names a table that could not be deleted (`stasis gc` deletes it later).
+pub fn end(state_dir: &Path, dir: &Path, why: LockEnd) -> Result<Option<String>, String> {
+    let log = dir.join(crate::criu::DUMP_LOG);
+    if why == LockEnd::RemovedByCriu {
+        mark_released(&log);
+        return Ok(None);
+    }
+    let Some(table) = may_hold(&log).then(|| table_of_dump(&log)).flatten() else {
+        return Ok(None);
+    };
+    release(&log);
+    if may_hold(&log) {
+        return Err(table);
+    }
+    forget_owner(state_dir, &table);
+    Ok(Some(table))
 }
 
 /// Where the owners of a state dir's tables are recorded.

@@ -306,7 +306,7 @@ fn dump(
         if dry {
             dry_report(&run, dumped, started)
         } else {
-            settle(&run, dumped, gate).map(|cp| report(cp, stopping, started, dump_ms))
+            settle(&run, dumped, gate).map(|cp| report(&ctx.dirs.state_dir, cp, stopping, started, dump_ms))
         }
     });
     match &outcome {
@@ -435,7 +435,7 @@ fn dry_report(run: &Run, dumped: Dumped, started: Instant) -> Result<CheckpointR
             dry: true,
         }),
         Err(e) => {
-            resume(run.init_pid, &run.pending.dir, matches!(e, CriuError::TimedOut { .. }));
+            resume(&run.ctx.dirs.state_dir, run.init_pid, &run.pending.dir, matches!(e, CriuError::TimedOut { .. }));
             Err(DumpError::Criu(Box::new(FailedDump::new(run.ctx, run.pending, e, dumped.refusal))))
         }
     }
@@ -459,12 +459,12 @@ fn settle(run: &Run, dumped: Dumped, gate: Option<&StopGate>) -> Result<Checkpoi
         Some(cp) if !tree::alive(init_pid) => Ok(cp),
         // ...but if the service was resumed it runs on, so that checkpoint is already stale.
         Some(cp) => {
-            resume(init_pid, &cp.dir, killed);
+            resume(&ctx.dirs.state_dir, init_pid, &cp.dir, killed);
             let marking = ctx.store.record_run(&format!("resumed after the failed dump of checkpoint {}", cp.id)).err();
             Err(DumpError::AfterWrite { criu: e, id: cp.id, marking })
         }
         None => {
-            resume(init_pid, &pending.dir, killed);
+            resume(&ctx.dirs.state_dir, init_pid, &pending.dir, killed);
             match gate.and_then(StopGate::called_off) {
                 // Not a failed dump: CRIU's log is not kept as the last failed one.
                 Some(withdrawn) => Err(DumpError::Withdrawn(withdrawn)),
@@ -475,10 +475,10 @@ fn settle(run: &Run, dumped: Dumped, gate: Option<&StopGate>) -> Result<Checkpoi
 }
 
 /// What a dump that made checkpoint `cp` reports, once its figures are recorded.
-fn report(mut cp: Checkpoint, stopping: bool, started: Instant, dump_ms: u64) -> CheckpointReport {
+fn report(state_dir: &Path, mut cp: Checkpoint, stopping: bool, started: Instant, dump_ms: u64) -> CheckpointReport {
     if !stopping {
         // CRIU unlocks the network itself when the service is left running.
-        network_lock::mark_released(&cp.dir.join(DUMP_LOG));
+        let _ = network_lock::end(state_dir, &cp.dir, network_lock::LockEnd::RemovedByCriu);
     }
     let stats = crate::criu::stats::dump_stats(&cp.dir);
     let _ = cp.record_timings(|t| {
@@ -545,13 +545,13 @@ fn record_dump_figures(pending: &PendingCheckpoint, dump_ms: u64) -> Result<(), 
 /// After a dump that failed: the connections CRIU held with its network lock are let go (a
 /// killed CRIU cannot), and after a killed one every process of the tree runs again (the dead
 /// tracer leaves them detached; SIGCONT ends any stop it left).
-fn resume(init_pid: i32, dump_dir: &Path, killed: bool) {
+fn resume(state_dir: &Path, init_pid: i32, dump_dir: &Path, killed: bool) {
     if killed && tree::alive(init_pid) {
         for pid in tree::descendants(init_pid) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
         }
     }
-    network_lock::release(&dump_dir.join(DUMP_LOG));
+    let _ = network_lock::end(state_dir, dump_dir, network_lock::LockEnd::NeverRestored);
 }
 
 #[cfg(test)]

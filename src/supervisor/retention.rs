@@ -4,7 +4,7 @@
 //! runs are deleted. Nothing here ever touches the newest good checkpoint.
 
 use super::context::Context;
-use crate::criu::{network_lock, DUMP_LOG};
+use crate::criu::network_lock::{self, LockEnd};
 use crate::process::init_binary;
 use crate::store::CheckpointStore;
 use std::time::Duration;
@@ -17,17 +17,8 @@ const INIT_COPY_MIN_AGE: Duration = Duration::from_secs(3600);
 /// connections, so their network-lock tables only block the ports (and slow every dump on the
 /// host). The restored checkpoint's own table CRIU has already removed.
 pub fn release_stale_locks(ctx: &Context, restored: Option<&str>) {
-    let held: Vec<_> = ctx
-        .store
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| Some(c.id.as_str()) != restored)
-        .map(|c| c.dir.join(DUMP_LOG))
-        .filter(|log| network_lock::may_hold(log))
-        .collect();
-    for log in held {
-        network_lock::release(&log);
+    for c in ctx.store.list().unwrap_or_default().into_iter().filter(|c| Some(c.id.as_str()) != restored) {
+        let _ = network_lock::end(&ctx.dirs.state_dir, &c.dir, LockEnd::NeverRestored);
     }
 }
 
@@ -38,7 +29,7 @@ pub fn apply(ctx: &Context) -> Vec<String> {
         Ok(doomed) => {
             for c in doomed {
                 // The table would otherwise hold the old checkpoint's connections for good.
-                network_lock::release(&c.dir.join(DUMP_LOG));
+                let _ = network_lock::end(&ctx.dirs.state_dir, &c.dir, LockEnd::NeverRestored);
                 match ctx.store.remove(&c) {
                     Ok(()) => notes.push(format!(
                         "removed checkpoint {} (keep_checkpoints: {})",

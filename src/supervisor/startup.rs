@@ -75,7 +75,11 @@ pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<St
     }
     // A dump cut short (its supervisor died) may still hold CRIU's network lock.
     for dir in ctx.store.incomplete() {
-        crate::criu::network_lock::release(&dir.join(crate::criu::DUMP_LOG));
+        let _ = crate::criu::network_lock::end(
+            &ctx.dirs.state_dir,
+            &dir,
+            crate::criu::network_lock::LockEnd::NeverRestored,
+        );
     }
     ctx.store.remove_incomplete();
     let below = match pick {
@@ -286,7 +290,11 @@ fn quarantine(ctx: &Context, cp: &Checkpoint, reason: &str, explicit: bool) -> S
     match ctx.store.quarantine(&cp.id, reason) {
         Ok(moved) => {
             // It will never be restored, so nothing will remove its network lock otherwise.
-            crate::criu::network_lock::release(&moved.join(crate::criu::DUMP_LOG));
+            let _ = crate::criu::network_lock::end(
+                &ctx.dirs.state_dir,
+                &moved,
+                crate::criu::network_lock::LockEnd::NeverRestored,
+            );
             format!("{summary}; quarantined it in {}", moved.display())
         }
         Err(e) => format!("{summary}; failed to quarantine it: {e}"),
@@ -377,7 +385,8 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
     let pid = our_child(restored)?;
     let notes = restore_notes(ctx, cp, shm_notes, served.as_ref());
     // A restore that succeeded has removed the dump's network lock.
-    crate::criu::network_lock::mark_released(&cp.dir.join(crate::criu::DUMP_LOG));
+    let _ =
+        crate::criu::network_lock::end(&ctx.dirs.state_dir, &cp.dir, crate::criu::network_lock::LockEnd::RemovedByCriu);
     let _ = cp.clone().record_timings(|t| t.restore_ms = Some(restore_ms));
     Ok(Started {
         info: StartInfo {
