@@ -9,22 +9,6 @@ use common::*;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
-
-/// Runs a Python snippet as `user` (setpriv: a real other uid); returns its stdout.
-fn python_as(user: &str, code: &str) -> String {
-    let out = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c", code])
-        .output()
-        .expect("setpriv python3");
-    assert!(out.status.success(), "python as {user}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Committed checkpoints (a draft is a `.incomplete-` directory).
-fn checkpoints(env: &Env, name: &str) -> usize {
-    env.checkpoint_dirs(name).iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')).count()
-}
 
 fn drafts(env: &Env, name: &str) -> Vec<std::path::PathBuf> {
     env.checkpoint_dirs(name)
@@ -57,7 +41,7 @@ fn a_silent_client_stops_the_service_with_a_checkpoint_as_root_and_as_the_servic
     let lines = kill_port(kill);
     assert_eq!(lines.first().map(String::as_str), Some("Saving checkpoint of quiet and shutting down..."), "{lines:?}");
     assert!(lines.last().is_some_and(|l| l.starts_with("OK checkpoint")), "{lines:?}");
-    assert_eq!(checkpoints(&env, "quiet"), 1);
+    assert_eq!(committed_checkpoints(&env, "quiet"), 1);
     assert_eq!(env.status("quiet")["state"], "stopped");
 
     let back = env.start("quiet");
@@ -70,7 +54,7 @@ fn a_silent_client_stops_the_service_with_a_checkpoint_as_root_and_as_the_servic
     );
     let reply = python_as("stasis-example", &code);
     assert!(reply.lines().last().is_some_and(|l| l.starts_with("OK checkpoint")), "{reply}");
-    assert_eq!(checkpoints(&env, "quiet"), 2);
+    assert_eq!(committed_checkpoints(&env, "quiet"), 2);
     assert_eq!(env.status("quiet")["state"], "stopped");
     let back = env.start("quiet");
     assert_eq!(back["started_from"], "checkpoint", "{back}");
@@ -108,7 +92,7 @@ fn still_running_untouched(env: &Env, name: &str, port: u16, memory: &str) {
     wait_for("the service to be running again", || (env.status(name)["state"] == "running").then_some(()));
     let now = wait_for("the service to answer again", || http(port, "GET", "/", ""));
     assert_eq!(now, memory, "the same memory (token and hash)");
-    assert_eq!(checkpoints(env, name), 0, "no checkpoint was committed");
+    assert_eq!(committed_checkpoints(env, name), 0, "no checkpoint was committed");
     assert_eq!(drafts(env, name), Vec::<std::path::PathBuf>::new(), "the draft was discarded");
     assert_eq!(checkpoint_failures(env, name), 0, "a called-off stop is a refusal, not a failed checkpoint");
 }
@@ -147,7 +131,7 @@ fn a_slow_browser_or_tls_client_calls_the_stop_off_at_post_dump() {
     }
     // The resumed service is whole: a stop in words takes its checkpoint.
     env.ok(&["stop", "slowbrowser"]);
-    assert_eq!(checkpoints(&env, "slowbrowser"), 1);
+    assert_eq!(committed_checkpoints(&env, "slowbrowser"), 1);
     assert_eq!(env.status("slowbrowser")["state"], "stopped");
 }
 

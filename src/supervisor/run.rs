@@ -7,7 +7,7 @@ use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
 use super::ready::{Notifier, StartReport};
 use super::restart::{Decision, Exit, Restarts};
-use super::startup::{main_pid, start_service, Pick};
+use super::startup::{main_pid, start_service, Pick, StartInfo, Started};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
 use super::{Ended, StartError as Error, SupervisorError};
@@ -52,16 +52,23 @@ pub fn run(
         (None, true) => Pick::Cold,
         (None, false) => Pick::Newest,
     };
-    supervise(dirs, service, pick, notifier, foreground)
+    let opened = open(dirs, service, foreground)?;
+    supervise(opened, pick, notifier)
 }
 
-fn supervise(
-    dirs: Dirs,
-    service: Service,
-    pick: Pick,
-    notifier: &mut Notifier,
-    foreground: bool,
-) -> Result<Ended, Error> {
+/// What the supervisor holds for the service's whole life.
+struct Opened {
+    ctx: Arc<Context>,
+    kill_port: std::net::TcpListener,
+    control: std::os::unix::net::UnixListener,
+    log: LogWriter,
+    lock: lock::ServiceLock,
+}
+
+/// Everything before the service starts: the service's lock, its kill port and control socket,
+/// the subreaper, the log, and the namespace init's copy (verified before every use: a damaged
+/// copy is re-created here, never blamed on a checkpoint).
+fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error> {
     tracing::debug!("supervisor: begin");
     let criu = Criu::get_cached(&dirs.criu_version_cache())?;
     tracing::debug!("supervisor: criu found");
@@ -69,7 +76,7 @@ fn supervise(
     // Don't keep the caller's working directory busy for the service's lifetime.
     let _ = std::env::set_current_dir("/");
     let paths = dirs.service(&service.name);
-    let _lock = match lock::acquire(&paths.lock)
+    let lock = match lock::acquire(&paths.lock)
         .map_err(|source| SupervisorError::Lock { path: paths.lock.clone(), source })?
     {
         Acquired::Yes(l) => l,
@@ -92,7 +99,6 @@ fn supervise(
     nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
     let log = LogWriter::open(&paths.service_log(), foreground, service.log_max_bytes, service.log_keep)
         .map_err(|e| Error::io("open", paths.service_log(), e))?;
-    // Verified before every use: a damaged copy is re-created here, never blamed on a checkpoint.
     tracing::debug!("supervisor: listening");
     let mut cache = HashCache::load(dirs.hash_cache());
     let installed = init_binary::install(&dirs.init_binaries(), &mut cache)?;
@@ -106,24 +112,37 @@ fn supervise(
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
     let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, kernel_version });
-    let name = ctx.service.name.clone();
-
-    let restart_count = std::cell::Cell::new(0u32);
-    let record = |state, started: Option<&super::startup::StartInfo>, message: Option<String>| StatusRecord {
-        name: name.clone(),
-        state,
-        init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state.is_up()),
-        supervisor_pid: Some(std::process::id()),
-        started_from: started.map(|s| s.started_from),
-        restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
-        fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
-        since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
-        message,
-        restore_ms: started.and_then(|s| s.restore_ms),
-        restarts: restart_count.get(),
-    };
-
     tracing::debug!("supervisor: init installed");
+    Ok(Opened { ctx, kill_port, control, log, lock })
+}
+
+/// The status records of this supervisor's runs of the service.
+struct Records {
+    name: String,
+    restarts: std::cell::Cell<u32>,
+}
+
+impl Records {
+    fn record(&self, state: ServiceState, started: Option<&StartInfo>, message: Option<String>) -> StatusRecord {
+        StatusRecord {
+            name: self.name.clone(),
+            state,
+            init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state.is_up()),
+            supervisor_pid: Some(std::process::id()),
+            started_from: started.map(|s| s.started_from),
+            restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
+            fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
+            since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
+            message,
+            restore_ms: started.and_then(|s| s.restore_ms),
+            restarts: self.restarts.get(),
+        }
+    }
+}
+
+fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ended, Error> {
+    let Opened { ctx, kill_port, control, log, lock } = opened;
+    let records = Records { name: ctx.service.name.clone(), restarts: std::cell::Cell::new(0) };
     let progress = |line: String| {
         notifier.progress(&line);
         super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
@@ -135,13 +154,13 @@ fn supervise(
         }
         Ok(s)
     });
-    let super::startup::Started { info: started, output, notify } = match started {
+    let started = match started {
         Ok(s) => s,
         Err(e) => {
             log.note(&format!("failed to start: {e}"));
             let _ = StatusRecord {
                 message: Some(format!("failed to start: {e}")),
-                ..record(ServiceState::Failed, None, None)
+                ..records.record(ServiceState::Failed, None, None)
             }
             .write(&ctx.paths);
             return Err(match e {
@@ -151,6 +170,26 @@ fn supervise(
         }
     };
     tracing::debug!("supervisor: service started");
+    note_periodic(&ctx, &log);
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
+    let end = runtime.block_on(serve_runs(&ctx, kill_port, control, &log, &records, notifier, started))?;
+    let _ = std::fs::remove_file(&ctx.paths.control_socket);
+    super::metrics::write_file(&ctx.dirs, &ctx.host);
+    // `stop` returns once the lock is free; the kill port and control socket close with the
+    // runtime first, so a supervisor started right away can bind them. Deleting the files of
+    // checkpoints retention took away is nobody's wait.
+    drop(runtime);
+    drop(lock);
+    ctx.store.purge_removed();
+    Ok(match end.state {
+        State::Stopped => Ended::Stopped,
+        _ => Ended::Failed,
+    })
+}
+
+/// Says in the log what periodic checkpoints will be.
+fn note_periodic(ctx: &Context, log: &LogWriter) {
     if let Some(every) = ctx.service.checkpoint_every {
         let why = if ctx.criu.tracks_dirty_memory() {
             "stasis does not take incremental dumps yet".to_string()
@@ -163,207 +202,240 @@ fn supervise(
             ctx.service.full_every
         ));
     }
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
-    let end = runtime.block_on(async {
-        let kill_port = {
-            kill_port.set_nonblocking(true).map_err(|e| Error::io("configure", "the kill port", e))?;
-            tokio::net::TcpListener::from_std(kill_port).map_err(|e| Error::io("configure", "the kill port", e))?
-        };
-        let control = {
-            control.set_nonblocking(true).map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?;
-            tokio::net::UnixListener::from_std(control)
-                .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?
-        };
-        let mut ch = Channels::open(&ctx, Listeners { kill_port, control }, &log).map_err(SupervisorError::Runtime)?;
-        let mut restarts = Restarts::new(&ctx.service);
-        let mut current = super::startup::Started { info: started, output, notify };
-        let mut first = true;
-        let end = 'runs: loop {
-            let super::startup::Started { info: started, output, notify } = current;
-            let init_pid = started.init_pid;
-            let began = std::time::Instant::now();
-            // Only a restart can prove a checkpoint bad: the run `start` began may have gone on
-            // for days (and taken newer checkpoints) before it exited.
-            let restored_generation =
-                started.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
-            let mut pump = Some(spawn_pump(output, log.clone()));
-            // `ready:`: the start counts only once the service answers (its output is pumped
-            // meanwhile, so it never blocks on a full pipe).
-            let mut end = None;
-            if let Some(ready) = ctx.service.ready.clone() {
-                let probe_ctx = ctx.clone();
-                let waits = notifier.for_progress();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref(), &|l| waits.progress(&l))
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
-                if let Err(why) = outcome {
-                    let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
-                    let _ = nix::sys::wait::waitpid(init_pid, None);
-                    if let Some(p) = pump.take() {
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), p).await;
-                    }
-                    let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
-                    let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
-                    log.note(&msg);
-                    let _ = StatusRecord { message: Some(msg.clone()), ..record(ServiceState::Failed, None, None) }
-                        .write(&ctx.paths);
-                    if first {
-                        return Err(Error::StartFailed(msg));
-                    }
-                    end = Some(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
-                }
+}
+
+/// The runs of the service, from the first start through every restart `restart:` allows,
+/// until it is stopped or gone for good.
+async fn serve_runs(
+    ctx: &Arc<Context>,
+    kill_port: std::net::TcpListener,
+    control: std::os::unix::net::UnixListener,
+    log: &LogWriter,
+    records: &Records,
+    notifier: &mut Notifier,
+    first_start: Started,
+) -> Result<LoopEnd, Error> {
+    let kill_port = {
+        kill_port.set_nonblocking(true).map_err(|e| Error::io("configure", "the kill port", e))?;
+        tokio::net::TcpListener::from_std(kill_port).map_err(|e| Error::io("configure", "the kill port", e))?
+    };
+    let control = {
+        control.set_nonblocking(true).map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?;
+        tokio::net::UnixListener::from_std(control)
+            .map_err(|e| Error::io("configure", ctx.paths.control_socket.clone(), e))?
+    };
+    let mut ch = Channels::open(ctx, Listeners { kill_port, control }, log).map_err(SupervisorError::Runtime)?;
+    let mut restarts = Restarts::new(&ctx.service);
+    let mut current = first_start;
+    let mut first = true;
+    let end = loop {
+        let began = std::time::Instant::now();
+        // Only a restart can prove a checkpoint bad: the run `start` began may have gone on
+        // for days (and taken newer checkpoints) before it exited.
+        let restored_generation =
+            current.info.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
+        let end = one_run(ctx, &mut ch, log, records, notifier, current, first).await?;
+        first = false;
+        if end.state != State::Failed {
+            break end;
+        }
+        match after_exit(ctx, &mut ch, log, records, &mut restarts, end, began, restored_generation).await {
+            Next::Run(s) => current = s,
+            Next::End(end) => break end,
+        }
+    };
+    // Requests that came in while it finished still get an answer: the checkpoint they
+    // asked for if it was taken, else why not.
+    let late = match (&end.state, &end.last_outcome) {
+        (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
+        _ => Err(format!("{} is not running any more", ctx.service.name)),
+    };
+    ch.close(&ctx.service.name, late).await;
+    tracing::debug!("loop: exiting");
+    log.note(&format!("supervisor exiting: {}", end.message));
+    super::systemd::stopping(&end.message);
+    Ok(end)
+}
+
+/// One run of the service: its readiness (`ready:`), the report of its start, then the event
+/// loop until it ends. A first run that never became ready is the start's failure.
+async fn one_run(
+    ctx: &Arc<Context>,
+    ch: &mut Channels,
+    log: &LogWriter,
+    records: &Records,
+    notifier: &mut Notifier,
+    current: Started,
+    first: bool,
+) -> Result<LoopEnd, Error> {
+    let Started { info: started, output, notify } = current;
+    let init_pid = started.init_pid;
+    let pump = spawn_pump(output, log.clone());
+    // `ready:`: the start counts only once the service answers (its output is pumped
+    // meanwhile, so it never blocks on a full pipe).
+    if let Some(ready) = ctx.service.ready.clone() {
+        let probe_ctx = ctx.clone();
+        let waits = notifier.for_progress();
+        let outcome = tokio::task::spawn_blocking(move || {
+            super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref(), &|l| waits.progress(&l))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
+        if let Err(why) = outcome {
+            let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(init_pid, None);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
+            let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
+            let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
+            log.note(&msg);
+            let _ = StatusRecord { message: Some(msg.clone()), ..records.record(ServiceState::Failed, None, None) }
+                .write(&ctx.paths);
+            if first {
+                return Err(Error::StartFailed(msg));
             }
-            let end = match (end, pump) {
-                (Some(failed), _) => failed,
-                // Taken only when the readiness check failed, which set `end`.
-                (None, None) => {
-                    LoopEnd { state: State::Failed, message: "exited".into(), exit: None, last_outcome: None }
-                }
-                (None, Some(pump)) => {
-                    announce(&log, &started, first);
-                    record(ServiceState::Running, Some(&started), None).write(&ctx.paths)?;
-                    tracing::debug!("supervisor: status written");
-                    // Done before `start` is told, so what it reports is already so on disk and in nftables.
-                    for n in super::retention::apply(&ctx) {
-                        log.note(&n);
-                    }
-                    super::retention::release_stale_locks(&ctx, started.checkpoint.as_deref());
-                    // Counted before `start` is told, so what it reports is already in the metrics.
-                    crate::store::counters::bump(&ctx.paths.root, |c| {
-                        match started.started_from {
-                            StartedFrom::Checkpoint => c.restores += 1,
-                            StartedFrom::Cold => c.cold_starts += 1,
-                        }
-                        if started.fallback_reason.is_some() {
-                            c.restore_fallbacks += 1;
-                        }
-                        if !first {
-                            c.restarts += 1;
-                        }
-                    });
-                    super::metrics::write_file(&ctx.dirs, &ctx.host);
-                    tracing::debug!("supervisor: reporting");
-                    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-                    notifier.send(&StartReport {
-                        ok: true,
-                        pid: Some(pid),
-                        started_from: Some(started.started_from),
-                        checkpoint: started.checkpoint.clone(),
-                        fallback_reason: started.fallback_reason.clone(),
-                        error: None,
-                        exit_code: None,
-                        warnings: started.notes.clone(),
-                    });
-                    let purge = ctx.clone();
-                    // A thread that ends with the work (a blocking-pool thread would linger and
-                    // wake up later to exit: an idle supervisor does not wake up).
-                    std::thread::spawn(move || purge.store.purge_removed());
-                    let paths = ctx.paths.clone();
-                    let on_change = |state: State, message: Option<&str>| {
-                        let s = match state {
-                            State::Stopped => ServiceState::Stopped,
-                            State::Failed => ServiceState::Failed,
-                            State::Checkpointing { .. } => ServiceState::Checkpointing,
-                            _ => ServiceState::Running,
-                        };
-                        let _ = record(s, Some(&started), message.map(str::to_string)).write(&paths);
-                    };
-                    let on_queued = |queued: bool| {
-                        let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
-                        let _ = record(s, Some(&started), None).write(&paths);
-                    };
-                    run_loop(ctx.clone(), init_pid, &mut ch, log.clone(), pump, on_change, on_queued)
-                        .await
-                        .map_err(SupervisorError::Runtime)?
-                }
-            };
-            first = false;
-            if end.state != State::Failed {
-                break end;
-            }
-            // It exited by itself: `restart:` says whether it comes back, after how long, from what.
-            let (mut exit, mut began, mut restored_generation) = (end.exit, began, restored_generation);
-            loop {
-                let now = std::time::Instant::now();
-                let decision = restarts.after_exit(exit.unwrap_or(Exit::Unknown), began, now, restored_generation);
-                let (after, pick, number) = match decision {
-                    Decision::Stay => break 'runs end,
-                    Decision::GiveUp(why) => {
-                        let msg = format!("{}; {why}", end.message);
-                        log.note(&msg);
-                        let _ = record(ServiceState::Failed, None, Some(msg.clone())).write(&ctx.paths);
-                        break 'runs LoopEnd { message: msg, ..end };
-                    }
-                    Decision::Restart { after, below_generation, cold, number } => {
-                        let pick = if cold { Pick::Cold } else { Pick::AfterExit { below_generation } };
-                        (after, pick, number)
-                    }
-                };
-                let msg = format!(
-                    "{}; restarting it in {} (restart {number}; restart_limit: {} in {})",
-                    end.message,
-                    crate::time_fmt::human_duration(after),
-                    ctx.service.restart_limit.count,
-                    crate::time_fmt::human_duration(ctx.service.restart_limit.within)
-                );
-                log.note(&msg);
-                let _ = record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
-                super::systemd::status("restarting");
-                if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
-                    log.note(&why);
-                    let _ = record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
-                    break 'runs LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None };
-                }
-                restart_count.set(restart_count.get() + 1);
-                let (c, probation_log) = (ctx.clone(), log.clone());
-                let restarted = tokio::task::spawn_blocking(move || {
-                    let s = start_service(&c, pick, &|_| {})?;
-                    if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
-                        super::startup::survives_probation(&s, &c.service.name, &probation_log)?;
-                    }
-                    Ok::<_, Error>(s)
-                })
-                .await
-                .unwrap_or_else(|e| Err(Error::StartFailed(format!("the restart panicked: {e}"))));
-                match restarted {
-                    Ok(s) => {
-                        current = s;
-                        continue 'runs;
-                    }
-                    Err(e) => {
-                        log.note(&format!("failed to restart: {e}"));
-                        (exit, began, restored_generation) = (None, std::time::Instant::now(), None);
-                    }
-                }
-            }
+            return Ok(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
+        }
+    }
+    report_started(ctx, log, records, notifier, &started, first)?;
+    let paths = ctx.paths.clone();
+    let on_change = |state: State, message: Option<&str>| {
+        let s = match state {
+            State::Stopped => ServiceState::Stopped,
+            State::Failed => ServiceState::Failed,
+            State::Checkpointing { .. } => ServiceState::Checkpointing,
+            _ => ServiceState::Running,
         };
-        // Requests that came in while it finished still get an answer: the checkpoint they
-        // asked for if it was taken, else why not.
-        let late = match (&end.state, &end.last_outcome) {
-            (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
-            _ => Err(format!("{} is not running any more", ctx.service.name)),
-        };
-        ch.close(&ctx.service.name, late).await;
-        tracing::debug!("loop: exiting");
-        log.note(&format!("supervisor exiting: {}", end.message));
-        super::systemd::stopping(&end.message);
-        Ok::<_, Error>(end)
-    })?;
-    let _ = std::fs::remove_file(&ctx.paths.control_socket);
+        let _ = records.record(s, Some(&started), message.map(str::to_string)).write(&paths);
+    };
+    let on_queued = |queued: bool| {
+        let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
+        let _ = records.record(s, Some(&started), None).write(&paths);
+    };
+    Ok(run_loop(ctx.clone(), init_pid, ch, log.clone(), pump, on_change, on_queued)
+        .await
+        .map_err(SupervisorError::Runtime)?)
+}
+
+/// What a run that started reports, in this order, so that what `start` hears is already so on
+/// disk, in nftables and in the metrics: the status, retention and stale network locks, the
+/// counters, then the start report.
+fn report_started(
+    ctx: &Arc<Context>,
+    log: &LogWriter,
+    records: &Records,
+    notifier: &mut Notifier,
+    started: &StartInfo,
+    first: bool,
+) -> Result<(), Error> {
+    announce(log, started, first);
+    records.record(ServiceState::Running, Some(started), None).write(&ctx.paths)?;
+    tracing::debug!("supervisor: status written");
+    for n in super::retention::apply(ctx) {
+        log.note(&n);
+    }
+    super::retention::release_stale_locks(ctx, started.checkpoint.as_deref());
+    crate::store::counters::bump(&ctx.paths.root, |c| {
+        match started.started_from {
+            StartedFrom::Checkpoint => c.restores += 1,
+            StartedFrom::Cold => c.cold_starts += 1,
+        }
+        if started.fallback_reason.is_some() {
+            c.restore_fallbacks += 1;
+        }
+        if !first {
+            c.restarts += 1;
+        }
+    });
     super::metrics::write_file(&ctx.dirs, &ctx.host);
-    // `stop` returns once the lock is free; the kill port and control socket close with the
-    // runtime first, so a supervisor started right away can bind them. Deleting the files of
-    // checkpoints retention took away is nobody's wait.
-    drop(runtime);
-    drop(_lock);
-    ctx.store.purge_removed();
-    Ok(match end.state {
-        State::Stopped => Ended::Stopped,
-        _ => Ended::Failed,
-    })
+    tracing::debug!("supervisor: reporting");
+    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
+    notifier.send(&StartReport {
+        ok: true,
+        pid: Some(pid),
+        started_from: Some(started.started_from),
+        checkpoint: started.checkpoint.clone(),
+        fallback_reason: started.fallback_reason.clone(),
+        error: None,
+        exit_code: None,
+        warnings: started.notes.clone(),
+    });
+    let purge = ctx.clone();
+    // A thread that ends with the work (a blocking-pool thread would linger and wake up later
+    // to exit: an idle supervisor does not wake up).
+    std::thread::spawn(move || purge.store.purge_removed());
+    Ok(())
+}
+
+/// After a run that failed: another run, or the end.
+enum Next {
+    Run(Started),
+    End(LoopEnd),
+}
+
+/// The service exited by itself: `restart:` says whether it comes back, after how long, from
+/// what; a restart that fails to start is judged as an exit of its own.
+#[allow(clippy::too_many_arguments)]
+async fn after_exit(
+    ctx: &Arc<Context>,
+    ch: &mut Channels,
+    log: &LogWriter,
+    records: &Records,
+    restarts: &mut Restarts,
+    end: LoopEnd,
+    began: std::time::Instant,
+    restored_generation: Option<u64>,
+) -> Next {
+    let (mut exit, mut began, mut restored_generation) = (end.exit, began, restored_generation);
+    loop {
+        let now = std::time::Instant::now();
+        let decision = restarts.after_exit(exit.unwrap_or(Exit::Unknown), began, now, restored_generation);
+        let (after, pick, number) = match decision {
+            Decision::Stay => return Next::End(end),
+            Decision::GiveUp(why) => {
+                let msg = format!("{}; {why}", end.message);
+                log.note(&msg);
+                let _ = records.record(ServiceState::Failed, None, Some(msg.clone())).write(&ctx.paths);
+                return Next::End(LoopEnd { message: msg, ..end });
+            }
+            Decision::Restart { after, below_generation, cold, number } => {
+                let pick = if cold { Pick::Cold } else { Pick::AfterExit { below_generation } };
+                (after, pick, number)
+            }
+        };
+        let msg = format!(
+            "{}; restarting it in {} (restart {number}; restart_limit: {} in {})",
+            end.message,
+            crate::time_fmt::human_duration(after),
+            ctx.service.restart_limit.count,
+            crate::time_fmt::human_duration(ctx.service.restart_limit.within)
+        );
+        log.note(&msg);
+        let _ = records.record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
+        super::systemd::status("restarting");
+        if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
+            log.note(&why);
+            let _ = records.record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
+            return Next::End(LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None });
+        }
+        records.restarts.set(records.restarts.get() + 1);
+        let (c, probation_log) = (ctx.clone(), log.clone());
+        let restarted = tokio::task::spawn_blocking(move || {
+            let s = start_service(&c, pick, &|_| {})?;
+            if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
+                super::startup::survives_probation(&s, &c.service.name, &probation_log)?;
+            }
+            Ok::<_, Error>(s)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::StartFailed(format!("the restart panicked: {e}"))));
+        match restarted {
+            Ok(s) => return Next::Run(s),
+            Err(e) => {
+                log.note(&format!("failed to restart: {e}"));
+                (exit, began, restored_generation) = (None, std::time::Instant::now(), None);
+            }
+        }
+    }
 }
 
 /// Says in the log (and to systemd) how this run of the service began.

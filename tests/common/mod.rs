@@ -291,3 +291,18 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
         (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
     std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
+
+/// Runs a Python snippet as `user` (setpriv: a real other uid); returns its stdout.
+pub fn python_as(user: &str, code: &str) -> String {
+    let out = Command::new("setpriv")
+        .args(["--reuid", user, "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c", code])
+        .output()
+        .expect("setpriv python3");
+    assert!(out.status.success(), "python as {user}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many committed checkpoints `name` has (a draft is a `.incomplete-` directory).
+pub fn committed_checkpoints(env: &Env, name: &str) -> usize {
+    env.checkpoint_dirs(name).iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')).count()
+}

@@ -5,21 +5,6 @@
 use super::common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
-
-/// Runs a Python snippet as `user` (setpriv: a real other uid); returns its stdout.
-fn python_as(user: &str, code: &str) -> String {
-    let out = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c", code])
-        .output()
-        .expect("setpriv python3");
-    assert!(out.status.success(), "python as {user}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn checkpoints(env: &Env, name: &str) -> usize {
-    env.checkpoint_dirs(name).iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')).count()
-}
 
 fn started(env: &Env, name: &str, extra: &str) -> (u16, u16) {
     let [kill, http] = free_ports::<2>();
@@ -52,7 +37,7 @@ fn connecting_and_closing_at_once_never_stops_a_service() {
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(http_json(http).is_some(), "the service still runs");
-    assert_eq!(checkpoints(&env, "closers"), 0, "nothing was dumped");
+    assert_eq!(committed_checkpoints(&env, "closers"), 0, "nothing was dumped");
     assert_eq!(env.status("closers")["state"], "running");
 
     // A flood of refusals is logged at a bounded rate: the service's log is its own.
@@ -67,7 +52,7 @@ fn connecting_and_closing_at_once_never_stops_a_service() {
         ),
     );
     assert!(lines.lines().last().is_some_and(|l| l.starts_with("OK checkpoint")), "{lines}");
-    assert_eq!(checkpoints(&env, "closers"), 1);
+    assert_eq!(committed_checkpoints(&env, "closers"), 1);
 }
 
 #[test]
@@ -102,7 +87,7 @@ fn tls_hellos_and_any_http_verb_are_refused_even_from_the_service_user() {
         assert!(refused(&reply, "refused: the kill port of browsed takes only"), "{other}: {reply}");
     }
     assert!(http_json(http).is_some(), "the service still runs");
-    assert_eq!(checkpoints(&env, "browsed"), 0, "nothing was dumped");
+    assert_eq!(committed_checkpoints(&env, "browsed"), 0, "nothing was dumped");
 
     // The line telnet sends when the operator types `stop` works.
     let mut s = TcpStream::connect(("127.0.0.1", kill)).unwrap();
@@ -130,7 +115,7 @@ fn a_silent_client_that_leaves_before_its_stop_is_done_stops_nothing() {
         wait_for("the service to run again", || (env.status("leaver")["state"] == "running").then_some(()));
     }
     assert!(http_json(http).is_some(), "the service still runs");
-    assert_eq!(checkpoints(&env, "leaver"), 0);
+    assert_eq!(committed_checkpoints(&env, "leaver"), 0);
     // A client that stays is the operator: it is answered in full.
     let lines: Vec<String> =
         BufReader::new(TcpStream::connect(("127.0.0.1", kill)).unwrap()).lines().map_while(Result::ok).collect();
