@@ -1179,46 +1179,4 @@ mod tests {
         let out = s.finish();
         assert!(out.notes.iter().any(|n| n.contains("images/pages-1.img") && n.contains("missing")), "{:?}", out.notes);
     }
-
-    /// `cargo test --release --bin stasis -- --ignored serve_speed --nocapture`: how fast one
-    /// image of 1 GiB is served (checked and written into a pipe) to a reader that only reads.
-    #[test]
-    #[ignore]
-    fn serve_speed() {
-        let d = tempfile::tempdir().unwrap();
-        let mib = 1024;
-        let big: Vec<u8> = (0..mib << 20).map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let cp = checkpoint(d.path(), &[("pages-1.img", big)], false, None);
-        for round in 0..3 {
-            let s = super::Streamer::start(&cp, None).unwrap();
-            let mut criu = FakeCriu::connect(&s);
-            let t = std::time::Instant::now();
-            let ru0 = cpu();
-            let mut pipe = criu.open("pages-1.img").unwrap();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut n = 0usize;
-            loop {
-                let k = std::io::Read::read(&mut pipe, &mut buf).unwrap();
-                if k == 0 {
-                    break;
-                }
-                n += k;
-            }
-            let el = t.elapsed();
-            eprintln!(
-                "round {round}: {n} bytes in {el:?}: {:.0} MiB/s; process cpu {:.2}s",
-                n as f64 / (1 << 20) as f64 / el.as_secs_f64(),
-                cpu() - ru0
-            );
-            drop(criu);
-            s.finish();
-        }
-    }
-
-    fn cpu() -> f64 {
-        use nix::sys::resource::{getrusage, UsageWho};
-        let ru = getrusage(UsageWho::RUSAGE_SELF).unwrap();
-        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-        secs(ru.user_time()) + secs(ru.system_time())
-    }
 }
