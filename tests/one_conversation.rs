@@ -133,7 +133,32 @@ fn leftovers(dir: &Path, out: &mut Vec<String>) {
 
 #[test]
 fn a_stop_runs_criu_and_nothing_else_and_leaves_no_marker_or_socket() {
+    one_stop(false);
+}
+
+/// With a CRIU kept warm (`warm_criu: on`), the supervisor started criu before the stop, while
+/// the service ran: the stop itself starts no program at all, and the dump is that criu's.
+#[test]
+fn a_stop_with_a_warm_criu_starts_no_program_and_leaves_no_marker_or_socket() {
+    one_stop(true);
+}
+
+/// The criu processes `pid` started and still has.
+fn criu_children(pid: i32) -> Vec<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let mut kids = Vec::new();
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        kids.extend(text.split_whitespace().filter_map(|k| k.parse::<i32>().ok()));
+    }
+    kids.retain(|k| std::fs::read_link(format!("/proc/{k}/exe")).is_ok_and(|e| e.ends_with("criu")));
+    kids
+}
+
+fn one_stop(warm: bool) {
     let env = Env::new();
+    let setting = if warm { "on" } else { "off" };
+    std::fs::write(env.path().join("stasis.yaml"), format!("warm_criu: {setting}\n")).unwrap();
     let [kill, http_port] = free_ports::<2>();
     env.write_service("conv", &notes_yaml(kill, http_port, ""));
     env.start("conv");
@@ -144,6 +169,12 @@ fn a_stop_runs_criu_and_nothing_else_and_leaves_no_marker_or_socket() {
     let service = pid_in(&st["pid"]).expect("a service pid");
     let mut sockets_before = Vec::new();
     leftovers(&env.state_dir(), &mut sockets_before);
+    let warm_criu = if warm {
+        wait_for("a warm criu", || criu_children(supervisor).first().copied())
+    } else {
+        assert_eq!(criu_children(supervisor), Vec::<i32>::new(), "warm_criu: off, yet a criu waits");
+        0
+    };
 
     let events = ProcEvents::listen();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -167,6 +198,11 @@ fn a_stop_runs_criu_and_nothing_else_and_leaves_no_marker_or_socket() {
     // The supervisor's new processes (and theirs), apart from the service's own tree.
     let mut parent_of: BTreeMap<i32, i32> = BTreeMap::new();
     let mut ours: BTreeSet<i32> = BTreeSet::from([supervisor]);
+    // A warm criu was the supervisor's before the stop: what it starts is the checkpoint's too.
+    if warm {
+        ours.insert(warm_criu);
+        parent_of.insert(warm_criu, supervisor);
+    }
     let mut service_tree: BTreeSet<i32> = BTreeSet::from([service]);
     let mut execs: Vec<(i32, String)> = Vec::new();
     for e in &seen {
@@ -185,10 +221,18 @@ fn a_stop_runs_criu_and_nothing_else_and_leaves_no_marker_or_socket() {
         }
     }
     eprintln!("the supervisor's programs during the stop: {execs:?} (of {} new processes)", ours.len() - 1);
-    // Started by the supervisor itself: criu, once.
+    // Started by the supervisor itself: criu, once; or nothing, with the warm criu doing the dump.
     let direct: Vec<&(i32, String)> = execs.iter().filter(|(p, _)| parent_of.get(p) == Some(&supervisor)).collect();
-    assert_eq!(direct.len(), 1, "one program started by the supervisor for one checkpoint: {execs:?}");
-    assert!(direct[0].1.ends_with("/criu"), "the supervisor started {} for the checkpoint, not criu", direct[0].1);
+    let dumper = if warm {
+        assert_eq!(direct.len(), 0, "the supervisor started a program with a warm criu waiting: {execs:?}");
+        assert!(!Path::new(&format!("/proc/{warm_criu}")).exists(), "the warm criu {warm_criu} outlived the dump");
+        warm_criu
+    } else {
+        assert_eq!(direct.len(), 1, "one program started by the supervisor for one checkpoint: {execs:?}");
+        assert!(direct[0].1.ends_with("/criu"), "the supervisor started {} for the checkpoint, not criu", direct[0].1);
+        direct[0].0
+    };
+
     // Anything else was started by criu for its own work (tar for a tmpfs, ip or iptables for a
     // network namespace): never stasis, which CRIU used to run as its action script.
     let stasis = std::fs::canonicalize(env!("CARGO_BIN_EXE_stasis")).unwrap();
@@ -199,7 +243,7 @@ fn a_stop_runs_criu_and_nothing_else_and_leaves_no_marker_or_socket() {
         while parent_of.get(&up).is_some_and(|p| *p != supervisor) {
             up = parent_of[&up];
         }
-        assert_eq!(up, direct[0].0, "pid {pid} ({exe}) was not started by criu");
+        assert_eq!(up, dumper, "pid {pid} ({exe}) was not started by criu");
     }
 
     let mut after = Vec::new();

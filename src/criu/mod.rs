@@ -15,6 +15,7 @@ pub mod page_server;
 pub mod post_dump;
 mod requests;
 pub mod rpc;
+pub mod standby;
 pub mod stats;
 pub mod streamer;
 

@@ -16,7 +16,7 @@ use super::page_server::{PageServerError, Received};
 use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
 use super::{Criu, CriuError};
 use crate::store::stored::Transform;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -56,13 +56,13 @@ impl Criu {
         // CRIU opens the work dir through /proc/OUR_PID/fd/N: it must stay open meanwhile.
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
-        let (ours, theirs) =
-            page_server_pair().map_err(|source| CriuError::Spawn { path: self.path.clone(), source })?;
-        let req = dump_request(args, &work, &config, &theirs);
-        let mut swrk = Swrk::start(&self.path, &[theirs.as_fd()], Some(&log), deadline)
-            .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        // Only criu holds its end now: if it dies, the page server hears the end of the stream.
-        drop(theirs);
+        let super::standby::Warm { mut swrk, pages: ours, pages_fd } = match super::standby::take(&self.path) {
+            Some(warm) => warm,
+            None => self.cold_swrk(deadline)?,
+        };
+        swrk.renew(deadline);
+        swrk.capture_log(&log);
+        let req = dump_request(args, &work, &config, pages_fd);
         spawned(swrk.pid());
         std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -100,8 +100,21 @@ impl Criu {
     }
 }
 
-/// The request: the images into `args.images_dir`, the pages to our page server through `theirs`.
-fn dump_request(args: &DumpArgs, work: &std::fs::File, config: &Path, theirs: &OwnedFd) -> pb::CriuReq {
+impl Criu {
+    /// A criu of the dump's own, started now (no warm one was ready: criu::standby).
+    fn cold_swrk(&self, deadline: Instant) -> Result<super::standby::Warm, CriuError> {
+        let spawn = |source| CriuError::Spawn { path: self.path.clone(), source };
+        let (pages, theirs) = page_server_pair().map_err(spawn)?;
+        let swrk = Swrk::spawn(&self.path, &[theirs.as_fd()], true, deadline)
+            .map_err(|e| spawn(std::io::Error::other(e.to_string())))?;
+        // Only criu holds its end now: if it dies, the page server hears the end of the stream.
+        Ok(super::standby::Warm { swrk, pages, pages_fd: theirs.as_raw_fd() })
+    }
+}
+
+/// The request: the images into `args.images_dir`, the pages to our page server through
+/// criu's descriptor `pages_fd`.
+fn dump_request(args: &DumpArgs, work: &std::fs::File, config: &Path, pages_fd: RawFd) -> pb::CriuReq {
     let opts = pb::CriuOpts {
         images_dir_fd: -1,
         images_dir: Some(args.images_dir.display().to_string()),
@@ -112,7 +125,7 @@ fn dump_request(args: &DumpArgs, work: &std::fs::File, config: &Path, theirs: &O
         log_to_stderr: Some(true),
         log_level: Some(LOG_LEVEL),
         config_file: Some(config.display().to_string()),
-        ps: Some(pb::CriuPageServerInfo { fd: Some(theirs.as_raw_fd()), ..Default::default() }),
+        ps: Some(pb::CriuPageServerInfo { fd: Some(pages_fd), ..Default::default() }),
         ..Default::default()
     };
     pb::CriuReq { r#type: pb::CriuReqType::Dump as i32, opts: Some(opts), ..Default::default() }
@@ -168,7 +181,7 @@ fn with_pages(
 
 /// The socket pair pages come through: stream sockets with large buffers, so CRIU's splices
 /// rarely wait for the receiver. Only our end is close-on-exec; criu's is handed over.
-fn page_server_pair() -> std::io::Result<(std::os::unix::net::UnixStream, OwnedFd)> {
+pub(super) fn page_server_pair() -> std::io::Result<(std::os::unix::net::UnixStream, OwnedFd)> {
     use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
         .map_err(std::io::Error::from)?;

@@ -106,6 +106,17 @@ impl Swrk {
         log: Option<&Path>,
         deadline: Instant,
     ) -> Result<Swrk, RpcError> {
+        let mut swrk = Swrk::spawn(criu, inherit, log.is_some(), deadline)?;
+        if let Some(path) = log {
+            swrk.capture_log(path);
+        }
+        Ok(swrk)
+    }
+
+    /// Starts `criu swrk` with its stderr kept in a pipe (when `piped`) until [`Swrk::capture_log`]
+    /// says where it goes: a CRIU started ahead of its request (criu::standby) learns the log's
+    /// place only then, and the pipe holds what it wrote meanwhile.
+    pub fn spawn(criu: &Path, inherit: &[BorrowedFd<'_>], piped: bool, deadline: Instant) -> Result<Swrk, RpcError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(RpcError::Socket)?;
@@ -121,7 +132,7 @@ impl Swrk {
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if log.is_some() { Stdio::piped() } else { Stdio::null() });
+            .stderr(if piped { Stdio::piped() } else { Stdio::null() });
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // The descriptors reach criu by staying open across its exec (no pre_exec hook: that
         // would make std fork the whole supervisor instead of using posix_spawn).
@@ -132,17 +143,52 @@ impl Swrk {
         let child = cmd.spawn().map_err(|source| RpcError::Spawn { path: criu.to_path_buf(), source });
         drop(guards);
         drop(theirs);
-        let mut child = child?;
-        let log = match (log, child.stderr.take()) {
-            (Some(path), Some(stderr)) => {
-                // Best effort: a smaller pipe only means more wake-ups.
-                // SAFETY: F_SETPIPE_SZ on a pipe fd we own.
-                unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, super::log_capture::PIPE_SIZE) };
-                Some(super::log_capture::spawn(stderr, path.to_path_buf()))
-            }
-            _ => None,
+        let child = child?;
+        if let Some(stderr) = &child.stderr {
+            // Best effort: a smaller pipe only means more wake-ups.
+            // SAFETY: F_SETPIPE_SZ on a pipe fd we own.
+            unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, super::log_capture::PIPE_SIZE) };
+        }
+        Ok(Swrk { child, sock: ours, deadline, started: Instant::now(), log: None })
+    }
+
+    /// Copies criu's stderr (its log, with `log_to_stderr`) into `path` from now on, with what
+    /// the pipe already holds first; a criu started without a pipe has nothing to copy.
+    pub fn capture_log(&mut self, path: &Path) {
+        if let Some(stderr) = self.child.stderr.take() {
+            self.log = Some(super::log_capture::spawn(stderr, path.to_path_buf()));
+        }
+    }
+
+    /// Gives the conversation a new deadline (and restarts its clock): a criu started ahead of
+    /// its request is timed from the request.
+    pub fn renew(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        self.started = Instant::now();
+    }
+
+    /// Has criu probe the kernel now, for the request that will follow on this same process: a
+    /// feature check it keeps the conversation open after (CRIU patch 0004 keeps what the probe
+    /// learned; without it the probe is only repeated later).
+    pub fn warm_up(&mut self) -> Result<(), RpcError> {
+        let req = pb::CriuReq {
+            r#type: pb::CriuReqType::FeatureCheck as i32,
+            keep_open: Some(true),
+            // CRIU reads the features asked for unconditionally: the message must be there.
+            features: Some(pb::CriuFeatures::default()),
+            ..Default::default()
         };
-        Ok(Swrk { child, sock: ours, deadline, started: Instant::now(), log })
+        let reply = self.call(&req, &mut |_| Answer::Proceed)?;
+        if reply.resp.success {
+            Ok(())
+        } else {
+            Err(RpcError::Ended { status: "it could not probe the kernel's features".into() })
+        }
+    }
+
+    /// Whether criu still runs (a parked one may have died).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// criu's pid (progress, and the tree a dump freezes is its tracee).

@@ -348,6 +348,7 @@ impl<'a> Run<'a> {
                 unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
             });
         let periodic = ctx.service.checkpoint_every.map(|d| Box::pin(tokio::time::sleep(d)));
+        warm_criu(&ctx);
         Run {
             ctx,
             init_pid,
@@ -557,6 +558,7 @@ impl<'a> Run<'a> {
         self.report.dump_finished(&outcome, called_off);
         if new_state == State::Running {
             self.arm_periodic();
+            warm_criu(&self.ctx);
         }
         for w in self.waiters.drain(..) {
             let _ = w.reply.send(outcome.clone());
@@ -594,6 +596,8 @@ impl<'a> Run<'a> {
     /// output in the pipe: waits for both, so nothing is lost and no zombie stays; then answers
     /// whoever still waits.
     async fn finish(mut self, sigchld: &mut tokio::signal::unix::Signal, pump: tokio::task::JoinHandle<()>) -> LoopEnd {
+        // The run is over: a criu kept warm for its next dump has nothing left to dump.
+        crate::criu::standby::discard();
         let deadline = tokio::time::Instant::now() + FINISH_TIMEOUT;
         while self.reap().is_none() && self.exit_message.is_none() {
             tokio::select! {
@@ -644,6 +648,23 @@ impl<'a> Run<'a> {
 /// Ready once the service's init has exited (its pidfd is readable).
 async fn exit_of(exited: &Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>) {
     let _ = exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready());
+}
+
+/// Has a CRIU warm up for the service's next dump, where the host wants one (criu::standby).
+fn warm_criu(ctx: &Context) {
+    use crate::config::host::WarmCriu;
+    let wanted = match ctx.host.warm_criu {
+        WarmCriu::On => true,
+        WarmCriu::Off => false,
+        WarmCriu::Auto => crate::criu::standby::worth_it(),
+    };
+    // As many warm criu processes on the host as dumps may run at once: a host of many services
+    // must not keep an idle criu for each (the others start theirs when they dump).
+    if wanted && !crate::criu::standby::parked(&ctx.criu.path) {
+        if let Some(slot) = super::slots::try_acquire(&ctx.dirs.slots(), "warm-criu", ctx.host.max_concurrent_dumps) {
+            crate::criu::standby::prepare(&ctx.criu.path, Box::new(slot));
+        }
+    }
 }
 
 fn without_checkpoint(exit: &str) -> String {

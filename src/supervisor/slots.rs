@@ -74,6 +74,14 @@ pub fn acquire(dir: &Path, kind: SlotKind, capacity: usize, on_wait: impl FnOnce
 }
 
 /// A ticket file, locked before it gets its final name so nobody can mistake it for a dead one.
+/// One of `capacity` slots named `name`, only if one is free at once (no queue, no wait): for
+/// what is worth having but never worth waiting for (a warm criu, criu::standby).
+pub fn try_acquire(dir: &Path, name: &str, capacity: usize) -> Option<Flock<File>> {
+    crate::store::durable::create_dir_with_mode(dir, 0o700).ok()?;
+    (0..capacity.max(1))
+        .find_map(|i| lock(open(&dir.join(format!("{name}-{i}.lock"))).ok()?, FlockArg::LockExclusiveNonblock).ok())
+}
+
 fn take_ticket(queue: &Path) -> std::io::Result<Ticket> {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let name = format!("{nanos:024}-{}", std::process::id());
