@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod criu;
+pub mod engine;
 #[cfg(test)]
 mod fuzz;
 pub mod paths;

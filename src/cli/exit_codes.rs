@@ -71,7 +71,9 @@ pub fn of_start(e: &StartError) -> i32 {
         StartError::Supervisor(e) => of_supervisor(e),
         StartError::AlreadyRunning { .. } | StartError::Orphaned { .. } => ALREADY_RUNNING,
         StartError::Io { .. } => INTERNAL,
-        StartError::RestoreRefused(_) => RESTORE_REFUSED,
+        StartError::Engine(e) if e.refused_restore() => RESTORE_REFUSED,
+        // The supervisor reports any failure of the engine's start as a failed start.
+        StartError::Engine(_) => START_FAILED,
     }
 }
 

@@ -1,12 +1,12 @@
 //! The supervisor's event loop: turns connections, signals, dump completions and the service's
 //! exit into [`Event`]s, runs them through the state machine and carries out its actions.
 
-use super::checkpoint::{take_checkpoint, DumpProgress};
-use super::context::Context;
 use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;
 use super::protocol::{self, CheckpointReport};
 use super::state::{next, Action, Event, State};
+use crate::engine::dump::{take_checkpoint, DumpProgress, StopGate as _};
+use crate::engine::Job;
 use crate::store::DumpKind;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -70,7 +70,7 @@ pub struct Channels {
 
 impl Channels {
     /// Starts accepting on both listeners.
-    pub fn open(ctx: &Context, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
+    pub fn open(ctx: &Job, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
         let (req_tx, req_rx) = mpsc::channel::<Request>(16);
         let (term_tx, term_rx) = mpsc::channel::<TerminateReply>(16);
         let connections = OpenConnections::default();
@@ -152,7 +152,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
 /// One run of the service: from started to exited (or dumped and gone). Returns once its init
 /// is reaped and its output drained.
 pub async fn run_loop(
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     init_pid: Pid,
     ch: &mut Channels,
     log: LogWriter,
@@ -175,7 +175,7 @@ pub async fn run_loop(
 /// the caller's `on_change` and `on_queued`), the counters and metrics file, and systemd's
 /// status line. Each outcome is reported here, in one place.
 struct Reporter<'a> {
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     log: LogWriter,
     on_change: &'a dyn Fn(State, Option<&str>),
     on_queued: &'a dyn Fn(bool),
@@ -308,7 +308,7 @@ type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
 
 /// The loop's state between events: the state machine's, plus what carries out its actions.
 struct Run<'a> {
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     init_pid: Pid,
     report: Reporter<'a>,
     dump_tx: mpsc::Sender<Outcome>,
@@ -336,7 +336,7 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(ctx: Arc<Context>, init_pid: Pid, report: Reporter<'a>) -> Run<'a> {
+    fn new(ctx: Arc<Job>, init_pid: Pid, report: Reporter<'a>) -> Run<'a> {
         let (dump_tx, dump_rx) = mpsc::channel::<Outcome>(1);
         let (progress_tx, progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
         // A pidfd of the service's init becomes readable when it exits. SIGCHLD alone can race
@@ -436,7 +436,7 @@ impl<'a> Run<'a> {
 
     fn periodic_due(&mut self) -> Option<Event> {
         self.periodic = None;
-        match super::checkpoint::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
+        match crate::engine::dump::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
             Ok(()) => Some(Event::PeriodicDue),
             Err(why) => {
                 self.report.periodic_skipped(&why);
@@ -508,8 +508,11 @@ impl<'a> Run<'a> {
             let report = |p: DumpProgress| {
                 let _ = progress.send(p);
             };
-            let outcome =
-                take_checkpoint(&ctx, pid.as_raw(), kind, dry, gate.as_deref(), report).map_err(|e| e.to_string());
+            // Extending systemd's timeout covers the wait for a slot too.
+            let keep_systemd_waiting = super::systemd::extend_while_busy();
+            let asked = gate.as_deref().map(|g| g as &dyn crate::engine::dump::StopGate);
+            let outcome = take_checkpoint(&ctx, pid.as_raw(), kind, dry, asked, report).map_err(|e| e.to_string());
+            drop(keep_systemd_waiting);
             // The clients' second descriptors close before they hear the outcome.
             drop(gate);
             let _ = tx.blocking_send(outcome);

@@ -3,8 +3,6 @@
 //! state machine that turns kill-port connections, `checkpoint` requests, signals and the
 //! service's exit into dumps and shutdowns.
 
-mod checkpoint;
-mod context;
 mod error;
 mod event_loop;
 mod holder;
@@ -13,15 +11,12 @@ pub mod lock;
 mod log_pump;
 pub mod metrics;
 mod peer;
-mod progress;
+mod probation;
 pub mod protocol;
 mod readiness;
 pub mod ready;
 mod restart;
-mod retention;
 mod run;
-mod slots;
-mod startup;
 pub mod state;
 pub mod status;
 mod systemd;

@@ -1,8 +1,8 @@
 //! The text protocol of the kill port and the control socket. A connection gets a first line
 //! at once, then exactly one final line, the `Verdict`, that starts with `OK` or `ERROR`.
 
+pub use crate::engine::dump::CheckpointReport;
 use crate::time_fmt::human_bytes;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Sent on the control socket to ask for a checkpoint that leaves the service running.
@@ -12,10 +12,7 @@ pub const DOCTOR_COMMAND: &str = "doctor";
 /// Asks the control socket to stop the service without a checkpoint (`stasis stop
 /// --no-checkpoint`): SIGTERM to its tree, SIGKILL after `stop_timeout_secs`.
 pub const TERMINATE_COMMAND: &str = "stop-no-checkpoint";
-/// Lines about a dump under way start with this.
-pub const PROGRESS_PREFIX: &str = "Progress: ";
-/// How a readiness wait's progress line begins (supervisor/progress.rs `waiting`).
-pub const WAITING_PREFIX: &str = "Progress: waiting for ";
+pub use crate::engine::progress::{PROGRESS_PREFIX, WAITING_PREFIX};
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
 pub const STOP_COMMAND: &str = "stop";
 /// What is read of a kill-port client's first bytes: the `stop` line needs 6, and enough of
@@ -96,20 +93,6 @@ pub fn refused_uid(uid: u32, service: &str) -> String {
 
 pub fn joined(service: &str) -> String {
     format!("A checkpoint of {service} is already in progress; waiting for it")
-}
-
-#[derive(Debug, Clone)]
-pub struct CheckpointReport {
-    pub id: String,
-    pub size_bytes: u64,
-    pub duration: Duration,
-    pub dir: PathBuf,
-    /// What retention removed after it (for the log).
-    pub notes: Vec<String>,
-    /// How long CRIU kept the service frozen, when its stats say.
-    pub freeze: Option<Duration>,
-    /// A dry run (`stasis doctor`): dumped, then thrown away.
-    pub dry: bool,
 }
 
 pub fn announce_stop(service: &str) -> String {

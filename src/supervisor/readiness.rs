@@ -5,8 +5,9 @@
 //! Each second of a wait is reported (what it waits for, how long so far, of how long) to
 //! whoever started it.
 
-use super::context::Context;
 use crate::config::Readiness;
+use crate::engine::Job;
+use crate::process::NotifySocket;
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -14,48 +15,6 @@ use std::time::{Duration, Instant};
 
 const RETRY: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The socket a cold-launched `ready: notify` service reports to. Abstract (no file for the
-/// service user to reach through root's directories) and named at random per launch; anyone
-/// may send to it, so a message counts only if the kernel says it came from the service's tree.
-pub struct NotifySocket {
-    socket: std::os::unix::net::UnixDatagram,
-    /// `$NOTIFY_SOCKET` for the service: `@` and the abstract name.
-    pub address: String,
-}
-
-impl NotifySocket {
-    pub fn bind(service: &str) -> std::io::Result<NotifySocket> {
-        use std::os::linux::net::SocketAddrExt;
-        let mut random = [0u8; 8];
-        // SAFETY: fills the buffer it is given.
-        if unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) } != random.len() as isize {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
-        let name = format!("stasis/{service}/notify/{hex}");
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
-        Ok(NotifySocket { socket, address: format!("@{name}") })
-    }
-
-    /// One datagram, with the host PID of its sender; None when there is none to read.
-    fn receive(&self) -> Option<(Option<i32>, String)> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-        use std::os::fd::AsRawFd;
-        let mut buf = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!(UnixCredentials);
-        let msg = recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT).ok()?;
-        let pid = msg.cmsgs().ok()?.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(cr) => Some(cr.pid()),
-            _ => None,
-        });
-        let n = msg.bytes;
-        Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
-    }
-}
 
 /// Says each second of a wait what it waits for (a `Progress: waiting for ...` line).
 struct Ticker<'a> {
@@ -69,14 +28,14 @@ struct Ticker<'a> {
 impl Ticker<'_> {
     fn new<'a>(ready: &Readiness, limit: Duration, report: &'a dyn Fn(String)) -> Ticker<'a> {
         let started = Instant::now();
-        Ticker { started, next: started + super::progress::EVERY, what: waiting_for(ready), limit, report }
+        Ticker { started, next: started + crate::engine::progress::EVERY, what: waiting_for(ready), limit, report }
     }
 
     fn tick(&mut self) {
         let now = Instant::now();
         if now >= self.next {
-            self.next = now + super::progress::EVERY;
-            (self.report)(super::progress::waiting(&self.what, now - self.started, self.limit));
+            self.next = now + crate::engine::progress::EVERY;
+            (self.report)(crate::engine::progress::waiting(&self.what, now - self.started, self.limit));
         }
     }
 
@@ -90,7 +49,7 @@ impl Ticker<'_> {
 /// restored service was ready when it was dumped, so `notify` (which it will not send again)
 /// counts as done for it. `report` hears a line each second of the wait.
 pub fn wait(
-    ctx: &Context,
+    ctx: &Job,
     init_pid: Pid,
     ready: &Readiness,
     notify: Option<&NotifySocket>,
@@ -129,7 +88,7 @@ pub fn wait(
 
 /// Sleeps in poll(2) on the socket and the service's pidfd: no timer, no probing.
 fn wait_for_notify(
-    ctx: &Context,
+    ctx: &Job,
     init_pid: Pid,
     socket: &NotifySocket,
     deadline: Instant,
@@ -148,7 +107,7 @@ fn wait_for_notify(
                 crate::time_fmt::human_duration(ctx.service.ready_timeout)
             ));
         }
-        let mut fds = vec![libc::pollfd { fd: socket.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut fds = vec![libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(fd) = &pidfd {
             fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -198,7 +157,7 @@ fn describe(ready: &Readiness) -> String {
 
 /// One try; Err says why it did not pass, when that is more than "not yet" (a probe that could
 /// not even start), so a readiness timeout can say it.
-fn probe(ctx: &Context, ready: &Readiness) -> Result<bool, String> {
+fn probe(ctx: &Job, ready: &Readiness) -> Result<bool, String> {
     match ready {
         Readiness::Notify => Ok(false),
         Readiness::Tcp(addr) => {
@@ -219,7 +178,7 @@ const STEPS: [&str; 4] = ["set the supplementary groups", "set the gid", "set th
 /// Runs the check command as the service user. The working directory is entered only after the
 /// privilege drop (not with `Command::current_dir`, which std applies before `pre_exec`): it is
 /// a path the service may control, and root must never follow it.
-fn probe_exec(ctx: &Context, cmd: &[String]) -> Result<bool, String> {
+fn probe_exec(ctx: &Job, cmd: &[String]) -> Result<bool, String> {
     use std::os::fd::AsRawFd;
     let s = &ctx.service;
     let workdir = std::ffi::CString::new(s.working_dir.as_os_str().as_encoded_bytes())

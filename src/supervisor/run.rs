@@ -1,18 +1,19 @@
 //! The supervisor's life: lock, listen, start the service, report readiness, run the event
 //! loop, record the final state.
 
-use super::context::Context;
 use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
+use super::probation::{main_pid, survives_probation};
 use super::ready::{Notifier, StartReport};
 use super::restart::{Decision, Exit, Restarts};
-use super::startup::{main_pid, start_service, Pick, StartInfo, Started};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
 use super::{Ended, StartError as Error, SupervisorError};
 use crate::config::Service;
 use crate::criu::Criu;
+use crate::engine::restore::{start_service, Pick, StartInfo, StartProgress, Started};
+use crate::engine::Job;
 use crate::paths::Dirs;
 use crate::process::init_binary;
 use crate::store::durable::create_dir_with_mode;
@@ -58,7 +59,7 @@ pub fn run(
 
 /// What the supervisor holds for the service's whole life.
 struct Opened {
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     kill_port: std::net::TcpListener,
     control: std::os::unix::net::UnixListener,
     log: LogWriter,
@@ -111,7 +112,7 @@ fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error>
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, kernel_version });
+    let ctx = Arc::new(Job { dirs, host, service, paths, store, criu, init_binary, kernel_version });
     tracing::debug!("supervisor: init installed");
     Ok(Opened { ctx, kill_port, control, log, lock })
 }
@@ -143,14 +144,17 @@ impl Records {
 fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ended, Error> {
     let Opened { ctx, kill_port, control, log, lock } = opened;
     let records = Records { name: ctx.service.name.clone(), restarts: std::cell::Cell::new(0) };
-    let progress = |line: String| {
-        notifier.progress(&line);
-        super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
+    let progress = |p: StartProgress| match p {
+        StartProgress::Line(line) => {
+            notifier.progress(&line);
+            super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
+        }
+        StartProgress::Queued(line) => super::systemd::status(&line),
     };
-    let started = start_service(&ctx, pick, &progress).and_then(|s| {
+    let started = start(&ctx, pick, &progress).and_then(|s| {
         // With `ready:` the readiness wait notices a command that dies at once.
         if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
-            super::startup::survives_probation(&s, &ctx.service.name, &log)?;
+            survives_probation(&s, &ctx.service.name, &log)?;
         }
         Ok(s)
     });
@@ -164,7 +168,7 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
             }
             .write(&ctx.paths);
             return Err(match e {
-                Error::RestoreRefused(_) | Error::StartFailed(_) => e,
+                Error::Engine(_) | Error::StartFailed(_) => e,
                 other => Error::StartFailed(other.to_string()),
             });
         }
@@ -188,8 +192,14 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
     })
 }
 
+/// The engine's start, with systemd's timeout extended while it runs.
+fn start(ctx: &Job, pick: Pick, progress: &(dyn Fn(StartProgress) + Sync)) -> Result<Started, Error> {
+    let _keep_systemd_waiting = super::systemd::extend_while_busy();
+    Ok(start_service(ctx, pick, progress)?)
+}
+
 /// Says in the log what periodic checkpoints will be.
-fn note_periodic(ctx: &Context, log: &LogWriter) {
+fn note_periodic(ctx: &Job, log: &LogWriter) {
     if let Some(every) = ctx.service.checkpoint_every {
         let why = if ctx.criu.tracks_dirty_memory() {
             "stasis does not take incremental dumps yet".to_string()
@@ -207,7 +217,7 @@ fn note_periodic(ctx: &Context, log: &LogWriter) {
 /// The runs of the service, from the first start through every restart `restart:` allows,
 /// until it is stopped or gone for good.
 async fn serve_runs(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     kill_port: std::net::TcpListener,
     control: std::os::unix::net::UnixListener,
     log: &LogWriter,
@@ -260,7 +270,7 @@ async fn serve_runs(
 /// One run of the service: its readiness (`ready:`), the report of its start, then the event
 /// loop until it ends. A first run that never became ready is the start's failure.
 async fn one_run(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     ch: &mut Channels,
     log: &LogWriter,
     records: &Records,
@@ -320,7 +330,7 @@ async fn one_run(
 /// disk, in nftables and in the metrics: the status, retention and stale network locks, the
 /// counters, then the start report.
 fn report_started(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     log: &LogWriter,
     records: &Records,
     notifier: &mut Notifier,
@@ -330,10 +340,10 @@ fn report_started(
     announce(log, started, first);
     records.record(ServiceState::Running, Some(started), None).write(&ctx.paths)?;
     tracing::debug!("supervisor: status written");
-    for n in super::retention::apply(ctx) {
+    for n in crate::engine::retention::apply(ctx) {
         log.note(&n);
     }
-    super::retention::release_stale_locks(ctx, started.checkpoint.as_deref());
+    crate::engine::retention::release_stale_locks(ctx, started.checkpoint.as_deref());
     crate::store::counters::bump(&ctx.paths.root, |c| {
         match started.started_from {
             StartedFrom::Checkpoint => c.restores += 1,
@@ -376,7 +386,7 @@ enum Next {
 /// what; a restart that fails to start is judged as an exit of its own.
 #[allow(clippy::too_many_arguments)]
 async fn after_exit(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     ch: &mut Channels,
     log: &LogWriter,
     records: &Records,
@@ -420,9 +430,13 @@ async fn after_exit(
         records.restarts.set(records.restarts.get() + 1);
         let (c, probation_log) = (ctx.clone(), log.clone());
         let restarted = tokio::task::spawn_blocking(move || {
-            let s = start_service(&c, pick, &|_| {})?;
+            let s = start(&c, pick, &|p| {
+                if let StartProgress::Queued(line) = p {
+                    super::systemd::status(&line)
+                }
+            })?;
             if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
-                super::startup::survives_probation(&s, &c.service.name, &probation_log)?;
+                survives_probation(&s, &c.service.name, &probation_log)?;
             }
             Ok::<_, Error>(s)
         })
@@ -439,7 +453,7 @@ async fn after_exit(
 }
 
 /// Says in the log (and to systemd) how this run of the service began.
-fn announce(log: &LogWriter, started: &super::startup::StartInfo, first: bool) {
+fn announce(log: &LogWriter, started: &StartInfo, first: bool) {
     let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
     let how = match (&started.started_from, &started.fallback_reason) {
         (StartedFrom::Checkpoint, _) => {
