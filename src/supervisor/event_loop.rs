@@ -3,6 +3,7 @@
 
 use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;
+use super::outcome::{NotTaken, Outcome, TerminateRefused, WaitEnded};
 use super::protocol::{self, CheckpointReport};
 use super::state::{next, Action, Event, State};
 use crate::engine::dump::{take_checkpoint, DumpProgress, StopGate as _};
@@ -18,8 +19,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-type Outcome = Result<CheckpointReport, String>;
-
 struct Request {
     kind: DumpKind,
     /// `stasis doctor`: a dump that is thrown away.
@@ -34,7 +33,7 @@ struct Request {
 
 /// A `stop --no-checkpoint`, answered once the service is gone (Ok: how it ended) or with why
 /// it was not stopped that way.
-type TerminateReply = oneshot::Sender<Result<String, String>>;
+type TerminateReply = oneshot::Sender<Result<String, TerminateRefused>>;
 
 struct Waiter {
     reply: oneshot::Sender<Outcome>,
@@ -121,24 +120,24 @@ impl Channels {
 
     /// Sleeps `delay` before a restart. A stop or checkpoint asked for meanwhile is answered
     /// (there is no service to dump) and ends the wait: Err is the reason the supervisor ends.
-    pub async fn wait_to_restart(&mut self, name: &str, delay: Duration) -> Result<(), String> {
+    pub async fn wait_to_restart(&mut self, name: &str, delay: Duration) -> Result<(), WaitEnded> {
         let until = tokio::time::Instant::now() + delay;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Ok(()),
                 Some(req) = self.req_rx.recv() => {
-                    let why = format!("{name} is not running: it exited and was waiting to be restarted; it will not be");
+                    let why = NotTaken::WaitingToRestart { service: name.to_string() };
                     let _ = req.reply.send(Err(why.clone()));
                     if req.kind == DumpKind::Stop {
-                        return Err(format!("stopped while waiting to restart: {why}"));
+                        return Err(WaitEnded::Stopped { why });
                     }
                 }
                 Some(reply) = self.term_rx.recv() => {
                     let _ = reply.send(Ok(format!("{name} was waiting to be restarted; it will not be")));
-                    return Err("stopped without a checkpoint while waiting to restart".into());
+                    return Err(WaitEnded::Terminated);
                 }
-                _ = self.sigterm.recv() => return Err("stopped by SIGTERM while waiting to restart".into()),
-                _ = self.sigint.recv() => return Err("stopped by SIGINT while waiting to restart".into()),
+                _ = self.sigterm.recv() => return Err(WaitEnded::Sigterm),
+                _ = self.sigint.recv() => return Err(WaitEnded::Sigint),
                 // Children from an earlier run are reaped by their subreaper: nothing to do.
                 _ = self.sigchld.recv() => {}
             }
@@ -247,7 +246,7 @@ impl Reporter<'_> {
             Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
             Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
             Err(_) if called_off => super::systemd::status("running: a stop through the kill port was called off"),
-            Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or(""))),
+            Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.summary())),
         }
         match outcome {
             Ok(r) if r.dry => self
@@ -439,7 +438,7 @@ impl<'a> Run<'a> {
         match crate::engine::dump::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
             Ok(()) => Some(Event::PeriodicDue),
             Err(why) => {
-                self.report.periodic_skipped(&why);
+                self.report.periodic_skipped(&why.to_string());
                 self.arm_periodic();
                 None
             }
@@ -511,7 +510,7 @@ impl<'a> Run<'a> {
             // Extending systemd's timeout covers the wait for a slot too.
             let keep_systemd_waiting = super::systemd::extend_while_busy();
             let asked = gate.as_deref().map(|g| g as &dyn crate::engine::dump::StopGate);
-            let outcome = take_checkpoint(&ctx, pid.as_raw(), kind, dry, asked, report).map_err(|e| e.to_string());
+            let outcome = take_checkpoint(&ctx, pid.as_raw(), kind, dry, asked, report).map_err(NotTaken::from);
             drop(keep_systemd_waiting);
             // The clients' second descriptors close before they hear the outcome.
             drop(gate);
@@ -543,11 +542,10 @@ impl<'a> Run<'a> {
     fn reject(&self, request: Option<Request>) {
         if let Some(req) = request {
             let name = &self.ctx.service.name;
+            let service = name.clone();
             let why = match self.state {
-                State::Checkpointing { .. } => {
-                    format!("a checkpoint of {name} is already in progress; try again when it finishes")
-                }
-                _ => format!("{name} is shutting down"),
+                State::Checkpointing { .. } => NotTaken::InProgress { service },
+                _ => NotTaken::ShuttingDown { service },
             };
             let _ = req.reply.send(Err(why));
         }
@@ -555,7 +553,7 @@ impl<'a> Run<'a> {
 
     fn reply_to_waiters(&mut self, new_state: State) {
         tracing::debug!("loop: dump finished");
-        let outcome = self.last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+        let outcome = self.last_outcome.clone().unwrap_or(Err(NotTaken::NoOutcome));
         let called_off = self.gate.take().and_then(|g| g.called_off()).is_some();
         self.report.dump_finished(&outcome, called_off);
         if new_state == State::Running {
@@ -615,12 +613,12 @@ impl<'a> Run<'a> {
         let message = self.end_message();
         let name = &self.ctx.service.name;
         for w in self.queued {
-            let _ = w.reply.send(Err(format!("{name} exited before it could be stopped with a checkpoint")));
+            let _ = w.reply.send(Err(NotTaken::ExitedBeforeStop { service: name.clone() }));
         }
         for t in self.terminators {
             let answer = match self.state {
                 State::Stopped => Ok(message.clone()),
-                _ => Err(format!("{name} exited by itself before it could be stopped: {message}")),
+                _ => Err(TerminateRefused::ExitedFirst { service: name.clone(), how: message.clone() }),
             };
             let _ = t.send(answer);
         }
@@ -804,12 +802,12 @@ async fn serve_terminate<W: tokio::io::AsyncWrite + Unpin>(mut out: W, cc: &Cont
     let _ = out.flush().await;
     let (reply, rx) = oneshot::channel();
     let outcome = match cc.terminate.send(reply).await {
-        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
-        Err(_) => Err("the supervisor is exiting".into()),
+        Ok(()) => rx.await.unwrap_or(Err(TerminateRefused::SupervisorExiting)),
+        Err(_) => Err(TerminateRefused::SupervisorExiting),
     };
     let last = match outcome {
         Ok(how) => format!("{}\n", protocol::Verdict::ended(&how)),
-        Err(why) => format!("{}\n", protocol::Verdict::failed(&why)),
+        Err(why) => format!("{}\n", protocol::Verdict::failed(&why.to_string())),
     };
     let _ = out.write_all(last.as_bytes()).await;
     let _ = out.shutdown().await;
@@ -845,11 +843,11 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(
                     while let Ok(line) = lines_rx.try_recv() {
                         let _ = out.write_all(format!("{line}\n").as_bytes()).await;
                     }
-                    break outcome.unwrap_or_else(|_| Err("the supervisor is exiting".into()));
+                    break outcome.unwrap_or(Err(NotTaken::SupervisorExiting));
                 }
             }
         },
-        Err(_) => Err("the supervisor is exiting".into()),
+        Err(_) => Err(NotTaken::SupervisorExiting),
     };
     let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
     let _ = out.shutdown().await;

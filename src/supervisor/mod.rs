@@ -9,6 +9,7 @@ mod holder;
 mod kill_port;
 pub mod lock;
 mod log_pump;
+pub mod outcome;
 pub mod metrics;
 mod peer;
 mod probation;

@@ -4,6 +4,7 @@
 use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
+use super::outcome::NotTaken;
 use super::probation::{main_pid, survives_probation};
 use super::ready::{Notifier, StartReport};
 use super::restart::{Decision, Exit, Restarts};
@@ -258,7 +259,7 @@ async fn serve_runs(
     // asked for if it was taken, else why not.
     let late = match (&end.state, &end.last_outcome) {
         (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
-        _ => Err(format!("{} is not running any more", ctx.service.name)),
+        _ => Err(NotTaken::NotRunning { service: ctx.service.name.clone() }),
     };
     ch.close(&ctx.service.name, late).await;
     tracing::debug!("loop: exiting");
@@ -290,7 +291,7 @@ async fn one_run(
             super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref(), &|l| waits.progress(&l))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
+        .unwrap_or_else(|e| Err(super::readiness::NotReady::Panicked(e)));
         if let Err(why) = outcome {
             let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(init_pid, None);
@@ -423,6 +424,7 @@ async fn after_exit(
         let _ = records.record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
         super::systemd::status("restarting");
         if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
+            let why = why.to_string();
             log.note(&why);
             let _ = records.record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
             return Next::End(LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None });

@@ -6,6 +6,7 @@ use crate::criu::CriuError;
 use crate::engine::Job;
 use crate::store::safe_open::UnsafeFile;
 use crate::store::{PendingCheckpoint, StoreError};
+use crate::time_fmt::human_bytes;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -19,8 +20,8 @@ const NEARLY_FULL: u64 = 1 << 20;
 pub enum DumpError {
     /// The host's dump slots could not be used.
     Slot { dir: PathBuf, source: std::io::Error },
-    /// The encryption key could not be read (the text names the file, says why and how to fix it).
-    Key(String),
+    /// The encryption key could not be read.
+    Key(crate::store::seal::KeyError),
     /// The pending checkpoint could not be begun, written or finalized.
     Store(StoreError),
     /// An executable the service maps could not be read safely to record its identity.
@@ -34,6 +35,16 @@ pub enum DumpError {
     AfterWrite { criu: CriuError, id: String, marking: Option<StoreError> },
     /// Whoever asked for the stop withdrew before it was carried out.
     Withdrawn(Withdrawn),
+}
+
+/// Why a periodic checkpoint is skipped before it begins: the disk has no room for it.
+#[derive(Debug, thiserror::Error)]
+pub enum NoRoom {
+    #[error("failed to read the free space of {}: {source}", dir.display())]
+    FreeSpace { dir: PathBuf, source: nix::Error },
+    /// `estimate` is what the checkpoint is likely to take, `min_free` the service's setting.
+    #[error("{} has {} free, and the checkpoint needs about {} plus min_free_bytes ({}); free space, lower min_free_bytes, or move --state-dir", dir.display(), human_bytes(*free), human_bytes(*estimate), human_bytes(*min_free))]
+    Full { dir: PathBuf, free: u64, estimate: u64, min_free: u64 },
 }
 
 /// Why a stopping dump was refused at `post-dump`: everyone who asked for it asked by silence
@@ -89,7 +100,7 @@ impl DumpError {
     pub fn summary(&self) -> String {
         match self {
             DumpError::Slot { dir, source } => format!("failed to take a dump slot in {}: {source}", dir.display()),
-            DumpError::Key(why) => why.clone(),
+            DumpError::Key(e) => e.to_string(),
             DumpError::Store(e) => e.to_string(),
             DumpError::Identities(e) => e.to_string(),
             DumpError::Criu(f) => f.summary(),
@@ -108,15 +119,46 @@ impl DumpError {
     }
 }
 
+impl DumpError {
+    /// The first line: what failed, and that nothing was lost.
+    pub fn headline(&self) -> String {
+        format!("{}; the service keeps running and earlier checkpoints are untouched", self.summary())
+    }
+
+    /// CRIU's error lines, if CRIU failed.
+    pub fn criu_lines(&self) -> &[String] {
+        match self {
+            DumpError::Criu(failed) => match &failed.error {
+                CriuError::Failed { errors, .. } => errors,
+                _ => &[],
+            },
+            _ => &[],
+        }
+    }
+
+    /// A dump CRIU failed with `errors` (its log at `log`), for tests of what the reply says.
+    #[cfg(test)]
+    pub fn criu_failed(log: &str, errors: &[&str]) -> DumpError {
+        DumpError::Criu(Box::new(FailedDump {
+            error: CriuError::Failed {
+                action: "dump",
+                status: "exit status 1".into(),
+                log: log.into(),
+                errors: errors.iter().map(|l| l.to_string()).collect(),
+            },
+            diagnosis: None,
+            refusal: None,
+            full_disk: None,
+        }))
+    }
+}
+
+/// The headline, then CRIU's lines, one a line.
 impl std::fmt::Display for DumpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}; the service keeps running and earlier checkpoints are untouched", self.summary())?;
-        if let DumpError::Criu(failed) = self {
-            if let CriuError::Failed { errors, .. } = &failed.error {
-                for line in errors {
-                    write!(f, "\n{line}")?;
-                }
-            }
+        write!(f, "{}", self.headline())?;
+        for line in self.criu_lines() {
+            write!(f, "\n{line}")?;
         }
         Ok(())
     }

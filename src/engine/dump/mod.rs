@@ -10,7 +10,7 @@
 mod error;
 pub mod post_dump;
 
-pub use error::{DumpError, FailedDump, Withdrawn, WithdrawnBy};
+pub use error::{DumpError, FailedDump, NoRoom, Withdrawn, WithdrawnBy};
 
 use super::slots::{self, SlotKind};
 use crate::criu::page_server::Received;
@@ -92,7 +92,7 @@ pub fn take_checkpoint(
 /// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
 /// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
 /// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
-pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), String> {
+pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), NoRoom> {
     let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
     let estimate = match newest {
         Some(cp) => cp.manifest.size_bytes,
@@ -106,16 +106,10 @@ pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), String> {
     let dir = if ctx.store.dir().exists() { ctx.store.dir() } else { ctx.paths.root.as_path() };
     let free = nix::sys::statvfs::statvfs(dir)
         .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
-        .map_err(|e| format!("failed to read the free space of {}: {e}", dir.display()))?;
-    let needed = estimate.saturating_add(ctx.service.min_free_bytes);
-    if free < needed {
-        return Err(format!(
-            "{} has {} free, and the checkpoint needs about {} plus min_free_bytes ({}); free space, lower min_free_bytes, or move --state-dir",
-            dir.display(),
-            crate::time_fmt::human_bytes(free),
-            crate::time_fmt::human_bytes(estimate),
-            crate::time_fmt::human_bytes(ctx.service.min_free_bytes)
-        ));
+        .map_err(|source| NoRoom::FreeSpace { dir: dir.to_path_buf(), source })?;
+    let min_free = ctx.service.min_free_bytes;
+    if free < estimate.saturating_add(min_free) {
+        return Err(NoRoom::Full { dir: dir.to_path_buf(), free, estimate, min_free });
     }
     Ok(())
 }

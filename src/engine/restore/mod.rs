@@ -411,7 +411,7 @@ fn image_source(
     progress: Progress,
 ) -> Result<(Option<Streamer>, Option<PlainImages>), RestoreError> {
     let key = match &cp.manifest.encryption {
-        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
+        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(|e| RestoreError::Host(e.to_string()))?),
         None => None,
     };
     if stream {
@@ -576,6 +576,7 @@ fn put_back_files(ctx: &Job, cp: &Checkpoint, images: &std::path::Path) -> Resul
     Ok(notes)
 }
 
-fn checkpoint_key(ctx: &Job, key_id: &str) -> Result<crate::store::seal::Key, String> {
+/// The service's key, which must be the one of id `key_id` the checkpoint was sealed with.
+fn checkpoint_key(ctx: &Job, key_id: &str) -> Result<crate::store::seal::Key, crate::store::seal::KeyError> {
     crate::store::seal::Key::matching(ctx.service.encryption_key_file.as_deref(), key_id, &ctx.service.file)
 }
