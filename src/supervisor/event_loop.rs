@@ -4,7 +4,8 @@
 use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;
 use super::outcome::{NotTaken, Outcome, TerminateRefused, WaitEnded};
-use super::protocol::{self, CheckpointReport};
+use super::protocol;
+use super::report::RunReport;
 use super::state::{next, Action, Event, State};
 use crate::engine::dump::{take_checkpoint, DumpProgress, StopGate as _};
 use crate::engine::Job;
@@ -154,12 +155,9 @@ pub async fn run_loop(
     ctx: Arc<Job>,
     init_pid: Pid,
     ch: &mut Channels,
-    log: LogWriter,
+    report: RunReport<'_>,
     pump: tokio::task::JoinHandle<()>,
-    on_change: impl Fn(State, Option<&str>),
-    on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
-    let report = Reporter { ctx: ctx.clone(), log, on_change: &on_change, on_queued: &on_queued };
     let mut run = Run::new(ctx, init_pid, report);
     loop {
         let (event, request) = run.next_event(ch).await;
@@ -170,146 +168,13 @@ pub async fn run_loop(
     Ok(run.finish(&mut ch.sigchld, pump).await)
 }
 
-/// The event loop's own reports of what happened: the service log, the status record (through
-/// the caller's `on_change` and `on_queued`), the counters and metrics file, and systemd's
-/// status line. Each outcome is reported here, in one place.
-struct Reporter<'a> {
-    ctx: Arc<Job>,
-    log: LogWriter,
-    on_change: &'a dyn Fn(State, Option<&str>),
-    on_queued: &'a dyn Fn(bool),
-}
-
-impl Reporter<'_> {
-    fn state_changed(&self, state: State, message: Option<&str>) {
-        (self.on_change)(state, message);
-    }
-
-    fn terminate_requested(&self) {
-        self.log.note("stop without a checkpoint requested (stasis stop --no-checkpoint)");
-    }
-
-    /// The dump waits for its place in the host's queue.
-    fn queued(&self, line: &str) {
-        self.log.note(line);
-        super::systemd::status(line);
-        (self.on_queued)(true);
-    }
-
-    fn dumping(&self) {
-        (self.on_queued)(false);
-    }
-
-    fn progress(&self, line: &str) {
-        super::systemd::status(line);
-    }
-
-    fn periodic_skipped(&self, why: &str) {
-        let ctx = &self.ctx;
-        self.log.note(&format!(
-            "periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"
-        ));
-        crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
-        super::metrics::write_file(&ctx.dirs, &ctx.host);
-    }
-
-    fn dump_started(&self, kind: DumpKind) {
-        self.log.note(match kind {
-            DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
-            DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
-            DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
-        });
-        super::systemd::status("saving a checkpoint");
-    }
-
-    fn dry_run_started(&self) {
-        self.log.note("doctor: a dry-run dump (the service keeps running; nothing is kept)");
-    }
-
-    /// `called_off`: a stop its silent client called off, a refusal the gate logged as one.
-    fn dump_finished(&self, outcome: &Outcome, called_off: bool) {
-        let ctx = &self.ctx;
-        let dry = outcome.as_ref().is_ok_and(|r| r.dry);
-        // A dry run is not a checkpoint, and its failure is what was asked about.
-        crate::store::counters::bump(&ctx.paths.root, |c| {
-            if dry || called_off {
-                return;
-            }
-            if outcome.is_ok() {
-                c.checkpoints += 1
-            } else {
-                c.checkpoint_failures += 1
-            }
-        });
-        super::metrics::write_file(&ctx.dirs, &ctx.host);
-        match outcome {
-            Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
-            Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
-            Err(_) if called_off => super::systemd::status("running: a stop through the kill port was called off"),
-            Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.summary())),
-        }
-        match outcome {
-            Ok(r) if r.dry => self
-                .log
-                .note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
-            Ok(r) => self.checkpoint_saved(r),
-            Err(_) if called_off => {}
-            Err(e) => self.log.note(&format!("checkpoint failed: {e}")),
-        }
-    }
-
-    fn checkpoint_saved(&self, r: &CheckpointReport) {
-        let (ctx, log) = (&self.ctx, &self.log);
-        // Before anyone hears of it: `gc` deletes only tables recorded as ours.
-        if let Err(e) = crate::criu::network_lock::record_owner(
-            &ctx.dirs.state_dir,
-            &ctx.service.name,
-            &r.id,
-            &r.dir.join(crate::criu::DUMP_LOG),
-        ) {
-            log.note(&format!("warning: {e}; `stasis gc` will not delete its table"));
-        }
-        log.note(&format!("checkpoint {} saved ({} bytes) in {}", r.id, r.size_bytes, r.dir.display()));
-        for n in &r.notes {
-            log.note(n);
-        }
-        if let (Some(max), Some(froze)) = (ctx.service.max_freeze, r.freeze) {
-            if froze > max {
-                log.note(&format!(
-                    "warning: checkpoint {} froze the service for {} ms, more than max_freeze_ms ({} ms)",
-                    r.id,
-                    froze.as_millis(),
-                    max.as_millis()
-                ));
-                crate::store::counters::bump(&ctx.paths.root, |c| c.freeze_over_budget += 1);
-            }
-        }
-    }
-
-    fn terminating(&self) {
-        super::systemd::stopping("stopping without a checkpoint");
-        self.log.note(&format!(
-            "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
-            self.ctx.service.stop_timeout.as_secs()
-        ));
-    }
-
-    fn killing(&self) {
-        self.log.note("grace period over: SIGKILL");
-    }
-
-    fn output_cut_short(&self) {
-        self.log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
-    }
-}
-
 type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
 
 /// The loop's state between events: the state machine's, plus what carries out its actions.
 struct Run<'a> {
     ctx: Arc<Job>,
     init_pid: Pid,
-    report: Reporter<'a>,
+    report: RunReport<'a>,
     dump_tx: mpsc::Sender<Outcome>,
     dump_rx: mpsc::Receiver<Outcome>,
     progress_tx: mpsc::UnboundedSender<DumpProgress>,
@@ -335,7 +200,7 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(ctx: Arc<Job>, init_pid: Pid, report: Reporter<'a>) -> Run<'a> {
+    fn new(ctx: Arc<Job>, init_pid: Pid, report: RunReport<'a>) -> Run<'a> {
         let (dump_tx, dump_rx) = mpsc::channel::<Outcome>(1);
         let (progress_tx, progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
         // A pidfd of the service's init becomes readable when it exits. SIGCHLD alone can race
@@ -503,12 +368,12 @@ impl<'a> Run<'a> {
     fn spawn_dump(&self, kind: DumpKind, dry: bool, gate: Option<Arc<StopGate>>) {
         let (ctx, tx, progress, pid) =
             (self.ctx.clone(), self.dump_tx.clone(), self.progress_tx.clone(), self.init_pid);
+        // Extending systemd's timeout covers the wait for a slot too.
+        let keep_systemd_waiting = self.report.busy();
         tokio::task::spawn_blocking(move || {
             let report = |p: DumpProgress| {
                 let _ = progress.send(p);
             };
-            // Extending systemd's timeout covers the wait for a slot too.
-            let keep_systemd_waiting = super::systemd::extend_while_busy();
             let asked = gate.as_deref().map(|g| g as &dyn crate::engine::dump::StopGate);
             let outcome = take_checkpoint(&ctx, pid.as_raw(), kind, dry, asked, report).map_err(NotTaken::from);
             drop(keep_systemd_waiting);

@@ -16,6 +16,7 @@ mod probation;
 pub mod protocol;
 mod readiness;
 pub mod ready;
+mod report;
 mod restart;
 mod run;
 pub mod state;

@@ -5,15 +5,16 @@ use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
 use super::outcome::NotTaken;
-use super::probation::{main_pid, survives_probation};
-use super::ready::{Notifier, StartReport};
+use super::probation::survives_probation;
+use super::ready::Notifier;
+use super::report::Reporter;
 use super::restart::{Decision, Exit, Restarts};
 use super::state::State;
-use super::status::{ServiceState, StartedFrom, StatusRecord};
+use super::status::{StartedFrom, StatusRecord};
 use super::{Ended, StartError as Error, SupervisorError};
 use crate::config::Service;
 use crate::criu::Criu;
-use crate::engine::restore::{start_service, Pick, StartInfo, StartProgress, Started};
+use crate::engine::restore::{start_service, Pick, StartProgress, Started};
 use crate::engine::Job;
 use crate::paths::Dirs;
 use crate::process::init_binary;
@@ -22,7 +23,6 @@ use crate::store::identity::HashCache;
 use crate::store::CheckpointStore;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// The namespace init of a previous run whose supervisor died, if it still runs. It is
 /// recognised by its working directory, which is always this service's state directory.
@@ -118,41 +118,12 @@ fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error>
     Ok(Opened { ctx, kill_port, control, log, lock })
 }
 
-/// The status records of this supervisor's runs of the service.
-struct Records {
-    name: String,
-    restarts: std::cell::Cell<u32>,
-}
-
-impl Records {
-    fn record(&self, state: ServiceState, started: Option<&StartInfo>, message: Option<String>) -> StatusRecord {
-        StatusRecord {
-            name: self.name.clone(),
-            state,
-            init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state.is_up()),
-            supervisor_pid: Some(std::process::id()),
-            started_from: started.map(|s| s.started_from),
-            restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
-            fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
-            since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
-            message,
-            restore_ms: started.and_then(|s| s.restore_ms),
-            restarts: self.restarts.get(),
-        }
-    }
-}
-
 fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ended, Error> {
     let Opened { ctx, kill_port, control, log, lock } = opened;
-    let records = Records { name: ctx.service.name.clone(), restarts: std::cell::Cell::new(0) };
-    let progress = |p: StartProgress| match p {
-        StartProgress::Line(line) => {
-            notifier.progress(&line);
-            super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
-        }
-        StartProgress::Queued(line) => super::systemd::status(&line),
-    };
-    let started = start(&ctx, pick, &progress).and_then(|s| {
+    let report = Reporter::new(ctx.clone(), log.clone());
+    let waiting: &Notifier = notifier;
+    let progress = |p: StartProgress| report.start_progress(p, Some(waiting));
+    let started = start(&ctx, &report, pick, &progress).and_then(|s| {
         // With `ready:` the readiness wait notices a command that dies at once.
         if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
             survives_probation(&s, &ctx.service.name, &log)?;
@@ -162,12 +133,7 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            log.note(&format!("failed to start: {e}"));
-            let _ = StatusRecord {
-                message: Some(format!("failed to start: {e}")),
-                ..records.record(ServiceState::Failed, None, None)
-            }
-            .write(&ctx.paths);
+            report.start_failed(&format!("failed to start: {e}"));
             return Err(match e {
                 Error::Engine(_) | Error::StartFailed(_) => e,
                 other => Error::StartFailed(other.to_string()),
@@ -178,9 +144,9 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
     note_periodic(&ctx, &log);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
-    let end = runtime.block_on(serve_runs(&ctx, kill_port, control, &log, &records, notifier, started))?;
+    let end = runtime.block_on(serve_runs(&ctx, kill_port, control, &log, &report, notifier, started))?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
-    super::metrics::write_file(&ctx.dirs, &ctx.host);
+    report.ended();
     // `stop` returns once the lock is free; the kill port and control socket close with the
     // runtime first, so a supervisor started right away can bind them. Deleting the files of
     // checkpoints retention took away is nobody's wait.
@@ -194,8 +160,13 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
 }
 
 /// The engine's start, with systemd's timeout extended while it runs.
-fn start(ctx: &Job, pick: Pick, progress: &(dyn Fn(StartProgress) + Sync)) -> Result<Started, Error> {
-    let _keep_systemd_waiting = super::systemd::extend_while_busy();
+fn start(
+    ctx: &Job,
+    report: &Reporter,
+    pick: Pick,
+    progress: &(dyn Fn(StartProgress) + Sync),
+) -> Result<Started, Error> {
+    let _keep_systemd_waiting = report.busy();
     Ok(start_service(ctx, pick, progress)?)
 }
 
@@ -222,7 +193,7 @@ async fn serve_runs(
     kill_port: std::net::TcpListener,
     control: std::os::unix::net::UnixListener,
     log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     notifier: &mut Notifier,
     first_start: Started,
 ) -> Result<LoopEnd, Error> {
@@ -245,12 +216,12 @@ async fn serve_runs(
         // for days (and taken newer checkpoints) before it exited.
         let restored_generation =
             current.info.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
-        let end = one_run(ctx, &mut ch, log, records, notifier, current, first).await?;
+        let end = one_run(ctx, &mut ch, log, report, notifier, current, first).await?;
         first = false;
         if end.state != State::Failed {
             break end;
         }
-        match after_exit(ctx, &mut ch, log, records, &mut restarts, end, began, restored_generation).await {
+        match after_exit(ctx, &mut ch, report, &mut restarts, end, began, restored_generation).await {
             Next::Run(s) => current = s,
             Next::End(end) => break end,
         }
@@ -263,8 +234,7 @@ async fn serve_runs(
     };
     ch.close(&ctx.service.name, late).await;
     tracing::debug!("loop: exiting");
-    log.note(&format!("supervisor exiting: {}", end.message));
-    super::systemd::stopping(&end.message);
+    report.exiting(&end.message);
     Ok(end)
 }
 
@@ -274,7 +244,7 @@ async fn one_run(
     ctx: &Arc<Job>,
     ch: &mut Channels,
     log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     notifier: &mut Notifier,
     current: Started,
     first: bool,
@@ -298,83 +268,19 @@ async fn one_run(
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
             let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
             let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
-            log.note(&msg);
-            let _ = StatusRecord { message: Some(msg.clone()), ..records.record(ServiceState::Failed, None, None) }
-                .write(&ctx.paths);
+            report.start_failed(&msg);
             if first {
                 return Err(Error::StartFailed(msg));
             }
             return Ok(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
         }
     }
-    report_started(ctx, log, records, notifier, &started, first)?;
-    let paths = ctx.paths.clone();
-    let on_change = |state: State, message: Option<&str>| {
-        let s = match state {
-            State::Stopped => ServiceState::Stopped,
-            State::Failed => ServiceState::Failed,
-            State::Checkpointing { .. } => ServiceState::Checkpointing,
-            _ => ServiceState::Running,
-        };
-        let _ = records.record(s, Some(&started), message.map(str::to_string)).write(&paths);
-    };
-    let on_queued = |queued: bool| {
-        let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
-        let _ = records.record(s, Some(&started), None).write(&paths);
-    };
-    Ok(run_loop(ctx.clone(), init_pid, ch, log.clone(), pump, on_change, on_queued)
-        .await
-        .map_err(SupervisorError::Runtime)?)
-}
-
-/// What a run that started reports, in this order, so that what `start` hears is already so on
-/// disk, in nftables and in the metrics: the status, retention and stale network locks, the
-/// counters, then the start report.
-fn report_started(
-    ctx: &Arc<Job>,
-    log: &LogWriter,
-    records: &Records,
-    notifier: &mut Notifier,
-    started: &StartInfo,
-    first: bool,
-) -> Result<(), Error> {
-    announce(log, started, first);
-    records.record(ServiceState::Running, Some(started), None).write(&ctx.paths)?;
-    tracing::debug!("supervisor: status written");
-    for n in crate::engine::retention::apply(ctx) {
-        log.note(&n);
-    }
-    crate::engine::retention::release_stale_locks(ctx, started.checkpoint.as_deref());
-    crate::store::counters::bump(&ctx.paths.root, |c| {
-        match started.started_from {
-            StartedFrom::Checkpoint => c.restores += 1,
-            StartedFrom::Cold => c.cold_starts += 1,
-        }
-        if started.fallback_reason.is_some() {
-            c.restore_fallbacks += 1;
-        }
-        if !first {
-            c.restarts += 1;
-        }
-    });
-    super::metrics::write_file(&ctx.dirs, &ctx.host);
-    tracing::debug!("supervisor: reporting");
-    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    notifier.send(&StartReport {
-        ok: true,
-        pid: Some(pid),
-        started_from: Some(started.started_from),
-        checkpoint: started.checkpoint.clone(),
-        fallback_reason: started.fallback_reason.clone(),
-        error: None,
-        exit_code: None,
-        warnings: started.notes.clone(),
-    });
+    report.started(notifier, &started, first)?;
     let purge = ctx.clone();
     // A thread that ends with the work (a blocking-pool thread would linger and wake up later
     // to exit: an idle supervisor does not wake up).
     std::thread::spawn(move || purge.store.purge_removed());
-    Ok(())
+    Ok(run_loop(ctx.clone(), init_pid, ch, report.run(&started), pump).await.map_err(SupervisorError::Runtime)?)
 }
 
 /// After a run that failed: another run, or the end.
@@ -389,8 +295,7 @@ enum Next {
 async fn after_exit(
     ctx: &Arc<Job>,
     ch: &mut Channels,
-    log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     restarts: &mut Restarts,
     end: LoopEnd,
     began: std::time::Instant,
@@ -404,8 +309,7 @@ async fn after_exit(
             Decision::Stay => return Next::End(end),
             Decision::GiveUp(why) => {
                 let msg = format!("{}; {why}", end.message);
-                log.note(&msg);
-                let _ = records.record(ServiceState::Failed, None, Some(msg.clone())).write(&ctx.paths);
+                report.gave_up(&msg);
                 return Next::End(LoopEnd { message: msg, ..end });
             }
             Decision::Restart { after, below_generation, cold, number } => {
@@ -420,25 +324,18 @@ async fn after_exit(
             ctx.service.restart_limit.count,
             crate::time_fmt::human_duration(ctx.service.restart_limit.within)
         );
-        log.note(&msg);
-        let _ = records.record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
-        super::systemd::status("restarting");
+        report.restarting(msg);
         if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
             let why = why.to_string();
-            log.note(&why);
-            let _ = records.record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
+            report.stopped_waiting(&why);
             return Next::End(LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None });
         }
-        records.restarts.set(records.restarts.get() + 1);
-        let (c, probation_log) = (ctx.clone(), log.clone());
+        report.restart_begins();
+        let (c, r) = (ctx.clone(), report.clone());
         let restarted = tokio::task::spawn_blocking(move || {
-            let s = start(&c, pick, &|p| {
-                if let StartProgress::Queued(line) = p {
-                    super::systemd::status(&line)
-                }
-            })?;
+            let s = start(&c, &r, pick, &|p| r.start_progress(p, None))?;
             if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
-                survives_probation(&s, &c.service.name, &probation_log)?;
+                survives_probation(&s, &c.service.name, r.log())?;
             }
             Ok::<_, Error>(s)
         })
@@ -447,27 +344,9 @@ async fn after_exit(
         match restarted {
             Ok(s) => return Next::Run(s),
             Err(e) => {
-                log.note(&format!("failed to restart: {e}"));
+                report.restart_failed(&e);
                 (exit, began, restored_generation) = (None, std::time::Instant::now(), None);
             }
         }
     }
-}
-
-/// Says in the log (and to systemd) how this run of the service began.
-fn announce(log: &LogWriter, started: &StartInfo, first: bool) {
-    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    let how = match (&started.started_from, &started.fallback_reason) {
-        (StartedFrom::Checkpoint, _) => {
-            format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
-        }
-        (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
-        (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
-    };
-    let how = if first { how } else { format!("restarted: {how}") };
-    log.note(&how);
-    for n in &started.notes {
-        log.note(&format!("warning: {n}"));
-    }
-    super::systemd::ready(&format!("{how}; pid {pid}"));
 }
