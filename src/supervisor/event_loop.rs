@@ -1,5 +1,7 @@
 //! The supervisor's event loop: turns connections, signals, dump completions and the service's
-//! exit into [`Event`]s, runs them through the state machine and carries out its actions.
+//! exit into [`Event`]s, runs them through the state machine and carries out its actions (a
+//! dump is the engine's, on a blocking thread); each request is answered from its typed
+//! outcome (outcome.rs), and what happened is reported through report.rs.
 
 use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;

@@ -1,7 +1,8 @@
-//! The supervisor of one service: holds the service's lock, starts it (restore or cold launch),
-//! is the child subreaper and parent of its tree, pumps its output to the log, and runs the
-//! state machine that turns kill-port connections, `checkpoint` requests, signals and the
-//! service's exit into dumps and shutdowns.
+//! The supervisor of one service: holds the service's lock, has the engine start it (restore or
+//! cold launch), is the child subreaper and parent of its tree, pumps its output to the log, and
+//! runs the state machine that turns kill-port connections, `checkpoint` requests, signals and
+//! the service's exit into the engine's dumps and into shutdowns; it answers each request from
+//! the engine's typed outcome, and reports what happened in one place (report.rs).
 
 mod error;
 mod event_loop;

@@ -1,5 +1,6 @@
-//! The supervisor's life: lock, listen, start the service, report readiness, run the event
-//! loop, record the final state.
+//! The supervisor's life: lock, listen, start the service (the engine's restore-or-cold start),
+//! wait for its readiness, run the event loop, restart it as `restart:` says; what each step
+//! comes to is reported through report.rs.
 
 use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
 use super::lock::{self, Acquired};

@@ -6,7 +6,8 @@
 //! images and checkpoint-related CRIU failures quarantine the checkpoint and the next allowed
 //! one is tried; a checkpoint that does not fit is kept and marked; a CRIU failure caused by
 //! the host keeps the checkpoint and fails the start. The run is recorded (making every
-//! checkpoint stale) durably before the service runs.
+//! checkpoint stale) durably before the service runs. The outcome is a [`Started`] service or a
+//! [`StartError`] (error.rs); the cold start is cold.rs.
 
 mod cold;
 mod error;
