@@ -122,7 +122,9 @@ fn fuzz_kill_port_protocol() {
                 assert!(raw == b"stop\n" || raw == b"stop\r\n", "{raw:?}");
             }
         }
-        let rendered = crate::supervisor::protocol::final_line(&Err(line.clone()));
+        let lines: Vec<&str> = line.lines().collect();
+        let failed = crate::engine::dump::DumpError::criu_failed(&line, &lines);
+        let rendered = crate::supervisor::protocol::final_line(&Err(failed.into()));
         // Whatever the error text, the verdict is the last line and it parses as an error.
         let last = rendered.lines().last().unwrap_or_default();
         assert!(matches!(Verdict::parse(last, Asked::Checkpoint), Some(Verdict::Failed(_))), "{rendered:?}");

@@ -7,7 +7,7 @@ use super::exit_codes;
 use crate::config::{check_name, load_service, CriuSection, ServiceFile};
 use crate::paths::Dirs;
 use crate::store::durable::{create_dir_with_mode, write_atomic};
-use crate::supervisor::lock;
+use crate::supervisor::{lock, StartError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
@@ -92,7 +92,7 @@ pub fn remove(dirs: &Dirs, name: &str, purge: bool) -> Result<i32, Error> {
     let file = dirs.service_file(name);
     let paths = dirs.service(name);
     if let Some(pid) = lock::holder(&paths.lock) {
-        return Err(Error::AlreadyRunning { service: name.to_string(), pid });
+        return Err(StartError::AlreadyRunning { service: name.to_string(), pid }.into());
     }
     // Read before the file goes, to name the working directory that is kept.
     let working_dir = crate::config::load_named(dirs, name).ok().map(|s| s.working_dir);

@@ -1,5 +1,5 @@
-//! The top-level error of a command: wraps each layer's error (`exit_codes::of` maps it to an
-//! exit code).
+//! The top-level error of a command: wraps each layer's error, the supervisor's for a start
+//! (`exit_codes::of` maps it to an exit code), and adds the CLI's own.
 
 use std::path::PathBuf;
 
@@ -13,10 +13,9 @@ pub enum Error {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Launch(#[from] crate::process::LaunchError),
+    /// A start that failed, or was refused because the service runs: the supervisor's error.
     #[error(transparent)]
     Start(#[from] crate::supervisor::StartError),
-    #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
-    AlreadyRunning { service: String, pid: String },
     #[error("{service} is not running; start it with `stasis start {service}`")]
     NotRunning { service: String },
     #[error("stasis must run as root (CRIU and the root-only state directory need it); try `sudo stasis ...`")]
@@ -28,8 +27,6 @@ pub enum Error {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     CheckpointFailed(String),
-    #[error("{0}")]
-    StartFailed(String),
     /// A request that cannot be carried out as given (the message says what to change).
     #[error("{0}")]
     Refused(String),

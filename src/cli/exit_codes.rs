@@ -42,9 +42,8 @@ pub fn of(e: &Error) -> i32 {
         Error::Config(_) | Error::Refused(_) => CONFIG,
         Error::Criu(e) => of_criu(e),
         Error::Store(_) | Error::ExportFailed(_) => STORE,
-        Error::Launch(_) | Error::StartFailed(_) => START_FAILED,
+        Error::Launch(_) => START_FAILED,
         Error::Start(e) => of_start(e),
-        Error::AlreadyRunning { .. } => ALREADY_RUNNING,
         Error::NotRunning { .. } => NOT_RUNNING,
         Error::NotRoot | Error::NotAllowed(_) => ENVIRONMENT,
         Error::Io { .. } => INTERNAL,
@@ -71,7 +70,9 @@ pub fn of_start(e: &StartError) -> i32 {
         StartError::Supervisor(e) => of_supervisor(e),
         StartError::AlreadyRunning { .. } | StartError::Orphaned { .. } => ALREADY_RUNNING,
         StartError::Io { .. } => INTERNAL,
-        StartError::RestoreRefused(_) => RESTORE_REFUSED,
+        StartError::Engine(e) if e.refused_restore() => RESTORE_REFUSED,
+        // The supervisor reports any failure of the engine's start as a failed start.
+        StartError::Engine(_) => START_FAILED,
     }
 }
 

@@ -12,6 +12,7 @@ use crate::supervisor::{
     self, lock,
     ready::{Notifier, StartReport, READY_FD_ENV},
     status::{ServiceState, StartedFrom, StatusRecord},
+    StartError,
 };
 use std::io::BufRead;
 use std::os::fd::AsRawFd;
@@ -143,7 +144,7 @@ fn wait_for_finishing(dirs: &Dirs, service: &crate::config::Service) -> Result<(
             lock::wait_released(&paths.lock, FINISHING_WAIT);
         }
         if lock::holder(&paths.lock).is_some() {
-            return Err(Error::AlreadyRunning { service: service.name.clone(), pid });
+            return Err(StartError::AlreadyRunning { service: service.name.clone(), pid }.into());
         }
     }
     Ok(())
@@ -228,11 +229,11 @@ pub fn start_one(
     }
     tracing::debug!("start: report read");
     let report: StartReport = serde_json::from_str(text.trim()).map_err(|_| {
-        Error::StartFailed(format!(
+        Error::from(StartError::StartFailed(format!(
             "the supervisor of {} exited before reporting; see {}",
             service.name,
             log_path.display()
-        ))
+        )))
     })?;
     Ok(report)
 }

@@ -1,7 +1,7 @@
 //! The CRIU adapter: finds and version-checks the `criu` binary once, talks to it over RPC
-//! (`criu swrk`: rpc.rs, requests.rs) for dumps and restores, does the post-dump work at its
-//! notification (post_dump.rs), and turns failures into errors that quote the Error lines of
-//! CRIU's log together with the log's path.
+//! (`criu swrk`: rpc.rs, requests.rs) for dumps and restores, hands each notification to the
+//! caller to answer (the engine does the post-dump work), and turns failures into errors that
+//! quote the Error lines of CRIU's log together with the log's path.
 
 mod argv;
 mod binary;
@@ -12,7 +12,6 @@ pub mod log_capture;
 mod log_errors;
 pub mod network_lock;
 pub mod page_server;
-pub mod post_dump;
 mod requests;
 pub mod rpc;
 pub mod standby;

@@ -10,7 +10,7 @@ use super::StoreError;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const SUFFIX: &str = ".enc";
 const MAGIC: &[u8; 8] = b"STASENC1";
@@ -20,25 +20,39 @@ const TAG: usize = 16;
 /// A key read from its file: 32 bytes, raw or as 64 hex digits.
 pub struct Key([u8; 32]);
 
+/// Why the key could not be used, each naming the file and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("failed to read the encryption key {}: {source}; {}", path.display(), create(path))]
+    Missing { path: PathBuf, source: std::io::Error },
+    #[error("the encryption key {p} must be owned by root and readable by nobody else (it is uid {uid}, mode {mode:o}); `chown root {p} && chmod 600 {p}`", p = path.display())]
+    Unsafe { path: PathBuf, uid: u32, mode: u32 },
+    #[error("failed to read the encryption key {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the encryption key {} is not 32 bytes (or 64 hex digits); {}", path.display(), create(path))]
+    Malformed { path: PathBuf },
+    /// A checkpoint sealed with key `key_id`, and the service `file` names no key file.
+    #[error("its images are encrypted (key id {key_id}) and {} sets no encryption_key_file; set it to the file with that key", file.display())]
+    NotSet { key_id: String, file: PathBuf },
+    #[error("it was encrypted with the key of id {key_id}, and {} holds the key of id {found}: the wrong key; put the right key back", path.display())]
+    Wrong { key_id: String, path: PathBuf, found: String },
+}
+
+/// How to make a key file.
+fn create(path: &Path) -> String {
+    format!("create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` (as root)", p = path.display())
+}
+
 impl Key {
     /// Only root may read the file: a key others can read protects nothing.
-    pub fn load(path: &Path) -> Result<Key, String> {
+    pub fn load(path: &Path) -> Result<Key, KeyError> {
         use std::os::unix::fs::MetadataExt;
-        let fix =
-            format!("create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` (as root)", p = path.display());
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("failed to read the encryption key {}: {e}; {fix}", path.display()))?;
+        let path_buf = || path.to_path_buf();
+        let meta = std::fs::metadata(path).map_err(|source| KeyError::Missing { path: path_buf(), source })?;
         if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
-            return Err(format!(
-                "the encryption key {} must be owned by root and readable by nobody else (it is uid {}, mode {:o}); `chown root {p} && chmod 600 {p}`",
-                path.display(),
-                meta.uid(),
-                meta.mode() & 0o777,
-                p = path.display()
-            ));
+            return Err(KeyError::Unsafe { path: path_buf(), uid: meta.uid(), mode: meta.mode() & 0o777 });
         }
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("failed to read the encryption key {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path_buf(), source })?;
         let text = String::from_utf8_lossy(&bytes);
         let hex = text.trim();
         let raw: Option<Vec<u8>> = if bytes.len() == 32 {
@@ -48,9 +62,7 @@ impl Key {
         } else {
             None
         };
-        let raw = raw.ok_or_else(|| {
-            format!("the encryption key {} is not 32 bytes (or 64 hex digits); {fix}", path.display())
-        })?;
+        let raw = raw.ok_or_else(|| KeyError::Malformed { path: path_buf() })?;
         let mut k = [0u8; 32];
         k.copy_from_slice(&raw);
         Ok(Key(k))
@@ -58,20 +70,12 @@ impl Key {
 
     /// The key in `path` (the service's `encryption_key_file`, set in `service_file`), which
     /// must be the one of id `key_id` a checkpoint was sealed with.
-    pub fn matching(path: Option<&Path>, key_id: &str, service_file: &Path) -> Result<Key, String> {
-        let path = path.ok_or_else(|| {
-            format!(
-                "its images are encrypted (key id {key_id}) and {} sets no encryption_key_file; set it to the file with that key",
-                service_file.display()
-            )
-        })?;
+    pub fn matching(path: Option<&Path>, key_id: &str, service_file: &Path) -> Result<Key, KeyError> {
+        let path =
+            path.ok_or_else(|| KeyError::NotSet { key_id: key_id.to_string(), file: service_file.to_path_buf() })?;
         let key = Key::load(path)?;
         if key.id() != key_id {
-            return Err(format!(
-                "it was encrypted with the key of id {key_id}, and {} holds the key of id {}: the wrong key; put the right key back",
-                path.display(),
-                key.id()
-            ));
+            return Err(KeyError::Wrong { key_id: key_id.to_string(), path: path.to_path_buf(), found: key.id() });
         }
         Ok(key)
     }

@@ -38,18 +38,18 @@ pub enum StartError {
     Launch(#[from] crate::process::LaunchError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    /// The engine got no service running.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::restore::StartError),
     #[error("{service} is already running (supervisor pid {pid}); stop it first with `stasis stop {service}`")]
     AlreadyRunning { service: String, pid: String },
     #[error("an earlier run of {service} is still running without a supervisor (its supervisor died; namespace init pid {pid}); starting another copy could corrupt its state: stop it with `kill -TERM {pid}` (then -KILL if it stays), then start {service} again")]
     Orphaned { service: String, pid: i32 },
     #[error("failed to {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
-    /// Neither restored nor cold-launched, or it died at once.
+    /// It died at once, or never became ready.
     #[error("{0}")]
     StartFailed(String),
-    /// The checkpoint to restore cannot be proven right, and the settings say not to cold-start.
-    #[error("{0}")]
-    RestoreRefused(String),
 }
 
 impl StartError {

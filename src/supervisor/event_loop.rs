@@ -1,12 +1,16 @@
 //! The supervisor's event loop: turns connections, signals, dump completions and the service's
-//! exit into [`Event`]s, runs them through the state machine and carries out its actions.
+//! exit into [`Event`]s, runs them through the state machine and carries out its actions (a
+//! dump is the engine's, on a blocking thread); each request is answered from its typed
+//! outcome (outcome.rs), and what happened is reported through report.rs.
 
-use super::checkpoint::{take_checkpoint, DumpProgress};
-use super::context::Context;
 use super::kill_port::{self, admit, Ask, KillPortPolicy, StopGate};
 use super::log_pump::LogWriter;
-use super::protocol::{self, CheckpointReport};
+use super::outcome::{NotTaken, Outcome, TerminateRefused, WaitEnded};
+use super::protocol;
+use super::report::RunReport;
 use super::state::{next, Action, Event, State};
+use crate::engine::dump::{take_checkpoint, DumpProgress, StopGate as _};
+use crate::engine::Job;
 use crate::store::DumpKind;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -17,8 +21,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
-
-type Outcome = Result<CheckpointReport, String>;
 
 struct Request {
     kind: DumpKind,
@@ -34,7 +36,7 @@ struct Request {
 
 /// A `stop --no-checkpoint`, answered once the service is gone (Ok: how it ended) or with why
 /// it was not stopped that way.
-type TerminateReply = oneshot::Sender<Result<String, String>>;
+type TerminateReply = oneshot::Sender<Result<String, TerminateRefused>>;
 
 struct Waiter {
     reply: oneshot::Sender<Outcome>,
@@ -70,7 +72,7 @@ pub struct Channels {
 
 impl Channels {
     /// Starts accepting on both listeners.
-    pub fn open(ctx: &Context, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
+    pub fn open(ctx: &Job, listeners: Listeners, log: &LogWriter) -> std::io::Result<Channels> {
         let (req_tx, req_rx) = mpsc::channel::<Request>(16);
         let (term_tx, term_rx) = mpsc::channel::<TerminateReply>(16);
         let connections = OpenConnections::default();
@@ -121,24 +123,24 @@ impl Channels {
 
     /// Sleeps `delay` before a restart. A stop or checkpoint asked for meanwhile is answered
     /// (there is no service to dump) and ends the wait: Err is the reason the supervisor ends.
-    pub async fn wait_to_restart(&mut self, name: &str, delay: Duration) -> Result<(), String> {
+    pub async fn wait_to_restart(&mut self, name: &str, delay: Duration) -> Result<(), WaitEnded> {
         let until = tokio::time::Instant::now() + delay;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Ok(()),
                 Some(req) = self.req_rx.recv() => {
-                    let why = format!("{name} is not running: it exited and was waiting to be restarted; it will not be");
+                    let why = NotTaken::WaitingToRestart { service: name.to_string() };
                     let _ = req.reply.send(Err(why.clone()));
                     if req.kind == DumpKind::Stop {
-                        return Err(format!("stopped while waiting to restart: {why}"));
+                        return Err(WaitEnded::Stopped { why });
                     }
                 }
                 Some(reply) = self.term_rx.recv() => {
                     let _ = reply.send(Ok(format!("{name} was waiting to be restarted; it will not be")));
-                    return Err("stopped without a checkpoint while waiting to restart".into());
+                    return Err(WaitEnded::Terminated);
                 }
-                _ = self.sigterm.recv() => return Err("stopped by SIGTERM while waiting to restart".into()),
-                _ = self.sigint.recv() => return Err("stopped by SIGINT while waiting to restart".into()),
+                _ = self.sigterm.recv() => return Err(WaitEnded::Sigterm),
+                _ = self.sigint.recv() => return Err(WaitEnded::Sigint),
                 // Children from an earlier run are reaped by their subreaper: nothing to do.
                 _ = self.sigchld.recv() => {}
             }
@@ -152,15 +154,12 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
 /// One run of the service: from started to exited (or dumped and gone). Returns once its init
 /// is reaped and its output drained.
 pub async fn run_loop(
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     init_pid: Pid,
     ch: &mut Channels,
-    log: LogWriter,
+    report: RunReport<'_>,
     pump: tokio::task::JoinHandle<()>,
-    on_change: impl Fn(State, Option<&str>),
-    on_queued: impl Fn(bool),
 ) -> std::io::Result<LoopEnd> {
-    let report = Reporter { ctx: ctx.clone(), log, on_change: &on_change, on_queued: &on_queued };
     let mut run = Run::new(ctx, init_pid, report);
     loop {
         let (event, request) = run.next_event(ch).await;
@@ -171,146 +170,13 @@ pub async fn run_loop(
     Ok(run.finish(&mut ch.sigchld, pump).await)
 }
 
-/// The event loop's own reports of what happened: the service log, the status record (through
-/// the caller's `on_change` and `on_queued`), the counters and metrics file, and systemd's
-/// status line. Each outcome is reported here, in one place.
-struct Reporter<'a> {
-    ctx: Arc<Context>,
-    log: LogWriter,
-    on_change: &'a dyn Fn(State, Option<&str>),
-    on_queued: &'a dyn Fn(bool),
-}
-
-impl Reporter<'_> {
-    fn state_changed(&self, state: State, message: Option<&str>) {
-        (self.on_change)(state, message);
-    }
-
-    fn terminate_requested(&self) {
-        self.log.note("stop without a checkpoint requested (stasis stop --no-checkpoint)");
-    }
-
-    /// The dump waits for its place in the host's queue.
-    fn queued(&self, line: &str) {
-        self.log.note(line);
-        super::systemd::status(line);
-        (self.on_queued)(true);
-    }
-
-    fn dumping(&self) {
-        (self.on_queued)(false);
-    }
-
-    fn progress(&self, line: &str) {
-        super::systemd::status(line);
-    }
-
-    fn periodic_skipped(&self, why: &str) {
-        let ctx = &self.ctx;
-        self.log.note(&format!(
-            "periodic checkpoint skipped: {why}; the service keeps running and the previous checkpoint is kept"
-        ));
-        crate::store::counters::bump(&ctx.paths.root, |c| c.periodic_skipped += 1);
-        super::metrics::write_file(&ctx.dirs, &ctx.host);
-    }
-
-    fn dump_started(&self, kind: DumpKind) {
-        self.log.note(match kind {
-            DumpKind::Stop => "checkpoint requested through the kill port: dumping, then stopping",
-            DumpKind::KeepRunning => "checkpoint requested: dumping, the service keeps running",
-            DumpKind::Periodic => "periodic checkpoint (checkpoint_every): dumping, the service keeps running",
-        });
-        super::systemd::status("saving a checkpoint");
-    }
-
-    fn dry_run_started(&self) {
-        self.log.note("doctor: a dry-run dump (the service keeps running; nothing is kept)");
-    }
-
-    /// `called_off`: a stop its silent client called off, a refusal the gate logged as one.
-    fn dump_finished(&self, outcome: &Outcome, called_off: bool) {
-        let ctx = &self.ctx;
-        let dry = outcome.as_ref().is_ok_and(|r| r.dry);
-        // A dry run is not a checkpoint, and its failure is what was asked about.
-        crate::store::counters::bump(&ctx.paths.root, |c| {
-            if dry || called_off {
-                return;
-            }
-            if outcome.is_ok() {
-                c.checkpoints += 1
-            } else {
-                c.checkpoint_failures += 1
-            }
-        });
-        super::metrics::write_file(&ctx.dirs, &ctx.host);
-        match outcome {
-            Ok(r) if r.dry => super::systemd::status("doctor: a checkpoint would work now"),
-            Ok(r) => super::systemd::status(&format!("checkpoint {} saved", r.id)),
-            Err(_) if called_off => super::systemd::status("running: a stop through the kill port was called off"),
-            Err(e) => super::systemd::status(&format!("checkpoint failed: {}", e.lines().next().unwrap_or(""))),
-        }
-        match outcome {
-            Ok(r) if r.dry => self
-                .log
-                .note(&format!("doctor: a checkpoint would work now ({} bytes dumped, thrown away)", r.size_bytes)),
-            Ok(r) => self.checkpoint_saved(r),
-            Err(_) if called_off => {}
-            Err(e) => self.log.note(&format!("checkpoint failed: {e}")),
-        }
-    }
-
-    fn checkpoint_saved(&self, r: &CheckpointReport) {
-        let (ctx, log) = (&self.ctx, &self.log);
-        // Before anyone hears of it: `gc` deletes only tables recorded as ours.
-        if let Err(e) = crate::criu::network_lock::record_owner(
-            &ctx.dirs.state_dir,
-            &ctx.service.name,
-            &r.id,
-            &r.dir.join(crate::criu::DUMP_LOG),
-        ) {
-            log.note(&format!("warning: {e}; `stasis gc` will not delete its table"));
-        }
-        log.note(&format!("checkpoint {} saved ({} bytes) in {}", r.id, r.size_bytes, r.dir.display()));
-        for n in &r.notes {
-            log.note(n);
-        }
-        if let (Some(max), Some(froze)) = (ctx.service.max_freeze, r.freeze) {
-            if froze > max {
-                log.note(&format!(
-                    "warning: checkpoint {} froze the service for {} ms, more than max_freeze_ms ({} ms)",
-                    r.id,
-                    froze.as_millis(),
-                    max.as_millis()
-                ));
-                crate::store::counters::bump(&ctx.paths.root, |c| c.freeze_over_budget += 1);
-            }
-        }
-    }
-
-    fn terminating(&self) {
-        super::systemd::stopping("stopping without a checkpoint");
-        self.log.note(&format!(
-            "stopping without a checkpoint: SIGTERM, SIGKILL after {} s",
-            self.ctx.service.stop_timeout.as_secs()
-        ));
-    }
-
-    fn killing(&self) {
-        self.log.note("grace period over: SIGKILL");
-    }
-
-    fn output_cut_short(&self) {
-        self.log.note("the service's output did not reach EOF in time; some of its last lines may be missing");
-    }
-}
-
 type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
 
 /// The loop's state between events: the state machine's, plus what carries out its actions.
 struct Run<'a> {
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     init_pid: Pid,
-    report: Reporter<'a>,
+    report: RunReport<'a>,
     dump_tx: mpsc::Sender<Outcome>,
     dump_rx: mpsc::Receiver<Outcome>,
     progress_tx: mpsc::UnboundedSender<DumpProgress>,
@@ -336,7 +202,7 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(ctx: Arc<Context>, init_pid: Pid, report: Reporter<'a>) -> Run<'a> {
+    fn new(ctx: Arc<Job>, init_pid: Pid, report: RunReport<'a>) -> Run<'a> {
         let (dump_tx, dump_rx) = mpsc::channel::<Outcome>(1);
         let (progress_tx, progress_rx) = mpsc::unbounded_channel::<DumpProgress>();
         // A pidfd of the service's init becomes readable when it exits. SIGCHLD alone can race
@@ -437,10 +303,10 @@ impl<'a> Run<'a> {
 
     fn periodic_due(&mut self) -> Option<Event> {
         self.periodic = None;
-        match super::checkpoint::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
+        match crate::engine::dump::room_for_periodic(&self.ctx, self.init_pid.as_raw()) {
             Ok(()) => Some(Event::PeriodicDue),
             Err(why) => {
-                self.report.periodic_skipped(&why);
+                self.report.periodic_skipped(&why.to_string());
                 self.arm_periodic();
                 None
             }
@@ -505,12 +371,15 @@ impl<'a> Run<'a> {
     fn spawn_dump(&self, kind: DumpKind, dry: bool, gate: Option<Arc<StopGate>>) {
         let (ctx, tx, progress, pid) =
             (self.ctx.clone(), self.dump_tx.clone(), self.progress_tx.clone(), self.init_pid);
+        // Extending systemd's timeout covers the wait for a slot too.
+        let keep_systemd_waiting = self.report.busy();
         tokio::task::spawn_blocking(move || {
             let report = |p: DumpProgress| {
                 let _ = progress.send(p);
             };
-            let outcome =
-                take_checkpoint(&ctx, pid.as_raw(), kind, dry, gate.as_deref(), report).map_err(|e| e.to_string());
+            let asked = gate.as_deref().map(|g| g as &dyn crate::engine::dump::StopGate);
+            let outcome = take_checkpoint(&ctx, pid.as_raw(), kind, dry, asked, report).map_err(NotTaken::from);
+            drop(keep_systemd_waiting);
             // The clients' second descriptors close before they hear the outcome.
             drop(gate);
             let _ = tx.blocking_send(outcome);
@@ -541,11 +410,10 @@ impl<'a> Run<'a> {
     fn reject(&self, request: Option<Request>) {
         if let Some(req) = request {
             let name = &self.ctx.service.name;
+            let service = name.clone();
             let why = match self.state {
-                State::Checkpointing { .. } => {
-                    format!("a checkpoint of {name} is already in progress; try again when it finishes")
-                }
-                _ => format!("{name} is shutting down"),
+                State::Checkpointing { .. } => NotTaken::InProgress { service },
+                _ => NotTaken::ShuttingDown { service },
             };
             let _ = req.reply.send(Err(why));
         }
@@ -553,7 +421,7 @@ impl<'a> Run<'a> {
 
     fn reply_to_waiters(&mut self, new_state: State) {
         tracing::debug!("loop: dump finished");
-        let outcome = self.last_outcome.clone().unwrap_or_else(|| Err("no outcome".into()));
+        let outcome = self.last_outcome.clone().unwrap_or(Err(NotTaken::NoOutcome));
         let called_off = self.gate.take().and_then(|g| g.called_off()).is_some();
         self.report.dump_finished(&outcome, called_off);
         if new_state == State::Running {
@@ -616,12 +484,12 @@ impl<'a> Run<'a> {
         let message = self.end_message();
         let name = &self.ctx.service.name;
         for w in self.queued {
-            let _ = w.reply.send(Err(format!("{name} exited before it could be stopped with a checkpoint")));
+            let _ = w.reply.send(Err(NotTaken::ExitedBeforeStop { service: name.clone() }));
         }
         for t in self.terminators {
             let answer = match self.state {
                 State::Stopped => Ok(message.clone()),
-                _ => Err(format!("{name} exited by itself before it could be stopped: {message}")),
+                _ => Err(TerminateRefused::ExitedFirst { service: name.clone(), how: message.clone() }),
             };
             let _ = t.send(answer);
         }
@@ -822,12 +690,12 @@ async fn serve_terminate<W: tokio::io::AsyncWrite + Unpin>(mut out: W, cc: &Cont
     let _ = out.flush().await;
     let (reply, rx) = oneshot::channel();
     let outcome = match cc.terminate.send(reply).await {
-        Ok(()) => rx.await.unwrap_or_else(|_| Err("the supervisor is exiting".into())),
-        Err(_) => Err("the supervisor is exiting".into()),
+        Ok(()) => rx.await.unwrap_or(Err(TerminateRefused::SupervisorExiting)),
+        Err(_) => Err(TerminateRefused::SupervisorExiting),
     };
     let last = match outcome {
         Ok(how) => format!("{}\n", protocol::Verdict::ended(&how)),
-        Err(why) => format!("{}\n", protocol::Verdict::failed(&why)),
+        Err(why) => format!("{}\n", protocol::Verdict::failed(&why.to_string())),
     };
     let _ = out.write_all(last.as_bytes()).await;
     let _ = out.shutdown().await;
@@ -863,11 +731,11 @@ async fn serve<W: tokio::io::AsyncWrite + Unpin>(
                     while let Ok(line) = lines_rx.try_recv() {
                         let _ = out.write_all(format!("{line}\n").as_bytes()).await;
                     }
-                    break outcome.unwrap_or_else(|_| Err("the supervisor is exiting".into()));
+                    break outcome.unwrap_or(Err(NotTaken::SupervisorExiting));
                 }
             }
         },
-        Err(_) => Err("the supervisor is exiting".into()),
+        Err(_) => Err(NotTaken::SupervisorExiting),
     };
     let _ = out.write_all(protocol::final_line(&outcome).as_bytes()).await;
     let _ = out.shutdown().await;

@@ -14,6 +14,7 @@
 use super::log_pump::LogWriter;
 use super::peer::{self, Peer};
 use super::protocol::{self, Refusal, Request};
+use crate::engine::dump::{Withdrawn, WithdrawnBy};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -144,26 +145,6 @@ impl SilentClient {
     }
 }
 
-/// Why a stopping dump was refused at `post-dump`: everyone who asked for it asked by silence
-/// alone, and each has since sent something else or left. The first of them is named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Withdrawn {
-    from: SocketAddr,
-    why: Denied,
-}
-
-impl std::fmt::Display for Withdrawn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let did = match self.why {
-            Denied::Request(Refusal::Tls) => "began a TLS handshake",
-            Denied::Request(Refusal::Http) => "sent an HTTP request",
-            Denied::Left => "closed the connection",
-            _ => "sent something other than \"stop\"",
-        };
-        write!(f, "the stop was called off: the kill-port client that asked for it by staying silent ({}) {did} before it was carried out", self.from)
-    }
-}
-
 /// Who asked for the stopping dump under way, asked again at its `post-dump` ([`Self::check`]),
 /// the last moment before CRIU ends the service. Shared by the event loop, which adds the
 /// clients that join the stop, and the dump.
@@ -180,11 +161,13 @@ impl StopGate {
     pub fn add(&self, ask: Ask) {
         self.asks.lock().unwrap_or_else(|p| p.into_inner()).push(ask);
     }
+}
 
+impl crate::engine::dump::StopGate for StopGate {
     /// Err when nobody asks for the stop any more: each silent client's change of mind is logged
     /// as a kill-port refusal (at the bounded rate), and the verdict kept for [`Self::called_off`].
     /// One who said `stop`, or one still silent, is enough for the stop to stand.
-    pub fn check(&self) -> Result<(), Withdrawn> {
+    fn check(&self) -> Result<(), Withdrawn> {
         let asks = self.asks.lock().unwrap_or_else(|p| p.into_inner());
         let mut gone = Vec::new();
         for ask in asks.iter() {
@@ -206,13 +189,18 @@ impl StopGate {
                 )
             });
         }
-        let withdrawn = Withdrawn { from: first.from, why };
+        let by = match why {
+            Denied::Request(Refusal::Tls) => WithdrawnBy::TlsHandshake,
+            Denied::Request(Refusal::Http) => WithdrawnBy::HttpRequest,
+            Denied::Left => WithdrawnBy::Leaving,
+            _ => WithdrawnBy::OtherBytes,
+        };
+        let withdrawn = Withdrawn { from: first.from, by };
         *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(withdrawn);
         Err(withdrawn)
     }
 
-    /// Whether [`Self::check`] called the stop off.
-    pub fn called_off(&self) -> Option<Withdrawn> {
+    fn called_off(&self) -> Option<Withdrawn> {
         *self.verdict.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -341,6 +329,7 @@ fn log_line(denied: Denied, from: SocketAddr, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::dump::StopGate as _;
 
     #[test]
     fn refusals_are_logged_at_a_bounded_rate_and_summed_up() {
@@ -397,15 +386,15 @@ mod tests {
             assert_eq!(called_off(&gate, NO_CHANGE), None, "{typed:?} is on the way to the stop line");
         }
         for (sent, why) in [
-            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], Denied::Request(Refusal::Http)),
-            (b"\x16\x03\x01\x00\xa5\x01", Denied::Request(Refusal::Tls)),
-            (b"\r\n", Denied::Request(Refusal::Unknown)),
+            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], WithdrawnBy::HttpRequest),
+            (b"\x16\x03\x01\x00\xa5\x01", WithdrawnBy::TlsHandshake),
+            (b"\r\n", WithdrawnBy::OtherBytes),
         ] {
             let (mut browser, ask) = silent_pair(&policy);
             browser.write_all(sent).unwrap();
             let gate = StopGate::new(vec![ask]);
             let w = called_off(&gate, CHANGE).unwrap_or_else(|| panic!("{sent:?} calls the stop off"));
-            assert_eq!(w.why, why);
+            assert_eq!(w.by, why);
             assert_eq!(gate.called_off(), Some(w), "the verdict is kept for the loop");
             // Someone who said `stop`, or a client still silent, keeps the stop.
             let (_quiet, still) = silent_pair(&policy);
@@ -422,7 +411,7 @@ mod tests {
         drop(leaver);
         let gate = StopGate::new(vec![ask]);
         let w = called_off(&gate, CHANGE).expect("a client that left calls the stop off");
-        assert_eq!(w.why, Denied::Left);
+        assert_eq!(w.by, WithdrawnBy::Leaving);
         assert!(w.to_string().contains("closed the connection"), "{w}");
 
         let logged = std::fs::read_to_string(&log_path).unwrap();

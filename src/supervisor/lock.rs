@@ -2,10 +2,10 @@
 //! life and released by the kernel when it dies (no stale pid files). The file holds the
 //! supervisor's pid for humans and `status`.
 
+use crate::engine::slots::open_lock_file;
 use nix::fcntl::{Flock, FlockArg};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub struct ServiceLock {
@@ -66,18 +66,4 @@ fn read_pid(file: &mut File) -> String {
     } else {
         s
     }
-}
-
-/// A lock file of root's (0600 whatever the umask), never through a symlink planted in its place.
-pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(file)
 }

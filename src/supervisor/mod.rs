@@ -1,10 +1,9 @@
-//! The supervisor of one service: holds the service's lock, starts it (restore or cold launch),
-//! is the child subreaper and parent of its tree, pumps its output to the log, and runs the
-//! state machine that turns kill-port connections, `checkpoint` requests, signals and the
-//! service's exit into dumps and shutdowns.
+//! The supervisor of one service: holds the service's lock, has the engine start it (restore or
+//! cold launch), is the child subreaper and parent of its tree, pumps its output to the log, and
+//! runs the state machine that turns kill-port connections, `checkpoint` requests, signals and
+//! the service's exit into the engine's dumps and into shutdowns; it answers each request from
+//! the engine's typed outcome, and reports what happened in one place (report.rs).
 
-mod checkpoint;
-mod context;
 mod error;
 mod event_loop;
 mod holder;
@@ -12,16 +11,15 @@ mod kill_port;
 pub mod lock;
 mod log_pump;
 pub mod metrics;
+pub mod outcome;
 mod peer;
-mod progress;
+mod probation;
 pub mod protocol;
 mod readiness;
 pub mod ready;
+mod report;
 mod restart;
-mod retention;
 mod run;
-mod slots;
-mod startup;
 pub mod state;
 pub mod status;
 mod systemd;

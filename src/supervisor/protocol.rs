@@ -1,8 +1,9 @@
 //! The text protocol of the kill port and the control socket. A connection gets a first line
 //! at once, then exactly one final line, the `Verdict`, that starts with `OK` or `ERROR`.
 
+use super::outcome::Outcome;
+pub use crate::engine::dump::CheckpointReport;
 use crate::time_fmt::human_bytes;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Sent on the control socket to ask for a checkpoint that leaves the service running.
@@ -12,10 +13,7 @@ pub const DOCTOR_COMMAND: &str = "doctor";
 /// Asks the control socket to stop the service without a checkpoint (`stasis stop
 /// --no-checkpoint`): SIGTERM to its tree, SIGKILL after `stop_timeout_secs`.
 pub const TERMINATE_COMMAND: &str = "stop-no-checkpoint";
-/// Lines about a dump under way start with this.
-pub const PROGRESS_PREFIX: &str = "Progress: ";
-/// How a readiness wait's progress line begins (supervisor/progress.rs `waiting`).
-pub const WAITING_PREFIX: &str = "Progress: waiting for ";
+pub use crate::engine::progress::{PROGRESS_PREFIX, WAITING_PREFIX};
 /// Sent by `stasis stop` on the kill port right after connecting (telnet sends nothing).
 pub const STOP_COMMAND: &str = "stop";
 /// What is read of a kill-port client's first bytes: the `stop` line needs 6, and enough of
@@ -98,20 +96,6 @@ pub fn joined(service: &str) -> String {
     format!("A checkpoint of {service} is already in progress; waiting for it")
 }
 
-#[derive(Debug, Clone)]
-pub struct CheckpointReport {
-    pub id: String,
-    pub size_bytes: u64,
-    pub duration: Duration,
-    pub dir: PathBuf,
-    /// What retention removed after it (for the log).
-    pub notes: Vec<String>,
-    /// How long CRIU kept the service frozen, when its stats say.
-    pub freeze: Option<Duration>,
-    /// A dry run (`stasis doctor`): dumped, then thrown away.
-    pub dry: bool,
-}
-
 pub fn announce_stop(service: &str) -> String {
     format!("Saving checkpoint of {service} and shutting down...\n")
 }
@@ -130,12 +114,12 @@ pub fn announce_checkpoint(service: &str) -> String {
 
 /// The reply's end: CRIU's error lines first, indented, then the verdict, always last. Each is
 /// escaped: they quote names the service chose, and a client may be a terminal.
-pub fn final_line(outcome: &Result<CheckpointReport, String>) -> String {
+pub fn final_line(outcome: &Outcome) -> String {
     let details = match outcome {
-        Ok(_) => "".lines(),
-        Err(e) => e.lines(),
+        Ok(_) => &[][..],
+        Err(e) => e.details(),
     };
-    let mut out: String = details.skip(1).map(|l| format!("  {}\n", crate::text::escape_controls(l))).collect();
+    let mut out: String = details.iter().map(|l| format!("  {}\n", crate::text::escape_controls(l))).collect();
     out.push_str(&format!("{}\n", Verdict::of(outcome)));
     out
 }
@@ -170,8 +154,8 @@ const SAVED: &str = "checkpoint ";
 const DRY_RUN: &str = "it can be checkpointed now: CRIU dumped ";
 
 impl Verdict {
-    /// The verdict on a dump; an error's first line is its summary.
-    pub fn of(outcome: &Result<CheckpointReport, String>) -> Verdict {
+    /// The verdict on a dump: a failure's summary.
+    pub fn of(outcome: &Outcome) -> Verdict {
         let seconds = |d: &Duration| format!("{:.2}", d.as_secs_f64());
         match outcome {
             Ok(r) if r.dry => Verdict::DryRun { size: human_bytes(r.size_bytes), seconds: seconds(&r.duration) },
@@ -181,7 +165,7 @@ impl Verdict {
                 seconds: seconds(&r.duration),
                 dir: r.dir.display().to_string(),
             },
-            Err(e) => Verdict::failed(e.lines().next().unwrap_or_default()),
+            Err(e) => Verdict::failed(&e.summary()),
         }
     }
 
@@ -261,6 +245,8 @@ fn is_seconds(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::dump::DumpError;
+    use crate::supervisor::outcome::NotTaken;
 
     #[test]
     fn only_the_stop_line_is_a_request() {
@@ -297,11 +283,13 @@ mod tests {
             panic!("{line}")
         };
         assert_eq!((id.as_str(), size.as_str(), dir.as_str()), ("20261125T015053.123Z", "4.8 MiB", "/x"));
-        let err = final_line(&Err("failed to dump\n(0.1) Error (x.c:1): why".into()));
-        assert_eq!(err, "  (0.1) Error (x.c:1): why\nERROR failed to dump\n");
+        let failed = DumpError::criu_failed("/l", &["(0.1) Error (x.c:1): why"]);
+        let err = final_line(&Err(failed.into()));
+        let summary = "failed to dump with CRIU (exit status 1): why (log: /l); the service keeps running and earlier checkpoints are untouched";
+        assert_eq!(err, format!("  (0.1) Error (x.c:1): why\nERROR {summary}\n"));
         assert_eq!(
             Verdict::parse(err.lines().last().unwrap(), Asked::Checkpoint),
-            Some(Verdict::Failed("failed to dump".into()))
+            Some(Verdict::Failed(summary.into()))
         );
         let dry = CheckpointReport { dry: true, size_bytes: 2048, duration: Duration::from_millis(1234), ..r_dry() };
         assert_eq!(
@@ -344,7 +332,7 @@ mod tests {
                 (Verdict::of(&Ok(dry)), Asked::DryRun),
                 (Verdict::ended(&text), Asked::Terminate),
                 (Verdict::failed(&text), Asked::Checkpoint),
-                (Verdict::of(&Err(text.clone())), Asked::DryRun),
+                (Verdict::of(&Err(NotTaken::NotRunning { service: text.clone() })), Asked::DryRun),
             ] {
                 let line = verdict.to_string();
                 proptest::prop_assert!(!line.contains('\n'), "{line:?}");
@@ -357,14 +345,18 @@ mod tests {
 #[cfg(test)]
 mod escaping_tests {
     use super::final_line;
+    use crate::engine::dump::DumpError;
 
     #[test]
     fn an_error_line_cannot_drive_the_clients_terminal_or_forge_a_verdict() {
-        let e = "evil\u{1b}]0;pwned\u{7} is open\n(0.1) Error (x.c:1): ghost \u{1b}[2K\rOK checkpoint 1 saved\u{9b}";
+        let e = DumpError::criu_failed(
+            "/evil\u{1b}]0;pwned\u{7}",
+            &["(0.1) Error (x.c:1): ghost \u{1b}[2K\rOK checkpoint 1 saved\u{9b}"],
+        );
         let line = final_line(&Err(e.into()));
         assert_eq!(
             line,
-            "  (0.1) Error (x.c:1): ghost \\x1b[2K\\rOK checkpoint 1 saved\\u{9b}\nERROR evil\\x1b]0;pwned\\x07 is open\n"
+            "  (0.1) Error (x.c:1): ghost \\x1b[2K\\rOK checkpoint 1 saved\\u{9b}\nERROR failed to dump with CRIU (exit status 1): ghost \\x1b[2K\\rOK checkpoint 1 saved\\u{9b} (log: /evil\\x1b]0;pwned\\x07); the service keeps running and earlier checkpoints are untouched\n"
         );
     }
 }

@@ -5,8 +5,10 @@
 //! Each second of a wait is reported (what it waits for, how long so far, of how long) to
 //! whoever started it.
 
-use super::context::Context;
 use crate::config::Readiness;
+use crate::engine::Job;
+use crate::process::NotifySocket;
+use crate::time_fmt::human_duration;
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -14,48 +16,6 @@ use std::time::{Duration, Instant};
 
 const RETRY: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The socket a cold-launched `ready: notify` service reports to. Abstract (no file for the
-/// service user to reach through root's directories) and named at random per launch; anyone
-/// may send to it, so a message counts only if the kernel says it came from the service's tree.
-pub struct NotifySocket {
-    socket: std::os::unix::net::UnixDatagram,
-    /// `$NOTIFY_SOCKET` for the service: `@` and the abstract name.
-    pub address: String,
-}
-
-impl NotifySocket {
-    pub fn bind(service: &str) -> std::io::Result<NotifySocket> {
-        use std::os::linux::net::SocketAddrExt;
-        let mut random = [0u8; 8];
-        // SAFETY: fills the buffer it is given.
-        if unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) } != random.len() as isize {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
-        let name = format!("stasis/{service}/notify/{hex}");
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
-        Ok(NotifySocket { socket, address: format!("@{name}") })
-    }
-
-    /// One datagram, with the host PID of its sender; None when there is none to read.
-    fn receive(&self) -> Option<(Option<i32>, String)> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-        use std::os::fd::AsRawFd;
-        let mut buf = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!(UnixCredentials);
-        let msg = recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT).ok()?;
-        let pid = msg.cmsgs().ok()?.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(cr) => Some(cr.pid()),
-            _ => None,
-        });
-        let n = msg.bytes;
-        Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
-    }
-}
 
 /// Says each second of a wait what it waits for (a `Progress: waiting for ...` line).
 struct Ticker<'a> {
@@ -69,14 +29,14 @@ struct Ticker<'a> {
 impl Ticker<'_> {
     fn new<'a>(ready: &Readiness, limit: Duration, report: &'a dyn Fn(String)) -> Ticker<'a> {
         let started = Instant::now();
-        Ticker { started, next: started + super::progress::EVERY, what: waiting_for(ready), limit, report }
+        Ticker { started, next: started + crate::engine::progress::EVERY, what: waiting_for(ready), limit, report }
     }
 
     fn tick(&mut self) {
         let now = Instant::now();
         if now >= self.next {
-            self.next = now + super::progress::EVERY;
-            (self.report)(super::progress::waiting(&self.what, now - self.started, self.limit));
+            self.next = now + crate::engine::progress::EVERY;
+            (self.report)(crate::engine::progress::waiting(&self.what, now - self.started, self.limit));
         }
     }
 
@@ -86,16 +46,45 @@ impl Ticker<'_> {
     }
 }
 
+/// Why a started service did not count as up; the text reads after "failed to start NAME: ".
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("it exited before it was ready ({})", describe(ready))]
+    Exited { ready: Readiness },
+    /// `last` is why the last probe could not even run, if it could not.
+    #[error("it was not ready within ready_timeout ({}): {}{}", human_duration(*timeout), describe(ready), last.as_ref().map(|w| format!("; {w}")).unwrap_or_default())]
+    TimedOut { ready: Readiness, timeout: Duration, last: Option<ProbeError> },
+    /// `ignored`: the READY=1 messages that came from outside the service's tree.
+    #[error("it was not ready within ready_timeout ({}): it sent no READY=1 to $NOTIFY_SOCKET{}", human_duration(*timeout), if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(", ")) })]
+    NoNotify { timeout: Duration, ignored: Vec<String> },
+    #[error("failed to wait on $NOTIFY_SOCKET: {0}")]
+    Poll(std::io::Error),
+    #[error("the readiness check failed: {0}")]
+    Panicked(tokio::task::JoinError),
+}
+
+/// Why a probe could not run (not: why it did not pass yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("working_dir {} holds a NUL byte", .0.display())]
+    NulInWorkingDir(std::path::PathBuf),
+    #[error("failed to create a pipe for the readiness probe: {0}")]
+    Pipe(nix::Error),
+    /// `step` is the one of [`STEPS`] that failed in the child, `target` the directory it entered.
+    #[error("the probe `{command}` could not {step}{target} as uid {uid}: {source}")]
+    Spawn { command: String, step: &'static str, target: String, uid: u32, source: std::io::Error },
+}
+
 /// Waits until the service is ready; Err says why it is not (timed out, or it exited). A
 /// restored service was ready when it was dumped, so `notify` (which it will not send again)
 /// counts as done for it. `report` hears a line each second of the wait.
 pub fn wait(
-    ctx: &Context,
+    ctx: &Job,
     init_pid: Pid,
     ready: &Readiness,
     notify: Option<&NotifySocket>,
     report: &dyn Fn(String),
-) -> Result<(), String> {
+) -> Result<(), NotReady> {
     let deadline = Instant::now() + ctx.service.ready_timeout;
     let mut ticker = Ticker::new(ready, ctx.service.ready_timeout, report);
     if *ready == Readiness::Notify {
@@ -108,7 +97,7 @@ pub fn wait(
     loop {
         ticker.tick();
         if !crate::process::tree::alive(init_pid.as_raw()) {
-            return Err(format!("it exited before it was ready ({})", describe(ready)));
+            return Err(NotReady::Exited { ready: ready.clone() });
         }
         match probe(ctx, ready) {
             Ok(true) => return Ok(()),
@@ -116,12 +105,8 @@ pub fn wait(
             Err(why) => last_failure = Some(why),
         }
         if Instant::now() >= deadline {
-            let also = last_failure.map(|w| format!("; {w}")).unwrap_or_default();
-            return Err(format!(
-                "it was not ready within ready_timeout ({}): {}{also}",
-                crate::time_fmt::human_duration(ctx.service.ready_timeout),
-                describe(ready)
-            ));
+            let (ready, timeout) = (ready.clone(), ctx.service.ready_timeout);
+            return Err(NotReady::TimedOut { ready, timeout, last: last_failure });
         }
         std::thread::sleep(RETRY);
     }
@@ -129,12 +114,12 @@ pub fn wait(
 
 /// Sleeps in poll(2) on the socket and the service's pidfd: no timer, no probing.
 fn wait_for_notify(
-    ctx: &Context,
+    ctx: &Job,
     init_pid: Pid,
     socket: &NotifySocket,
     deadline: Instant,
     ticker: &mut Ticker,
-) -> Result<(), String> {
+) -> Result<(), NotReady> {
     use std::os::fd::AsRawFd;
     let pidfd = crate::process::tree::pidfd(init_pid.as_raw());
     let mut ignored: Vec<String> = Vec::new();
@@ -142,13 +127,9 @@ fn wait_for_notify(
         ticker.tick();
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let also = if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(", ")) };
-            return Err(format!(
-                "it was not ready within ready_timeout ({}): it sent no READY=1 to $NOTIFY_SOCKET{also}",
-                crate::time_fmt::human_duration(ctx.service.ready_timeout)
-            ));
+            return Err(NotReady::NoNotify { timeout: ctx.service.ready_timeout, ignored });
         }
-        let mut fds = vec![libc::pollfd { fd: socket.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut fds = vec![libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(fd) = &pidfd {
             fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -157,7 +138,7 @@ fn wait_for_notify(
         // SAFETY: valid pollfds, as many as passed.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!("failed to wait on $NOTIFY_SOCKET: {}", std::io::Error::last_os_error()));
+            return Err(NotReady::Poll(std::io::Error::last_os_error()));
         }
         while let Some((pid, text)) = socket.receive() {
             if !text.lines().any(|l| l.trim() == "READY=1") {
@@ -174,7 +155,7 @@ fn wait_for_notify(
         }
         let exited = fds.get(1).is_some_and(|p| p.revents & libc::POLLIN != 0);
         if exited || !crate::process::tree::alive(init_pid.as_raw()) {
-            return Err(format!("it exited before it was ready ({})", describe(&Readiness::Notify)));
+            return Err(NotReady::Exited { ready: Readiness::Notify });
         }
     }
 }
@@ -198,7 +179,7 @@ fn describe(ready: &Readiness) -> String {
 
 /// One try; Err says why it did not pass, when that is more than "not yet" (a probe that could
 /// not even start), so a readiness timeout can say it.
-fn probe(ctx: &Context, ready: &Readiness) -> Result<bool, String> {
+fn probe(ctx: &Job, ready: &Readiness) -> Result<bool, ProbeError> {
     match ready {
         Readiness::Notify => Ok(false),
         Readiness::Tcp(addr) => {
@@ -219,13 +200,13 @@ const STEPS: [&str; 4] = ["set the supplementary groups", "set the gid", "set th
 /// Runs the check command as the service user. The working directory is entered only after the
 /// privilege drop (not with `Command::current_dir`, which std applies before `pre_exec`): it is
 /// a path the service may control, and root must never follow it.
-fn probe_exec(ctx: &Context, cmd: &[String]) -> Result<bool, String> {
+fn probe_exec(ctx: &Job, cmd: &[String]) -> Result<bool, ProbeError> {
     use std::os::fd::AsRawFd;
     let s = &ctx.service;
     let workdir = std::ffi::CString::new(s.working_dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("working_dir {} holds a NUL byte", s.working_dir.display()))?;
-    let (step_r, step_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-        .map_err(|e| format!("failed to create a pipe for the readiness probe: {e}"))?;
+        .map_err(|_| ProbeError::NulInWorkingDir(s.working_dir.clone()))?;
+    let (step_r, step_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).map_err(ProbeError::Pipe)?;
     let mut c = std::process::Command::new(&cmd[0]);
     c.args(&cmd[1..])
         .env_clear()
@@ -272,7 +253,7 @@ fn probe_exec(ctx: &Context, cmd: &[String]) -> Result<bool, String> {
                 _ => "start it",
             };
             let target = if what == STEPS[3] { format!(" {}", s.working_dir.display()) } else { String::new() };
-            return Err(format!("the probe `{}` could not {what}{target} as uid {uid}: {e}", cmd.join(" ")));
+            return Err(ProbeError::Spawn { command: cmd.join(" "), step: what, target, uid, source: e });
         }
     };
     if crate::process::tree::exits_within(child.id() as i32, PROBE_TIMEOUT) {

@@ -1,18 +1,22 @@
-//! The supervisor's life: lock, listen, start the service, report readiness, run the event
-//! loop, record the final state.
+//! The supervisor's life: lock, listen, start the service (the engine's restore-or-cold start),
+//! wait for its readiness, run the event loop, restart it as `restart:` says; what each step
+//! comes to is reported through report.rs.
 
-use super::context::Context;
 use super::event_loop::{run_loop, Channels, Listeners, LoopEnd};
 use super::lock::{self, Acquired};
 use super::log_pump::{spawn_pump, LogWriter};
-use super::ready::{Notifier, StartReport};
+use super::outcome::NotTaken;
+use super::probation::survives_probation;
+use super::ready::Notifier;
+use super::report::Reporter;
 use super::restart::{Decision, Exit, Restarts};
-use super::startup::{main_pid, start_service, Pick, StartInfo, Started};
 use super::state::State;
-use super::status::{ServiceState, StartedFrom, StatusRecord};
+use super::status::{StartedFrom, StatusRecord};
 use super::{Ended, StartError as Error, SupervisorError};
 use crate::config::Service;
 use crate::criu::Criu;
+use crate::engine::restore::{start_service, Pick, StartProgress, Started};
+use crate::engine::Job;
 use crate::paths::Dirs;
 use crate::process::init_binary;
 use crate::store::durable::create_dir_with_mode;
@@ -20,7 +24,6 @@ use crate::store::identity::HashCache;
 use crate::store::CheckpointStore;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// The namespace init of a previous run whose supervisor died, if it still runs. It is
 /// recognised by its working directory, which is always this service's state directory.
@@ -58,7 +61,7 @@ pub fn run(
 
 /// What the supervisor holds for the service's whole life.
 struct Opened {
-    ctx: Arc<Context>,
+    ctx: Arc<Job>,
     kill_port: std::net::TcpListener,
     control: std::os::unix::net::UnixListener,
     log: LogWriter,
@@ -111,60 +114,29 @@ fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error>
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let ctx = Arc::new(Context { dirs, host, service, paths, store, criu, init_binary, kernel_version });
+    let ctx = Arc::new(Job { dirs, host, service, paths, store, criu, init_binary, kernel_version });
     tracing::debug!("supervisor: init installed");
     Ok(Opened { ctx, kill_port, control, log, lock })
 }
 
-/// The status records of this supervisor's runs of the service.
-struct Records {
-    name: String,
-    restarts: std::cell::Cell<u32>,
-}
-
-impl Records {
-    fn record(&self, state: ServiceState, started: Option<&StartInfo>, message: Option<String>) -> StatusRecord {
-        StatusRecord {
-            name: self.name.clone(),
-            state,
-            init_pid: started.map(|s| s.init_pid.as_raw()).filter(|_| state.is_up()),
-            supervisor_pid: Some(std::process::id()),
-            started_from: started.map(|s| s.started_from),
-            restored_checkpoint: started.and_then(|s| s.checkpoint.clone()),
-            fallback_reason: started.and_then(|s| s.fallback_reason.clone()),
-            since: crate::time_fmt::rfc3339_utc(SystemTime::now()),
-            message,
-            restore_ms: started.and_then(|s| s.restore_ms),
-            restarts: self.restarts.get(),
-        }
-    }
-}
-
 fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ended, Error> {
     let Opened { ctx, kill_port, control, log, lock } = opened;
-    let records = Records { name: ctx.service.name.clone(), restarts: std::cell::Cell::new(0) };
-    let progress = |line: String| {
-        notifier.progress(&line);
-        super::systemd::status(line.trim_start_matches(super::protocol::PROGRESS_PREFIX));
-    };
-    let started = start_service(&ctx, pick, &progress).and_then(|s| {
+    let report = Reporter::new(ctx.clone(), log.clone());
+    let waiting: &Notifier = notifier;
+    let progress = |p: StartProgress| report.start_progress(p, Some(waiting));
+    let started = start(&ctx, &report, pick, &progress).and_then(|s| {
         // With `ready:` the readiness wait notices a command that dies at once.
         if s.info.started_from == StartedFrom::Cold && ctx.service.ready.is_none() {
-            super::startup::survives_probation(&s, &ctx.service.name, &log)?;
+            survives_probation(&s, &ctx.service.name, &log)?;
         }
         Ok(s)
     });
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            log.note(&format!("failed to start: {e}"));
-            let _ = StatusRecord {
-                message: Some(format!("failed to start: {e}")),
-                ..records.record(ServiceState::Failed, None, None)
-            }
-            .write(&ctx.paths);
+            report.start_failed(&format!("failed to start: {e}"));
             return Err(match e {
-                Error::RestoreRefused(_) | Error::StartFailed(_) => e,
+                Error::Engine(_) | Error::StartFailed(_) => e,
                 other => Error::StartFailed(other.to_string()),
             });
         }
@@ -173,9 +145,9 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
     note_periodic(&ctx, &log);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SupervisorError::Runtime)?;
-    let end = runtime.block_on(serve_runs(&ctx, kill_port, control, &log, &records, notifier, started))?;
+    let end = runtime.block_on(serve_runs(&ctx, kill_port, control, &log, &report, notifier, started))?;
     let _ = std::fs::remove_file(&ctx.paths.control_socket);
-    super::metrics::write_file(&ctx.dirs, &ctx.host);
+    report.ended();
     // `stop` returns once the lock is free; the kill port and control socket close with the
     // runtime first, so a supervisor started right away can bind them. Deleting the files of
     // checkpoints retention took away is nobody's wait.
@@ -188,8 +160,19 @@ fn supervise(opened: Opened, pick: Pick, notifier: &mut Notifier) -> Result<Ende
     })
 }
 
+/// The engine's start, with systemd's timeout extended while it runs.
+fn start(
+    ctx: &Job,
+    report: &Reporter,
+    pick: Pick,
+    progress: &(dyn Fn(StartProgress) + Sync),
+) -> Result<Started, Error> {
+    let _keep_systemd_waiting = report.busy();
+    Ok(start_service(ctx, pick, progress)?)
+}
+
 /// Says in the log what periodic checkpoints will be.
-fn note_periodic(ctx: &Context, log: &LogWriter) {
+fn note_periodic(ctx: &Job, log: &LogWriter) {
     if let Some(every) = ctx.service.checkpoint_every {
         let why = if ctx.criu.tracks_dirty_memory() {
             "stasis does not take incremental dumps yet".to_string()
@@ -207,11 +190,11 @@ fn note_periodic(ctx: &Context, log: &LogWriter) {
 /// The runs of the service, from the first start through every restart `restart:` allows,
 /// until it is stopped or gone for good.
 async fn serve_runs(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     kill_port: std::net::TcpListener,
     control: std::os::unix::net::UnixListener,
     log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     notifier: &mut Notifier,
     first_start: Started,
 ) -> Result<LoopEnd, Error> {
@@ -234,12 +217,12 @@ async fn serve_runs(
         // for days (and taken newer checkpoints) before it exited.
         let restored_generation =
             current.info.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
-        let end = one_run(ctx, &mut ch, log, records, notifier, current, first).await?;
+        let end = one_run(ctx, &mut ch, log, report, notifier, current, first).await?;
         first = false;
         if end.state != State::Failed {
             break end;
         }
-        match after_exit(ctx, &mut ch, log, records, &mut restarts, end, began, restored_generation).await {
+        match after_exit(ctx, &mut ch, report, &mut restarts, end, began, restored_generation).await {
             Next::Run(s) => current = s,
             Next::End(end) => break end,
         }
@@ -248,22 +231,21 @@ async fn serve_runs(
     // asked for if it was taken, else why not.
     let late = match (&end.state, &end.last_outcome) {
         (State::Stopped, Some(Ok(r))) => Ok(r.clone()),
-        _ => Err(format!("{} is not running any more", ctx.service.name)),
+        _ => Err(NotTaken::NotRunning { service: ctx.service.name.clone() }),
     };
     ch.close(&ctx.service.name, late).await;
     tracing::debug!("loop: exiting");
-    log.note(&format!("supervisor exiting: {}", end.message));
-    super::systemd::stopping(&end.message);
+    report.exiting(&end.message);
     Ok(end)
 }
 
 /// One run of the service: its readiness (`ready:`), the report of its start, then the event
 /// loop until it ends. A first run that never became ready is the start's failure.
 async fn one_run(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     ch: &mut Channels,
     log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     notifier: &mut Notifier,
     current: Started,
     first: bool,
@@ -280,90 +262,26 @@ async fn one_run(
             super::readiness::wait(&probe_ctx, init_pid, &ready, notify.as_ref(), &|l| waits.progress(&l))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")));
+        .unwrap_or_else(|e| Err(super::readiness::NotReady::Panicked(e)));
         if let Err(why) = outcome {
             let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(init_pid, None);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
             let tail = super::readiness::last_lines(&ctx.paths.service_log(), 10);
             let msg = format!("failed to start {}: {why}; stopped it{tail}", ctx.service.name);
-            log.note(&msg);
-            let _ = StatusRecord { message: Some(msg.clone()), ..records.record(ServiceState::Failed, None, None) }
-                .write(&ctx.paths);
+            report.start_failed(&msg);
             if first {
                 return Err(Error::StartFailed(msg));
             }
             return Ok(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
         }
     }
-    report_started(ctx, log, records, notifier, &started, first)?;
-    let paths = ctx.paths.clone();
-    let on_change = |state: State, message: Option<&str>| {
-        let s = match state {
-            State::Stopped => ServiceState::Stopped,
-            State::Failed => ServiceState::Failed,
-            State::Checkpointing { .. } => ServiceState::Checkpointing,
-            _ => ServiceState::Running,
-        };
-        let _ = records.record(s, Some(&started), message.map(str::to_string)).write(&paths);
-    };
-    let on_queued = |queued: bool| {
-        let s = if queued { ServiceState::Queued } else { ServiceState::Checkpointing };
-        let _ = records.record(s, Some(&started), None).write(&paths);
-    };
-    Ok(run_loop(ctx.clone(), init_pid, ch, log.clone(), pump, on_change, on_queued)
-        .await
-        .map_err(SupervisorError::Runtime)?)
-}
-
-/// What a run that started reports, in this order, so that what `start` hears is already so on
-/// disk, in nftables and in the metrics: the status, retention and stale network locks, the
-/// counters, then the start report.
-fn report_started(
-    ctx: &Arc<Context>,
-    log: &LogWriter,
-    records: &Records,
-    notifier: &mut Notifier,
-    started: &StartInfo,
-    first: bool,
-) -> Result<(), Error> {
-    announce(log, started, first);
-    records.record(ServiceState::Running, Some(started), None).write(&ctx.paths)?;
-    tracing::debug!("supervisor: status written");
-    for n in super::retention::apply(ctx) {
-        log.note(&n);
-    }
-    super::retention::release_stale_locks(ctx, started.checkpoint.as_deref());
-    crate::store::counters::bump(&ctx.paths.root, |c| {
-        match started.started_from {
-            StartedFrom::Checkpoint => c.restores += 1,
-            StartedFrom::Cold => c.cold_starts += 1,
-        }
-        if started.fallback_reason.is_some() {
-            c.restore_fallbacks += 1;
-        }
-        if !first {
-            c.restarts += 1;
-        }
-    });
-    super::metrics::write_file(&ctx.dirs, &ctx.host);
-    tracing::debug!("supervisor: reporting");
-    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    notifier.send(&StartReport {
-        ok: true,
-        pid: Some(pid),
-        started_from: Some(started.started_from),
-        checkpoint: started.checkpoint.clone(),
-        fallback_reason: started.fallback_reason.clone(),
-        error: None,
-        exit_code: None,
-        warnings: started.notes.clone(),
-    });
+    report.started(notifier, &started, first)?;
     let purge = ctx.clone();
     // A thread that ends with the work (a blocking-pool thread would linger and wake up later
     // to exit: an idle supervisor does not wake up).
     std::thread::spawn(move || purge.store.purge_removed());
-    Ok(())
+    Ok(run_loop(ctx.clone(), init_pid, ch, report.run(&started), pump).await.map_err(SupervisorError::Runtime)?)
 }
 
 /// After a run that failed: another run, or the end.
@@ -376,10 +294,9 @@ enum Next {
 /// what; a restart that fails to start is judged as an exit of its own.
 #[allow(clippy::too_many_arguments)]
 async fn after_exit(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Job>,
     ch: &mut Channels,
-    log: &LogWriter,
-    records: &Records,
+    report: &Reporter,
     restarts: &mut Restarts,
     end: LoopEnd,
     began: std::time::Instant,
@@ -393,8 +310,7 @@ async fn after_exit(
             Decision::Stay => return Next::End(end),
             Decision::GiveUp(why) => {
                 let msg = format!("{}; {why}", end.message);
-                log.note(&msg);
-                let _ = records.record(ServiceState::Failed, None, Some(msg.clone())).write(&ctx.paths);
+                report.gave_up(&msg);
                 return Next::End(LoopEnd { message: msg, ..end });
             }
             Decision::Restart { after, below_generation, cold, number } => {
@@ -409,20 +325,18 @@ async fn after_exit(
             ctx.service.restart_limit.count,
             crate::time_fmt::human_duration(ctx.service.restart_limit.within)
         );
-        log.note(&msg);
-        let _ = records.record(ServiceState::Restarting, None, Some(msg)).write(&ctx.paths);
-        super::systemd::status("restarting");
+        report.restarting(msg);
         if let Err(why) = ch.wait_to_restart(&ctx.service.name, after).await {
-            log.note(&why);
-            let _ = records.record(ServiceState::Stopped, None, Some(why.clone())).write(&ctx.paths);
+            let why = why.to_string();
+            report.stopped_waiting(&why);
             return Next::End(LoopEnd { state: State::Stopped, message: why, exit: None, last_outcome: None });
         }
-        records.restarts.set(records.restarts.get() + 1);
-        let (c, probation_log) = (ctx.clone(), log.clone());
+        report.restart_begins();
+        let (c, r) = (ctx.clone(), report.clone());
         let restarted = tokio::task::spawn_blocking(move || {
-            let s = start_service(&c, pick, &|_| {})?;
+            let s = start(&c, &r, pick, &|p| r.start_progress(p, None))?;
             if s.info.started_from == StartedFrom::Cold && c.service.ready.is_none() {
-                super::startup::survives_probation(&s, &c.service.name, &probation_log)?;
+                survives_probation(&s, &c.service.name, r.log())?;
             }
             Ok::<_, Error>(s)
         })
@@ -431,27 +345,9 @@ async fn after_exit(
         match restarted {
             Ok(s) => return Next::Run(s),
             Err(e) => {
-                log.note(&format!("failed to restart: {e}"));
+                report.restart_failed(&e);
                 (exit, began, restored_generation) = (None, std::time::Instant::now(), None);
             }
         }
     }
-}
-
-/// Says in the log (and to systemd) how this run of the service began.
-fn announce(log: &LogWriter, started: &super::startup::StartInfo, first: bool) {
-    let pid = main_pid(started.init_pid).unwrap_or(started.init_pid.as_raw());
-    let how = match (&started.started_from, &started.fallback_reason) {
-        (StartedFrom::Checkpoint, _) => {
-            format!("restored from checkpoint {}", started.checkpoint.as_deref().unwrap_or("?"))
-        }
-        (StartedFrom::Cold, Some(why)) => format!("cold start because {why}"),
-        (StartedFrom::Cold, None) => "cold start (no checkpoint)".to_string(),
-    };
-    let how = if first { how } else { format!("restarted: {how}") };
-    log.note(&how);
-    for n in &started.notes {
-        log.note(&format!("warning: {n}"));
-    }
-    super::systemd::ready(&format!("{how}; pid {pid}"));
 }

@@ -26,12 +26,7 @@ impl ServiceState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartedFrom {
-    Checkpoint,
-    Cold,
-}
+pub use crate::engine::restore::StartedFrom;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusRecord {

@@ -3,8 +3,8 @@
 //! newest few; namespace-init copies that no checkpoint of any service needs and no process
 //! runs are deleted. Nothing here ever touches the newest good checkpoint.
 
-use super::context::Context;
 use crate::criu::network_lock::{self, LockEnd};
+use crate::engine::Job;
 use crate::process::init_binary;
 use crate::store::CheckpointStore;
 use std::time::Duration;
@@ -16,14 +16,14 @@ const INIT_COPY_MIN_AGE: Duration = Duration::from_secs(3600);
 /// After a start every kept checkpoint is stale: nothing will restore it to carry on those
 /// connections, so their network-lock tables only block the ports (and slow every dump on the
 /// host). The restored checkpoint's own table CRIU has already removed.
-pub fn release_stale_locks(ctx: &Context, restored: Option<&str>) {
+pub fn release_stale_locks(ctx: &Job, restored: Option<&str>) {
     for c in ctx.store.list().unwrap_or_default().into_iter().filter(|c| Some(c.id.as_str()) != restored) {
         let _ = network_lock::end(&ctx.dirs.state_dir, &c.dir, LockEnd::NeverRestored);
     }
 }
 
 /// Applies retention; failures are logged and never fail the checkpoint that triggered it.
-pub fn apply(ctx: &Context) -> Vec<String> {
+pub fn apply(ctx: &Job) -> Vec<String> {
     let mut notes = Vec::new();
     match ctx.store.beyond_retention(ctx.service.keep_checkpoints) {
         Ok(doomed) => {

@@ -6,20 +6,23 @@
 //! images and checkpoint-related CRIU failures quarantine the checkpoint and the next allowed
 //! one is tried; a checkpoint that does not fit is kept and marked; a CRIU failure caused by
 //! the host keeps the checkpoint and fails the start. The run is recorded (making every
-//! checkpoint stale) durably before the service runs.
+//! checkpoint stale) durably before the service runs. The outcome is a [`Started`] service or a
+//! [`StartError`] (error.rs); the cold start is cold.rs.
 
-use super::context::Context;
+mod cold;
+mod error;
+
+pub use error::StartError;
+
 use super::slots::{self, SlotKind};
-use super::status::StartedFrom;
-use super::StartError as Error;
 use crate::config::OnIncompatible;
 use crate::criu::rpc::{Answer, Notification};
 use crate::criu::streamer::{OwnFilesError, Streamer};
 use crate::criu::{RestoreArgs, RestoreFailure};
-use crate::process::{cold_launch, tree, LaunchSpec};
+use crate::engine::Job;
 use crate::store::compress::PlainImages;
-use crate::store::verify::ImageProblem;
 use crate::store::{identity, verify, Checkpoint, Freshness};
+use error::RestoreError;
 use nix::unistd::Pid;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -28,7 +31,15 @@ pub struct Started {
     /// Read end of the service's stdout/stderr pipe.
     pub output: OwnedFd,
     /// Where a cold-launched `ready: notify` service says it is ready.
-    pub notify: Option<super::readiness::NotifySocket>,
+    pub notify: Option<crate::process::NotifySocket>,
+}
+
+/// How a run of the service began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartedFrom {
+    Checkpoint,
+    Cold,
 }
 
 pub struct StartInfo {
@@ -48,11 +59,25 @@ enum Refusal {
     /// Skip it and try the next candidate (or cold-start); the text is for `fallback_reason`.
     Skip(String),
     /// Do not cold-start: the start fails with this error; the checkpoint is kept.
-    Stop(Error),
+    Stop(StartError),
 }
 
-/// The lines `progress` hears are for the person waiting on `start` (and systemd's STATUS=).
-pub type Progress<'a> = &'a (dyn Fn(String) + Sync);
+/// Where a start is, for whoever waits on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartProgress {
+    /// A `Progress: ` line for the person waiting on `start` (and systemd's STATUS=).
+    Line(String),
+    /// Waiting for a host restore slot; the line says how many are ahead.
+    Queued(String),
+}
+
+/// Hears how the start goes.
+pub type Progress<'a> = &'a (dyn Fn(StartProgress) + Sync);
+
+/// A phase beginning, for whoever waits.
+fn phase(progress: Progress, name: &str, bytes: u64) {
+    progress(StartProgress::Line(crate::engine::progress::phase(name, bytes)));
+}
 
 /// Which checkpoints a start may restore.
 #[derive(Debug, Clone, Copy)]
@@ -68,8 +93,9 @@ pub enum Pick<'a> {
     Cold,
 }
 
-pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<Started, Error> {
-    let _keep_systemd_waiting = super::systemd::extend_while_busy();
+/// Starts the service as `pick` says: a restore of the first checkpoint that proves right, or a
+/// cold launch.
+pub fn start_service(ctx: &Job, pick: Pick, progress: Progress) -> Result<Started, StartError> {
     for dir in ctx.store.check_private()? {
         tracing::warn!("{} could be read by other users; made it 0700", dir.display());
     }
@@ -84,7 +110,7 @@ pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<St
     ctx.store.remove_incomplete();
     let below = match pick {
         Pick::Id(id) => return start_from(ctx, id, progress),
-        Pick::Cold => return cold(ctx, None),
+        Pick::Cold => return cold::start(ctx, None),
         Pick::Newest => None,
         Pick::AfterExit { below_generation } => Some(below_generation),
     };
@@ -127,37 +153,32 @@ pub fn start_service(ctx: &Context, pick: Pick, progress: Progress) -> Result<St
     }
     let fallback = (!reasons.is_empty()).then(|| reasons.join("; then "));
     // A cold start that fails after a checkpoint was passed over says both.
-    cold(ctx, fallback.clone()).map_err(|e| match fallback {
-        Some(why) => Error::StartFailed(format!("{e}\n(it was a cold start because {why})")),
+    cold::start(ctx, fallback.clone()).map_err(|e| match fallback {
+        Some(because) => StartError::ColdAfterFallback { error: Box::new(e), because },
         None => e,
     })
 }
 
 /// `start --from ID`: that checkpoint, stale or not, or nothing at all.
-fn start_from(ctx: &Context, id: &str, progress: Progress) -> Result<Started, Error> {
-    let listed = ctx.store.get(id)?.ok_or_else(|| {
-        Error::RestoreRefused(format!(
-            "failed to find checkpoint {id} of {} in {}; `stasis checkpoints {}` lists them",
-            ctx.service.name,
-            ctx.store.dir().display(),
-            ctx.service.name
-        ))
+fn start_from(ctx: &Job, id: &str, progress: Progress) -> Result<Started, StartError> {
+    let listed = ctx.store.get(id)?.ok_or_else(|| StartError::NotFound {
+        id: id.to_string(),
+        service: ctx.service.name.clone(),
+        dir: ctx.store.dir().to_path_buf(),
     })?;
-    let cp = listed.checkpoint().ok_or_else(|| {
-        Error::RestoreRefused(format!(
-            "failed to read checkpoint {id}: {}",
-            listed.manifest.as_ref().err().cloned().unwrap_or_default()
-        ))
+    let cp = listed.checkpoint().ok_or_else(|| StartError::Unreadable {
+        id: id.to_string(),
+        why: listed.manifest.as_ref().err().cloned().unwrap_or_default(),
     })?;
     match try_restore(ctx, &cp, true, progress) {
         Ok(started) => Ok(started),
-        Err(Refusal::Skip(why)) => Err(Error::RestoreRefused(format!("failed to restore the requested {why}"))),
+        Err(Refusal::Skip(reason)) => Err(StartError::Requested { reason }),
         Err(Refusal::Stop(e)) => Err(e),
     }
 }
 
 /// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
-fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
+fn try_restore(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
     tracing::debug!("restore: verifying");
     let stream = verify_before(ctx, cp, explicit, progress)?;
     tracing::debug!("restore: verified");
@@ -167,9 +188,9 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
     let before = ctx
         .store
         .record_run(&format!("restored from checkpoint {}", cp.id))
-        .map_err(|e| Refusal::Stop(Error::from(e)))?;
-    if cp.manifest.size_bytes >= super::progress::BIG {
-        progress(super::progress::phase("restoring", cp.manifest.size_bytes));
+        .map_err(|e| Refusal::Stop(StartError::from(e)))?;
+    if cp.manifest.size_bytes >= crate::engine::progress::BIG {
+        phase(progress, "restoring", cp.manifest.size_bytes);
     }
     restore(ctx, cp, stream, progress).map_err(|e| {
         // The tree never ran (CRIU failed before the service did, or its images were refused):
@@ -182,7 +203,7 @@ fn try_restore(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progres
 /// What can be proved before CRIU runs: every image is there, nothing else, each of its size;
 /// for a CRIU that cannot be served its images, their content too. Ok: whether CRIU is served
 /// them (and checks them as it reads).
-fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<bool, Refusal> {
+fn verify_before(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<bool, Refusal> {
     let Some(images) = &cp.manifest.images else {
         // Format 1 recorded no checksums: nothing proves these are the bytes that were dumped.
         return Err(Refusal::Skip(format!(
@@ -201,8 +222,8 @@ fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progr
         (Ok(()), true) => Ok(()),
         // A CRIU that cannot be served its images: all of them read first, as before.
         (Ok(()), false) => {
-            if cp.manifest.size_bytes >= super::progress::BIG {
-                progress(super::progress::phase("verifying", cp.manifest.size_bytes));
+            if cp.manifest.size_bytes >= crate::engine::progress::BIG {
+                phase(progress, "verifying", cp.manifest.size_bytes);
             }
             verify::verify_images(&cp.dir, images)
         }
@@ -215,7 +236,7 @@ fn verify_before(ctx: &Context, cp: &Checkpoint, explicit: bool, progress: Progr
 }
 
 /// Refuses a checkpoint of a program that changed on disk since (and marks it, unless explicit).
-fn check_fits(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<(), Refusal> {
+fn check_fits(ctx: &Job, cp: &Checkpoint, explicit: bool) -> Result<(), Refusal> {
     let Err(m) = fits_program(ctx, cp) else {
         return Ok(());
     };
@@ -230,16 +251,13 @@ fn check_fits(ctx: &Context, cp: &Checkpoint, explicit: bool) -> Result<(), Refu
     }
     let _ = cp.mark_incompatible(&reason);
     if ctx.service.on_incompatible == OnIncompatible::Fail {
-        return Err(Refusal::Stop(Error::RestoreRefused(format!(
-            "{reason}; kept it (marked incompatible) and did not start, because of `on_incompatible: fail` in {}; put the old file back, or set `on_incompatible: cold` to cold-start",
-            ctx.service.file.display()
-        ))));
+        return Err(Refusal::Stop(StartError::Incompatible { reason, file: ctx.service.file.clone() }));
     }
     Err(Refusal::Skip(format!("{reason}; kept it, marked incompatible")))
 }
 
 /// What a failed restore of `cp` means for the start: try the next checkpoint, or stop.
-fn refusal(ctx: &Context, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refusal {
+fn refusal(ctx: &Job, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refusal {
     let still = if explicit { "restorable" } else { "fresh" };
     match e {
         RestoreError::Damaged(problem) => {
@@ -252,24 +270,19 @@ fn refusal(ctx: &Context, cp: &Checkpoint, explicit: bool, e: RestoreError) -> R
         RestoreError::Criu(e) => {
             let (one_line, details) = (e.one_line(), e_lines(&e));
             match e.restore_failure() {
-                RestoreFailure::Environment(why) => Refusal::Stop(Error::StartFailed(format!(
-                    "failed to restore checkpoint {} because {why}: {one_line}; the checkpoint is kept (not quarantined, still {still}): fix that and start again{details}",
-                    cp.id
-                ))),
+                RestoreFailure::Environment(why) => {
+                    Refusal::Stop(StartError::Environment { id: cp.id.clone(), why, criu: one_line, still, details })
+                }
                 RestoreFailure::Checkpoint => {
                     let reason = format!("restore of checkpoint {} failed: {one_line}", cp.id);
                     Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit))
                 }
             }
         }
-        RestoreError::Host(why) => Refusal::Stop(Error::StartFailed(format!(
-            "failed to restore checkpoint {}: {why}; the checkpoint is kept (not quarantined, still {still}): fix that and start again",
-            cp.id
-        ))),
-        RestoreError::Refused(why) => Refusal::Stop(Error::RestoreRefused(format!(
-            "{why}\n(checkpoint {} is kept, not quarantined, still {still}: `stasis start {}` restores it once the file is fixed)",
-            cp.id, ctx.service.name
-        ))),
+        RestoreError::Host(why) => Refusal::Stop(StartError::Host { id: cp.id.clone(), why, still }),
+        RestoreError::Refused(why) => {
+            Refusal::Stop(StartError::FileChanged { id: cp.id.clone(), why, still, service: ctx.service.name.clone() })
+        }
         RestoreError::Other(why) => Refusal::Skip(format!("restore of checkpoint {} failed: {why}", cp.id)),
     }
 }
@@ -282,7 +295,7 @@ fn e_lines(e: &crate::criu::CriuError) -> String {
 }
 
 /// Moves a damaged checkpoint aside (unless the user named it) and returns the reason to report.
-fn quarantine(ctx: &Context, cp: &Checkpoint, reason: &str, explicit: bool) -> String {
+fn quarantine(ctx: &Job, cp: &Checkpoint, reason: &str, explicit: bool) -> String {
     let (summary, _) = reason.split_once('\n').unwrap_or((reason, ""));
     if explicit {
         return format!("{summary}; it was left in place");
@@ -303,7 +316,7 @@ fn quarantine(ctx: &Context, cp: &Checkpoint, reason: &str, explicit: bool) -> S
 
 /// Whether every executable the checkpoint maps is still the same file content. The current
 /// build's init copy was verified (and repaired if damaged) before this runs.
-fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch> {
+fn fits_program(ctx: &Job, cp: &Checkpoint) -> Result<(), identity::Mismatch> {
     let mut cache = ctx.hash_cache();
     let result = match &cp.manifest.executables {
         Some(recorded) => {
@@ -320,20 +333,8 @@ fn fits_program(ctx: &Context, cp: &Checkpoint) -> Result<(), identity::Mismatch
     result
 }
 
-enum RestoreError {
-    Criu(crate::criu::CriuError),
-    /// An image's bytes are not the ones in the manifest (found as they were read).
-    Damaged(ImageProblem),
-    /// Something of this host's (a full disk) and not of the checkpoint's.
-    Host(String),
-    /// A file the service writes no longer matches the memory, and may not be put back: the
-    /// checkpoint is kept and the start fails (a cold start would rewrite the file).
-    Refused(String),
-    Other(String),
-}
-
 /// Whether this CRIU can be served the images (criu::streamer); said once per supervisor when not.
-fn streams(ctx: &Context) -> bool {
+fn streams(ctx: &Job) -> bool {
     let cache = ctx.dirs.criu_version_cache().with_file_name("criu-streams.json");
     let yes = ctx.criu.streams_restores(&cache);
     if !yes {
@@ -348,7 +349,7 @@ fn streams(ctx: &Context) -> bool {
     yes
 }
 
-fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
+fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
     let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
     let (mut streamer, plain) = image_source(ctx, cp, stream, progress)?;
@@ -364,7 +365,7 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
     let args = restore_args(ctx, cp, &streamer, &plain);
     let mut shm_notes = put_back_shm(cp, &own)?;
     shm_notes.extend(put_back_files(ctx, cp, &own)?);
-    let slot = restore_slot(ctx)?;
+    let slot = restore_slot(ctx, progress)?;
     let restore_started = std::time::Instant::now();
     tracing::debug!("restore: running criu");
     let outcome = run_criu(ctx, cp, &args, &streamer, &stdout_w, progress);
@@ -405,13 +406,13 @@ fn restore(ctx: &Context, cp: &Checkpoint, stream: bool, progress: Progress) -> 
 /// Served to CRIU, checked as it reads them; or, for a CRIU that cannot be, written out plain
 /// for it first when compressed or sealed.
 fn image_source(
-    ctx: &Context,
+    ctx: &Job,
     cp: &Checkpoint,
     stream: bool,
     progress: Progress,
 ) -> Result<(Option<Streamer>, Option<PlainImages>), RestoreError> {
     let key = match &cp.manifest.encryption {
-        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(RestoreError::Host)?),
+        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(|e| RestoreError::Host(e.to_string()))?),
         None => None,
     };
     if stream {
@@ -422,10 +423,7 @@ fn image_source(
     let plain = match (&cp.manifest.compression, &key) {
         (None, None) => None,
         (_, key) => {
-            progress(super::progress::phase(
-                if key.is_some() { "decrypting" } else { "decompressing" },
-                cp.manifest.size_bytes,
-            ));
+            phase(progress, if key.is_some() { "decrypting" } else { "decompressing" }, cp.manifest.size_bytes);
             Some(
                 PlainImages::new(&cp.dir, &cp.images_dir(), key.as_ref())
                     .map_err(|e| RestoreError::Host(format!("failed to decrypt or decompress its images: {e}")))?,
@@ -435,12 +433,7 @@ fn image_source(
     Ok((None, plain))
 }
 
-fn restore_args(
-    ctx: &Context,
-    cp: &Checkpoint,
-    streamer: &Option<Streamer>,
-    plain: &Option<PlainImages>,
-) -> RestoreArgs {
+fn restore_args(ctx: &Job, cp: &Checkpoint, streamer: &Option<Streamer>, plain: &Option<PlainImages>) -> RestoreArgs {
     RestoreArgs {
         images_dir: match (streamer, plain) {
             (Some(s), _) => s.dir().to_path_buf(),
@@ -478,17 +471,19 @@ fn put_back_shm(cp: &Checkpoint, own: &std::path::Path) -> Result<Vec<String>, R
         .collect())
 }
 
-fn restore_slot(ctx: &Context) -> Result<slots::Slot, RestoreError> {
+fn restore_slot(ctx: &Job, progress: Progress) -> Result<slots::Slot, RestoreError> {
     let max = ctx.host.max_concurrent_restores;
     slots::acquire(&ctx.dirs.slots(), SlotKind::Restore, max, |ahead| {
-        super::systemd::status(&format!("waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"))
+        progress(StartProgress::Queued(format!(
+            "waiting for a restore slot: {ahead} ahead (max_concurrent_restores: {max})"
+        )))
     })
     .map_err(|e| RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display())))
 }
 
 /// Runs CRIU's restore, its progress watched; returns the restored root's pid.
 fn run_criu(
-    ctx: &Context,
+    ctx: &Job,
     cp: &Checkpoint,
     args: &RestoreArgs,
     streamer: &Option<Streamer>,
@@ -509,7 +504,8 @@ fn run_criu(
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let total = cp.manifest.size_bytes;
         let pid = &criu_pid;
-        s.spawn(move || super::progress::watch_restore(pid, total, &progress, done_rx));
+        let line = |l: String| progress(StartProgress::Line(l));
+        s.spawn(move || crate::engine::progress::watch_restore(pid, total, &line, done_rx));
         let r = ctx.criu.restore(
             args,
             Some(stdout_w.as_fd()),
@@ -538,7 +534,7 @@ fn our_child(restored: i32) -> Result<Pid, RestoreError> {
 }
 
 fn restore_notes(
-    ctx: &Context,
+    ctx: &Job,
     cp: &Checkpoint,
     mut notes: Vec<String>,
     served: Option<&crate::criu::streamer::Outcome>,
@@ -560,7 +556,7 @@ fn restore_notes(
 /// What a reboot removed comes back (the directories of the service's unix sockets, its small
 /// files of /run), then each file the service writes is brought back to what the memory expects,
 /// or the restore is refused naming the file (the checkpoint is kept either way).
-fn put_back_files(ctx: &Context, cp: &Checkpoint, images: &std::path::Path) -> Result<Vec<String>, RestoreError> {
+fn put_back_files(ctx: &Job, cp: &Checkpoint, images: &std::path::Path) -> Result<Vec<String>, RestoreError> {
     let m = &cp.manifest;
     let (dirs, files) = (m.tmpfs_dirs.as_deref().unwrap_or_default(), m.tmpfs_files.as_deref().unwrap_or_default());
     let mut notes = crate::store::tmpfs::put_back(dirs, files, images)
@@ -581,115 +577,7 @@ fn put_back_files(ctx: &Context, cp: &Checkpoint, images: &std::path::Path) -> R
     Ok(notes)
 }
 
-fn checkpoint_key(ctx: &Context, key_id: &str) -> Result<crate::store::seal::Key, String> {
+/// The service's key, which must be the one of id `key_id` the checkpoint was sealed with.
+fn checkpoint_key(ctx: &Job, key_id: &str) -> Result<crate::store::seal::Key, crate::store::seal::KeyError> {
     crate::store::seal::Key::matching(ctx.service.encryption_key_file.as_deref(), key_id, &ctx.service.file)
-}
-
-fn cold(ctx: &Context, fallback_reason: Option<String>) -> Result<Started, Error> {
-    let (output, stdout_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(crate::process::LaunchError::Pipe)?;
-    let s = &ctx.service;
-    let notify = match s.ready {
-        Some(crate::config::Readiness::Notify) => Some(
-            super::readiness::NotifySocket::bind(&s.name)
-                .map_err(|e| Error::StartFailed(format!("failed to create the socket for `ready: notify`: {e}")))?,
-        ),
-        _ => None,
-    };
-    let mut environment = s.environment.clone();
-    if let Some(n) = &notify {
-        environment.retain(|(k, _)| k != "NOTIFY_SOCKET");
-        environment.push(("NOTIFY_SOCKET".into(), n.address.clone()));
-    }
-    let spec = LaunchSpec {
-        init_binary: ctx.init_binary.clone(),
-        init_dir: ctx.paths.root.clone(),
-        uid: s.uid,
-        gid: s.gid,
-        groups: s.supplementary_gids.clone(),
-        working_dir: s.working_dir.clone(),
-        command: s.command.clone(),
-        environment,
-    };
-    let before = ctx.store.record_run("cold start")?;
-    let init_pid = match cold_launch(&spec, stdout_w.as_fd()) {
-        Ok(pid) => pid,
-        Err(e) => {
-            // The command never ran, so the checkpoints are as fresh as before.
-            let _ = ctx.store.undo_run(&before);
-            return Err(e.into());
-        }
-    };
-    drop(stdout_w);
-    Ok(Started {
-        info: StartInfo {
-            init_pid,
-            started_from: StartedFrom::Cold,
-            checkpoint: None,
-            fallback_reason,
-            notes: Vec::new(),
-            restore_ms: None,
-        },
-        output,
-        notify,
-    })
-}
-
-/// A cold-launched command must live through its first second: one that exits at once (a typo
-/// in its arguments, a port it cannot bind) is a failed start, reported with its exit status and
-/// its last lines of output, not "started".
-pub fn survives_probation(s: &Started, name: &str, log: &super::log_pump::LogWriter) -> Result<(), Error> {
-    let pid = s.info.init_pid;
-    if !crate::process::tree::exits_within(pid.as_raw(), PROBATION) {
-        return Ok(());
-    }
-    let status = match nix::sys::wait::waitpid(pid, None) {
-        Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-        Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("was killed by {sig}"),
-        _ => "exited".to_string(),
-    };
-    let output = drain_available(&s.output);
-    for line in output.lines() {
-        log.note(&format!("output: {line}"));
-    }
-    let last: Vec<&str> = output.lines().rev().take(LAST_LINES).collect::<Vec<_>>().into_iter().rev().collect();
-    let shown = if last.is_empty() {
-        " and printed nothing".to_string()
-    } else {
-        format!("; its last output:\n{}", last.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"))
-    };
-    let before = match &s.info.fallback_reason {
-        Some(why) => format!("\n(it was a cold start because {why})"),
-        None => String::new(),
-    };
-    Err(Error::StartFailed(format!(
-        "failed to start {name}: the command {status} within its first second{shown}{before}\n(see `stasis logs {name}`)"
-    )))
-}
-
-/// How long a cold-launched command must live to count as started.
-const PROBATION: std::time::Duration = std::time::Duration::from_secs(1);
-const LAST_LINES: usize = 10;
-
-/// Whatever the dead service left in its output pipe (all writers are gone, so this ends).
-fn drain_available(output: &OwnedFd) -> String {
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match nix::unistd::read(output, &mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                bytes.extend_from_slice(&buf[..n]);
-                if bytes.len() > 1 << 20 {
-                    bytes.drain(..bytes.len() - (1 << 20));
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// Host PID of the service's main process, for status and the start report.
-pub fn main_pid(init_pid: Pid) -> Option<i32> {
-    tree::main_pid(init_pid.as_raw())
 }

@@ -1,4 +1,4 @@
-//! What stasis does at CRIU's `post-dump` notification, in the supervisor, while the tree is
+//! What stasis does at CRIU's `post-dump` notification, in this process, while the tree is
 //! still frozen and CRIU waits for the answer: refuse a dump that could not be restored, record
 //! what the restore will need of the host (the frozen tree's executable mappings, /dev/shm
 //! copies, the socket directories and small files of /run, the files the tree writes), and for
@@ -14,7 +14,7 @@ pub struct Frozen<'a> {
     pub pending: &'a PendingCheckpoint,
     /// Host PID of the tree's root (the namespace init).
     pub tree_pid: i32,
-    /// The hash cache the supervisor filled just before the dump.
+    /// The hash cache the dump filled just before CRIU ran.
     pub hash_cache: PathBuf,
     /// The service's `min_free_bytes`: copies taken here must leave that much free.
     pub min_free: u64,
@@ -86,7 +86,7 @@ impl Frozen<'_> {
     }
 
     /// The tree is frozen now, so its mappings are exactly what the images hold; the list taken
-    /// while it ran is replaced. Hashes come from the cache the supervisor just filled.
+    /// while it ran is replaced. Hashes come from the cache the dump just filled.
     fn record_frozen_mappings(&self, draft: &mut Manifest) -> Result<(), Refusal> {
         let mut cache = crate::store::identity::HashCache::load(self.hash_cache.clone());
         draft.executables =

@@ -7,7 +7,8 @@
 //! slot their place in the queue points at: no polling.
 
 use nix::fcntl::{Flock, FlockArg};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,10 +44,6 @@ impl Drop for Ticket {
     }
 }
 
-fn open(path: &Path) -> std::io::Result<File> {
-    super::lock::open_lock_file(path)
-}
-
 fn lock(file: File, arg: FlockArg) -> Result<Flock<File>, nix::errno::Errno> {
     Flock::lock(file, arg).map_err(|(_, e)| e)
 }
@@ -60,7 +57,7 @@ pub fn acquire(dir: &Path, kind: SlotKind, capacity: usize, on_wait: impl FnOnce
     let ticket = take_ticket(&queue)?;
     let slot_path = |i: usize| dir.join(format!("{}-{i}.lock", kind.name()));
     for i in 0..capacity {
-        match lock(open(&slot_path(i))?, FlockArg::LockExclusiveNonblock) {
+        match lock(open_lock_file(&slot_path(i))?, FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(Slot { _lock: l, _ticket: ticket }),
             Err(nix::errno::Errno::EWOULDBLOCK) => continue,
             Err(e) => return Err(e.into()),
@@ -69,8 +66,22 @@ pub fn acquire(dir: &Path, kind: SlotKind, capacity: usize, on_wait: impl FnOnce
     let ahead = live_tickets_before(&queue, &ticket.path);
     on_wait(ahead);
     // Spreading the waiters over the slots by their place in the queue keeps each slot's line short.
-    let l = lock(open(&slot_path(ahead % capacity))?, FlockArg::LockExclusive)?;
+    let l = lock(open_lock_file(&slot_path(ahead % capacity))?, FlockArg::LockExclusive)?;
     Ok(Slot { _lock: l, _ticket: ticket })
+}
+
+/// A lock file of root's (0600 whatever the umask), never through a symlink planted in its place.
+pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(file)
 }
 
 /// A ticket file, locked before it gets its final name so nobody can mistake it for a dead one.
@@ -86,7 +97,7 @@ fn take_ticket(queue: &Path) -> std::io::Result<Ticket> {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let name = format!("{nanos:024}-{}", std::process::id());
     let tmp = queue.join(format!(".{name}"));
-    let l = lock(open(&tmp)?, FlockArg::LockExclusiveNonblock)?;
+    let l = lock(open_lock_file(&tmp)?, FlockArg::LockExclusiveNonblock)?;
     let path = queue.join(&name);
     std::fs::rename(&tmp, &path)?;
     Ok(Ticket { path, _lock: l })

@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Lines about a dump or a restore under way start with this.
+pub const PROGRESS_PREFIX: &str = "Progress: ";
+/// How a readiness wait's progress line begins ([`waiting`]).
+pub const WAITING_PREFIX: &str = "Progress: waiting for ";
+
 /// Until the first report, and between reports.
 pub const EVERY: Duration = Duration::from_secs(1);
 /// A checkpoint at least this big takes long enough to restore that its phases are announced
@@ -19,7 +24,7 @@ pub fn line(phase: &str, verb: &str, done: u64, total: Option<u64>, started: Ins
     let of = total.map(|t| format!(" of {}", crate::time_fmt::human_bytes(t))).unwrap_or_default();
     format!(
         "{}{phase}, {}{of} {verb} ({:.0} MiB/s, {:.1} s)",
-        super::protocol::PROGRESS_PREFIX,
+        PROGRESS_PREFIX,
         crate::time_fmt::human_bytes(done),
         done as f64 / (1 << 20) as f64 / secs.max(0.001),
         secs
@@ -28,18 +33,13 @@ pub fn line(phase: &str, verb: &str, done: u64, total: Option<u64>, started: Ins
 
 /// A phase beginning: `Progress: PHASE SIZE`.
 pub fn phase(phase: &str, bytes: u64) -> String {
-    format!("{}{phase} {}", super::protocol::PROGRESS_PREFIX, crate::time_fmt::human_bytes(bytes))
+    format!("{}{phase} {}", PROGRESS_PREFIX, crate::time_fmt::human_bytes(bytes))
 }
 
 /// A readiness wait under way: `Progress: waiting for WHAT (3 s of 30 s)`. `start` shows it on
 /// a terminal (or with STASIS_PROGRESS=1), so no wait is silent for more than a second.
 pub fn waiting(what: &str, waited: Duration, limit: Duration) -> String {
-    format!(
-        "{}{what} ({} s of {})",
-        super::protocol::WAITING_PREFIX,
-        waited.as_secs(),
-        crate::time_fmt::human_duration(limit)
-    )
+    format!("{}{what} ({} s of {})", WAITING_PREFIX, waited.as_secs(), crate::time_fmt::human_duration(limit))
 }
 
 /// How often, during a dump, the disk is told to start writing what CRIU has written so far.

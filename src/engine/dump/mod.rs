@@ -1,28 +1,52 @@
 //! Taking one checkpoint. A stopping dump is finalized at CRIU's post-dump notification while
-//! the service is frozen (in this process: criu::post_dump), so the service is killed only once
-//! the checkpoint is durable, and only if the stop is still asked for then (a kill-port client
-//! admitted for its silence may have spoken or left since: kill_port::StopGate); a dump that
-//! keeps the service running is finalized after CRIU returns. A failed dump is discarded and
-//! its log kept as `last-failed-dump.log`; earlier checkpoints are never touched. A dump past
-//! `dump_timeout` is killed and the service resumed. After a success, retention runs.
+//! the service is frozen (in this process: post_dump.rs), so the service is killed only once
+//! the checkpoint is durable, and only if the stop is still asked for then (whoever asked may
+//! have changed its mind since: [`StopGate`]); a dump that keeps the service running is
+//! finalized after CRIU returns. A failed dump is discarded and its log kept as
+//! `last-failed-dump.log`; earlier checkpoints are never touched. A dump past `dump_timeout`
+//! is killed and the service resumed. After a success, retention runs. The outcome is a
+//! [`CheckpointReport`] or a [`DumpError`] (error.rs).
 
-use super::context::Context;
-use super::kill_port::{StopGate, Withdrawn};
-use super::protocol::CheckpointReport;
+mod error;
+pub mod post_dump;
+
+pub use error::{DumpError, FailedDump, NoRoom, Withdrawn, WithdrawnBy};
+
 use super::slots::{self, SlotKind};
 use crate::criu::page_server::Received;
-use crate::criu::post_dump::{Frozen, Refusal};
 use crate::criu::rpc::Answer;
 use crate::criu::{network_lock, CriuError, DumpArgs, DUMP_LOG};
+use crate::engine::Job;
 use crate::process::tree;
-use crate::store::safe_open::UnsafeFile;
 use crate::store::seal::Key;
-use crate::store::{Checkpoint, DumpKind, Manifest, PendingCheckpoint, StoreError};
+use crate::store::{Checkpoint, DumpKind, Manifest, PendingCheckpoint};
+use post_dump::{Frozen, Refusal};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-/// Less free space than this after a failed dump means the dump ran out of it.
-const NEARLY_FULL: u64 = 1 << 20;
+/// What a checkpoint that was taken (or a dry run) came to.
+#[derive(Debug, Clone)]
+pub struct CheckpointReport {
+    pub id: String,
+    pub size_bytes: u64,
+    pub duration: Duration,
+    pub dir: PathBuf,
+    /// What retention removed after it (for the log).
+    pub notes: Vec<String>,
+    /// How long CRIU kept the service frozen, when its stats say.
+    pub freeze: Option<Duration>,
+    /// A dry run (`stasis doctor`): dumped, then thrown away.
+    pub dry: bool,
+}
+
+/// Who asked for a stopping dump, asked again at its `post-dump` ([`Self::check`]), the last
+/// moment before CRIU ends the service: the supervisor's kill-port clients.
+pub trait StopGate: Sync {
+    /// Err when nobody asks for the stop any more.
+    fn check(&self) -> Result<(), Withdrawn>;
+    /// Whether [`Self::check`] called the stop off.
+    fn called_off(&self) -> Option<Withdrawn>;
+}
 
 /// Where a dump is, for whoever waits on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,169 +59,14 @@ pub enum DumpProgress {
     Progress(String),
 }
 
-/// Why a checkpoint was not taken, one variant per step that can fail. Its text is a summary
-/// line (saying that the service keeps running and earlier checkpoints are untouched), then
-/// CRIU's error lines, if any: `protocol::final_line` sends it that way.
-#[derive(Debug)]
-pub(super) enum DumpError {
-    /// The host's dump slots could not be used.
-    Slot { dir: PathBuf, source: std::io::Error },
-    /// The encryption key could not be read (the text names the file, says why and how to fix it).
-    Key(String),
-    /// The pending checkpoint could not be begun, written or finalized.
-    Store(StoreError),
-    /// An executable the service maps could not be read safely to record its identity.
-    Identities(UnsafeFile),
-    /// CRIU failed, or was refused at `post-dump`.
-    Criu(Box<FailedDump>),
-    /// CRIU said it dumped a stopping service, but `post-dump` never made the checkpoint durable.
-    NotFinalized,
-    /// CRIU failed after `post-dump` made the checkpoint durable and the service was resumed:
-    /// the checkpoint is kept, marked stale (`marking` is why it could not be).
-    AfterWrite { criu: CriuError, id: String, marking: Option<StoreError> },
-    /// Whoever asked for the stop withdrew before it was carried out.
-    Withdrawn(Withdrawn),
-}
-
-/// A dump CRIU failed, with what its log says in the service's terms.
-#[derive(Debug)]
-pub(super) struct FailedDump {
-    /// Its log is the kept `last-failed-dump.log`.
-    error: CriuError,
-    /// A cause CRIU's log shows often, with the fix.
-    diagnosis: Option<String>,
-    /// Why `post-dump` refused it, if it did.
-    refusal: Option<Refusal>,
-    /// The directory whose full disk failed it.
-    full_disk: Option<PathBuf>,
-}
-
-impl DumpError {
-    /// Whether the same dump may well work a moment later (a refusal for a passing reason).
-    fn may_pass(&self) -> bool {
-        matches!(self, DumpError::Criu(f) if f.refusal.as_ref().is_some_and(Refusal::passing))
-    }
-
-    fn summary(&self) -> String {
-        match self {
-            DumpError::Slot { dir, source } => format!("failed to take a dump slot in {}: {source}", dir.display()),
-            DumpError::Key(why) => why.clone(),
-            DumpError::Store(e) => e.to_string(),
-            DumpError::Identities(e) => e.to_string(),
-            DumpError::Criu(f) => f.summary(),
-            DumpError::NotFinalized => {
-                "CRIU reported success but the checkpoint was not finalized at its post-dump notification".into()
-            }
-            DumpError::AfterWrite { criu, id, marking } => {
-                let note = match marking {
-                    None => format!("checkpoint {id} was saved but is stale"),
-                    Some(m) => format!("checkpoint {id} was saved, and marking it stale failed ({m})"),
-                };
-                format!("{} after the checkpoint was written; the service was resumed; {note}", criu.one_line())
-            }
-            DumpError::Withdrawn(w) => w.to_string(),
-        }
-    }
-}
-
-impl std::fmt::Display for DumpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}; the service keeps running and earlier checkpoints are untouched", self.summary())?;
-        if let DumpError::Criu(failed) = self {
-            if let CriuError::Failed { errors, .. } = &failed.error {
-                for line in errors {
-                    write!(f, "\n{line}")?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for DumpError {}
-
-impl From<StoreError> for DumpError {
-    fn from(e: StoreError) -> Self {
-        DumpError::Store(e)
-    }
-}
-
-impl FailedDump {
-    /// Keeps CRIU's log as the last failed dump's (the pending directory is about to go) and
-    /// reads what it says.
-    fn new(ctx: &Context, pending: &PendingCheckpoint, e: CriuError, refusal: Option<Refusal>) -> FailedDump {
-        let error = keep_log(ctx, e);
-        let CriuError::Failed { errors, .. } = &error else {
-            return FailedDump { error, diagnosis: None, refusal, full_disk: None };
-        };
-        let diagnosis = crate::criu::diagnose::diagnose(errors, &ctx.service.name);
-        let dir = pending.dir.parent().unwrap_or(&pending.dir);
-        let says_full =
-            errors.iter().any(|l| l.contains("No space left") || l.contains("(-28)") || l.contains("Disk quota"));
-        // A full disk may not even leave room for CRIU's log, so ask the filesystem as well.
-        let is_full = nix::sys::statvfs::statvfs(dir)
-            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()) < NEARLY_FULL)
-            .unwrap_or(false);
-        let full_disk = (says_full || is_full).then(|| dir.to_path_buf());
-        FailedDump { error, diagnosis, refusal, full_disk }
-    }
-
-    fn summary(&self) -> String {
-        let mut text = self.error.one_line();
-        // A cause CRIU's log shows often, said in the service's terms with the fix, first.
-        if let Some(why) = &self.diagnosis {
-            text = format!("{why} ({text})");
-        }
-        if let Some(r @ Refusal::ProcFileOpen { .. }) = &self.refusal {
-            text = format!("{r}; {text}");
-        }
-        if let Some(dir) = &self.full_disk {
-            text.push_str(&format!(
-                "; the disk holding {} is full (No space left on device): free space or move --state-dir to a larger filesystem",
-                dir.display()
-            ));
-        }
-        text
-    }
-}
-
-/// Moves CRIU's log to `last-failed-dump.log` and returns the error naming it there.
-fn keep_log(ctx: &Context, e: CriuError) -> CriuError {
-    let kept = ctx.paths.failed_dump_log();
-    let keep = |log: &Path| {
-        // The checkpoints may be another filesystem (a full one, even): copy when rename can't.
-        let moved = std::fs::rename(log, &kept).is_ok() || std::fs::copy(log, &kept).is_ok();
-        if moved {
-            kept.clone()
-        } else {
-            log.to_path_buf()
-        }
-    };
-    match e {
-        CriuError::Failed { action, status, log, errors } => {
-            let kept_log = keep(&log);
-            // A full disk can leave the log file short: keep at least the lines quoted here.
-            if std::fs::metadata(&kept_log).map(|m| m.len() == 0).unwrap_or(true) && !errors.is_empty() {
-                let _ = std::fs::write(&kept_log, format!("{}\n", errors.join("\n")));
-            }
-            CriuError::Failed { action, status, log: kept_log, errors }
-        }
-        // CRIU got what was left of dump_timeout; the setting is what the user knows.
-        CriuError::TimedOut { action, setting, log, .. } => {
-            CriuError::TimedOut { action, setting, after: ctx.service.dump_timeout, log: keep(&log) }
-        }
-        other => other,
-    }
-}
-
 /// `progress` hears when the dump has to queue for a host slot, and when it got one. A stop
 /// stands only if `gate` (who asked for it) still says so at `post-dump`.
-pub(super) fn take_checkpoint(
-    ctx: &Context,
+pub fn take_checkpoint(
+    ctx: &Job,
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
-    gate: Option<&StopGate>,
+    gate: Option<&dyn StopGate>,
     progress: impl Fn(DumpProgress) + Sync,
 ) -> Result<CheckpointReport, DumpError> {
     let mut attempt = 0;
@@ -223,7 +92,7 @@ pub(super) fn take_checkpoint(
 /// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
 /// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
 /// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
-pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
+pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), NoRoom> {
     let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
     let estimate = match newest {
         Some(cp) => cp.manifest.size_bytes,
@@ -237,16 +106,10 @@ pub fn room_for_periodic(ctx: &Context, init_pid: i32) -> Result<(), String> {
     let dir = if ctx.store.dir().exists() { ctx.store.dir() } else { ctx.paths.root.as_path() };
     let free = nix::sys::statvfs::statvfs(dir)
         .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
-        .map_err(|e| format!("failed to read the free space of {}: {e}", dir.display()))?;
-    let needed = estimate.saturating_add(ctx.service.min_free_bytes);
-    if free < needed {
-        return Err(format!(
-            "{} has {} free, and the checkpoint needs about {} plus min_free_bytes ({}); free space, lower min_free_bytes, or move --state-dir",
-            dir.display(),
-            crate::time_fmt::human_bytes(free),
-            crate::time_fmt::human_bytes(estimate),
-            crate::time_fmt::human_bytes(ctx.service.min_free_bytes)
-        ));
+        .map_err(|source| NoRoom::FreeSpace { dir: dir.to_path_buf(), source })?;
+    let min_free = ctx.service.min_free_bytes;
+    if free < estimate.saturating_add(min_free) {
+        return Err(NoRoom::Full { dir: dir.to_path_buf(), free, estimate, min_free });
     }
     Ok(())
 }
@@ -257,7 +120,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// What the steps of one dump share once its pending checkpoint is begun.
 struct Run<'a> {
-    ctx: &'a Context,
+    ctx: &'a Job,
     init_pid: i32,
     /// A stopping dump: the service ends with it.
     stopping: bool,
@@ -275,15 +138,13 @@ struct Dumped {
 }
 
 fn dump(
-    ctx: &Context,
+    ctx: &Job,
     init_pid: i32,
     kind: DumpKind,
     dry: bool,
-    gate: Option<&StopGate>,
+    gate: Option<&dyn StopGate>,
     progress: &(impl Fn(DumpProgress) + Sync),
 ) -> Result<CheckpointReport, DumpError> {
-    // Extending systemd's timeout covers the wait for a slot too.
-    let _keep_systemd_waiting = super::systemd::extend_while_busy();
     let started = Instant::now();
     let _slot = take_slot(ctx, progress)?;
     tracing::debug!("dump: slot taken");
@@ -319,7 +180,7 @@ fn dump(
     outcome
 }
 
-fn take_slot(ctx: &Context, progress: &(impl Fn(DumpProgress) + Sync)) -> Result<slots::Slot, DumpError> {
+fn take_slot(ctx: &Job, progress: &(impl Fn(DumpProgress) + Sync)) -> Result<slots::Slot, DumpError> {
     let mut waited = false;
     let slot = slots::acquire(&ctx.dirs.slots(), SlotKind::Dump, ctx.host.max_concurrent_dumps, |ahead| {
         waited = true;
@@ -379,7 +240,7 @@ fn write_draft(run: &Run, kind: DumpKind, generation: u64) -> Result<(), DumpErr
 
 /// Runs CRIU's dump, answering its `post-dump` in this process, with a line about it now and
 /// then for whoever waits.
-fn run_criu(run: &Run, gate: Option<&StopGate>, progress: &(impl Fn(DumpProgress) + Sync)) -> Dumped {
+fn run_criu(run: &Run, gate: Option<&dyn StopGate>, progress: &(impl Fn(DumpProgress) + Sync)) -> Dumped {
     let (ctx, pending) = (run.ctx, run.pending);
     let args = DumpArgs {
         pid: run.init_pid,
@@ -397,7 +258,7 @@ fn run_criu(run: &Run, gate: Option<&StopGate>, progress: &(impl Fn(DumpProgress
         deadline: run.deadline,
     };
     // What stasis does while CRIU holds the tree frozen, answered in this process (see
-    // criu::post_dump); a refusal makes CRIU resume the tree.
+    // post_dump.rs); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
     let mut at_post_dump =
         |received: &Received| answer_post_dump(&frozen, received, run.stopping, run.key, gate, &mut refusal);
@@ -442,7 +303,7 @@ fn dry_report(run: &Run, dumped: Dumped, started: Instant) -> Result<CheckpointR
 }
 
 /// The checkpoint CRIU's dump came to: finalized at `post-dump` (a stopping dump) or now.
-fn settle(run: &Run, dumped: Dumped, gate: Option<&StopGate>) -> Result<Checkpoint, DumpError> {
+fn settle(run: &Run, dumped: Dumped, gate: Option<&dyn StopGate>) -> Result<Checkpoint, DumpError> {
     let (ctx, init_pid, pending) = (run.ctx, run.init_pid, run.pending);
     let e = match dumped.result {
         Ok(_) if run.stopping => return pending.finalized().ok_or(DumpError::NotFinalized),
@@ -465,7 +326,7 @@ fn settle(run: &Run, dumped: Dumped, gate: Option<&StopGate>) -> Result<Checkpoi
         }
         None => {
             resume(&ctx.dirs.state_dir, init_pid, &pending.dir, killed);
-            match gate.and_then(StopGate::called_off) {
+            match gate.and_then(|g| g.called_off()) {
                 // Not a failed dump: CRIU's log is not kept as the last failed one.
                 Some(withdrawn) => Err(DumpError::Withdrawn(withdrawn)),
                 None => Err(DumpError::Criu(Box::new(FailedDump::new(ctx, pending, e, dumped.refusal)))),
@@ -500,17 +361,17 @@ fn report(state_dir: &Path, mut cp: Checkpoint, stopping: bool, started: Instant
 /// What the dump's `post-dump` answers while CRIU holds the tree frozen. A dump that keeps the
 /// service running: the checks and records. A stopping one: the same, then the stop asked
 /// again of whoever asked for it (`gate`: the last moment before CRIU ends the service), then
-/// the checkpoint made durable. `refusal` keeps the cause of a refusal of criu::post_dump's.
+/// the checkpoint made durable. `refusal` keeps the cause of a refusal of post_dump.rs's.
 fn answer_post_dump(
     frozen: &Frozen,
     received: &Received,
     stopping: bool,
     key: Option<&Key>,
-    gate: Option<&StopGate>,
+    gate: Option<&dyn StopGate>,
     refusal: &mut Option<Refusal>,
 ) -> Answer {
     let done = if stopping {
-        frozen.check_and_record_frozen().map(|()| gate.map_or(Ok(()), StopGate::check))
+        frozen.check_and_record_frozen().map(|()| gate.map_or(Ok(()), |g| g.check()))
     } else {
         frozen.check_and_record().map(Ok)
     };
@@ -552,37 +413,4 @@ fn resume(state_dir: &Path, init_pid: i32, dump_dir: &Path, killed: bool) {
         }
     }
     let _ = network_lock::end(state_dir, dump_dir, network_lock::LockEnd::NeverRestored);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_dump_says_what_it_leaves_on_its_first_line_and_crius_lines_after() {
-        let e = DumpError::Criu(Box::new(FailedDump {
-            error: CriuError::Failed {
-                action: "dump",
-                status: "exit status 1".into(),
-                log: "/s/last-failed-dump.log".into(),
-                errors: vec!["(0.1) Error (x.c:1): why".into(), "(0.2) Error (y.c:2): unwinding".into()],
-            },
-            diagnosis: None,
-            refusal: None,
-            full_disk: Some("/s".into()),
-        }));
-        assert_eq!(
-            e.to_string(),
-            "failed to dump with CRIU (exit status 1): why (log: /s/last-failed-dump.log); the disk holding /s is full (No space left on device): free space or move --state-dir to a larger filesystem; the service keeps running and earlier checkpoints are untouched\n(0.1) Error (x.c:1): why\n(0.2) Error (y.c:2): unwinding"
-        );
-        let e = DumpError::AfterWrite {
-            criu: CriuError::Failed { action: "dump", status: "killed".into(), log: "/l".into(), errors: vec![] },
-            id: "20261125T015053.123Z".into(),
-            marking: None,
-        };
-        assert_eq!(
-            e.to_string(),
-            "failed to dump with CRIU (killed): its log has no error lines (was it written?) (log: /l) after the checkpoint was written; the service was resumed; checkpoint 20261125T015053.123Z was saved but is stale; the service keeps running and earlier checkpoints are untouched"
-        );
-    }
 }

@@ -1,4 +1,5 @@
-//! Everything the supervisor's parts need about the service, resolved once at start.
+//! What a dump or a start works on: the service, its paths and store, the host's settings, the
+//! CRIU binary and the namespace init, resolved once by whoever runs the service.
 
 use crate::config::host::HostConfig;
 use crate::config::Service;
@@ -8,7 +9,7 @@ use crate::store::identity::HashCache;
 use crate::store::CheckpointStore;
 use std::path::PathBuf;
 
-pub struct Context {
+pub struct Job {
     pub dirs: Dirs,
     pub host: HostConfig,
     pub service: Service,
@@ -21,7 +22,7 @@ pub struct Context {
     pub kernel_version: String,
 }
 
-impl Context {
+impl Job {
     pub fn hash_cache(&self) -> HashCache {
         HashCache::load(self.dirs.hash_cache())
     }
