@@ -89,8 +89,9 @@ pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
 /// what is worth having but never worth waiting for (a warm criu, criu::standby).
 pub fn try_acquire(dir: &Path, name: &str, capacity: usize) -> Option<Flock<File>> {
     crate::store::durable::create_dir_with_mode(dir, 0o700).ok()?;
-    (0..capacity.max(1))
-        .find_map(|i| lock(open(&dir.join(format!("{name}-{i}.lock"))).ok()?, FlockArg::LockExclusiveNonblock).ok())
+    (0..capacity.max(1)).find_map(|i| {
+        lock(open_lock_file(&dir.join(format!("{name}-{i}.lock"))).ok()?, FlockArg::LockExclusiveNonblock).ok()
+    })
 }
 
 fn take_ticket(queue: &Path) -> std::io::Result<Ticket> {

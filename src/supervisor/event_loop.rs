@@ -519,7 +519,7 @@ async fn exit_of(exited: &Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>
 }
 
 /// Has a CRIU warm up for the service's next dump, where the host wants one (criu::standby).
-fn warm_criu(ctx: &Context) {
+fn warm_criu(ctx: &Job) {
     use crate::config::host::WarmCriu;
     let wanted = match ctx.host.warm_criu {
         WarmCriu::On => true,
@@ -529,7 +529,9 @@ fn warm_criu(ctx: &Context) {
     // As many warm criu processes on the host as dumps may run at once: a host of many services
     // must not keep an idle criu for each (the others start theirs when they dump).
     if wanted && !crate::criu::standby::parked(&ctx.criu.path) {
-        if let Some(slot) = super::slots::try_acquire(&ctx.dirs.slots(), "warm-criu", ctx.host.max_concurrent_dumps) {
+        if let Some(slot) =
+            crate::engine::slots::try_acquire(&ctx.dirs.slots(), "warm-criu", ctx.host.max_concurrent_dumps)
+        {
             crate::criu::standby::prepare(&ctx.criu.path, Box::new(slot));
         }
     }
