@@ -17,6 +17,7 @@ use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
 use super::{Criu, CriuError};
 use crate::store::stored::Transform;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -56,9 +57,10 @@ impl Criu {
         // CRIU opens the work dir through /proc/OUR_PID/fd/N: it must stay open meanwhile.
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
-        let super::standby::Warm { mut swrk, pages: ours, pages_fd } = match super::standby::take(&self.path) {
-            Some(warm) => warm,
-            None => self.cold_swrk(deadline)?,
+        use super::standby::{Ends, Purpose, Warm};
+        let (mut swrk, ours, pages_fd) = match super::standby::take(&self.path, Purpose::Dump) {
+            Some(Warm { swrk, ends: Ends::Dump { pages, pages_fd } }) => (swrk, pages, pages_fd),
+            _ => self.cold_swrk(deadline)?,
         };
         swrk.renew(deadline);
         swrk.capture_log(&log);
@@ -102,13 +104,13 @@ impl Criu {
 
 impl Criu {
     /// A criu of the dump's own, started now (no warm one was ready: criu::standby).
-    fn cold_swrk(&self, deadline: Instant) -> Result<super::standby::Warm, CriuError> {
+    fn cold_swrk(&self, deadline: Instant) -> Result<(Swrk, UnixStream, RawFd), CriuError> {
         let spawn = |source| CriuError::Spawn { path: self.path.clone(), source };
         let (pages, theirs) = page_server_pair().map_err(spawn)?;
         let swrk = Swrk::spawn(&self.path, &[theirs.as_fd()], true, deadline)
             .map_err(|e| spawn(std::io::Error::other(e.to_string())))?;
         // Only criu holds its end now: if it dies, the page server hears the end of the stream.
-        Ok(super::standby::Warm { swrk, pages, pages_fd: theirs.as_raw_fd() })
+        Ok((swrk, pages, theirs.as_raw_fd()))
     }
 }
 
@@ -206,6 +208,7 @@ impl Criu {
         timeout: Duration,
         spawned: &dyn Fn(i32),
         gate: &mut dyn FnMut(&Notification) -> Answer,
+        warm: Option<Swrk>,
     ) -> Result<RestoreOutcome, CriuError> {
         let deadline = Instant::now() + timeout;
         let log = args.work_dir.join(RESTORE_LOG);
@@ -216,8 +219,18 @@ impl Criu {
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
         let req = restore_request(args, &work, &config, stdout_pipe);
         let inherit: Vec<BorrowedFd<'_>> = stdout_pipe.into_iter().collect();
-        let mut swrk = Swrk::start(&self.path, &inherit, Some(&log), deadline)
-            .map_err(|e| CriuError::Spawn { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        let mut swrk = match warm {
+            // Started with the stdout pipe's write end under the number `stdout_pipe` has.
+            Some(mut swrk) => {
+                swrk.renew(deadline);
+                swrk.capture_log(&log);
+                swrk
+            }
+            None => Swrk::start(&self.path, &inherit, Some(&log), deadline).map_err(|e| CriuError::Spawn {
+                path: self.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        };
         let criu = swrk.pid();
         spawned(criu);
         // The tree's root, from `post-restore`: what a refused `pre-resume` kills.

@@ -491,14 +491,21 @@ mod tests {
         };
         let criu = crate::criu::Criu { path: criu(), version: "4.2.1".into() };
         let mut seen = Vec::new();
-        let refused = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |n| {
-            seen.push(n.script.clone());
-            if n.script == "pre-resume" {
-                Answer::Refuse("not this one".into())
-            } else {
-                Answer::Proceed
-            }
-        });
+        let refused = criu.restore(
+            &args,
+            None,
+            Duration::from_secs(60),
+            &|_| {},
+            &mut |n| {
+                seen.push(n.script.clone());
+                if n.script == "pre-resume" {
+                    Answer::Refuse("not this one".into())
+                } else {
+                    Answer::Proceed
+                }
+            },
+            None,
+        );
         let log = std::fs::read_to_string(dir.path().join(super::super::argv::RESTORE_LOG)).unwrap_or_default();
         let err = refused.expect_err("a refused restore fails");
         assert_eq!(seen, ["post-restore", "pre-resume"], "the gate hears both: {err}\n{log}");
@@ -509,7 +516,8 @@ mod tests {
 
         // The same images, the gate proceeding: the tree runs on.
         session_ends();
-        let restored = criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |_| Answer::Proceed).unwrap();
+        let restored =
+            criu.restore(&args, None, Duration::from_secs(60), &|_| {}, &mut |_| Answer::Proceed, None).unwrap();
         assert_eq!(restored.pid, pid);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(&ticks).unwrap_or_default() == at_dump {

@@ -215,6 +215,7 @@ impl<'a> Run<'a> {
             });
         let periodic = ctx.service.checkpoint_every.map(|d| Box::pin(tokio::time::sleep(d)));
         warm_criu(&ctx);
+        settle();
         Run {
             ctx,
             init_pid,
@@ -427,6 +428,7 @@ impl<'a> Run<'a> {
         if new_state == State::Running {
             self.arm_periodic();
             warm_criu(&self.ctx);
+            settle();
         }
         for w in self.waiters.drain(..) {
             let _ = w.reply.send(outcome.clone());
@@ -518,21 +520,23 @@ async fn exit_of(exited: &Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>
     let _ = exited.as_ref().expect("guarded").readable().await.map(|mut g| g.clear_ready());
 }
 
+/// The service runs and the supervisor will wait: it lets go of the code pages the start or
+/// the dump touched (supervisor::idle).
+fn settle() {
+    let shed = super::idle::shed_clean_mappings();
+    tracing::debug!("loop: idle, {} KiB of clean mappings shed", shed >> 10);
+}
+
 /// Has a CRIU warm up for the service's next dump, where the host wants one (criu::standby).
 fn warm_criu(ctx: &Job) {
-    use crate::config::host::WarmCriu;
-    let wanted = match ctx.host.warm_criu {
-        WarmCriu::On => true,
-        WarmCriu::Off => false,
-        WarmCriu::Auto => crate::criu::standby::worth_it(),
-    };
+    use crate::criu::standby::{self, Purpose};
     // As many warm criu processes on the host as dumps may run at once: a host of many services
     // must not keep an idle criu for each (the others start theirs when they dump).
-    if wanted && !crate::criu::standby::parked(&ctx.criu.path) {
+    if standby::wanted(ctx.host.warm_criu) && !standby::parked(&ctx.criu.path, Purpose::Dump) {
         if let Some(slot) =
             crate::engine::slots::try_acquire(&ctx.dirs.slots(), "warm-criu", ctx.host.max_concurrent_dumps)
         {
-            crate::criu::standby::prepare(&ctx.criu.path, Box::new(slot));
+            standby::prepare(&ctx.criu.path, Purpose::Dump, Box::new(slot));
         }
     }
 }

@@ -7,6 +7,7 @@
 mod error;
 mod event_loop;
 mod holder;
+mod idle;
 mod kill_port;
 pub mod lock;
 mod log_pump;

@@ -35,6 +35,13 @@ fn orphaned_tree(paths: &crate::paths::ServicePaths) -> Option<i32> {
     (is_init && cwd == paths.root).then_some(pid)
 }
 
+/// Whether the service has a checkpoint a start may restore (any, however it will be judged).
+fn has_checkpoints(paths: &crate::paths::ServicePaths) -> bool {
+    std::fs::read_dir(paths.checkpoints())
+        .map(|rd| rd.flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.')))
+        .unwrap_or(false)
+}
+
 /// Runs the supervisor in this process until the service is stopped or gone. A start that
 /// failed is the caller's to report, on `notifier` too (the report was not sent).
 /// In the foreground (systemd), the supervisor's notes also go to stderr, i.e. the journal.
@@ -55,7 +62,7 @@ pub fn run(
         (None, true) => Pick::Cold,
         (None, false) => Pick::Newest,
     };
-    let opened = open(dirs, service, foreground)?;
+    let opened = open(dirs, service, foreground, !matches!(pick, Pick::Cold))?;
     supervise(opened, pick, notifier)
 }
 
@@ -71,7 +78,7 @@ struct Opened {
 /// Everything before the service starts: the service's lock, its kill port and control socket,
 /// the subreaper, the log, and the namespace init's copy (verified before every use: a damaged
 /// copy is re-created here, never blamed on a checkpoint).
-fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error> {
+fn open(dirs: Dirs, service: Service, foreground: bool, restoring: bool) -> Result<Opened, Error> {
     tracing::debug!("supervisor: begin");
     let criu = Criu::get_cached(&dirs.criu_version_cache())?;
     tracing::debug!("supervisor: criu found");
@@ -88,6 +95,10 @@ fn open(dirs: Dirs, service: Service, foreground: bool) -> Result<Opened, Error>
     create_dir_with_mode(&paths.root, 0o700)?;
     if let Some(pid) = orphaned_tree(&paths) {
         return Err(Error::Orphaned { service: service.name.clone(), pid });
+    }
+    if restoring && crate::criu::standby::wanted(host.warm_criu) && has_checkpoints(&paths) {
+        // The restore's criu probes the kernel while the rest is set up (criu::standby).
+        crate::criu::standby::prepare(&criu.path, crate::criu::standby::Purpose::Restore, Box::new(()));
     }
     let kill_port = std::net::TcpListener::bind(("127.0.0.1", service.kill_port)).map_err(|source| {
         // Named, so the operator sees who took it (any user may bind a stopped service's port).

@@ -350,8 +350,6 @@ fn streams(ctx: &Job) -> bool {
 }
 
 fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
-    let (output, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
     let (mut streamer, plain) = image_source(ctx, cp, stream, progress)?;
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
     // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
@@ -367,8 +365,9 @@ fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Resu
     shm_notes.extend(put_back_files(ctx, cp, &own)?);
     let slot = restore_slot(ctx, progress)?;
     let restore_started = std::time::Instant::now();
+    let (output, stdout_w, warm) = stdout_pipe(ctx)?;
     tracing::debug!("restore: running criu");
-    let outcome = run_criu(ctx, cp, &args, &streamer, &stdout_w, progress);
+    let outcome = run_criu(ctx, cp, &args, &streamer, &stdout_w, warm, progress);
     let served = streamer.map(Streamer::finish);
     if let Some(problem) = served.as_ref().and_then(|o| o.problem.clone()) {
         // Damage wins over whatever CRIU made of the pipe it closed. A tree that exists despite
@@ -481,6 +480,20 @@ fn restore_slot(ctx: &Job, progress: Progress) -> Result<slots::Slot, RestoreErr
     .map_err(|e| RestoreError::Other(format!("failed to take a restore slot in {}: {e}", ctx.dirs.slots().display())))
 }
 
+/// The service's new stdout (read end, write end), and the criu the supervisor warmed up for
+/// this restore (criu::standby), which holds the write end already; else a new pipe.
+fn stdout_pipe(ctx: &Job) -> Result<(OwnedFd, OwnedFd, Option<crate::criu::rpc::Swrk>), RestoreError> {
+    use crate::criu::standby::{Ends, Purpose, Warm};
+    match crate::criu::standby::take(&ctx.criu.path, Purpose::Restore) {
+        Some(Warm { swrk, ends: Ends::Restore { output, stdout } }) => Ok((output, stdout, Some(swrk))),
+        _ => {
+            let (output, stdout) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| RestoreError::Other(format!("failed to create a pipe: {e}")))?;
+            Ok((output, stdout, None))
+        }
+    }
+}
+
 /// Runs CRIU's restore, its progress watched; returns the restored root's pid.
 fn run_criu(
     ctx: &Job,
@@ -488,6 +501,7 @@ fn run_criu(
     args: &RestoreArgs,
     streamer: &Option<Streamer>,
     stdout_w: &OwnedFd,
+    warm: Option<crate::criu::rpc::Swrk>,
     progress: Progress,
 ) -> Result<i32, crate::criu::CriuError> {
     let criu_pid = std::sync::OnceLock::new();
@@ -514,6 +528,7 @@ fn run_criu(
                 let _ = criu_pid.set(pid);
             },
             &mut gate,
+            warm,
         );
         drop(done_tx);
         r.map(|o| o.pid)
