@@ -98,6 +98,21 @@ struct Open {
     pages: StoredWriter,
 }
 
+/// The socket pair pages come through: stream sockets with large buffers, so CRIU's splices
+/// rarely wait for the receiver. Both ends are close-on-exec: criu's is handed over at its start.
+pub fn socket_pair() -> std::io::Result<(UnixStream, std::os::fd::OwnedFd)> {
+    use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    // Best effort (root may force sizes past the sysctl limits): smaller only means more wake-ups.
+    let _ = setsockopt(&ours, sockopt::RcvBufForce, &PAGE_SOCKET_BUFFER);
+    let _ = setsockopt(&theirs, sockopt::SndBufForce, &PAGE_SOCKET_BUFFER);
+    Ok((ours.into(), theirs))
+}
+
+/// Bytes each page-server socket buffers.
+const PAGE_SOCKET_BUFFER: usize = 4 << 20;
+
 /// Receives one dump's pages from `sock` into `images` until CRIU says it is done, and
 /// answers that only once every image is written, so by CRIU's `post-dump` notification
 /// everything is on the disk (to be fsynced by the checkpoint's finalize).

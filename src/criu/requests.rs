@@ -16,7 +16,7 @@ use super::page_server::{PageServerError, Received};
 use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
 use super::{Criu, CriuError};
 use crate::store::stored::Transform;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -106,7 +106,7 @@ impl Criu {
     /// A criu of the dump's own, started now (no warm one was ready: criu::standby).
     fn cold_swrk(&self, deadline: Instant) -> Result<(Swrk, UnixStream, RawFd), CriuError> {
         let spawn = |source| CriuError::Spawn { path: self.path.clone(), source };
-        let (pages, theirs) = page_server_pair().map_err(spawn)?;
+        let (pages, theirs) = super::page_server::socket_pair().map_err(spawn)?;
         let swrk = Swrk::spawn(&self.path, &[theirs.as_fd()], true, deadline)
             .map_err(|e| spawn(std::io::Error::other(e.to_string())))?;
         // Only criu holds its end now: if it dies, the page server hears the end of the stream.
@@ -180,21 +180,6 @@ fn with_pages(
         (Err(e), _) => Err(e),
     }
 }
-
-/// The socket pair pages come through: stream sockets with large buffers, so CRIU's splices
-/// rarely wait for the receiver. Only our end is close-on-exec; criu's is handed over.
-pub(super) fn page_server_pair() -> std::io::Result<(std::os::unix::net::UnixStream, OwnedFd)> {
-    use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(std::io::Error::from)?;
-    // Best effort (root may force sizes past the sysctl limits): smaller only means more wake-ups.
-    let _ = setsockopt(&ours, sockopt::RcvBufForce, &PAGE_SOCKET_BUFFER);
-    let _ = setsockopt(&theirs, sockopt::SndBufForce, &PAGE_SOCKET_BUFFER);
-    Ok((ours.into(), theirs))
-}
-
-/// Bytes each page-server socket buffers.
-const PAGE_SOCKET_BUFFER: usize = 4 << 20;
 
 impl Criu {
     /// Restores detached within `timeout`; `stdout_pipe` (the write end of the service's new

@@ -160,7 +160,7 @@ fn warm_up(criu: &Path, purpose: Purpose, started: &AtomicI32) -> Result<Warm, R
     let spawn_with = |fd: BorrowedFd<'_>| Swrk::spawn(criu, &[fd], true, Instant::now() + WARM_UP_LIMIT);
     let (mut swrk, ends) = match purpose {
         Purpose::Dump => {
-            let (pages, theirs) = super::requests::page_server_pair().map_err(spawn)?;
+            let (pages, theirs) = super::page_server::socket_pair().map_err(spawn)?;
             let swrk = spawn_with(theirs.as_fd())?;
             // criu's end is criu's alone (dropped here): its end of the stream shows criu is gone.
             (swrk, Ends::Dump { pages, pages_fd: theirs.as_raw_fd() })
