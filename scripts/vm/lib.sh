@@ -18,6 +18,8 @@
 
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../nspawn/lib" && pwd)/common.sh"
 NSPAWN_PROG="vm/$(basename "$0")"
+# A command that fails under set -e says so (no silent exits).
+trap 'printf "%s: error: unexpected failure (status %s) at line %s: %s\n" "$NSPAWN_PROG" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 VM_DIR="${STASIS_VM_DIR:-$SETUP_CACHE/vm}"
 VM_DIR="${VM_DIR%/}"
