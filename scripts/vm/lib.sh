@@ -27,5 +27,6 @@ VM_IMAGE="$VM_DIR/image"
 VM_STAMP="$VM_IMAGE/.stasis-vm-stamp"
 VM_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
-# The host packages the VM needs: the emulator, and mkfs.ext4 -d for the image.
-VM_HOST_PKGS=(qemu-system-x86 e2fsprogs)
+# The host packages the VM needs (scripts/setup installs them too): the emulator, mkfs.ext4 -d
+# for the image, xz and readelf to unpack the kernel.
+VM_HOST_PKGS=(qemu-system-x86 e2fsprogs xz-utils binutils)
