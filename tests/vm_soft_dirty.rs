@@ -53,10 +53,9 @@ fn incremental_dump_in_the_soft_dirty_vm() {
         Some(0) => {}
         Some(124) => panic!("the VM run passed its {DEADLINE_SECS} s deadline (qemu was killed)"),
         Some(125) => panic!("the VM could not be booted or gave no exit status (scripts/vm/run's stderr above)"),
-        other => panic!(
-            "tests/vm/soft-dirty failed in the VM (exit {other:?}); logs and images in {}",
-            results.display()
-        ),
+        other => {
+            panic!("tests/vm/soft-dirty failed in the VM (exit {other:?}); logs and images in {}", results.display())
+        }
     }
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("mem_dirty_track is supported"), "criu check --feature mem_dirty_track did not pass");

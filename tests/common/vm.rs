@@ -58,10 +58,9 @@ pub fn soft_dirty_here_or_in_vm(test: &str) -> bool {
     let run = VM_RUN.get_or_init(run_this_binary_in_vm);
     match run.results.get(test).map(String::as_str) {
         Some("ok") => false,
-        Some(outcome) => panic!(
-            "{test}: {outcome} in the soft-dirty VM\n{}",
-            run.section_of(test).unwrap_or(&run.output)
-        ),
+        Some(outcome) => {
+            panic!("{test}: {outcome} in the soft-dirty VM\n{}", run.section_of(test).unwrap_or(&run.output))
+        }
         None => panic!(
             "{test} did not run in the soft-dirty VM (no result line for it; the name passed to \
              soft_dirty_here_or_in_vm must be the test's libtest name)\n{}",
@@ -114,7 +113,10 @@ fn run_this_binary_in_vm() -> VmRun {
     args.extend(["--format".into(), "pretty".into(), "--color".into(), "never".into()]);
     let timeout = std::env::var("STASIS_VM_TEST_TIMEOUT").unwrap_or_else(|_| VM_TEST_TIMEOUT_SECS.to_string());
     let mut cmd = Command::new(format!("{REPO}/scripts/vm/run"));
-    cmd.args(["--timeout", &timeout]);
+    // TMPDIR inside is a sparse 16 GiB disk: the tests' directories and checkpoint images are on
+    // a disk (as on a host), and GiB-sized services fit (/tmp is RAM). The guest's memory is
+    // STASIS_VM_MEM (default 2G), read by scripts/vm/run from this environment.
+    cmd.args(["--timeout", &timeout, "--scratch", "16G"]);
     if !exe.starts_with(REPO) {
         // A target directory outside the checkout: share it too.
         cmd.arg("--share").arg(exe.parent().unwrap());
