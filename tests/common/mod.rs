@@ -2,6 +2,9 @@
 //! drives the real `stasis` binary, with the real CRIU that `scripts/setup` installs.
 #![allow(dead_code)]
 
+/// Tests that need soft-dirty tracking: here, or in the test VM (scripts/vm).
+pub mod vm;
+
 use nix::sys::signal::Signal;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
