@@ -9,6 +9,7 @@ mod error;
 mod event_loop;
 mod holder;
 mod kill_port;
+mod lazy_start;
 pub mod lock;
 mod log_pump;
 pub mod metrics;
