@@ -453,6 +453,8 @@ pub struct LazyPages {
     pub progress: Arc<Progress>,
     /// What went wrong before the tree resumed (the gate's refusal), for the restore to report.
     pub failure: Option<LazyError>,
+    /// The restored tree's root, once CRIU said it (`post-restore`).
+    pub root: Option<i32>,
     started: Instant,
     work_dir: PathBuf,
     prepared: Arc<Prepared>,
@@ -502,6 +504,7 @@ impl LazyPages {
             held: Vec::new(),
             progress,
             failure: None,
+            root: None,
             started: Instant::now(),
             work_dir: work_dir.to_path_buf(),
             prepared: prepared.clone(),

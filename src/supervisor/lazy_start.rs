@@ -52,7 +52,12 @@ pub fn set_up(
 /// The gate's part: at `pre-resume` (every process restored and stopped, the daemon handed
 /// every userfaultfd), our own reference to each, or the tree must not resume.
 pub fn at_notification(lazy: &mut Option<LazyPages>, n: &Notification) -> Answer {
-    let (Some(l), "pre-resume", Some(root)) = (lazy.as_mut(), n.script.as_str(), n.pid) else {
+    let Some(l) = lazy.as_mut() else { return Answer::Proceed };
+    // CRIU names the root only at `post-restore` (cr-service.c), which comes first.
+    if n.script == "post-restore" {
+        l.root = n.pid.or(l.root);
+    }
+    let (Some(root), "pre-resume") = (l.root, n.script.as_str()) else {
         return Answer::Proceed;
     };
     match l.hold_uffds(root, HOLD_LIMIT) {
