@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/pattern_memory.py");
 
@@ -106,4 +106,135 @@ fn a_lazy_restore_ends_with_every_byte_right() {
     complete(&dir);
     assert_lazy(&dir);
     env.ok(&["stop", "lazy"]);
+}
+
+#[test]
+fn compressed_and_encrypted_checkpoints_restore_lazily_with_every_byte_right() {
+    let env = Env::new();
+    let [k1, p1, k2, p2] = free_ports::<4>();
+    let key = key_file(&env);
+    env.write_service("squeezed", &yaml(&env, k1, p1, 48, "compression: zstd\n"));
+    let sealed = format!("compression: zstd\nencryption_key_file: {}\n", key.display());
+    env.write_service("vault", &yaml(&env, k2, p2, 48, &sealed));
+    for (name, port) in [("squeezed", p1), ("vault", p2)] {
+        env.start(name);
+        let before = token(port);
+        let (_, dir) = stop(&env, name);
+        let started = env.start(name);
+        assert_eq!(started["started_from"], "checkpoint", "{name}: {started}");
+        assert_eq!(token(port), before, "{name}: the same service");
+        assert_eq!(check(port), format!("ok {}", 48 << 8), "{name}: every page right");
+        complete(&dir);
+        assert_lazy(&dir);
+        env.ok(&["stop", name]);
+    }
+}
+
+#[test]
+fn a_flipped_byte_in_the_pages_kills_the_tree_before_it_runs_on_a_bad_page() {
+    let env = Env::new();
+    let [kill, port] = free_ports::<2>();
+    env.write_service("flip", &yaml(&env, kill, port, 64, ""));
+    env.start("flip");
+    let old = token(port);
+    let (id, dir) = stop(&env, "flip");
+    let (file, len) = std::fs::read_dir(dir.join("images"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .filter(|(n, _)| n.starts_with("pages-"))
+        .max_by_key(|(_, l)| *l)
+        .expect("a pages image");
+    // Inside the service's big lazy memory: found only when the daemon asks for it.
+    let at = len / 2 + 1;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("images").join(&file)).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    }
+    env.start("flip");
+    // Whatever the restored tree answers, it is never a check over a bad page: a fault on the
+    // unserved page waits until the tree is killed.
+    let answered = http(port, "GET", "/check", "");
+    assert!(answered.as_deref().is_none_or(|a| !a.starts_with("bad") && a != old), "{answered:?}");
+    let status = wait_for("the cold start after the failed lazy restore", || {
+        let s = env.status("flip");
+        (s["started_from"] == "cold").then_some(s)
+    });
+    let reason = status["fallback_reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.contains(&id) && reason.contains(&format!("images/{file}")),
+        "names the checkpoint and the file: {reason}"
+    );
+    assert!(reason.contains("quarantined"), "a damaged checkpoint is quarantined: {reason}");
+    assert_ne!(token(port), old, "a cold start");
+    assert_eq!(check(port), format!("ok {}", 64 << 8));
+    assert!(daemons(&dir).is_empty());
+    env.ok(&["stop", "flip", "--no-checkpoint"]);
+    release_criu_tables(&env.service_dir("flip"));
+}
+
+/// A number from the clock, for the moment of a kill.
+fn jitter(max_ms: u64) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    Duration::from_millis(nanos % max_ms.max(1))
+}
+
+#[test]
+fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
+    const MIB: u32 = 384;
+    const ROUNDS: usize = 6;
+    let env = Env::new();
+    let [kill, port] = free_ports::<2>();
+    env.write_service("victim", &yaml(&env, kill, port, MIB, "  TOUCH: \"1\"\n"));
+    env.start("victim");
+    let (mut completed, mut killed) = (0, 0);
+    for round in 0..ROUNDS {
+        let before = token(port);
+        let (_, dir) = stop(&env, "victim");
+        let started = env.start("victim");
+        assert_eq!(started["started_from"], "checkpoint", "round {round}: {started}");
+        let supervisor = pid_in(&env.status("victim")["supervisor_pid"]).expect("a supervisor");
+        std::thread::sleep(jitter(400));
+        let marker = dir.display().to_string();
+        let mut sent = false;
+        for pid in daemons(&dir) {
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<i32>().ok());
+            // Ours: criu lazy-pages in this checkpoint's directory, the child of our supervisor.
+            if ppid == Some(supervisor) {
+                sent |= signal_if_ours(pid, &["lazy-pages", &marker], nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        // Either every page came in (and the memory is right) or the tree was killed and the
+        // service cold-started: never a service that answers with a bad page. Once the daemon is
+        // gone the supervisor has decided within moments.
+        wait_for("the lazy-pages daemon to end", || daemons(&dir).is_empty().then_some(()));
+        std::thread::sleep(Duration::from_millis(1500));
+        let s = env.status("victim");
+        let outcome = match s["started_from"] == "cold" {
+            true => ("cold", s["fallback_reason"].as_str().unwrap_or_default().to_string()),
+            false => ("restored", String::new()),
+        };
+        let answer = check(port);
+        assert!(answer.starts_with("ok "), "round {round} ({outcome:?}, kill sent: {sent}): {answer}");
+        match outcome.0 {
+            "cold" => {
+                killed += 1;
+                assert!(outcome.1.contains("lazy restore"), "round {round}: says why: {}", outcome.1);
+                assert_ne!(token(port), before, "round {round}: a cold start");
+            }
+            _ => {
+                completed += 1;
+                assert_eq!(token(port), before, "round {round}: the restored service");
+            }
+        }
+        eprintln!("round {round}: {} (kill sent: {sent})", outcome.0);
+    }
+    eprintln!("{completed} completed, {killed} killed and cold-started");
+    env.ok(&["stop", "victim"]);
+    release_criu_tables(&env.service_dir("victim"));
 }
