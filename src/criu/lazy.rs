@@ -63,7 +63,9 @@ pub enum LazyError {
     NotReady { log: PathBuf },
     #[error("failed to hear from the lazy-pages daemon within {0:?}")]
     Silent(Duration),
-    #[error("failed to serve the lazy-pages daemon: it closed its page-server socket before all pages were in")]
+    #[error(
+        "failed to serve the lazy-pages daemon: it closed its page-server socket before all pages were in (it died)"
+    )]
     Closed,
     #[error("failed to serve the lazy-pages daemon: {0}")]
     Socket(std::io::Error),
@@ -667,7 +669,7 @@ fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Durati
         let mut b = [0u8; IOV_SIZE];
         if let Err(e) = sock.read_exact(&mut b) {
             return Err(match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => LazyError::Closed,
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => LazyError::Closed,
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => LazyError::Silent(stall),
                 _ => LazyError::Socket(e),
             });
@@ -695,7 +697,7 @@ fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Durati
                 for v in [n, vaddr, id] {
                     head.extend(v.to_le_bytes());
                 }
-                sock.write_all(&head).and_then(|()| sock.write_all(bytes)).map_err(LazyError::Socket)?;
+                sock.write_all(&head).and_then(|()| sock.write_all(bytes)).map_err(gone)?;
                 progress.pages_sent.fetch_add(n, Ordering::Relaxed);
             }
             PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
@@ -704,6 +706,14 @@ fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Durati
             }
             other => return Err(LazyError::Protocol(format!("the unknown command {other:#x}"))),
         }
+    }
+}
+
+/// A write that failed because the daemon is gone is the daemon's end, not a socket error.
+fn gone(e: std::io::Error) -> LazyError {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => LazyError::Closed,
+        _ => LazyError::Socket(e),
     }
 }
 
