@@ -183,9 +183,20 @@ fn jitter(max_ms: u64) -> Duration {
 }
 
 /// Kills the first lazy-pages daemon of the restore of `dir` whose parent is a supervisor of
-/// this test's state directory, `after` once it appears (or gives up after a while). Returns
-/// whether SIGKILL was sent.
-fn kill_daemon_after(dir: PathBuf, state_dir: String, after: Duration) -> std::thread::JoinHandle<bool> {
+/// this test's state directory, `after` once it appears (or gives up after a while). The
+/// supervisor is stopped (SIGSTOP) around the kill for `hold`, so that for that long nothing
+/// ends the restored tree: what the tree reads meanwhile is what the held userfaultfds give it
+/// (a fault that waits), never zeros; a tree that read zeros where its heap should be crashes
+/// (seen without the held references), so the tree must still be alive at the end. Returns
+/// whether SIGKILL was sent, and whether the restored tree (the supervisor's namespace init) was
+/// alive when the supervisor was let go.
+fn kill_daemon_after(
+    dir: PathBuf,
+    state_dir: String,
+    after: Duration,
+    hold: Duration,
+) -> std::thread::JoinHandle<(bool, bool)> {
+    use nix::sys::signal::Signal;
     std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let marker = dir.display().to_string();
@@ -194,27 +205,51 @@ fn kill_daemon_after(dir: PathBuf, state_dir: String, after: Duration) -> std::t
                 let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                     .ok()
                     .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<i32>().ok());
-                let parent = ppid.map(|p| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default());
-                let parent = String::from_utf8_lossy(&parent.unwrap_or_default()).replace('\0', " ");
+                let Some(ppid) = ppid else { continue };
+                let parent = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+                let parent = String::from_utf8_lossy(&parent).replace('\0', " ");
                 // Ours: criu lazy-pages in this checkpoint's directory, a child of our supervisor.
-                if parent.contains("__supervise") && parent.contains(&state_dir) {
-                    std::thread::sleep(after);
-                    return signal_if_ours(pid, &["lazy-pages", &marker], nix::sys::signal::Signal::SIGKILL);
+                if !(parent.contains("__supervise") && parent.contains(&state_dir)) {
+                    continue;
                 }
+                std::thread::sleep(after);
+                let stopped = signal_if_ours(ppid, &["__supervise", &state_dir], Signal::SIGSTOP);
+                let sent = signal_if_ours(pid, &["lazy-pages", &marker], Signal::SIGKILL);
+                std::thread::sleep(hold);
+                let alive = tree_alive(ppid);
+                if stopped {
+                    verified_signal(ppid, &["__supervise", &state_dir], Signal::SIGCONT);
+                }
+                return (sent, alive);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        false
+        (false, false)
+    })
+}
+
+/// Whether a namespace init child of `supervisor` is alive (not a zombie).
+fn tree_alive(supervisor: i32) -> bool {
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap_or_default();
+    children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).any(|pid| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        comm.starts_with("stasis-init") && !is_gone(pid)
     })
 }
 
 #[test]
 fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
-    const MIB: u32 = 768;
-    const ROUNDS: usize = 8;
+    const MIB: u32 = 512;
+    const ROUNDS: usize = 6;
     let env = Env::new();
     let [kill, port] = free_ports::<2>();
-    env.write_service("victim", &yaml(&env, kill, port, MIB, "  TOUCH: \"1\"\n"));
+    // Where the service reports a page it read that is not its pattern, the moment it reads it.
+    let reports = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    reports.set_nonblocking(true).unwrap();
+    let beacon = reports.local_addr().unwrap().port();
+    let extra = format!("  TOUCH: \"1\"\n  BEACON: \"{beacon}\"\n");
+    env.write_service("victim", &yaml(&env, kill, port, MIB, &extra));
     env.start("victim");
     let state_dir = env.state_dir().display().to_string();
     let mut outcomes = Vec::new();
@@ -222,9 +257,9 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
         let before = token(port);
         let (_, dir) = stop(&env, "victim");
         let after = jitter(2500);
-        let killer = kill_daemon_after(dir.clone(), state_dir.clone(), after);
+        let killer = kill_daemon_after(dir.clone(), state_dir.clone(), after, Duration::from_millis(700));
         let started = env.start("victim");
-        let sent = killer.join().unwrap();
+        let (sent, alive) = killer.join().unwrap();
         // Either every page came in (and the memory is right), or the tree was killed (or never
         // resumed) and the service started another way: never a service that runs on a page
         // that was not served. Once the daemon is gone the supervisor has decided within moments.
@@ -242,6 +277,13 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
         eprintln!("round {round}: kill after {after:?} sent: {sent}: {outcome}: {answer}");
         eprintln!("  {} / {}", started["fallback_reason"], s["fallback_reason"]);
         assert!(answer.starts_with("ok "), "round {round} ({outcome}, kill sent: {sent}): {answer}");
+        let mut buf = [0u8; 64];
+        if let Ok(n) = reports.recv(&mut buf) {
+            panic!("round {round} ({outcome}): the service read a wrong page: {}", String::from_utf8_lossy(&buf[..n]));
+        }
+        if outcome == "killed after it resumed, cold-started" {
+            assert!(alive, "round {round}: the restored tree lived on through the daemon's death (its faults waited)");
+        }
         if outcome != "completed" {
             let why = format!("{} {}", started["fallback_reason"], s["fallback_reason"]);
             assert!(why.contains("lazy"), "round {round}: says why: {why}");

@@ -4,11 +4,14 @@
 GET / with the token at once, without touching that memory (how soon a restored service
 answers); GET /check with `ok PAGES` once every page holds its pattern, else `bad N FIRST` (how
 many pages differ, the first of them). With TOUCH=1 a thread reads pages all over the memory
-all the time, so a lazy restore meets faults while it pushes the rest. Its arguments are
+all the time, so a lazy restore meets faults while it pushes the rest, and checks each: a page
+that is not its pattern is reported at once, as `bad PAGE` in a UDP datagram to
+127.0.0.1:BEACON, before anything could kill the process. Its arguments are
 ignored: a test puts its own directory there to know its processes."""
 import mmap
 import os
 import random
+import socket
 import threading
 
 import json_http
@@ -37,9 +40,11 @@ def check():
 
 
 def touch():
+    beacon = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     while True:
         n = random.randrange(pages)
-        memory[n * PAGE:n * PAGE + 16]
+        if memory[n * PAGE:n * PAGE + 16] != n.to_bytes(8, "little") + token:
+            beacon.sendto(f"bad {n}".encode(), ("127.0.0.1", int(os.environ["BEACON"])))
 
 
 class Handler(json_http.Handler):
