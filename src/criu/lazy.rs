@@ -40,8 +40,9 @@ const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
 const PS_CMD_BITS: u32 = 16;
 /// `struct page_server_iov`: u32 cmd, 4 bytes of padding, u64 nr_pages, vaddr, dst_id.
 const IOV_SIZE: usize = 32;
-/// The most pages one answer carries (the daemon takes fewer than it asked for and asks again).
-const MAX_ANSWER_PAGES: u64 = 256;
+/// The most pages one answer carries (the daemon takes fewer than it asked for and asks again):
+/// small enough that a fault behind a background answer waits little (256 KiB).
+const MAX_ANSWER_PAGES: u64 = 64;
 /// The daemon's log, beside `restore.log` in the restore's work directory.
 pub const LAZY_LOG: &str = "lazy-pages.log";
 /// Where the restore and the daemon meet: CRIU names it relative to its work directory.
