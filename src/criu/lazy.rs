@@ -48,6 +48,8 @@ pub const LAZY_LOG: &str = "lazy-pages.log";
 /// Where the restore and the daemon meet: CRIU names it relative to its work directory.
 const LAZY_SOCKET: &str = "lazy-pages.socket";
 const USERFAULTFD: &str = "anon_inode:[userfaultfd]";
+/// How often the daemon's descriptors are looked at for a new userfaultfd (a fork) meanwhile.
+const RESCAN: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
@@ -583,6 +585,20 @@ impl LazyPages {
         }
     }
 
+    /// Takes a reference to each userfaultfd of the daemon's that none held already is.
+    fn hold_new(&mut self) {
+        let Some(pidfd) = crate::process::tree::pidfd(self.pid()) else { return };
+        for fd in uffd_fds(self.pid()) {
+            // Unknown (kcmp failed) counts as held: never a copy taken again every round.
+            if !self.held.iter().any(|h| same_file(h, self.pid(), fd) != Some(false)) {
+                if let Some(held) = getfd(&pidfd, fd) {
+                    tracing::debug!("lazy restore: holding a new userfaultfd of the daemon's (fd {fd})");
+                    self.held.push(held);
+                }
+            }
+        }
+    }
+
     fn server_done(&self) -> bool {
         self.server.as_ref().is_some_and(|s| s.is_finished())
     }
@@ -591,6 +607,13 @@ impl LazyPages {
     /// The references to the userfaultfds are dropped only then; on an error they are still
     /// held, so the caller kills the tree first and then drops this.
     pub fn wait(&mut self) -> Result<Duration, LazyError> {
+        // A process that forks meanwhile gets a userfaultfd of its own, which the daemon
+        // receives with the fork event: it is held too, soon after (not at once: a daemon that
+        // dies within that moment leaves the child's missing pages to read as zeros).
+        while !self.server_done() {
+            self.hold_new();
+            std::thread::sleep(RESCAN);
+        }
         let served = match self.server.take() {
             Some(s) => s.join().unwrap_or_else(|_| Err(LazyError::Protocol("nothing: the server panicked".into()))),
             None => Err(LazyError::Closed),
@@ -646,6 +669,17 @@ fn uffd_fds(pid: i32) -> Vec<RawFd> {
         .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == USERFAULTFD))
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// Whether our `held` and descriptor `fd` of process `pid` are the same open file (kcmp); None
+/// when the kernel does not say.
+fn same_file(held: &OwnedFd, pid: i32, fd: RawFd) -> Option<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp with no memory arguments.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, std::process::id() as libc::pid_t, pid, KCMP_FILE, held.as_raw_fd(), fd)
+    };
+    (r >= 0).then_some(r == 0)
 }
 
 /// A copy of the daemon's descriptor `fd`, when it still is a userfaultfd.
