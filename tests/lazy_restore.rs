@@ -294,3 +294,50 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
     env.ok(&["stop", "victim"]);
     release_criu_tables(&env.service_dir("victim"));
 }
+
+#[test]
+fn a_daemon_that_hangs_is_given_restore_timeout_then_the_tree_is_killed_and_cold_started() {
+    use nix::sys::signal::Signal;
+    let env = Env::new();
+    let [kill, port] = free_ports::<2>();
+    env.write_service("hung", &yaml(&env, kill, port, 256, "restore_timeout: 3s\n"));
+    env.start("hung");
+    let old = token(port);
+    let (_, dir) = stop(&env, "hung");
+    let state_dir = env.state_dir().display().to_string();
+    let marker = dir.display().to_string();
+    // Stopped as soon as it runs: it holds the userfaultfds and answers nothing.
+    let stopper = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            for pid in daemons(&PathBuf::from(&marker)) {
+                let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<i32>().ok());
+                let parent = std::fs::read(format!("/proc/{}/cmdline", ppid.unwrap_or(0))).unwrap_or_default();
+                let parent = String::from_utf8_lossy(&parent).replace('\0', " ");
+                if parent.contains("__supervise") && parent.contains(&state_dir) {
+                    // Once the restore has handed it every userfaultfd (it asks for pages then).
+                    std::thread::sleep(Duration::from_millis(300));
+                    return signal_if_ours(pid, &["lazy-pages", &marker], Signal::SIGSTOP);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    });
+    let started = env.start("hung");
+    assert!(stopper.join().unwrap(), "the daemon was stopped");
+    let status = wait_for("the cold start after the hung daemon", || {
+        let s = env.status("hung");
+        (s["started_from"] == "cold").then_some(s)
+    });
+    let why = format!("{} {}", started["fallback_reason"], status["fallback_reason"]);
+    // Stopped after the tree resumed: silent past restore_timeout; before: the restore fails.
+    let said = why.contains("within 3s") || why.contains("failed: lazy restore: ");
+    assert!(why.contains("lazy") && said, "says the daemon was silent: {why}");
+    assert_ne!(token(port), old, "a cold start");
+    assert_eq!(check(port), format!("ok {}", 256 << 8));
+    wait_for("the stopped daemon to be killed", || daemons(&dir).is_empty().then_some(()));
+    env.ok(&["stop", "hung", "--no-checkpoint"]);
+}

@@ -732,7 +732,7 @@ fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Durati
                 for v in [n, vaddr, id] {
                     head.extend(v.to_le_bytes());
                 }
-                sock.write_all(&head).and_then(|()| sock.write_all(bytes)).map_err(gone)?;
+                sock.write_all(&head).and_then(|()| sock.write_all(bytes)).map_err(|e| gone(e, stall))?;
                 progress.pages_sent.fetch_add(n, Ordering::Relaxed);
             }
             PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
@@ -744,10 +744,12 @@ fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Durati
     }
 }
 
-/// A write that failed because the daemon is gone is the daemon's end, not a socket error.
-fn gone(e: std::io::Error) -> LazyError {
+/// A write that failed because the daemon is gone is the daemon's end, and one that timed out
+/// its silence, not a socket error.
+fn gone(e: std::io::Error, stall: Duration) -> LazyError {
     match e.kind() {
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => LazyError::Closed,
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => LazyError::Silent(stall),
         _ => LazyError::Socket(e),
     }
 }
