@@ -773,3 +773,90 @@ impl Drop for Inherit {
         unsafe { libc::fcntl(self.0, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One process (pagemap id 7) with a lazy run of 300 pages at 0x10000, its pages the
+    /// first 300 pages of a plain stored file of `bytes`.
+    fn index(dir: &Path, bytes: &[u8]) -> Index {
+        let path = dir.join("pages-1.img");
+        std::fs::write(&path, bytes).unwrap();
+        let (size, root, cvs) = chunks::hash_file(&path).unwrap();
+        let verifier = ChunkVerifier::new(root, size, cvs).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let pages = PagesFile::Direct { file, verifier, path: "images/pages-1.img".into(), last: Mutex::new(None) };
+        let mut index = Index::default();
+        index.runs.insert(7, vec![Run { vaddr: 0x10000, pages: 300, offset: 0, pages_id: 1 }]);
+        index.files.insert(1, pages);
+        index
+    }
+
+    fn iov(cmd: u32, nr: u64, vaddr: u64, id: u64) -> Vec<u8> {
+        let mut b = cmd.to_le_bytes().to_vec();
+        b.extend([0u8; 4]);
+        for v in [nr, vaddr, id] {
+            b.extend(v.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn a_get_is_answered_with_checked_pages_and_a_close_ends_the_transfer() {
+        let d = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..300 * PAGE as usize).map(|i| (i / 4096 + i % 251) as u8).collect();
+        let index = index(d.path(), &bytes);
+        let (ours, mut daemon) = UnixStream::pair().unwrap();
+        let progress = Progress::default();
+        std::thread::scope(|s| {
+            let server = s.spawn(|| serve(ours, &index, &progress, Duration::from_secs(10)));
+            // 100 pages from page 200: more than one answer carries, and they end with the run.
+            daemon.write_all(&iov(PS_IOV_GET, 100, 0x10000 + 200 * PAGE, 7)).unwrap();
+            let mut head = [0u8; IOV_SIZE];
+            daemon.read_exact(&mut head).unwrap();
+            let n = u64::from_le_bytes(head[8..16].try_into().unwrap());
+            assert_eq!(n, MAX_ANSWER_PAGES, "fewer pages than asked for, as CRIU's page server may");
+            assert_eq!(u32::from_le_bytes(head[..4].try_into().unwrap()), PS_IOV_ADD_F | (PE_PRESENT << 16));
+            let mut got = vec![0u8; (n * PAGE) as usize];
+            daemon.read_exact(&mut got).unwrap();
+            assert_eq!(got, bytes[(200 * PAGE) as usize..((200 + n) * PAGE) as usize]);
+            daemon.write_all(&iov(PS_IOV_FORCE_CLOSE, 0, 0, 0)).unwrap();
+            let mut status = [1u8; 4];
+            daemon.read_exact(&mut status).unwrap();
+            assert_eq!(i32::from_le_bytes(status), 0);
+            assert!(server.join().unwrap().is_ok());
+        });
+        assert_eq!(progress.pages_sent.load(Ordering::Relaxed), MAX_ANSWER_PAGES);
+    }
+
+    #[test]
+    fn a_damaged_chunk_or_a_page_not_held_lazily_is_never_answered() {
+        let d = tempfile::tempdir().unwrap();
+        let bytes = vec![5u8; 300 * PAGE as usize];
+        let index = index(d.path(), &bytes);
+        // Damage the second 1 MiB chunk after its hash was taken.
+        let f = std::fs::OpenOptions::new().write(true).open(d.path().join("pages-1.img")).unwrap();
+        f.write_all_at(&[6], (1 << 20) + 10).unwrap();
+        let ask = |get: Vec<u8>| {
+            let (ours, mut daemon) = UnixStream::pair().unwrap();
+            daemon.write_all(&get).unwrap();
+            let r = serve(ours, &index, &Progress::default(), Duration::from_secs(10));
+            let mut rest = Vec::new();
+            daemon.set_nonblocking(true).unwrap();
+            let _ = daemon.read_to_end(&mut rest);
+            (r, rest)
+        };
+        let (r, sent) = ask(iov(PS_IOV_GET, 1, 0x10000 + 256 * PAGE, 7));
+        assert!(matches!(&r, Err(LazyError::Damaged(ImageProblem::ChunkChecksum { .. }))), "{r:?}");
+        assert!(sent.is_empty(), "not a byte of it was sent");
+        let (r, _) = ask(iov(PS_IOV_GET, 1, 0x10000 + 300 * PAGE, 7));
+        assert!(matches!(r, Err(LazyError::Protocol(_))), "past the run: {r:?}");
+        let (r, _) = ask(iov(PS_IOV_GET, 1, 0x10000, 8));
+        assert!(matches!(r, Err(LazyError::Protocol(_))), "another process: {r:?}");
+        let (ours, daemon) = UnixStream::pair().unwrap();
+        drop(daemon);
+        let r = serve(ours, &index, &Progress::default(), Duration::from_secs(10));
+        assert!(matches!(r, Err(LazyError::Closed)), "the daemon gone: {r:?}");
+    }
+}
