@@ -6,6 +6,7 @@
 //! max_concurrent_restores: 32  # default: 16 per CPU
 //! metrics_file: /var/lib/prometheus/node-exporter/stasis.prom   # optional
 //! warm_criu: auto              # auto (default), on or off: see criu::standby
+//! restore: {mode: lazy, lazy_above: 1GiB}   # default: {mode: full}; a service's `restore:` wins
 //! ```
 
 use super::error::{ConfigError, Problem};
@@ -23,6 +24,7 @@ struct HostFile {
     max_concurrent_restores: Option<u64>,
     metrics_file: Option<std::path::PathBuf>,
     warm_criu: Option<WarmCriu>,
+    restore: Option<RestoreFile>,
 }
 
 /// Whether a supervisor keeps a CRIU started ahead of its next dump (criu::standby): about 20 ms
@@ -38,6 +40,40 @@ pub enum WarmCriu {
     Off,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestoreFile {
+    mode: Option<String>,
+    lazy_above: Option<serde_yaml::Value>,
+}
+
+/// The host's default for services whose file has no `restore:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreDefault {
+    pub mode: super::RestoreMode,
+    /// With `mode: lazy`, only checkpoints of at least this many bytes are restored lazily
+    /// (below it a full restore is as fast and has no page server to lose).
+    pub lazy_above: u64,
+}
+
+impl RestoreDefault {
+    /// How a checkpoint of `size` bytes of a service that says `service` is restored.
+    pub fn mode_for(&self, service: Option<super::RestoreMode>, size: u64) -> super::RestoreMode {
+        use super::RestoreMode::{Full, Lazy};
+        match (service, self.mode) {
+            (Some(m), _) => m,
+            (None, Lazy) if size >= self.lazy_above => Lazy,
+            (None, _) => Full,
+        }
+    }
+}
+
+impl Default for RestoreDefault {
+    fn default() -> Self {
+        RestoreDefault { mode: super::RestoreMode::Full, lazy_above: 0 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
     /// Dumps that may run at once across every supervisor of the host.
@@ -47,6 +83,8 @@ pub struct HostConfig {
     /// Where the supervisors keep `stasis metrics` up to date (node_exporter's textfile collector).
     pub metrics_file: Option<std::path::PathBuf>,
     pub warm_criu: WarmCriu,
+    /// `restore:`: how services that do not say are restored.
+    pub restore: RestoreDefault,
 }
 
 fn cpus() -> usize {
@@ -62,6 +100,7 @@ impl Default for HostConfig {
             max_concurrent_restores: 16 * cpus(),
             metrics_file: None,
             warm_criu: WarmCriu::Auto,
+            restore: RestoreDefault::default(),
         }
     }
 }
@@ -94,7 +133,7 @@ impl HostConfig {
                     line,
                     key: if key == "." { String::new() } else { key },
                     message: format!(
-                        "{} (known keys: max_concurrent_dumps, max_concurrent_restores, metrics_file, warm_criu: auto, on or off)",
+                        "{} (known keys: max_concurrent_dumps, max_concurrent_restores, metrics_file, restore (mode, lazy_above), warm_criu: auto, on or off)",
                         e.inner().to_string().split(" at line ").next().unwrap_or_default()
                     ),
                 }])
@@ -123,6 +162,7 @@ impl HostConfig {
             ),
             metrics_file: file.metrics_file.clone(),
             warm_criu: file.warm_criu.unwrap_or_default(),
+            restore: restore_default(&text, file.restore.as_ref(), &mut problems),
         };
         if let Some(p) = &file.metrics_file {
             if !p.is_absolute() {
@@ -144,6 +184,53 @@ impl HostConfig {
     }
 }
 
+/// `restore: {mode: full|lazy, lazy_above: SIZE}`.
+fn restore_default(text: &str, r: Option<&RestoreFile>, problems: &mut Vec<Problem>) -> RestoreDefault {
+    let mut out = RestoreDefault::default();
+    let Some(r) = r else { return out };
+    let mut fail = |key: &str, message: String| {
+        problems.push(Problem { line: line_of(text, &["restore", key]), key: format!("restore.{key}"), message })
+    };
+    match r.mode.as_deref() {
+        None | Some("full") => {}
+        Some("lazy") => out.mode = super::RestoreMode::Lazy,
+        Some(other) => fail("mode", format!("\"{other}\" is not a choice; use `full` or `lazy`")),
+    }
+    if let Some(v) = &r.lazy_above {
+        match size(v) {
+            Some(n) => out.lazy_above = n,
+            None => fail(
+                "lazy_above",
+                format!("{} is not a size; write e.g. `1GiB`, `512MiB` or a number of bytes", shown(v)),
+            ),
+        }
+    }
+    out
+}
+
+/// A number of bytes, or a number with a binary unit (`KiB`, `MiB`, `GiB`, `TiB`).
+fn size(v: &serde_yaml::Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let s = v.as_str()?.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
+fn shown(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).unwrap_or_default().trim().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +249,26 @@ mod tests {
         std::fs::write(&p, "max_concurent_dumps: 2\n").unwrap();
         let e = HostConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("max_concurent_dumps") && e.contains(&p.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn the_restore_default_and_its_threshold() {
+        use crate::config::RestoreMode::{Full, Lazy};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("stasis.yaml");
+        std::fs::write(&p, "restore: {mode: lazy, lazy_above: 1GiB}\n").unwrap();
+        let r = HostConfig::load(&p).unwrap().restore;
+        assert_eq!(r, RestoreDefault { mode: Lazy, lazy_above: 1 << 30 });
+        assert_eq!(r.mode_for(None, 1 << 30), Lazy);
+        assert_eq!(r.mode_for(None, (1 << 30) - 1), Full, "below the threshold");
+        assert_eq!(r.mode_for(Some(Full), 8 << 30), Full, "the service's word wins");
+        assert_eq!(RestoreDefault::default().mode_for(Some(Lazy), 1), Lazy);
+        assert_eq!(RestoreDefault::default().mode_for(None, 1 << 40), Full);
+        std::fs::write(&p, "restore: {mode: sometimes, lazy_above: big}\n").unwrap();
+        let e = HostConfig::load(&p).unwrap_err().problems();
+        let keys: Vec<&str> = e.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["restore.mode", "restore.lazy_above"]);
+        std::fs::write(&p, "restore: {mode: lazy, above: 1}\n").unwrap();
+        assert!(HostConfig::load(&p).is_err(), "unknown keys are errors");
     }
 }

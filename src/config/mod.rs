@@ -16,6 +16,7 @@ pub use load::parse_and_validate_for_fuzzing;
 pub use load::{check_name, discover, load_named, load_service, service_name_from_path};
 pub use schema::{CriuSection, ServiceFile};
 pub use validate::{
-    OnFileChanged, OnIncompatible, Readiness, RestartFrom, RestartLimit, RestartPolicy, Service, DEFAULT_PATH,
+    OnFileChanged, OnIncompatible, Readiness, RestartFrom, RestartLimit, RestartPolicy, RestoreMode, Service,
+    DEFAULT_PATH,
     MAX_RESTART_BACKOFF,
 };

@@ -35,6 +35,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "compression",
     "encryption_key_file",
     "allow_root",
+    "restore",
 ];
 pub const CRIU_KEYS: &[&str] = &["config", "options"];
 
@@ -127,6 +128,10 @@ pub struct ServiceFile {
     /// Lets `user`/`group` be root (uid or gid 0); without it such a service is refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_root: Option<bool>,
+    /// `full` or `lazy`: whether a restore copies every page before the service resumes, or
+    /// the service resumes at once and its memory comes in on demand (default: the host's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]

@@ -81,6 +81,16 @@ pub enum OnIncompatible {
     Fail,
 }
 
+/// How a checkpoint's memory comes back (`restore:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Every page is copied before the service resumes.
+    Full,
+    /// The service resumes at once; its private memory is served on demand and pushed in the
+    /// background (criu::lazy).
+    Lazy,
+}
+
 /// What `start` does when a file the service holds open for writing changed since the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFileChanged {
@@ -132,6 +142,8 @@ pub struct Service {
     pub compression: Option<i32>,
     /// The key file that seals checkpoints' images (read when they are written or restored).
     pub encryption_key_file: Option<PathBuf>,
+    /// `restore:` as the service file says it; None: the host's default decides (HostConfig).
+    pub restore: Option<RestoreMode>,
 }
 
 impl Service {
@@ -191,6 +203,15 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
     let restart = restart(&mut c, &file);
     let compression = file.compression.as_ref().and_then(|v| compression(&mut c, v));
     let encryption_key_file = file.encryption_key_file.as_deref().and_then(|p| encryption_key_file(&mut c, p));
+    let restore = file.restore.as_deref().map(|word| {
+        choice(
+            &mut c,
+            "restore",
+            Some(word),
+            &[("full", RestoreMode::Full), ("lazy", RestoreMode::Lazy)],
+            "use `full` (every page copied before the service resumes) or `lazy` (the service resumes at once, its memory served on demand)",
+        )
+    });
     if restart.from == RestartFrom::Checkpoint && restart.policy == RestartPolicy::No {
         c.fail("restart_from", "has no effect without `restart: on-failure` or `restart: always`");
     }
@@ -230,6 +251,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             restart_limit: restart.limit,
             compression,
             encryption_key_file,
+            restore,
         }),
         _ => Err(ConfigError::Invalid { path: path.to_path_buf(), problems: c.problems }),
     }
@@ -815,7 +837,8 @@ mod tests {
   line 27, key `restart_backoff`: 1ms is not a duration between 100ms and 60s; write e.g. `1s` or `500ms` (the first restart's delay; each next one doubles, up to 60s)
   line 28, key `restart_limit`: "lots" is not `COUNT in DURATION`; write e.g. `5 in 10m` (at most 5 restarts in any 10 minutes)
   line 29, key `compression`: gzip is not a compression; write `compression: zstd` (level 3) or `compression: {zstd: LEVEL}` with LEVEL 1 (fastest) to 19 (smallest)
-  line 30, key `encryption_key_file`: "relative.key" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)"#;
+  line 30, key `encryption_key_file`: "relative.key" is not an absolute path; write e.g. `/etc/stasis/keys/NAME.key` (32 random bytes: `head -c 32 /dev/urandom > FILE && chmod 600 FILE`)
+  line 31, key `restore`: "sometimes" is not a choice; use `full` (every page copied before the service resumes) or `lazy` (the service resumes at once, its memory served on demand)"#;
 
     const PINNED_ROOT: &str = r#"invalid service file /nonexistent/fuzz.yaml:
   line 2, key `user`: user "root" is uid 0: the service would run as root; run it as its own user (`useradd --system --no-create-home --shell /usr/sbin/nologin NAME`), or add `allow_root: true` if it really needs root
@@ -898,6 +921,9 @@ mod tests {
     encryption_key_file: Some(
         "/nonexistent/stasis.key",
     ),
+    restore: Some(
+        Lazy,
+    ),
 }"#;
 
     /// A criu config dir of root's with an empty `default.conf`, and the text validate reports
@@ -952,6 +978,7 @@ restart_backoff: 1ms
 restart_limit: lots
 compression: gzip
 encryption_key_file: relative.key
+restore: sometimes
 "#;
         assert_eq!(report(text), PINNED_MANY);
         let text = r#"command: [sh]
@@ -997,6 +1024,7 @@ restart_backoff: 500ms
 restart_limit: 3 in 1m
 compression: {zstd: 9}
 encryption_key_file: /nonexistent/stasis.key
+restore: lazy
 "#;
         assert_eq!(report(text), PINNED_ALL);
     }

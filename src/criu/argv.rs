@@ -35,4 +35,6 @@ pub struct RestoreArgs {
     /// `images_dir`: its private directory, open as this descriptor, which CRIU is given as
     /// `/proc/OUR_PID/fd/N` with `stream` in its config file.
     pub streamed_from: Option<std::os::fd::RawFd>,
+    /// `restore: lazy`: private anonymous memory left to the lazy-pages daemon (criu::lazy).
+    pub lazy_pages: bool,
 }

@@ -212,7 +212,6 @@ pub fn summarize(images: &Path) -> Result<ImageSummary, ImageError> {
 }
 
 /// A pagemap image's pages file number and its runs: (address, pages, flags).
-#[cfg(test)]
 pub(crate) fn pagemap_runs(images: &Path, name: &str) -> Result<(u32, Vec<(u64, u64, u32)>), ImageError> {
     let head: pb::PagemapHead = one(images, name)?;
     let runs: Vec<pb::PagemapEntry> = entries(images, name, true)?;

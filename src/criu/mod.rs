@@ -8,6 +8,7 @@ mod binary;
 pub mod diagnose;
 mod error;
 pub mod images;
+pub mod lazy;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;

@@ -303,6 +303,7 @@ fn restore_request(
         log_level: Some(LOG_LEVEL),
         config_file: Some(config.display().to_string()),
         inherit_fd,
+        lazy_pages: args.lazy_pages.then_some(true),
         ..Default::default()
     };
     pb::CriuReq { r#type: pb::CriuReqType::Restore as i32, opts: Some(opts), ..Default::default() }

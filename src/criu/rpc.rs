@@ -488,6 +488,7 @@ mod tests {
             options: Vec::new(),
             stdout_pipe_inode: None,
             streamed_from: None,
+            lazy_pages: false,
         };
         let criu = crate::criu::Criu { path: criu(), version: "4.2.1".into() };
         let mut seen = Vec::new();

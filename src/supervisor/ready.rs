@@ -45,6 +45,12 @@ impl Notifier {
     pub fn from_env() -> Notifier {
         let fd = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok());
         std::env::remove_var(READY_FD_ENV);
+        if let Some(fd) = fd.filter(|fd| *fd > 2) {
+            // `start` reads until every writer is gone: no child (CRIU, a lazy restore's
+            // lazy-pages daemon, which runs on after the report) may hold the pipe open.
+            // SAFETY: fcntl on the descriptor `stasis start` handed to us.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         // SAFETY: `stasis start` put this fd in place for us and nothing else owns it.
         Notifier(fd.filter(|fd| *fd > 2).map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     }

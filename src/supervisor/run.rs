@@ -230,6 +230,19 @@ async fn serve_runs(
             current.info.checkpoint.as_deref().and_then(crate::store::generation_of_id).filter(|_| !first);
         let end = one_run(ctx, &mut ch, log, report, notifier, current, first).await?;
         first = false;
+        if let Some(f) = crate::engine::restore::lazy_start::take_failure() {
+            // A lazy restore that failed after it resumed: cold, whatever `restart:` says.
+            log.note(&f.reason);
+            let c = ctx.clone();
+            match tokio::task::spawn_blocking(move || crate::engine::restore::lazy_start::cold_after(&c, &f)).await {
+                Ok(Ok(s)) => {
+                    current = s;
+                    continue;
+                }
+                Ok(Err(e)) => log.note(&format!("failed to cold-start after the lazy restore failed: {e}")),
+                Err(e) => log.note(&format!("failed to cold-start after the lazy restore failed: {e}")),
+            }
+        }
         if end.state != State::Failed {
             break end;
         }

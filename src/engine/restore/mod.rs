@@ -11,6 +11,7 @@
 
 mod cold;
 mod error;
+pub mod lazy_start;
 
 pub use error::StartError;
 
@@ -350,24 +351,31 @@ fn streams(ctx: &Job) -> bool {
 }
 
 fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
-    let (mut streamer, plain) = image_source(ctx, cp, stream, progress)?;
+    let mut lazy = lazy_start(ctx, cp)?;
+    let (mut streamer, plain) = match &lazy {
+        Some(_) => (None, None),
+        None => image_source(ctx, cp, stream, progress)?,
+    };
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
     // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
-    let own = match &mut streamer {
+    let mut own = match &mut streamer {
         Some(s) => s.own_files(&cp.images_dir()).map_err(|e| match e {
             OwnFilesError::Damaged(problem) => RestoreError::Damaged(problem),
             OwnFilesError::Host(why) => RestoreError::Host(why),
         })?,
         None => plain.as_ref().map_or_else(|| cp.images_dir(), |p| p.dir.clone()),
     };
-    let args = restore_args(ctx, cp, &streamer, &plain);
+    let mut args = restore_args(ctx, cp, &streamer, &plain);
+    if let Some(l) = &lazy {
+        (own, args.images_dir, args.lazy_pages) = (l.dir().to_path_buf(), l.dir().to_path_buf(), true);
+    }
     let mut shm_notes = put_back_shm(cp, &own)?;
     shm_notes.extend(put_back_files(ctx, cp, &own)?);
     let slot = restore_slot(ctx, progress)?;
     let restore_started = std::time::Instant::now();
     let (output, stdout_w, warm) = stdout_pipe(ctx)?;
     tracing::debug!("restore: running criu");
-    let outcome = run_criu(ctx, cp, &args, &streamer, &stdout_w, warm, progress);
+    let outcome = run_criu(ctx, cp, &args, &streamer, &mut lazy, &stdout_w, warm, progress);
     let served = streamer.map(Streamer::finish);
     if let Some(problem) = served.as_ref().and_then(|o| o.problem.clone()) {
         // Damage wins over whatever CRIU made of the pipe it closed. A tree that exists despite
@@ -376,6 +384,9 @@ fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Resu
             crate::process::tree::kill_if_child_of(*pid, std::process::id() as i32, libc::SIGKILL);
         }
         return Err(RestoreError::Damaged(problem));
+    }
+    if let Some(e) = lazy.as_mut().filter(|_| outcome.is_err()).and_then(lazy_start::failed_during) {
+        return Err(e);
     }
     let restored = outcome.map_err(RestoreError::Criu)?;
     let restore_ms = restore_started.elapsed().as_millis() as u64;
@@ -388,7 +399,7 @@ fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Resu
     let _ =
         crate::criu::network_lock::end(&ctx.dirs.state_dir, &cp.dir, crate::criu::network_lock::LockEnd::RemovedByCriu);
     let _ = cp.clone().record_timings(|t| t.restore_ms = Some(restore_ms));
-    Ok(Started {
+    let started = Started {
         info: StartInfo {
             init_pid: pid,
             started_from: StartedFrom::Checkpoint,
@@ -399,7 +410,23 @@ fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Resu
         },
         output,
         notify: None,
-    })
+    };
+    if let Some(l) = lazy {
+        lazy_start::watch(l, &started);
+    }
+    Ok(started)
+}
+
+/// `restore: lazy`: the daemon and its plain images, before CRIU runs (criu::lazy).
+fn lazy_start(ctx: &Job, cp: &Checkpoint) -> Result<Option<crate::criu::lazy::LazyPages>, RestoreError> {
+    if !lazy_start::wanted(ctx, cp) {
+        return Ok(None);
+    }
+    let key = match &cp.manifest.encryption {
+        Some(e) => Some(checkpoint_key(ctx, &e.key_id).map_err(|e| RestoreError::Host(e.to_string()))?),
+        None => None,
+    };
+    lazy_start::set_up(ctx, cp, key.as_ref()).map(Some)
 }
 
 /// Served to CRIU, checked as it reads them; or, for a CRIU that cannot be, written out plain
@@ -444,6 +471,7 @@ fn restore_args(ctx: &Job, cp: &Checkpoint, streamer: &Option<Streamer>, plain: 
         options: ctx.service.criu_options.clone(),
         stdout_pipe_inode: cp.manifest.stdout_pipe_inode,
         streamed_from: streamer.as_ref().map(|s| s.dir_fd()),
+        lazy_pages: false,
     }
 }
 
@@ -500,6 +528,7 @@ fn run_criu(
     cp: &Checkpoint,
     args: &RestoreArgs,
     streamer: &Option<Streamer>,
+    lazy: &mut Option<crate::criu::lazy::LazyPages>,
     stdout_w: &OwnedFd,
     warm: Option<crate::criu::rpc::Swrk>,
     progress: Progress,
@@ -512,7 +541,7 @@ fn run_criu(
             Ok(()) => Answer::Proceed,
             Err(problem) => Answer::Refuse(format!("checkpoint {} failed verification: {problem}", cp.id)),
         },
-        _ => Answer::Proceed,
+        _ => lazy_start::at_notification(lazy, n),
     };
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
