@@ -93,6 +93,14 @@ fn processes(env: &Env) -> Vec<i32> {
     out
 }
 
+/// An environment whose restores are all streamed: a small plain checkpoint would otherwise be
+/// verified in a pass before CRIU runs (`restore: {verify_first_below}` in the host config).
+fn streaming_env() -> Env {
+    let env = Env::new();
+    std::fs::write(env.path().join("stasis.yaml"), "restore: {verify_first_below: 0}\n").unwrap();
+    env
+}
+
 /// The restore of the checkpoint in `dir` (its work directory) was a streamed one.
 fn assert_streamed(dir: &Path) {
     let conf = std::fs::read_to_string(dir.join("criu-restore.conf")).expect("CRIU's restore config is kept");
@@ -159,7 +167,7 @@ fn key_file(env: &Env) -> PathBuf {
 
 #[test]
 fn an_intact_checkpoint_is_restored_streamed_with_its_memory() {
-    let env = Env::new();
+    let env = streaming_env();
     let (beacons, beacon) = Beacons::new();
     let [kill, port] = free_ports::<2>();
     env.write_service("intact", &yaml(&env, kill, port, beacon, ""));
@@ -185,7 +193,7 @@ fn an_intact_checkpoint_is_restored_streamed_with_its_memory() {
 
 #[test]
 fn compressed_and_encrypted_checkpoints_are_restored_streamed() {
-    let env = Env::new();
+    let env = streaming_env();
     let (beacons, beacon) = Beacons::new();
     let [k1, p1, k2, p2] = free_ports::<4>();
     let key = key_file(&env);
@@ -213,7 +221,7 @@ fn compressed_and_encrypted_checkpoints_are_restored_streamed() {
 
 #[test]
 fn a_flipped_byte_in_any_image_is_caught_during_the_restore_and_the_tree_never_resumes() {
-    let env = Env::new();
+    let env = streaming_env();
     let (beacons, beacon) = Beacons::new();
     let [k1, p1, k2, p2, k3, p3] = free_ports::<6>();
     let key = key_file(&env);
@@ -274,7 +282,7 @@ fn a_flipped_byte_in_any_image_is_caught_during_the_restore_and_the_tree_never_r
 
 #[test]
 fn missing_or_damaged_chunk_hashes_are_computed_again_and_the_log_says_so() {
-    let env = Env::new();
+    let env = streaming_env();
     let (_beacons, beacon) = Beacons::new();
     let [kill, port] = free_ports::<2>();
     env.write_service("sidecar", &yaml(&env, kill, port, beacon, ""));
@@ -301,7 +309,7 @@ fn missing_or_damaged_chunk_hashes_are_computed_again_and_the_log_says_so() {
 
 #[test]
 fn an_imported_checkpoint_brings_its_chunk_hashes_and_restores_streamed() {
-    let env = Env::new();
+    let env = streaming_env();
     let (_beacons, beacon) = Beacons::new();
     let [kill, port] = free_ports::<2>();
     env.write_service("moved", &yaml(&env, kill, port, beacon, ""));

@@ -19,6 +19,10 @@ use std::process::{Command, Stdio};
 #[test]
 fn every_kind_of_image_damage_is_caught() {
     let env = Env::new();
+    // Every restore served and checked as CRIU reads it; a small plain checkpoint is otherwise
+    // checked in a pass before CRIU runs (the last case below).
+    let host_config = env.path().join("stasis.yaml");
+    std::fs::write(&host_config, "restore: {verify_first_below: 0}\n").unwrap();
     let (name, [kill, http_port]) = ("damage", free_ports::<2>());
     env.write_service(name, &notes_yaml(kill, http_port, ""));
     assert_eq!(env.start(name)["started_from"], "cold");
@@ -86,6 +90,24 @@ fn every_kind_of_image_damage_is_caught() {
         let after = wait_for("cold-started service", || http_json(http_port));
         assert_eq!(after["notes"], json!([]), "{what}: a cold start has fresh state");
     }
+
+    // The default: this small plain checkpoint is read whole before CRIU runs, so a flipped
+    // byte is caught before CRIU reads anything.
+    std::fs::remove_file(&host_config).unwrap();
+    http(http_port, "POST", "/notes", "checked first").expect("post a note");
+    let id = stop_id(&env, name);
+    let cp = env.service_dir(name).join("checkpoints").join(&id);
+    let p = largest_image(&cp.join("images"), "pages-");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&p, &bytes).unwrap();
+    let started = env.start(name);
+    assert_eq!(started["started_from"], "cold", "a flipped byte is never restored");
+    let reason = started["fallback_reason"].as_str().expect("a fallback reason");
+    assert!(reason.contains("before restore") && reason.contains(&file_name(&p)), "{reason}");
+    let q = quarantine_of(&env, name, &id).expect("quarantined");
+    assert!(!q.join("restore.log").exists(), "CRIU never ran on the damaged images");
     env.ok(&["stop", name]);
 }
 

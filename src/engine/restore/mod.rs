@@ -214,14 +214,19 @@ fn verify_before(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress)
             cp.dir.display()
         )));
     };
-    let stream = streams(ctx);
+    // A small plain checkpoint is read whole before CRIU runs, while the criu warmed up for the
+    // restore still probes the kernel: that costs the start nothing, and CRIU then reads its
+    // images from the disk at full speed (config::host::RestoreDefault::verify_first_below).
+    let plain = cp.manifest.compression.is_none() && cp.manifest.encryption.is_none();
+    let small = plain && cp.manifest.size_bytes < ctx.host.restore.verify_first_below;
+    let stream = !small && streams(ctx);
     // Every file there, nothing else, each of its size: no content is read for that.
     let listed = verify::check_listing(&cp.dir, images);
     let checked = match (listed, stream) {
         (Err(problem), _) => Err(problem),
         // The content as CRIU reads it.
         (Ok(()), true) => Ok(()),
-        // A CRIU that cannot be served its images: all of them read first, as before.
+        // A small checkpoint, or a CRIU that cannot be served its images: all of them read first.
         (Ok(()), false) => {
             if cp.manifest.size_bytes >= crate::engine::progress::BIG {
                 phase(progress, "verifying", cp.manifest.size_bytes);
