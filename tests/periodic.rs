@@ -244,7 +244,9 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let state = self.env().state_dir();
         drop(self.env.take());
-        let _ = Command::new("umount").arg(&state).status();
+        // Lazily: a supervisor still on its way out may hold a file there, and a plain umount
+        // would then fail and leave the mount behind on the host.
+        let _ = Command::new("umount").arg("-l").arg(&state).status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
