@@ -77,18 +77,6 @@ fn complete(dir: &Path) {
     }
 }
 
-fn key_file(env: &Env) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = env.path().join("keys");
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("lazy.key");
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
-    std::fs::write(&key, bytes).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    key
-}
-
 #[test]
 fn a_lazy_restore_ends_with_every_byte_right() {
     let env = Env::new();
@@ -112,7 +100,7 @@ fn a_lazy_restore_ends_with_every_byte_right() {
 fn compressed_and_encrypted_checkpoints_restore_lazily_with_every_byte_right() {
     let env = Env::new();
     let [k1, p1, k2, p2] = free_ports::<4>();
-    let key = key_file(&env);
+    let key = key_file(&env, "lazy");
     env.write_service("squeezed", &yaml(&env, k1, p1, 48, "compression: zstd\n"));
     let sealed = format!("compression: zstd\nencryption_key_file: {}\n", key.display());
     env.write_service("vault", &yaml(&env, k2, p2, 48, &sealed));

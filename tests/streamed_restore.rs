@@ -153,18 +153,6 @@ fn quarantine_of(env: &Env, name: &str, id: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{id} is quarantined"))
 }
 
-fn key_file(env: &Env) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = env.path().join("keys");
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("streamed.key");
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
-    std::fs::write(&key, bytes).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    key
-}
-
 #[test]
 fn an_intact_checkpoint_is_restored_streamed_with_its_memory() {
     let env = streaming_env();
@@ -196,7 +184,7 @@ fn compressed_and_encrypted_checkpoints_are_restored_streamed() {
     let env = streaming_env();
     let (beacons, beacon) = Beacons::new();
     let [k1, p1, k2, p2] = free_ports::<4>();
-    let key = key_file(&env);
+    let key = key_file(&env, "streamed");
     env.write_service("squeezed", &yaml(&env, k1, p1, beacon, "compression: zstd\n"));
     env.write_service(
         "vault",
@@ -224,7 +212,7 @@ fn a_flipped_byte_in_any_image_is_caught_during_the_restore_and_the_tree_never_r
     let env = streaming_env();
     let (beacons, beacon) = Beacons::new();
     let [k1, p1, k2, p2, k3, p3] = free_ports::<6>();
-    let key = key_file(&env);
+    let key = key_file(&env, "streamed");
     env.write_service("plain", &yaml(&env, k1, p1, beacon, ""));
     env.write_service("squeezed", &yaml(&env, k2, p2, beacon, "compression: zstd\n"));
     env.write_service("vault", &yaml(&env, k3, p3, beacon, &format!("encryption_key_file: {}\n", key.display())));

@@ -495,8 +495,8 @@ impl LazyPages {
         // Its own group: a signal meant for the supervisor's never reaches it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = {
-            let _a = Inherit::new(theirs.as_raw_fd()).map_err(spawn)?;
-            let _b = Inherit::new(status_w.as_raw_fd()).map_err(spawn)?;
+            let _a = super::rpc::Inherit::new(theirs.as_raw_fd()).map_err(spawn)?;
+            let _b = super::rpc::Inherit::new(status_w.as_raw_fd()).map_err(spawn)?;
             cmd.spawn().map_err(spawn)?
         };
         drop((theirs, status_w));
@@ -751,26 +751,6 @@ fn gone(e: std::io::Error, stall: Duration) -> LazyError {
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => LazyError::Closed,
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => LazyError::Silent(stall),
         _ => LazyError::Socket(e),
-    }
-}
-
-/// Clears FD_CLOEXEC on a descriptor until dropped, so the daemon inherits it.
-struct Inherit(RawFd);
-
-impl Inherit {
-    fn new(fd: RawFd) -> std::io::Result<Inherit> {
-        // SAFETY: fcntl on a descriptor the caller holds for the guard's lifetime.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Inherit(fd))
-    }
-}
-
-impl Drop for Inherit {
-    fn drop(&mut self) {
-        // SAFETY: as above; the descriptor is still held by the caller.
-        unsafe { libc::fcntl(self.0, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 

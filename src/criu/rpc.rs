@@ -332,11 +332,11 @@ fn readable(fd: BorrowedFd<'_>, limit: Duration) -> std::io::Result<bool> {
     }
 }
 
-/// Clears FD_CLOEXEC on a descriptor until dropped.
-struct Inherit(RawFd);
+/// Clears FD_CLOEXEC on a descriptor until dropped: a program started meanwhile inherits it.
+pub(super) struct Inherit(RawFd);
 
 impl Inherit {
-    fn new(fd: RawFd) -> std::io::Result<Inherit> {
+    pub(super) fn new(fd: RawFd) -> std::io::Result<Inherit> {
         // SAFETY: fcntl on a descriptor the caller holds for the guard's lifetime.
         if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
             return Err(std::io::Error::last_os_error());

@@ -309,3 +309,16 @@ pub fn python_as(user: &str, code: &str) -> String {
 pub fn committed_checkpoints(env: &Env, name: &str) -> usize {
     env.checkpoint_dirs(name).iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')).count()
 }
+
+/// A fresh 32-byte encryption key file `NAME.key` of root's (0600) under the test's directory.
+pub fn key_file(env: &Env, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.path().join("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join(format!("{name}.key"));
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    std::fs::write(&key, bytes).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    key
+}
