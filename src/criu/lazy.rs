@@ -76,6 +76,8 @@ pub enum LazyError {
     Protocol(String),
     #[error("failed to take a reference to the lazy-pages daemon's userfaultfds: {0}")]
     Uffd(String),
+    #[error("{0}")]
+    Guard(super::lazy_guard::GuardError),
     #[error("failed to complete the lazy restore: the lazy-pages daemon {0}")]
     DaemonExit(String),
 }
@@ -455,6 +457,8 @@ pub struct LazyPages {
     child: std::process::Child,
     server: Option<std::thread::JoinHandle<Result<(), LazyError>>>,
     held: Vec<OwnedFd>,
+    /// A process of its own holding the same references, for when the supervisor dies.
+    guard: Option<super::lazy_guard::Guard>,
     pub progress: Arc<Progress>,
     /// What went wrong before the tree resumed (the gate's refusal), for the restore to report.
     pub failure: Option<LazyError>,
@@ -507,6 +511,7 @@ impl LazyPages {
             child,
             server: None,
             held: Vec::new(),
+            guard: None,
             progress,
             failure: None,
             root: None,
@@ -571,6 +576,8 @@ impl LazyPages {
                     }
                 }
                 tracing::debug!("lazy restore: holding {} userfaultfds of {expected} processes", self.held.len());
+                let guard = super::lazy_guard::Guard::start(root, &self.held).map_err(LazyError::Guard)?;
+                self.guard = Some(guard);
                 // The restore connected long ago: the socket's name is of no more use.
                 let _ = std::fs::remove_file(self.work_dir.join(LAZY_SOCKET));
                 return Ok(self.held.len());
@@ -593,6 +600,9 @@ impl LazyPages {
             if !self.held.iter().any(|h| same_file(h, self.pid(), fd) != Some(false)) {
                 if let Some(held) = getfd(&pidfd, fd) {
                     tracing::debug!("lazy restore: holding a new userfaultfd of the daemon's (fd {fd})");
+                    if let Some(guard) = &self.guard {
+                        guard.keep(&held);
+                    }
                     self.held.push(held);
                 }
             }
@@ -633,6 +643,7 @@ impl LazyPages {
             return Err(LazyError::DaemonExit(format!("ended with {status}")));
         }
         self.held.clear();
+        self.guard = None;
         Ok(self.started.elapsed())
     }
 
