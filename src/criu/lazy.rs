@@ -43,6 +43,9 @@ const IOV_SIZE: usize = 32;
 /// The most pages one answer carries (the daemon takes fewer than it asked for and asks again):
 /// small enough that a fault behind a background answer waits little (256 KiB).
 const MAX_ANSWER_PAGES: u64 = 64;
+/// Checked groups of a plain pages file kept, newest first: a fault elsewhere does not make the
+/// background push read and check its group again.
+const RECENT_GROUPS: usize = 4;
 /// The daemon's log, beside `restore.log` in the restore's work directory.
 pub const LAZY_LOG: &str = "lazy-pages.log";
 /// Where the restore and the daemon meet: CRIU names it relative to its work directory.
@@ -95,7 +98,7 @@ impl LazyError {
 /// One pages image's plain bytes, read at any offset, each byte checked before it is handed out.
 enum PagesFile {
     /// Stored plain: each chunk is read where it is and checked on its own.
-    Direct { file: std::fs::File, verifier: ChunkVerifier, path: String, last: Mutex<Option<(u64, Vec<u8>)>> },
+    Direct { file: std::fs::File, verifier: ChunkVerifier, path: String, last: Mutex<Vec<(u64, Vec<u8>)>> },
     /// Compressed or sealed: decoded front to back by a thread of its own into memory (a memfd,
     /// never the disk), each chunk checked before it is decoded; readers wait for their bytes.
     Decoded { memfd: std::fs::File, progress: Arc<(Mutex<Decoding>, Condvar)> },
@@ -114,7 +117,7 @@ impl PagesFile {
         if name.sealed_as.is_none() && !name.compressed {
             let (verifier, _) = chunk_verifier(dir, image)?;
             let file = std::fs::File::open(dir.join(&image.path)).map_err(|e| unreadable(image, e))?;
-            return Ok(PagesFile::Direct { file, verifier, path: image.path.clone(), last: Mutex::new(None) });
+            return Ok(PagesFile::Direct { file, verifier, path: image.path.clone(), last: Mutex::new(Vec::new()) });
         }
         let reader = plain_reader(dir, image, name, key)?;
         let memfd =
@@ -136,11 +139,18 @@ impl PagesFile {
                 while done < out.len() {
                     let at = offset + done as u64;
                     let group = at / chunks::GROUP as u64;
-                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.as_ref().map(|(g, _)| *g) != Some(group) {
-                        *last = Some((group, read_group(file, verifier, group, path)?));
+                    let mut recent = last.lock().unwrap_or_else(|p| p.into_inner());
+                    match recent.iter().position(|(g, _)| *g == group) {
+                        Some(i) => {
+                            let hit = recent.remove(i);
+                            recent.insert(0, hit);
+                        }
+                        None => {
+                            recent.truncate(RECENT_GROUPS - 1);
+                            recent.insert(0, (group, read_group(file, verifier, group, path)?));
+                        }
                     }
-                    let bytes = &last.as_ref().expect("filled above").1;
+                    let bytes = &recent[0].1;
                     let from = (at - group * chunks::GROUP as u64) as usize;
                     let n = (bytes.len().saturating_sub(from)).min(out.len() - done);
                     if n == 0 {
@@ -777,7 +787,8 @@ mod tests {
         let (size, root, cvs) = chunks::hash_file(&path).unwrap();
         let verifier = ChunkVerifier::new(root, size, cvs).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let pages = PagesFile::Direct { file, verifier, path: "images/pages-1.img".into(), last: Mutex::new(None) };
+        let pages =
+            PagesFile::Direct { file, verifier, path: "images/pages-1.img".into(), last: Mutex::new(Vec::new()) };
         let mut index = Index::default();
         index.runs.insert(7, vec![Run { vaddr: 0x10000, pages: 300, offset: 0, pages_id: 1 }]);
         index.files.insert(1, pages);
