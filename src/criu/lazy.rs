@@ -18,7 +18,7 @@
 //!   the kernel unregisters the ranges, and every page not yet copied reads as zeros. With it a
 //!   fault waits, and the supervisor kills the tree ([`LazyPages::wait`] says when).
 
-use super::images::{PAGE, PE_LAZY, PE_PRESENT};
+use super::images::{PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::chunks::{self, ChunkVerifier, VerifiedReader};
 use crate::store::compress::StoredName;
 use crate::store::verify::ImageProblem;
@@ -359,8 +359,9 @@ impl Drop for Prepared {
     }
 }
 
-/// Writes the private directory of `cp`'s plain images: in RAM (`/dev/shm`) when sealed.
-pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>, deadline: Instant) -> Result<Prepared, LazyError> {
+/// Writes the private directory of `cp`'s plain images but the pages (see [`LazyPages::start`]):
+/// in RAM (`/dev/shm`) when sealed.
+pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>) -> Result<Prepared, LazyError> {
     let dir = if cp.manifest.encryption.is_some() {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         Path::new("/dev/shm").join(format!("stasis-lazy-{}-{nanos}", std::process::id()))
@@ -395,7 +396,6 @@ pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>, deadline: Instant) -> R
         let id: u32 = plain.trim_start_matches("pages-").trim_end_matches(".img").parse().unwrap_or(0);
         prepared.index.files.insert(id, PagesFile::open(&cp.dir, &image, &name, key)?);
     }
-    prepared.fill(deadline)?;
     Ok(prepared)
 }
 
@@ -414,6 +414,16 @@ impl Prepared {
             let task: Option<u64> = name.strip_prefix("pagemap-").and_then(|n| n.strip_suffix(".img")?.parse().ok());
             let mut offset = 0u64;
             for (vaddr, nr, flags) in runs {
+                // Pages held by a parent checkpoint are not in this pages file: serving them
+                // from it would hand out another page's bytes. Chains are restored in full.
+                if flags & PE_PARENT != 0 {
+                    return Err(LazyError::Pagemap {
+                        path: format!("images/{name}"),
+                        why:
+                            "it names pages held by a parent checkpoint (an incremental checkpoint is restored in full)"
+                                .into(),
+                    });
+                }
                 if flags & PE_PRESENT == 0 {
                     continue;
                 }
@@ -482,7 +492,15 @@ pub struct LazyPages {
 impl LazyPages {
     /// Starts `criu lazy-pages` in `work_dir` (where the restore will look for its socket) on
     /// the images of `prepared`, and waits until it listens. `stall` bounds every wait on it.
-    pub fn start(criu: &Path, prepared: Prepared, work_dir: &Path, stall: Duration) -> Result<LazyPages, LazyError> {
+    /// The pages CRIU restores itself are put in place (by `deadline`) while the daemon starts:
+    /// it reads only the other images before it is ready.
+    pub fn start(
+        criu: &Path,
+        mut prepared: Prepared,
+        work_dir: &Path,
+        stall: Duration,
+        deadline: Instant,
+    ) -> Result<LazyPages, LazyError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let _ = std::fs::remove_file(work_dir.join(LAZY_SOCKET));
         let spawn = |source| LazyError::Spawn { path: criu.to_path_buf(), source };
@@ -514,6 +532,12 @@ impl LazyPages {
             cmd.spawn().map_err(spawn)?
         };
         drop((theirs, status_w));
+        let mut child = child;
+        if let Err(e) = prepared.fill(deadline) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         let prepared = Arc::new(prepared);
         let progress = Arc::new(Progress::default());
         progress.lazy_pages.store(prepared.index.lazy_pages, Ordering::Relaxed);

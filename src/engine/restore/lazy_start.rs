@@ -189,8 +189,8 @@ pub(super) fn set_up(
 ) -> Result<LazyPages, RestoreError> {
     let limit = ctx.service.restore_timeout;
     let started = Instant::now();
-    let prepared = lazy::prepare(cp, key, started + limit).map_err(before_resume)?;
-    let daemon = LazyPages::start(&ctx.criu.path, prepared, &cp.dir, limit).map_err(before_resume)?;
+    let prepared = lazy::prepare(cp, key).map_err(before_resume)?;
+    let daemon = LazyPages::start(&ctx.criu.path, prepared, &cp.dir, limit, started + limit).map_err(before_resume)?;
     tracing::debug!("lazy restore: daemon {} ready after {:?}", daemon.pid(), started.elapsed());
     Ok(daemon)
 }
