@@ -46,7 +46,8 @@ fn assert_lazy(dir: &Path) {
     let log = std::fs::read_to_string(dir.join("lazy-pages.log")).expect("the lazy-pages daemon's log");
     assert!(log.contains("Reusing ps socket"), "the daemon took its pages from stasis's socket:\n{log}");
     assert!(!dir.join("lazy-pages.socket").exists(), "the daemon's socket name is gone");
-    assert!(!dir.join(".restore-lazy").exists(), "the plain images are gone");
+    // Removed by the supervisor once it has seen the daemon's exit: moments after it.
+    wait_for("the plain images to be gone", || (!dir.join(".restore-lazy").exists()).then_some(()));
 }
 
 /// The lazy-pages daemons serving the restore of the checkpoint in `dir`: criu processes whose

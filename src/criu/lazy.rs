@@ -21,6 +21,7 @@
 use super::images::{PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::chunks::{self, ChunkVerifier, VerifiedReader};
 use crate::store::compress::StoredName;
+use crate::store::random::RandomImage;
 use crate::store::verify::ImageProblem;
 use crate::store::{seal, Checkpoint, ImageFile};
 use std::collections::BTreeMap;
@@ -43,9 +44,6 @@ const IOV_SIZE: usize = 32;
 /// The most pages one answer carries (the daemon takes fewer than it asked for and asks again):
 /// small enough that a fault behind a background answer waits little (256 KiB).
 const MAX_ANSWER_PAGES: u64 = 64;
-/// Checked groups of a plain pages file kept, newest first: a fault elsewhere does not make the
-/// background push read and check its group again.
-const RECENT_GROUPS: usize = 4;
 /// The daemon's log, beside `restore.log` in the restore's work directory.
 pub const LAZY_LOG: &str = "lazy-pages.log";
 /// Where the restore and the daemon meet: CRIU names it relative to its work directory.
@@ -97,8 +95,9 @@ impl LazyError {
 
 /// One pages image's plain bytes, read at any offset, each byte checked before it is handed out.
 enum PagesFile {
-    /// Stored plain: each chunk is read where it is and checked on its own.
-    Direct { file: std::fs::File, verifier: ChunkVerifier, path: String, last: Mutex<Vec<(u64, Vec<u8>)>> },
+    /// Read where each page is, each piece checked (and opened, decoded) on its own: plain,
+    /// sealed, or compressed in frames (store::random).
+    Random(Box<RandomImage>),
     /// Compressed or sealed: decoded front to back by a thread of its own into memory (a memfd,
     /// never the disk), each chunk checked before it is decoded; readers wait for their bytes.
     Decoded { memfd: std::fs::File, progress: Arc<(Mutex<Decoding>, Condvar)> },
@@ -114,11 +113,13 @@ struct Decoding {
 
 impl PagesFile {
     fn open(dir: &Path, image: &ImageFile, name: &StoredName, key: Option<&seal::Key>) -> Result<Self, LazyError> {
-        if name.sealed_as.is_none() && !name.compressed {
-            let (verifier, _) = chunk_verifier(dir, image)?;
-            let file = std::fs::File::open(dir.join(&image.path)).map_err(|e| unreadable(image, e))?;
-            return Ok(PagesFile::Direct { file, verifier, path: image.path.clone(), last: Mutex::new(Vec::new()) });
+        let (verifier, _) = chunk_verifier(dir, image)?;
+        let file = std::fs::File::open(dir.join(&image.path)).map_err(|e| unreadable(image, e))?;
+        let random = RandomImage::open(file, verifier, &image.path, name.sealed_as.as_deref(), name.compressed, key);
+        if let Some(random) = random.map_err(LazyError::Damaged)? {
+            return Ok(PagesFile::Random(Box::new(random)));
         }
+        // Compressed in one stream (before seek tables): decoded front to back.
         let reader = plain_reader(dir, image, name, key)?;
         let memfd =
             memfd(&name.plain).map_err(|source| LazyError::Write { path: name.plain.clone().into(), source })?;
@@ -134,33 +135,7 @@ impl PagesFile {
     /// `out.len()` plain bytes at `offset`, checked; waits at most until `deadline` for a decoder.
     fn read_at(&self, offset: u64, out: &mut [u8], deadline: Instant) -> Result<(), LazyError> {
         match self {
-            PagesFile::Direct { file, verifier, path, last } => {
-                let mut done = 0usize;
-                while done < out.len() {
-                    let at = offset + done as u64;
-                    let group = at / chunks::GROUP as u64;
-                    let mut recent = last.lock().unwrap_or_else(|p| p.into_inner());
-                    match recent.iter().position(|(g, _)| *g == group) {
-                        Some(i) => {
-                            let hit = recent.remove(i);
-                            recent.insert(0, hit);
-                        }
-                        None => {
-                            recent.truncate(RECENT_GROUPS - 1);
-                            recent.insert(0, (group, read_group(file, verifier, group, path)?));
-                        }
-                    }
-                    let bytes = &recent[0].1;
-                    let from = (at - group * chunks::GROUP as u64) as usize;
-                    let n = (bytes.len().saturating_sub(from)).min(out.len() - done);
-                    if n == 0 {
-                        return Err(LazyError::Protocol(format!("bytes past the end of {path}")));
-                    }
-                    out[done..done + n].copy_from_slice(&bytes[from..from + n]);
-                    done += n;
-                }
-                Ok(())
-            }
+            PagesFile::Random(image) => image.read_at(offset, out).map_err(LazyError::Damaged),
             PagesFile::Decoded { memfd, progress } => {
                 let want = offset + out.len() as u64;
                 let (lock, cond) = &**progress;
@@ -184,16 +159,6 @@ impl PagesFile {
             }
         }
     }
-}
-
-/// Group `group` of a stored plain file, read and checked.
-fn read_group(file: &std::fs::File, v: &ChunkVerifier, group: u64, path: &str) -> Result<Vec<u8>, LazyError> {
-    let mut bytes = vec![0u8; v.group_len(group)];
-    file.read_exact_at(&mut bytes, group * chunks::GROUP as u64)
-        .map_err(|e| LazyError::Damaged(ImageProblem::Unreadable { path: path.to_string(), error: e.to_string() }))?;
-    v.verify(group, &bytes)
-        .map_err(|at| LazyError::Damaged(ImageProblem::ChunkChecksum { path: path.to_string(), at }))?;
-    Ok(bytes)
 }
 
 /// The decoder thread's body: plain bytes into `out`, the watermark moved after each piece.
@@ -811,8 +776,8 @@ mod tests {
         let (size, root, cvs) = chunks::hash_file(&path).unwrap();
         let verifier = ChunkVerifier::new(root, size, cvs).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let pages =
-            PagesFile::Direct { file, verifier, path: "images/pages-1.img".into(), last: Mutex::new(Vec::new()) };
+        let image = RandomImage::open(file, verifier, "images/pages-1.img", None, false, None).unwrap();
+        let pages = PagesFile::Random(Box::new(image.expect("plain images are read anywhere")));
         let mut index = Index::default();
         index.runs.insert(7, vec![Run { vaddr: 0x10000, pages: 300, offset: 0, pages_id: 1 }]);
         index.files.insert(1, pages);
