@@ -52,17 +52,11 @@ impl Reporter {
         written
     }
 
-    /// Adds to the record last written: the first answer to the readiness probe, and where a
-    /// lazy transfer is; the metrics follow.
-    pub fn figures(&self, first_answer_ms: Option<u64>, lazy: Option<TransferStatus>) {
+    /// Adds where a lazy transfer is to the record last written; the metrics follow.
+    pub fn transfer(&self, lazy: TransferStatus) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = last.as_mut() else { return };
-        if first_answer_ms.is_some() {
-            record.first_answer_ms = first_answer_ms;
-        }
-        if lazy.is_some() {
-            record.lazy_restore = lazy;
-        }
+        record.lazy_restore = Some(lazy);
         let _ = record.write(&self.ctx.paths);
         drop(last);
         super::metrics::write_file(&self.ctx.dirs, &self.ctx.host);
@@ -136,10 +130,13 @@ impl Reporter {
         notifier: &mut Notifier,
         started: &StartInfo,
         first: bool,
+        first_answer_ms: Option<u64>,
     ) -> Result<(), crate::store::StoreError> {
         let ctx = &self.ctx;
         self.announce(started, first);
-        self.write(self.record(ServiceState::Running, Some(started), None))?;
+        let mut record = self.record(ServiceState::Running, Some(started), None);
+        record.first_answer_ms = first_answer_ms;
+        self.write(record)?;
         tracing::debug!("supervisor: status written");
         for n in crate::engine::retention::apply(ctx) {
             self.log.note(&n);

@@ -300,10 +300,9 @@ async fn one_run(
             return Ok(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
         }
     }
-    report.started(notifier, &started, first)?;
-    if ctx.service.ready.is_some() {
-        report.figures(Some(started.began.elapsed().as_millis() as u64), None);
-    }
+    // With `ready:`, the readiness probe has just answered for the first time.
+    let first_answer_ms = ctx.service.ready.is_some().then(|| started.began.elapsed().as_millis() as u64);
+    report.started(notifier, &started, first, first_answer_ms)?;
     follow_transfer(report, &started);
     let purge = ctx.clone();
     // A thread that ends with the work (a blocking-pool thread would linger and wake up later
@@ -329,7 +328,7 @@ fn follow_transfer(report: &Reporter, started: &crate::engine::restore::StartInf
             break;
         }
         let done = t.state != TransferState::Transferring;
-        report.figures(None, Some(t));
+        report.transfer(t);
         if done {
             break;
         }
