@@ -444,6 +444,9 @@ pub struct LazyPages {
     held: Vec<OwnedFd>,
     /// A process of its own holding the same references, for when the supervisor dies.
     guard: Option<super::lazy_guard::Guard>,
+    /// What the guard keeps besides: our end of the daemon's page-server socket, and a pidfd
+    /// of the daemon.
+    for_guard: (RawFd, Option<OwnedFd>),
     pub progress: Arc<Progress>,
     /// What went wrong before the tree resumed (the gate's refusal), for the restore to report.
     pub failure: Option<LazyError>,
@@ -511,6 +514,7 @@ impl LazyPages {
             server: None,
             held: Vec::new(),
             guard: None,
+            for_guard: (-1, None),
             progress,
             failure: None,
             root: None,
@@ -523,9 +527,25 @@ impl LazyPages {
             return Err(LazyError::NotReady { log: work_dir.join(LAZY_LOG) });
         }
         let (p, sock) = (lazy.progress.clone(), UnixStream::from(ours));
+        // Our child, not yet reaped: the pid is the daemon's until we wait for it.
+        let daemon = crate::process::tree::pidfd(lazy.pid());
+        // For the guard: with the socket still open in it, a supervisor that dies does not
+        // close the daemon's page server, and the guard ends the daemon first.
+        lazy.for_guard = (sock.as_raw_fd(), daemon.as_ref().and_then(|d| d.try_clone().ok()));
         let server = std::thread::Builder::new()
             .name("stasis-lazy-pages".into())
-            .spawn(move || serve(sock, &prepared.index, &p, stall))
+            .spawn(move || {
+                let served = serve(sock.try_clone(), &prepared.index, &p, stall);
+                if served.is_err() {
+                    // Before our end closes: a daemon whose page server is gone answers the
+                    // faults on pages it no longer has a request for with zeros (criu/uffd.c
+                    // handle_page_fault: uffd_zero for an address not in its list). Dead, it
+                    // answers nothing, and the held references keep the faults waiting.
+                    end_daemon(daemon.as_ref());
+                }
+                drop(sock);
+                served
+            })
             .map_err(spawn)?;
         lazy.server = Some(server);
         Ok(lazy)
@@ -575,7 +595,9 @@ impl LazyPages {
                     }
                 }
                 tracing::debug!("lazy restore: holding {} userfaultfds of {expected} processes", self.held.len());
-                let guard = super::lazy_guard::Guard::start(root, &self.held).map_err(LazyError::Guard)?;
+                let (socket, daemon) = (self.for_guard.0, self.for_guard.1.as_ref().map(|d| d.as_raw_fd()));
+                let guard =
+                    super::lazy_guard::Guard::start(root, &self.held, socket, daemon).map_err(LazyError::Guard)?;
                 self.guard = Some(guard);
                 // The restore connected long ago: the socket's name is of no more use.
                 let _ = std::fs::remove_file(self.work_dir.join(LAZY_SOCKET));
@@ -705,8 +727,21 @@ fn getfd(pidfd: &OwnedFd, fd: RawFd) -> Option<OwnedFd> {
     (link.as_os_str() == USERFAULTFD).then_some(owned)
 }
 
+/// SIGKILLs the daemon (our child, not yet reaped) and waits a while until it is gone.
+fn end_daemon(pidfd: Option<&OwnedFd>) {
+    if let Some(fd) = pidfd {
+        crate::process::tree::kill_pidfd_and_wait(fd, Duration::from_secs(5));
+    }
+}
+
 /// Answers the daemon until it says it is done: Ok then, else why not.
-fn serve(mut sock: UnixStream, index: &Index, progress: &Progress, stall: Duration) -> Result<(), LazyError> {
+fn serve(
+    sock: std::io::Result<UnixStream>,
+    index: &Index,
+    progress: &Progress,
+    stall: Duration,
+) -> Result<(), LazyError> {
+    let mut sock = sock.map_err(LazyError::Socket)?;
     let mut buf = vec![0u8; (MAX_ANSWER_PAGES * PAGE) as usize];
     sock.set_read_timeout(Some(stall)).map_err(LazyError::Socket)?;
     sock.set_write_timeout(Some(stall)).map_err(LazyError::Socket)?;
@@ -801,7 +836,7 @@ mod tests {
         let (ours, mut daemon) = UnixStream::pair().unwrap();
         let progress = Progress::default();
         std::thread::scope(|s| {
-            let server = s.spawn(|| serve(ours, &index, &progress, Duration::from_secs(10)));
+            let server = s.spawn(|| serve(Ok(ours), &index, &progress, Duration::from_secs(10)));
             // 100 pages from page 200: more than one answer carries, and they end with the run.
             daemon.write_all(&iov(PS_IOV_GET, 100, 0x10000 + 200 * PAGE, 7)).unwrap();
             let mut head = [0u8; IOV_SIZE];
@@ -832,7 +867,7 @@ mod tests {
         let ask = |get: Vec<u8>| {
             let (ours, mut daemon) = UnixStream::pair().unwrap();
             daemon.write_all(&get).unwrap();
-            let r = serve(ours, &index, &Progress::default(), Duration::from_secs(10));
+            let r = serve(Ok(ours), &index, &Progress::default(), Duration::from_secs(10));
             let mut rest = Vec::new();
             daemon.set_nonblocking(true).unwrap();
             let _ = daemon.read_to_end(&mut rest);
@@ -847,7 +882,7 @@ mod tests {
         assert!(matches!(r, Err(LazyError::Protocol(_))), "another process: {r:?}");
         let (ours, daemon) = UnixStream::pair().unwrap();
         drop(daemon);
-        let r = serve(ours, &index, &Progress::default(), Duration::from_secs(10));
+        let r = serve(Ok(ours), &index, &Progress::default(), Duration::from_secs(10));
         assert!(matches!(r, Err(LazyError::Closed)), "the daemon gone: {r:?}");
     }
 }

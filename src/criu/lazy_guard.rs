@@ -7,10 +7,13 @@
 //! The guard is forked from the supervisor before the tree resumes. It waits on its end of a
 //! socket pair: the word [`RELEASE`] (the transfer is over, or the supervisor ended the tree
 //! itself) lets it go; a userfaultfd passed over it (a process of the tree forked) is kept too;
-//! the socket closing without that word means the supervisor is gone, and it kills the tree's
-//! root (the init of the tree's PID namespace, so every process of it) through a pidfd taken
-//! while the root was certainly the supervisor's child, waits for it to be gone, and only then
-//! exits, letting its references go. Faults wait meanwhile; none is answered with zeros.
+//! the socket closing without that word means the supervisor is gone. Then it kills the
+//! lazy-pages daemon first (it also holds the supervisor's end of the daemon's page-server
+//! socket, so the daemon never sees its page server close: one that does answers the faults it
+//! has no request for with zeros, criu/uffd.c `handle_page_fault`), then the tree's root (the
+//! init of the tree's PID namespace, so every process of it) through a pidfd taken while the
+//! root was certainly the supervisor's child, waits for it to be gone, and only then exits,
+//! letting its references go. Faults wait meanwhile; none is answered with zeros.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -39,19 +42,24 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Forks the guard of the tree under `root` (a child of this process), holding `held`.
-    pub fn start(root: i32, held: &[OwnedFd]) -> Result<Guard, GuardError> {
+    /// Forks the guard of the tree under `root` (a child of this process), holding `held`,
+    /// our end of the daemon's page-server `socket` (so that it stays open if we die) and a
+    /// pidfd of the `daemon` (ended first).
+    pub fn start(root: i32, held: &[OwnedFd], socket: RawFd, daemon: Option<RawFd>) -> Result<Guard, GuardError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let root_fd = crate::process::tree::pidfd(root).ok_or(GuardError::Pidfd(root))?;
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(GuardError::Socket)?;
         let mut keep: Vec<RawFd> = held.iter().map(|f| f.as_raw_fd()).collect();
         keep.extend([theirs.as_raw_fd(), root_fd.as_raw_fd()]);
+        keep.extend([socket].into_iter().chain(daemon).filter(|fd| *fd >= 0));
         keep.sort_unstable();
+        keep.dedup();
+        let daemon = daemon.unwrap_or(-1);
         // SAFETY: the child only makes system calls (no allocation, no lock) and never returns.
         match unsafe { libc::fork() } {
             -1 => Err(GuardError::Fork(std::io::Error::last_os_error())),
-            0 => unsafe { guard(&keep, theirs.as_raw_fd(), root_fd.as_raw_fd()) },
+            0 => unsafe { guard(&keep, theirs.as_raw_fd(), root_fd.as_raw_fd(), daemon) },
             pid => {
                 tracing::debug!("lazy restore: guard {pid} holds {} userfaultfds of the tree of {root}", held.len());
                 Ok(Guard { pid, word: ours })
@@ -98,8 +106,8 @@ impl Drop for Guard {
 /// The guard itself, in the forked child: system calls only.
 ///
 /// # Safety
-/// Only in the child of `fork`, with `keep` sorted and holding `word` and `root`.
-unsafe fn guard(keep: &[RawFd], word: RawFd, root: RawFd) -> ! {
+/// Only in the child of `fork`, with `keep` sorted and holding `word`, `root` and `daemon`.
+unsafe fn guard(keep: &[RawFd], word: RawFd, root: RawFd, daemon: RawFd) -> ! {
     // Its own group: a ^C or a signal to the supervisor's group does not let the pages go.
     libc::setpgid(0, 0);
     for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
@@ -134,9 +142,15 @@ unsafe fn guard(keep: &[RawFd], word: RawFd, root: RawFd) -> ! {
             _ => break,
         }
     }
-    // The supervisor is gone: end the tree while every fault still waits on our references.
-    libc::syscall(libc::SYS_pidfd_send_signal, root, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
-    let mut p = libc::pollfd { fd: root, events: libc::POLLIN, revents: 0 };
-    libc::poll(&mut p, 1, KILL_WAIT_MS);
+    // The supervisor is gone. First the daemon, while its page server (our copy of the
+    // socket) is still open: one that saw it close would answer faults with zeros. Then the
+    // tree, while every fault still waits on our references.
+    for fd in [daemon, root] {
+        if fd >= 0 {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            libc::poll(&mut p, 1, KILL_WAIT_MS);
+        }
+    }
     libc::_exit(1)
 }

@@ -327,19 +327,8 @@ fn kill_stopped_tree(root: i32, criu: i32) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    // SAFETY: signals the process the pidfd refers to, verified above to be criu's child.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd we own; the pidfd is readable once the process has exited.
-    unsafe { libc::poll(&mut p, 1, 5000) };
+    // Verified above to be criu's child.
+    tree::kill_pidfd_and_wait(&fd, std::time::Duration::from_secs(5));
     tracing::info!("restore: killed the restored tree of {root} before it resumed");
 }
 

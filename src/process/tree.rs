@@ -166,6 +166,26 @@ pub fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
 
 /// Waits for our child `pid` to exit (without reaping it) for at most `limit`, on a pidfd: no
 /// polling.
+/// SIGKILLs the process `pidfd` refers to (one the caller has verified is the one it means) and
+/// waits up to `limit` for it to be gone.
+pub fn kill_pidfd_and_wait(pidfd: &std::os::fd::OwnedFd, limit: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with no siginfo, on a descriptor we own.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one pollfd we own; a pidfd is readable once its process has exited.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
 pub fn exits_within(pid: i32, limit: std::time::Duration) -> bool {
     // No pidfd (very old kernel): wait without a deadline rather than kill a healthy dump.
     let Some(fd) = pidfd(pid) else { return true };
