@@ -109,6 +109,12 @@ impl PendingCheckpoint {
         key: Option<&super::seal::Key>,
         received: &[super::stored::Stored],
     ) -> Result<Checkpoint, StoreError> {
+        // CRIU's link to the parent of an incremental dump: the manifest names the parent, and
+        // a restore reads it from there (store::chain), never through a link.
+        let link = self.images_dir().join("parent");
+        if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            fs::remove_file(&link).map_err(|source| StoreError::Write { path: link.clone(), source })?;
+        }
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_draft(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
@@ -615,6 +621,8 @@ mod tests {
             tmpfs_dirs: None,
             tmpfs_files: None,
             written_files: None,
+            parent: None,
+            pre_copy: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,
