@@ -370,7 +370,8 @@ impl CheckpointStore {
     }
 
     /// What retention removes to keep the `keep` newest good checkpoints: every directory older
-    /// than the `keep`-th newest good one, damaged or not. Newest first is never touched.
+    /// than the `keep`-th newest good one, damaged or not, except the parents a kept one needs
+    /// (pinned). Newest first is never touched.
     pub fn beyond_retention(&self, keep: usize) -> Result<Vec<ListedCheckpoint>, StoreError> {
         let all = self.list()?;
         let good: Vec<usize> = all.iter().enumerate().filter(|(_, c)| c.manifest.is_ok()).map(|(i, _)| i).collect();
@@ -378,7 +379,10 @@ impl CheckpointStore {
             return Ok(Vec::new());
         }
         let oldest_kept = good[good.len() - keep];
-        Ok(all.into_iter().take(oldest_kept).collect())
+        // An incremental checkpoint kept keeps its parents (store::chain): they go with it.
+        let kept: Vec<&ListedCheckpoint> = all[oldest_kept..].iter().collect();
+        let pinned = super::chain::pinned_by(&all, &kept);
+        Ok(all[..oldest_kept].iter().filter(|c| !pinned.contains(&c.id)).cloned().collect())
     }
 
     /// Deletes one checkpoint directory (retention). The caller has released what it held.
