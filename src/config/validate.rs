@@ -887,6 +887,7 @@ mod tests {
     ],
     stop_timeout: 7s,
     restore_stale: true,
+    stop_pre_copy: false,
     keep_checkpoints: 4,
     on_incompatible: Fail,
     on_file_changed: Refuse,
@@ -1007,6 +1008,7 @@ environment: {A: b, PATH: /bin}
 criu: {options: ["--tcp-established"]}
 stop_timeout_secs: 7
 restore_stale: true
+stop_pre_copy: false
 keep_checkpoints: 4
 on_incompatible: fail
 on_file_changed: refuse

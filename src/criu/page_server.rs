@@ -375,6 +375,58 @@ mod tests {
         assert_eq!(summary, (1, vec![(0x1000, 2, PE_PRESENT)]));
     }
 
+    /// An incremental dump: CRIU is told the truth about which pagemaps the parent has, and runs
+    /// left in the parent are recorded without bytes, only where the parent has the pagemap.
+    #[test]
+    fn the_parent_is_claimed_only_for_the_pagemaps_it_has() {
+        let d = tempfile::tempdir().unwrap();
+        let (ours, mut criu) = UnixStream::pair().unwrap();
+        let images = d.path().to_path_buf();
+        let server = std::thread::spawn(move || {
+            let t = Transform { compression: None, key: None };
+            let pages = Pages { rel_dir: "images".into(), parent: ["pagemap-1.img".to_string()].into() };
+            serve(ours, &images, &pages, &t, Instant::now() + std::time::Duration::from_secs(20))
+        });
+        let (one, two) = ((1 << 8) | PS_TYPE_PID, (2 << 8) | PS_TYPE_PID);
+        let mut answer = [0u8; 4];
+        criu.write_all(&iov(PS_IOV_PARENT, 0, 0, one)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        assert_eq!(i32::from_le_bytes(answer), 1, "the parent has pid 1's pagemap");
+        criu.write_all(&iov(PS_IOV_PARENT, 0, 0, two)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        assert_eq!(i32::from_le_bytes(answer), 0, "not pid 2's");
+        let mut has = [9u8; 1];
+        criu.write_all(&iov(PS_IOV_OPEN2, 0, 0, one)).unwrap();
+        criu.read_exact(&mut has).unwrap();
+        assert_eq!(has, [1]);
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PRESENT << 16), 1, 0x1000, one)).unwrap();
+        criu.write_all(&[7u8; PAGE as usize]).unwrap();
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PARENT << 16), 3, 0x2000, one)).unwrap();
+        criu.write_all(&iov(PS_IOV_FORCE_CLOSE, 0, 0, 0)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        let got = server.join().unwrap().unwrap();
+        assert_eq!((got.pages, got.parent_pages), (1, 3));
+        let runs = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
+        assert_eq!(runs, (1, vec![(0x1000, 1, PE_PRESENT), (0x2000, 3, PE_PARENT)]));
+        assert_eq!(std::fs::read(d.path().join("pages-1.img")).unwrap().len(), PAGE as usize, "no bytes for the parent's");
+
+        // A run left in a parent that does not have the pagemap is refused.
+        let (ours, mut criu) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().to_path_buf();
+        let server = std::thread::spawn(move || {
+            let t = Transform { compression: None, key: None };
+            let pages = Pages { rel_dir: "images".into(), parent: ["pagemap-1.img".to_string()].into() };
+            serve(ours, &images, &pages, &t, Instant::now() + std::time::Duration::from_secs(20))
+        });
+        criu.write_all(&iov(PS_IOV_OPEN2, 0, 0, two)).unwrap();
+        criu.read_exact(&mut has).unwrap();
+        assert_eq!(has, [0], "the parent has no pagemap of pid 2");
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PARENT << 16), 1, 0x1000, two)).unwrap();
+        drop(criu);
+        assert!(matches!(server.join().unwrap(), Err(PageServerError::Protocol(_))));
+    }
+
     #[test]
     fn a_dump_that_ends_early_or_lies_is_an_error() {
         let d = tempfile::tempdir().unwrap();
