@@ -167,7 +167,9 @@ fn full_every_is_honoured_and_retention_keeps_parents() {
     assert_eq!(row(&all, &taken[4])["parent"], taken[3].as_str());
     let d = check(port);
     env.ok(&["stop", "pinned", "--no-checkpoint"]);
-    let refused = env.expect_code(&["checkpoints", "pinned", "--delete", &taken[3], "--force"], 3);
+    let out = env.run(&["checkpoints", "pinned", "--delete", &taken[3], "--force"]);
+    let refused = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{refused}");
     assert!(refused.contains(&format!("it is the parent of checkpoint {}", taken[4])), "{refused}");
     let started = start_from(&env, "pinned", &taken[4]);
     assert_eq!(started["started_from"], "checkpoint", "{started}");

@@ -4,8 +4,8 @@ its number, its version (how often it was rewritten) and a token drawn at the co
 HTTP: GET /check answers `ok PAGES DIGEST` once every page holds the pattern of its version
 (DIGEST: a hash of every page's version, so a test can tell which moment the memory is from),
 else `bad N FIRST`; GET /write/FIRST/COUNT rewrites COUNT pages from page FIRST with their next
-version and answers the new digest. With WRITER=1 a thread keeps rewriting random pages (a
-service that keeps writing while it is dumped); the versions and the pages change under one
+version and answers the new digest. With WRITER=1 a thread keeps rewriting random pages of its
+first sixteenth (a service that keeps writing its hot data while it is dumped); the versions and the pages change under one
 lock, so at any freeze they agree once the thread has finished its page. Its arguments are
 ignored: a test puts its own directory there to know its processes."""
 import hashlib
@@ -53,11 +53,12 @@ def check():
 
 
 def writer():
+    hot = max(1, pages // 16)
     while True:
         with lock:
-            for _ in range(16):
-                write(random.randrange(pages))
-        time.sleep(0.001)
+            for _ in range(8):
+                write(random.randrange(hot))
+        time.sleep(0.005)
 
 
 class Handler(json_http.Handler):
