@@ -58,7 +58,8 @@ fn write_pages(port: u16, first: u32, count: u32) -> String {
 
 /// `stasis checkpoint NAME --json`: the new checkpoint's id.
 fn checkpoint(env: &common::Env, name: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(&env.ok(&["checkpoint", name, "--json"])).expect("checkpoint --json");
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["checkpoint", name, "--json"])).expect("checkpoint --json");
     v["checkpoint"].as_str().expect("a checkpoint id").to_string()
 }
 
@@ -129,14 +130,18 @@ fn an_incremental_chain_restores_at_every_link_with_the_right_memory() {
         assert!(now.starts_with(&format!("ok {pages} ")), "{id}: every page right: {now}");
         env.ok(&["stop", "chain", "--no-checkpoint"]);
     }
-    assert!(!env.service_dir("chain").join("checkpoints").join(&c3).join(".restore-flat").exists(), "the flat images are gone");
+    assert!(
+        !env.service_dir("chain").join("checkpoints").join(&c3).join(".restore-flat").exists(),
+        "the flat images are gone"
+    );
     drop(env);
     assert_eq!(nft_criu_tables(), tables, "no CRIU network-lock table left behind");
 }
 
 /// `full_every: 2`: two incremental checkpoints after a full one, then a full one again;
 /// `keep_checkpoints: 1` keeps a kept checkpoint's parents (pinned) and lets a whole chain go
-/// once a newer full one is kept; deleting a parent by hand is refused, naming its child.
+/// once a newer full one is kept; deleting a parent by hand is refused, naming its child; a
+/// compressed chain restores.
 #[test]
 fn full_every_is_honoured_and_retention_keeps_parents() {
     if !common::vm::soft_dirty_here_or_in_vm("full_every_is_honoured_and_retention_keeps_parents") {
@@ -144,7 +149,8 @@ fn full_every_is_honoured_and_retention_keeps_parents() {
     }
     let env = common::Env::new();
     let [kill, port] = common::free_ports::<2>();
-    let extra = "checkpoint_every: 1h\nfull_every: 2\nkeep_checkpoints: 1\n";
+    // Compressed: a restore reads every link's pages through zstd.
+    let extra = "checkpoint_every: 1h\nfull_every: 2\nkeep_checkpoints: 1\ncompression: zstd\n";
     env.write_service("pinned", &versioned_yaml(&env, kill, port, 8, extra));
     env.start("pinned");
     check(port);
@@ -236,7 +242,10 @@ fn a_pre_copy_stop_of_a_service_that_keeps_writing_restores_every_page() {
     let writing = "environment:\n  WRITER: \"1\"\n";
     let yaml = versioned_yaml(&env, k1, p1, 32, "").replace("environment:\n", writing);
     env.write_service("precopy", &yaml);
-    env.write_service("plain", &(versioned_yaml(&env, k2, p2, 8, "").replace("environment:\n", writing) + "stop_pre_copy: false\n"));
+    env.write_service(
+        "plain",
+        &(versioned_yaml(&env, k2, p2, 8, "").replace("environment:\n", writing) + "stop_pre_copy: false\n"),
+    );
     let pages = 32 << 8;
     for (name, port) in [("precopy", p1), ("plain", p2)] {
         env.start(name);

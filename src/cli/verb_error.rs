@@ -50,9 +50,7 @@ impl VerbError {
             VerbError::NoSuchCheckpoint { .. }
             | VerbError::OnlyFresh { .. }
             | VerbError::LastGood { .. }
-            | VerbError::Parent { .. } => {
-                exit_codes::CONFIG
-            }
+            | VerbError::Parent { .. } => exit_codes::CONFIG,
             VerbError::Quarantined { .. } | VerbError::StillDamaged { .. } | VerbError::DoesNotFit { .. } => {
                 exit_codes::RESTORE_REFUSED
             }

@@ -24,8 +24,8 @@
 use super::images::{push_entry, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::stored::{Stored, StoredWriter, Transform};
 use crate::store::StoreError;
-use std::io::{Read, Write};
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
@@ -322,7 +322,6 @@ fn pagemap_name(dst_id: u64) -> Result<String, PageServerError> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,7 +343,13 @@ mod tests {
         let images = d.path().to_path_buf();
         let server = std::thread::spawn(move || {
             let t = Transform { compression: None, key: None };
-            serve(ours, &images, &Pages { rel_dir: "images".into(), ..Default::default() }, &t, Instant::now() + std::time::Duration::from_secs(20))
+            serve(
+                ours,
+                &images,
+                &Pages { rel_dir: "images".into(), ..Default::default() },
+                &t,
+                Instant::now() + std::time::Duration::from_secs(20),
+            )
         });
         let mut criu = criu;
         let page = |b: u8| vec![b; PAGE as usize];
@@ -408,7 +413,11 @@ mod tests {
         assert_eq!((got.pages, got.parent_pages), (1, 3));
         let runs = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
         assert_eq!(runs, (1, vec![(0x1000, 1, PE_PRESENT), (0x2000, 3, PE_PARENT)]));
-        assert_eq!(std::fs::read(d.path().join("pages-1.img")).unwrap().len(), PAGE as usize, "no bytes for the parent's");
+        assert_eq!(
+            std::fs::read(d.path().join("pages-1.img")).unwrap().len(),
+            PAGE as usize,
+            "no bytes for the parent's"
+        );
 
         // A run left in a parent that does not have the pagemap is refused.
         let (ours, mut criu) = UnixStream::pair().unwrap();
@@ -436,7 +445,13 @@ mod tests {
             criu.write_all(&bytes).unwrap();
             drop(criu);
             let dir = tempfile::tempdir_in(d.path()).unwrap();
-            serve(ours, dir.path(), &Pages { rel_dir: "images".into(), ..Default::default() }, &t, Instant::now() + std::time::Duration::from_secs(5))
+            serve(
+                ours,
+                dir.path(),
+                &Pages { rel_dir: "images".into(), ..Default::default() },
+                &t,
+                Instant::now() + std::time::Duration::from_secs(5),
+            )
         };
         assert!(matches!(run(Vec::new()), Err(PageServerError::Closed)), "closed before done");
         let open = iov(PS_IOV_OPEN, 0, 0, (1 << 8) | PS_TYPE_PID);

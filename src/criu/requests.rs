@@ -129,7 +129,11 @@ impl Criu {
                 || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
             let action = if pre_dump { PRE_DUMP_ACTION } else { ACTION };
             let failed = |status: String, first: Option<String>| failure(action, status, &recent, &log, first);
-            let dumped = if pre_dump { pre_dump_answer(reply, swrk, timed_out, &failed) } else { dump_answer(reply, swrk, timed_out, &failed) };
+            let dumped = if pre_dump {
+                pre_dump_answer(reply, swrk, timed_out, &failed)
+            } else {
+                dump_answer(reply, swrk, timed_out, &failed)
+            };
             take(&mut pages);
             drop(work);
             with_pages(dumped, pages.expect("taken"), &failed)

@@ -120,7 +120,8 @@ pub fn pinned_by(all: &[ListedCheckpoint], kept: &[&ListedCheckpoint]) -> BTreeS
             if !pinned.insert(p.id.clone()) {
                 break;
             }
-            next = all.iter().find(|c| c.id == p.id).and_then(|c| c.manifest.as_ref().ok()).and_then(|m| m.parent.clone());
+            next =
+                all.iter().find(|c| c.id == p.id).and_then(|c| c.manifest.as_ref().ok()).and_then(|m| m.parent.clone());
         }
     }
     pinned
@@ -173,7 +174,10 @@ fn is_pagemap(name: &str) -> bool {
 pub fn flatten(chain: &[Checkpoint]) -> Result<PlainImages, ChainError> {
     let top = &chain[0];
     let dir = top.dir.join(".restore-flat");
-    let io = |path: &Path, e: &dyn std::fmt::Display| ChainError::Flatten { path: path.display().to_string(), why: e.to_string() };
+    let io = |path: &Path, e: &dyn std::fmt::Display| ChainError::Flatten {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
     let _ = fs::remove_dir_all(&dir);
     super::durable::create_dir_with_mode(&dir, 0o700).map_err(|e| io(&dir, &e))?;
     let flat = PlainImages { dir };

@@ -6,8 +6,8 @@
 
 use super::durable::{create_dir_with_mode, fsync_dir, write_atomic, write_atomic_with, Durability};
 use super::finalize::fsync_and_hash;
-use super::manifest::IMAGES_DIR;
 use super::generation::{GenerationFile, Generations};
+use super::manifest::IMAGES_DIR;
 use super::manifest::{Manifest, HASH_ALGORITHM, MANIFEST_FILE};
 use super::StoreError;
 use crate::paths::ServicePaths;

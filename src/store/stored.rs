@@ -182,7 +182,12 @@ impl StoredWriter {
 
     /// The same, in a directory the manifest names `rel_dir` (relative to the checkpoint
     /// directory: `images`, or `images/pre-dump` for a pre-copy stop's pre-dump).
-    pub fn create_under(images: &Path, rel_dir: &str, plain: &str, t: &Transform<'_>) -> Result<StoredWriter, StoreError> {
+    pub fn create_under(
+        images: &Path,
+        rel_dir: &str,
+        plain: &str,
+        t: &Transform<'_>,
+    ) -> Result<StoredWriter, StoreError> {
         let stored = t.stored_name(plain);
         let path = images.join(&stored);
         let write = |source| StoreError::Write { path: path.clone(), source };

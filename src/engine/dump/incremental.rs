@@ -35,7 +35,7 @@ pub enum Base {
     Tracked,
     /// Only the pages written since `parent` (`track_mem` + `parent_img`); `depth` is the new
     /// checkpoint's place in the chain.
-    Parent { parent: Checkpoint, depth: u32 },
+    Parent { parent: Box<Checkpoint>, depth: u32 },
 }
 
 impl Base {
@@ -78,7 +78,7 @@ pub fn plan(ctx: &Job, init_pid: i32, kind: DumpKind, dry: bool) -> Base {
         return Base::Tracked;
     }
     match ctx.store.get(&t.checkpoint).ok().flatten().and_then(|c| c.checkpoint()) {
-        Some(parent) => Base::Parent { parent, depth: t.depth + 1 },
+        Some(parent) => Base::Parent { parent: Box::new(parent), depth: t.depth + 1 },
         None => Base::Tracked,
     }
 }
@@ -92,8 +92,7 @@ pub fn forget(ctx: &Job) {
 /// Called once a tracked dump of `init_pid` became checkpoint `id`.
 pub fn remember(ctx: &Job, init_pid: i32, id: &str, depth: u32) {
     let Some(started) = start_time(init_pid) else { return };
-    *ctx.tracked.lock().expect("not poisoned") =
-        Some(Tracked { init_pid, started, checkpoint: id.to_string(), depth });
+    *ctx.tracked.lock().expect("not poisoned") = Some(Tracked { init_pid, started, checkpoint: id.to_string(), depth });
 }
 
 /// When the process started (clock ticks after boot): with its pid, what tells it from a later

@@ -23,8 +23,8 @@ use crate::process::tree;
 use crate::store::seal::Key;
 use crate::store::{Checkpoint, DumpKind, Manifest, PendingCheckpoint};
 use incremental::Base;
-use pre_copy::PreCopied;
 use post_dump::{Frozen, Refusal};
+use pre_copy::PreCopied;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -92,13 +92,18 @@ pub fn take_checkpoint(
     outcome
 }
 
-/// Whether the disk holding the checkpoints has room for one more, estimated from the newest
-/// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
+/// Whether the disk holding the checkpoints has room for one more, estimated from the biggest
+/// kept checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
 /// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
 /// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
 pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), NoRoom> {
-    let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
-    let estimate = match newest {
+    // The biggest kept one: the newest may be incremental, and the next one full.
+    let biggest = ctx
+        .store
+        .list()
+        .ok()
+        .and_then(|l| l.iter().filter_map(|c| c.checkpoint()).max_by_key(|c| c.manifest.size_bytes));
+    let estimate = match biggest {
         Some(cp) => cp.manifest.size_bytes,
         // The /dev/shm copies come on top (a segment only held open is in no resident set).
         None => {
