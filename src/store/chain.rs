@@ -380,6 +380,142 @@ mod tests {
         })
     }
 
+    /// A checkpoint in `dir` whose images are `files` (name, bytes), with `parent`.
+    fn checkpoint(dir: &Path, id: &str, files: &[(&str, Vec<u8>)], parent: Option<&Checkpoint>) -> Checkpoint {
+        fs::create_dir_all(dir.join("images")).unwrap();
+        for (name, bytes) in files {
+            fs::write(dir.join("images").join(name), bytes).unwrap();
+        }
+        let mut m: super::super::Manifest = serde_json::from_str(&format!(
+            r#"{{"format":3,"id":"{id}","generation":1,"service":"s","kind":"periodic","created_at":"t",
+            "stasis_version":"0","criu_version":"4.2.1","kernel_version":"6.1","config_digest":"c",
+            "hash_algorithm":"blake3","executables":[],"init_binary":"/i","stdout_pipe_inode":null,
+            "size_bytes":0}}"#
+        ))
+        .unwrap();
+        m.images = Some(
+            files
+                .iter()
+                .map(|(name, bytes)| ImageFile {
+                    path: format!("images/{name}"),
+                    size: bytes.len() as u64,
+                    hash: blake3::hash(bytes).to_hex().to_string(),
+                })
+                .collect(),
+        );
+        m.parent =
+            parent.map(|p| super::super::ParentRef { id: p.id.clone(), content_hash: p.manifest.content_hash() });
+        Checkpoint { id: id.into(), dir: dir.to_path_buf(), manifest: m }
+    }
+
+    fn pagemap(runs: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut b = crate::criu::images::pagemap_head(1);
+        for &(vaddr, pages, flags) in runs {
+            crate::criu::images::push_entry(
+                &mut b,
+                &crate::criu::images::pb::PagemapEntry {
+                    vaddr,
+                    compat_nr_pages: 0,
+                    in_parent: None,
+                    flags: Some(flags),
+                    nr_pages: Some(pages),
+                },
+            );
+        }
+        b
+    }
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; PAGE as usize]
+    }
+
+    /// The flat images are what a full dump of the child's moment would be: every page present,
+    /// each from the newest layer that has it, compressed links read through zstd; the child's
+    /// other images linked, the parent's not.
+    #[test]
+    fn a_chain_flattens_into_the_full_images_of_its_newest_link() {
+        let d = tempfile::tempdir().unwrap();
+        let parent_pages = [page(b'A'), page(b'B'), page(b'C')].concat();
+        let parent = checkpoint(
+            &d.path().join("p"),
+            "p",
+            &[
+                ("pagemap-1.img", pagemap(&[(0x1000, 3, PE_PRESENT)])),
+                ("pages-1.img.zst", zstd::encode_all(&parent_pages[..], 3).unwrap()),
+                ("inventory.img", b"parent's".to_vec()),
+            ],
+            None,
+        );
+        let child = checkpoint(
+            &d.path().join("c"),
+            "c",
+            &[
+                (
+                    "pagemap-1.img",
+                    pagemap(&[
+                        (0x1000, 1, PE_PARENT),
+                        (0x2000, 1, PE_PRESENT),
+                        (0x3000, 1, PE_PARENT),
+                        (0x4000, 1, PE_PRESENT),
+                    ]),
+                ),
+                ("pages-1.img", [page(b'b'), page(b'D')].concat()),
+                ("core-1.img", b"core".to_vec()),
+            ],
+            Some(&parent),
+        );
+        let flat = flatten(&[child, parent]).unwrap();
+        assert_eq!(
+            fs::read(flat.dir.join("pages-1.img")).unwrap(),
+            [page(b'A'), page(b'b'), page(b'C'), page(b'D')].concat()
+        );
+        let (_, runs) = pagemap_runs(&flat.dir, "pagemap-1.img").unwrap();
+        assert_eq!(runs, (1..=4).map(|n| (n * 0x1000, 1, PE_PRESENT)).collect::<Vec<_>>());
+        assert_eq!(fs::read(flat.dir.join("core-1.img")).unwrap(), b"core");
+        assert!(!flat.dir.join("inventory.img").exists(), "only the newest link's own images");
+    }
+
+    /// The chain is resolved from the manifests: a parent gone, or replaced by another
+    /// checkpoint of the same id, is named; a damaged image in a parent is found by `verify`.
+    #[test]
+    fn a_missing_replaced_or_damaged_parent_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = crate::paths::ServicePaths {
+            root: d.path().to_path_buf(),
+            lock: d.path().join("l"),
+            control_socket: d.path().join("s"),
+        };
+        let store = CheckpointStore::new(&paths);
+        let listed = |c: &Checkpoint| ListedCheckpoint {
+            id: c.id.clone(),
+            dir: c.dir.clone(),
+            manifest: Ok(c.manifest.clone()),
+        };
+        let parent = checkpoint(&d.path().join("p"), "p", &[("pages-1.img", page(1))], None);
+        let child = checkpoint(&d.path().join("c"), "c", &[("pages-1.img", page(2))], Some(&parent));
+        assert_eq!(resolve_in(&[listed(&parent), listed(&child)], &child).unwrap().len(), 2);
+        let gone = resolve_in(&[listed(&child)], &child).unwrap_err();
+        assert!(matches!(&gone, ChainError::MissingParent { parent, .. } if parent == "p"), "{gone}");
+        let other = checkpoint(&d.path().join("o"), "p", &[("pages-1.img", page(3))], None);
+        let replaced = resolve_in(&[listed(&other), listed(&child)], &child).unwrap_err();
+        assert!(matches!(replaced, ChainError::ReplacedParent { .. }), "{replaced}");
+        // verify() reads the store: put the two there, then damage the parent's pages.
+        fs::create_dir_all(store.dir()).unwrap();
+        for c in [&parent, &child] {
+            fs::rename(&c.dir, store.dir().join(&c.id)).unwrap();
+        }
+        let mut child = child;
+        child.dir = store.dir().join("c");
+        let write_manifest =
+            |c: &Checkpoint| fs::write(c.dir.join("manifest.json"), c.manifest.to_sealed_bytes()).unwrap();
+        write_manifest(&Checkpoint { dir: store.dir().join("p"), ..parent.clone() });
+        write_manifest(&child);
+        assert_eq!(verify(&store, &child).unwrap().len(), 2);
+        fs::write(store.dir().join("p/images/pages-1.img"), page(9)).unwrap();
+        let e = verify(&store, &child).unwrap_err();
+        assert_eq!(e.damaged_link(), Some("p"), "{e}");
+    }
+
     #[test]
     fn pages_in_parents_are_found_in_the_layer_that_has_them() {
         let maps = vec![
