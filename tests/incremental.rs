@@ -120,7 +120,9 @@ fn an_incremental_chain_restores_at_every_link_with_the_right_memory() {
         assert!(written(c) * 4 < written(&c1), "{c} holds only what changed: {} of {}", written(c), written(&c1));
         assert_eq!(row(&all, c)["chain_problem"], serde_json::Value::Null, "{all}");
     }
-    assert!(env.log("chain").contains("incremental (only the pages written since the previous one)"));
+    let log = env.log("chain");
+    assert!(log.contains("incremental (only the pages written since the previous one)"), "{log}");
+    assert!(log.contains(&format!("incremental: only the pages written since checkpoint {c2} (2 in its chain)")), "{log}");
     env.ok(&["stop", "chain", "--no-checkpoint"]);
     for (id, at) in [(&c1, &d0), (&c2, &d1), (&c3, &d2)] {
         let started = start_from(&env, "chain", id);
@@ -260,6 +262,8 @@ fn a_pre_copy_stop_of_a_service_that_keeps_writing_restores_every_page() {
     let (pre, frozen) = (c["timings"]["pre_copy_pages"].as_u64().unwrap(), c["timings"]["pages"].as_u64().unwrap());
     assert!(pre >= pages, "the pre-dump copied the memory: {c}");
     assert!(frozen * 4 < pre, "the freeze dumped only what changed since: {frozen} of {pre}");
+    let log = env.log("precopy");
+    assert!(log.contains(&format!("pre-copy: {pre} pages copied in ")), "{log}");
     let started = env.start("precopy");
     assert_eq!(started["started_from"], "checkpoint", "{started}");
     let now = check(p1);

@@ -86,7 +86,7 @@ pub fn take_checkpoint(
     };
     if let Some(report) = outcome.as_mut().ok().filter(|r| !r.dry) {
         tracing::debug!("dump: retention");
-        report.notes = super::retention::apply(ctx);
+        report.notes.extend(super::retention::apply(ctx));
         tracing::debug!("dump: retention done");
     }
     outcome
@@ -190,7 +190,9 @@ fn dump(
                 if run.base.track_mem() && !stopping {
                     incremental::remember(ctx, init_pid, &cp.id, run.base.depth());
                 }
-                report(&ctx.dirs.state_dir, cp, stopping, started, dump_ms)
+                let mut r = report(&ctx.dirs.state_dir, cp, stopping, started, dump_ms);
+                r.notes.extend(chain_note(run.base, run.pre));
+                r
             })
         }
     });
@@ -395,6 +397,20 @@ fn settle(run: &Run, dumped: Dumped, gate: Option<&dyn StopGate>) -> Result<Chec
                 None => Err(DumpError::Criu(Box::new(FailedDump::new(ctx, pending, e, dumped.refusal)))),
             }
         }
+    }
+}
+
+/// What the service log says of an incremental checkpoint or a pre-copy stop.
+fn chain_note(base: &Base, pre: Option<&PreCopied>) -> Option<String> {
+    match (base, pre) {
+        (_, Some(p)) => Some(format!(
+            "pre-copy: {} pages copied in {} ms while the service ran; the freeze dumped only what changed since",
+            p.received.pages, p.took_ms
+        )),
+        (Base::Parent { parent, depth }, None) => {
+            Some(format!("incremental: only the pages written since checkpoint {} ({depth} in its chain)", parent.id))
+        }
+        _ => None,
     }
 }
 
