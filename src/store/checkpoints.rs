@@ -699,6 +699,30 @@ mod tests {
         assert!(s.beyond_retention(5).unwrap().is_empty());
     }
 
+    /// Incremental checkpoints pin their parents: retention never takes a parent a kept
+    /// checkpoint needs, and takes the whole chain once a newer full one is kept.
+    #[test]
+    fn retention_keeps_the_parents_of_kept_checkpoints() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let on = |parent: Option<&Checkpoint>| {
+            let p = begin(&s);
+            fs::write(p.images_dir().join("pages-1.img"), b"pages").unwrap();
+            let mut m = draft(&p.id);
+            m.parent =
+                parent.map(|c| crate::store::ParentRef { id: c.id.clone(), content_hash: c.manifest.content_hash() });
+            p.write_draft(&m).unwrap();
+            p.finalize().unwrap()
+        };
+        let a = on(None);
+        let b = on(Some(&a));
+        let c = on(Some(&b));
+        assert!(s.beyond_retention(1).unwrap().is_empty(), "c needs b, which needs a");
+        let _d = on(None);
+        let doomed: Vec<String> = s.beyond_retention(1).unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(doomed, vec![a.id, b.id, c.id], "a newer full one kept: the chain goes");
+    }
+
     #[test]
     fn a_recorded_run_makes_checkpoints_stale_and_can_be_undone() {
         let d = tempfile::tempdir().unwrap();
