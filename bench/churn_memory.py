@@ -6,7 +6,8 @@ spread over the memory (default), or with SCATTER=1 one byte in every (1000 / PE
 page, the same count of pages spread as thinly as can be (with transparent huge pages, each
 write then makes a whole 2 MiB huge page dirty). GET /hot/PERMILLE starts a thread that keeps
 rewriting the same share (its first blocks) every 50 ms: a service that keeps writing its hot
-data while it is stopped."""
+data while it is stopped. NO_THP=1 keeps transparent huge pages off its memory
+(MADV_NOHUGEPAGE)."""
 import mmap
 import os
 import threading
@@ -17,6 +18,9 @@ PAGE = 4096
 mib = int(os.environ["MIB"])
 pages = mib << 8
 memory = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+if os.environ.get("NO_THP") == "1":
+    # Before the first touch: no huge page backs it, so the kernel tracks each 4 KiB page.
+    memory.madvise(mmap.MADV_NOHUGEPAGE)
 block = os.urandom(1 << 20)
 for i in range(mib):
     memory[i << 20:(i + 1) << 20] = block
