@@ -155,6 +155,31 @@ fn an_incremental_chain_restores_at_every_link_with_the_right_memory() {
     assert!(ours.iter().all(|t| !left.contains(t.as_str())), "no CRIU network-lock table of ours left behind: {left}");
 }
 
+/// The supervisor's own periodic checkpoints chain the same way: full, then `full_every`
+/// incremental ones, then full again.
+#[test]
+fn periodic_checkpoints_are_incremental() {
+    if !common::vm::soft_dirty_here_or_in_vm("periodic_checkpoints_are_incremental") {
+        return;
+    }
+    let env = common::Env::new();
+    let [kill, port] = common::free_ports::<2>();
+    let extra = "checkpoint_every: 2s\nfull_every: 2\nkeep_checkpoints: 10\n";
+    env.write_service("ticking", &versioned_yaml(&env, kill, port, 8, extra));
+    env.start("ticking");
+    check(port);
+    let all = common::wait_for("four periodic checkpoints", || {
+        let all = rows(&env, "ticking");
+        (all["checkpoints"].as_array().unwrap().len() >= 4).then_some(all)
+    });
+    env.ok(&["stop", "ticking", "--no-checkpoint"]);
+    let taken = &all["checkpoints"].as_array().unwrap()[..4];
+    let parents: Vec<&serde_json::Value> = taken.iter().map(|c| &c["parent"]).collect();
+    let id = |i: usize| serde_json::Value::from(taken[i]["id"].as_str().unwrap());
+    assert_eq!(parents, [&serde_json::Value::Null, &id(0), &id(1), &serde_json::Value::Null], "{all}");
+    assert!(taken.iter().all(|c| c["kind"] == "periodic"), "{all}");
+}
+
 /// `full_every: 2`: two incremental checkpoints after a full one, then a full one again;
 /// `keep_checkpoints: 1` keeps a kept checkpoint's parents (pinned) and lets a whole chain go
 /// once a newer full one is kept; deleting a parent by hand is refused, naming its child; a
