@@ -9,11 +9,14 @@
 //! Why a restore flattens instead of handing CRIU the directories with `parent` links: CRIU
 //! cannot read a parent through stasis's image streamer (criu/pagemap.c refuses incremental
 //! images when streaming), a compressed link's pages would have to be written out plain anyway,
-//! and a link could change between the check and CRIU's read of it. Flattening reads every link
-//! once, after the link was verified, and writes one plain `pagemap-N.img` + `pages-N.img` per
-//! process that a full dump would have written: CRIU restores it as it restores any checkpoint.
-//! The cost is one write of the memory at restore time (as for a compressed checkpoint with a
-//! CRIU that cannot be served its images, store::compress::PlainImages).
+//! and a link could change between the check and CRIU's read of it. Flattening
+//! ([`flatten_verified`]) checks every link's listing and small images first, then reads each
+//! pages file it needs once, from start to end, hashing the stored bytes as they are read (a
+//! mismatch names the link), and writes one plain `pagemap-N.img` + `pages-N.img` per process,
+//! what a full dump would have written: CRIU restores it as it restores any checkpoint, and only
+//! once every byte it is given checked out. The cost is one write of the memory at restore
+//! time (as for a compressed checkpoint with a CRIU that cannot be served its images,
+//! store::compress::PlainImages).
 
 use super::compress::{PlainImages, StoredName};
 use super::manifest::{ImageFile, IMAGES_DIR};
@@ -96,18 +99,37 @@ pub fn resolve_in(all: &[ListedCheckpoint], cp: &Checkpoint) -> Result<Vec<Check
     Ok(chain)
 }
 
-/// The whole chain of `cp`, every image of every link read and checked against its manifest.
-pub fn verify(store: &CheckpointStore, cp: &Checkpoint) -> Result<Vec<Checkpoint>, ChainError> {
+/// The chain of `cp`, written out flat for CRIU ([`flatten`]): every link's listing and every
+/// image but its memory pages checked first, and each pages file checked as it is read.
+pub fn flatten_verified(store: &CheckpointStore, cp: &Checkpoint) -> Result<PlainImages, ChainError> {
     let chain = resolve(store, cp)?;
     for link in &chain {
-        if link.manifest.encryption.is_some() && is_layered(link) {
+        if link.manifest.encryption.is_some() {
             return Err(ChainError::Sealed { id: link.id.clone() });
         }
         let images = link.manifest.images.as_deref().unwrap_or_default();
-        super::verify::verify_images(&link.dir, images)
-            .map_err(|problem| ChainError::Damaged { id: link.id.clone(), problem })?;
+        let damaged = |problem| ChainError::Damaged { id: link.id.clone(), problem };
+        super::verify::check_listing(&link.dir, images).map_err(damaged)?;
+        for f in images.iter().filter(|f| !is_pages_file(&f.path)) {
+            check_whole(&link.dir, f).map_err(damaged)?;
+        }
     }
-    Ok(chain)
+    flatten(&chain)
+}
+
+/// Whether an image (by its path in the manifest) holds memory pages.
+fn is_pages_file(path: &str) -> bool {
+    super::compress::is_pages(&StoredName::of(path.rsplit('/').next().unwrap_or(path)).plain)
+}
+
+/// One image read whole and checked against its manifest entry.
+fn check_whole(dir: &Path, f: &ImageFile) -> Result<(), ImageProblem> {
+    let hash = super::identity::hash_file(&dir.join(&f.path))
+        .map_err(|e| ImageProblem::Unreadable { path: f.path.clone(), error: e.to_string() })?;
+    if hash != f.hash {
+        return Err(ImageProblem::Checksum(f.path.clone()));
+    }
+    Ok(())
 }
 
 /// The ids of every checkpoint some checkpoint of `kept` needs (its ancestors), which must
@@ -136,8 +158,9 @@ pub fn children_of<'a>(all: &'a [ListedCheckpoint], id: &str) -> Vec<&'a ListedC
 struct Layer {
     id: String,
     dir: PathBuf,
-    /// Its files, by plain name (`pages-1.img`), as stored (`pages-1.img.zst`).
-    files: BTreeMap<String, String>,
+    /// Its files, by plain name (`pages-1.img`): as stored (`pages-1.img.zst`), with their
+    /// manifest entries.
+    files: BTreeMap<String, (String, ImageFile)>,
 }
 
 fn layers(chain: &[Checkpoint]) -> Vec<Layer> {
@@ -153,13 +176,13 @@ fn layers(chain: &[Checkpoint]) -> Vec<Layer> {
     out
 }
 
-/// The images directly in `rel` (not in a directory under it), plain name to stored name.
-fn files_in(images: &[ImageFile], rel: &str) -> BTreeMap<String, String> {
+/// The images directly in `rel` (not in a directory under it), by plain name.
+fn files_in(images: &[ImageFile], rel: &str) -> BTreeMap<String, (String, ImageFile)> {
     images
         .iter()
-        .filter_map(|f| f.path.strip_prefix(rel)?.strip_prefix('/'))
-        .filter(|name| !name.contains('/'))
-        .map(|name| (StoredName::of(name).plain, name.to_string()))
+        .filter_map(|f| Some((f.path.strip_prefix(rel)?.strip_prefix('/')?, f)))
+        .filter(|(name, _)| !name.contains('/'))
+        .map(|(name, f)| (StoredName::of(name).plain, (name.to_string(), f.clone())))
         .collect()
 }
 
@@ -169,9 +192,10 @@ fn is_pagemap(name: &str) -> bool {
 
 /// Writes the chain's images as one full, plain checkpoint for CRIU into a private directory
 /// beside `chain[0]` (removed when dropped): its own images hard-linked, and for each of its
-/// pagemaps one with every run present, its pages gathered from the links. The chain must have
-/// been verified ([`verify`]).
-pub fn flatten(chain: &[Checkpoint]) -> Result<PlainImages, ChainError> {
+/// pagemaps one with every run present, its pages gathered from the links, each pages file
+/// checked against its manifest entry as it is read. Everything else of the chain must have
+/// been checked ([`flatten_verified`]).
+fn flatten(chain: &[Checkpoint]) -> Result<PlainImages, ChainError> {
     let top = &chain[0];
     let dir = top.dir.join(".restore-flat");
     let io = |path: &Path, e: &dyn std::fmt::Display| ChainError::Flatten {
@@ -182,7 +206,7 @@ pub fn flatten(chain: &[Checkpoint]) -> Result<PlainImages, ChainError> {
     super::durable::create_dir_with_mode(&dir, 0o700).map_err(|e| io(&dir, &e))?;
     let flat = PlainImages { dir };
     let layers = layers(chain);
-    for (plain, stored) in &layers[0].files {
+    for (plain, (stored, _)) in &layers[0].files {
         let from = layers[0].dir.join(stored);
         if is_pagemap(plain) {
             flatten_pagemap(&layers, plain, &flat.dir)?;
@@ -219,7 +243,7 @@ struct Piece {
 }
 
 fn read_pagemap(layer: &Layer, name: &str) -> Result<Option<Pagemap>, ChainError> {
-    let Some(stored) = layer.files.get(name) else { return Ok(None) };
+    let Some((stored, _)) = layer.files.get(name) else { return Ok(None) };
     if stored != name {
         return Err(ChainError::Sealed { id: layer.id.clone() });
     }
@@ -322,35 +346,70 @@ fn flatten_pagemap(layers: &[Layer], name: &str, out_dir: &Path) -> Result<(), C
 }
 
 /// Copies `pieces` (sorted by where they are in the layer's pages file) into `out`, reading
-/// the layer's file once from start to end (decompressed as read when stored compressed).
+/// the layer's file once from start to end (decompressed as read when stored compressed) and
+/// hashing its stored bytes on the way: they must be the manifest's, or the link is damaged.
 fn copy_pieces(layer: &Layer, plain: &str, pieces: &[Piece], out: &fs::File) -> Result<(), ChainError> {
-    let stored = layer.files.get(plain).ok_or_else(|| ChainError::Flatten {
+    let (stored, entry) = layer.files.get(plain).ok_or_else(|| ChainError::Flatten {
         path: layer.dir.join(plain).display().to_string(),
         why: "the pagemap names a pages file the manifest does not list".into(),
     })?;
     let path = layer.dir.join(stored);
-    let io = |e: std::io::Error| ChainError::Flatten { path: path.display().to_string(), why: e.to_string() };
-    let file = fs::File::open(&path).map_err(io)?;
     let name = StoredName::of(stored);
     if name.sealed_as.is_some() {
         return Err(ChainError::Sealed { id: layer.id.clone() });
     }
-    let mut input: Box<dyn Read> = if name.compressed {
-        Box::new(zstd::stream::read::Decoder::new(file).map_err(io)?)
+    let damaged = |problem| ChainError::Damaged { id: layer.id.clone(), problem };
+    let file = fs::File::open(&path)
+        .map_err(|e| damaged(ImageProblem::Unreadable { path: entry.path.clone(), error: e.to_string() }))?;
+    let mut raw = Hashing { inner: file, hasher: blake3::Hasher::new(), read: 0 };
+    let copied = if name.compressed {
+        zstd::stream::read::Decoder::new(&mut raw).and_then(|mut z| copy_from(&mut z, pieces, out))
     } else {
-        Box::new(std::io::BufReader::with_capacity(1 << 20, file))
+        copy_from(&mut std::io::BufReader::with_capacity(1 << 20, &mut raw), pieces, out)
     };
+    // The rest of the file, so the hash covers all of it (and damage that stopped the copy is
+    // named as damage).
+    let drained = std::io::copy(&mut raw, &mut std::io::sink());
+    if raw.read != entry.size || raw.hasher.finalize().to_hex().as_str() != entry.hash {
+        return Err(damaged(ImageProblem::Checksum(entry.path.clone())));
+    }
+    copied
+        .and(drained.map(drop))
+        .map_err(|e| ChainError::Flatten { path: path.display().to_string(), why: e.to_string() })
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    read: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// The pieces' pages from `input` (the plain pages file, from its start) into `out`.
+fn copy_from(input: &mut dyn Read, pieces: &[Piece], out: &fs::File) -> std::io::Result<()> {
     let mut pos = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for p in pieces {
         let skip = (p.src - pos) * PAGE;
-        std::io::copy(&mut (&mut input).take(skip), &mut std::io::sink()).map_err(io)?;
+        let skipped = std::io::copy(&mut input.take(skip), &mut std::io::sink())?;
+        if skipped != skip {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the pages file ends early"));
+        }
         let mut left = p.pages * PAGE;
         let mut to = p.dst * PAGE;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
-            input.read_exact(&mut buf[..n]).map_err(io)?;
-            out.write_all_at(&buf[..n], to).map_err(io)?;
+            input.read_exact(&mut buf[..n])?;
+            out.write_all_at(&buf[..n], to)?;
             left -= n as u64;
             to += n as u64;
         }
@@ -491,8 +550,18 @@ mod tests {
             dir: c.dir.clone(),
             manifest: Ok(c.manifest.clone()),
         };
-        let parent = checkpoint(&d.path().join("p"), "p", &[("pages-1.img", page(1))], None);
-        let child = checkpoint(&d.path().join("c"), "c", &[("pages-1.img", page(2))], Some(&parent));
+        let parent = checkpoint(
+            &d.path().join("p"),
+            "p",
+            &[("pagemap-1.img", pagemap(&[(0x1000, 1, PE_PRESENT)])), ("pages-1.img", page(1))],
+            None,
+        );
+        let child = checkpoint(
+            &d.path().join("c"),
+            "c",
+            &[("pagemap-1.img", pagemap(&[(0x1000, 1, PE_PARENT), (0x2000, 1, PE_PRESENT)])), ("pages-1.img", page(2))],
+            Some(&parent),
+        );
         assert_eq!(resolve_in(&[listed(&parent), listed(&child)], &child).unwrap().len(), 2);
         let gone = resolve_in(&[listed(&child)], &child).unwrap_err();
         assert!(matches!(&gone, ChainError::MissingParent { parent, .. } if parent == "p"), "{gone}");
@@ -510,10 +579,24 @@ mod tests {
             |c: &Checkpoint| fs::write(c.dir.join("manifest.json"), c.manifest.to_sealed_bytes()).unwrap();
         write_manifest(&Checkpoint { dir: store.dir().join("p"), ..parent.clone() });
         write_manifest(&child);
-        assert_eq!(verify(&store, &child).unwrap().len(), 2);
-        fs::write(store.dir().join("p/images/pages-1.img"), page(9)).unwrap();
-        let e = verify(&store, &child).unwrap_err();
+        let flat = flatten_verified(&store, &child).unwrap();
+        assert_eq!(fs::read(flat.dir.join("pages-1.img")).unwrap(), [page(1), page(2)].concat());
+        drop(flat);
+        // A flipped byte in the parent's pages, found as they are read.
+        let mut pages = page(1);
+        pages[100] ^= 1;
+        fs::write(store.dir().join("p/images/pages-1.img"), pages).unwrap();
+        let Err(e) = flatten_verified(&store, &child) else { panic!("the damage was not found") };
         assert_eq!(e.damaged_link(), Some("p"), "{e}");
+        assert!(e.to_string().contains("images/pages-1.img does not match its checksum"), "{e}");
+        // A damaged pagemap of the child's own, found before anything is read.
+        fs::write(store.dir().join("p/images/pages-1.img"), page(1)).unwrap();
+        let mut map = fs::read(child.dir.join("images/pagemap-1.img")).unwrap();
+        let last = map.len() - 1;
+        map[last] ^= 1;
+        fs::write(child.dir.join("images/pagemap-1.img"), map).unwrap();
+        let Err(e) = flatten_verified(&store, &child) else { panic!("the damage was not found") };
+        assert_eq!(e.damaged_link(), Some("c"), "{e}");
     }
 
     #[test]

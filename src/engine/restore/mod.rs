@@ -215,20 +215,25 @@ enum Images {
     Served,
     /// Read by CRIU from the checkpoint (or plain copies of its images), checked before.
     Read,
-    /// An incremental checkpoint or a pre-copy stop: its chain, every link checked, written out
-    /// as one full checkpoint for CRIU (store::chain).
-    Flattened(Vec<Checkpoint>),
+    /// An incremental checkpoint or a pre-copy stop: its chain written out as one full
+    /// checkpoint for CRIU, every byte of it checked (store::chain).
+    Flattened(crate::store::compress::PlainImages),
 }
 
-/// Every link of a layered checkpoint's chain read and checked. A damaged link is quarantined
-/// (unless the user named `cp`): when it is a parent, every checkpoint that needs it is
-/// unrestorable, and the start goes on to an older one.
-fn verify_chain(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Vec<Checkpoint>, Refusal> {
+/// A layered checkpoint's chain checked and written out flat for CRIU (store::chain). A damaged
+/// link is quarantined (unless the user named `cp`): when it is a parent, every checkpoint that
+/// needs it is unrestorable, and the start goes on to an older one.
+fn verify_chain(
+    ctx: &Job,
+    cp: &Checkpoint,
+    explicit: bool,
+    progress: Progress,
+) -> Result<crate::store::compress::PlainImages, Refusal> {
     if cp.manifest.size_bytes >= crate::engine::progress::BIG {
-        phase(progress, "verifying", cp.manifest.size_bytes);
+        phase(progress, "verifying and flattening", cp.manifest.size_bytes);
     }
-    let e = match crate::store::chain::verify(&ctx.store, cp) {
-        Ok(chain) => return Ok(chain),
+    let e = match crate::store::chain::flatten_verified(&ctx.store, cp) {
+        Ok(flat) => return Ok(flat),
         Err(e) => e,
     };
     let reason = format!("checkpoint {} failed verification before restore: {e}", cp.id);
@@ -405,13 +410,7 @@ fn restore(ctx: &Job, cp: &Checkpoint, images: Images, progress: Progress) -> Re
     };
     let (mut streamer, plain) = match (&lazy, images) {
         (Some(_), _) => (None, None),
-        (None, Images::Flattened(chain)) => {
-            if cp.manifest.size_bytes >= crate::engine::progress::BIG {
-                phase(progress, "flattening", cp.manifest.size_bytes);
-            }
-            let flat = crate::store::chain::flatten(&chain).map_err(|e| RestoreError::Other(e.to_string()))?;
-            (None, Some(flat))
-        }
+        (None, Images::Flattened(flat)) => (None, Some(flat)),
         (None, images) => image_source(ctx, cp, matches!(images, Images::Served), progress)?,
     };
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
