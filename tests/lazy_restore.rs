@@ -46,7 +46,8 @@ fn assert_lazy(dir: &Path) {
     let log = std::fs::read_to_string(dir.join("lazy-pages.log")).expect("the lazy-pages daemon's log");
     assert!(log.contains("Reusing ps socket"), "the daemon took its pages from stasis's socket:\n{log}");
     assert!(!dir.join("lazy-pages.socket").exists(), "the daemon's socket name is gone");
-    assert!(!dir.join(".restore-lazy").exists(), "the plain images are gone");
+    // Removed by the supervisor once it has seen the daemon's exit: moments after it.
+    wait_for("the plain images to be gone", || (!dir.join(".restore-lazy").exists()).then_some(()));
 }
 
 /// The lazy-pages daemons serving the restore of the checkpoint in `dir`: criu processes whose
@@ -164,6 +165,17 @@ fn a_flipped_byte_in_the_pages_kills_the_tree_before_it_runs_on_a_bad_page() {
     release_criu_tables(&env.service_dir("flip"));
 }
 
+/// A service `name` of `mib` MiB that reads pages all over its memory all the time, and the
+/// socket where it reports a page it read that is not its pattern, the moment it reads it.
+fn touching_service(env: &Env, name: &str, kill: u16, port: u16, mib: u32) -> std::net::UdpSocket {
+    let reports = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    reports.set_nonblocking(true).unwrap();
+    let beacon = reports.local_addr().unwrap().port();
+    let extra = format!("  TOUCH: \"1\"\n  BEACON: \"{beacon}\"\n");
+    env.write_service(name, &yaml(env, kill, port, mib, &extra));
+    reports
+}
+
 /// A number from the clock, for the moment of a kill.
 fn jitter(max_ms: u64) -> Duration {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
@@ -232,12 +244,7 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
     const ROUNDS: usize = 6;
     let env = Env::new();
     let [kill, port] = free_ports::<2>();
-    // Where the service reports a page it read that is not its pattern, the moment it reads it.
-    let reports = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    reports.set_nonblocking(true).unwrap();
-    let beacon = reports.local_addr().unwrap().port();
-    let extra = format!("  TOUCH: \"1\"\n  BEACON: \"{beacon}\"\n");
-    env.write_service("victim", &yaml(&env, kill, port, MIB, &extra));
+    let reports = touching_service(&env, "victim", kill, port, MIB);
     env.start("victim");
     let state_dir = env.state_dir().display().to_string();
     let mut outcomes = Vec::new();
@@ -328,4 +335,123 @@ fn a_daemon_that_hangs_is_given_restore_timeout_then_the_tree_is_killed_and_cold
     assert_eq!(check(port), format!("ok {}", 256 << 8));
     wait_for("the stopped daemon to be killed", || daemons(&dir).is_empty().then_some(()));
     env.ok(&["stop", "hung", "--no-checkpoint"]);
+}
+
+#[test]
+fn a_checkpoint_taken_while_pages_still_come_in_holds_every_page_and_status_shows_the_transfer() {
+    const MIB: u32 = 512;
+    let env = Env::new();
+    let [kill, port] = free_ports::<2>();
+    let ready = format!("ready: {{tcp: \"127.0.0.1:{port}\"}}\n");
+    env.write_service("midway", &yaml(&env, kill, port, MIB, &ready));
+    env.start("midway");
+    let before = token(port);
+    let (first, dir) = stop(&env, "midway");
+    let started = env.start("midway");
+    assert_eq!(started["checkpoint"], first.as_str(), "{started}");
+    // Right after the start: pages are still coming in, and the status says so.
+    let s = env.status("midway");
+    let t = &s["lazy_restore"];
+    assert_eq!(t["state"], "transferring", "{s}");
+    assert_eq!(t["checkpoint"], first.as_str(), "{s}");
+    let total = t["pages_total"].as_u64().unwrap();
+    assert!(total >= u64::from(MIB) * 256 * 9 / 10, "about {MIB} MiB held lazily: {s}");
+    assert_eq!(t["pages_in"].as_u64().unwrap() + t["pages_left"].as_u64().unwrap(), total, "{s}");
+    assert!(s["first_answer_ms"].as_u64().is_some(), "with ready:, the first answer is timed: {s}");
+    assert!(!daemons(&dir).is_empty(), "the transfer was under way when the stop came");
+    // A dump now would miss every page not yet in (they are not in the process): the stop waits
+    // for the transfer, and the checkpoint holds every page.
+    let (second, dir2) = stop(&env, "midway");
+    assert_ne!(second, first);
+    assert!(daemons(&dir).is_empty(), "the transfer had ended before the dump");
+    let log = std::fs::read_to_string(env.service_dir("midway").join("service.log")).unwrap_or_default();
+    let said = format!("Waiting: the lazy restore of checkpoint {first} is bringing pages in");
+    assert!(log.contains(&said), "the dump waited for the transfer, and said so:\n{log}");
+    let again = env.start("midway");
+    assert_eq!(again["checkpoint"], second.as_str(), "{again}");
+    assert_eq!(token(port), before, "the same service");
+    assert_eq!(check(port), format!("ok {}", MIB << 8), "every page of the second checkpoint right");
+    complete(&dir2);
+    let s = wait_for("the status to say the transfer is complete", || {
+        let s = env.status("midway");
+        (s["lazy_restore"]["state"] == "complete").then_some(s)
+    });
+    let t = &s["lazy_restore"];
+    assert_eq!(t["pages_left"], 0, "{s}");
+    assert!(t["complete_ms"].as_u64().is_some_and(|ms| ms > 0), "{s}");
+    let metrics = env.ok(&["metrics"]);
+    assert!(metrics.contains("stasis_lazy_restore_pages_left{service=\"midway\"} 0"), "{metrics}");
+    assert!(metrics.contains("stasis_lazy_restore_complete_seconds{service=\"midway\"}"), "{metrics}");
+    assert!(metrics.contains("stasis_restore_first_answer_seconds{service=\"midway\"}"), "{metrics}");
+    let human = env.ok(&["status", "midway"]);
+    assert!(human.contains("lazy restore: every page in"), "{human}");
+    env.ok(&["stop", "midway"]);
+    release_criu_tables(&env.service_dir("midway"));
+}
+
+#[test]
+fn the_supervisor_killed_mid_transfer_takes_the_tree_with_it_never_leaving_it_on_zeros() {
+    use nix::sys::signal::Signal;
+    const MIB: u32 = 768;
+    let env = Env::new();
+    let [kill, port] = free_ports::<2>();
+    let reports = touching_service(&env, "orphan", kill, port, MIB);
+    env.start("orphan");
+    let before = token(port);
+    let (id, dir) = stop(&env, "orphan");
+    env.start("orphan");
+    let s = env.status("orphan");
+    let state_dir = env.state_dir().display().to_string();
+    let supervisor = s["supervisor_pid"].as_i64().expect("a supervisor") as i32;
+    let init = s["init_pid"].as_i64().expect("an init pid") as i32;
+    assert_eq!(s["lazy_restore"]["state"], "transferring", "{s}");
+    assert!(!daemons(&dir).is_empty(), "the transfer is under way");
+    let init_pidfd = pidfd_of(init, &["stasis-init"]);
+    assert!(signal_if_ours(supervisor, &["__supervise", &state_dir], Signal::SIGKILL), "the supervisor was killed");
+    // The guard ends the tree (every process of its PID namespace) while its faults still wait.
+    wait_for("the restored tree to be killed", || pidfd_exited(&init_pidfd).then_some(()));
+    wait_for("the lazy-pages daemon to end", || daemons(&dir).is_empty().then_some(()));
+    assert!(http(port, "GET", "/", "").is_none(), "nothing answers on the service's port");
+    let mut buf = [0u8; 64];
+    if let Ok(n) = reports.recv(&mut buf) {
+        panic!("the service read a wrong page: {}", String::from_utf8_lossy(&buf[..n]));
+    }
+    // The tree ran from the checkpoint for a moment, so it is stale now: the next start says so
+    // and cold-starts (as after any run), and the checkpoint is kept, whole: restored on request
+    // with every byte right.
+    let cold = env.start("orphan");
+    assert_eq!(cold["started_from"], "cold", "{cold}");
+    let why = cold["fallback_reason"].as_str().unwrap_or_default();
+    assert!(why.contains(&id) && why.contains("stale"), "{cold}");
+    env.ok(&["stop", "orphan", "--no-checkpoint"]);
+    let started: Value = serde_json::from_str(&env.ok(&["start", "orphan", "--from", &id, "--json"])).unwrap();
+    assert_eq!(started["checkpoint"], id.as_str(), "{started}");
+    assert_eq!(token(port), before, "the same service");
+    assert_eq!(check(port), format!("ok {}", MIB << 8));
+    env.ok(&["stop", "orphan", "--no-checkpoint"]);
+    release_criu_tables(&env.service_dir("orphan"));
+}
+
+/// A pidfd of `pid`, once its command line (or name) shows one of `markers`: the pid cannot be
+/// reused under it.
+fn pidfd_of(pid: i32, markers: &[&str]) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open with no memory arguments; the descriptor is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(fd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nothing else owns.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let text = format!("{} {comm}", String::from_utf8_lossy(&cmdline));
+    assert!(markers.iter().any(|m| text.contains(m)), "pid {pid} is not ours: {text}");
+    owned
+}
+
+/// Whether the process of `pidfd` has exited.
+fn pidfd_exited(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd we own.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
 }

@@ -28,6 +28,11 @@ pub struct StatusView {
     pub checkpoint_timings: Option<crate::store::Timings>,
     /// How long the restore of the current (or last) run took; null after a cold start.
     pub restore_ms: Option<u64>,
+    /// From the start of the current run to its first answer to the readiness probe (`ready:`).
+    pub first_answer_ms: Option<u64>,
+    /// A lazy restore's transfer (`restore: lazy`): state, pages_in, pages_total, pages_left,
+    /// mib_per_s, and complete_ms once every page is in. Null when not restored lazily.
+    pub lazy_restore: Option<crate::engine::restore::lazy_start::TransferStatus>,
     pub fallback_reason: Option<String>,
     pub restored_checkpoint: Option<String>,
     pub init_pid: Option<i32>,
@@ -71,6 +76,8 @@ pub fn view(dirs: &Dirs, name: &str, kill_port: Option<u16>, config_error: Optio
         checkpoint_fresh,
         checkpoint_timings,
         restore_ms: record.as_ref().and_then(|r| r.restore_ms),
+        first_answer_ms: record.as_ref().and_then(|r| r.first_answer_ms).filter(|_| running),
+        lazy_restore: record.as_ref().and_then(|r| r.lazy_restore.clone()).filter(|_| running),
         fallback_reason: record.as_ref().and_then(|r| r.fallback_reason.clone()),
         restored_checkpoint: record.as_ref().and_then(|r| r.restored_checkpoint.clone()),
         init_pid,
@@ -159,6 +166,16 @@ fn print_one(v: &StatusView) {
             _ => println!("  started from: {}", from_word(from)),
         }
     }
+    let timings: Vec<String> = [("restore", v.restore_ms), ("first answer", v.first_answer_ms)]
+        .into_iter()
+        .filter_map(|(what, ms)| Some(format!("{what} {ms} ms", ms = ms?)))
+        .collect();
+    if !timings.is_empty() {
+        println!("  start took: {}", timings.join(", "));
+    }
+    if let Some(t) = &v.lazy_restore {
+        println!("  lazy restore: {}", transfer_line(t));
+    }
     if let Some(why) = &v.fallback_reason {
         println!("  fell back to a cold start: {}", crate::text::escape_lines(why));
     }
@@ -181,5 +198,33 @@ fn print_one(v: &StatusView) {
             crate::text::escape_lines(m),
             v.since.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()
         );
+    }
+}
+
+/// Where a lazy restore's transfer is, in one line.
+fn transfer_line(t: &crate::engine::restore::lazy_start::TransferStatus) -> String {
+    use crate::engine::restore::lazy_start::TransferState;
+    let mib = |pages: u64| pages as f64 * 4096.0 / f64::from(1 << 20);
+    match t.state {
+        TransferState::Transferring => format!(
+            "{:.0}% in ({:.0} of {:.0} MiB, {} pages left, {} MiB/s)",
+            100.0 * t.pages_in as f64 / t.pages_total.max(1) as f64,
+            mib(t.pages_in),
+            mib(t.pages_total),
+            t.pages_left,
+            t.mib_per_s
+        ),
+        TransferState::Complete => format!(
+            "every page in ({:.0} MiB) {} ms after the restore began, {} MiB/s",
+            mib(t.pages_in),
+            t.complete_ms.unwrap_or(0),
+            t.mib_per_s
+        ),
+        TransferState::Failed => {
+            format!(
+                "failed after {} of {} pages; the service was cold-started (see its log)",
+                t.pages_in, t.pages_total
+            )
+        }
     }
 }

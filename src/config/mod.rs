@@ -17,6 +17,5 @@ pub use load::{check_name, discover, load_named, load_service, service_name_from
 pub use schema::{CriuSection, ServiceFile};
 pub use validate::{
     OnFileChanged, OnIncompatible, Readiness, RestartFrom, RestartLimit, RestartPolicy, RestoreMode, Service,
-    DEFAULT_PATH,
-    MAX_RESTART_BACKOFF,
+    DEFAULT_PATH, MAX_RESTART_BACKOFF,
 };

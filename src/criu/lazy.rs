@@ -18,9 +18,10 @@
 //!   the kernel unregisters the ranges, and every page not yet copied reads as zeros. With it a
 //!   fault waits, and the supervisor kills the tree ([`LazyPages::wait`] says when).
 
-use super::images::{PAGE, PE_LAZY, PE_PRESENT};
+use super::images::{PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::chunks::{self, ChunkVerifier, VerifiedReader};
 use crate::store::compress::StoredName;
+use crate::store::random::RandomImage;
 use crate::store::verify::ImageProblem;
 use crate::store::{seal, Checkpoint, ImageFile};
 use std::collections::BTreeMap;
@@ -76,6 +77,8 @@ pub enum LazyError {
     Protocol(String),
     #[error("failed to take a reference to the lazy-pages daemon's userfaultfds: {0}")]
     Uffd(String),
+    #[error("{0}")]
+    Guard(super::lazy_guard::GuardError),
     #[error("failed to complete the lazy restore: the lazy-pages daemon {0}")]
     DaemonExit(String),
 }
@@ -92,8 +95,9 @@ impl LazyError {
 
 /// One pages image's plain bytes, read at any offset, each byte checked before it is handed out.
 enum PagesFile {
-    /// Stored plain: each chunk is read where it is and checked on its own.
-    Direct { file: std::fs::File, verifier: ChunkVerifier, path: String, last: Mutex<Option<(u64, Vec<u8>)>> },
+    /// Read where each page is, each piece checked (and opened, decoded) on its own: plain,
+    /// sealed, or compressed in frames (store::random).
+    Random(Box<RandomImage>),
     /// Compressed or sealed: decoded front to back by a thread of its own into memory (a memfd,
     /// never the disk), each chunk checked before it is decoded; readers wait for their bytes.
     Decoded { memfd: std::fs::File, progress: Arc<(Mutex<Decoding>, Condvar)> },
@@ -109,11 +113,13 @@ struct Decoding {
 
 impl PagesFile {
     fn open(dir: &Path, image: &ImageFile, name: &StoredName, key: Option<&seal::Key>) -> Result<Self, LazyError> {
-        if name.sealed_as.is_none() && !name.compressed {
-            let (verifier, _) = chunk_verifier(dir, image)?;
-            let file = std::fs::File::open(dir.join(&image.path)).map_err(|e| unreadable(image, e))?;
-            return Ok(PagesFile::Direct { file, verifier, path: image.path.clone(), last: Mutex::new(None) });
+        let (verifier, _) = chunk_verifier(dir, image)?;
+        let file = std::fs::File::open(dir.join(&image.path)).map_err(|e| unreadable(image, e))?;
+        let random = RandomImage::open(file, verifier, &image.path, name.sealed_as.as_deref(), name.compressed, key);
+        if let Some(random) = random.map_err(LazyError::Damaged)? {
+            return Ok(PagesFile::Random(Box::new(random)));
         }
+        // Compressed in one stream (before seek tables): decoded front to back.
         let reader = plain_reader(dir, image, name, key)?;
         let memfd =
             memfd(&name.plain).map_err(|source| LazyError::Write { path: name.plain.clone().into(), source })?;
@@ -129,26 +135,7 @@ impl PagesFile {
     /// `out.len()` plain bytes at `offset`, checked; waits at most until `deadline` for a decoder.
     fn read_at(&self, offset: u64, out: &mut [u8], deadline: Instant) -> Result<(), LazyError> {
         match self {
-            PagesFile::Direct { file, verifier, path, last } => {
-                let mut done = 0usize;
-                while done < out.len() {
-                    let at = offset + done as u64;
-                    let group = at / chunks::GROUP as u64;
-                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.as_ref().map(|(g, _)| *g) != Some(group) {
-                        *last = Some((group, read_group(file, verifier, group, path)?));
-                    }
-                    let bytes = &last.as_ref().expect("filled above").1;
-                    let from = (at - group * chunks::GROUP as u64) as usize;
-                    let n = (bytes.len().saturating_sub(from)).min(out.len() - done);
-                    if n == 0 {
-                        return Err(LazyError::Protocol(format!("bytes past the end of {path}")));
-                    }
-                    out[done..done + n].copy_from_slice(&bytes[from..from + n]);
-                    done += n;
-                }
-                Ok(())
-            }
+            PagesFile::Random(image) => image.read_at(offset, out).map_err(LazyError::Damaged),
             PagesFile::Decoded { memfd, progress } => {
                 let want = offset + out.len() as u64;
                 let (lock, cond) = &**progress;
@@ -172,16 +159,6 @@ impl PagesFile {
             }
         }
     }
-}
-
-/// Group `group` of a stored plain file, read and checked.
-fn read_group(file: &std::fs::File, v: &ChunkVerifier, group: u64, path: &str) -> Result<Vec<u8>, LazyError> {
-    let mut bytes = vec![0u8; v.group_len(group)];
-    file.read_exact_at(&mut bytes, group * chunks::GROUP as u64)
-        .map_err(|e| LazyError::Damaged(ImageProblem::Unreadable { path: path.to_string(), error: e.to_string() }))?;
-    v.verify(group, &bytes)
-        .map_err(|at| LazyError::Damaged(ImageProblem::ChunkChecksum { path: path.to_string(), at }))?;
-    Ok(bytes)
 }
 
 /// The decoder thread's body: plain bytes into `out`, the watermark moved after each piece.
@@ -347,8 +324,9 @@ impl Drop for Prepared {
     }
 }
 
-/// Writes the private directory of `cp`'s plain images: in RAM (`/dev/shm`) when sealed.
-pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>, deadline: Instant) -> Result<Prepared, LazyError> {
+/// Writes the private directory of `cp`'s plain images but the pages (see [`LazyPages::start`]):
+/// in RAM (`/dev/shm`) when sealed.
+pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>) -> Result<Prepared, LazyError> {
     let dir = if cp.manifest.encryption.is_some() {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         Path::new("/dev/shm").join(format!("stasis-lazy-{}-{nanos}", std::process::id()))
@@ -383,7 +361,6 @@ pub fn prepare(cp: &Checkpoint, key: Option<&seal::Key>, deadline: Instant) -> R
         let id: u32 = plain.trim_start_matches("pages-").trim_end_matches(".img").parse().unwrap_or(0);
         prepared.index.files.insert(id, PagesFile::open(&cp.dir, &image, &name, key)?);
     }
-    prepared.fill(deadline)?;
     Ok(prepared)
 }
 
@@ -402,6 +379,16 @@ impl Prepared {
             let task: Option<u64> = name.strip_prefix("pagemap-").and_then(|n| n.strip_suffix(".img")?.parse().ok());
             let mut offset = 0u64;
             for (vaddr, nr, flags) in runs {
+                // Pages held by a parent checkpoint are not in this pages file: serving them
+                // from it would hand out another page's bytes. Chains are restored in full.
+                if flags & PE_PARENT != 0 {
+                    return Err(LazyError::Pagemap {
+                        path: format!("images/{name}"),
+                        why:
+                            "it names pages held by a parent checkpoint (an incremental checkpoint is restored in full)"
+                                .into(),
+                    });
+                }
                 if flags & PE_PRESENT == 0 {
                     continue;
                 }
@@ -455,6 +442,8 @@ pub struct LazyPages {
     child: std::process::Child,
     server: Option<std::thread::JoinHandle<Result<(), LazyError>>>,
     held: Vec<OwnedFd>,
+    /// A process of its own holding the same references, for when the supervisor dies.
+    guard: Option<super::lazy_guard::Guard>,
     pub progress: Arc<Progress>,
     /// What went wrong before the tree resumed (the gate's refusal), for the restore to report.
     pub failure: Option<LazyError>,
@@ -468,7 +457,15 @@ pub struct LazyPages {
 impl LazyPages {
     /// Starts `criu lazy-pages` in `work_dir` (where the restore will look for its socket) on
     /// the images of `prepared`, and waits until it listens. `stall` bounds every wait on it.
-    pub fn start(criu: &Path, prepared: Prepared, work_dir: &Path, stall: Duration) -> Result<LazyPages, LazyError> {
+    /// The pages CRIU restores itself are put in place (by `deadline`) while the daemon starts:
+    /// it reads only the other images before it is ready.
+    pub fn start(
+        criu: &Path,
+        mut prepared: Prepared,
+        work_dir: &Path,
+        stall: Duration,
+        deadline: Instant,
+    ) -> Result<LazyPages, LazyError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let _ = std::fs::remove_file(work_dir.join(LAZY_SOCKET));
         let spawn = |source| LazyError::Spawn { path: criu.to_path_buf(), source };
@@ -500,6 +497,12 @@ impl LazyPages {
             cmd.spawn().map_err(spawn)?
         };
         drop((theirs, status_w));
+        let mut child = child;
+        if let Err(e) = prepared.fill(deadline) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         let prepared = Arc::new(prepared);
         let progress = Arc::new(Progress::default());
         progress.lazy_pages.store(prepared.index.lazy_pages, Ordering::Relaxed);
@@ -507,6 +510,7 @@ impl LazyPages {
             child,
             server: None,
             held: Vec::new(),
+            guard: None,
             progress,
             failure: None,
             root: None,
@@ -571,6 +575,8 @@ impl LazyPages {
                     }
                 }
                 tracing::debug!("lazy restore: holding {} userfaultfds of {expected} processes", self.held.len());
+                let guard = super::lazy_guard::Guard::start(root, &self.held).map_err(LazyError::Guard)?;
+                self.guard = Some(guard);
                 // The restore connected long ago: the socket's name is of no more use.
                 let _ = std::fs::remove_file(self.work_dir.join(LAZY_SOCKET));
                 return Ok(self.held.len());
@@ -593,6 +599,9 @@ impl LazyPages {
             if !self.held.iter().any(|h| same_file(h, self.pid(), fd) != Some(false)) {
                 if let Some(held) = getfd(&pidfd, fd) {
                     tracing::debug!("lazy restore: holding a new userfaultfd of the daemon's (fd {fd})");
+                    if let Some(guard) = &self.guard {
+                        guard.keep(&held);
+                    }
                     self.held.push(held);
                 }
             }
@@ -633,6 +642,7 @@ impl LazyPages {
             return Err(LazyError::DaemonExit(format!("ended with {status}")));
         }
         self.held.clear();
+        self.guard = None;
         Ok(self.started.elapsed())
     }
 
@@ -766,7 +776,8 @@ mod tests {
         let (size, root, cvs) = chunks::hash_file(&path).unwrap();
         let verifier = ChunkVerifier::new(root, size, cvs).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let pages = PagesFile::Direct { file, verifier, path: "images/pages-1.img".into(), last: Mutex::new(None) };
+        let image = RandomImage::open(file, verifier, "images/pages-1.img", None, false, None).unwrap();
+        let pages = PagesFile::Random(Box::new(image.expect("plain images are read anywhere")));
         let mut index = Index::default();
         index.runs.insert(7, vec![Run { vaddr: 0x10000, pages: 300, offset: 0, pages_id: 1 }]);
         index.files.insert(1, pages);

@@ -9,6 +9,7 @@ pub mod diagnose;
 mod error;
 pub mod images;
 pub mod lazy;
+pub mod lazy_guard;
 pub mod log_capture;
 mod log_errors;
 pub mod network_lock;

@@ -15,7 +15,6 @@ pub(crate) fn is_pages(name: &str) -> bool {
 
 /// Replaces every `pages-*.img` under `images` with its zstd-compressed `.zst`.
 pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     for e in fs::read_dir(images).map_err(|source| StoreError::Read { path: images.to_path_buf(), source })? {
         let e = e.map_err(|source| StoreError::Read { path: images.to_path_buf(), source })?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -27,9 +26,8 @@ pub fn compress_pages(images: &Path, level: i32) -> Result<(), StoreError> {
         let write = |source| StoreError::Write { path: to.clone(), source };
         let mut input = fs::File::open(&from).map_err(|source| StoreError::Read { path: from.clone(), source })?;
         let out = fs::File::create(&to).map_err(write)?;
-        let mut z =
-            zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, out), level).map_err(write)?;
-        z.multithread(threads).map_err(write)?;
+        // Frames a lazy restore can decode one at a time (store::frames).
+        let mut z = super::frames::FramedEncoder::new(std::io::BufWriter::with_capacity(1 << 20, out), level);
         std::io::copy(&mut input, &mut z).map_err(write)?;
         z.finish().map_err(write)?.into_inner().map_err(|e| write(e.into_error()))?;
         fs::remove_file(&from).map_err(|source| StoreError::Write { path: from.clone(), source })?;

@@ -83,7 +83,6 @@ pub fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<(), StoreError> {
         .map_err(|source| StoreError::Create { path: dir.to_path_buf(), source })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

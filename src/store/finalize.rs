@@ -44,7 +44,10 @@ pub fn fsync_and_hash(dir: &Path, hashed_subdir: &str, known: &[super::stored::S
             let mut out = Vec::with_capacity(to_hash.len());
             let mut cvs = Vec::new();
             for (rel, path) in &to_hash {
-                if let Some(k) = known.iter().find(|k| &k.file.path == rel && fs::metadata(path).is_ok_and(|m| m.len() == k.file.size)) {
+                if let Some(k) = known
+                    .iter()
+                    .find(|k| &k.file.path == rel && fs::metadata(path).is_ok_and(|m| m.len() == k.file.size))
+                {
                     out.push(k.file.clone());
                     cvs.push((rel.clone(), k.cvs.clone()));
                     continue;

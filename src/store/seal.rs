@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 pub const SUFFIX: &str = ".enc";
 const MAGIC: &[u8; 8] = b"STASENC1";
-const CHUNK: usize = 1 << 20;
+/// Plain bytes per sealed chunk.
+pub const CHUNK: usize = 1 << 20;
+/// The file's head: the magic and the random nonce prefix.
+pub const HEAD: usize = 24;
 const TAG: usize = 16;
 
 /// A key read from its file: 32 bytes, raw or as 64 hex digits.
@@ -225,6 +228,59 @@ impl<W: Write> Write for Sealer<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// A sealed file opened anywhere, one chunk at a time (a lazy restore reads its pages where
+/// they are): chunk `i` is stored at [`SealedChunks::range`] and opened alone, its tag checked
+/// with its number and whether it is the last bound in, as [`Opener`] does in order.
+pub struct SealedChunks {
+    cipher: XChaCha20Poly1305,
+    prefix: [u8; 16],
+    name: String,
+    body: u64,
+    chunks: u64,
+}
+
+impl SealedChunks {
+    /// `head`: the file's first [`HEAD`] bytes; `stored_len`: its length; `name`: the plain
+    /// file's name (bound into every chunk).
+    pub fn new(head: &[u8], stored_len: u64, name: &str, key: &Key) -> Result<SealedChunks, OpenError> {
+        if head.len() < HEAD || &head[..8] != MAGIC || stored_len < (HEAD + TAG) as u64 {
+            return Err(OpenError::NotSealed);
+        }
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&head[8..HEAD]);
+        let body = stored_len - HEAD as u64;
+        let chunks = body.div_ceil((CHUNK + TAG) as u64).max(1);
+        // Every chunk but the last is whole, and the last holds at least its tag.
+        if body - (chunks - 1) * ((CHUNK + TAG) as u64) < (TAG as u64) {
+            return Err(OpenError::Tag);
+        }
+        Ok(SealedChunks { cipher: key.cipher(), prefix, name: name.to_string(), body, chunks })
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    /// What the file opens to, in bytes.
+    pub fn plain_len(&self) -> u64 {
+        self.body - self.chunks * TAG as u64
+    }
+
+    /// Where chunk `i` is stored.
+    pub fn range(&self, i: u64) -> std::ops::Range<u64> {
+        let start = HEAD as u64 + i * (CHUNK + TAG) as u64;
+        start..(start + (CHUNK + TAG) as u64).min(HEAD as u64 + self.body)
+    }
+
+    /// Chunk `i`'s plain bytes, from its stored bytes.
+    pub fn open(&self, i: u64, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let last = i + 1 == self.chunks;
+        self.cipher
+            .decrypt(&nonce(&self.prefix, i), Payload { msg: sealed, aad: &aad(&self.name, last) })
+            .map_err(|_| OpenError::Tag)
     }
 }
 

@@ -3,6 +3,7 @@
 //! disk, so no image is read back to be hashed, compressed or sealed. Writeback starts as the
 //! file grows, so the fsync that makes the checkpoint durable mostly finds nothing left to do.
 
+use super::frames::FramedEncoder;
 use super::manifest::ImageFile;
 use super::seal::{Key, Sealer};
 use super::StoreError;
@@ -146,16 +147,9 @@ impl Write for Disk {
 enum Chain {
     Plain(Disk),
     Sealed(Sealer<Disk>),
-    Compressed(zstd::stream::write::Encoder<'static, Disk>),
-    Both(zstd::stream::write::Encoder<'static, Sealer<Disk>>),
-}
-
-/// zstd on every CPU, as compress::compress_pages does.
-fn encoder<W: Write>(w: W, level: i32) -> std::io::Result<zstd::stream::write::Encoder<'static, W>> {
-    let mut z = zstd::stream::write::Encoder::new(w, level)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    z.multithread(threads)?;
-    Ok(z)
+    /// Frames a lazy restore can decode one at a time (store::frames), on every CPU.
+    Compressed(FramedEncoder<Disk>),
+    Both(FramedEncoder<Sealer<Disk>>),
 }
 
 /// An image as it was stored: its manifest entry, and the chunk hashes its restore checks
@@ -204,9 +198,9 @@ impl StoredWriter {
         let chain = match (t.compresses(plain), t.key) {
             (false, None) => Chain::Plain(disk),
             (false, Some(k)) => Chain::Sealed(Sealer::new(disk, &sealed_name, k).map_err(write)?),
-            (true, None) => Chain::Compressed(encoder(disk, level).map_err(write)?),
+            (true, None) => Chain::Compressed(FramedEncoder::new(disk, level)),
             (true, Some(k)) => {
-                Chain::Both(encoder(Sealer::new(disk, &sealed_name, k).map_err(write)?, level).map_err(write)?)
+                Chain::Both(FramedEncoder::new(Sealer::new(disk, &sealed_name, k).map_err(write)?, level))
             }
         };
         let rel = format!("{rel_dir}/{stored}");

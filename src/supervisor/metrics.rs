@@ -21,6 +21,8 @@ struct Reading {
     /// Checkpoints whose manifest can be read.
     kept: usize,
     counters: Counters,
+    /// The supervisor's last status record, while it runs.
+    status: Option<StatusRecord>,
 }
 
 /// The newest good checkpoint of a service.
@@ -40,6 +42,8 @@ enum Source {
     /// A service without a checkpoint, or a checkpoint without the figure, has no sample.
     Newest(fn(&Newest) -> Option<f64>),
     Counter(fn(&Counters) -> u64),
+    /// Figures of the current run, from the status record of a running supervisor.
+    Status(fn(&StatusRecord) -> Option<f64>),
 }
 
 impl Source {
@@ -48,13 +52,14 @@ impl Source {
             Source::Service(f) => Some(f(r)),
             Source::Newest(f) => f(r.newest.as_ref()?),
             Source::Counter(f) => Some(f(&r.counters) as f64),
+            Source::Status(f) => f(r.status.as_ref()?),
         }
     }
 
     fn kind(self) -> &'static str {
         match self {
             Source::Counter(_) => "counter",
-            Source::Service(_) | Source::Newest(_) => "gauge",
+            Source::Service(_) | Source::Newest(_) | Source::Status(_) => "gauge",
         }
     }
 }
@@ -74,6 +79,10 @@ const fn newest(name: &'static str, help: &'static str, f: fn(&Newest) -> Option
     Family { name, help, source: Source::Newest(f) }
 }
 
+const fn status(name: &'static str, help: &'static str, f: fn(&StatusRecord) -> Option<f64>) -> Family {
+    Family { name, help, source: Source::Status(f) }
+}
+
 const fn counter(name: &'static str, help: &'static str, f: fn(&Counters) -> u64) -> Family {
     Family { name, help, source: Source::Counter(f) }
 }
@@ -87,7 +96,7 @@ fn seconds(ms: Option<u64>) -> Option<f64> {
 }
 
 /// Every family, in the order of the text.
-const FAMILIES: [Family; 17] = [
+const FAMILIES: [Family; 21] = [
     service("stasis_up", "Whether the service runs under its supervisor (1) or not (0).", |r| flag(r.up)),
     newest("stasis_checkpoint_age_seconds", "Age of the newest good checkpoint.", |n| n.age_seconds),
     newest("stasis_checkpoint_fresh", "Whether the newest checkpoint is fresh (the next start restores it).", |n| {
@@ -105,6 +114,20 @@ const FAMILIES: [Family; 17] = [
     }),
     newest("stasis_checkpoint_restore_seconds", "Duration of the last restore of the newest checkpoint.", |n| {
         seconds(n.timings.restore_ms)
+    }),
+    status(
+        "stasis_restore_first_answer_seconds",
+        "From the start of this run to the first answer to its readiness probe (ready).",
+        |r| seconds(r.first_answer_ms),
+    ),
+    status("stasis_lazy_restore_pages_in", "Pages a lazy restore has brought in so far (restore: lazy).", |r| {
+        r.lazy_restore.as_ref().map(|t| t.pages_in as f64)
+    }),
+    status("stasis_lazy_restore_pages_left", "Pages a lazy restore has still to bring in.", |r| {
+        r.lazy_restore.as_ref().map(|t| t.pages_left as f64)
+    }),
+    status("stasis_lazy_restore_complete_seconds", "From the start of a lazy restore until every page was in.", |r| {
+        seconds(r.lazy_restore.as_ref()?.complete_ms)
     }),
     service("stasis_checkpoints", "Checkpoints kept.", |r| r.kept as f64),
     counter("stasis_restores_total", "Starts that restored a checkpoint.", |c| c.restores),
@@ -154,12 +177,13 @@ fn read_services(dirs: &Dirs) -> Vec<(String, Reading)> {
 impl Reading {
     fn of(paths: &ServicePaths, now: SystemTime) -> Reading {
         // A status record outlives its supervisor: up only while the lock is held.
-        let up = lock::holder(&paths.lock).is_some() && StatusRecord::read(paths).is_some_and(|r| r.state.is_up());
+        let status = StatusRecord::read(paths).filter(|_| lock::holder(&paths.lock).is_some());
+        let up = status.as_ref().is_some_and(|r| r.state.is_up());
         let store = CheckpointStore::new(paths);
         let listed = store.list().unwrap_or_default();
         let newest = listed.iter().rev().find_map(|c| c.checkpoint()).map(|cp| Newest::of(&store, &cp.manifest, now));
         let kept = listed.iter().filter(|c| c.manifest.is_ok()).count();
-        Reading { up, newest, kept, counters: counters::load(&paths.root) }
+        Reading { up, newest, kept, counters: counters::load(&paths.root), status }
     }
 }
 
@@ -257,6 +281,18 @@ stasis_checkpoint_fsync_seconds{service="redis"} 0.006
 # HELP stasis_checkpoint_restore_seconds Duration of the last restore of the newest checkpoint.
 # TYPE stasis_checkpoint_restore_seconds gauge
 stasis_checkpoint_restore_seconds{service="redis"} 1.5
+# HELP stasis_restore_first_answer_seconds From the start of this run to the first answer to its readiness probe (ready).
+# TYPE stasis_restore_first_answer_seconds gauge
+stasis_restore_first_answer_seconds{service="redis"} 0.14
+# HELP stasis_lazy_restore_pages_in Pages a lazy restore has brought in so far (restore: lazy).
+# TYPE stasis_lazy_restore_pages_in gauge
+stasis_lazy_restore_pages_in{service="redis"} 262144
+# HELP stasis_lazy_restore_pages_left Pages a lazy restore has still to bring in.
+# TYPE stasis_lazy_restore_pages_left gauge
+stasis_lazy_restore_pages_left{service="redis"} 0
+# HELP stasis_lazy_restore_complete_seconds From the start of a lazy restore until every page was in.
+# TYPE stasis_lazy_restore_complete_seconds gauge
+stasis_lazy_restore_complete_seconds{service="redis"} 2
 # HELP stasis_checkpoints Checkpoints kept.
 # TYPE stasis_checkpoints gauge
 stasis_checkpoints{service="redis"} 1
@@ -321,6 +357,16 @@ stasis_restarts_total{service="we\"ird\\name"} 0
             message: None,
             restore_ms: None,
             restarts: 0,
+            first_answer_ms: Some(140),
+            lazy_restore: Some(crate::engine::restore::lazy_start::TransferStatus {
+                checkpoint: "c".into(),
+                state: crate::engine::restore::lazy_start::TransferState::Complete,
+                pages_in: 262144,
+                pages_total: 262144,
+                pages_left: 0,
+                mib_per_s: 512.0,
+                complete_ms: Some(2000),
+            }),
         }
         .write(&paths)
         .unwrap();

@@ -10,11 +10,12 @@ use super::ready::{Notifier, StartReport};
 use super::state::State;
 use super::status::{ServiceState, StartedFrom, StatusRecord};
 use crate::engine::dump::CheckpointReport;
+use crate::engine::restore::lazy_start::TransferStatus;
 use crate::engine::restore::{StartInfo, StartProgress};
 use crate::engine::Job;
 use crate::store::DumpKind;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// The reports of this supervisor's runs of the service (a clone reports to the same).
@@ -24,11 +25,14 @@ pub struct Reporter {
     log: LogWriter,
     /// Restarts so far, for the status record.
     restarts: Arc<AtomicU32>,
+    /// The record last written, which a later figure (the first answer, the lazy transfer's
+    /// progress) is added to.
+    last: Arc<Mutex<Option<StatusRecord>>>,
 }
 
 impl Reporter {
     pub fn new(ctx: Arc<Job>, log: LogWriter) -> Reporter {
-        Reporter { ctx, log, restarts: Arc::new(AtomicU32::new(0)) }
+        Reporter { ctx, log, restarts: Arc::new(AtomicU32::new(0)), last: Arc::new(Mutex::new(None)) }
     }
 
     /// The service log, for notes of the caller's own.
@@ -38,7 +42,24 @@ impl Reporter {
 
     /// The one writer of the status record.
     fn status(&self, state: ServiceState, started: Option<&StartInfo>, message: Option<String>) {
-        let _ = self.record(state, started, message).write(&self.ctx.paths);
+        let _ = self.write(self.record(state, started, message));
+    }
+
+    fn write(&self, record: StatusRecord) -> Result<(), crate::store::StoreError> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let written = record.write(&self.ctx.paths);
+        *last = Some(record);
+        written
+    }
+
+    /// Adds where a lazy transfer is to the record last written; the metrics follow.
+    pub fn transfer(&self, lazy: TransferStatus) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = last.as_mut() else { return };
+        record.lazy_restore = Some(lazy);
+        let _ = record.write(&self.ctx.paths);
+        drop(last);
+        super::metrics::write_file(&self.ctx.dirs, &self.ctx.host);
     }
 
     fn record(&self, state: ServiceState, started: Option<&StartInfo>, message: Option<String>) -> StatusRecord {
@@ -54,6 +75,20 @@ impl Reporter {
             message,
             restore_ms: started.and_then(|s| s.restore_ms),
             restarts: self.restarts.load(Ordering::Relaxed),
+            // Said once, after the readiness probe: kept by the later records of the same run.
+            first_answer_ms: self
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|r| started.is_some_and(|s| r.init_pid == Some(s.init_pid.as_raw())))
+                .and_then(|r| r.first_answer_ms),
+            // Kept while the run that was restored lazily goes on.
+            lazy_restore: started
+                .filter(|_| state.is_up())
+                .and_then(|s| s.checkpoint.as_ref())
+                .and_then(|_| crate::engine::restore::lazy_start::transfer())
+                .filter(|t| started.and_then(|s| s.checkpoint.as_ref()) == Some(&t.checkpoint)),
         }
     }
 
@@ -95,10 +130,13 @@ impl Reporter {
         notifier: &mut Notifier,
         started: &StartInfo,
         first: bool,
+        first_answer_ms: Option<u64>,
     ) -> Result<(), crate::store::StoreError> {
         let ctx = &self.ctx;
         self.announce(started, first);
-        self.record(ServiceState::Running, Some(started), None).write(&ctx.paths)?;
+        let mut record = self.record(ServiceState::Running, Some(started), None);
+        record.first_answer_ms = first_answer_ms;
+        self.write(record)?;
         tracing::debug!("supervisor: status written");
         for n in crate::engine::retention::apply(ctx) {
             self.log.note(&n);

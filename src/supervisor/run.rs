@@ -319,12 +319,39 @@ async fn one_run(
             return Ok(LoopEnd { state: State::Failed, message: msg, exit: None, last_outcome: None });
         }
     }
-    report.started(notifier, &started, first)?;
+    // With `ready:`, the readiness probe has just answered for the first time.
+    let first_answer_ms = ctx.service.ready.is_some().then(|| started.began.elapsed().as_millis() as u64);
+    report.started(notifier, &started, first, first_answer_ms)?;
+    follow_transfer(report, &started);
     let purge = ctx.clone();
     // A thread that ends with the work (a blocking-pool thread would linger and wake up later
     // to exit: an idle supervisor does not wake up).
     std::thread::spawn(move || purge.store.purge_removed());
     Ok(run_loop(ctx.clone(), init_pid, ch, report.run(&started), pump).await.map_err(SupervisorError::Runtime)?)
+}
+
+/// While a lazy restore brings pages in, its progress goes to the status record and the
+/// metrics twice a second, and once more when it ends (a thread that ends with the transfer).
+fn follow_transfer(report: &Reporter, started: &crate::engine::restore::StartInfo) {
+    use crate::engine::restore::lazy_start::{transfer, transfer_after, TransferState};
+    let ours =
+        |t: &crate::engine::restore::lazy_start::TransferStatus| started.checkpoint.as_ref() == Some(&t.checkpoint);
+    if !transfer().is_some_and(|t| ours(&t) && t.state == TransferState::Transferring) {
+        return;
+    }
+    let report = report.clone();
+    let checkpoint = started.checkpoint.clone();
+    let _ = std::thread::Builder::new().name("stasis-lazy-report".into()).spawn(move || loop {
+        let Some(t) = transfer_after(std::time::Duration::from_millis(500)) else { break };
+        if checkpoint.as_ref() != Some(&t.checkpoint) {
+            break;
+        }
+        let done = t.state != TransferState::Transferring;
+        report.transfer(t);
+        if done {
+            break;
+        }
+    });
 }
 
 /// After a run that failed: another run, or the end.

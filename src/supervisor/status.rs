@@ -50,6 +50,14 @@ pub struct StatusRecord {
     /// How often the supervisor has brought the service back after it exited (`restart:`).
     #[serde(default)]
     pub restarts: u32,
+    /// From the start of this run until the service first answered its readiness probe
+    /// (`ready:`); null without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_answer_ms: Option<u64>,
+    /// The transfer of a lazy restore (`restore: lazy`): pages in, left, rate; `complete_ms`
+    /// once every page is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_restore: Option<crate::engine::restore::lazy_start::TransferStatus>,
 }
 
 impl StatusRecord {

@@ -35,6 +35,8 @@ pub enum DumpError {
     AfterWrite { criu: CriuError, id: String, marking: Option<StoreError> },
     /// Whoever asked for the stop withdrew before it was carried out.
     Withdrawn(Withdrawn),
+    /// A lazy restore was still bringing pages in, or failed doing so.
+    LazyTransfer(Box<crate::engine::restore::lazy_start::Unsettled>),
 }
 
 /// Why a periodic checkpoint is skipped before it begins: the disk has no room for it.
@@ -115,6 +117,7 @@ impl DumpError {
                 format!("{} after the checkpoint was written; the service was resumed; {note}", criu.one_line())
             }
             DumpError::Withdrawn(w) => w.to_string(),
+            DumpError::LazyTransfer(e) => e.to_string(),
         }
     }
 }

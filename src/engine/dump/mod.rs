@@ -159,6 +159,19 @@ fn dump(
     progress: &(impl Fn(DumpProgress) + Sync),
 ) -> Result<CheckpointReport, DumpError> {
     let started = Instant::now();
+    // Pages of a lazy restore not yet in are not in the process either: CRIU would not dump them.
+    let waited = std::cell::Cell::new(false);
+    let settled = crate::engine::restore::lazy_start::settle(started + ctx.service.dump_timeout, |t| {
+        waited.set(true);
+        progress(DumpProgress::Queued(format!(
+            "Waiting: the lazy restore of checkpoint {} is bringing pages in ({} of {}); the checkpoint follows once every page is in",
+            t.checkpoint, t.pages_in, t.pages_total
+        )))
+    });
+    settled.map_err(|e| DumpError::LazyTransfer(Box::new(e)))?;
+    if waited.get() {
+        progress(DumpProgress::Dumping);
+    }
     let _slot = take_slot(ctx, progress)?;
     tracing::debug!("dump: slot taken");
     // Read now, so a missing or unsafe key fails the dump before CRIU freezes anything.

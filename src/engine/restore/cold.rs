@@ -48,6 +48,7 @@ pub(super) fn start(ctx: &Job, fallback_reason: Option<String>) -> Result<Starte
             fallback_reason,
             notes: Vec::new(),
             restore_ms: None,
+            began: std::time::Instant::now(),
         },
         output,
         notify,

@@ -53,6 +53,8 @@ pub struct StartInfo {
     pub notes: Vec<String>,
     /// How long `criu restore` took, when restored.
     pub restore_ms: Option<u64>,
+    /// When the start began (the first answer is timed from it).
+    pub began: std::time::Instant,
 }
 
 /// What trying one checkpoint came to, when it did not start the service.
@@ -97,6 +99,15 @@ pub enum Pick<'a> {
 /// Starts the service as `pick` says: a restore of the first checkpoint that proves right, or a
 /// cold launch.
 pub fn start_service(ctx: &Job, pick: Pick, progress: Progress) -> Result<Started, StartError> {
+    let began = std::time::Instant::now();
+    // A new tree: whatever the last one's lazy transfer came to is no longer what a dump waits for.
+    lazy_start::forget();
+    let mut started = pick_and_start(ctx, pick, progress)?;
+    started.info.began = began;
+    Ok(started)
+}
+
+fn pick_and_start(ctx: &Job, pick: Pick, progress: Progress) -> Result<Started, StartError> {
     for dir in ctx.store.check_private()? {
         tracing::warn!("{} could be read by other users; made it 0700", dir.display());
     }
@@ -464,6 +475,7 @@ fn restore(ctx: &Job, cp: &Checkpoint, images: Images, progress: Progress) -> Re
             fallback_reason: None,
             notes,
             restore_ms: Some(restore_ms),
+            began: std::time::Instant::now(),
         },
         output,
         notify: None,
