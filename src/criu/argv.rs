@@ -29,6 +29,8 @@ pub struct DumpArgs {
 }
 
 pub const DUMP_LOG: &str = "dump.log";
+/// A pre-copy stop's pre-dump log, beside the dump's.
+pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! script"), but CRIU only logs one at `pre-resume` and resumes the tree anyway ("Pre-resume
 //! script ret code"), so there the tree is killed here, before the answer.
 
-use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG};
+use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG};
 use super::log_errors::{error_lines, pick};
 use super::page_server::{PageServerError, Received};
 use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 
 const ACTION: &str = "dump the service";
 const PRE_DUMP_ACTION: &str = "pre-dump the service";
-/// The pre-dump's log, beside the dump's.
-pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 /// Verbose logs cost little next to a dump and are what makes a failure diagnosable.
 const LOG_LEVEL: i32 = 4;
 /// The config file CRIU reads for a dump, beside its log.

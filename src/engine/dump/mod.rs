@@ -185,7 +185,7 @@ fn dump(
     let base = incremental::plan(ctx, init_pid, kind, dry);
     // A stop's pre-dump has a `dump_timeout` of its own: the service runs meanwhile.
     let pre = (kind == DumpKind::Stop && !dry && pre_copy::wanted(ctx))
-        .then(|| pre_copy::run(ctx, init_pid, &pending, key.as_ref()))
+        .then(|| pre_copy::run(ctx, init_pid, &pending, key.as_ref(), progress))
         .flatten();
     // The slot is held from here: everything below ends by `dump_timeout` (CRIU gets what is
     // left of it), so no service can keep the slot.
@@ -346,7 +346,7 @@ fn run_criu(run: &Run, gate: Option<&dyn StopGate>, progress: &(impl Fn(DumpProg
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
         let report = |line: String| progress(DumpProgress::Progress(line));
-        s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
+        s.spawn(move || super::progress::watch_dump(images, log, false, &report, done_rx));
         let left = run.deadline.saturating_duration_since(Instant::now());
         let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: run.key };
         let r = ctx.criu.dump(&args, &transform, left, &|_| {}, &mut at_post_dump);

@@ -39,7 +39,14 @@ pub fn wanted(ctx: &Job) -> bool {
 
 /// Runs the pre-dump of the tree of `init_pid` into `pending`, within `dump_timeout` of its own.
 /// None when it failed (logged; its files removed).
-pub fn run(ctx: &Job, init_pid: i32, pending: &PendingCheckpoint, key: Option<&Key>) -> Option<PreCopied> {
+/// `progress` hears a line a second while it runs (`pre-copying`).
+pub fn run(
+    ctx: &Job,
+    init_pid: i32,
+    pending: &PendingCheckpoint,
+    key: Option<&Key>,
+    progress: &(impl Fn(super::DumpProgress) + Sync),
+) -> Option<PreCopied> {
     let started = Instant::now();
     let dir = pending.images_dir().join(PRE_DUMP_DIR);
     if let Err(e) = crate::store::durable::create_dir_with_mode(&dir, 0o700) {
@@ -60,7 +67,15 @@ pub fn run(ctx: &Job, init_pid: i32, pending: &PendingCheckpoint, key: Option<&K
     // The pre-dump clears the soft-dirty bits whatever it comes to.
     super::incremental::forget(ctx);
     let transform = crate::store::stored::Transform { compression: ctx.service.compression, key };
-    let outcome = ctx.criu.pre_dump(&args, &transform, ctx.service.dump_timeout, &|_| {});
+    let outcome = std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (images, log) = (dir.clone(), pending.dir.join(crate::criu::PRE_DUMP_LOG));
+        let report = |line: String| progress(super::DumpProgress::Progress(line));
+        s.spawn(move || crate::engine::progress::watch_dump(images, log, true, &report, done_rx));
+        let r = ctx.criu.pre_dump(&args, &transform, ctx.service.dump_timeout, &|_| {});
+        drop(done_tx);
+        r
+    });
     let received = match outcome.map_err(|e| e.to_string()).and_then(|r| sync_dir(&dir).map(|()| r)) {
         Ok(r) => r,
         Err(e) => {
