@@ -241,7 +241,7 @@ fn verify_chain(
     progress: Progress,
 ) -> Result<crate::store::compress::PlainImages, Refusal> {
     if cp.manifest.size_bytes >= crate::engine::progress::BIG {
-        phase(progress, "verifying and flattening", cp.manifest.size_bytes);
+        phase(progress, "flattening", cp.manifest.size_bytes);
     }
     let e = match crate::store::chain::flatten_verified(&ctx.store, cp) {
         Ok(flat) => return Ok(flat),
