@@ -76,6 +76,10 @@ pub fn run(
         drop(done_tx);
         r
     });
+    if let Err(crate::criu::CriuError::TimedOut { .. }) = &outcome {
+        // A pre-dump killed at its deadline may have left the tree stopped: it runs again.
+        super::resume(&ctx.dirs.state_dir, init_pid, &pending.dir, true);
+    }
     let received = match outcome.map_err(|e| e.to_string()).and_then(|r| sync_dir(&dir).map(|()| r)) {
         Ok(r) => r,
         Err(e) => {
