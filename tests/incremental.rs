@@ -46,6 +46,19 @@ fn versioned_yaml(env: &common::Env, kill: u16, port: u16, mib: u32, extra: &str
     )
 }
 
+/// A test's own environment with service `name` (`mib` MiB of versioned memory, `extra` keys)
+/// cold-started: the environment, the service's port and its first check.
+fn cold_started(name: &str, mib: u32, extra: &str) -> (common::Env, u16, String) {
+    let env = common::Env::new();
+    let [kill, port] = common::free_ports::<2>();
+    env.write_service(name, &versioned_yaml(&env, kill, port, mib, extra));
+    let started = env.start(name);
+    assert_eq!(started["started_from"], "cold", "{started}");
+    let first = check(port);
+    assert!(first.starts_with(&format!("ok {} ", mib << 8)), "{first}");
+    (env, port, first)
+}
+
 /// The service's own check of every page: `ok PAGES DIGEST` (the digest of every page's version).
 fn check(port: u16) -> String {
     common::wait_for("the service to check its memory", || common::http(port, "GET", "/check", ""))
@@ -106,14 +119,9 @@ fn an_incremental_chain_restores_at_every_link_with_the_right_memory() {
     if !common::vm::soft_dirty_here_or_in_vm("an_incremental_chain_restores_at_every_link_with_the_right_memory") {
         return;
     }
-    let env = common::Env::new();
-    let [kill, port] = common::free_ports::<2>();
     let extra = "checkpoint_every: 1h\nfull_every: 8\nkeep_checkpoints: 10\n";
-    env.write_service("chain", &versioned_yaml(&env, kill, port, 16, extra));
-    assert_eq!(env.start("chain")["started_from"], "cold");
+    let (env, port, d0) = cold_started("chain", 16, extra);
     let pages = 16 << 8;
-    let d0 = check(port);
-    assert!(d0.starts_with(&format!("ok {pages} ")), "{d0}");
     let c1 = checkpoint(&env, "chain");
     let d1 = write_pages(port, 0, 16);
     let c2 = checkpoint(&env, "chain");
@@ -162,12 +170,7 @@ fn periodic_checkpoints_are_incremental() {
     if !common::vm::soft_dirty_here_or_in_vm("periodic_checkpoints_are_incremental") {
         return;
     }
-    let env = common::Env::new();
-    let [kill, port] = common::free_ports::<2>();
-    let extra = "checkpoint_every: 2s\nfull_every: 2\nkeep_checkpoints: 10\n";
-    env.write_service("ticking", &versioned_yaml(&env, kill, port, 8, extra));
-    env.start("ticking");
-    check(port);
+    let (env, _, _) = cold_started("ticking", 8, "checkpoint_every: 2s\nfull_every: 2\nkeep_checkpoints: 10\n");
     let all = common::wait_for("four periodic checkpoints", || {
         let all = rows(&env, "ticking");
         (all["checkpoints"].as_array().unwrap().len() >= 4).then_some(all)
@@ -189,13 +192,9 @@ fn full_every_is_honoured_and_retention_keeps_parents() {
     if !common::vm::soft_dirty_here_or_in_vm("full_every_is_honoured_and_retention_keeps_parents") {
         return;
     }
-    let env = common::Env::new();
-    let [kill, port] = common::free_ports::<2>();
     // Compressed: a restore reads every link's pages through zstd.
     let extra = "checkpoint_every: 1h\nfull_every: 2\nkeep_checkpoints: 1\ncompression: zstd\n";
-    env.write_service("pinned", &versioned_yaml(&env, kill, port, 8, extra));
-    env.start("pinned");
-    check(port);
+    let (env, port, _) = cold_started("pinned", 8, extra);
     let mut taken = Vec::new();
     for i in 0..5 {
         write_pages(port, i * 10, 5);
@@ -233,12 +232,8 @@ fn a_damaged_parent_is_caught_and_its_children_are_not_restored() {
     if !common::vm::soft_dirty_here_or_in_vm("a_damaged_parent_is_caught_and_its_children_are_not_restored") {
         return;
     }
-    let env = common::Env::new();
-    let [kill, port] = common::free_ports::<2>();
     let extra = "checkpoint_every: 1h\nkeep_checkpoints: 10\nrestore_stale: true\n";
-    env.write_service("damaged", &versioned_yaml(&env, kill, port, 8, extra));
-    env.start("damaged");
-    check(port);
+    let (env, port, _) = cold_started("damaged", 8, extra);
     let parent = checkpoint(&env, "damaged");
     write_pages(port, 0, 8);
     let child = checkpoint(&env, "damaged");
