@@ -31,6 +31,13 @@ struct Row {
     kind: Option<crate::store::DumpKind>,
     size_bytes: Option<u64>,
     problem: Option<String>,
+    /// An incremental checkpoint: the checkpoint it holds the changes since (store::chain).
+    parent: Option<String>,
+    /// A pre-copy stop: its pre-dump is inside it.
+    pre_copy: bool,
+    /// Why its chain of parents cannot be restored (a parent missing, replaced or with a
+    /// damaged manifest), found from the manifests; images are read only by a restore.
+    chain_problem: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -53,8 +60,9 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
     let latest = store.latest()?.map(|c| c.id);
     let generations = store.generations();
     let tables = crate::criu::network_lock::tables().unwrap_or_default();
-    let rows: Vec<Row> = store
-        .list()?
+    let all = store.list()?;
+    let rows: Vec<Row> = all
+        .clone()
         .into_iter()
         .map(|c| {
             let freshness = c.manifest.as_ref().ok().map(|m| generations.freshness(m.generation, m.kind));
@@ -78,6 +86,12 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
             kind: c.manifest.as_ref().ok().map(|m| m.kind),
             size_bytes: c.manifest.as_ref().ok().map(|m| m.size_bytes),
             problem: c.manifest.as_ref().err().cloned(),
+            parent: c.manifest.as_ref().ok().and_then(|m| m.parent.as_ref()).map(|p| p.id.clone()),
+            pre_copy: c.manifest.as_ref().is_ok_and(|m| m.pre_copy.is_some()),
+            chain_problem: c
+                .checkpoint()
+                .and_then(|cp| crate::store::chain::resolve_in(&all, &cp).err())
+                .map(|e| e.to_string()),
             id: c.id,
         })
         .collect();
@@ -116,6 +130,12 @@ pub fn run(dirs: &Dirs, name: &str, json: bool) -> Result<i32, Error> {
                     human_bytes(r.size_bytes.unwrap_or(0)),
                     r.kind.expect("valid rows have a kind")
                 );
+                if let Some(parent) = &r.parent {
+                    println!("    incremental: the pages written since {parent}");
+                }
+                if let Some(why) = &r.chain_problem {
+                    println!("    cannot be restored: {}", crate::text::escape_lines(why));
+                }
                 if let Some(why) = &r.stale_reason {
                     println!("    stale: {}", crate::text::escape_lines(why));
                 }

@@ -26,6 +26,14 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, output: &str, json: bool) 
             Error::ExportFailed(format!("{name} has no checkpoint to export; take one with `stasis checkpoint {name}`"))
         })?,
     };
+    // An incremental checkpoint holds only the pages written since its parent: alone, it would
+    // arrive incomplete. (A pre-copy stop holds its pre-dump and goes as any other.)
+    if let Some(parent) = &cp.manifest.parent {
+        return Err(Error::ExportFailed(format!(
+            "checkpoint {} is incremental (it holds only the pages written since {}), so it cannot be exported alone; export a full one (`stasis checkpoints {name}` shows which have no parent)",
+            cp.id, parent.id
+        )));
+    }
     // A damaged checkpoint is not sent anywhere as if it were intact.
     let images = cp.manifest.images.clone().ok_or_else(|| {
         Error::ExportFailed(format!(

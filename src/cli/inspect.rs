@@ -31,6 +31,12 @@ struct Report {
     /// Whether every executable the checkpoint maps is the same file content on disk now.
     fits_programs_on_disk: bool,
     misfit: Option<String>,
+    /// An incremental checkpoint: its chain, itself first, down to the full checkpoint (its
+    /// memory figures below count only the pages it holds itself).
+    chain: Vec<String>,
+    /// Why the chain cannot be restored (a parent missing, replaced or damaged), from the
+    /// manifests; the images are read only by a restore.
+    chain_problem: Option<String>,
     #[serde(flatten)]
     images: ImageSummary,
 }
@@ -90,6 +96,10 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
         None => Some("the checkpoint records no executables (taken by an older stasis)".into()),
     };
     cache.save();
+    let (chain, chain_problem) = match crate::store::chain::resolve(&store, &cp) {
+        Ok(links) => (links.into_iter().map(|c| c.id).collect(), None),
+        Err(e) => (vec![cp.id.clone()], Some(e.to_string())),
+    };
     let report = Report {
         name: service.name.clone(),
         checkpoint: cp.id.clone(),
@@ -109,6 +119,8 @@ pub fn run(dirs: &Dirs, name: &str, id: Option<&str>, json: bool) -> Result<i32,
         },
         fits_programs_on_disk: misfit.is_none(),
         misfit,
+        chain,
+        chain_problem,
         images: summary,
     };
     if json {
@@ -136,6 +148,17 @@ fn print_human(r: &Report) {
     match &r.misfit {
         None => println!("  fits the programs on disk now"),
         Some(why) => println!("  does NOT fit the programs on disk now: {}", crate::text::escape_lines(why)),
+    }
+    if r.chain.len() > 1 {
+        println!(
+            "  incremental: holds the pages written since {} (chain of {}: {})",
+            r.chain[1],
+            r.chain.len(),
+            r.chain.join(" <- ")
+        );
+    }
+    if let Some(why) = &r.chain_problem {
+        println!("  cannot be restored: {}", crate::text::escape_lines(why));
     }
     let m = &r.images.memory;
     println!(

@@ -1,7 +1,8 @@
 //! `stasis checkpoints NAME --delete ID` and `--prune KEEP`: deleting checkpoints by hand,
 //! safely. The service's lock is held throughout, so no supervisor can dump, restore or run
 //! retention meanwhile. The only fresh checkpoint and the last good one are deleted only with
-//! --force. Each deleted checkpoint's network-lock table is released first (it would otherwise
+//! --force. A checkpoint that is the parent of another (an incremental one) is never deleted by
+//! hand, and `--prune` keeps the parents of the checkpoints it keeps. Each deleted checkpoint's network-lock table is released first (it would otherwise
 //! hold the connections it saved for good), then the checkpoint is taken out of the store.
 
 use super::exit_codes;
@@ -84,6 +85,10 @@ fn delete_one(
         std::fs::remove_dir_all(&q.dir).map_err(|e| super::error::Error::io("remove", &q.dir, e))?;
         return Ok(Deleted { id: q.name, path: q.dir.display().to_string(), quarantined: true, network_lock: table });
     };
+    // Even with --force: the child would be left without the pages it does not hold.
+    if let Some(child) = crate::store::chain::children_of(&all, id).first() {
+        return Err(VerbError::Parent { service: service.name.clone(), id: id.to_string(), child: child.id.clone() });
+    }
     if !force {
         refuse_unsafe(service, store, &all, std::slice::from_ref(target))?;
     }
@@ -106,7 +111,10 @@ fn prune(
         Some(_) if keep == 0 => all.len(),
         Some(n) => good[n],
     };
-    let doomed: Vec<ListedCheckpoint> = all[..first_kept].to_vec();
+    // The parents a kept incremental checkpoint needs stay with it.
+    let kept: Vec<&ListedCheckpoint> = all[first_kept..].iter().collect();
+    let pinned = crate::store::chain::pinned_by(&all, &kept);
+    let doomed: Vec<ListedCheckpoint> = all[..first_kept].iter().filter(|c| !pinned.contains(&c.id)).cloned().collect();
     if !force {
         refuse_unsafe(service, store, &all, &doomed)?;
     }

@@ -23,6 +23,8 @@ pub enum VerbError {
     OnlyFresh { service: String, id: String },
     #[error("failed to delete checkpoint {id}: it is the last good checkpoint of {service}; pass --force to delete it anyway")]
     LastGood { service: String, id: String },
+    #[error("failed to delete checkpoint {id}: it is the parent of checkpoint {child} of {service}, which holds only the pages written since it; delete {child} first (retention deletes a chain once a newer full checkpoint is kept)")]
+    Parent { service: String, id: String, child: String },
     #[error("failed to restore checkpoint {id} of {service}: it is quarantined ({reason}); bring it back with `stasis start {service} --from {id} --force`, which verifies it first")]
     Quarantined { service: String, id: String, reason: String },
     #[error("failed to bring checkpoint {id} back from quarantine: {problem}; it stays quarantined in {dir}")]
@@ -45,9 +47,10 @@ impl VerbError {
                 exit_codes::INTERNAL
             }
             // A request that cannot be carried out as given, like `add` without --force.
-            VerbError::NoSuchCheckpoint { .. } | VerbError::OnlyFresh { .. } | VerbError::LastGood { .. } => {
-                exit_codes::CONFIG
-            }
+            VerbError::NoSuchCheckpoint { .. }
+            | VerbError::OnlyFresh { .. }
+            | VerbError::LastGood { .. }
+            | VerbError::Parent { .. } => exit_codes::CONFIG,
             VerbError::Quarantined { .. } | VerbError::StillDamaged { .. } | VerbError::DoesNotFit { .. } => {
                 exit_codes::RESTORE_REFUSED
             }

@@ -14,6 +14,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "criu",
     "stop_timeout_secs",
     "restore_stale",
+    "stop_pre_copy",
     "keep_checkpoints",
     "on_incompatible",
     "on_file_changed",
@@ -65,6 +66,9 @@ pub struct ServiceFile {
     /// Restore a checkpoint even if the service ran after it was taken (older memory beats none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_stale: Option<bool>,
+    /// Whether a stop pre-copies the memory while the service runs (kernels with soft-dirty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_pre_copy: Option<bool>,
     /// How many good checkpoints to keep; older ones are deleted after each new one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_checkpoints: Option<u64>,

@@ -119,6 +119,8 @@ pub struct Service {
     pub criu_options: Vec<String>,
     pub stop_timeout: Duration,
     pub restore_stale: bool,
+    /// A stop first copies the memory while the service runs (engine::dump::pre_copy).
+    pub stop_pre_copy: bool,
     pub keep_checkpoints: usize,
     pub on_incompatible: OnIncompatible,
     pub on_file_changed: OnFileChanged,
@@ -231,6 +233,7 @@ pub fn validate(dirs: &Dirs, name: &str, path: &Path, text: &str, file: ServiceF
             criu_options: file.criu.options,
             stop_timeout: policy.stop_timeout,
             restore_stale: file.restore_stale.unwrap_or(false),
+            stop_pre_copy: file.stop_pre_copy.unwrap_or(true),
             keep_checkpoints: policy.keep_checkpoints,
             on_incompatible: policy.on_incompatible,
             on_file_changed: policy.on_file_changed,
@@ -884,6 +887,7 @@ mod tests {
     ],
     stop_timeout: 7s,
     restore_stale: true,
+    stop_pre_copy: false,
     keep_checkpoints: 4,
     on_incompatible: Fail,
     on_file_changed: Refuse,
@@ -1004,6 +1008,7 @@ environment: {A: b, PATH: /bin}
 criu: {options: ["--tcp-established"]}
 stop_timeout_secs: 7
 restore_stale: true
+stop_pre_copy: false
 keep_checkpoints: 4
 on_incompatible: fail
 on_file_changed: refuse

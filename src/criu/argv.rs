@@ -17,9 +17,20 @@ pub struct DumpArgs {
     pub config_file: PathBuf,
     pub options: Vec<String>,
     pub leave_running: bool,
+    /// CRIU clears the tree's soft-dirty bits (`track_mem`), so that the next dump can leave
+    /// every page not written since in this one.
+    pub track_mem: bool,
+    /// The parent's images, relative to `images_dir` (`parent_img`): the pages not written
+    /// since it are left there. CRIU links it as `images_dir/parent` and reads its
+    /// `inventory.img` (when it was dumped, to tell a reused pid).
+    pub parent_img: Option<String>,
+    /// Where the page server puts the pages, and which pagemaps the parent has.
+    pub pages: super::page_server::Pages,
 }
 
 pub const DUMP_LOG: &str = "dump.log";
+/// A pre-copy stop's pre-dump log, beside the dump's.
+pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 
 #[derive(Debug, Clone)]

@@ -222,6 +222,32 @@ pub(crate) fn pagemap_runs(images: &Path, name: &str) -> Result<(u32, Vec<(u64, 
     Ok((head.pages_id, runs))
 }
 
+/// An image entry: its size as a little-endian u32, then the message.
+pub(crate) fn push_entry(into: &mut Vec<u8>, m: &impl Message) {
+    into.extend((m.encoded_len() as u32).to_le_bytes());
+    m.encode(into).expect("a Vec grows");
+}
+
+/// The start of a pagemap image: the magics and its head (which pages file it reads).
+pub(crate) fn pagemap_head(pages_id: u32) -> Vec<u8> {
+    let mut pagemap = IMG_COMMON_MAGIC.to_le_bytes().to_vec();
+    pagemap.extend(PAGEMAP_MAGIC.to_le_bytes());
+    push_entry(&mut pagemap, &pb::PagemapHead { pages_id });
+    pagemap
+}
+
+/// Writes a whole pagemap image at `path` (a new file), fsynced.
+pub(crate) fn write_pagemap(path: &Path, pages_id: u32, entries: &[pb::PagemapEntry]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut bytes = pagemap_head(pages_id);
+    for e in entries {
+        push_entry(&mut bytes, e);
+    }
+    let mut f = std::fs::File::options().write(true).create_new(true).open(path)?;
+    f.write_all(&bytes)?;
+    f.sync_all()
+}
+
 /// One process's saved pages: where they are in memory and in its pages file.
 struct Pages {
     /// (virtual address, bytes) of each run of present pages, in file order.

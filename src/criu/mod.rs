@@ -23,6 +23,6 @@ pub mod streamer;
 #[cfg(test)]
 pub(crate) use log_errors::pick as pick_log_errors;
 
-pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG};
+pub use argv::{DumpArgs, RestoreArgs, DUMP_LOG, PRE_DUMP_LOG};
 pub use binary::Criu;
 pub use error::{CriuError, RestoreFailure};

@@ -11,14 +11,20 @@
 //! (`PS_IOV_PARENT`, pages flagged `PE_PARENT`). The other images CRIU writes itself are small
 //! (kilobytes) and are hashed from the disk.
 //!
+//! An incremental dump (`track_mem` with a parent) asks, for each pagemap, whether the parent
+//! has it (`PS_IOV_OPEN2`'s answer byte, `PS_IOV_PARENT` for a pre-dump): the answer is yes only
+//! for the pagemaps of the parent the caller names ([`Pages::parent`]), which are in the store.
+//! Only then are runs flagged `PE_PARENT` (no bytes follow) accepted: they go into the pagemap
+//! as they are, and a restore finds their pages in the parent (store::chain).
+//!
 //! Everything CRIU sends is checked: commands, image kinds, run sizes; a run of pages is read
 //! under the dump's deadline. An error closes the socket, so CRIU's dump fails and the tree is
 //! resumed.
 
-use super::images::{IMG_COMMON_MAGIC, PAGE, PAGEMAP_MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT};
+use super::images::{push_entry, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::stored::{Stored, StoredWriter, Transform};
 use crate::store::StoreError;
-use prost::Message;
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -63,7 +69,10 @@ pub enum PageServerError {
 #[derive(Debug, Default)]
 pub struct Received {
     pub images: Vec<Stored>,
+    /// Pages received (written here).
     pub pages: u64,
+    /// Pages left in the parent (`PE_PARENT` runs).
+    pub parent_pages: u64,
 }
 
 /// One message of the protocol.
@@ -90,9 +99,22 @@ impl Iov {
     }
 }
 
+/// Where one dump's pages go, and what its parent holds.
+#[derive(Debug, Clone, Default)]
+pub struct Pages {
+    /// The directory of the images, as the manifest names it (`images`, or `images/pre-dump`
+    /// for a pre-copy stop's pre-dump).
+    pub rel_dir: String,
+    /// The pagemaps (file names, `pagemap-1.img`) of the parent this dump is taken against,
+    /// which a run of this dump may leave there; empty for a full dump.
+    pub parent: BTreeSet<String>,
+}
+
 /// The pagemap being written and its pages file.
 struct Open {
     dst_id: u64,
+    /// The parent has this pagemap: runs flagged `PE_PARENT` are allowed.
+    in_parent: bool,
     pagemap_name: String,
     pagemap: Vec<u8>,
     pages: StoredWriter,
@@ -119,10 +141,12 @@ const PAGE_SOCKET_BUFFER: usize = 4 << 20;
 pub fn serve(
     sock: UnixStream,
     images: &Path,
+    pages: &Pages,
     t: &Transform<'_>,
     deadline: Instant,
 ) -> Result<Received, PageServerError> {
-    let mut session = Session { sock, images, t, deadline, next_pages_id: 1, open: None, done: Received::default() };
+    let mut session =
+        Session { sock, images, pages, t, deadline, next_pages_id: 1, open: None, done: Received::default() };
     let mut buf = vec![0u8; BUFFER];
     loop {
         let Some(iov) = session.next()? else {
@@ -132,11 +156,14 @@ pub fn serve(
             PS_IOV_OPEN | PS_IOV_OPEN2 => {
                 session.open(iov.dst_id)?;
                 if iov.cmd == PS_IOV_OPEN2 {
-                    // No parent: every page of this dump is in it (incremental dumps come later).
-                    session.answer(&[0u8])?;
+                    let in_parent = session.open.as_ref().is_some_and(|o| o.in_parent);
+                    session.answer(&[u8::from(in_parent)])?;
                 }
             }
-            PS_IOV_PARENT => session.answer(&0i32.to_le_bytes())?,
+            PS_IOV_PARENT => {
+                let in_parent = session.pages.parent.contains(&pagemap_name(iov.dst_id)?);
+                session.answer(&i32::from(in_parent).to_le_bytes())?
+            }
             PS_IOV_ADD | PS_IOV_ADD_F | PS_IOV_HOLE => {
                 let flags = match iov.cmd {
                     PS_IOV_ADD_F => iov.flags,
@@ -158,6 +185,7 @@ pub fn serve(
 struct Session<'a, 'k> {
     sock: UnixStream,
     images: &'a Path,
+    pages: &'a Pages,
     t: &'a Transform<'k>,
     deadline: Instant,
     next_pages_id: u32,
@@ -212,19 +240,14 @@ impl Session<'_, '_> {
     /// file of its own, as CRIU's local dump would.
     fn open(&mut self, dst_id: u64) -> Result<(), PageServerError> {
         self.close_open()?;
-        let id = dst_id >> PS_TYPE_BITS;
-        let pagemap_name = match dst_id & ((1 << PS_TYPE_BITS) - 1) {
-            PS_TYPE_PID => format!("pagemap-{id}.img"),
-            PS_TYPE_SHMEM => format!("pagemap-shmem-{id}.img"),
-            other => return Err(PageServerError::Protocol(format!("a pagemap of the unknown kind {other}"))),
-        };
+        let pagemap_name = pagemap_name(dst_id)?;
+        let in_parent = self.pages.parent.contains(&pagemap_name);
         let pages_id = self.next_pages_id;
         self.next_pages_id += 1;
-        let mut pagemap = IMG_COMMON_MAGIC.to_le_bytes().to_vec();
-        pagemap.extend(PAGEMAP_MAGIC.to_le_bytes());
-        push_entry(&mut pagemap, &crate::criu::images::pb::PagemapHead { pages_id });
-        let pages = StoredWriter::create(self.images, &format!("pages-{pages_id}.img"), self.t)?;
-        self.open = Some(Open { dst_id, pagemap_name, pagemap, pages });
+        let pagemap = super::images::pagemap_head(pages_id);
+        let pages =
+            StoredWriter::create_under(self.images, &self.pages.rel_dir, &format!("pages-{pages_id}.img"), self.t)?;
+        self.open = Some(Open { dst_id, in_parent, pagemap_name, pagemap, pages });
         Ok(())
     }
 
@@ -234,10 +257,17 @@ impl Session<'_, '_> {
             self.open(iov.dst_id)?;
         }
         // PE_LAZY only says a lazy restore may fetch the run on demand (CRIU flags private
-        // anonymous memory so in every dump); the pages come all the same.
-        if flags & PE_PARENT != 0 || flags & PE_PRESENT == 0 || flags & !(PE_PRESENT | PE_LAZY) != 0 {
+        // anonymous memory so in every dump); the pages come all the same. A run in the parent
+        // (PE_PARENT, never with PE_PRESENT) brings no bytes, and only a pagemap the parent has
+        // may have one.
+        let in_parent = self.open.as_ref().is_some_and(|o| o.in_parent);
+        let parent_run = flags & PE_PARENT != 0;
+        if (parent_run && (!in_parent || flags & PE_PRESENT != 0))
+            || (!parent_run && flags & PE_PRESENT == 0)
+            || flags & !(PE_PRESENT | PE_LAZY | PE_PARENT) != 0
+        {
             return Err(PageServerError::Protocol(format!(
-                "pages flagged {flags:#x} (pages in a parent dump, which this dump did not ask for)"
+                "pages flagged {flags:#x} (pages in a parent dump this dump does not have, or flags it does not know)"
             )));
         }
         if iov.nr_pages == 0 || iov.nr_pages > MAX_RUN_PAGES || iov.vaddr % PAGE != 0 {
@@ -252,6 +282,10 @@ impl Session<'_, '_> {
         };
         let open = self.open.as_mut().expect("opened above");
         push_entry(&mut open.pagemap, &entry);
+        if parent_run {
+            self.done.parent_pages += iov.nr_pages;
+            return Ok(());
+        }
         let mut left = iov.nr_pages * PAGE;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
@@ -271,17 +305,21 @@ impl Session<'_, '_> {
             return Ok(());
         };
         self.done.images.push(open.pages.finish()?);
-        let mut pagemap = StoredWriter::create(self.images, &open.pagemap_name, self.t)?;
+        let mut pagemap = StoredWriter::create_under(self.images, &self.pages.rel_dir, &open.pagemap_name, self.t)?;
         pagemap.write_all(&open.pagemap)?;
         self.done.images.push(pagemap.finish()?);
         Ok(())
     }
 }
 
-/// An image entry: its size as a little-endian u32, then the message.
-fn push_entry(into: &mut Vec<u8>, m: &impl Message) {
-    into.extend((m.encoded_len() as u32).to_le_bytes());
-    m.encode(into).expect("a Vec grows");
+/// The pagemap file a `dst_id` names: a process's or a shared memory object's.
+fn pagemap_name(dst_id: u64) -> Result<String, PageServerError> {
+    let id = dst_id >> PS_TYPE_BITS;
+    match dst_id & ((1 << PS_TYPE_BITS) - 1) {
+        PS_TYPE_PID => Ok(format!("pagemap-{id}.img")),
+        PS_TYPE_SHMEM => Ok(format!("pagemap-shmem-{id}.img")),
+        other => Err(PageServerError::Protocol(format!("a pagemap of the unknown kind {other}"))),
+    }
 }
 
 #[cfg(test)]
@@ -305,7 +343,13 @@ mod tests {
         let images = d.path().to_path_buf();
         let server = std::thread::spawn(move || {
             let t = Transform { compression: None, key: None };
-            serve(ours, &images, &t, Instant::now() + std::time::Duration::from_secs(20))
+            serve(
+                ours,
+                &images,
+                &Pages { rel_dir: "images".into(), ..Default::default() },
+                &t,
+                Instant::now() + std::time::Duration::from_secs(20),
+            )
         });
         let mut criu = criu;
         let page = |b: u8| vec![b; PAGE as usize];
@@ -336,6 +380,62 @@ mod tests {
         assert_eq!(summary, (1, vec![(0x1000, 2, PE_PRESENT)]));
     }
 
+    /// An incremental dump: CRIU is told the truth about which pagemaps the parent has, and runs
+    /// left in the parent are recorded without bytes, only where the parent has the pagemap.
+    #[test]
+    fn the_parent_is_claimed_only_for_the_pagemaps_it_has() {
+        let d = tempfile::tempdir().unwrap();
+        let (ours, mut criu) = UnixStream::pair().unwrap();
+        let images = d.path().to_path_buf();
+        let server = std::thread::spawn(move || {
+            let t = Transform { compression: None, key: None };
+            let pages = Pages { rel_dir: "images".into(), parent: ["pagemap-1.img".to_string()].into() };
+            serve(ours, &images, &pages, &t, Instant::now() + std::time::Duration::from_secs(20))
+        });
+        let (one, two) = ((1 << 8) | PS_TYPE_PID, (2 << 8) | PS_TYPE_PID);
+        let mut answer = [0u8; 4];
+        criu.write_all(&iov(PS_IOV_PARENT, 0, 0, one)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        assert_eq!(i32::from_le_bytes(answer), 1, "the parent has pid 1's pagemap");
+        criu.write_all(&iov(PS_IOV_PARENT, 0, 0, two)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        assert_eq!(i32::from_le_bytes(answer), 0, "not pid 2's");
+        let mut has = [9u8; 1];
+        criu.write_all(&iov(PS_IOV_OPEN2, 0, 0, one)).unwrap();
+        criu.read_exact(&mut has).unwrap();
+        assert_eq!(has, [1]);
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PRESENT << 16), 1, 0x1000, one)).unwrap();
+        criu.write_all(&[7u8; PAGE as usize]).unwrap();
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PARENT << 16), 3, 0x2000, one)).unwrap();
+        criu.write_all(&iov(PS_IOV_FORCE_CLOSE, 0, 0, 0)).unwrap();
+        criu.read_exact(&mut answer).unwrap();
+        let got = server.join().unwrap().unwrap();
+        assert_eq!((got.pages, got.parent_pages), (1, 3));
+        let runs = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
+        assert_eq!(runs, (1, vec![(0x1000, 1, PE_PRESENT), (0x2000, 3, PE_PARENT)]));
+        assert_eq!(
+            std::fs::read(d.path().join("pages-1.img")).unwrap().len(),
+            PAGE as usize,
+            "no bytes for the parent's"
+        );
+
+        // A run left in a parent that does not have the pagemap is refused.
+        let (ours, mut criu) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().to_path_buf();
+        let server = std::thread::spawn(move || {
+            let t = Transform { compression: None, key: None };
+            let pages = Pages { rel_dir: "images".into(), parent: ["pagemap-1.img".to_string()].into() };
+            serve(ours, &images, &pages, &t, Instant::now() + std::time::Duration::from_secs(20))
+        });
+        criu.write_all(&iov(PS_IOV_OPEN2, 0, 0, two)).unwrap();
+        criu.read_exact(&mut has).unwrap();
+        assert_eq!(has, [0], "the parent has no pagemap of pid 2");
+        criu.write_all(&iov(PS_IOV_ADD_F | (PE_PARENT << 16), 1, 0x1000, two)).unwrap();
+        drop(criu);
+        assert!(matches!(server.join().unwrap(), Err(PageServerError::Protocol(_))));
+    }
+
     #[test]
     fn a_dump_that_ends_early_or_lies_is_an_error() {
         let d = tempfile::tempdir().unwrap();
@@ -345,7 +445,13 @@ mod tests {
             criu.write_all(&bytes).unwrap();
             drop(criu);
             let dir = tempfile::tempdir_in(d.path()).unwrap();
-            serve(ours, dir.path(), &t, Instant::now() + std::time::Duration::from_secs(5))
+            serve(
+                ours,
+                dir.path(),
+                &Pages { rel_dir: "images".into(), ..Default::default() },
+                &t,
+                Instant::now() + std::time::Duration::from_secs(5),
+            )
         };
         assert!(matches!(run(Vec::new()), Err(PageServerError::Closed)), "closed before done");
         let open = iov(PS_IOV_OPEN, 0, 0, (1 << 8) | PS_TYPE_PID);

@@ -10,7 +10,7 @@
 //! script"), but CRIU only logs one at `pre-resume` and resumes the tree anyway ("Pre-resume
 //! script ret code"), so there the tree is killed here, before the answer.
 
-use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, RESTORE_LOG};
+use super::argv::{DumpArgs, RestoreArgs, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG};
 use super::log_errors::{error_lines, pick};
 use super::page_server::{PageServerError, Received};
 use super::rpc::{pb, Answer, Notification, RpcError, Swrk};
@@ -22,6 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ACTION: &str = "dump the service";
+const PRE_DUMP_ACTION: &str = "pre-dump the service";
 /// Verbose logs cost little next to a dump and are what makes a failure diagnosable.
 const LOG_LEVEL: i32 = 4;
 /// The config file CRIU reads for a dump, beside its log.
@@ -49,8 +50,36 @@ impl Criu {
         spawned: &dyn Fn(i32),
         at_post_dump: &mut dyn FnMut(&Received) -> Answer,
     ) -> Result<Received, CriuError> {
+        self.exchange(pb::CriuReqType::Dump, args, t, timeout, spawned, at_post_dump)
+    }
+
+    /// `criu pre-dump` of the tree of `args.pid` within `timeout`: its pages copied to our page
+    /// server while the tree is frozen only to collect them, its soft-dirty bits cleared, so a
+    /// dump taken next with `parent_img` this pre-dump's images freezes the tree only for the
+    /// pages written since. The tree runs on whatever happens.
+    pub fn pre_dump(
+        &self,
+        args: &DumpArgs,
+        t: &Transform<'_>,
+        timeout: Duration,
+        spawned: &dyn Fn(i32),
+    ) -> Result<Received, CriuError> {
+        // A pre-dump has no post-dump to answer; its own notifications need nothing of us.
+        self.exchange(pb::CriuReqType::PreDump, args, t, timeout, spawned, &mut |_| Answer::Proceed)
+    }
+
+    fn exchange(
+        &self,
+        kind: pb::CriuReqType,
+        args: &DumpArgs,
+        t: &Transform<'_>,
+        timeout: Duration,
+        spawned: &dyn Fn(i32),
+        at_post_dump: &mut dyn FnMut(&Received) -> Answer,
+    ) -> Result<Received, CriuError> {
+        let pre_dump = kind == pb::CriuReqType::PreDump;
         let deadline = Instant::now() + timeout;
-        let log = args.work_dir.join(DUMP_LOG);
+        let log = args.work_dir.join(if pre_dump { PRE_DUMP_LOG } else { DUMP_LOG });
         let config = args.work_dir.join(RPC_CONFIG);
         write_config(&config, &args.config_file, &args.options)
             .map_err(|source| CriuError::Spawn { path: config.clone(), source })?;
@@ -58,19 +87,22 @@ impl Criu {
         let work = std::fs::File::open(&args.work_dir)
             .map_err(|source| CriuError::Spawn { path: args.work_dir.clone(), source })?;
         use super::standby::{Ends, Purpose, Warm};
-        let (mut swrk, ours, pages_fd) = match super::standby::take(&self.path, Purpose::Dump) {
+        // The warm criu is kept for the dump that follows a pre-dump.
+        let warm = if pre_dump { None } else { super::standby::take(&self.path, Purpose::Dump) };
+        let (mut swrk, ours, pages_fd) = match warm {
             Some(Warm { swrk, ends: Ends::Dump { pages, pages_fd } }) => (swrk, pages, pages_fd),
             _ => self.cold_swrk(deadline)?,
         };
         swrk.renew(deadline);
         swrk.capture_log(&log);
-        let req = dump_request(args, &work, &config, pages_fd);
+        let mut req = dump_request(args, &work, &config, pages_fd);
+        req.r#type = kind as i32;
         spawned(swrk.pid());
         std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::channel();
-            let images = args.images_dir.clone();
+            let (images, pages) = (args.images_dir.clone(), &args.pages);
             s.spawn(move || {
-                let _ = tx.send(super::page_server::serve(ours, &images, t, deadline));
+                let _ = tx.send(super::page_server::serve(ours, &images, pages, t, deadline));
             });
             let mut pages: Option<Result<Received, PageServerError>> = None;
             let take = |pages: &mut Option<_>| {
@@ -80,7 +112,7 @@ impl Criu {
                 }
             };
             let reply = swrk.call(&req, &mut |n| {
-                if n.script != "post-dump" {
+                if n.script != "post-dump" || pre_dump {
                     return Answer::Proceed;
                 }
                 // CRIU has said it sent every page (and heard they were stored) by now.
@@ -93,8 +125,13 @@ impl Criu {
             let recent = swrk.take_log();
             let timed_out =
                 || CriuError::TimedOut { action: ACTION, setting: "dump_timeout", after: timeout, log: log.clone() };
-            let failed = |status: String, first: Option<String>| failure(ACTION, status, &recent, &log, first);
-            let dumped = dump_answer(reply, swrk, timed_out, &failed);
+            let action = if pre_dump { PRE_DUMP_ACTION } else { ACTION };
+            let failed = |status: String, first: Option<String>| failure(action, status, &recent, &log, first);
+            let dumped = if pre_dump {
+                pre_dump_answer(reply, swrk, timed_out, &failed)
+            } else {
+                dump_answer(reply, swrk, timed_out, &failed)
+            };
             take(&mut pages);
             drop(work);
             with_pages(dumped, pages.expect("taken"), &failed)
@@ -123,6 +160,8 @@ fn dump_request(args: &DumpArgs, work: &std::fs::File, config: &Path, pages_fd: 
         work_dir_fd: Some(work.as_raw_fd()),
         pid: Some(args.pid),
         leave_running: Some(args.leave_running),
+        track_mem: args.track_mem.then_some(true),
+        parent_img: args.parent_img.clone(),
         notify_scripts: Some(true),
         log_to_stderr: Some(true),
         log_level: Some(LOG_LEVEL),
@@ -160,6 +199,24 @@ fn dump_answer(
                 Err(e) => Err(failed(e.to_string(), None)),
             }
         }
+    }
+}
+
+/// What CRIU's answer to a pre-dump means. A criu that served a pre-dump waits for the next
+/// request of the same conversation (cr-service.c's pre-dump loop): it is ended here, once its
+/// answer is in (the pre-dump's own process has exited by then).
+fn pre_dump_answer(
+    reply: Result<super::rpc::Reply, RpcError>,
+    swrk: Swrk,
+    timed_out: impl Fn() -> CriuError,
+    failed: &dyn Fn(String, Option<String>) -> CriuError,
+) -> Result<(), CriuError> {
+    drop(swrk);
+    match reply {
+        Ok(r) if r.resp.success => Ok(()),
+        Ok(r) => Err(failed(answered_failure(&r), None)),
+        Err(RpcError::TimedOut { .. }) => Err(timed_out()),
+        Err(e) => Err(failed(e.to_string(), None)),
     }
 }
 

@@ -20,6 +20,10 @@ pub struct Job {
     pub init_binary: PathBuf,
     /// `uname -r`, recorded in manifests.
     pub kernel_version: String,
+    /// Whether the kernel tracks dirty pages for CRIU (soft-dirty), asked once.
+    pub dirty_tracking: bool,
+    /// The last tracked dump of the running tree (engine::dump::incremental).
+    pub tracked: std::sync::Mutex<Option<crate::engine::dump::incremental::Tracked>>,
 }
 
 impl Job {

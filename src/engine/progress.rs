@@ -50,8 +50,15 @@ const WRITEBACK_EVERY: Duration = Duration::from_millis(250);
 /// every quarter second, the writeback of the images so far is started (`sync_file_range`,
 /// which waits for nothing and changes nothing): the disk writes while CRIU still dumps, so
 /// the fsyncs at the end, which a stopping dump makes while the service is frozen, have little
-/// left to wait for. Ends when `done`'s sender is dropped, at once.
-pub fn watch_dump(images: PathBuf, log: PathBuf, report: &(impl Fn(String) + Sync), done: mpsc::Receiver<()>) {
+/// left to wait for. Ends when `done`'s sender is dropped, at once. A pre-copy stop's pre-dump
+/// (`pre_copy`) is pre-copying once its pages flow: the service runs again by then.
+pub fn watch_dump(
+    images: PathBuf,
+    log: PathBuf,
+    pre_copy: bool,
+    report: &(impl Fn(String) + Sync),
+    done: mpsc::Receiver<()>,
+) {
     let started = Instant::now();
     let mut next_report = started + EVERY;
     while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(WRITEBACK_EVERY) {
@@ -78,8 +85,9 @@ pub fn watch_dump(images: PathBuf, log: PathBuf, report: &(impl Fn(String) + Syn
         let syncing =
             crate::criu::log_capture::read_tail(&log, 4096).is_ok_and(|t| t.contains("Running post-dump scripts"));
         let phase = match (syncing, bytes) {
+            (_, 0) if !syncing => "freezing",
+            _ if pre_copy => "pre-copying",
             (true, _) => "syncing",
-            (false, 0) => "freezing",
             _ => "dumping",
         };
         report(line(phase, "written", bytes, None, started));

@@ -109,6 +109,12 @@ impl PendingCheckpoint {
         key: Option<&super::seal::Key>,
         received: &[super::stored::Stored],
     ) -> Result<Checkpoint, StoreError> {
+        // CRIU's link to the parent of an incremental dump: the manifest names the parent, and
+        // a restore reads it from there (store::chain), never through a link.
+        let link = self.images_dir().join("parent");
+        if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            fs::remove_file(&link).map_err(|source| StoreError::Write { path: link.clone(), source })?;
+        }
         let draft_path = self.dir.join(DRAFT_FILE);
         let mut manifest = read_draft(&draft_path)?;
         fs::remove_file(&draft_path).map_err(|source| StoreError::Write { path: draft_path.clone(), source })?;
@@ -364,7 +370,8 @@ impl CheckpointStore {
     }
 
     /// What retention removes to keep the `keep` newest good checkpoints: every directory older
-    /// than the `keep`-th newest good one, damaged or not. Newest first is never touched.
+    /// than the `keep`-th newest good one, damaged or not, except the parents a kept one needs
+    /// (pinned). Newest first is never touched.
     pub fn beyond_retention(&self, keep: usize) -> Result<Vec<ListedCheckpoint>, StoreError> {
         let all = self.list()?;
         let good: Vec<usize> = all.iter().enumerate().filter(|(_, c)| c.manifest.is_ok()).map(|(i, _)| i).collect();
@@ -372,7 +379,10 @@ impl CheckpointStore {
             return Ok(Vec::new());
         }
         let oldest_kept = good[good.len() - keep];
-        Ok(all.into_iter().take(oldest_kept).collect())
+        // An incremental checkpoint kept keeps its parents (store::chain): they go with it.
+        let kept: Vec<&ListedCheckpoint> = all[oldest_kept..].iter().collect();
+        let pinned = super::chain::pinned_by(&all, &kept);
+        Ok(all[..oldest_kept].iter().filter(|c| !pinned.contains(&c.id)).cloned().collect())
     }
 
     /// Deletes one checkpoint directory (retention). The caller has released what it held.
@@ -615,6 +625,8 @@ mod tests {
             tmpfs_dirs: None,
             tmpfs_files: None,
             written_files: None,
+            parent: None,
+            pre_copy: None,
             unknown: Default::default(),
             service: "svc".into(),
             kind: DumpKind::Stop,
@@ -685,6 +697,30 @@ mod tests {
         s.purge_removed();
         assert!(!removed.exists());
         assert!(s.beyond_retention(5).unwrap().is_empty());
+    }
+
+    /// Incremental checkpoints pin their parents: retention never takes a parent a kept
+    /// checkpoint needs, and takes the whole chain once a newer full one is kept.
+    #[test]
+    fn retention_keeps_the_parents_of_kept_checkpoints() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let on = |parent: Option<&Checkpoint>| {
+            let p = begin(&s);
+            fs::write(p.images_dir().join("pages-1.img"), b"pages").unwrap();
+            let mut m = draft(&p.id);
+            m.parent =
+                parent.map(|c| crate::store::ParentRef { id: c.id.clone(), content_hash: c.manifest.content_hash() });
+            p.write_draft(&m).unwrap();
+            p.finalize().unwrap()
+        };
+        let a = on(None);
+        let b = on(Some(&a));
+        let c = on(Some(&b));
+        assert!(s.beyond_retention(1).unwrap().is_empty(), "c needs b, which needs a");
+        let _d = on(None);
+        let doomed: Vec<String> = s.beyond_retention(1).unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(doomed, vec![a.id, b.id, c.id], "a newer full one kept: the chain goes");
     }
 
     #[test]

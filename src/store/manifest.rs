@@ -101,6 +101,12 @@ pub struct Timings {
     /// Bytes of image files written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_written: Option<u64>,
+    /// A pre-copy stop: how long its pre-dump took (the service ran meanwhile) and how many
+    /// pages it copied; `pages` is then what the freeze added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_copy_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_copy_pages: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,9 +166,28 @@ pub struct Manifest {
     /// tells an append from a rewrite with them (see store::written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_files: Option<Vec<WrittenFile>>,
+    /// An incremental checkpoint: the checkpoint of this store whose memory pages this one's
+    /// pagemaps point into for every page that did not change (CRIU's `PE_PARENT` runs). A
+    /// restore needs the whole chain (store::chain); retention keeps it (pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// A pre-copy stop: the pre-dump taken while the service ran, kept inside this checkpoint
+    /// (`images/pre-dump/`, its files listed and hashed with the rest), holds every page the
+    /// final dump's pagemaps mark as in the parent. The checkpoint is complete by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_copy: Option<String>,
     /// Fields this version does not know (from a newer stasis): kept when rewritten, never fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// The parent of an incremental checkpoint, as it was when the child was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub id: String,
+    /// [`Manifest::content_hash`] of the parent: a parent replaced by another checkpoint of the
+    /// same id (an import, a restore from backup) is caught, not used.
+    pub content_hash: String,
 }
 
 /// One file of /dev/shm kept with a checkpoint (its copy is `images/` + [`ShmFile::image_name`]).
@@ -296,6 +321,19 @@ fn checksum_of(v: &serde_json::Value) -> String {
 }
 
 impl Manifest {
+    /// What a child's [`ParentRef`] pins: BLAKE3 of the id, the pre-copy layer, the parent it
+    /// names in turn and every image's path, size and hash. The figures (`timings`, rewritten at
+    /// each restore) are left out: they change nothing a restore reads.
+    pub fn content_hash(&self) -> String {
+        let v = serde_json::json!({
+            "id": self.id,
+            "images": self.images,
+            "parent": self.parent,
+            "pre_copy": self.pre_copy,
+        });
+        checksum_of(&v)
+    }
+
     /// The manifest as written to disk, carrying its own checksum.
     pub fn to_sealed_bytes(&self) -> Vec<u8> {
         let mut v = serde_json::to_value(self).expect("manifest serializes");

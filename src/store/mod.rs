@@ -4,6 +4,7 @@
 //! the cache of file identities used to tell whether a checkpoint still fits the program on disk.
 
 pub mod archive;
+pub mod chain;
 mod checkpoints;
 pub mod chunks;
 pub mod compress;
@@ -30,7 +31,10 @@ pub use checkpoints::{
 };
 pub use error::StoreError;
 pub use generation::Freshness;
-pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, ImageFile, Manifest, Timings};
+pub use manifest::{Compression, DumpKind, Encryption, FileIdentity, ImageFile, Manifest, ParentRef, Timings};
+
+/// A checkpoint's images directory, as the manifest names it.
+pub const IMAGES_DIR: &str = manifest::IMAGES_DIR;
 
 pub fn manifest_format() -> u32 {
     manifest::FORMAT

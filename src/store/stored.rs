@@ -171,6 +171,17 @@ impl StoredWriter {
     /// Creates `images/PLAIN` (with the transform's suffixes) under the checkpoint's images
     /// directory `images`; a file of that name must not exist yet.
     pub fn create(images: &Path, plain: &str, t: &Transform<'_>) -> Result<StoredWriter, StoreError> {
+        Self::create_under(images, super::manifest::IMAGES_DIR, plain, t)
+    }
+
+    /// The same, in a directory the manifest names `rel_dir` (relative to the checkpoint
+    /// directory: `images`, or `images/pre-dump` for a pre-copy stop's pre-dump).
+    pub fn create_under(
+        images: &Path,
+        rel_dir: &str,
+        plain: &str,
+        t: &Transform<'_>,
+    ) -> Result<StoredWriter, StoreError> {
         let stored = t.stored_name(plain);
         let path = images.join(&stored);
         let write = |source| StoreError::Write { path: path.clone(), source };
@@ -192,7 +203,7 @@ impl StoredWriter {
                 Chain::Both(FramedEncoder::new(Sealer::new(disk, &sealed_name, k).map_err(write)?, level))
             }
         };
-        let rel = format!("{}/{stored}", super::manifest::IMAGES_DIR);
+        let rel = format!("{rel_dir}/{stored}");
         Ok(StoredWriter { chain, rel })
     }
 

@@ -125,7 +125,19 @@ fn open(dirs: Dirs, service: Service, foreground: bool, restoring: bool) -> Resu
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let ctx = Arc::new(Job { dirs, host, service, paths, store, criu, init_binary, kernel_version });
+    let dirty_tracking = criu.tracks_dirty_memory();
+    let ctx = Arc::new(Job {
+        dirs,
+        host,
+        service,
+        paths,
+        store,
+        criu,
+        init_binary,
+        kernel_version,
+        dirty_tracking,
+        tracked: Default::default(),
+    });
     tracing::debug!("supervisor: init installed");
     Ok(Opened { ctx, kill_port, control, log, lock })
 }
@@ -185,14 +197,21 @@ fn start(
 /// Says in the log what periodic checkpoints will be.
 fn note_periodic(ctx: &Job, log: &LogWriter) {
     if let Some(every) = ctx.service.checkpoint_every {
-        let why = if ctx.criu.tracks_dirty_memory() {
-            "stasis does not take incremental dumps yet".to_string()
+        let every = crate::time_fmt::human_duration(every);
+        if crate::engine::dump::incremental::tracking_possible(ctx) {
+            log.note(&format!(
+                "periodic checkpoints every {every}: incremental (only the pages written since the previous one), a full one after every {} incremental ones (full_every)",
+                ctx.service.full_every
+            ));
+            return;
+        }
+        let why = if !ctx.dirty_tracking {
+            "incremental dumps need the kernel's soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY), which this kernel lacks"
         } else {
-            "incremental dumps need the kernel's soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY), which this kernel lacks".to_string()
+            "incremental checkpoints are never encrypted, and this service's are (encryption_key_file)"
         };
         log.note(&format!(
-            "periodic checkpoints every {}: each one a full dump ({why}; full_every: {} is not used)",
-            crate::time_fmt::human_duration(every),
+            "periodic checkpoints every {every}: each one a full dump ({why}; full_every: {} is not used)",
             ctx.service.full_every
         ));
     }

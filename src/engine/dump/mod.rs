@@ -8,19 +8,23 @@
 //! [`CheckpointReport`] or a [`DumpError`] (error.rs).
 
 mod error;
+pub mod incremental;
 pub mod post_dump;
+mod pre_copy;
 
 pub use error::{DumpError, FailedDump, NoRoom, Withdrawn, WithdrawnBy};
 
 use super::slots::{self, SlotKind};
-use crate::criu::page_server::Received;
+use crate::criu::page_server::{Pages, Received};
 use crate::criu::rpc::Answer;
 use crate::criu::{network_lock, CriuError, DumpArgs, DUMP_LOG};
 use crate::engine::Job;
 use crate::process::tree;
 use crate::store::seal::Key;
 use crate::store::{Checkpoint, DumpKind, Manifest, PendingCheckpoint};
+use incremental::Base;
 use post_dump::{Frozen, Refusal};
+use pre_copy::PreCopied;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,19 +86,24 @@ pub fn take_checkpoint(
     };
     if let Some(report) = outcome.as_mut().ok().filter(|r| !r.dry) {
         tracing::debug!("dump: retention");
-        report.notes = super::retention::apply(ctx);
+        report.notes.extend(super::retention::apply(ctx));
         tracing::debug!("dump: retention done");
     }
     outcome
 }
 
-/// Whether the disk holding the checkpoints has room for one more, estimated from the newest
-/// checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
+/// Whether the disk holding the checkpoints has room for one more, estimated from the biggest
+/// kept checkpoint's size or, without one, from the tree's resident memory (what CRIU writes is
 /// mostly that) and its /dev/shm data, with `min_free_bytes` to spare. The hook checks the shm
 /// copies again as it makes them (store::shm::capture). Err says how much is needed and free.
 pub fn room_for_periodic(ctx: &Job, init_pid: i32) -> Result<(), NoRoom> {
-    let newest = ctx.store.list().ok().and_then(|l| l.iter().rev().find_map(|c| c.checkpoint()));
-    let estimate = match newest {
+    // The biggest kept one: the newest may be incremental, and the next one full.
+    let biggest = ctx
+        .store
+        .list()
+        .ok()
+        .and_then(|l| l.iter().filter_map(|c| c.checkpoint()).max_by_key(|c| c.manifest.size_bytes));
+    let estimate = match biggest {
         Some(cp) => cp.manifest.size_bytes,
         // The /dev/shm copies come on top (a segment only held open is in no resident set).
         None => {
@@ -128,6 +137,10 @@ struct Run<'a> {
     pending: &'a PendingCheckpoint,
     /// Everything from the draft on, reading the service's files included, ends by `dump_timeout`.
     deadline: Instant,
+    /// What the dump is taken against (incremental.rs).
+    base: &'a Base,
+    /// A stop's pre-dump, in the pending checkpoint (pre_copy.rs).
+    pre: Option<&'a PreCopied>,
 }
 
 /// What CRIU came to, and what `post-dump` refused (if it did).
@@ -169,18 +182,31 @@ fn dump(
     let generation = ctx.store.take_generation()?;
     let pending = ctx.store.begin(generation)?;
     tracing::debug!("dump: pending checkpoint begun");
+    let base = incremental::plan(ctx, init_pid, kind, dry);
+    // A stop's pre-dump has a `dump_timeout` of its own: the service runs meanwhile.
+    let pre = (kind == DumpKind::Stop && !dry && pre_copy::wanted(ctx))
+        .then(|| pre_copy::run(ctx, init_pid, &pending, key.as_ref(), progress))
+        .flatten();
     // The slot is held from here: everything below ends by `dump_timeout` (CRIU gets what is
     // left of it), so no service can keep the slot.
     let deadline = Instant::now() + ctx.service.dump_timeout;
     let stopping = !kind.leaves_running();
-    let run = Run { ctx, init_pid, stopping, key: key.as_ref(), pending: &pending, deadline };
+    let run =
+        Run { ctx, init_pid, stopping, key: key.as_ref(), pending: &pending, deadline, base: &base, pre: pre.as_ref() };
     let outcome = write_draft(&run, kind, generation).and_then(|()| {
         let dumped = run_criu(&run, gate, progress);
         let dump_ms = dumped.dump_ms;
         if dry {
             dry_report(&run, dumped, started)
         } else {
-            settle(&run, dumped, gate).map(|cp| report(&ctx.dirs.state_dir, cp, stopping, started, dump_ms))
+            settle(&run, dumped, gate).map(|cp| {
+                if run.base.track_mem() && !stopping {
+                    incremental::remember(ctx, init_pid, &cp.id, run.base.depth());
+                }
+                let mut r = report(&ctx.dirs.state_dir, cp, stopping, started, dump_ms);
+                r.notes.extend(chain_note(run.base, run.pre));
+                r
+            })
         }
     });
     match &outcome {
@@ -238,13 +264,19 @@ fn write_draft(run: &Run, kind: DumpKind, generation: u64) -> Result<(), DumpErr
         hash_algorithm: None,
         images: None,
         executables: Some(executables),
-        timings: None,
+        timings: run.pre.map(|p| crate::store::Timings {
+            pre_copy_ms: Some(p.took_ms),
+            pre_copy_pages: Some(p.received.pages),
+            ..Default::default()
+        }),
         compression: ctx.service.compression.map(|level| crate::store::Compression { algorithm: "zstd".into(), level }),
         encryption: run.key.map(|k| crate::store::Encryption { algorithm: "xchacha20poly1305".into(), key_id: k.id() }),
         shm_files: None,
         tmpfs_dirs: None,
         tmpfs_files: None,
         written_files: None,
+        parent: run.base.parent_ref(),
+        pre_copy: run.pre.map(|_| pre_copy::rel_dir()),
         unknown: Default::default(),
     };
     tracing::debug!("dump: identities taken");
@@ -255,6 +287,25 @@ fn write_draft(run: &Run, kind: DumpKind, generation: u64) -> Result<(), DumpErr
 /// then for whoever waits.
 fn run_criu(run: &Run, gate: Option<&dyn StopGate>, progress: &(impl Fn(DumpProgress) + Sync)) -> Dumped {
     let (ctx, pending) = (run.ctx, run.pending);
+    // The parent's images as CRIU finds them from this dump's images directory, and the
+    // pagemaps it has (the only ones this dump's pages may be left in).
+    let (parent_img, parent) = match (run.base, run.pre) {
+        (_, Some(pre)) => (Some(crate::store::chain::PRE_DUMP_DIR.to_string()), pre.pagemaps.clone()),
+        (Base::Parent { parent, .. }, None) => (
+            Some(format!("../../{}/{}", parent.id, crate::store::IMAGES_DIR)),
+            parent
+                .manifest
+                .images
+                .iter()
+                .flatten()
+                .filter_map(|f| f.path.strip_prefix(&format!("{}/", crate::store::IMAGES_DIR)))
+                .filter(|n| n.starts_with("pagemap-") && !n.contains('/'))
+                .map(str::to_string)
+                .collect(),
+        ),
+        _ => (None, Default::default()),
+    };
+    let track_mem = run.base.track_mem() || run.pre.is_some();
     let args = DumpArgs {
         pid: run.init_pid,
         images_dir: pending.images_dir(),
@@ -262,7 +313,14 @@ fn run_criu(run: &Run, gate: Option<&dyn StopGate>, progress: &(impl Fn(DumpProg
         config_file: ctx.service.criu_config.clone(),
         options: ctx.service.criu_options.clone(),
         leave_running: !run.stopping,
+        track_mem,
+        parent_img,
+        pages: Pages { rel_dir: crate::store::IMAGES_DIR.to_string(), parent },
     };
+    if track_mem {
+        // Whatever this dump comes to, the soft-dirty bits are its own from here.
+        incremental::forget(ctx);
+    }
     let frozen = Frozen {
         pending,
         tree_pid: run.init_pid,
@@ -273,15 +331,22 @@ fn run_criu(run: &Run, gate: Option<&dyn StopGate>, progress: &(impl Fn(DumpProg
     // What stasis does while CRIU holds the tree frozen, answered in this process (see
     // post_dump.rs); a refusal makes CRIU resume the tree.
     let mut refusal: Option<Refusal> = None;
-    let mut at_post_dump =
-        |received: &Received| answer_post_dump(&frozen, received, run.stopping, run.key, gate, &mut refusal);
+    let mut at_post_dump = |received: &Received| match run.pre {
+        // The pre-dump's images are the checkpoint's too: hashed as they arrived, not read again.
+        Some(pre) => {
+            let images = [pre.received.images.clone(), received.images.clone()].concat();
+            let all = Received { images, ..Default::default() };
+            answer_post_dump(&frozen, &all, run.stopping, run.key, gate, &mut refusal)
+        }
+        None => answer_post_dump(&frozen, received, run.stopping, run.key, gate, &mut refusal),
+    };
     let dump_started = Instant::now();
     tracing::debug!("dump: running criu");
     let result = std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (images, log) = (pending.images_dir(), pending.dir.join(DUMP_LOG));
         let report = |line: String| progress(DumpProgress::Progress(line));
-        s.spawn(move || super::progress::watch_dump(images, log, &report, done_rx));
+        s.spawn(move || super::progress::watch_dump(images, log, false, &report, done_rx));
         let left = run.deadline.saturating_duration_since(Instant::now());
         let transform = crate::store::stored::Transform { compression: ctx.service.compression, key: run.key };
         let r = ctx.criu.dump(&args, &transform, left, &|_| {}, &mut at_post_dump);
@@ -345,6 +410,20 @@ fn settle(run: &Run, dumped: Dumped, gate: Option<&dyn StopGate>) -> Result<Chec
                 None => Err(DumpError::Criu(Box::new(FailedDump::new(ctx, pending, e, dumped.refusal)))),
             }
         }
+    }
+}
+
+/// What the service log says of an incremental checkpoint or a pre-copy stop.
+fn chain_note(base: &Base, pre: Option<&PreCopied>) -> Option<String> {
+    match (base, pre) {
+        (_, Some(p)) => Some(format!(
+            "pre-copy: {} pages copied in {} ms while the service ran; the freeze dumped only what changed since",
+            p.received.pages, p.took_ms
+        )),
+        (Base::Parent { parent, depth }, None) => {
+            Some(format!("incremental: only the pages written since checkpoint {} ({depth} in its chain)", parent.id))
+        }
+        _ => None,
     }
 }
 

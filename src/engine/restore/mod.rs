@@ -129,6 +129,10 @@ fn pick_and_start(ctx: &Job, pick: Pick, progress: Progress) -> Result<Started, 
     let generations = ctx.store.generations();
     let mut reasons: Vec<String> = Vec::new();
     for listed in ctx.store.list()?.into_iter().rev() {
+        if !listed.dir.exists() {
+            // Quarantined meanwhile, as the damaged parent of a newer one (said for that one).
+            continue;
+        }
         let Some(cp) = listed.checkpoint() else {
             reasons.push(format!(
                 "checkpoint {} is damaged ({}); skipped it",
@@ -192,7 +196,11 @@ fn start_from(ctx: &Job, id: &str, progress: Progress) -> Result<Started, StartE
 /// Verifies `cp` and restores it. `explicit` (start --from) never moves or marks the checkpoint.
 fn try_restore(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress) -> Result<Started, Refusal> {
     tracing::debug!("restore: verifying");
-    let stream = verify_before(ctx, cp, explicit, progress)?;
+    let images = match crate::store::chain::is_layered(cp) {
+        true => Images::Flattened(verify_chain(ctx, cp, explicit, progress)?),
+        false if verify_before(ctx, cp, explicit, progress)? => Images::Served,
+        false => Images::Read,
+    };
     tracing::debug!("restore: verified");
     check_fits(ctx, cp, explicit)?;
     cp.clear_incompatible();
@@ -204,12 +212,51 @@ fn try_restore(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress) -
     if cp.manifest.size_bytes >= crate::engine::progress::BIG {
         phase(progress, "restoring", cp.manifest.size_bytes);
     }
-    restore(ctx, cp, stream, progress).map_err(|e| {
+    restore(ctx, cp, images, progress).map_err(|e| {
         // The tree never ran (CRIU failed before the service did, or its images were refused):
         // the run did not happen.
         let _ = ctx.store.undo_run(&before);
         refusal(ctx, cp, explicit, e)
     })
+}
+
+/// How CRIU gets the images of a checkpoint that checked out.
+enum Images {
+    /// Served by criu::streamer, checked as CRIU reads them.
+    Served,
+    /// Read by CRIU from the checkpoint (or plain copies of its images), checked before.
+    Read,
+    /// An incremental checkpoint or a pre-copy stop: its chain written out as one full
+    /// checkpoint for CRIU, every byte of it checked (store::chain).
+    Flattened(crate::store::compress::PlainImages),
+}
+
+/// A layered checkpoint's chain checked and written out flat for CRIU (store::chain). A damaged
+/// link is quarantined (unless the user named `cp`): when it is a parent, every checkpoint that
+/// needs it is unrestorable, and the start goes on to an older one.
+fn verify_chain(
+    ctx: &Job,
+    cp: &Checkpoint,
+    explicit: bool,
+    progress: Progress,
+) -> Result<crate::store::compress::PlainImages, Refusal> {
+    if cp.manifest.size_bytes >= crate::engine::progress::BIG {
+        phase(progress, "flattening", cp.manifest.size_bytes);
+    }
+    let e = match crate::store::chain::flatten_verified(&ctx.store, cp) {
+        Ok(flat) => return Ok(flat),
+        Err(e) => e,
+    };
+    let reason = format!("checkpoint {} failed verification before restore: {e}", cp.id);
+    Err(Refusal::Skip(match e.damaged_link() {
+        Some(id) if id == cp.id => quarantine(ctx, &cp.id, &reason, explicit),
+        Some(parent) => {
+            let why = format!("checkpoint {parent} failed verification (the parent of checkpoint {}): {e}", cp.id);
+            let moved = quarantine(ctx, parent, &why, explicit);
+            format!("checkpoint {} cannot be restored without its parent: {moved}", cp.id)
+        }
+        None => format!("checkpoint {} cannot be restored: {e}", cp.id),
+    }))
 }
 
 /// What can be proved before CRIU runs: every image is there, nothing else, each of its size;
@@ -247,7 +294,7 @@ fn verify_before(ctx: &Job, cp: &Checkpoint, explicit: bool, progress: Progress)
     };
     if let Err(problem) = checked {
         let reason = format!("checkpoint {} failed verification before restore: {problem}", cp.id);
-        return Err(Refusal::Skip(quarantine(ctx, cp, &reason, explicit)));
+        return Err(Refusal::Skip(quarantine(ctx, &cp.id, &reason, explicit)));
     }
     Ok(stream)
 }
@@ -282,7 +329,7 @@ fn refusal(ctx: &Job, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refus
                 "checkpoint {} failed verification during the restore: {problem}; the restored processes were killed before they ran",
                 cp.id
             );
-            Refusal::Skip(quarantine(ctx, cp, &reason, explicit))
+            Refusal::Skip(quarantine(ctx, &cp.id, &reason, explicit))
         }
         RestoreError::Criu(e) => {
             let (one_line, details) = (e.one_line(), e_lines(&e));
@@ -292,7 +339,7 @@ fn refusal(ctx: &Job, cp: &Checkpoint, explicit: bool, e: RestoreError) -> Refus
                 }
                 RestoreFailure::Checkpoint => {
                     let reason = format!("restore of checkpoint {} failed: {one_line}", cp.id);
-                    Refusal::Skip(quarantine(ctx, cp, &format!("{reason}{details}"), explicit))
+                    Refusal::Skip(quarantine(ctx, &cp.id, &format!("{reason}{details}"), explicit))
                 }
             }
         }
@@ -312,12 +359,12 @@ fn e_lines(e: &crate::criu::CriuError) -> String {
 }
 
 /// Moves a damaged checkpoint aside (unless the user named it) and returns the reason to report.
-fn quarantine(ctx: &Job, cp: &Checkpoint, reason: &str, explicit: bool) -> String {
+fn quarantine(ctx: &Job, id: &str, reason: &str, explicit: bool) -> String {
     let (summary, _) = reason.split_once('\n').unwrap_or((reason, ""));
     if explicit {
         return format!("{summary}; it was left in place");
     }
-    match ctx.store.quarantine(&cp.id, reason) {
+    match ctx.store.quarantine(id, reason) {
         Ok(moved) => {
             // It will never be restored, so nothing will remove its network lock otherwise.
             let _ = crate::criu::network_lock::end(
@@ -366,11 +413,16 @@ fn streams(ctx: &Job) -> bool {
     yes
 }
 
-fn restore(ctx: &Job, cp: &Checkpoint, stream: bool, progress: Progress) -> Result<Started, RestoreError> {
-    let mut lazy = lazy_start(ctx, cp)?;
-    let (mut streamer, plain) = match &lazy {
-        Some(_) => (None, None),
-        None => image_source(ctx, cp, stream, progress)?,
+fn restore(ctx: &Job, cp: &Checkpoint, images: Images, progress: Progress) -> Result<Started, RestoreError> {
+    let mut lazy = match images {
+        // The lazy-pages daemon reads one directory of its own: not a chain.
+        Images::Flattened(_) => None,
+        _ => lazy_start(ctx, cp)?,
+    };
+    let (mut streamer, plain) = match (&lazy, images) {
+        (Some(_), _) => (None, None),
+        (None, Images::Flattened(flat)) => (None, Some(flat)),
+        (None, images) => image_source(ctx, cp, matches!(images, Images::Served), progress)?,
     };
     // stasis's own files (what a reboot removed, files the service writes, shared memory), which
     // are read before CRIU runs: checked first (and decrypted into RAM when sealed).
