@@ -289,7 +289,7 @@ fn image_file(messages: &[Vec<u8>]) -> Vec<u8> {
 
 /// The image files of `t`, by name, as `stasis inspect` would find them.
 fn criu_images(t: &Tree) -> Vec<(String, Vec<u8>)> {
-    use crate::criu::images::pb;
+    use crate::store::images::pb;
     use prost::Message;
     let pstree = pb::PstreeEntry { pid: t.pid, ppid: 0, threads: vec![t.pid], ..Default::default() };
     let ids = pb::TaskKobjIdsEntry { files_id: 7, pid_ns_id: Some(1), net_ns_id: Some(2), ..Default::default() };
@@ -413,7 +413,7 @@ fn fuzz_criu_images() {
         for (name, bytes) in &files {
             std::fs::write(d.path().join(name), bytes).unwrap();
         }
-        let (_, peak) = peak_heap(|| crate::criu::images::summarize(d.path()));
+        let (_, peak) = peak_heap(|| crate::store::images::summarize(d.path()));
         assert!(
             peak < 8 * MIB,
             "summarize held {peak} bytes of heap for {} bytes of images",
@@ -421,7 +421,7 @@ fn fuzz_criu_images() {
         );
         // Any bytes at all as one image, and as each image in turn.
         std::fs::write(d.path().join(&files[which].0), &raw).unwrap();
-        let (_, peak) = peak_heap(|| crate::criu::images::summarize(d.path()));
+        let (_, peak) = peak_heap(|| crate::store::images::summarize(d.path()));
         assert!(peak < 8 * MIB, "summarize held {peak} bytes of heap");
     });
 }

@@ -18,9 +18,9 @@
 //!   the kernel unregisters the ranges, and every page not yet copied reads as zeros. With it a
 //!   fault waits, and the supervisor kills the tree ([`LazyPages::wait`] says when).
 
-use super::images::{PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::chunks::{self, ChunkVerifier, VerifiedReader};
 use crate::store::compress::StoredName;
+use crate::store::images::{PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::random::RandomImage;
 use crate::store::verify::ImageProblem;
 use crate::store::{seal, Checkpoint, ImageFile};
@@ -374,7 +374,7 @@ impl Prepared {
             .collect();
         let mut sizes: BTreeMap<u32, u64> = BTreeMap::new();
         for name in names {
-            let (pages_id, runs) = super::images::pagemap_runs(&self.dir, &name)
+            let (pages_id, runs) = crate::store::images::pagemap_runs(&self.dir, &name)
                 .map_err(|e| LazyError::Pagemap { path: format!("images/{name}"), why: e.to_string() })?;
             let task: Option<u64> = name.strip_prefix("pagemap-").and_then(|n| n.strip_suffix(".img")?.parse().ok());
             let mut offset = 0u64;

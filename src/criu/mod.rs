@@ -7,7 +7,6 @@ mod argv;
 mod binary;
 pub mod diagnose;
 mod error;
-pub mod images;
 pub mod lazy;
 pub mod lazy_guard;
 pub mod log_capture;

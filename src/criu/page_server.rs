@@ -21,7 +21,7 @@
 //! under the dump's deadline. An error closes the socket, so CRIU's dump fails and the tree is
 //! resumed.
 
-use super::images::{push_entry, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
+use crate::store::images::{push_entry, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use crate::store::stored::{Stored, StoredWriter, Transform};
 use crate::store::StoreError;
 use std::collections::BTreeSet;
@@ -244,7 +244,7 @@ impl Session<'_, '_> {
         let in_parent = self.pages.parent.contains(&pagemap_name);
         let pages_id = self.next_pages_id;
         self.next_pages_id += 1;
-        let pagemap = super::images::pagemap_head(pages_id);
+        let pagemap = crate::store::images::pagemap_head(pages_id);
         let pages =
             StoredWriter::create_under(self.images, &self.pages.rel_dir, &format!("pages-{pages_id}.img"), self.t)?;
         self.open = Some(Open { dst_id, in_parent, pagemap_name, pagemap, pages });
@@ -273,7 +273,7 @@ impl Session<'_, '_> {
         if iov.nr_pages == 0 || iov.nr_pages > MAX_RUN_PAGES || iov.vaddr % PAGE != 0 {
             return Err(PageServerError::Protocol(format!("a run of {} pages at {:#x}", iov.nr_pages, iov.vaddr)));
         }
-        let entry = crate::criu::images::pb::PagemapEntry {
+        let entry = crate::store::images::pb::PagemapEntry {
             vaddr: iov.vaddr,
             compat_nr_pages: 0,
             in_parent: None,
@@ -376,7 +376,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(d.path().join("pages-1.img")).unwrap(), [page(1), page(2)].concat());
         // The pagemap reads back as CRIU's (the reader stasis inspect uses).
-        let summary = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
+        let summary = crate::store::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
         assert_eq!(summary, (1, vec![(0x1000, 2, PE_PRESENT)]));
     }
 
@@ -411,7 +411,7 @@ mod tests {
         criu.read_exact(&mut answer).unwrap();
         let got = server.join().unwrap().unwrap();
         assert_eq!((got.pages, got.parent_pages), (1, 3));
-        let runs = crate::criu::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
+        let runs = crate::store::images::pagemap_runs(d.path(), "pagemap-1.img").unwrap();
         assert_eq!(runs, (1, vec![(0x1000, 1, PE_PRESENT), (0x2000, 3, PE_PARENT)]));
         assert_eq!(
             std::fs::read(d.path().join("pages-1.img")).unwrap().len(),

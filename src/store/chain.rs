@@ -19,10 +19,10 @@
 //! store::compress::PlainImages).
 
 use super::compress::{PlainImages, StoredName};
+use super::images::{pagemap_runs, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use super::manifest::{ImageFile, IMAGES_DIR};
 use super::verify::ImageProblem;
 use super::{Checkpoint, CheckpointStore, ListedCheckpoint};
-use crate::criu::images::{pagemap_runs, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
@@ -317,7 +317,7 @@ fn flatten_pagemap(layers: &[Layer], name: &str, out_dir: &Path) -> Result<(), C
     let (_, raw) = pagemap_runs(&layers[0].dir, name).map_err(|e| err(e.to_string()))?;
     for (vaddr, pages, flags) in raw {
         locate(&maps, 0, vaddr, pages, dst, &mut pieces).map_err(err)?;
-        entries.push(crate::criu::images::pb::PagemapEntry {
+        entries.push(super::images::pb::PagemapEntry {
             vaddr,
             compat_nr_pages: 0,
             in_parent: None,
@@ -341,7 +341,7 @@ fn flatten_pagemap(layers: &[Layer], name: &str, out_dir: &Path) -> Result<(), C
         copy_pieces(layer, &format!("pages-{pages_id}.img"), &mine, &out)?;
     }
     out.sync_all().ok();
-    crate::criu::images::write_pagemap(&out_dir.join(name), top.pages_id, &entries).map_err(io)?;
+    super::images::write_pagemap(&out_dir.join(name), top.pages_id, &entries).map_err(io)?;
     Ok(())
 }
 
@@ -468,11 +468,11 @@ mod tests {
     }
 
     fn pagemap(runs: &[(u64, u64, u32)]) -> Vec<u8> {
-        let mut b = crate::criu::images::pagemap_head(1);
+        let mut b = crate::store::images::pagemap_head(1);
         for &(vaddr, pages, flags) in runs {
-            crate::criu::images::push_entry(
+            crate::store::images::push_entry(
                 &mut b,
-                &crate::criu::images::pb::PagemapEntry {
+                &crate::store::images::pb::PagemapEntry {
                     vaddr,
                     compat_nr_pages: 0,
                     in_parent: None,

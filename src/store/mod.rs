@@ -15,6 +15,7 @@ pub mod finalize;
 pub mod frames;
 pub mod generation;
 pub mod identity;
+pub mod images;
 mod manifest;
 pub mod random;
 pub mod safe_open;
