@@ -106,17 +106,65 @@ pub(super) fn file_key(path: &Path) -> Option<String> {
     ))
 }
 
+/// What `criu check --feature mem_dirty_track` said for one CRIU binary on one boot.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DirtyProbe {
+    path: std::path::PathBuf,
+    key: String,
+    boot: String,
+    tracks: bool,
+}
+
 impl Criu {
-    /// Whether the kernel tracks written pages (soft-dirty), which incremental dumps need.
-    pub fn tracks_dirty_memory(&self) -> bool {
-        Command::new(&self.path)
+    /// Whether the kernel tracks written pages for this CRIU (soft-dirty), which incremental
+    /// dumps need: asked once per CRIU binary and boot (remembered in `cache`), the asking
+    /// bounded by `limit` (a criu that does not answer in time counts as no, and is not
+    /// remembered).
+    pub fn tracks_dirty_memory(&self, cache: &Path, limit: std::time::Duration) -> bool {
+        let key = file_key(&self.path);
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+        let remembered = std::fs::read(cache).ok().and_then(|b| serde_json::from_slice::<DirtyProbe>(&b).ok());
+        if let (Some(k), Some(p)) = (&key, &remembered) {
+            if p.path == self.path && &p.key == k && p.boot == boot {
+                return p.tracks;
+            }
+        }
+        let Some(tracks) = self.check_dirty_tracking(limit) else { return false };
+        if let Some(key) = key {
+            if let Some(dir) = cache.parent() {
+                let _ = crate::store::durable::create_dir_with_mode(dir, 0o700);
+            }
+            let entry = DirtyProbe { path: self.path.clone(), key, boot, tracks };
+            let _ = crate::store::durable::write_atomic_with(
+                cache,
+                &serde_json::to_vec(&entry).unwrap_or_default(),
+                crate::store::durable::Durability::None,
+            );
+        }
+        tracks
+    }
+
+    /// `criu check --feature mem_dirty_track`, ended at `limit`: None when it did not answer.
+    fn check_dirty_tracking(&self, limit: std::time::Duration) -> Option<bool> {
+        let mut child = Command::new(&self.path)
             .args(["check", "--feature", "mem_dirty_track"])
             .env_clear()
             .env("PATH", crate::config::DEFAULT_PATH)
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .spawn()
+            .ok()?;
+        if !crate::process::tree::exits_within(child.id() as i32, limit) {
+            tracing::warn!(
+                "{} check --feature mem_dirty_track did not answer within {limit:?}; killed it",
+                self.path.display()
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        child.wait().ok().map(|s| s.success())
     }
 }
 

@@ -125,7 +125,6 @@ fn open(dirs: Dirs, service: Service, foreground: bool, restoring: bool) -> Resu
     let kernel_version = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let dirty_tracking = criu.tracks_dirty_memory();
     let ctx = Arc::new(Job {
         dirs,
         host,
@@ -135,9 +134,12 @@ fn open(dirs: Dirs, service: Service, foreground: bool, restoring: bool) -> Resu
         criu,
         init_binary,
         kernel_version,
-        dirty_tracking,
+        dirty: Default::default(),
         tracked: Default::default(),
     });
+    // Asked now, never during a stop (which starts no program but criu): remembered per CRIU
+    // binary and boot, so only the first start after a boot pays for a `criu check`.
+    let _ = ctx.dirty_tracking();
     tracing::debug!("supervisor: init installed");
     Ok(Opened { ctx, kill_port, control, log, lock })
 }
@@ -205,7 +207,7 @@ fn note_periodic(ctx: &Job, log: &LogWriter) {
             ));
             return;
         }
-        let why = if !ctx.dirty_tracking {
+        let why = if !ctx.dirty_tracking() {
             "incremental dumps need the kernel's soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY), which this kernel lacks"
         } else {
             "incremental checkpoints are never encrypted, and this service's are (encryption_key_file)"

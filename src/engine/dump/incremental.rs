@@ -65,7 +65,7 @@ impl Base {
 /// and the images are not sealed (CRIU reads the parent's `inventory.img` itself, and a
 /// restore reads every link's pages in the clear).
 pub fn tracking_possible(ctx: &Job) -> bool {
-    ctx.dirty_tracking && ctx.service.encryption_key_file.is_none()
+    ctx.dirty_tracking() && ctx.service.encryption_key_file.is_none()
 }
 
 /// The base of a dump of kind `kind` of the tree of `init_pid`.
