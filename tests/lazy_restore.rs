@@ -66,9 +66,46 @@ fn daemons(dir: &Path) -> Vec<i32> {
     out
 }
 
+/// Waits until no lazy-pages daemon of the restore of `dir` is left; says what is left (state,
+/// parent, where it waits, the daemon's log) if one is.
+fn daemons_end(dir: &Path) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = daemons(dir);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let about: Vec<String> = left
+                .iter()
+                .map(|pid| {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    let pick = |k: &str| status.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+                    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                    let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "pid {pid}: {} {} wchan {wchan}\n{}\n{stack}",
+                        pick("State:"),
+                        pick("PPid:"),
+                        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                    )
+                })
+                .collect();
+            let log = std::fs::read_to_string(dir.join("lazy-pages.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "a lazy-pages daemon did not end within {WAIT:?}: {about:#?}\nlazy-pages.log ends:\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until the daemon of the restore of `dir` is gone, having transferred every page.
 fn complete(dir: &Path) {
-    wait_for("the lazy-pages daemon to finish", || daemons(dir).is_empty().then_some(()));
+    daemons_end(dir);
     let log = std::fs::read_to_string(dir.join("lazy-pages.log")).unwrap_or_default();
     let done: Vec<&str> = log.lines().filter(|l| l.contains("UFFD transferred pages")).collect();
     assert!(!done.is_empty(), "the daemon summed up its transfer:\n{log}");
@@ -258,7 +295,7 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
         // Either every page came in (and the memory is right), or the tree was killed (or never
         // resumed) and the service started another way: never a service that runs on a page
         // that was not served. Once the daemon is gone the supervisor has decided within moments.
-        wait_for("the lazy-pages daemon to end", || daemons(&dir).is_empty().then_some(()));
+        daemons_end(&dir);
         std::thread::sleep(Duration::from_millis(1500));
         let s = env.status("victim");
         let answer = check(port);
@@ -410,7 +447,7 @@ fn the_supervisor_killed_mid_transfer_takes_the_tree_with_it_never_leaving_it_on
     assert!(signal_if_ours(supervisor, &["__supervise", &state_dir], Signal::SIGKILL), "the supervisor was killed");
     // The guard ends the tree (every process of its PID namespace) while its faults still wait.
     wait_for("the restored tree to be killed", || pidfd_exited(&init_pidfd).then_some(()));
-    wait_for("the lazy-pages daemon to end", || daemons(&dir).is_empty().then_some(()));
+    daemons_end(&dir);
     assert!(http(port, "GET", "/", "").is_none(), "nothing answers on the service's port");
     let mut buf = [0u8; 64];
     if let Ok(n) = reports.recv(&mut buf) {

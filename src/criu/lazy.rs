@@ -447,6 +447,8 @@ pub struct LazyPages {
     /// What the guard keeps besides: our end of the daemon's page-server socket, and a pidfd
     /// of the daemon.
     for_guard: (RawFd, Option<OwnedFd>),
+    /// The daemon has been waited for: its pid (and group id) may be someone else's now.
+    reaped: bool,
     pub progress: Arc<Progress>,
     /// What went wrong before the tree resumed (the gate's refusal), for the restore to report.
     pub failure: Option<LazyError>,
@@ -502,6 +504,9 @@ impl LazyPages {
         drop((theirs, status_w));
         let mut child = child;
         if let Err(e) = prepared.fill(deadline) {
+            // The group, as in kill(): the leader is not reaped yet.
+            // SAFETY: kill(2) with no memory arguments.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);
@@ -515,6 +520,7 @@ impl LazyPages {
             held: Vec::new(),
             guard: None,
             for_guard: (-1, None),
+            reaped: false,
             progress,
             failure: None,
             root: None,
@@ -568,8 +574,8 @@ impl LazyPages {
                 return Some(e);
             }
         }
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(LazyError::DaemonExit(format!("ended with {status} during the restore"))),
+        match self.try_reap() {
+            Some(status) => Some(LazyError::DaemonExit(format!("ended with {status} during the restore"))),
             _ => None,
         }
     }
@@ -603,7 +609,7 @@ impl LazyPages {
                 let _ = std::fs::remove_file(self.work_dir.join(LAZY_SOCKET));
                 return Ok(self.held.len());
             }
-            if Instant::now() >= deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() >= deadline || self.try_reap().is_some() {
                 return Err(LazyError::Uffd(format!(
                     "the daemon holds {} of the {expected} it was to receive",
                     fds.len()
@@ -654,7 +660,11 @@ impl LazyPages {
             return Err(e);
         }
         let status = match crate::process::tree::exits_within(self.pid(), Duration::from_secs(30)) {
-            true => self.child.wait().map_err(|e| LazyError::DaemonExit(e.to_string()))?,
+            true => {
+                let status = self.child.wait().map_err(|e| LazyError::DaemonExit(e.to_string()))?;
+                self.reaped = true;
+                status
+            }
             false => {
                 self.kill();
                 return Err(LazyError::DaemonExit("did not exit after it said it was done".into()));
@@ -669,10 +679,24 @@ impl LazyPages {
     }
 
     fn kill(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.reaped {
+            return;
         }
+        // Its whole group (its own, process_group(0)): criu forks helpers while it probes the
+        // kernel, and one left behind by a daemon killed at that moment would live on. The
+        // leader is not reaped yet, so its pid (the group's id) is no one else's.
+        // SAFETY: kill(2) with no memory arguments.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    /// The daemon's exit status if it has exited (and is reaped now).
+    fn try_reap(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.try_wait().ok().flatten();
+        self.reaped |= status.is_some();
+        status
     }
 }
 
