@@ -28,6 +28,29 @@ fn token(port: u16) -> String {
     wait_for("the service to answer", || http(port, "GET", "/", ""))
 }
 
+/// The service's check of its memory; if it never answers, what its logs say.
+fn check_or_say(env: &Env, name: &str, port: u16) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(a) = http(port, "GET", "/check", "") {
+            return a;
+        }
+        if std::time::Instant::now() > deadline {
+            let tail = |f: &str| {
+                let t = std::fs::read_to_string(env.service_dir(name).join(f)).unwrap_or_default();
+                t.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            };
+            panic!(
+                "the service never answered /check: {}\nservice.log ends:\n{}\nsupervisor.log ends:\n{}",
+                env.status(name),
+                tail("service.log"),
+                tail("supervisor.log")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The service's own check of every page of its memory.
 fn check(port: u16) -> String {
     wait_for("the service to check its memory", || http(port, "GET", "/check", ""))
@@ -298,7 +321,7 @@ fn the_daemon_killed_at_random_moments_under_load_never_leaves_zeros() {
         daemons_end(&dir);
         std::thread::sleep(Duration::from_millis(1500));
         let s = env.status("victim");
-        let answer = check(port);
+        let answer = check_or_say(&env, "victim", port);
         let now = token(port);
         let outcome = match (started["started_from"].as_str(), s["started_from"].as_str(), now == before) {
             (Some("checkpoint"), Some("checkpoint"), true) => "completed",

@@ -54,7 +54,18 @@ pub fn cold_launch(spec: &LaunchSpec, stdout: BorrowedFd<'_>) -> Result<Pid, Lau
         // Only async-signal-safe calls between clone and exec: the parent may have other threads.
         // SAFETY: plain syscalls on fds and pointers that stay valid in the (copied) child.
         unsafe {
-            for (target, fd) in fds.iter().enumerate() {
+            // Each source first moved above the targets: one that already sits on a target
+            // number (a supervisor whose low fds were freed, as after a failed lazy restore)
+            // would otherwise be overwritten before it is copied (the service then got
+            // ready_w where its environment should be, and started with none).
+            let mut high = [0i32; 5];
+            for (i, fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD, 16);
+                if high[i] < 0 {
+                    libc::_exit(126);
+                }
+            }
+            for (target, fd) in high.iter().enumerate() {
                 if libc::dup2(*fd, target as i32) < 0 {
                     libc::_exit(126);
                 }
